@@ -1,0 +1,36 @@
+# gemma3.c — build, test, run.  `make` builds ./gemma3; `make test` runs the test suite.
+CC ?= cc
+OMP ?= 1
+CFLAGS ?= -O2
+WARN = -std=c99 -Wall -Wextra -pedantic
+ifeq ($(OMP),1)
+  OMPFLAGS = -fopenmp
+endif
+LDLIBS = -lm
+
+.PHONY: all test clean debug asan
+
+all: gemma3
+
+gemma3: gemma3.c tokenizer.c
+	$(CC) $(WARN) $(CFLAGS) $(OMPFLAGS) -o $@ gemma3.c $(LDLIBS)
+
+test_all: test_all.c gemma3.c tokenizer.c $(wildcard tests/*.c)
+	$(CC) $(WARN) -Wno-unused-function $(CFLAGS) $(OMPFLAGS) -o $@ test_all.c $(LDLIBS)
+
+# The whole suite: exports the fixtures, compares logits, tokenizer, bad inputs.
+# Ends with "N passed, N failed".
+test: gemma3 test_all
+	./test_all
+
+# Debug build with AddressSanitizer + UndefinedBehaviorSanitizer, then the suite on it.
+asan:
+	$(MAKE) clean
+	$(MAKE) test CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer" OMP=0
+
+debug:
+	$(CC) $(WARN) -O0 -g $(OMPFLAGS) -o gemma3 gemma3.c $(LDLIBS)
+
+clean:
+	rm -f gemma3 test_all
+	rm -rf tests/build

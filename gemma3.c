@@ -1,0 +1,1080 @@
+/*
+ * gemma3.c — Gemma 3 text model inference in one file of plain C.
+ *
+ * Reads a model file written by export.py (format: FORMAT.md), runs the Gemma 3
+ * transformer exactly as Google's reference implementation (gemma_pytorch, float32)
+ * does, and samples text. Sections, top to bottom:
+ *
+ *   1. model file: Config, Weights, loading and validation
+ *   2. neural-net blocks: rmsnorm, matmul, rope, attention, gelu, forward
+ *   3. sampler
+ *   4. generation, logits dump, chat
+ *   5. command line
+ *
+ * Dependencies: libc, libm, optionally OpenMP (matmuls split across output rows).
+ * Build: make. Usage: ./gemma3 --help.
+ */
+#if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
+#define _POSIX_C_SOURCE 200809L
+#endif
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#ifndef GEMMA3_NO_MMAP
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "tokenizer.c"
+
+#define GEMMA3_FORMAT_VERSION 1
+#define GEMMA3_HEADER_SIZE 128
+#define GEMMA3_DIR_ENTRY_SIZE 104
+
+/* ------------------------------------------------------------------------- */
+/* 1. model file                                                              */
+/* ------------------------------------------------------------------------- */
+
+/* Hyper-parameters, all read from the file header (HF config.json names). */
+typedef struct {
+    int vocab_size;        /* rows of the embedding table (262144 for 1B, 262208 for 4B+) */
+    int dim;               /* hidden_size */
+    int hidden_dim;        /* intermediate_size, the MLP width */
+    int n_layers;          /* num_hidden_layers */
+    int n_heads;           /* num_attention_heads (query heads) */
+    int n_kv_heads;        /* num_key_value_heads (GQA: n_heads / n_kv_heads queries share one) */
+    int head_dim;          /* head_dim; not always dim / n_heads */
+    int window;            /* sliding_window: keys a local layer can see, itself included */
+    int max_seq_len;       /* max_position_embeddings */
+    int bos_id, eos_id, eot_id, sot_id; /* <bos>, <eos>, <end_of_turn>, <start_of_turn> */
+    float query_pre_attn_scalar; /* attention scale is this^-0.5 (not head_dim^-0.5) */
+    float norm_eps;        /* rms_norm_eps */
+    float rope_theta;      /* RoPE base on global layers */
+    float rope_local_theta;/* RoPE base on sliding-window layers (rope_local_base_freq) */
+    float rope_factor;     /* linear RoPE scaling on global layers (1 = none, 8 for 4B+) */
+    unsigned char *is_global; /* (n_layers) 1 = global attention, 0 = sliding window */
+} Config;
+
+enum { DT_F32 = 0, DT_BF16 = 1 };
+
+/* A weight matrix (out_features, in_features) in the file's dtype. */
+typedef struct {
+    const void *data;
+    int dtype;
+    int rows, cols;
+} Matrix;
+
+/* Per-layer weights; names follow HF's model.layers.N.* */
+typedef struct {
+    const float *input_norm;     /* input_layernorm.weight (dim) */
+    Matrix wq;                   /* self_attn.q_proj (n_heads*head_dim, dim) */
+    Matrix wk;                   /* self_attn.k_proj (n_kv_heads*head_dim, dim) */
+    Matrix wv;                   /* self_attn.v_proj (n_kv_heads*head_dim, dim) */
+    Matrix wo;                   /* self_attn.o_proj (dim, n_heads*head_dim) */
+    const float *q_norm;         /* self_attn.q_norm.weight (head_dim) */
+    const float *k_norm;         /* self_attn.k_norm.weight (head_dim) */
+    const float *post_attn_norm; /* post_attention_layernorm.weight (dim) */
+    const float *pre_ffn_norm;   /* pre_feedforward_layernorm.weight (dim) */
+    const float *post_ffn_norm;  /* post_feedforward_layernorm.weight (dim) */
+    Matrix w_gate;               /* mlp.gate_proj (hidden_dim, dim) */
+    Matrix w_up;                 /* mlp.up_proj (hidden_dim, dim) */
+    Matrix w_down;               /* mlp.down_proj (dim, hidden_dim) */
+} LayerWeights;
+
+typedef struct {
+    Matrix embed;          /* embed_tokens (vocab_size, dim); also the tied classifier */
+    LayerWeights *layers;  /* (n_layers) */
+    const float *final_norm; /* norm.weight (dim) */
+} Weights;
+
+/* The loaded file: the bytes, and what we built from them. */
+typedef struct {
+    Config config;
+    Weights weights;
+    Tokenizer tokenizer;
+    int has_tokenizer;
+    unsigned char *data;   /* the whole file (mmap'd or read into memory) */
+    size_t size;
+    int mapped;            /* 1 if data came from mmap */
+} Model;
+
+/* Little-endian readers: the file is little-endian on every host. */
+static uint32_t rd_u32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static uint64_t rd_u64(const unsigned char *p) { return (uint64_t)rd_u32(p) | (uint64_t)rd_u32(p + 4) << 32; }
+static float rd_f32(const unsigned char *p) {
+    uint32_t u = rd_u32(p);
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static int host_is_big_endian(void) {
+    const uint16_t one = 1;
+    return *(const unsigned char *)&one == 0;
+}
+
+static void set_err(char *err, size_t errsize, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errsize, fmt, ap);
+    va_end(ap);
+}
+
+/* Get the file's bytes: mmap where we can (pages load on demand and are shared),
+ * otherwise malloc + fread, which is all a bare-metal port needs to replace. */
+static int read_file_bytes(Model *m, const char *path, char *err, size_t errsize) {
+#ifndef GEMMA3_NO_MMAP
+    if (!host_is_big_endian()) {
+        int fd = open(path, O_RDONLY);
+        struct stat st;
+        if (fd < 0) { set_err(err, errsize, "cannot open %s: %s", path, strerror(errno)); return -1; }
+        if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+            set_err(err, errsize, "%s is not a regular file", path);
+            close(fd);
+            return -1;
+        }
+        m->size = (size_t)st.st_size;
+        if (m->size < GEMMA3_HEADER_SIZE) {
+            set_err(err, errsize, "%s: file too short (%zu bytes) to be a gemma3.c model", path, m->size);
+            close(fd);
+            return -1;
+        }
+        void *p = mmap(NULL, m->size, PROT_READ, MAP_PRIVATE, fd, 0);
+        close(fd);
+        if (p == MAP_FAILED) { set_err(err, errsize, "cannot mmap %s: %s", path, strerror(errno)); return -1; }
+        m->data = p;
+        m->mapped = 1;
+        return 0;
+    }
+#endif
+    /* Fallback, and always on big-endian hosts, where tensors are byte-swapped in place. */
+    FILE *f = fopen(path, "rb");
+    if (!f) { set_err(err, errsize, "cannot open %s: %s", path, strerror(errno)); return -1; }
+    if (fseek(f, 0, SEEK_END) != 0) { set_err(err, errsize, "cannot seek in %s", path); fclose(f); return -1; }
+    long end = ftell(f);
+    if (end < GEMMA3_HEADER_SIZE) {
+        set_err(err, errsize, "%s: file too short (%ld bytes) to be a gemma3.c model", path, end);
+        fclose(f);
+        return -1;
+    }
+    rewind(f);
+    m->size = (size_t)end;
+    m->data = malloc(m->size);
+    if (!m->data) { set_err(err, errsize, "out of memory reading %s (%zu bytes)", path, m->size); fclose(f); return -1; }
+    if (fread(m->data, 1, m->size, f) != m->size) {
+        set_err(err, errsize, "read error on %s", path);
+        fclose(f);
+        return -1;
+    }
+    fclose(f);
+    m->mapped = 0;
+    return 0;
+}
+
+/* Find tensor `name` in the directory, check its dtype/shape/bounds, return its data. */
+static const void *find_tensor(Model *m, const char *name, int rows, int cols, int *dtype_out,
+                               char *err, size_t errsize) {
+    const unsigned char *h = m->data;
+    uint32_t n = rd_u32(h + 88);
+    const unsigned char *dir = m->data + rd_u64(h + 112);
+    for (uint32_t i = 0; i < n; i++) {
+        const unsigned char *e = dir + (size_t)i * GEMMA3_DIR_ENTRY_SIZE;
+        if (strncmp((const char *)e, name, 64) != 0) continue;
+        uint32_t dtype = rd_u32(e + 64), ndim = rd_u32(e + 68);
+        uint32_t d0 = rd_u32(e + 72), d1 = rd_u32(e + 76);
+        uint64_t off = rd_u64(e + 88), nbytes = rd_u64(e + 96);
+        int want_ndim = cols > 0 ? 2 : 1;
+        if ((int)ndim != want_ndim || d0 != (uint32_t)rows || (want_ndim == 2 && d1 != (uint32_t)cols)) {
+            set_err(err, errsize, "tensor %s has shape [%u, %u], expected [%d, %d]", name, d0, d1, rows, cols);
+            return NULL;
+        }
+        if (dtype != DT_F32 && dtype != DT_BF16) {
+            set_err(err, errsize, "tensor %s has unknown dtype %u", name, dtype);
+            return NULL;
+        }
+        if (want_ndim == 1 && dtype != DT_F32) {
+            set_err(err, errsize, "norm tensor %s must be f32", name);
+            return NULL;
+        }
+        uint64_t elems = (uint64_t)rows * (uint64_t)(cols > 0 ? cols : 1);
+        uint64_t need = elems * (dtype == DT_F32 ? 4 : 2);
+        if (nbytes != need || off % 64 != 0 || off > m->size || nbytes > m->size - off) {
+            set_err(err, errsize, "tensor %s: bad offset/size (%llu + %llu in a %zu-byte file)", name,
+                    (unsigned long long)off, (unsigned long long)nbytes, m->size);
+            return NULL;
+        }
+        if (dtype_out) *dtype_out = (int)dtype;
+        return m->data + off;
+    }
+    set_err(err, errsize, "tensor %s is missing from the model file", name);
+    return NULL;
+}
+
+static int load_matrix(Model *m, Matrix *out, const char *name, int rows, int cols, char *err, size_t errsize) {
+    out->data = find_tensor(m, name, rows, cols, &out->dtype, err, errsize);
+    out->rows = rows;
+    out->cols = cols;
+    return out->data ? 0 : -1;
+}
+
+static int load_norm(Model *m, const float **out, const char *name, int n, char *err, size_t errsize) {
+    *out = find_tensor(m, name, n, 0, NULL, err, errsize);
+    return *out ? 0 : -1;
+}
+
+/* On big-endian hosts, turn every tensor's elements into native byte order. */
+static void swap_tensors_to_native(Model *m) {
+    uint32_t n = rd_u32(m->data + 88);
+    unsigned char *dir = m->data + rd_u64(m->data + 112);
+    for (uint32_t i = 0; i < n; i++) {
+        unsigned char *e = dir + (size_t)i * GEMMA3_DIR_ENTRY_SIZE;
+        size_t width = rd_u32(e + 64) == DT_F32 ? 4 : 2;
+        unsigned char *p = m->data + rd_u64(e + 88), *end = p + rd_u64(e + 96);
+        for (; p + width <= end; p += width)
+            for (size_t a = 0, b = width - 1; a < b; a++, b--) {
+                unsigned char t = p[a];
+                p[a] = p[b];
+                p[b] = t;
+            }
+    }
+}
+
+static void free_model(Model *m);
+
+/* Load and validate a model file. On failure: -1 and a one-line message in err. */
+static int load_model(Model *m, const char *path, char *err, size_t errsize) {
+    memset(m, 0, sizeof(*m));
+    if (read_file_bytes(m, path, err, errsize) != 0) return -1;
+    const unsigned char *h = m->data;
+    Config *c = &m->config;
+    if (memcmp(h, "GM3C", 4) != 0) {
+        set_err(err, errsize, "%s is not a gemma3.c model file (bad magic; make one with export.py)", path);
+        goto fail;
+    }
+    if (rd_u32(h + 4) != GEMMA3_FORMAT_VERSION) {
+        set_err(err, errsize, "%s has format version %u, this gemma3 reads version %d (re-export with export.py)",
+                path, rd_u32(h + 4), GEMMA3_FORMAT_VERSION);
+        goto fail;
+    }
+    if (rd_u64(h + 8) != (uint64_t)m->size) {
+        set_err(err, errsize, "%s is %zu bytes but its header says %llu (truncated or corrupt file)", path,
+                m->size, (unsigned long long)rd_u64(h + 8));
+        goto fail;
+    }
+    uint32_t u[13];
+    for (int i = 0; i < 13; i++) u[i] = rd_u32(h + 16 + 4 * i);
+    for (int i = 0; i < 9; i++)
+        if (u[i] == 0 || u[i] > (1u << 24)) {
+            set_err(err, errsize, "%s: header field %d has implausible value %u", path, i, u[i]);
+            goto fail;
+        }
+    c->vocab_size = (int)u[0];
+    c->dim = (int)u[1];
+    c->hidden_dim = (int)u[2];
+    c->n_layers = (int)u[3];
+    c->n_heads = (int)u[4];
+    c->n_kv_heads = (int)u[5];
+    c->head_dim = (int)u[6];
+    c->window = (int)u[7];
+    c->max_seq_len = (int)u[8];
+    c->bos_id = (int)u[9];
+    c->eos_id = (int)u[10];
+    c->eot_id = (int)u[11];
+    c->sot_id = (int)u[12];
+    c->query_pre_attn_scalar = rd_f32(h + 68);
+    c->norm_eps = rd_f32(h + 72);
+    c->rope_theta = rd_f32(h + 76);
+    c->rope_local_theta = rd_f32(h + 80);
+    c->rope_factor = rd_f32(h + 84);
+    if (c->n_heads % c->n_kv_heads != 0 || c->head_dim % 2 != 0 || !(c->query_pre_attn_scalar > 0) ||
+        !(c->norm_eps >= 0) || !(c->rope_theta > 0) || !(c->rope_local_theta > 0) || !(c->rope_factor > 0)) {
+        set_err(err, errsize, "%s: inconsistent hyper-parameters in header", path);
+        goto fail;
+    }
+    uint64_t tok_off = rd_u64(h + 96), tok_size = rd_u64(h + 104), dir_off = rd_u64(h + 112);
+    uint32_t n_tensors = rd_u32(h + 88);
+    if (GEMMA3_HEADER_SIZE + (uint64_t)c->n_layers > m->size || dir_off > m->size ||
+        (uint64_t)n_tensors * GEMMA3_DIR_ENTRY_SIZE > m->size - dir_off ||
+        (tok_off && (tok_off > m->size || tok_size > m->size - tok_off))) {
+        set_err(err, errsize, "%s: section offsets lie outside the file (corrupt header)", path);
+        goto fail;
+    }
+    c->is_global = malloc((size_t)c->n_layers);
+    if (!c->is_global) { set_err(err, errsize, "out of memory"); goto fail; }
+    for (int l = 0; l < c->n_layers; l++) {
+        unsigned char t = h[GEMMA3_HEADER_SIZE + l];
+        if (t > 1) { set_err(err, errsize, "%s: layer %d has unknown attention type %u", path, l, t); goto fail; }
+        c->is_global[l] = t;
+    }
+    if (c->bos_id >= c->vocab_size || c->eos_id >= c->vocab_size) {
+        set_err(err, errsize, "%s: special token ids out of range", path);
+        goto fail;
+    }
+
+    /* Every tensor in the directory must be one we know: a stray name means a file
+     * for some other model, and silently ignoring it would hide that. */
+    uint32_t expected = 2 + 13u * (uint32_t)c->n_layers;
+    if (n_tensors != expected) {
+        set_err(err, errsize, "%s: %u tensors in the file, a %d-layer Gemma 3 has %u (unknown or missing tensors)",
+                path, n_tensors, c->n_layers, expected);
+        goto fail;
+    }
+    if (host_is_big_endian()) swap_tensors_to_native(m);
+
+    Weights *w = &m->weights;
+    int D = c->dim, Q = c->n_heads * c->head_dim, KV = c->n_kv_heads * c->head_dim, F = c->hidden_dim;
+    if (load_matrix(m, &w->embed, "embed_tokens.weight", c->vocab_size, D, err, errsize)) goto fail;
+    if (load_norm(m, &w->final_norm, "norm.weight", D, err, errsize)) goto fail;
+    w->layers = calloc((size_t)c->n_layers, sizeof(LayerWeights));
+    if (!w->layers) { set_err(err, errsize, "out of memory"); goto fail; }
+    for (int l = 0; l < c->n_layers; l++) {
+        LayerWeights *L = &w->layers[l];
+        char name[64];
+#define NAME(s) (snprintf(name, sizeof name, "layers.%d.%s", l, s), name)
+        if (load_norm(m, &L->input_norm, NAME("input_layernorm.weight"), D, err, errsize) ||
+            load_matrix(m, &L->wq, NAME("self_attn.q_proj.weight"), Q, D, err, errsize) ||
+            load_matrix(m, &L->wk, NAME("self_attn.k_proj.weight"), KV, D, err, errsize) ||
+            load_matrix(m, &L->wv, NAME("self_attn.v_proj.weight"), KV, D, err, errsize) ||
+            load_matrix(m, &L->wo, NAME("self_attn.o_proj.weight"), D, Q, err, errsize) ||
+            load_norm(m, &L->q_norm, NAME("self_attn.q_norm.weight"), c->head_dim, err, errsize) ||
+            load_norm(m, &L->k_norm, NAME("self_attn.k_norm.weight"), c->head_dim, err, errsize) ||
+            load_norm(m, &L->post_attn_norm, NAME("post_attention_layernorm.weight"), D, err, errsize) ||
+            load_norm(m, &L->pre_ffn_norm, NAME("pre_feedforward_layernorm.weight"), D, err, errsize) ||
+            load_norm(m, &L->post_ffn_norm, NAME("post_feedforward_layernorm.weight"), D, err, errsize) ||
+            load_matrix(m, &L->w_gate, NAME("mlp.gate_proj.weight"), F, D, err, errsize) ||
+            load_matrix(m, &L->w_up, NAME("mlp.up_proj.weight"), F, D, err, errsize) ||
+            load_matrix(m, &L->w_down, NAME("mlp.down_proj.weight"), D, F, err, errsize))
+            goto fail;
+#undef NAME
+    }
+
+    if (tok_off) {
+        char terr[200];
+        if (tokenizer_init(&m->tokenizer, m->data + tok_off, (size_t)tok_size, terr, sizeof terr) != 0) {
+            set_err(err, errsize, "%s: bad tokenizer section: %s", path, terr);
+            goto fail;
+        }
+        m->has_tokenizer = 1;
+    }
+    return 0;
+fail:
+    free_model(m);
+    return -1;
+}
+
+static void free_model(Model *m) {
+    if (m->has_tokenizer) tokenizer_free(&m->tokenizer);
+    free(m->weights.layers);
+    free(m->config.is_global);
+#ifndef GEMMA3_NO_MMAP
+    if (m->mapped) munmap(m->data, m->size);
+    else
+#endif
+        free(m->data);
+    memset(m, 0, sizeof(*m));
+}
+
+/* ------------------------------------------------------------------------- */
+/* 2. neural-net blocks                                                       */
+/* ------------------------------------------------------------------------- */
+
+/* Everything one forward step needs, allocated once; nothing is allocated per token. */
+typedef struct {
+    int ctx;          /* context length the caches were sized for (-c) */
+    float *x;         /* (dim) the residual stream */
+    float *xb;        /* (dim) normed input of a sub-block */
+    float *xb2;       /* (dim) output of a sub-block */
+    float *q;         /* (n_heads * head_dim) */
+    float *k, *v;     /* (n_kv_heads * head_dim) this position's key and value */
+    float *att_out;   /* (n_heads * head_dim) attention output before o_proj */
+    float *att;       /* (n_heads, ctx) attention scores */
+    float *hb, *hb2;  /* (hidden_dim) MLP gate and up */
+    float *logits;    /* (vocab_size) */
+    float *rope_cos, *rope_sin; /* (head_dim/2) for the current position */
+    float *inv_freq_local, *inv_freq_global; /* (head_dim/2) RoPE frequencies per layer type */
+    /* KV cache, per layer: sliding layers keep a ring of `window` positions, global
+     * layers the whole context. Position p lives in slot p % cache_len[l]. */
+    int *cache_len;       /* (n_layers) */
+    float **key_cache;    /* (n_layers) -> (cache_len, n_kv_heads * head_dim) */
+    float **value_cache;  /* (n_layers) -> (cache_len, n_kv_heads * head_dim) */
+} RunState;
+
+static void free_run_state(RunState *s, const Config *c);
+
+static int build_run_state(RunState *s, const Config *c, int ctx, char *err, size_t errsize) {
+    memset(s, 0, sizeof(*s));
+    s->ctx = ctx;
+    int Q = c->n_heads * c->head_dim, KV = c->n_kv_heads * c->head_dim, half = c->head_dim / 2;
+    s->x = calloc((size_t)c->dim, sizeof(float));
+    s->xb = calloc((size_t)c->dim, sizeof(float));
+    s->xb2 = calloc((size_t)c->dim, sizeof(float));
+    s->q = calloc((size_t)Q, sizeof(float));
+    s->k = calloc((size_t)KV, sizeof(float));
+    s->v = calloc((size_t)KV, sizeof(float));
+    s->att_out = calloc((size_t)Q, sizeof(float));
+    s->att = calloc((size_t)c->n_heads * (size_t)ctx, sizeof(float));
+    s->hb = calloc((size_t)c->hidden_dim, sizeof(float));
+    s->hb2 = calloc((size_t)c->hidden_dim, sizeof(float));
+    s->logits = calloc((size_t)c->vocab_size, sizeof(float));
+    s->rope_cos = calloc((size_t)half, sizeof(float));
+    s->rope_sin = calloc((size_t)half, sizeof(float));
+    s->inv_freq_local = calloc((size_t)half, sizeof(float));
+    s->inv_freq_global = calloc((size_t)half, sizeof(float));
+    s->cache_len = calloc((size_t)c->n_layers, sizeof(int));
+    s->key_cache = calloc((size_t)c->n_layers, sizeof(float *));
+    s->value_cache = calloc((size_t)c->n_layers, sizeof(float *));
+    int ok = s->x && s->xb && s->xb2 && s->q && s->k && s->v && s->att_out && s->att && s->hb && s->hb2 &&
+             s->logits && s->rope_cos && s->rope_sin && s->inv_freq_local && s->inv_freq_global &&
+             s->cache_len && s->key_cache && s->value_cache;
+    for (int l = 0; ok && l < c->n_layers; l++) {
+        int len = (!c->is_global[l] && c->window < ctx) ? c->window : ctx;
+        s->cache_len[l] = len;
+        s->key_cache[l] = calloc((size_t)len * (size_t)KV, sizeof(float));
+        s->value_cache[l] = calloc((size_t)len * (size_t)KV, sizeof(float));
+        ok = s->key_cache[l] && s->value_cache[l];
+    }
+    if (!ok) {
+        set_err(err, errsize, "out of memory for a %d-token context (try a smaller -c)", ctx);
+        free_run_state(s, c);
+        return -1;
+    }
+    /* RoPE frequencies, computed once in float32 as the reference does:
+     * inv_freq[i] = 1 / base^(2i / head_dim); linear scaling divides the global ones. */
+    for (int i = 0; i < half; i++) {
+        float e = (float)(2 * i) / (float)c->head_dim;
+        s->inv_freq_local[i] = 1.0f / powf(c->rope_local_theta, e);
+        s->inv_freq_global[i] = 1.0f / powf(c->rope_theta, e) / c->rope_factor;
+    }
+    return 0;
+}
+
+static void free_run_state(RunState *s, const Config *c) {
+    free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->att_out);
+    free(s->att); free(s->hb); free(s->hb2); free(s->logits); free(s->rope_cos); free(s->rope_sin);
+    free(s->inv_freq_local); free(s->inv_freq_global);
+    for (int l = 0; l < c->n_layers && s->key_cache; l++) {
+        free(s->key_cache[l]);
+        if (s->value_cache) free(s->value_cache[l]);
+    }
+    free(s->key_cache); free(s->value_cache); free(s->cache_len);
+    memset(s, 0, sizeof(*s));
+}
+
+/* Gemma's RMSNorm: x / sqrt(mean(x^2) + eps) * (1 + w). Checkpoints store w, not 1 + w. */
+static void rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
+    double ss = 0.0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float scale = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) out[i] = (x[i] * scale) * (1.0f + w[i]);
+}
+
+static float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16; /* bf16 is the high half of an f32 */
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* One row of W times x. Eight independent partial sums let the compiler vectorise
+ * without -ffast-math, and keep the summation order the same on every machine. */
+static float dot_f32(const float *w, const float *x, int n) {
+    float acc[8] = {0};
+    int j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int k = 0; k < 8; k++) acc[k] += w[j + k] * x[j + k];
+    float sum = 0.0f;
+    for (; j < n; j++) sum += w[j] * x[j];
+    return sum + ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+static float dot_bf16(const uint16_t *w, const float *x, int n) {
+    float acc[8] = {0};
+    int j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int k = 0; k < 8; k++) acc[k] += bf16_to_f32(w[j + k]) * x[j + k];
+    float sum = 0.0f;
+    for (; j < n; j++) sum += bf16_to_f32(w[j]) * x[j];
+    return sum + ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+/* out = W x, W (rows, cols). The hot loop of the whole program: every weight byte
+ * is read once per token, so decode speed is memory bandwidth. */
+static void matmul(float *out, const float *x, const Matrix *W) {
+    int i;
+    const int rows = W->rows, cols = W->cols;
+    if (W->dtype == DT_F32) {
+        const float *w = W->data;
+#pragma omp parallel for schedule(static)
+        for (i = 0; i < rows; i++) out[i] = dot_f32(w + (size_t)i * cols, x, cols);
+    } else {
+        const uint16_t *w = W->data;
+#pragma omp parallel for schedule(static)
+        for (i = 0; i < rows; i++) out[i] = dot_bf16(w + (size_t)i * cols, x, cols);
+    }
+}
+
+/* Row `row` of a matrix as floats (embedding lookup). */
+static void matrix_row(float *out, const Matrix *W, int row) {
+    if (W->dtype == DT_F32) {
+        memcpy(out, (const float *)W->data + (size_t)row * W->cols, (size_t)W->cols * sizeof(float));
+    } else {
+        const uint16_t *w = (const uint16_t *)W->data + (size_t)row * W->cols;
+        for (int j = 0; j < W->cols; j++) out[j] = bf16_to_f32(w[j]);
+    }
+}
+
+/* Rotate-half RoPE: element k pairs with k + head_dim/2 (not adjacent pairs). */
+static void rope(float *vec, const float *cos_t, const float *sin_t, int head_dim) {
+    int half = head_dim / 2;
+    for (int i = 0; i < half; i++) {
+        float a = vec[i], b = vec[i + half];
+        vec[i] = a * cos_t[i] - b * sin_t[i];
+        vec[i + half] = b * cos_t[i] + a * sin_t[i];
+    }
+}
+
+static void rope_angles(RunState *s, const float *inv_freq, int pos, int half) {
+    for (int i = 0; i < half; i++) {
+        float angle = (float)pos * inv_freq[i]; /* float32 product, as the reference */
+        s->rope_cos[i] = cosf(angle);
+        s->rope_sin[i] = sinf(angle);
+    }
+}
+
+static void softmax(float *x, int n) {
+    float max = x[0];
+    for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) { x[i] = expf(x[i] - max); sum += x[i]; }
+    for (int i = 0; i < n; i++) x[i] /= sum;
+}
+
+/* GELU, tanh approximation (HF hidden_activation "gelu_pytorch_tanh"). */
+static float gelu_tanh(float x) {
+    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
+/* Self-attention for the token at `pos` in layer l (q, k, v already computed). */
+static void attention(RunState *s, const Config *c, int l, int pos) {
+    int hd = c->head_dim, KV = c->n_kv_heads * hd, len = s->cache_len[l];
+    int group = c->n_heads / c->n_kv_heads;
+    /* Sliding layers see keys j with pos - window < j <= pos; global layers all j <= pos. */
+    int first = c->is_global[l] ? 0 : pos - c->window + 1;
+    if (first < 0) first = 0;
+    int n = pos - first + 1;
+    float scale = 1.0f / sqrtf(c->query_pre_attn_scalar);
+    int h;
+#pragma omp parallel for schedule(static)
+    for (h = 0; h < c->n_heads; h++) {
+        const float *q = s->q + h * hd;
+        int kvh = h / group; /* GQA: `group` query heads share one kv head */
+        float *att = s->att + (size_t)h * s->ctx;
+        for (int t = 0; t < n; t++) {
+            const float *k = s->key_cache[l] + (size_t)((first + t) % len) * KV + kvh * hd;
+            float dot = 0.0f;
+            for (int i = 0; i < hd; i++) dot += q[i] * k[i];
+            att[t] = dot * scale;
+        }
+        softmax(att, n);
+        float *out = s->att_out + h * hd;
+        memset(out, 0, (size_t)hd * sizeof(float));
+        for (int t = 0; t < n; t++) {
+            const float *v = s->value_cache[l] + (size_t)((first + t) % len) * KV + kvh * hd;
+            for (int i = 0; i < hd; i++) out[i] += att[t] * v[i];
+        }
+    }
+}
+
+/* Run one token at position `pos` through the model; logits land in s->logits.
+ * Reads like Gemma 3's decoder layer (HF Gemma3DecoderLayer / gemma_pytorch Gemma2DecoderLayer). */
+static float *forward(const Model *m, RunState *s, int token, int pos) {
+    const Config *c = &m->config;
+    const Weights *w = &m->weights;
+    int D = c->dim, hd = c->head_dim, KV = c->n_kv_heads * hd;
+
+    /* token embedding, scaled by sqrt(hidden_size) computed in float32 */
+    matrix_row(s->x, &w->embed, token);
+    float normalizer = (float)sqrt((double)D);
+    for (int i = 0; i < D; i++) s->x[i] *= normalizer;
+
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerWeights *L = &w->layers[l];
+
+        /* attention block: norm, q/k/v projections */
+        rmsnorm(s->xb, s->x, L->input_norm, D, c->norm_eps);
+        matmul(s->q, s->xb, &L->wq);
+        matmul(s->k, s->xb, &L->wk);
+        matmul(s->v, s->xb, &L->wv);
+
+        /* per-head q_norm / k_norm, then RoPE with this layer type's base */
+        for (int h = 0; h < c->n_heads; h++) rmsnorm(s->q + h * hd, s->q + h * hd, L->q_norm, hd, c->norm_eps);
+        for (int h = 0; h < c->n_kv_heads; h++) rmsnorm(s->k + h * hd, s->k + h * hd, L->k_norm, hd, c->norm_eps);
+        rope_angles(s, c->is_global[l] ? s->inv_freq_global : s->inv_freq_local, pos, hd / 2);
+        for (int h = 0; h < c->n_heads; h++) rope(s->q + h * hd, s->rope_cos, s->rope_sin, hd);
+        for (int h = 0; h < c->n_kv_heads; h++) rope(s->k + h * hd, s->rope_cos, s->rope_sin, hd);
+
+        /* store this position's key and value in the cache */
+        int slot = pos % s->cache_len[l];
+        memcpy(s->key_cache[l] + (size_t)slot * KV, s->k, (size_t)KV * sizeof(float));
+        memcpy(s->value_cache[l] + (size_t)slot * KV, s->v, (size_t)KV * sizeof(float));
+
+        attention(s, c, l, pos);
+
+        /* output projection, post-attention norm, residual */
+        matmul(s->xb2, s->att_out, &L->wo);
+        rmsnorm(s->xb2, s->xb2, L->post_attn_norm, D, c->norm_eps);
+        for (int i = 0; i < D; i++) s->x[i] += s->xb2[i];
+
+        /* MLP block: down(gelu(gate(h)) * up(h)), pre- and post-norm, residual */
+        rmsnorm(s->xb, s->x, L->pre_ffn_norm, D, c->norm_eps);
+        matmul(s->hb, s->xb, &L->w_gate);
+        matmul(s->hb2, s->xb, &L->w_up);
+        for (int i = 0; i < c->hidden_dim; i++) s->hb[i] = gelu_tanh(s->hb[i]) * s->hb2[i];
+        matmul(s->xb2, s->hb, &L->w_down);
+        rmsnorm(s->xb2, s->xb2, L->post_ffn_norm, D, c->norm_eps);
+        for (int i = 0; i < D; i++) s->x[i] += s->xb2[i];
+    }
+
+    /* final norm, then the classifier: the (unscaled) embedding table, tied */
+    rmsnorm(s->x, s->x, w->final_norm, D, c->norm_eps);
+    matmul(s->logits, s->x, &w->embed);
+    return s->logits;
+}
+
+/* ------------------------------------------------------------------------- */
+/* 3. sampler                                                                 */
+/* ------------------------------------------------------------------------- */
+
+typedef struct {
+    int id;
+    float p;
+} ProbIndex;
+
+typedef struct {
+    int vocab_size;
+    float temperature; /* 0 = greedy */
+    int top_k;         /* keep the k most likely tokens (0 = off) */
+    float top_p;       /* keep the smallest set with total probability >= top_p (1 = off) */
+    float min_p;       /* drop tokens below min_p * p(most likely) (0 = off) */
+    uint64_t rng;      /* xorshift64* state */
+    ProbIndex *cand;   /* (vocab_size) candidate buffer, allocated once */
+} Sampler;
+
+static int build_sampler(Sampler *sp, int vocab_size, float temperature, int top_k, float top_p, float min_p,
+                         uint64_t seed) {
+    sp->vocab_size = vocab_size;
+    sp->temperature = temperature;
+    sp->top_k = top_k;
+    sp->top_p = top_p;
+    sp->min_p = min_p;
+    sp->rng = seed ? seed : 0x9E3779B97F4A7C15ull; /* xorshift state must not be 0 */
+    sp->cand = malloc((size_t)vocab_size * sizeof(ProbIndex));
+    return sp->cand ? 0 : -1;
+}
+
+static void free_sampler(Sampler *sp) { free(sp->cand); sp->cand = NULL; }
+
+static float random_f32(uint64_t *state) { /* uniform in [0, 1) */
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return (float)((*state * 0x2545F4914F6CDD1Dull) >> 40) / 16777216.0f;
+}
+
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) if (x[i] > x[best]) best = i;
+    return best;
+}
+
+static int cmp_prob_desc(const void *a, const void *b) {
+    const ProbIndex *x = a, *y = b;
+    if (x->p != y->p) return x->p < y->p ? 1 : -1;
+    return x->id - y->id;
+}
+
+/* Keep the k largest probabilities with a size-k min-heap: O(V log k), no full sort of V. */
+static int select_top_k(ProbIndex *heap, const float *probs, int n, int k) {
+    int size = 0;
+    for (int i = 0; i < n; i++) {
+        if (size == k && probs[i] <= heap[0].p) continue;
+        int pos;
+        if (size < k) { /* sift up */
+            pos = size++;
+            while (pos > 0 && heap[(pos - 1) / 2].p > probs[i]) { heap[pos] = heap[(pos - 1) / 2]; pos = (pos - 1) / 2; }
+        } else { /* replace the root, sift down */
+            pos = 0;
+            for (;;) {
+                int child = 2 * pos + 1;
+                if (child >= size) break;
+                if (child + 1 < size && heap[child + 1].p < heap[child].p) child++;
+                if (heap[child].p >= probs[i]) break;
+                heap[pos] = heap[child];
+                pos = child;
+            }
+        }
+        heap[pos].id = i;
+        heap[pos].p = probs[i];
+    }
+    return size;
+}
+
+/* Sample the next token from logits (which are overwritten with probabilities).
+ * Order, as in HF generate: temperature, softmax, top-k, top-p, min-p, draw. */
+static int sample(Sampler *sp, float *logits) {
+    int V = sp->vocab_size;
+    if (sp->temperature <= 0.0f) return argmax(logits, V);
+    for (int i = 0; i < V; i++) logits[i] /= sp->temperature;
+    softmax(logits, V);
+    float pmax = logits[argmax(logits, V)];
+
+    int n;
+    if (sp->top_k > 0 && sp->top_k < V) {
+        n = select_top_k(sp->cand, logits, V, sp->top_k);
+    } else {
+        /* Tokens below (1 - top_p) / (V - 1) can never be inside the nucleus (all of them
+         * together hold less than 1 - top_p), nor those under the min-p cut: skip them early. */
+        float cut = sp->top_p < 1.0f ? (1.0f - sp->top_p) / (float)(V - 1) : 0.0f;
+        if (sp->min_p * pmax > cut) cut = sp->min_p * pmax;
+        n = 0;
+        for (int i = 0; i < V; i++)
+            if (logits[i] >= cut) { sp->cand[n].id = i; sp->cand[n].p = logits[i]; n++; }
+    }
+    qsort(sp->cand, (size_t)n, sizeof(ProbIndex), cmp_prob_desc);
+
+    float total = 0.0f;
+    int keep = 0;
+    for (; keep < n; keep++) {
+        if (keep > 0 && sp->cand[keep].p < sp->min_p * pmax) break;
+        total += sp->cand[keep].p;
+        if (total >= sp->top_p) { keep++; break; }
+    }
+    float r = random_f32(&sp->rng) * total, acc = 0.0f;
+    for (int i = 0; i < keep; i++) {
+        acc += sp->cand[i].p;
+        if (r < acc) return sp->cand[i].id;
+    }
+    return sp->cand[keep - 1].id; /* rounding fell off the end */
+}
+
+/* ------------------------------------------------------------------------- */
+/* 4. generation, logits dump, chat                                           */
+/* ------------------------------------------------------------------------- */
+
+static double now_seconds(void) {
+#if defined(CLOCK_MONOTONIC)
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+#else
+    return (double)clock() / CLOCKS_PER_SEC; /* no POSIX clock: CPU time will do */
+#endif
+}
+
+static int is_stop_token(const Config *c, int id) { return id == c->eos_id || id == c->eot_id; }
+
+/* Read whitespace-separated token ids; every id must be < vocab_size. */
+static int read_token_file(const char *path, int vocab_size, int **ids_out, int *n_out, char *err, size_t errsize) {
+    FILE *f = fopen(path, "r");
+    if (!f) { set_err(err, errsize, "cannot open %s: %s", path, strerror(errno)); return -1; }
+    int cap = 256, n = 0, *ids = malloc((size_t)cap * sizeof(int));
+    char word[64];
+    int rc = 0;
+    while (ids && fscanf(f, "%63s", word) == 1) {
+        char *end;
+        errno = 0;
+        long v = strtol(word, &end, 10);
+        if (*end || errno || v < 0 || v >= vocab_size) {
+            set_err(err, errsize, "%s: token %d is '%s', not an id in [0, %d)", path, n + 1, word, vocab_size);
+            rc = -1;
+            break;
+        }
+        if (n == cap) {
+            int *grown = realloc(ids, (size_t)(cap *= 2) * sizeof(int));
+            if (!grown) { free(ids); ids = NULL; break; }
+            ids = grown;
+        }
+        ids[n++] = (int)v;
+    }
+    fclose(f);
+    if (!ids) { set_err(err, errsize, "out of memory reading %s", path); return -1; }
+    if (rc == 0 && n == 0) { set_err(err, errsize, "%s holds no token ids", path); rc = -1; }
+    if (rc != 0) { free(ids); return -1; }
+    *ids_out = ids;
+    *n_out = n;
+    return 0;
+}
+
+/* Write floats as little-endian float32, whatever the host. */
+static int write_f32_le(FILE *f, const float *x, int n) {
+    for (int i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &x[i], 4);
+        unsigned char b[4] = {(unsigned char)u, (unsigned char)(u >> 8), (unsigned char)(u >> 16),
+                              (unsigned char)(u >> 24)};
+        if (fwrite(b, 1, 4, f) != 4) return -1;
+    }
+    return 0;
+}
+
+/* --logits: run the ids through forward() one at a time (the generation path) and write
+ * the logits of every position, row-major [T][vocab]. */
+static int dump_logits(const Model *m, RunState *s, const int *ids, int n, const char *out_path, char *err,
+                       size_t errsize) {
+    FILE *f = fopen(out_path, "wb");
+    if (!f) { set_err(err, errsize, "cannot write %s: %s", out_path, strerror(errno)); return -1; }
+    for (int pos = 0; pos < n; pos++) {
+        float *logits = forward(m, s, ids[pos], pos);
+        if (write_f32_le(f, logits, m->config.vocab_size) != 0) {
+            set_err(err, errsize, "write error on %s", out_path);
+            fclose(f);
+            return -1;
+        }
+    }
+    if (fclose(f) != 0) { set_err(err, errsize, "write error on %s", out_path); return -1; }
+    return 0;
+}
+
+/* Feed `n` prompt ids from position 0, then sample up to `steps` new tokens, stopping at
+ * <eos>/<end_of_turn> or the end of the context. New ids go to out_ids (if not NULL) and,
+ * decoded, to `out` (if not NULL). Returns the number of tokens generated. */
+static int generate_ids(const Model *m, RunState *s, Sampler *sp, const int *prompt, int n, int steps,
+                        int *out_ids, FILE *out, double *prefill_s, double *decode_s) {
+    double t0 = now_seconds();
+    float *logits = NULL;
+    for (int pos = 0; pos < n; pos++) logits = forward(m, s, prompt[pos], pos);
+    double t1 = now_seconds();
+    TokenStream ts = {{0}, 0};
+    int generated = 0;
+    for (int pos = n; generated < steps; pos++) {
+        int next = sample(sp, logits);
+        if (is_stop_token(&m->config, next)) break;
+        if (out_ids) out_ids[generated] = next;
+        generated++;
+        if (out && m->has_tokenizer) {
+            tokenstream_put(&m->tokenizer, &ts, next, out);
+            fflush(out);
+        }
+        if (pos >= s->ctx) break; /* no room to feed it back */
+        if (generated < steps) logits = forward(m, s, next, pos);
+    }
+    if (out && m->has_tokenizer) tokenstream_flush(&m->tokenizer, &ts, out);
+    if (prefill_s) *prefill_s = t1 - t0;
+    if (decode_s) *decode_s = now_seconds() - t1;
+    return generated;
+}
+
+/* ------------------------------------------------------------------------- */
+/* 5. command line                                                            */
+/* ------------------------------------------------------------------------- */
+#ifndef TESTING
+
+static void usage(FILE *f) {
+    fprintf(f,
+        "usage: gemma3 MODEL.bin [mode] [options]\n"
+        "\n"
+        "modes (default: generate from -p):\n"
+        "  -p PROMPT            generate a continuation of PROMPT (<bos> is added, nothing else)\n"
+        "  --logits IN.txt OUT.f32\n"
+        "                       run the whitespace-separated token ids in IN.txt (no <bos> added)\n"
+        "                       and write float32 little-endian logits, row-major [T][vocab]\n"
+        "  --encode             read UTF-8 text on stdin, print its token ids (no <bos>) on one line\n"
+        "  --decode             read token ids on stdin, print the text\n"
+        "\n"
+        "options:\n"
+        "  -n N                 tokens to generate (default 256)\n"
+        "  -t T                 temperature (default 1.0; 0 = greedy)\n"
+        "  -k K                 top-k (default 64; 0 = off)\n"
+        "  --top-p P            top-p / nucleus (default 0.95; 1 = off)\n"
+        "  --min-p P            min-p, relative to the most likely token (default 0 = off)\n"
+        "  -s SEED              random seed (default: time); same seed, same text\n"
+        "  -c N                 context length (default: min(max_position_embeddings, 8192);\n"
+        "                       --logits: the number of tokens)\n"
+        "  -h, --help           this help\n"
+        "\n"
+        "threads: set OMP_NUM_THREADS. Model files are made by export.py (see README.md).\n");
+}
+
+static void die(const char *fmt, ...) {
+    va_list ap;
+    fprintf(stderr, "gemma3: error: ");
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    exit(1);
+}
+
+static long parse_int(const char *flag, const char *s, long lo, long hi) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (!*s || *end || errno || v < lo || v > hi) die("%s needs an integer in [%ld, %ld], got '%s'", flag, lo, hi, s);
+    return v;
+}
+
+static float parse_float(const char *flag, const char *s, float lo, float hi) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (!*s || *end || errno || !(v >= lo && v <= hi)) die("%s needs a number in [%g, %g], got '%s'", flag, lo, hi, s);
+    return (float)v;
+}
+
+/* Read all of a stream into memory (text may contain NUL bytes, so keep the length). */
+static char *read_all(FILE *f, size_t *len) {
+    size_t cap = 4096, n = 0;
+    char *buf = malloc(cap);
+    size_t got;
+    while (buf && (got = fread(buf + n, 1, cap - n, f)) > 0) {
+        n += got;
+        if (n == cap) {
+            char *grown = realloc(buf, cap *= 2);
+            if (!grown) { free(buf); return NULL; }
+            buf = grown;
+        }
+    }
+    *len = n;
+    return buf;
+}
+
+int main(int argc, char **argv) {
+    const char *model_path = NULL, *prompt = NULL, *logits_in = NULL, *logits_out = NULL;
+    int steps = 256, top_k = 64, ctx = 0, mode_encode = 0, mode_decode = 0;
+    float temperature = 1.0f, top_p = 0.95f, min_p = 0.0f;
+    uint64_t seed = (uint64_t)time(NULL);
+    char err[512];
+
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        int has_value = i + 1 < argc;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); return 0; }
+        else if (!strcmp(a, "--encode")) mode_encode = 1;
+        else if (!strcmp(a, "--decode")) mode_decode = 1;
+        else if (!strcmp(a, "--logits")) {
+            if (i + 2 >= argc) die("--logits needs two arguments: TOKENS.txt OUT.f32");
+            logits_in = argv[++i];
+            logits_out = argv[++i];
+        } else if (a[0] == '-' && a[1] != '\0' && !has_value) die("%s needs a value (see --help)", a);
+        else if (!strcmp(a, "-p")) prompt = argv[++i];
+        else if (!strcmp(a, "-n")) steps = (int)parse_int(a, argv[++i], 0, 1L << 30);
+        else if (!strcmp(a, "-t")) temperature = parse_float(a, argv[++i], 0.0f, 100.0f);
+        else if (!strcmp(a, "-k")) top_k = (int)parse_int(a, argv[++i], 0, 1L << 30);
+        else if (!strcmp(a, "--top-p")) top_p = parse_float(a, argv[++i], 0.0f, 1.0f);
+        else if (!strcmp(a, "--min-p")) min_p = parse_float(a, argv[++i], 0.0f, 1.0f);
+        else if (!strcmp(a, "-s")) seed = (uint64_t)parse_int(a, argv[++i], 0, 0x7fffffffL);
+        else if (!strcmp(a, "-c")) ctx = (int)parse_int(a, argv[++i], 1, 1L << 30);
+        else if (a[0] == '-' && a[1] != '\0') die("unknown option %s (see --help)", a);
+        else if (!model_path) model_path = a;
+        else die("unexpected argument '%s' (see --help)", a);
+    }
+    if (!model_path) { usage(stderr); return 1; }
+    if (mode_encode + mode_decode + (logits_in != NULL) + (prompt != NULL) > 1)
+        die("choose one of -p, --logits, --encode, --decode");
+    if (!mode_encode && !mode_decode && !logits_in && !prompt) die("nothing to do: give -p PROMPT, --logits, --encode or --decode");
+
+    Model model;
+    if (load_model(&model, model_path, err, sizeof err) != 0) die("%s", err);
+    const Config *c = &model.config;
+    if ((mode_encode || mode_decode || prompt) && !model.has_tokenizer)
+        die("%s has no tokenizer (export it from a directory with tokenizer.json); --logits works without one", model_path);
+
+    if (mode_encode || mode_decode) {
+        size_t len;
+        char *text = read_all(stdin, &len);
+        if (!text) die("out of memory reading stdin");
+        if (mode_encode) {
+            int *ids;
+            int n = tokenizer_encode(&model.tokenizer, text, len, &ids, err, sizeof err);
+            if (n < 0) die("%s", err);
+            for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
+            printf("\n");
+            free(ids);
+        } else {
+            int cap = 64, n = 0, *ids = malloc((size_t)cap * sizeof(int));
+            char *p = text, *end = text + len;
+            while (ids) {
+                while (p < end && (*p == ' ' || *p == '\n' || *p == '\t' || *p == '\r')) p++;
+                if (p == end) break;
+                char *q = p;
+                long v = 0;
+                while (q < end && *q >= '0' && *q <= '9' && v <= c->vocab_size) v = v * 10 + (*q++ - '0');
+                if (q == p || (q < end && !(*q == ' ' || *q == '\n' || *q == '\t' || *q == '\r')) || v >= c->vocab_size)
+                    die("--decode: '%.*s' is not a token id in [0, %d)", (int)(q - p + 1 > 20 ? 20 : q - p + 1), p, c->vocab_size);
+                if (n == cap) {
+                    int *grown = realloc(ids, (size_t)(cap *= 2) * sizeof(int));
+                    if (!grown) free(ids);
+                    ids = grown;
+                    if (!ids) break;
+                }
+                ids[n++] = (int)v;
+                p = q;
+            }
+            if (!ids) die("out of memory");
+            size_t outlen;
+            char *out = tokenizer_decode(&model.tokenizer, ids, n, &outlen, err, sizeof err);
+            if (!out) die("%s", err);
+            fwrite(out, 1, outlen, stdout);
+            free(out);
+            free(ids);
+        }
+        free(text);
+        free_model(&model);
+        return 0;
+    }
+
+    RunState state;
+    if (logits_in) {
+        int *ids, n;
+        if (read_token_file(logits_in, c->vocab_size, &ids, &n, err, sizeof err) != 0) die("%s", err);
+        if (!ctx) ctx = n;
+        if (n > ctx) die("%s has %d tokens, more than the context of %d (-c)", logits_in, n, ctx);
+        if (ctx > c->max_seq_len) die("context %d exceeds the model's max_position_embeddings %d", ctx, c->max_seq_len);
+        if (build_run_state(&state, c, ctx, err, sizeof err) != 0) die("%s", err);
+        if (dump_logits(&model, &state, ids, n, logits_out, err, sizeof err) != 0) die("%s", err);
+        free(ids);
+        free_run_state(&state, c);
+        free_model(&model);
+        return 0;
+    }
+
+    /* generate */
+    if (!ctx) ctx = c->max_seq_len < 8192 ? c->max_seq_len : 8192;
+    if (ctx > c->max_seq_len) die("context %d exceeds the model's max_position_embeddings %d", ctx, c->max_seq_len);
+    int *text_ids, n_text;
+    n_text = tokenizer_encode(&model.tokenizer, prompt, strlen(prompt), &text_ids, err, sizeof err);
+    if (n_text < 0) die("prompt: %s", err);
+    int n = n_text + 1;
+    int *ids = malloc((size_t)n * sizeof(int));
+    if (!ids) die("out of memory");
+    ids[0] = c->bos_id;
+    memcpy(ids + 1, text_ids, (size_t)n_text * sizeof(int));
+    free(text_ids);
+    if (n >= ctx) die("the prompt is %d tokens, the context only %d (raise -c)", n, ctx);
+    Sampler sampler;
+    if (build_run_state(&state, c, ctx, err, sizeof err) != 0) die("%s", err);
+    if (build_sampler(&sampler, c->vocab_size, temperature, top_k, top_p, min_p, seed) != 0) die("out of memory");
+    double prefill_s, decode_s;
+    int generated = generate_ids(&model, &state, &sampler, ids, n, steps, NULL, stdout, &prefill_s, &decode_s);
+    printf("\n");
+    fprintf(stderr, "prompt %d tokens, %.1f tok/s; generated %d tokens, %.1f tok/s\n", n,
+            n / (prefill_s > 0 ? prefill_s : 1e-9), generated, generated / (decode_s > 0 ? decode_s : 1e-9));
+    if (n + generated >= ctx) fprintf(stderr, "gemma3: note: stopped at the end of the %d-token context (-c)\n", ctx);
+    free(ids);
+    free_sampler(&sampler);
+    free_run_state(&state, c);
+    free_model(&model);
+    return 0;
+}
+#endif /* TESTING */
