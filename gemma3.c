@@ -252,6 +252,23 @@ static void swap_tensors_to_native(Model *m) {
 
 static void free_model(Model *m);
 
+/* The names a Gemma 3 text model file may hold (NUL-padded to 64 bytes in the directory). */
+static int known_tensor_name(const char *name, int n_layers) {
+    static const char *const per_layer[] = {
+        "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight", "self_attn.o_proj.weight", "self_attn.q_norm.weight",
+        "self_attn.k_norm.weight", "post_attention_layernorm.weight", "pre_feedforward_layernorm.weight",
+        "post_feedforward_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+        "mlp.down_proj.weight", NULL};
+    if (memchr(name, 0, 64) == NULL) return 0; /* not NUL-terminated */
+    if (!strcmp(name, "embed_tokens.weight") || !strcmp(name, "norm.weight")) return 1;
+    int layer, used = 0;
+    if (sscanf(name, "layers.%d.%n", &layer, &used) != 1 || used == 0 || layer < 0 || layer >= n_layers) return 0;
+    for (int i = 0; per_layer[i]; i++)
+        if (!strcmp(name + used, per_layer[i])) return 1;
+    return 0;
+}
+
 /* Load and validate a model file. On failure: -1 and a one-line message in err. */
 static int load_model(Model *m, const char *path, char *err, size_t errsize) {
     memset(m, 0, sizeof(*m));
@@ -329,6 +346,14 @@ static int load_model(Model *m, const char *path, char *err, size_t errsize) {
         set_err(err, errsize, "%s: %u tensors in the file, a %d-layer Gemma 3 has %u (unknown or missing tensors)",
                 path, n_tensors, c->n_layers, expected);
         goto fail;
+    }
+    const unsigned char *dir = m->data + dir_off;
+    for (uint32_t i = 0; i < n_tensors; i++) {
+        const char *name = (const char *)dir + (size_t)i * GEMMA3_DIR_ENTRY_SIZE;
+        if (!known_tensor_name(name, c->n_layers)) {
+            set_err(err, errsize, "%s: unknown tensor '%.64s' in the model file", path, name);
+            goto fail;
+        }
     }
     if (host_is_big_endian()) swap_tensors_to_native(m);
 
@@ -949,6 +974,13 @@ static char *read_all(FILE *f, size_t *len) {
     return buf;
 }
 
+static int takes_value(const char *opt) {
+    static const char *const with_value[] = {"-p", "-n", "-t", "-k", "--top-p", "--min-p", "-s", "-c", "--system", NULL};
+    for (int i = 0; with_value[i]; i++)
+        if (!strcmp(opt, with_value[i])) return 1;
+    return 0;
+}
+
 int main(int argc, char **argv) {
     const char *model_path = NULL, *prompt = NULL, *logits_in = NULL, *logits_out = NULL;
     int steps = 256, top_k = 64, ctx = 0, mode_encode = 0, mode_decode = 0;
@@ -966,15 +998,18 @@ int main(int argc, char **argv) {
             if (i + 2 >= argc) die("--logits needs two arguments: TOKENS.txt OUT.f32");
             logits_in = argv[++i];
             logits_out = argv[++i];
-        } else if (a[0] == '-' && a[1] != '\0' && !has_value) die("%s needs a value (see --help)", a);
-        else if (!strcmp(a, "-p")) prompt = argv[++i];
-        else if (!strcmp(a, "-n")) steps = (int)parse_int(a, argv[++i], 0, 1L << 30);
-        else if (!strcmp(a, "-t")) temperature = parse_float(a, argv[++i], 0.0f, 100.0f);
-        else if (!strcmp(a, "-k")) top_k = (int)parse_int(a, argv[++i], 0, 1L << 30);
-        else if (!strcmp(a, "--top-p")) top_p = parse_float(a, argv[++i], 0.0f, 1.0f);
-        else if (!strcmp(a, "--min-p")) min_p = parse_float(a, argv[++i], 0.0f, 1.0f);
-        else if (!strcmp(a, "-s")) seed = (uint64_t)parse_int(a, argv[++i], 0, 0x7fffffffL);
-        else if (!strcmp(a, "-c")) ctx = (int)parse_int(a, argv[++i], 1, 1L << 30);
+        } else if (takes_value(a)) {
+            if (!has_value) die("%s needs a value (see --help)", a);
+            const char *v = argv[++i];
+            if (!strcmp(a, "-p")) prompt = v;
+            else if (!strcmp(a, "-n")) steps = (int)parse_int(a, v, 0, 1L << 30);
+            else if (!strcmp(a, "-t")) temperature = parse_float(a, v, 0.0f, 100.0f);
+            else if (!strcmp(a, "-k")) top_k = (int)parse_int(a, v, 0, 1L << 30);
+            else if (!strcmp(a, "--top-p")) top_p = parse_float(a, v, 0.0f, 1.0f);
+            else if (!strcmp(a, "--min-p")) min_p = parse_float(a, v, 0.0f, 1.0f);
+            else if (!strcmp(a, "-s")) seed = (uint64_t)parse_int(a, v, 0, 0x7fffffffL);
+            else if (!strcmp(a, "-c")) ctx = (int)parse_int(a, v, 1, 1L << 30);
+        }
         else if (a[0] == '-' && a[1] != '\0') die("unknown option %s (see --help)", a);
         else if (!model_path) model_path = a;
         else die("unexpected argument '%s' (see --help)", a);

@@ -200,9 +200,101 @@ static void test_fixture_tiny(void) {
     check_logits("CLI --logits file vs reference", BUILD "/tiny-f32.bin", TINY "/tokens.txt", BUILD "/tiny-f32.logits", 1e-6);
 }
 
+/* Write a copy of `src` with `len` bytes at `off` replaced (len 0: truncate at off). */
+static int write_patched(const char *src, const char *dst, long off, const void *bytes, size_t len) {
+    FILE *f = fopen(src, "rb");
+    if (!f) return -1;
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    rewind(f);
+    unsigned char *buf = malloc((size_t)size);
+    if (!buf || fread(buf, 1, (size_t)size, f) != (size_t)size) { fclose(f); free(buf); return -1; }
+    fclose(f);
+    if (len) memcpy(buf + off, bytes, len);
+    else size = off;
+    f = fopen(dst, "wb");
+    if (!f) { free(buf); return -1; }
+    fwrite(buf, 1, (size_t)size, f);
+    fclose(f);
+    free(buf);
+    return 0;
+}
+
+/* A rejected input: exit status 1 (not a crash), one line on stderr naming the problem. */
+static void expect_error(const char *what, const char *needle, const char *fmt, ...) {
+    char cmd[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    int rc = run("%s", cmd);
+    const char *log = last_log();
+    const char *nl = strchr(log, '\n');
+    int one_line = nl && nl[1] == 0;
+    CHECK(rc == 1 && strstr(log, needle) && one_line, "%s: exit %d, wanted 1 and one line containing '%s'; got: %s",
+          what, rc, needle, log);
+    printf("  %-44s -> %.*s\n", what, nl ? (int)(nl - log) : (int)strlen(log), log);
+}
+
+static void test_bad_inputs(void) {
+    printf("bad inputs: clear one-line errors, exit status 1\n");
+    const char *good = BUILD "/tiny-f32.bin";
+    unsigned char v2[4] = {2, 0, 0, 0}, junk[8] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0};
+    write_patched(good, BUILD "/bad-truncated.bin", 100000, NULL, 0);
+    write_patched(good, BUILD "/bad-magic.bin", 0, "GGUF", 4);
+    write_patched(good, BUILD "/bad-version.bin", 4, v2, 4);
+    write_patched(good, BUILD "/bad-tensor-name.bin", 128 + 8 + 3, "X", 1); /* first directory entry's name */
+    write_patched(good, BUILD "/bad-tensor-offset.bin", 128 + 8 + 88, junk, 8);
+    write_patched(good, BUILD "/bad-short.bin", 10, NULL, 0);
+    const char *logits = " --logits " TINY "/tokens.txt " BUILD "/bad.f32";
+    expect_error("truncated model file", "truncated", "./gemma3 %s%s", BUILD "/bad-truncated.bin", logits);
+    expect_error("file shorter than a header", "too short", "./gemma3 %s%s", BUILD "/bad-short.bin", logits);
+    expect_error("wrong magic", "magic", "./gemma3 %s%s", BUILD "/bad-magic.bin", logits);
+    expect_error("wrong format version", "version 2", "./gemma3 %s%s", BUILD "/bad-version.bin", logits);
+    expect_error("unknown tensor name", "unknown tensor 'embXd_tokens.weight'", "./gemma3 %s%s", BUILD "/bad-tensor-name.bin", logits);
+    expect_error("tensor offset past the end", "offset", "./gemma3 %s%s", BUILD "/bad-tensor-offset.bin", logits);
+    expect_error("unreadable model path", "cannot open", "./gemma3 %s%s", BUILD "/no-such-file.bin", logits);
+    expect_error("model path is a directory", "not a regular file", "./gemma3 %s%s", BUILD, logits);
+
+    FILE *f = fopen(BUILD "/bad-ids.txt", "w");
+    fprintf(f, "2 17 512 3\n");
+    fclose(f);
+    f = fopen(BUILD "/bad-word.txt", "w");
+    fprintf(f, "2 17 x3\n");
+    fclose(f);
+    expect_error("token id >= vocab", "512", "./gemma3 %s --logits %s %s", good, BUILD "/bad-ids.txt", BUILD "/bad.f32");
+    expect_error("non-numeric token", "x3", "./gemma3 %s --logits %s %s", good, BUILD "/bad-word.txt", BUILD "/bad.f32");
+    expect_error("unreadable token file", "cannot open", "./gemma3 %s --logits %s %s", good, BUILD "/none.txt", BUILD "/bad.f32");
+    expect_error("unwritable output", "cannot write", "./gemma3 %s --logits %s %s", good, TINY "/tokens.txt", BUILD "/no/dir/out.f32");
+    expect_error("tokens longer than -c", "context", "./gemma3 %s -c 8 --logits %s %s", good, TINY "/tokens.txt", BUILD "/bad.f32");
+    expect_error("unknown option", "unknown option", "./gemma3 %s --frobnicate", good);
+    expect_error("bad number", "-n needs an integer", "./gemma3 %s -p hi -n lots", good);
+    expect_error("missing option value", "needs", "./gemma3 %s -p", good);
+    expect_error("--logits arity", "two arguments", "./gemma3 %s --logits %s", good, TINY "/tokens.txt");
+    expect_error("no tokenizer for -p", "no tokenizer", "./gemma3 %s -p hello", good);
+
+    /* export.py: every problem with the checkpoint is one line and exit status 1 */
+    const char *mut = "python3 tests/mutate_checkpoint.py " TINY " " BUILD "/bad-hf";
+    const char *exp = "python3 export.py " BUILD "/bad-hf " BUILD "/bad-export.bin -q";
+    run("%s drop model.layers.3.mlp.up_proj.weight", mut);
+    expect_error("export: missing tensor", "missing tensor 'layers.3.mlp.up_proj.weight'", "%s", exp);
+    run("%s add model.layers.3.mlp.extra.weight", mut);
+    expect_error("export: unknown tensor", "unknown tensor", "%s", exp);
+    run("%s reshape model.layers.0.self_attn.q_proj.weight", mut);
+    expect_error("export: wrong tensor shape", "shape", "%s", exp);
+    run("%s config rope_scaling '{\"rope_type\": \"yarn\", \"factor\": 4}'", mut);
+    expect_error("export: unsupported rope scaling", "rope_scaling", "%s", exp);
+    run("%s config layer_types '[\"full_attention\"]'", mut);
+    expect_error("export: inconsistent layer_types", "layer_types", "%s", exp);
+    run("%s config final_logit_softcapping 30.0", mut);
+    expect_error("export: soft-capping set", "soft-capping", "%s", exp);
+    expect_error("export: no checkpoint dir", "cannot read", "python3 export.py %s/nowhere %s/x.bin", BUILD, BUILD);
+}
+
 int main(void) {
     if (system("mkdir -p " BUILD) != 0) { printf("cannot create " BUILD "\n"); return 1; }
     test_fixture_tiny();
+    test_bad_inputs();
     int ci = getenv("CI") && strcmp(getenv("CI"), "") && strcmp(getenv("CI"), "false");
     if (ci && g_skip) {
         printf("CI=true: %d skipped tests count as failures\n", g_skip);

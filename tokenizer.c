@@ -606,7 +606,10 @@ static int tok_bpe_word(const Tokenizer *t, TokWork *w, const unsigned char *s, 
         int32_t id;
         if (s[i] < 0x80) {
             id = t->ascii_id[s[i]];
-            if (s[i] == ' ') c = tok_lower_block, cl = 3;
+            if (s[i] == ' ') {
+                c = tok_lower_block;
+                cl = 3;
+            }
             i++;
         } else {
             cl = (size_t)tok_utf8_seq(s + i, n - i);
@@ -791,11 +794,17 @@ static char *tokenizer_decode(const Tokenizer *t, const int *ids, int n, size_t 
         const unsigned char *p = tok_piece(t, ids[i], &pl);
         int b = tok_byte_piece(p, pl);
         if (b >= 0) {
-            if (!in_run) run = k, in_run = 1;
+            if (!in_run) {
+                run = k;
+                in_run = 1;
+            }
             out[k++] = (unsigned char)b;
             continue;
         }
-        if (in_run) k = tok_close_byte_run(out, run, k), in_run = 0;
+        if (in_run) {
+            k = tok_close_byte_run(out, run, k);
+            in_run = 0;
+        }
         k += tok_copy_unblock(out + k, p, pl);
     }
     if (in_run) k = tok_close_byte_run(out, run, k);

@@ -25,8 +25,9 @@ CLI
   --tokens FILE     whitespace-separated token ids (include <bos> yourself)
   --out FILE        little-endian float32 logits, row-major [T][vocab], from
                     one causal pass over all T tokens at positions 0..T-1
-  --greedy N        greedily decode N more tokens after the prompt (argmax;
-                    each step is a fresh full forward of the grown sequence)
+  --greedy N        greedily decode N more tokens after the prompt (argmax,
+                    float32 KV cache continuing the logits pass, one token
+                    per step)
   --greedy-out FILE write the N decoded ids, space separated
   --compare REF     print max |diff| against REF (same layout as --out) and
                     per-row argmax agreement; exit status 1 if max |diff| > 1e-3
@@ -227,14 +228,13 @@ def linear(x, weight):
     return x @ weight.T
 
 
-def rope_tables(n_pos, head_dim, base, factor):
-    """cos/sin tables [n_pos, head_dim/2]: inv_freq = 1/base^(2k/hd) / factor,
+def rope_tables(positions, head_dim, base, factor):
+    """cos/sin tables [len(positions), head_dim/2]: inv_freq = 1/base^(2k/hd) / factor,
     angle = pos * inv_freq, everything in float32 as gemma_pytorch does."""
     exponents = np.arange(0, head_dim, 2, dtype=F32) / F32(head_dim)
     inv_freq = F32(1.0) / (F32(base) ** exponents)
     inv_freq = inv_freq / F32(factor)
-    positions = np.arange(n_pos, dtype=F32)
-    angles = np.outer(positions, inv_freq).astype(F32)
+    angles = np.outer(np.asarray(positions, dtype=F32), inv_freq).astype(F32)
     return np.cos(angles), np.sin(angles)
 
 
@@ -245,10 +245,11 @@ def apply_rope(x, cos, sin):
     return np.concatenate((x1 * cos - x2 * sin, x1 * sin + x2 * cos), axis=-1)
 
 
-def attention_mask(n_pos, window):
-    """Boolean [T, T] mask: query i sees key j iff j <= i and (window is None or j > i - window)."""
-    i = np.arange(n_pos)[:, None]
-    j = np.arange(n_pos)[None, :]
+def attention_mask(q_positions, n_keys, window):
+    """Boolean [n_queries, n_keys] mask over key positions 0..n_keys-1: query at
+    position i sees key j iff j <= i and (window is None or j > i - window)."""
+    i = np.asarray(q_positions)[:, None]
+    j = np.arange(n_keys)[None, :]
     allowed = j <= i
     if window is not None:
         allowed &= j > i - window
@@ -262,9 +263,12 @@ def softmax(scores):
     return e / np.sum(e, axis=-1, keepdims=True, dtype=F32)
 
 
-def self_attention(h, cfg, w, prefix, rope, mask):
-    """Gemma 3 attention sub-block on normed input h [T, d] (before o_proj
-    output norm): project, per-head q/k norm, RoPE, scaled GQA causal attention."""
+def self_attention(h, cfg, w, prefix, rope, mask, kv_cache):
+    """Gemma 3 attention sub-block on normed input h [T, d] (up to o_proj; the
+    output norm is applied by the caller): project, per-head q/k norm, RoPE,
+    scaled GQA causal attention.  kv_cache is a per-layer dict holding the
+    float32 keys (after norm + RoPE) and values of earlier positions; the new
+    ones are appended to it."""
     n_pos = h.shape[0]
     hd, nh, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     eps = cfg["rms_norm_eps"]
@@ -278,12 +282,17 @@ def self_attention(h, cfg, w, prefix, rope, mask):
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
 
+    if "k" in kv_cache:
+        k = np.concatenate((kv_cache["k"], k), axis=1)
+        v = np.concatenate((kv_cache["v"], v), axis=1)
+    kv_cache["k"], kv_cache["v"] = k, v
+
     group = nh // nkv
     k = np.repeat(k, group, axis=0)          # query head h -> kv head h // group
     v = np.repeat(v, group, axis=0)
 
     q = q * F32(float(cfg["query_pre_attn_scalar"]) ** -0.5)
-    scores = q @ k.transpose(0, 2, 1)        # [nh, T, T]
+    scores = q @ k.transpose(0, 2, 1)        # [nh, T, n_keys]
     scores = np.where(mask[None, :, :], scores, F32(-np.inf))
     probs = softmax(scores)
     out = probs @ v                          # [nh, T, hd]
@@ -304,38 +313,56 @@ def mlp(h, w, prefix):
     return linear(gate * up, w[prefix + "down_proj.weight"])
 
 
-def decoder_layer(x, cfg, w, layer, rope, mask):
+def decoder_layer(x, cfg, w, layer, rope, mask, kv_cache):
     """One Gemma 3 block with its four norms (sandwich norms around attention and MLP)."""
     p = f"layers.{layer}."
     eps = cfg["rms_norm_eps"]
     h = rms_norm(x, w[p + "input_layernorm.weight"], eps)
-    a = self_attention(h, cfg, w, p + "self_attn.", rope, mask)
+    a = self_attention(h, cfg, w, p + "self_attn.", rope, mask, kv_cache)
     x = x + rms_norm(a, w[p + "post_attention_layernorm.weight"], eps)
     h = rms_norm(x, w[p + "pre_feedforward_layernorm.weight"], eps)
     m = mlp(h, w, p + "mlp.")
     return x + rms_norm(m, w[p + "post_feedforward_layernorm.weight"], eps)
 
 
-def forward(tokens, cfg, w, last_only=False):
-    """Causal forward over tokens at positions 0..T-1; returns float32 logits
-    [T, vocab] (or [1, vocab] for the last position when last_only)."""
+def new_cache(cfg):
+    """Empty KV cache: one dict per layer, filled by self_attention."""
+    return [{} for _ in range(cfg["num_hidden_layers"])]
+
+
+def cache_length(cache):
+    """Number of positions already held by a KV cache."""
+    return cache[0]["k"].shape[1] if cache and "k" in cache[0] else 0
+
+
+def forward(tokens, cfg, w, cache=None, last_only=False):
+    """Causal forward of tokens placed at positions P..P+T-1, where P is the
+    number of positions already in cache (0 without a cache).  Returns float32
+    logits [T, vocab] (or [1, vocab] for the last position when last_only).
+    The cache, if given, is extended with this call's keys and values."""
+    if cache is None:
+        cache = new_cache(cfg)
     tokens = np.asarray(tokens, dtype=np.int64)
-    n_pos = len(tokens)
+    start = cache_length(cache)
+    positions = np.arange(start, start + len(tokens))
+    n_keys = start + len(tokens)
+
     embed = w["embed_tokens.weight"]
     normalizer = F32(np.sqrt(F32(cfg["hidden_size"]), dtype=F32))
     x = embed[tokens] * normalizer
 
     hd = cfg["head_dim"]
-    local_rope = rope_tables(n_pos, hd, cfg["rope_local_base_freq"], 1.0)
-    global_rope = rope_tables(n_pos, hd, cfg["rope_theta"], cfg["rope_factor"])
-    local_mask = attention_mask(n_pos, cfg["sliding_window"])
-    global_mask = attention_mask(n_pos, None)
+    local_rope = rope_tables(positions, hd, cfg["rope_local_base_freq"], 1.0)
+    global_rope = rope_tables(positions, hd, cfg["rope_theta"], cfg["rope_factor"])
+    local_mask = attention_mask(positions, n_keys, cfg["sliding_window"])
+    global_mask = attention_mask(positions, n_keys, None)
 
     for layer in range(cfg["num_hidden_layers"]):
         if cfg["is_global"][layer]:
-            x = decoder_layer(x, cfg, w, layer, global_rope, global_mask)
+            rope, mask = global_rope, global_mask
         else:
-            x = decoder_layer(x, cfg, w, layer, local_rope, local_mask)
+            rope, mask = local_rope, local_mask
+        x = decoder_layer(x, cfg, w, layer, rope, mask, cache[layer])
 
     if last_only:
         x = x[-1:]
@@ -343,14 +370,17 @@ def forward(tokens, cfg, w, last_only=False):
     return linear(x, embed)                  # tied classifier, unscaled table
 
 
-def greedy_decode(tokens, n_new, cfg, w):
-    """Argmax-decode n_new tokens, each step a fresh forward of the grown sequence."""
-    seq = list(tokens)
+def greedy_decode(last_logits, n_new, cfg, w, cache):
+    """Argmax-decode n_new tokens continuing a prefill: last_logits is the
+    prompt's final logits row and cache the KV cache that prefill filled;
+    each chosen token is fed back one position at a time."""
+    logits = last_logits[None, :]
     new = []
-    for _ in range(n_new):
-        nxt = int(np.argmax(forward(seq, cfg, w, last_only=True)[0]))
-        seq.append(nxt)
+    for step in range(n_new):
+        nxt = int(np.argmax(logits[-1]))
         new.append(nxt)
+        if step + 1 < n_new:
+            logits = forward([nxt], cfg, w, cache)
     return new
 
 
@@ -413,14 +443,15 @@ def main(argv=None):
     tokens = read_tokens(args.tokens, cfg["vocab_size"])
     describe(cfg, len(tokens))
 
-    logits = forward(tokens, cfg, weights)
+    cache = new_cache(cfg)
+    logits = forward(tokens, cfg, weights, cache)
     assert logits.dtype == F32, logits.dtype
     logits.astype("<f4").tofile(args.out)
     print(f"wrote {args.out}: [{logits.shape[0]}][{logits.shape[1]}] float32, "
           f"|logits|max={float(np.max(np.abs(logits))):.6g}")
 
     if args.greedy > 0:
-        ids = greedy_decode(tokens, args.greedy, cfg, weights)
+        ids = greedy_decode(logits[-1], args.greedy, cfg, weights, cache)
         text = " ".join(str(t) for t in ids)
         print(f"greedy: {text}")
         if args.greedy_out:

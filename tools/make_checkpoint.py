@@ -375,21 +375,24 @@ def safetensors_header(tensors, dtype):
 
 
 class Progress:
-    """Prints progress lines to stderr for writes larger than 256 MB."""
+    """Progress lines on stderr for writes over 256 MB: every 5 % or 10 s."""
 
-    def __init__(self, total):
+    def __init__(self, total, hint=""):
         self.total, self.done = total, 0
-        self.t0 = self.last = time.time()
+        self.t0 = self.last_time = time.time()
+        self.last_pct = 0
         self.enabled = total > (256 << 20)
+        if self.enabled and hint:
+            print(hint, file=sys.stderr, flush=True)
 
     def add(self, n, what):
         self.done += n
-        now = time.time()
-        if self.enabled and (now - self.last > 1.0 or self.done == self.total):
-            self.last = now
-            print("  %3d%%  %6d / %d MB  %5.1f s  %s" % (
-                100 * self.done // self.total, self.done >> 20, self.total >> 20,
-                now - self.t0, what), file=sys.stderr, flush=True)
+        now, pct = time.time(), 100 * self.done // self.total
+        if self.enabled and (pct >= self.last_pct + 5 or now - self.last_time > 10.0):
+            self.last_time, self.last_pct = now, pct
+            print("  %3d%%  %6d / %d MB  %6.1f s  %s" % (
+                pct, self.done >> 20, self.total >> 20, now - self.t0, what),
+                file=sys.stderr, flush=True)
 
 
 def write_safetensors(path, tensors, a, progress):
@@ -419,7 +422,9 @@ def write_weights(a):
     tensors = all_tensors(a)
     groups = split_shards(tensors, a.shards, a.dtype)
     total = sum(nbytes(t[2], a.dtype) for t in tensors)
-    progress = Progress(total)
+    hint = "" if a.fast_random else (
+        "note: the default generator does about 6 MB/s; --fast-random is much faster")
+    progress = Progress(total, hint)
     remove_stale(a.out_dir)
     if len(groups) == 1:
         write_safetensors(os.path.join(a.out_dir, "model.safetensors"), tensors, a, progress)
@@ -554,6 +559,16 @@ def write_json(path, obj):
 # Command line
 # ----------------------------------------------------------------------------
 
+def warn_sparse_defaults(a, explicit):
+    """--sparse-config leaves these keys out; say so if the user set them."""
+    defaults = {"pattern": 6, "max_pos": 131072, "rope_theta": 1e6, "rope_local_base": 1e4}
+    ignored = [k for k, v in defaults.items() if getattr(a, k) != v and (
+        k.startswith("rope") or (k in explicit and not (k == "pattern" and a.layer_types)))]
+    if ignored:
+        print("note: --sparse-config does not write %s; readers use the defaults %s"
+              % (", ".join(ignored), {k: defaults[k] for k in ignored}), file=sys.stderr)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         description="Write a random Gemma 3 checkpoint in the Hugging Face layout.")
@@ -583,8 +598,9 @@ def parse_args(argv):
                    help="fast table-driven generator for very large shapes")
     a = p.parse_args(argv)
 
+    explicit = {k for k in PRESETS[a.preset] if getattr(a, k) is not None}
     for k, v in PRESETS[a.preset].items():
-        if getattr(a, k) is None:
+        if k not in explicit:
             setattr(a, k, v)
     for k in ["vocab", "hidden", "inter", "layers", "heads", "kv_heads", "head_dim",
               "window", "pattern", "max_pos", "shards"]:
@@ -597,14 +613,7 @@ def parse_args(argv):
     if a.sparse_config and a.layout == "flat":
         p.error("--sparse-config needs --layout nested or nested-new")
     if a.sparse_config:
-        defaults = {"pattern": 6, "max_pos": 131072, "rope_theta": 1e6,
-                    "rope_local_base": 1e4}
-        ignored = [k for k, v in defaults.items()
-                   if getattr(a, k) != v and not (k == "pattern" and a.layer_types)]
-        if ignored:
-            print("note: --sparse-config does not write %s; readers use the defaults %s"
-                  % (", ".join(ignored), {k: defaults[k] for k in ignored}),
-                  file=sys.stderr)
+        warn_sparse_defaults(a, explicit)
     return a
 
 
