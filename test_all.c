@@ -200,6 +200,86 @@ static void test_fixture_tiny(void) {
     check_logits("CLI --logits file vs reference", BUILD "/tiny-f32.bin", TINY "/tokens.txt", BUILD "/tiny-f32.logits", 1e-6);
 }
 
+/* Write `n` pseudo-random token ids (first one <bos> = 2) to a token file. */
+static void write_random_tokens(const char *path, int n, int vocab, uint64_t seed) {
+    FILE *f = fopen(path, "w");
+    for (int i = 0; i < n; i++) fprintf(f, "%d ", i == 0 ? 2 : (int)(random_f32(&seed) * vocab));
+    fprintf(f, "\n");
+    fclose(f);
+}
+
+/* One of our own random checkpoints: export it, then compare logits and greedy tokens
+ * with the independent numpy reference (tests/ref_forward.py) on a long sequence. */
+static void check_own_checkpoint(const char *name, const char *shape_args, int vocab, int T, int numpy) {
+    char dir[256], bin[256], toks[256], ref[256], greedy[256];
+    snprintf(dir, sizeof dir, BUILD "/%s", name);
+    snprintf(bin, sizeof bin, BUILD "/%s.bin", name);
+    snprintf(toks, sizeof toks, BUILD "/%s.tokens", name);
+    snprintf(ref, sizeof ref, BUILD "/%s.ref.f32", name);
+    snprintf(greedy, sizeof greedy, BUILD "/%s.greedy", name);
+    CHECK(run("python3 tools/make_checkpoint.py %s %s", dir, shape_args) == 0, "%s: make_checkpoint: %s", name, last_log());
+    CHECK(run("python3 export.py %s %s --dtype f32 -q", dir, bin) == 0, "%s: export: %s", name, last_log());
+    write_random_tokens(toks, T, vocab, (uint64_t)T * 7919u + (uint64_t)vocab);
+    if (!numpy) { skip("numpy reference (install python3-numpy)"); return; }
+    CHECK(run("/usr/bin/python3 tests/ref_forward.py %s --tokens %s --out %s --greedy 8 --greedy-out %s", dir, toks,
+              ref, greedy) == 0, "%s: ref_forward: %s", name, last_log());
+    char what[128];
+    snprintf(what, sizeof what, "%s vs numpy reference", name);
+    check_logits(what, bin, toks, ref, 1e-4);
+    snprintf(what, sizeof what, "%s greedy vs numpy reference", name);
+    check_greedy(what, bin, toks, greedy);
+}
+
+static void test_own_checkpoints(void) {
+    printf("own random checkpoints: layouts, shapes, long sequences\n");
+    int numpy = have_numpy();
+    /* The same weights in every layout the real Gemma 3 repos use must export to the same bytes. */
+    const char *seed = "--preset small --seed 11";
+    CHECK(run("python3 tools/make_checkpoint.py " BUILD "/lay-flat %s", seed) == 0, "make flat: %s", last_log());
+    CHECK(run("python3 tools/make_checkpoint.py " BUILD "/lay-nested %s --layout nested --shards 3 --layer-types", seed) == 0,
+          "make nested: %s", last_log());
+    CHECK(run("python3 tools/make_checkpoint.py " BUILD "/lay-new %s --layout nested-new --shards 2 --dtype f32", seed) == 0,
+          "make nested-new: %s", last_log());
+    const char *dirs[] = {"lay-flat", "lay-nested", "lay-new"};
+    for (int i = 0; i < 3; i++)
+        CHECK(run("python3 export.py " BUILD "/%s " BUILD "/%s.bin --dtype f32 -q", dirs[i], dirs[i]) == 0, "export %s: %s",
+              dirs[i], last_log());
+    int same1 = files_equal(BUILD "/lay-flat.bin", BUILD "/lay-nested.bin");
+    int same2 = files_equal(BUILD "/lay-flat.bin", BUILD "/lay-new.bin");
+    printf("  flat == nested+3 shards+layer_types: %s; flat == model.language_model.*+f32 source: %s\n",
+           same1 ? "byte-identical" : "DIFFER", same2 ? "byte-identical" : "DIFFER");
+    CHECK(same1, "flat and nested/sharded/layer_types exports differ");
+    CHECK(same2, "flat and nested-new/f32-source exports differ");
+
+    /* A sparse 4B-style config: absent keys must take Gemma3TextConfig's defaults. */
+    CHECK(run("python3 tools/make_checkpoint.py " BUILD "/sparse --preset small --layout nested --sparse-config") == 0,
+          "make sparse: %s", last_log());
+    CHECK(run("python3 export.py " BUILD "/sparse " BUILD "/sparse.bin -q") == 0, "export sparse: %s", last_log());
+    Model m;
+    char err[512];
+    if (load_model(&m, BUILD "/sparse.bin", err, sizeof err) == 0) {
+        const Config *c = &m.config;
+        CHECK(c->max_seq_len == 131072 && c->rope_theta == 1e6f && c->rope_local_theta == 1e4f &&
+              fabsf(c->norm_eps - 1e-6f) < 1e-12f && c->is_global[5] && !c->is_global[4],
+              "sparse config did not take the Gemma3TextConfig defaults");
+        free_model(&m);
+    } else {
+        CHECK(0, "load sparse.bin: %s", err);
+    }
+
+    /* Shapes beyond the fixture: MQA, GQA, qpas != head_dim, rope scaling, windows that a
+     * long sequence crosses many times, f16 and f32 sources. */
+    check_own_checkpoint("small-mqa-T100", "--preset small --seed 3", 1024, 100, numpy);
+    check_own_checkpoint("gqa-scaled-T150",
+                         "--vocab 700 --hidden 80 --inter 192 --layers 6 --heads 4 --kv-heads 2 --head-dim 16 "
+                         "--qpas 20 --window 5 --pattern 3 --rope-scaling 8 --layout nested --shards 2 --dtype f16 --seed 4",
+                         700, 150, numpy);
+    check_own_checkpoint("mha-layertypes-T64",
+                         "--vocab 300 --hidden 48 --inter 64 --layers 4 --heads 2 --kv-heads 2 --head-dim 24 "
+                         "--qpas 48 --window 16 --pattern 2 --layer-types --layout nested-new --dtype f32 --seed 5",
+                         300, 64, numpy);
+}
+
 /* Write a copy of `src` with `len` bytes at `off` replaced (len 0: truncate at off). */
 static int write_patched(const char *src, const char *dst, long off, const void *bytes, size_t len) {
     FILE *f = fopen(src, "rb");
@@ -295,6 +375,7 @@ int main(void) {
     if (system("mkdir -p " BUILD) != 0) { printf("cannot create " BUILD "\n"); return 1; }
     test_fixture_tiny();
     test_bad_inputs();
+    test_own_checkpoints();
     int ci = getenv("CI") && strcmp(getenv("CI"), "") && strcmp(getenv("CI"), "false");
     if (ci && g_skip) {
         printf("CI=true: %d skipped tests count as failures\n", g_skip);

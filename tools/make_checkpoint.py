@@ -34,15 +34,17 @@ bf16 values, widened).  --fast-random gives different (but equally deterministic
 values than the default generator.
 
 Values (bf16; magnitudes like a real model, so activations stay finite):
-  embed_tokens           ~ N(0, 1/sqrt(hidden))      (|x| < ~4 sigma)
-  linear weights [o, i]  ~ N(0, 1/sqrt(i))            (1B: ~0.03 / ~0.012)
-  norm weights, biases   ~ N(0, 0.12), |x| < 0.5      (norms multiply by 1 + w)
-Every magnitude is clamped to [2^-13, 2^(2k-125)) with 2^(2k-125) the first
-"two-octave" bound >= 4 sigma, so all values are normal numbers in bf16, f16 and f32.
-The default generator draws random.gauss() and truncates to bf16; --fast-random fills
-bytes from SHAKE-256 and forces the bf16 high byte (sign + exponent) through a
-256-entry table with bytes.translate, which runs at C speed (the real 1B shape,
-about 1.3 GB of bf16, takes seconds instead of minutes).
+  embed_tokens           ~ N(0, 1/sqrt(hidden))       (1B: sigma 0.029, |x| < 0.125)
+  linear weights [o, i]  ~ N(0, 1/sqrt(i))             (1B: sigma 0.029 / 0.012)
+  norm weights, biases   ~ N(0, 0.12), |x| < 0.5       (norms multiply by 1 + w)
+Magnitudes are clamped to [2^-13, B), B = the first 2^odd >= 4 sigma, by clamping the
+bf16 exponent, so every value is a normal number exactly representable in bf16, f16
+and f32.  The default generator draws random.gauss() and truncates to bf16 (about
+6 MB/s: fine up to tens of millions of parameters).  --fast-random fills bytes from
+SHAKE-256 and forces each bf16 high byte (sign + exponent) through a 256-entry table
+with bytes.translate, at C speed: the real 1B shape (1.0 G parameters, 2.0 GB of
+bf16) takes about 10 s.  Its values are spread log-uniformly inside two-octave
+exponent buckets whose shares are fitted so the standard deviation is sigma.
 """
 
 import argparse
