@@ -900,6 +900,145 @@ static int generate_ids(const Model *m, RunState *s, Sampler *sp, const int *pro
     return generated;
 }
 
+
+/* A chat: the conversation so far, and the ids in the KV cache (positions 0..n_hist).
+ * Every turn renders the whole conversation with the Gemma 3 chat template, tokenizes
+ * it, and feeds only what the cache does not hold yet, so a turn costs its own tokens,
+ * while the model sees exactly what HF's apply_chat_template would give it. */
+typedef struct {
+    ChatMessage *msgs; /* role/content strings are owned (malloc'd) */
+    int n_msgs, cap_msgs;
+    int *hist;         /* (ctx) ids in the KV cache, in position order */
+    int n_hist;
+    int prompt_len;    /* ids of the last rendered prompt (before the model's reply) */
+    int fed;           /* of those, how many the last turn had to run (the rest were cached) */
+} Chat;
+
+static void free_chat(Chat *ch) {
+    for (int i = 0; i < ch->n_msgs; i++) {
+        free((char *)ch->msgs[i].role);
+        free((char *)ch->msgs[i].content);
+    }
+    free(ch->msgs);
+    free(ch->hist);
+    memset(ch, 0, sizeof(*ch));
+}
+
+static char *dup_bytes(const char *p, size_t n) {
+    char *d = malloc(n + 1);
+    if (d) { memcpy(d, p, n); d[n] = 0; }
+    return d;
+}
+
+static int chat_push(Chat *ch, const char *role, const char *content, size_t len) {
+    if (ch->n_msgs == ch->cap_msgs) {
+        int cap = ch->cap_msgs ? 2 * ch->cap_msgs : 8;
+        ChatMessage *grown = realloc(ch->msgs, (size_t)cap * sizeof(ChatMessage));
+        if (!grown) return -1;
+        ch->msgs = grown;
+        ch->cap_msgs = cap;
+    }
+    char *r = dup_bytes(role, strlen(role)), *c = dup_bytes(content, len);
+    if (!r || !c) { free(r); free(c); return -1; }
+    ch->msgs[ch->n_msgs].role = r;
+    ch->msgs[ch->n_msgs].content = c;
+    ch->n_msgs++;
+    return 0;
+}
+
+static void chat_pop(Chat *ch) {
+    ch->n_msgs--;
+    free((char *)ch->msgs[ch->n_msgs].role);
+    free((char *)ch->msgs[ch->n_msgs].content);
+}
+
+static int build_chat(Chat *ch, int ctx, const char *system) {
+    memset(ch, 0, sizeof(*ch));
+    ch->hist = malloc((size_t)ctx * sizeof(int));
+    if (!ch->hist) return -1;
+    if (system && chat_push(ch, "system", system, strlen(system)) != 0) return -1;
+    return 0;
+}
+
+enum { CHAT_OK = 0, CHAT_ERROR = -1, CHAT_FULL = -2 };
+
+/* One exchange: add the user's message, feed the new prompt ids, stream the model's reply
+ * to `out` (if not NULL) and add it to the conversation. CHAT_FULL when the context is
+ * used up: the message is then not added and the cache is left as it was. */
+static int chat_turn(const Model *m, RunState *s, Sampler *sp, Chat *ch, const char *user, size_t len, int steps,
+                     FILE *out, char *err, size_t errsize) {
+    const Config *c = &m->config;
+    if (chat_push(ch, "user", user, len) != 0) { set_err(err, errsize, "out of memory"); return CHAT_ERROR; }
+    char *text = chat_render(ch->msgs, ch->n_msgs, 1, err, errsize);
+    int *ids = NULL, n = text ? tokenizer_encode(&m->tokenizer, text, strlen(text), &ids, err, errsize) : -1;
+    free(text);
+    if (n < 0) { chat_pop(ch); return CHAT_ERROR; }
+    if (n >= s->ctx) {
+        set_err(err, errsize, "the conversation is %d tokens with this message, the context holds %d (-c)", n, s->ctx);
+        free(ids);
+        chat_pop(ch);
+        return CHAT_FULL;
+    }
+    /* Reuse the cache for the longest common prefix. Rewinding a sliding-window ring by
+     * more than one position is only safe while nothing in it has been overwritten;
+     * otherwise start over (rare: it needs a reply that tokenizes differently as text). */
+    int keep = 0;
+    while (keep < ch->n_hist && keep < n && ch->hist[keep] == ids[keep]) keep++;
+    int min_ring = s->ctx;
+    for (int l = 0; l < c->n_layers; l++) if (s->cache_len[l] < min_ring) min_ring = s->cache_len[l];
+    if (keep < ch->n_hist && ch->n_hist - keep > 1 && ch->n_hist > min_ring) keep = 0;
+    float *logits = NULL;
+    for (int pos = keep; pos < n; pos++) logits = forward(m, s, ids[pos], pos);
+    if (keep == n) logits = forward(m, s, ids[n - 1], n - 1); /* need fresh logits for the last id */
+    memcpy(ch->hist, ids, (size_t)n * sizeof(int));
+    ch->n_hist = ch->prompt_len = n;
+    ch->fed = n - keep;
+    free(ids);
+
+    /* the model's reply: sampled ids go into the cache as they are generated */
+    TokenStream ts = {{0}, 0};
+    int rc = CHAT_OK;
+    for (int i = 0; i < steps; i++) {
+        int next = sample(sp, logits);
+        if (is_stop_token(c, next)) break;
+        if (out) { tokenstream_put(&m->tokenizer, &ts, next, out); fflush(out); }
+        if (ch->n_hist >= s->ctx) {
+            set_err(err, errsize, "the context of %d tokens is full (-c)", s->ctx);
+            rc = CHAT_FULL;
+            break;
+        }
+        ch->hist[ch->n_hist] = next;
+        logits = forward(m, s, next, ch->n_hist);
+        ch->n_hist++;
+    }
+    if (out) tokenstream_flush(&m->tokenizer, &ts, out);
+    size_t reply_len;
+    char *reply = tokenizer_decode(&m->tokenizer, ch->hist + ch->prompt_len, ch->n_hist - ch->prompt_len, &reply_len,
+                                   err, errsize);
+    if (!reply || chat_push(ch, "assistant", reply, reply_len) != 0) { free(reply); return CHAT_ERROR; }
+    free(reply);
+    return rc;
+}
+
+/* Read one line (without its newline) of any length; NULL at end of input. */
+static char *read_line(FILE *in, size_t *len) {
+    size_t cap = 256, n = 0;
+    char *buf = malloc(cap);
+    int ch;
+    while (buf && (ch = fgetc(in)) != EOF && ch != '\n') {
+        if (n + 1 == cap) {
+            char *grown = realloc(buf, cap *= 2);
+            if (!grown) { free(buf); return NULL; }
+            buf = grown;
+        }
+        buf[n++] = (char)ch;
+    }
+    if (!buf || (ch == EOF && n == 0)) { free(buf); return NULL; }
+    buf[n] = 0;
+    *len = n;
+    return buf;
+}
+
 /* ------------------------------------------------------------------------- */
 /* 5. command line                                                            */
 /* ------------------------------------------------------------------------- */
@@ -916,6 +1055,10 @@ static void usage(FILE *f) {
         "                       and write float32 little-endian logits, row-major [T][vocab]\n"
         "  --encode             read UTF-8 text on stdin, print its token ids (no <bos>) on one line\n"
         "  --decode             read token ids on stdin, print the text\n"
+        "  --chat               interactive multi-turn chat with the Gemma 3 chat template, one user\n"
+        "                       message per line of stdin, Ctrl-D to end; with -p: answer that one\n"
+        "                       message and exit\n"
+        "  --system TEXT        (--chat) system prompt, folded into the first user turn\n"
         "\n"
         "options:\n"
         "  -n N                 tokens to generate (default 256)\n"
@@ -983,7 +1126,8 @@ static int takes_value(const char *opt) {
 
 int main(int argc, char **argv) {
     const char *model_path = NULL, *prompt = NULL, *logits_in = NULL, *logits_out = NULL;
-    int steps = 256, top_k = 64, ctx = 0, mode_encode = 0, mode_decode = 0;
+    const char *system_prompt = NULL;
+    int steps = 256, top_k = 64, ctx = 0, mode_encode = 0, mode_decode = 0, mode_chat = 0;
     float temperature = 1.0f, top_p = 0.95f, min_p = 0.0f;
     uint64_t seed = (uint64_t)time(NULL);
     char err[512];
@@ -994,6 +1138,7 @@ int main(int argc, char **argv) {
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); return 0; }
         else if (!strcmp(a, "--encode")) mode_encode = 1;
         else if (!strcmp(a, "--decode")) mode_decode = 1;
+        else if (!strcmp(a, "--chat")) mode_chat = 1;
         else if (!strcmp(a, "--logits")) {
             if (i + 2 >= argc) die("--logits needs two arguments: TOKENS.txt OUT.f32");
             logits_in = argv[++i];
@@ -1009,20 +1154,23 @@ int main(int argc, char **argv) {
             else if (!strcmp(a, "--min-p")) min_p = parse_float(a, v, 0.0f, 1.0f);
             else if (!strcmp(a, "-s")) seed = (uint64_t)parse_int(a, v, 0, 0x7fffffffL);
             else if (!strcmp(a, "-c")) ctx = (int)parse_int(a, v, 1, 1L << 30);
+            else if (!strcmp(a, "--system")) system_prompt = v;
         }
         else if (a[0] == '-' && a[1] != '\0') die("unknown option %s (see --help)", a);
         else if (!model_path) model_path = a;
         else die("unexpected argument '%s' (see --help)", a);
     }
     if (!model_path) { usage(stderr); return 1; }
-    if (mode_encode + mode_decode + (logits_in != NULL) + (prompt != NULL) > 1)
-        die("choose one of -p, --logits, --encode, --decode");
-    if (!mode_encode && !mode_decode && !logits_in && !prompt) die("nothing to do: give -p PROMPT, --logits, --encode or --decode");
+    if (mode_encode + mode_decode + mode_chat + (logits_in != NULL) + (prompt != NULL && !mode_chat) > 1)
+        die("choose one of -p, --chat, --logits, --encode, --decode");
+    if (!mode_encode && !mode_decode && !mode_chat && !logits_in && !prompt)
+        die("nothing to do: give -p PROMPT, --chat, --logits, --encode or --decode");
+    if (system_prompt && !mode_chat) die("--system goes with --chat");
 
     Model model;
     if (load_model(&model, model_path, err, sizeof err) != 0) die("%s", err);
     const Config *c = &model.config;
-    if ((mode_encode || mode_decode || prompt) && !model.has_tokenizer)
+    if ((mode_encode || mode_decode || mode_chat || prompt) && !model.has_tokenizer)
         die("%s has no tokenizer (export it from a directory with tokenizer.json); --logits works without one", model_path);
 
     if (mode_encode || mode_decode) {
@@ -1040,13 +1188,21 @@ int main(int argc, char **argv) {
             int cap = 64, n = 0, *ids = malloc((size_t)cap * sizeof(int));
             char *p = text, *end = text + len;
             while (ids) {
-                while (p < end && (*p == ' ' || *p == '\n' || *p == '\t' || *p == '\r')) p++;
+                while (p < end && strchr(" \t\r\n", *p)) p++;
                 if (p == end) break;
                 char *q = p;
-                long v = 0;
-                while (q < end && *q >= '0' && *q <= '9' && v <= c->vocab_size) v = v * 10 + (*q++ - '0');
-                if (q == p || (q < end && !(*q == ' ' || *q == '\n' || *q == '\t' || *q == '\r')) || v >= c->vocab_size)
-                    die("--decode: '%.*s' is not a token id in [0, %d)", (int)(q - p + 1 > 20 ? 20 : q - p + 1), p, c->vocab_size);
+                while (q < end && !strchr(" \t\r\n", *q)) q++;
+                char word[32];
+                long v = -1;
+                if (q - p < (long)sizeof word) {
+                    memcpy(word, p, (size_t)(q - p));
+                    word[q - p] = 0;
+                    char *wend;
+                    v = strtol(word, &wend, 10);
+                    if (*wend || wend == word) v = -1;
+                }
+                if (v < 0 || v >= c->vocab_size)
+                    die("--decode: '%.*s' is not a token id in [0, %d)", (int)(q - p > 20 ? 20 : q - p), p, c->vocab_size);
                 if (n == cap) {
                     int *grown = realloc(ids, (size_t)(cap *= 2) * sizeof(int));
                     if (!grown) free(ids);
@@ -1084,9 +1240,52 @@ int main(int argc, char **argv) {
         return 0;
     }
 
-    /* generate */
     if (!ctx) ctx = c->max_seq_len < 8192 ? c->max_seq_len : 8192;
     if (ctx > c->max_seq_len) die("context %d exceeds the model's max_position_embeddings %d", ctx, c->max_seq_len);
+    Sampler sampler;
+    if (build_sampler(&sampler, c->vocab_size, temperature, top_k, top_p, min_p, seed) != 0) die("out of memory");
+
+    if (mode_chat) {
+        Chat chat;
+        if (build_run_state(&state, c, ctx, err, sizeof err) != 0) die("%s", err);
+        if (build_chat(&chat, ctx, system_prompt) != 0) die("out of memory");
+        int interactive = 0;
+#ifndef GEMMA3_NO_MMAP
+        interactive = isatty(0) && !prompt; /* POSIX builds: show a prompt on a terminal */
+#endif
+        int status = 0;
+        for (;;) {
+            size_t len;
+            char *line;
+            if (prompt) {
+                line = dup_bytes(prompt, strlen(prompt));
+                len = strlen(prompt);
+            } else {
+                if (interactive) { fprintf(stderr, "> "); fflush(stderr); }
+                line = read_line(stdin, &len);
+                if (!line) break; /* end of input (Ctrl-D) */
+            }
+            if (!line) die("out of memory");
+            int rc = chat_turn(&model, &state, &sampler, &chat, line, len, steps, stdout, err, sizeof err);
+            free(line);
+            printf("\n");
+            fflush(stdout);
+            if (rc == CHAT_FULL) {
+                fprintf(stderr, "gemma3: %s; the conversation ends here (start again with a larger -c)\n", err);
+                status = 2;
+                break;
+            }
+            if (rc != CHAT_OK) die("%s", err);
+            if (prompt) break;
+        }
+        free_chat(&chat);
+        free_sampler(&sampler);
+        free_run_state(&state, c);
+        free_model(&model);
+        return status;
+    }
+
+    /* generate */
     int *text_ids, n_text;
     n_text = tokenizer_encode(&model.tokenizer, prompt, strlen(prompt), &text_ids, err, sizeof err);
     if (n_text < 0) die("prompt: %s", err);
@@ -1097,9 +1296,7 @@ int main(int argc, char **argv) {
     memcpy(ids + 1, text_ids, (size_t)n_text * sizeof(int));
     free(text_ids);
     if (n >= ctx) die("the prompt is %d tokens, the context only %d (raise -c)", n, ctx);
-    Sampler sampler;
     if (build_run_state(&state, c, ctx, err, sizeof err) != 0) die("%s", err);
-    if (build_sampler(&sampler, c->vocab_size, temperature, top_k, top_p, min_p, seed) != 0) die("out of memory");
     double prefill_s, decode_s;
     int generated = generate_ids(&model, &state, &sampler, ids, n, steps, NULL, stdout, &prefill_s, &decode_s);
     printf("\n");

