@@ -31,8 +31,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #endif
+/* OpenMP is optional: without it the pragma vanishes and loops run on one thread. */
 #ifdef _OPENMP
-#include <omp.h>
+#define PARALLEL_FOR _Pragma("omp parallel for schedule(static)")
+#else
+#define PARALLEL_FOR
 #endif
 
 #include "tokenizer.c"
@@ -540,11 +543,11 @@ static void matmul(float *out, const float *x, const Matrix *W) {
     const int rows = W->rows, cols = W->cols;
     if (W->dtype == DT_F32) {
         const float *w = W->data;
-#pragma omp parallel for schedule(static)
+PARALLEL_FOR
         for (i = 0; i < rows; i++) out[i] = dot_f32(w + (size_t)i * cols, x, cols);
     } else {
         const uint16_t *w = W->data;
-#pragma omp parallel for schedule(static)
+PARALLEL_FOR
         for (i = 0; i < rows; i++) out[i] = dot_bf16(w + (size_t)i * cols, x, cols);
     }
 }
@@ -600,7 +603,7 @@ static void attention(RunState *s, const Config *c, int l, int pos) {
     int n = pos - first + 1;
     float scale = 1.0f / sqrtf(c->query_pre_attn_scalar);
     int h;
-#pragma omp parallel for schedule(static)
+PARALLEL_FOR
     for (h = 0; h < c->n_heads; h++) {
         const float *q = s->q + h * hd;
         int kvh = h / group; /* GQA: `group` query heads share one kv head */

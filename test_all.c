@@ -282,6 +282,65 @@ static void test_own_checkpoints(void) {
                          300, 64, numpy);
 }
 
+/* Draw many samples from fixed probabilities (0.1, 0.2, 0.3, 0.4 over 4 tokens) and
+ * return the observed frequencies. */
+static void sample_freqs(float temperature, int top_k, float top_p, float min_p, double freq[4]) {
+    Sampler sp;
+    build_sampler(&sp, 4, temperature, top_k, top_p, min_p, 12345);
+    const float probs[4] = {0.1f, 0.2f, 0.3f, 0.4f};
+    int counts[4] = {0};
+    const int draws = 40000;
+    for (int i = 0; i < draws; i++) {
+        float logits[4];
+        for (int j = 0; j < 4; j++) logits[j] = logf(probs[j]);
+        counts[sample(&sp, logits)]++;
+    }
+    for (int j = 0; j < 4; j++) freq[j] = (double)counts[j] / draws;
+    free_sampler(&sp);
+}
+
+static int freqs_near(const double f[4], double a, double b, double c, double d) {
+    const double want[4] = {a, b, c, d};
+    for (int j = 0; j < 4; j++) if (fabs(f[j] - want[j]) > 0.015) return 0;
+    return 1;
+}
+
+static void test_sampler(void) {
+    printf("sampler: temperature, top-k, top-p, min-p, seeds\n");
+    double f[4];
+    sample_freqs(0.0f, 0, 1.0f, 0.0f, f);
+    CHECK(freqs_near(f, 0, 0, 0, 1), "-t 0 must be argmax");
+    sample_freqs(1.0f, 0, 1.0f, 0.0f, f);
+    CHECK(freqs_near(f, 0.1, 0.2, 0.3, 0.4), "plain sampling frequencies %.3f %.3f %.3f %.3f", f[0], f[1], f[2], f[3]);
+    sample_freqs(1.0f, 2, 1.0f, 0.0f, f);
+    CHECK(freqs_near(f, 0, 0, 3 / 7.0, 4 / 7.0), "top-k 2: %.3f %.3f %.3f %.3f", f[0], f[1], f[2], f[3]);
+    sample_freqs(1.0f, 1, 1.0f, 0.0f, f);
+    CHECK(freqs_near(f, 0, 0, 0, 1), "top-k 1 must be argmax");
+    sample_freqs(1.0f, 0, 0.65f, 0.0f, f); /* 0.4 + 0.3 reaches 0.65: keep two */
+    CHECK(freqs_near(f, 0, 0, 3 / 7.0, 4 / 7.0), "top-p 0.65: %.3f %.3f %.3f %.3f", f[0], f[1], f[2], f[3]);
+    sample_freqs(1.0f, 3, 0.65f, 0.0f, f); /* the heap path of top-k, then top-p */
+    CHECK(freqs_near(f, 0, 0, 3 / 7.0, 4 / 7.0), "top-k 3 + top-p 0.65: %.3f %.3f %.3f %.3f", f[0], f[1], f[2], f[3]);
+    sample_freqs(1.0f, 0, 1.0f, 0.6f, f); /* keep p >= 0.24 */
+    CHECK(freqs_near(f, 0, 0, 3 / 7.0, 4 / 7.0), "min-p 0.6: %.3f %.3f %.3f %.3f", f[0], f[1], f[2], f[3]);
+    sample_freqs(2.0f, 0, 1.0f, 0.0f, f); /* p^(1/2), normalised */
+    double z = sqrt(0.1) + sqrt(0.2) + sqrt(0.3) + sqrt(0.4);
+    CHECK(freqs_near(f, sqrt(0.1) / z, sqrt(0.2) / z, sqrt(0.3) / z, sqrt(0.4) / z), "temperature 2: %.3f %.3f %.3f %.3f",
+          f[0], f[1], f[2], f[3]);
+    /* top-k picks the k largest out of a big vocabulary, whatever their order */
+    enum { V = 5000 };
+    static float logits[V];
+    Sampler sp;
+    build_sampler(&sp, V, 1.0f, 5, 1.0f, 0.0f, 7);
+    int ok = 1;
+    for (int trial = 0; trial < 200 && ok; trial++) {
+        for (int i = 0; i < V; i++) logits[i] = (float)((i * 7919) % V) / 100.0f; /* max at i with (i*7919)%V == V-1 */
+        int id = sample(&sp, logits);
+        ok = (id * 7919) % V >= V - 5;
+    }
+    CHECK(ok, "top-k 5 sampled outside the 5 largest logits");
+    free_sampler(&sp);
+}
+
 #define TOKMODEL BUILD "/tok-model.bin"
 
 /* Run one chat turn and check that the cache holds exactly the template rendering of the
@@ -475,6 +534,7 @@ static void test_bad_inputs(void) {
 int main(void) {
     if (system("mkdir -p " BUILD) != 0) { printf("cannot create " BUILD "\n"); return 1; }
     test_fixture_tiny();
+    test_sampler();
     test_bad_inputs();
     test_own_checkpoints();
     test_tokenizer_and_chat();
