@@ -431,6 +431,8 @@ typedef struct {
     float *logits;    /* (vocab_size) */
     float *rope_cos, *rope_sin; /* (head_dim/2) for the current position */
     float *inv_freq_local, *inv_freq_global; /* (head_dim/2) RoPE frequencies per layer type */
+    float *hidden_dump; /* optional, (n_layers + 1, dim): the residual stream after the embedding
+                           and after each layer, for --dump-hidden; NULL = off */
     /* KV cache, per layer: sliding layers keep a ring of `window` positions, global
      * layers the whole context. Position p lives in slot p % cache_len[l]. */
     int *cache_len;       /* (n_layers) */
@@ -635,6 +637,7 @@ static float *forward(const Model *m, RunState *s, int token, int pos) {
     matrix_row(s->x, &w->embed, token);
     float normalizer = (float)sqrt((double)D);
     for (int i = 0; i < D; i++) s->x[i] *= normalizer;
+    if (s->hidden_dump) memcpy(s->hidden_dump, s->x, (size_t)D * sizeof(float));
 
     for (int l = 0; l < c->n_layers; l++) {
         const LayerWeights *L = &w->layers[l];
@@ -672,6 +675,7 @@ static float *forward(const Model *m, RunState *s, int token, int pos) {
         matmul(s->xb2, s->hb, &L->w_down);
         rmsnorm(s->xb2, s->xb2, L->post_ffn_norm, D, c->norm_eps);
         for (int i = 0; i < D; i++) s->x[i] += s->xb2[i];
+        if (s->hidden_dump) memcpy(s->hidden_dump + (size_t)(l + 1) * D, s->x, (size_t)D * sizeof(float));
     }
 
     /* final norm, then the classifier: the (unscaled) embedding table, tied */
@@ -856,22 +860,111 @@ static int write_f32_le(FILE *f, const float *x, int n) {
     return 0;
 }
 
+/* Print the `top` most likely next tokens after position `pos` (for --top): what an
+ * engine author diffs against. */
+static void print_top(const Model *m, const float *logits, int pos, int input_id, int top, ProbIndex *buf, FILE *out) {
+    int V = m->config.vocab_size;
+    float max = logits[argmax(logits, V)];
+    double z = 0.0;
+    for (int i = 0; i < V; i++) z += exp((double)logits[i] - max);
+    int n = select_top_k(buf, logits, V, top); /* by logit: same order as by probability */
+    qsort(buf, (size_t)n, sizeof(ProbIndex), cmp_prob_desc);
+    fprintf(out, "pos %d input %d\n", pos, input_id);
+    for (int r = 0; r < n; r++) {
+        int id = buf[r].id;
+        fprintf(out, "  %2d  %7d  %12.6f  %.6e  ", r + 1, id, logits[id], exp((double)logits[id] - max) / z);
+        if (m->has_tokenizer) { /* the piece, quoted, with control bytes escaped */
+            size_t len;
+            char err[64];
+            char *piece = tokenizer_decode(&m->tokenizer, &id, 1, &len, err, sizeof err);
+            fputc('"', out);
+            for (size_t i = 0; piece && i < len; i++) {
+                unsigned char ch = (unsigned char)piece[i];
+                if (ch == '"' || ch == '\\') fprintf(out, "\\%c", ch);
+                else if (ch < 0x20 || ch == 0x7f) fprintf(out, "\\x%02x", ch);
+                else fputc(ch, out);
+            }
+            fputc('"', out);
+            free(piece);
+        }
+        fputc('\n', out);
+    }
+}
+
 /* --logits: run the ids through forward() one at a time (the generation path) and write
- * the logits of every position, row-major [T][vocab]. */
-static int dump_logits(const Model *m, RunState *s, const int *ids, int n, const char *out_path, char *err,
-                       size_t errsize) {
-    FILE *f = fopen(out_path, "wb");
+ * the logits of every position, row-major [T][vocab]. Optionally also the top-N table
+ * (to `top_out`) and the hidden state after every layer, [T][n_layers + 1][dim]. */
+static int dump_logits(const Model *m, RunState *s, const int *ids, int n, const char *out_path, int top,
+                       FILE *top_out, const char *hidden_path, char *err, size_t errsize) {
+    const Config *c = &m->config;
+    FILE *f = fopen(out_path, "wb"), *fh = NULL;
     if (!f) { set_err(err, errsize, "cannot write %s: %s", out_path, strerror(errno)); return -1; }
-    for (int pos = 0; pos < n; pos++) {
-        float *logits = forward(m, s, ids[pos], pos);
-        if (write_f32_le(f, logits, m->config.vocab_size) != 0) {
-            set_err(err, errsize, "write error on %s", out_path);
-            fclose(f);
-            return -1;
+    int rc = 0;
+    ProbIndex *buf = top > 0 ? malloc((size_t)top * sizeof(ProbIndex)) : NULL;
+    if (hidden_path) {
+        fh = fopen(hidden_path, "wb");
+        s->hidden_dump = malloc((size_t)(c->n_layers + 1) * c->dim * sizeof(float));
+        if (!fh || !s->hidden_dump) {
+            set_err(err, errsize, "cannot write %s: %s", hidden_path, fh ? "out of memory" : strerror(errno));
+            rc = -1;
         }
     }
-    if (fclose(f) != 0) { set_err(err, errsize, "write error on %s", out_path); return -1; }
-    return 0;
+    if (top > 0 && !buf) { set_err(err, errsize, "out of memory"); rc = -1; }
+    for (int pos = 0; rc == 0 && pos < n; pos++) {
+        float *logits = forward(m, s, ids[pos], pos);
+        if (fh && write_f32_le(fh, s->hidden_dump, (c->n_layers + 1) * c->dim) != 0) {
+            set_err(err, errsize, "write error on %s", hidden_path);
+            rc = -1;
+        }
+        if (top > 0) print_top(m, logits, pos, ids[pos], top, buf, top_out);
+        if (write_f32_le(f, logits, c->vocab_size) != 0) {
+            set_err(err, errsize, "write error on %s", out_path);
+            rc = -1;
+        }
+    }
+    free(buf);
+    free(s->hidden_dump);
+    s->hidden_dump = NULL;
+    if (fh && fclose(fh) != 0 && rc == 0) { set_err(err, errsize, "write error on %s", hidden_path); rc = -1; }
+    if (fclose(f) != 0 && rc == 0) { set_err(err, errsize, "write error on %s", out_path); rc = -1; }
+    return rc;
+}
+
+/* Negative log-likelihood of `target` under `logits` (log-softmax in double). */
+static double token_nll(const float *logits, int V, int target) {
+    float max = logits[argmax(logits, V)];
+    double z = 0.0;
+    for (int i = 0; i < V; i++) z += exp((double)logits[i] - max);
+    return log(z) - ((double)logits[target] - max);
+}
+
+/* --perplexity: score every token of ids[1..n) given the ones before it. A text longer
+ * than the context is scored in windows of `ctx` tokens that each start with <bos> and
+ * overlap by half, so every token after the first window is scored with at least ctx/2
+ * tokens of history. Returns the mean NLL; per-token NLLs go to nll_out[0..n-1). */
+static double perplexity(const Model *m, RunState *s, const int *ids, int n, double *nll_out) {
+    int ctx = s->ctx, V = m->config.vocab_size;
+    int scored = 0; /* ids[1..scored] have been scored */
+    double total = 0.0;
+    int start = 0; /* window start in ids (ids[0] is <bos>) */
+    while (scored < n - 1) {
+        /* window: <bos> then ids[start+1 ..], at most ctx tokens */
+        int len = n - start < ctx ? n - start : ctx;
+        for (int p = 0; p < len - 1; p++) {
+            int tok = p == 0 ? m->config.bos_id : ids[start + p];
+            float *logits = forward(m, s, tok, p);
+            int target_index = start + p + 1;
+            if (target_index > scored) {
+                double nll = token_nll(logits, V, ids[target_index]);
+                if (nll_out) nll_out[target_index - 1] = nll;
+                total += nll;
+                scored = target_index;
+            }
+        }
+        if (start + len >= n) break;
+        start += ctx / 2 > 0 ? ctx / 2 : 1;
+    }
+    return total / (n - 1);
 }
 
 /* Feed `n` prompt ids from position 0, then sample up to `steps` new tokens, stopping at
@@ -1056,6 +1149,13 @@ static void usage(FILE *f) {
         "  --logits IN.txt OUT.f32\n"
         "                       run the whitespace-separated token ids in IN.txt (no <bos> added)\n"
         "                       and write float32 little-endian logits, row-major [T][vocab]\n"
+        "    --top N            also print the N most likely next tokens of every position\n"
+        "                       (rank, id, logit, probability, piece) on stdout\n"
+        "    --dump-hidden OUT  also write the residual stream after the embedding and after every\n"
+        "                       layer: float32 little-endian [T][n_layers + 1][hidden_size]\n"
+        "  --perplexity FILE    tokenize FILE (<bos> added), print the mean negative log-likelihood\n"
+        "                       and perplexity; texts longer than -c are scored in windows of -c\n"
+        "                       tokens overlapping by half\n"
         "  --encode             read UTF-8 text on stdin, print its token ids (no <bos>) on one line\n"
         "  --decode             read token ids on stdin, print the text\n"
         "  --chat               interactive multi-turn chat with the Gemma 3 chat template, one user\n"
@@ -1121,7 +1221,8 @@ static char *read_all(FILE *f, size_t *len) {
 }
 
 static int takes_value(const char *opt) {
-    static const char *const with_value[] = {"-p", "-n", "-t", "-k", "--top-p", "--min-p", "-s", "-c", "--system", NULL};
+    static const char *const with_value[] = {"-p", "-n", "-t", "-k", "--top-p", "--min-p", "-s", "-c", "--system", "--top", "--dump-hidden",
+                                              "--perplexity", NULL};
     for (int i = 0; with_value[i]; i++)
         if (!strcmp(opt, with_value[i])) return 1;
     return 0;
@@ -1129,7 +1230,8 @@ static int takes_value(const char *opt) {
 
 int main(int argc, char **argv) {
     const char *model_path = NULL, *prompt = NULL, *logits_in = NULL, *logits_out = NULL;
-    const char *system_prompt = NULL;
+    const char *system_prompt = NULL, *hidden_out = NULL, *ppl_path = NULL;
+    int top_n = 0;
     int steps = 256, top_k = 64, ctx = 0, mode_encode = 0, mode_decode = 0, mode_chat = 0;
     float temperature = 1.0f, top_p = 0.95f, min_p = 0.0f;
     uint64_t seed = (uint64_t)time(NULL);
@@ -1158,22 +1260,26 @@ int main(int argc, char **argv) {
             else if (!strcmp(a, "-s")) seed = (uint64_t)parse_int(a, v, 0, 0x7fffffffL);
             else if (!strcmp(a, "-c")) ctx = (int)parse_int(a, v, 1, 1L << 30);
             else if (!strcmp(a, "--system")) system_prompt = v;
+            else if (!strcmp(a, "--top")) top_n = (int)parse_int(a, v, 1, 1000000);
+            else if (!strcmp(a, "--dump-hidden")) hidden_out = v;
+            else if (!strcmp(a, "--perplexity")) ppl_path = v;
         }
         else if (a[0] == '-' && a[1] != '\0') die("unknown option %s (see --help)", a);
         else if (!model_path) model_path = a;
         else die("unexpected argument '%s' (see --help)", a);
     }
     if (!model_path) { usage(stderr); return 1; }
-    if (mode_encode + mode_decode + mode_chat + (logits_in != NULL) + (prompt != NULL && !mode_chat) > 1)
-        die("choose one of -p, --chat, --logits, --encode, --decode");
-    if (!mode_encode && !mode_decode && !mode_chat && !logits_in && !prompt)
-        die("nothing to do: give -p PROMPT, --chat, --logits, --encode or --decode");
+    if (mode_encode + mode_decode + mode_chat + (logits_in != NULL) + (prompt != NULL && !mode_chat) + (ppl_path != NULL) > 1)
+        die("choose one of -p, --chat, --logits, --perplexity, --encode, --decode");
+    if (!mode_encode && !mode_decode && !mode_chat && !logits_in && !prompt && !ppl_path)
+        die("nothing to do: give -p PROMPT, --chat, --logits, --perplexity, --encode or --decode (see --help)");
+    if ((top_n || hidden_out) && !logits_in) die("--top and --dump-hidden go with --logits");
     if (system_prompt && !mode_chat) die("--system goes with --chat");
 
     Model model;
     if (load_model(&model, model_path, err, sizeof err) != 0) die("%s", err);
     const Config *c = &model.config;
-    if ((mode_encode || mode_decode || mode_chat || prompt) && !model.has_tokenizer)
+    if ((mode_encode || mode_decode || mode_chat || prompt || ppl_path) && !model.has_tokenizer)
         die("%s has no tokenizer (export it from a directory with tokenizer.json); --logits works without one", model_path);
 
     if (mode_encode || mode_decode) {
@@ -1236,7 +1342,7 @@ int main(int argc, char **argv) {
         if (n > ctx) die("%s has %d tokens, more than the context of %d (-c)", logits_in, n, ctx);
         if (ctx > c->max_seq_len) die("context %d exceeds the model's max_position_embeddings %d", ctx, c->max_seq_len);
         if (build_run_state(&state, c, ctx, err, sizeof err) != 0) die("%s", err);
-        if (dump_logits(&model, &state, ids, n, logits_out, err, sizeof err) != 0) die("%s", err);
+        if (dump_logits(&model, &state, ids, n, logits_out, top_n, stdout, hidden_out, err, sizeof err) != 0) die("%s", err);
         free(ids);
         free_run_state(&state, c);
         free_model(&model);
@@ -1245,6 +1351,41 @@ int main(int argc, char **argv) {
 
     if (!ctx) ctx = c->max_seq_len < 8192 ? c->max_seq_len : 8192;
     if (ctx > c->max_seq_len) die("context %d exceeds the model's max_position_embeddings %d", ctx, c->max_seq_len);
+
+    if (ppl_path) {
+        FILE *f = fopen(ppl_path, "rb");
+        if (!f) die("cannot open %s: %s", ppl_path, strerror(errno));
+        size_t len;
+        char *text = read_all(f, &len);
+        fclose(f);
+        if (!text) die("out of memory reading %s", ppl_path);
+        int *text_ids, n_text = tokenizer_encode(&model.tokenizer, text, len, &text_ids, err, sizeof err);
+        free(text);
+        if (n_text < 0) die("%s: %s", ppl_path, err);
+        if (n_text < 1) die("%s has no tokens to score", ppl_path);
+        if (ctx < 2) die("--perplexity needs a context of at least 2 tokens");
+        int n = n_text + 1;
+        int *ids = malloc((size_t)n * sizeof(int));
+        double *nll = malloc((size_t)n * sizeof(double));
+        if (!ids || !nll) die("out of memory");
+        ids[0] = c->bos_id;
+        memcpy(ids + 1, text_ids, (size_t)n_text * sizeof(int));
+        free(text_ids);
+        if (ctx > n) ctx = n;
+        if (build_run_state(&state, c, ctx, err, sizeof err) != 0) die("%s", err);
+        double t0 = now_seconds();
+        double mean = perplexity(&model, &state, ids, n, nll);
+        double worst = 0.0;
+        for (int i = 0; i < n - 1; i++) if (nll[i] > worst) worst = nll[i];
+        printf("%s: %d tokens scored (windows of %d), mean NLL %.6f nats/token, perplexity %.4f, worst token NLL %.3f\n",
+               ppl_path, n - 1, ctx, mean, exp(mean), worst);
+        fprintf(stderr, "%.1f s\n", now_seconds() - t0);
+        free(ids);
+        free(nll);
+        free_run_state(&state, c);
+        free_model(&model);
+        return 0;
+    }
     Sampler sampler;
     if (build_sampler(&sampler, c->vocab_size, temperature, top_k, top_p, min_p, seed) != 0) die("out of memory");
 

@@ -341,6 +341,84 @@ static void test_sampler(void) {
     free_sampler(&sp);
 }
 
+/* The reference toolkit: --top, --dump-hidden and perplexity, checked against the logits. */
+static void test_toolkit(void) {
+    printf("reference toolkit: --top, --dump-hidden, perplexity\n");
+    const char *bin = BUILD "/tiny-f32.bin";
+    CHECK(run("./gemma3 %s --logits %s %s --top 5 --dump-hidden %s > %s", bin, TINY "/tokens.txt", BUILD "/tk.f32",
+              BUILD "/tk.hidden", BUILD "/tk.top") == 0, "--top/--dump-hidden: %s", last_log());
+    int n, V;
+    int *ids = read_ids(TINY "/tokens.txt", &n);
+    long nl, nh;
+    float *logits = read_f32_file(BUILD "/tk.f32", &nl), *hidden = read_f32_file(BUILD "/tk.hidden", &nh);
+    Model m;
+    char err[512];
+    if (!ids || !logits || !hidden || load_model(&m, bin, err, sizeof err) != 0) { CHECK(0, "toolkit: cannot read outputs"); return; }
+    const Config *c = &m.config;
+    V = c->vocab_size;
+    CHECK(nh == (long)n * (c->n_layers + 1) * c->dim, "--dump-hidden wrote %ld floats", nh);
+    /* the top table: rank 1 of every position is the argmax of that row of logits */
+    FILE *f = fopen(BUILD "/tk.top", "r");
+    int pos = -1, rank, id, good = 0, rows = 0;
+    char line[256];
+    double logit, prob, psum = 0;
+    while (f && fgets(line, sizeof line, f)) {
+        if (sscanf(line, "pos %d", &pos) == 1) continue;
+        if (sscanf(line, " %d %d %lf %lf", &rank, &id, &logit, &prob) == 4 && pos >= 0 && pos < n) {
+            if (rank == 1) { rows++; good += id == argmax(logits + (size_t)pos * V, V); }
+            if (pos == 0) psum += prob;
+        }
+    }
+    if (f) fclose(f);
+    CHECK(rows == n && good == n, "--top: rank 1 is the argmax in %d of %d rows (%d rows read)", good, n, rows);
+    CHECK(psum > 0 && psum <= 1.0 + 1e-6, "--top probabilities of position 0 sum to %g", psum);
+    /* hidden states: the embedding row times sqrt(dim), and final norm + classifier of the
+     * last layer's output gives back the logits */
+    int D = c->dim, L = c->n_layers;
+    float *x = malloc((size_t)D * sizeof(float)), *out = malloc((size_t)V * sizeof(float));
+    double worst_emb = 0, worst_logit = 0, max_logit = 0;
+    for (int t = 0; t < n; t++) {
+        const float *h = hidden + (size_t)t * (L + 1) * D;
+        matrix_row(x, &m.weights.embed, ids[t]);
+        for (int i = 0; i < D; i++) worst_emb = fmax(worst_emb, fabs(h[i] - x[i] * (float)sqrt((double)D)));
+        rmsnorm(x, h + (size_t)L * D, m.weights.final_norm, D, c->norm_eps);
+        matmul(out, x, &m.weights.embed);
+        for (int i = 0; i < V; i++) {
+            worst_logit = fmax(worst_logit, fabs(out[i] - logits[(size_t)t * V + i]));
+            max_logit = fmax(max_logit, fabs(out[i]));
+        }
+    }
+    CHECK(worst_emb == 0, "--dump-hidden layer 0 is not the scaled embedding (diff %g)", worst_emb);
+    CHECK(worst_logit <= 1e-6 * max_logit, "--dump-hidden last layer does not give the logits (diff %g)", worst_logit);
+    printf("  --top rank 1 == argmax in %d/%d rows; hidden[L] -> logits max|diff| %g\n", good, n, worst_logit);
+    /* perplexity: with the whole text in one window, the mean of log-softmax over --logits */
+    RunState s;
+    double expect = 0;
+    for (int t = 0; t + 1 < n; t++) expect += token_nll(logits + (size_t)t * V, V, ids[t + 1]);
+    expect /= n - 1;
+    build_run_state(&s, c, n, err, sizeof err);
+    double *nll_full = malloc((size_t)n * sizeof(double)), *nll_win = malloc((size_t)n * sizeof(double));
+    double got = perplexity(&m, &s, ids, n, nll_full);
+    free_run_state(&s, c);
+    CHECK(fabs(got - expect) < 1e-9 * fabs(expect), "perplexity mean NLL %.9f != %.9f from the logits", got, expect);
+    /* in windows of 16 (overlapping by 8): the first window's scores are unchanged, all finite */
+    build_run_state(&s, c, 16, err, sizeof err);
+    double win = perplexity(&m, &s, ids, n, nll_win);
+    free_run_state(&s, c);
+    int same_first = 1;
+    for (int t = 0; t < 15; t++) same_first &= nll_win[t] == nll_full[t];
+    CHECK(same_first && isfinite(win) && win > 0, "windowed perplexity: first window differs or not finite (%g)", win);
+    printf("  mean NLL: full context %.4f, windows of 16: %.4f nats/token\n", got, win);
+    free(nll_full);
+    free(nll_win);
+    free(x);
+    free(out);
+    free(ids);
+    free(logits);
+    free(hidden);
+    free_model(&m);
+}
+
 #define TOKMODEL BUILD "/tok-model.bin"
 
 /* Run one chat turn and check that the cache holds exactly the template rendering of the
@@ -535,6 +613,7 @@ int main(void) {
     if (system("mkdir -p " BUILD) != 0) { printf("cannot create " BUILD "\n"); return 1; }
     test_fixture_tiny();
     test_sampler();
+    test_toolkit();
     test_bad_inputs();
     test_own_checkpoints();
     test_tokenizer_and_chat();
