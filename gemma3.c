@@ -43,6 +43,7 @@
 #define GEMMA3_FORMAT_VERSION 1
 #define GEMMA3_HEADER_SIZE 128
 #define GEMMA3_DIR_ENTRY_SIZE 104
+#define PREFILL_BATCH 64 /* prompt tokens per forward pass: each weight row is reused this often */
 
 /* ------------------------------------------------------------------------- */
 /* 1. model file                                                              */
@@ -68,7 +69,25 @@ typedef struct {
     unsigned char *is_global; /* (n_layers) 1 = global attention, 0 = sliding window */
 } Config;
 
-enum { DT_F32 = 0, DT_BF16 = 1 };
+enum { DT_F32 = 0, DT_BF16 = 1, DT_Q8_0 = 2, DT_Q4_0 = 3 };
+
+/* Quantized weights: rows are cut into blocks of 32 weights, each with its own scale d
+ * (an IEEE half, little-endian): q8_0 stores 32 int8 (w = d * q), q4_0 stores 16 bytes
+ * of 4-bit values (byte j holds weight j in its low and weight j + 16 in its high
+ * nibble; w = d * (nibble - 8)). */
+#define QK 32
+#define Q8_0_BLOCK 34
+#define Q4_0_BLOCK 18
+
+static size_t row_bytes(int dtype, int cols) {
+    switch (dtype) {
+    case DT_F32: return (size_t)cols * 4;
+    case DT_BF16: return (size_t)cols * 2;
+    case DT_Q8_0: return (size_t)cols / QK * Q8_0_BLOCK;
+    default: return (size_t)cols / QK * Q4_0_BLOCK;
+    }
+}
+
 
 /* A weight matrix (out_features, in_features) in the file's dtype. */
 typedef struct {
@@ -202,16 +221,19 @@ static const void *find_tensor(Model *m, const char *name, int rows, int cols, i
             set_err(err, errsize, "tensor %s has shape [%u, %u], expected [%d, %d]", name, d0, d1, rows, cols);
             return NULL;
         }
-        if (dtype != DT_F32 && dtype != DT_BF16) {
+        if (dtype > DT_Q4_0) {
             set_err(err, errsize, "tensor %s has unknown dtype %u", name, dtype);
+            return NULL;
+        }
+        if ((dtype == DT_Q8_0 || dtype == DT_Q4_0) && cols % QK != 0) {
+            set_err(err, errsize, "tensor %s: quantized rows must be a multiple of %d wide", name, QK);
             return NULL;
         }
         if (want_ndim == 1 && dtype != DT_F32) {
             set_err(err, errsize, "norm tensor %s must be f32", name);
             return NULL;
         }
-        uint64_t elems = (uint64_t)rows * (uint64_t)(cols > 0 ? cols : 1);
-        uint64_t need = elems * (dtype == DT_F32 ? 4 : 2);
+        uint64_t need = (uint64_t)rows * row_bytes((int)dtype, cols > 0 ? cols : 1);
         if (nbytes != need || off % 64 != 0 || off > m->size || nbytes > m->size - off) {
             set_err(err, errsize, "tensor %s: bad offset/size (%llu + %llu in a %zu-byte file)", name,
                     (unsigned long long)off, (unsigned long long)nbytes, m->size);
@@ -242,7 +264,9 @@ static void swap_tensors_to_native(Model *m) {
     unsigned char *dir = m->data + rd_u64(m->data + 112);
     for (uint32_t i = 0; i < n; i++) {
         unsigned char *e = dir + (size_t)i * GEMMA3_DIR_ENTRY_SIZE;
-        size_t width = rd_u32(e + 64) == DT_F32 ? 4 : 2;
+        uint32_t dtype = rd_u32(e + 64);
+        if (dtype == DT_Q8_0 || dtype == DT_Q4_0) continue; /* read byte by byte (rd_u16): nothing to swap */
+        size_t width = dtype == DT_F32 ? 4 : 2;
         unsigned char *p = m->data + rd_u64(e + 88), *end = p + rd_u64(e + 96);
         for (; p + width <= end; p += width)
             for (size_t a = 0, b = width - 1; a < b; a++, b--) {
@@ -417,24 +441,32 @@ static void free_model(Model *m) {
 /* 2. neural-net blocks                                                       */
 /* ------------------------------------------------------------------------- */
 
-/* Everything one forward step needs, allocated once; nothing is allocated per token. */
+/* Everything the forward pass needs, allocated once; nothing is allocated per token.
+ * forward() takes up to max_batch tokens at a time: a prompt is processed as a matrix,
+ * so each weight row is read once per batch instead of once per token. */
 typedef struct {
     int ctx;          /* context length the caches were sized for (-c) */
-    float *x;         /* (dim) the residual stream */
-    float *xb;        /* (dim) normed input of a sub-block */
-    float *xb2;       /* (dim) output of a sub-block */
-    float *q;         /* (n_heads * head_dim) */
-    float *k, *v;     /* (n_kv_heads * head_dim) this position's key and value */
-    float *att_out;   /* (n_heads * head_dim) attention output before o_proj */
-    float *att;       /* (n_heads, ctx) attention scores */
-    float *hb, *hb2;  /* (hidden_dim) MLP gate and up */
-    float *logits;    /* (vocab_size) */
-    float *rope_cos, *rope_sin; /* (head_dim/2) for the current position */
+    int max_batch;    /* most tokens per forward() call */
+    int all_logits;   /* 1: logits of every token of a batch (for --logits); 0: the last only */
+    float *x;         /* (max_batch, dim) the residual stream */
+    float *xb;        /* (max_batch, dim) normed input of a sub-block */
+    float *xb2;       /* (max_batch, dim) output of a sub-block */
+    float *q;         /* (max_batch, n_heads * head_dim) */
+    float *k, *v;     /* (max_batch, n_kv_heads * head_dim) keys and values of the batch */
+    float *att_out;   /* (max_batch, n_heads * head_dim) attention output before o_proj */
+    float *att;       /* (max_batch * n_heads, ctx) attention scores */
+    float *hb, *hb2;  /* (max_batch, hidden_dim) MLP gate and up */
+    float *logits;    /* (max_batch or 1, vocab_size) */
+    int8_t *xq;       /* (max_batch, max in_features) activations quantized for int8 matmuls */
+    float *xq_scale;  /* (max_batch, max in_features / 32) their per-block scales */
+    float *rope_cos, *rope_sin; /* (2, max_batch, head_dim/2) local then global tables of the batch */
     float *inv_freq_local, *inv_freq_global; /* (head_dim/2) RoPE frequencies per layer type */
     float *hidden_dump; /* optional, (n_layers + 1, dim): the residual stream after the embedding
-                           and after each layer, for --dump-hidden; NULL = off */
-    /* KV cache, per layer: sliding layers keep a ring of `window` positions, global
-     * layers the whole context. Position p lives in slot p % cache_len[l]. */
+                           and after each layer of the last token, for --dump-hidden; NULL = off */
+    /* KV cache, per layer. Global layers keep the whole context. Sliding layers keep a
+     * ring of window + max_batch - 1 positions: a batch writes all its keys before its
+     * queries read, and the extra max_batch - 1 slots keep every key that a query of the
+     * batch still needs. Position p lives in slot p % cache_len[l]. */
     int *cache_len;       /* (n_layers) */
     float **key_cache;    /* (n_layers) -> (cache_len, n_kv_heads * head_dim) */
     float **value_cache;  /* (n_layers) -> (cache_len, n_kv_heads * head_dim) */
@@ -442,36 +474,46 @@ typedef struct {
 
 static void free_run_state(RunState *s, const Config *c);
 
-static int build_run_state(RunState *s, const Config *c, int ctx, char *err, size_t errsize) {
+static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch, int all_logits, char *err,
+                           size_t errsize) {
     memset(s, 0, sizeof(*s));
+    if (max_batch > ctx) max_batch = ctx;
     s->ctx = ctx;
-    int Q = c->n_heads * c->head_dim, KV = c->n_kv_heads * c->head_dim, half = c->head_dim / 2;
-    s->x = calloc((size_t)c->dim, sizeof(float));
-    s->xb = calloc((size_t)c->dim, sizeof(float));
-    s->xb2 = calloc((size_t)c->dim, sizeof(float));
-    s->q = calloc((size_t)Q, sizeof(float));
-    s->k = calloc((size_t)KV, sizeof(float));
-    s->v = calloc((size_t)KV, sizeof(float));
-    s->att_out = calloc((size_t)Q, sizeof(float));
-    s->att = calloc((size_t)c->n_heads * (size_t)ctx, sizeof(float));
-    s->hb = calloc((size_t)c->hidden_dim, sizeof(float));
-    s->hb2 = calloc((size_t)c->hidden_dim, sizeof(float));
-    s->logits = calloc((size_t)c->vocab_size, sizeof(float));
-    s->rope_cos = calloc((size_t)half, sizeof(float));
-    s->rope_sin = calloc((size_t)half, sizeof(float));
-    s->inv_freq_local = calloc((size_t)half, sizeof(float));
-    s->inv_freq_global = calloc((size_t)half, sizeof(float));
+    s->max_batch = max_batch;
+    s->all_logits = all_logits;
+    size_t B = (size_t)max_batch, D = (size_t)c->dim, F = (size_t)c->hidden_dim, half = (size_t)c->head_dim / 2;
+    size_t Q = (size_t)c->n_heads * c->head_dim, KV = (size_t)c->n_kv_heads * c->head_dim;
+    size_t widest = F > Q ? F : Q;
+    if (D > widest) widest = D;
+    s->x = calloc(B * D, sizeof(float));
+    s->xb = calloc(B * D, sizeof(float));
+    s->xb2 = calloc(B * D, sizeof(float));
+    s->q = calloc(B * Q, sizeof(float));
+    s->k = calloc(B * KV, sizeof(float));
+    s->v = calloc(B * KV, sizeof(float));
+    s->att_out = calloc(B * Q, sizeof(float));
+    s->att = calloc(B * (size_t)c->n_heads * (size_t)ctx, sizeof(float));
+    s->hb = calloc(B * F, sizeof(float));
+    s->hb2 = calloc(B * F, sizeof(float));
+    s->logits = calloc((all_logits ? B : 1) * (size_t)c->vocab_size, sizeof(float));
+    s->xq = calloc(B * widest, 1);
+    s->xq_scale = calloc(B * (widest / 32 + 1), sizeof(float));
+    s->rope_cos = calloc(2 * B * half, sizeof(float));
+    s->rope_sin = calloc(2 * B * half, sizeof(float));
+    s->inv_freq_local = calloc(half, sizeof(float));
+    s->inv_freq_global = calloc(half, sizeof(float));
     s->cache_len = calloc((size_t)c->n_layers, sizeof(int));
     s->key_cache = calloc((size_t)c->n_layers, sizeof(float *));
     s->value_cache = calloc((size_t)c->n_layers, sizeof(float *));
     int ok = s->x && s->xb && s->xb2 && s->q && s->k && s->v && s->att_out && s->att && s->hb && s->hb2 &&
-             s->logits && s->rope_cos && s->rope_sin && s->inv_freq_local && s->inv_freq_global &&
-             s->cache_len && s->key_cache && s->value_cache;
+             s->logits && s->xq && s->xq_scale && s->rope_cos && s->rope_sin && s->inv_freq_local &&
+             s->inv_freq_global && s->cache_len && s->key_cache && s->value_cache;
     for (int l = 0; ok && l < c->n_layers; l++) {
-        int len = (!c->is_global[l] && c->window < ctx) ? c->window : ctx;
+        int ring = c->window + max_batch - 1;
+        int len = (!c->is_global[l] && ring < ctx) ? ring : ctx;
         s->cache_len[l] = len;
-        s->key_cache[l] = calloc((size_t)len * (size_t)KV, sizeof(float));
-        s->value_cache[l] = calloc((size_t)len * (size_t)KV, sizeof(float));
+        s->key_cache[l] = calloc((size_t)len * KV, sizeof(float));
+        s->value_cache[l] = calloc((size_t)len * KV, sizeof(float));
         ok = s->key_cache[l] && s->value_cache[l];
     }
     if (!ok) {
@@ -481,7 +523,7 @@ static int build_run_state(RunState *s, const Config *c, int ctx, char *err, siz
     }
     /* RoPE frequencies, computed once in float32 as the reference does:
      * inv_freq[i] = 1 / base^(2i / head_dim); linear scaling divides the global ones. */
-    for (int i = 0; i < half; i++) {
+    for (size_t i = 0; i < half; i++) {
         float e = (float)(2 * i) / (float)c->head_dim;
         s->inv_freq_local[i] = 1.0f / powf(c->rope_local_theta, e);
         s->inv_freq_global[i] = 1.0f / powf(c->rope_theta, e) / c->rope_factor;
@@ -491,8 +533,8 @@ static int build_run_state(RunState *s, const Config *c, int ctx, char *err, siz
 
 static void free_run_state(RunState *s, const Config *c) {
     free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->att_out);
-    free(s->att); free(s->hb); free(s->hb2); free(s->logits); free(s->rope_cos); free(s->rope_sin);
-    free(s->inv_freq_local); free(s->inv_freq_global);
+    free(s->att); free(s->hb); free(s->hb2); free(s->logits); free(s->xq); free(s->xq_scale);
+    free(s->rope_cos); free(s->rope_sin); free(s->inv_freq_local); free(s->inv_freq_global);
     for (int l = 0; l < c->n_layers && s->key_cache; l++) {
         free(s->key_cache[l]);
         if (s->value_cache) free(s->value_cache[l]);
@@ -516,8 +558,38 @@ static float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-/* One row of W times x. Eight independent partial sums let the compiler vectorise
- * without -ffast-math, and keep the summation order the same on every machine. */
+/* IEEE half -> float, for the block scales of q8_0 / q4_0 (portable: no _Float16). */
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+    if (exp == 0x1f) u = sign | 0x7f800000 | man << 13;   /* inf / nan */
+    else if (exp != 0) u = sign | (exp + 112) << 23 | man << 13;
+    else if (man == 0) u = sign;                          /* zero */
+    else {                                                /* subnormal: normalise */
+        int e = -1;
+        do { e++; man <<= 1; } while (!(man & 0x400));
+        u = sign | (uint32_t)(112 - e) << 23 | (man & 0x3ff) << 13;
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static uint16_t rd_u16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
+
+/* Quantize activations x (n values, n % 32 == 0) to int8 blocks with a float scale, so the
+ * quantized matmuls can multiply in integers: x ~ scale[b] * xq[32 b + i]. */
+static void quantize_activations(int8_t *xq, float *scale, const float *x, int n) {
+    for (int b = 0; b < n / QK; b++) {
+        float amax = 0.0f;
+        for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[b * QK + i]));
+        float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+        scale[b] = d;
+        for (int i = 0; i < QK; i++) xq[b * QK + i] = (int8_t)lrintf(x[b * QK + i] * inv);
+    }
+}
+
+/* One row of W times x, per weight type. Eight independent partial sums let the compiler
+ * vectorise without -ffast-math and keep the summation order the same on every machine. */
 static float dot_f32(const float *w, const float *x, int n) {
     float acc[8] = {0};
     int j = 0;
@@ -538,29 +610,80 @@ static float dot_bf16(const uint16_t *w, const float *x, int n) {
     return sum + ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-/* out = W x, W (rows, cols). The hot loop of the whole program: every weight byte
- * is read once per token, so decode speed is memory bandwidth. */
-static void matmul(float *out, const float *x, const Matrix *W) {
+static float dot_q8_0(const unsigned char *w, const int8_t *xq, const float *xs, int n) {
+    float sum = 0.0f;
+    for (int b = 0; b < n / QK; b++, w += Q8_0_BLOCK) {
+        const int8_t *q = (const int8_t *)(w + 2), *x = xq + b * QK;
+        int32_t isum = 0;
+        for (int i = 0; i < QK; i++) isum += (int32_t)q[i] * x[i];
+        sum += f16_to_f32(rd_u16(w)) * xs[b] * (float)isum;
+    }
+    return sum;
+}
+
+static float dot_q4_0(const unsigned char *w, const int8_t *xq, const float *xs, int n) {
+    float sum = 0.0f;
+    for (int b = 0; b < n / QK; b++, w += Q4_0_BLOCK) {
+        const unsigned char *q = w + 2;
+        const int8_t *x = xq + b * QK;
+        int32_t isum = 0;
+        for (int i = 0; i < QK / 2; i++) {
+            isum += ((int32_t)(q[i] & 0x0f) - 8) * x[i];
+            isum += ((int32_t)(q[i] >> 4) - 8) * x[i + QK / 2];
+        }
+        sum += f16_to_f32(rd_u16(w)) * xs[b] * (float)isum;
+    }
+    return sum;
+}
+
+/* out[t] = W x[t] for the n rows of x: out (n, W.rows), x (n, W.cols).
+ * The hot loop of the whole program. Decode (n = 1) reads every weight byte once per
+ * token, so its speed is memory bandwidth; prefill keeps a weight row in cache while
+ * it meets all n tokens of the batch. */
+static void matmul(float *out, const float *x, int n, const Matrix *W, RunState *s) {
+    const int rows = W->rows, cols = W->cols, dtype = W->dtype;
+    const size_t rb = row_bytes(dtype, cols);
+    const unsigned char *base = W->data;
+    if (dtype == DT_Q8_0 || dtype == DT_Q4_0)
+        for (int t = 0; t < n; t++)
+            quantize_activations(s->xq + (size_t)t * cols, s->xq_scale + (size_t)t * (cols / QK), x + (size_t)t * cols, cols);
     int i;
-    const int rows = W->rows, cols = W->cols;
-    if (W->dtype == DT_F32) {
-        const float *w = W->data;
-PARALLEL_FOR
-        for (i = 0; i < rows; i++) out[i] = dot_f32(w + (size_t)i * cols, x, cols);
-    } else {
-        const uint16_t *w = W->data;
-PARALLEL_FOR
-        for (i = 0; i < rows; i++) out[i] = dot_bf16(w + (size_t)i * cols, x, cols);
+    PARALLEL_FOR
+    for (i = 0; i < rows; i++) {
+        const unsigned char *w = base + (size_t)i * rb;
+        for (int t = 0; t < n; t++) {
+            const float *xt = x + (size_t)t * cols;
+            float y;
+            switch (dtype) {
+            case DT_F32: y = dot_f32((const float *)w, xt, cols); break;
+            case DT_BF16: y = dot_bf16((const uint16_t *)w, xt, cols); break;
+            case DT_Q8_0: y = dot_q8_0(w, s->xq + (size_t)t * cols, s->xq_scale + (size_t)t * (cols / QK), cols); break;
+            default: y = dot_q4_0(w, s->xq + (size_t)t * cols, s->xq_scale + (size_t)t * (cols / QK), cols); break;
+            }
+            out[(size_t)t * rows + i] = y;
+        }
     }
 }
 
-/* Row `row` of a matrix as floats (embedding lookup). */
+/* Row `row` of a matrix as floats (the embedding lookup). */
 static void matrix_row(float *out, const Matrix *W, int row) {
+    const unsigned char *w = (const unsigned char *)W->data + (size_t)row * row_bytes(W->dtype, W->cols);
+    int n = W->cols;
     if (W->dtype == DT_F32) {
-        memcpy(out, (const float *)W->data + (size_t)row * W->cols, (size_t)W->cols * sizeof(float));
+        memcpy(out, w, (size_t)n * sizeof(float));
+    } else if (W->dtype == DT_BF16) {
+        for (int j = 0; j < n; j++) out[j] = bf16_to_f32(((const uint16_t *)w)[j]);
+    } else if (W->dtype == DT_Q8_0) {
+        for (int b = 0; b < n / QK; b++, w += Q8_0_BLOCK)
+            for (int i = 0; i < QK; i++) out[b * QK + i] = f16_to_f32(rd_u16(w)) * (float)((const int8_t *)(w + 2))[i];
     } else {
-        const uint16_t *w = (const uint16_t *)W->data + (size_t)row * W->cols;
-        for (int j = 0; j < W->cols; j++) out[j] = bf16_to_f32(w[j]);
+        for (int b = 0; b < n / QK; b++, w += Q4_0_BLOCK) {
+            float d = f16_to_f32(rd_u16(w));
+            for (int i = 0; i < QK / 2; i++) {
+                out[b * QK + i] = d * (float)((w[2 + i] & 0x0f) - 8);
+                out[b * QK + i + QK / 2] = d * (float)((w[2 + i] >> 4) - 8);
+            }
+        }
     }
 }
 
@@ -574,12 +697,14 @@ static void rope(float *vec, const float *cos_t, const float *sin_t, int head_di
     }
 }
 
-static void rope_angles(RunState *s, const float *inv_freq, int pos, int half) {
-    for (int i = 0; i < half; i++) {
-        float angle = (float)pos * inv_freq[i]; /* float32 product, as the reference */
-        s->rope_cos[i] = cosf(angle);
-        s->rope_sin[i] = sinf(angle);
-    }
+/* cos/sin of pos * inv_freq for each position of the batch; float32 product as the reference. */
+static void rope_angles(float *cos_out, float *sin_out, const float *inv_freq, int pos0, int n, int half) {
+    for (int t = 0; t < n; t++)
+        for (int i = 0; i < half; i++) {
+            float angle = (float)(pos0 + t) * inv_freq[i];
+            cos_out[t * half + i] = cosf(angle);
+            sin_out[t * half + i] = sinf(angle);
+        }
 }
 
 static void softmax(float *x, int n) {
@@ -595,94 +720,134 @@ static float gelu_tanh(float x) {
     return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
-/* Self-attention for the token at `pos` in layer l (q, k, v already computed). */
-static void attention(RunState *s, const Config *c, int l, int pos) {
-    int hd = c->head_dim, KV = c->n_kv_heads * hd, len = s->cache_len[l];
+/* Self-attention of the n batch tokens at positions pos0.. in layer l; their keys and
+ * values are already in the cache. */
+static void attention(RunState *s, const Config *c, int l, int pos0, int n) {
+    int hd = c->head_dim, Q = c->n_heads * hd, KV = c->n_kv_heads * hd, len = s->cache_len[l];
     int group = c->n_heads / c->n_kv_heads;
-    /* Sliding layers see keys j with pos - window < j <= pos; global layers all j <= pos. */
-    int first = c->is_global[l] ? 0 : pos - c->window + 1;
-    if (first < 0) first = 0;
-    int n = pos - first + 1;
     float scale = 1.0f / sqrtf(c->query_pre_attn_scalar);
-    int h;
-PARALLEL_FOR
-    for (h = 0; h < c->n_heads; h++) {
-        const float *q = s->q + h * hd;
+    int job;
+    PARALLEL_FOR
+    for (job = 0; job < n * c->n_heads; job++) {
+        int t = job / c->n_heads, h = job % c->n_heads, pos = pos0 + t;
+        /* Sliding layers see keys j with pos - window < j <= pos; global layers all j <= pos. */
+        int first = c->is_global[l] ? 0 : pos - c->window + 1;
+        if (first < 0) first = 0;
+        int span = pos - first + 1;
+        const float *q = s->q + (size_t)t * Q + h * hd;
         int kvh = h / group; /* GQA: `group` query heads share one kv head */
-        float *att = s->att + (size_t)h * s->ctx;
-        for (int t = 0; t < n; t++) {
-            const float *k = s->key_cache[l] + (size_t)((first + t) % len) * KV + kvh * hd;
+        float *att = s->att + (size_t)job * s->ctx;
+        for (int j = 0; j < span; j++) {
+            const float *k = s->key_cache[l] + (size_t)((first + j) % len) * KV + kvh * hd;
             float dot = 0.0f;
             for (int i = 0; i < hd; i++) dot += q[i] * k[i];
-            att[t] = dot * scale;
+            att[j] = dot * scale;
         }
-        softmax(att, n);
-        float *out = s->att_out + h * hd;
+        softmax(att, span);
+        float *out = s->att_out + (size_t)t * Q + h * hd;
         memset(out, 0, (size_t)hd * sizeof(float));
-        for (int t = 0; t < n; t++) {
-            const float *v = s->value_cache[l] + (size_t)((first + t) % len) * KV + kvh * hd;
-            for (int i = 0; i < hd; i++) out[i] += att[t] * v[i];
+        for (int j = 0; j < span; j++) {
+            const float *v = s->value_cache[l] + (size_t)((first + j) % len) * KV + kvh * hd;
+            for (int i = 0; i < hd; i++) out[i] += att[j] * v[i];
         }
     }
 }
 
-/* Run one token at position `pos` through the model; logits land in s->logits.
+/* Run n tokens (n <= max_batch) at positions pos0 .. pos0 + n - 1 through the model.
+ * Returns the logits: of the last token, or of all n (rows of vocab_size) if all_logits.
  * Reads like Gemma 3's decoder layer (HF Gemma3DecoderLayer / gemma_pytorch Gemma2DecoderLayer). */
-static float *forward(const Model *m, RunState *s, int token, int pos) {
+static float *forward_batch(const Model *m, RunState *s, const int *tokens, int n, int pos0) {
     const Config *c = &m->config;
     const Weights *w = &m->weights;
-    int D = c->dim, hd = c->head_dim, KV = c->n_kv_heads * hd;
+    int D = c->dim, hd = c->head_dim, half = hd / 2, F = c->hidden_dim;
+    int Q = c->n_heads * hd, KV = c->n_kv_heads * hd;
 
-    /* token embedding, scaled by sqrt(hidden_size) computed in float32 */
-    matrix_row(s->x, &w->embed, token);
+    /* token embeddings, scaled by sqrt(hidden_size) computed in float32 */
     float normalizer = (float)sqrt((double)D);
-    for (int i = 0; i < D; i++) s->x[i] *= normalizer;
-    if (s->hidden_dump) memcpy(s->hidden_dump, s->x, (size_t)D * sizeof(float));
+    for (int t = 0; t < n; t++) {
+        float *x = s->x + (size_t)t * D;
+        matrix_row(x, &w->embed, tokens[t]);
+        for (int i = 0; i < D; i++) x[i] *= normalizer;
+    }
+    if (s->hidden_dump) memcpy(s->hidden_dump, s->x + (size_t)(n - 1) * D, (size_t)D * sizeof(float));
+    /* RoPE tables of this batch: [0] sliding layers' base, [1] global layers' (scaled) base */
+    rope_angles(s->rope_cos, s->rope_sin, s->inv_freq_local, pos0, n, half);
+    rope_angles(s->rope_cos + (size_t)n * half, s->rope_sin + (size_t)n * half, s->inv_freq_global, pos0, n, half);
 
     for (int l = 0; l < c->n_layers; l++) {
         const LayerWeights *L = &w->layers[l];
 
         /* attention block: norm, q/k/v projections */
-        rmsnorm(s->xb, s->x, L->input_norm, D, c->norm_eps);
-        matmul(s->q, s->xb, &L->wq);
-        matmul(s->k, s->xb, &L->wk);
-        matmul(s->v, s->xb, &L->wv);
+        for (int t = 0; t < n; t++) rmsnorm(s->xb + (size_t)t * D, s->x + (size_t)t * D, L->input_norm, D, c->norm_eps);
+        matmul(s->q, s->xb, n, &L->wq, s);
+        matmul(s->k, s->xb, n, &L->wk, s);
+        matmul(s->v, s->xb, n, &L->wv, s);
 
         /* per-head q_norm / k_norm, then RoPE with this layer type's base */
-        for (int h = 0; h < c->n_heads; h++) rmsnorm(s->q + h * hd, s->q + h * hd, L->q_norm, hd, c->norm_eps);
-        for (int h = 0; h < c->n_kv_heads; h++) rmsnorm(s->k + h * hd, s->k + h * hd, L->k_norm, hd, c->norm_eps);
-        rope_angles(s, c->is_global[l] ? s->inv_freq_global : s->inv_freq_local, pos, hd / 2);
-        for (int h = 0; h < c->n_heads; h++) rope(s->q + h * hd, s->rope_cos, s->rope_sin, hd);
-        for (int h = 0; h < c->n_kv_heads; h++) rope(s->k + h * hd, s->rope_cos, s->rope_sin, hd);
+        const float *cos_t = s->rope_cos + (c->is_global[l] ? (size_t)n * half : 0);
+        const float *sin_t = s->rope_sin + (c->is_global[l] ? (size_t)n * half : 0);
+        for (int t = 0; t < n; t++) {
+            for (int h = 0; h < c->n_heads; h++) {
+                float *q = s->q + (size_t)t * Q + h * hd;
+                rmsnorm(q, q, L->q_norm, hd, c->norm_eps);
+                rope(q, cos_t + t * half, sin_t + t * half, hd);
+            }
+            for (int h = 0; h < c->n_kv_heads; h++) {
+                float *k = s->k + (size_t)t * KV + h * hd;
+                rmsnorm(k, k, L->k_norm, hd, c->norm_eps);
+                rope(k, cos_t + t * half, sin_t + t * half, hd);
+            }
+            /* store this position's key and value in the cache */
+            int slot = (pos0 + t) % s->cache_len[l];
+            memcpy(s->key_cache[l] + (size_t)slot * KV, s->k + (size_t)t * KV, (size_t)KV * sizeof(float));
+            memcpy(s->value_cache[l] + (size_t)slot * KV, s->v + (size_t)t * KV, (size_t)KV * sizeof(float));
+        }
 
-        /* store this position's key and value in the cache */
-        int slot = pos % s->cache_len[l];
-        memcpy(s->key_cache[l] + (size_t)slot * KV, s->k, (size_t)KV * sizeof(float));
-        memcpy(s->value_cache[l] + (size_t)slot * KV, s->v, (size_t)KV * sizeof(float));
-
-        attention(s, c, l, pos);
+        attention(s, c, l, pos0, n);
 
         /* output projection, post-attention norm, residual */
-        matmul(s->xb2, s->att_out, &L->wo);
-        rmsnorm(s->xb2, s->xb2, L->post_attn_norm, D, c->norm_eps);
-        for (int i = 0; i < D; i++) s->x[i] += s->xb2[i];
+        matmul(s->xb2, s->att_out, n, &L->wo, s);
+        for (int t = 0; t < n; t++) {
+            float *o = s->xb2 + (size_t)t * D, *x = s->x + (size_t)t * D;
+            rmsnorm(o, o, L->post_attn_norm, D, c->norm_eps);
+            for (int i = 0; i < D; i++) x[i] += o[i];
+            rmsnorm(s->xb + (size_t)t * D, x, L->pre_ffn_norm, D, c->norm_eps);
+        }
 
         /* MLP block: down(gelu(gate(h)) * up(h)), pre- and post-norm, residual */
-        rmsnorm(s->xb, s->x, L->pre_ffn_norm, D, c->norm_eps);
-        matmul(s->hb, s->xb, &L->w_gate);
-        matmul(s->hb2, s->xb, &L->w_up);
-        for (int i = 0; i < c->hidden_dim; i++) s->hb[i] = gelu_tanh(s->hb[i]) * s->hb2[i];
-        matmul(s->xb2, s->hb, &L->w_down);
-        rmsnorm(s->xb2, s->xb2, L->post_ffn_norm, D, c->norm_eps);
-        for (int i = 0; i < D; i++) s->x[i] += s->xb2[i];
-        if (s->hidden_dump) memcpy(s->hidden_dump + (size_t)(l + 1) * D, s->x, (size_t)D * sizeof(float));
+        matmul(s->hb, s->xb, n, &L->w_gate, s);
+        matmul(s->hb2, s->xb, n, &L->w_up, s);
+        for (size_t i = 0; i < (size_t)n * F; i++) s->hb[i] = gelu_tanh(s->hb[i]) * s->hb2[i];
+        matmul(s->xb2, s->hb, n, &L->w_down, s);
+        for (int t = 0; t < n; t++) {
+            float *o = s->xb2 + (size_t)t * D, *x = s->x + (size_t)t * D;
+            rmsnorm(o, o, L->post_ffn_norm, D, c->norm_eps);
+            for (int i = 0; i < D; i++) x[i] += o[i];
+        }
+        if (s->hidden_dump)
+            memcpy(s->hidden_dump + (size_t)(l + 1) * D, s->x + (size_t)(n - 1) * D, (size_t)D * sizeof(float));
     }
 
     /* final norm, then the classifier: the (unscaled) embedding table, tied */
-    rmsnorm(s->x, s->x, w->final_norm, D, c->norm_eps);
-    matmul(s->logits, s->x, &w->embed);
+    int first = s->all_logits ? 0 : n - 1;
+    for (int t = first; t < n; t++) rmsnorm(s->xb + (size_t)t * D, s->x + (size_t)t * D, w->final_norm, D, c->norm_eps);
+    matmul(s->logits, s->xb + (size_t)first * D, n - first, &w->embed, s);
     return s->logits;
 }
+
+/* Feed ids[0..n) at positions pos0.. in batches; returns the logits of the last token
+ * (or, with all_logits, of the last batch: row t of it is token n - nb + t). */
+static float *forward_tokens(const Model *m, RunState *s, const int *ids, int n, int pos0) {
+    float *logits = NULL;
+    for (int done = 0; done < n; done += s->max_batch) {
+        int nb = n - done < s->max_batch ? n - done : s->max_batch;
+        logits = forward_batch(m, s, ids + done, nb, pos0 + done);
+    }
+    return logits;
+}
+
+/* One token: the decode step. */
+static float *forward(const Model *m, RunState *s, int token, int pos) { return forward_batch(m, s, &token, 1, pos); }
 
 /* ------------------------------------------------------------------------- */
 /* 3. sampler                                                                 */
@@ -891,8 +1056,8 @@ static void print_top(const Model *m, const float *logits, int pos, int input_id
     }
 }
 
-/* --logits: run the ids through forward() one at a time (the generation path) and write
- * the logits of every position, row-major [T][vocab]. Optionally also the top-N table
+/* --logits: run the ids through the model in batches, as a prompt is (the state must have
+ * all_logits set), and write the logits of every position, row-major [T][vocab]. Optionally also the top-N table
  * (to `top_out`) and the hidden state after every layer, [T][n_layers + 1][dim]. */
 static int dump_logits(const Model *m, RunState *s, const int *ids, int n, const char *out_path, int top,
                        FILE *top_out, const char *hidden_path, char *err, size_t errsize) {
@@ -910,16 +1075,21 @@ static int dump_logits(const Model *m, RunState *s, const int *ids, int n, const
         }
     }
     if (top > 0 && !buf) { set_err(err, errsize, "out of memory"); rc = -1; }
-    for (int pos = 0; rc == 0 && pos < n; pos++) {
-        float *logits = forward(m, s, ids[pos], pos);
+    if (hidden_path && s->max_batch != 1) { set_err(err, errsize, "--dump-hidden needs a batch of 1"); rc = -1; }
+    for (int done = 0; rc == 0 && done < n; done += s->max_batch) {
+        int nb = n - done < s->max_batch ? n - done : s->max_batch;
+        float *logits = forward_batch(m, s, ids + done, nb, done); /* all_logits: nb rows */
         if (fh && write_f32_le(fh, s->hidden_dump, (c->n_layers + 1) * c->dim) != 0) {
             set_err(err, errsize, "write error on %s", hidden_path);
             rc = -1;
         }
-        if (top > 0) print_top(m, logits, pos, ids[pos], top, buf, top_out);
-        if (write_f32_le(f, logits, c->vocab_size) != 0) {
-            set_err(err, errsize, "write error on %s", out_path);
-            rc = -1;
+        for (int t = 0; rc == 0 && t < nb; t++) {
+            const float *row = logits + (size_t)t * c->vocab_size;
+            if (top > 0) print_top(m, row, done + t, ids[done + t], top, buf, top_out);
+            if (write_f32_le(f, row, c->vocab_size) != 0) {
+                set_err(err, errsize, "write error on %s", out_path);
+                rc = -1;
+            }
         }
     }
     free(buf);
@@ -946,24 +1116,27 @@ static double perplexity(const Model *m, RunState *s, const int *ids, int n, dou
     int ctx = s->ctx, V = m->config.vocab_size;
     int scored = 0; /* ids[1..scored] have been scored */
     double total = 0.0;
-    int start = 0; /* window start in ids (ids[0] is <bos>) */
-    while (scored < n - 1) {
-        /* window: <bos> then ids[start+1 ..], at most ctx tokens */
+    int *window = malloc((size_t)ctx * sizeof(int));
+    if (!window) return NAN;
+    for (int start = 0; scored < n - 1; start += ctx / 2 > 0 ? ctx / 2 : 1) {
+        /* the window: <bos>, then ids[start + 1 ..], at most ctx tokens */
         int len = n - start < ctx ? n - start : ctx;
-        for (int p = 0; p < len - 1; p++) {
-            int tok = p == 0 ? m->config.bos_id : ids[start + p];
-            float *logits = forward(m, s, tok, p);
-            int target_index = start + p + 1;
-            if (target_index > scored) {
-                double nll = token_nll(logits, V, ids[target_index]);
-                if (nll_out) nll_out[target_index - 1] = nll;
+        window[0] = m->config.bos_id;
+        memcpy(window + 1, ids + start + 1, (size_t)(len - 1) * sizeof(int));
+        for (int done = 0; done < len - 1; done += s->max_batch) {
+            int nb = len - 1 - done < s->max_batch ? len - 1 - done : s->max_batch;
+            const float *logits = forward_batch(m, s, window + done, nb, done); /* all_logits */
+            for (int t = 0; t < nb; t++) {
+                int target = start + done + t + 1; /* index in ids of the token predicted here */
+                if (target <= scored) continue;     /* already scored with more history */
+                double nll = token_nll(logits + (size_t)t * V, V, ids[target]);
+                if (nll_out) nll_out[target - 1] = nll;
                 total += nll;
-                scored = target_index;
+                scored = target;
             }
         }
-        if (start + len >= n) break;
-        start += ctx / 2 > 0 ? ctx / 2 : 1;
     }
+    free(window);
     return total / (n - 1);
 }
 
@@ -973,8 +1146,7 @@ static double perplexity(const Model *m, RunState *s, const int *ids, int n, dou
 static int generate_ids(const Model *m, RunState *s, Sampler *sp, const int *prompt, int n, int steps,
                         int *out_ids, FILE *out, double *prefill_s, double *decode_s) {
     double t0 = now_seconds();
-    float *logits = NULL;
-    for (int pos = 0; pos < n; pos++) logits = forward(m, s, prompt[pos], pos);
+    float *logits = forward_tokens(m, s, prompt, n, 0); /* the prompt, in batches */
     double t1 = now_seconds();
     TokenStream ts = {{0}, 0};
     int generated = 0;
@@ -1075,17 +1247,18 @@ static int chat_turn(const Model *m, RunState *s, Sampler *sp, Chat *ch, const c
         chat_pop(ch);
         return CHAT_FULL;
     }
-    /* Reuse the cache for the longest common prefix. Rewinding a sliding-window ring by
-     * more than one position is only safe while nothing in it has been overwritten;
-     * otherwise start over (rare: it needs a reply that tokenizes differently as text). */
+    /* Reuse the cache for the longest common prefix. Rewinding to `keep` needs the keys of
+     * positions keep - window + 1 .. keep - 1 still in each sliding ring, i.e. not yet
+     * overwritten by positions up to n_hist - 1; otherwise start over (rare: it needs a
+     * reply that tokenizes differently when rendered as text). */
     int keep = 0;
     while (keep < ch->n_hist && keep < n && ch->hist[keep] == ids[keep]) keep++;
-    int min_ring = s->ctx;
-    for (int l = 0; l < c->n_layers; l++) if (s->cache_len[l] < min_ring) min_ring = s->cache_len[l];
-    if (keep < ch->n_hist && ch->n_hist - keep > 1 && ch->n_hist > min_ring) keep = 0;
-    float *logits = NULL;
-    for (int pos = keep; pos < n; pos++) logits = forward(m, s, ids[pos], pos);
-    if (keep == n) logits = forward(m, s, ids[n - 1], n - 1); /* need fresh logits for the last id */
+    if (keep == n) keep = n - 1; /* need fresh logits for the last id */
+    for (int l = 0; l < c->n_layers; l++) {
+        int oldest = keep - c->window + 1 > 0 ? keep - c->window + 1 : 0;
+        if (ch->n_hist > s->cache_len[l] && oldest + s->cache_len[l] <= ch->n_hist - 1) keep = 0;
+    }
+    float *logits = forward_tokens(m, s, ids + keep, n - keep, keep);
     memcpy(ch->hist, ids, (size_t)n * sizeof(int));
     ch->n_hist = ch->prompt_len = n;
     ch->fed = n - keep;
@@ -1341,7 +1514,7 @@ int main(int argc, char **argv) {
         if (!ctx) ctx = n;
         if (n > ctx) die("%s has %d tokens, more than the context of %d (-c)", logits_in, n, ctx);
         if (ctx > c->max_seq_len) die("context %d exceeds the model's max_position_embeddings %d", ctx, c->max_seq_len);
-        if (build_run_state(&state, c, ctx, err, sizeof err) != 0) die("%s", err);
+        if (build_run_state(&state, c, ctx, hidden_out ? 1 : PREFILL_BATCH, 1, err, sizeof err) != 0) die("%s", err);
         if (dump_logits(&model, &state, ids, n, logits_out, top_n, stdout, hidden_out, err, sizeof err) != 0) die("%s", err);
         free(ids);
         free_run_state(&state, c);
@@ -1372,7 +1545,7 @@ int main(int argc, char **argv) {
         memcpy(ids + 1, text_ids, (size_t)n_text * sizeof(int));
         free(text_ids);
         if (ctx > n) ctx = n;
-        if (build_run_state(&state, c, ctx, err, sizeof err) != 0) die("%s", err);
+        if (build_run_state(&state, c, ctx, PREFILL_BATCH, 1, err, sizeof err) != 0) die("%s", err);
         double t0 = now_seconds();
         double mean = perplexity(&model, &state, ids, n, nll);
         double worst = 0.0;
@@ -1391,7 +1564,7 @@ int main(int argc, char **argv) {
 
     if (mode_chat) {
         Chat chat;
-        if (build_run_state(&state, c, ctx, err, sizeof err) != 0) die("%s", err);
+        if (build_run_state(&state, c, ctx, PREFILL_BATCH, 0, err, sizeof err) != 0) die("%s", err);
         if (build_chat(&chat, ctx, system_prompt) != 0) die("out of memory");
         int interactive = 0;
 #ifndef GEMMA3_NO_MMAP
@@ -1440,7 +1613,7 @@ int main(int argc, char **argv) {
     memcpy(ids + 1, text_ids, (size_t)n_text * sizeof(int));
     free(text_ids);
     if (n >= ctx) die("the prompt is %d tokens, the context only %d (raise -c)", n, ctx);
-    if (build_run_state(&state, c, ctx, err, sizeof err) != 0) die("%s", err);
+    if (build_run_state(&state, c, ctx, PREFILL_BATCH, 0, err, sizeof err) != 0) die("%s", err);
     double prefill_s, decode_s;
     int generated = generate_ids(&model, &state, &sampler, ids, n, steps, NULL, stdout, &prefill_s, &decode_s);
     printf("\n");

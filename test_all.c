@@ -88,13 +88,14 @@ static int *read_ids(const char *path, int *n) {
     return ids;
 }
 
-/* Logits of every position of `ids`, through forward() one token at a time. */
+/* Logits of every position of `ids`, through forward() one token at a time (the decode
+ * path; the CLI's --logits goes through the batched prompt path, and the two must agree). */
 static float *model_logits(const char *bin, const int *ids, int n, int *vocab) {
     Model m;
     RunState s;
     char err[512];
     if (load_model(&m, bin, err, sizeof err) != 0) { printf("  %s\n", err); return NULL; }
-    if (build_run_state(&s, &m.config, n, err, sizeof err) != 0) { printf("  %s\n", err); free_model(&m); return NULL; }
+    if (build_run_state(&s, &m.config, n, 1, 0, err, sizeof err) != 0) { printf("  %s\n", err); free_model(&m); return NULL; }
     int V = m.config.vocab_size;
     float *out = malloc((size_t)n * V * sizeof(float));
     for (int t = 0; out && t < n; t++) memcpy(out + (size_t)t * V, forward(&m, &s, ids[t], t), (size_t)V * sizeof(float));
@@ -129,7 +130,7 @@ static int greedy_ids(const char *bin, const int *ids, int n, int steps, int *ou
     Sampler sp;
     char err[512];
     if (load_model(&m, bin, err, sizeof err) != 0) { printf("  %s\n", err); return -1; }
-    if (build_run_state(&s, &m.config, n + steps, err, sizeof err) != 0) { free_model(&m); return -1; }
+    if (build_run_state(&s, &m.config, n + steps, PREFILL_BATCH, 0, err, sizeof err) != 0) { free_model(&m); return -1; }
     build_sampler(&sp, m.config.vocab_size, 0.0f, 0, 1.0f, 0.0f, 1);
     int got = generate_ids(&m, &s, &sp, ids, n, steps, out, NULL, NULL, NULL);
     free_sampler(&sp);
@@ -199,7 +200,8 @@ static void test_fixture_tiny(void) {
           "gemma3 --logits bf16: %s", last_log());
     CHECK(files_equal(BUILD "/tiny-f32.logits", BUILD "/tiny-bf16.logits"),
           "bf16 export of bf16 weights should give bit-identical logits to the f32 export");
-    check_logits("CLI --logits file vs reference", BUILD "/tiny-f32.bin", TINY "/tokens.txt", BUILD "/tiny-f32.logits", 1e-6);
+    /* batched prompt path (CLI) == one token at a time (decode path), to the bit */
+    check_logits("batched --logits == token-by-token", BUILD "/tiny-f32.bin", TINY "/tokens.txt", BUILD "/tiny-f32.logits", 0.0);
 }
 
 /* Write `n` pseudo-random token ids (first one <bos> = 2) to a token file. */
@@ -228,6 +230,21 @@ static void check_own_checkpoint(const char *name, const char *shape_args, int v
     char what[128];
     snprintf(what, sizeof what, "%s vs numpy reference", name);
     check_logits(what, bin, toks, ref, 1e-4);
+    /* the batched prompt path (batches of 64, far longer than the window) */
+    char cli[256];
+    snprintf(cli, sizeof cli, BUILD "/%s.cli.f32", name);
+    CHECK(run("./gemma3 %s --logits %s %s", bin, toks, cli) == 0, "%s: --logits: %s", name, last_log());
+    long na, nb;
+    float *a = read_f32_file(cli, &na), *b = read_f32_file(ref, &nb);
+    if (a && b && na == nb) {
+        double max_ref, d = max_abs_diff(a, b, na, &max_ref);
+        printf("  %-44s max|diff| %.3g (%.2g of max|logit|)\n", "  same, batched --logits", d, d / max_ref);
+        CHECK(d <= 1e-4 * max_ref, "%s: batched --logits max|diff| %g", name, d);
+    } else {
+        CHECK(0, "%s: cannot compare %s with %s", name, cli, ref);
+    }
+    free(a);
+    free(b);
     snprintf(what, sizeof what, "%s greedy vs numpy reference", name);
     check_greedy(what, bin, toks, greedy);
 }
@@ -377,12 +394,14 @@ static void test_toolkit(void) {
     int D = c->dim, L = c->n_layers;
     float *x = malloc((size_t)D * sizeof(float)), *out = malloc((size_t)V * sizeof(float));
     double worst_emb = 0, worst_logit = 0, max_logit = 0;
+    RunState s;
+    build_run_state(&s, c, 1, 1, 0, err, sizeof err); /* scratch for matmul */
     for (int t = 0; t < n; t++) {
         const float *h = hidden + (size_t)t * (L + 1) * D;
         matrix_row(x, &m.weights.embed, ids[t]);
         for (int i = 0; i < D; i++) worst_emb = fmax(worst_emb, fabs(h[i] - x[i] * (float)sqrt((double)D)));
         rmsnorm(x, h + (size_t)L * D, m.weights.final_norm, D, c->norm_eps);
-        matmul(out, x, &m.weights.embed);
+        matmul(out, x, 1, &m.weights.embed, &s);
         for (int i = 0; i < V; i++) {
             worst_logit = fmax(worst_logit, fabs(out[i] - logits[(size_t)t * V + i]));
             max_logit = fmax(max_logit, fabs(out[i]));
@@ -391,18 +410,18 @@ static void test_toolkit(void) {
     CHECK(worst_emb == 0, "--dump-hidden layer 0 is not the scaled embedding (diff %g)", worst_emb);
     CHECK(worst_logit <= 1e-6 * max_logit, "--dump-hidden last layer does not give the logits (diff %g)", worst_logit);
     printf("  --top rank 1 == argmax in %d/%d rows; hidden[L] -> logits max|diff| %g\n", good, n, worst_logit);
+    free_run_state(&s, c);
     /* perplexity: with the whole text in one window, the mean of log-softmax over --logits */
-    RunState s;
     double expect = 0;
     for (int t = 0; t + 1 < n; t++) expect += token_nll(logits + (size_t)t * V, V, ids[t + 1]);
     expect /= n - 1;
-    build_run_state(&s, c, n, err, sizeof err);
+    build_run_state(&s, c, n, 7, 1, err, sizeof err); /* batches of 7: not a divisor of anything */
     double *nll_full = malloc((size_t)n * sizeof(double)), *nll_win = malloc((size_t)n * sizeof(double));
     double got = perplexity(&m, &s, ids, n, nll_full);
     free_run_state(&s, c);
     CHECK(fabs(got - expect) < 1e-9 * fabs(expect), "perplexity mean NLL %.9f != %.9f from the logits", got, expect);
     /* in windows of 16 (overlapping by 8): the first window's scores are unchanged, all finite */
-    build_run_state(&s, c, 16, err, sizeof err);
+    build_run_state(&s, c, 16, 16, 1, err, sizeof err);
     double win = perplexity(&m, &s, ids, n, nll_win);
     free_run_state(&s, c);
     int same_first = 1;
@@ -484,7 +503,7 @@ static void test_tokenizer_and_chat(void) {
     RunState s;
     Sampler sp;
     Chat ch;
-    build_run_state(&s, &m.config, 512, err, sizeof err);
+    build_run_state(&s, &m.config, 512, PREFILL_BATCH, 0, err, sizeof err);
     build_sampler(&sp, m.config.vocab_size, 0.0f, 0, 1.0f, 0.0f, 1);
     build_chat(&ch, 512, "You are terse.");
     /* A random model's reply may not re-tokenize to the ids it sampled; the turn after such
@@ -499,7 +518,7 @@ static void test_tokenizer_and_chat(void) {
 
     /* a context that fills up: a clear CHAT_FULL, the conversation left as it was */
     RunState small;
-    build_run_state(&small, &m.config, 48, err, sizeof err);
+    build_run_state(&small, &m.config, 48, 5, 0, err, sizeof err);
     build_chat(&ch, 48, NULL);
     int rc = CHAT_OK, turns = 0;
     const char *msg = "Tell me a story about seven dragons and a lighthouse.";
