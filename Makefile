@@ -8,7 +8,7 @@ ifeq ($(OMP),1)
 endif
 LDLIBS = -lm
 
-.PHONY: all test clean debug asan
+.PHONY: all test clean debug asan test-cross bench bench-tokenizer
 
 all: gemma3
 
@@ -22,6 +22,18 @@ test_all: test_all.c gemma3.c tokenizer.c $(wildcard tests/*.c)
 # Ends with "N passed, N failed".
 test: gemma3 test_all
 	./test_all
+
+# Same fixture logits on aarch64, i686 and big-endian s390x under qemu-user (installs
+# Debian's cross compilers and qemu-user on first use), plus the no-mmap build.
+test-cross:
+	bash tests/cross.sh
+
+# Speed: a random checkpoint of the real 1B shape in every format (not a test).
+bench: gemma3
+	bash tools/bench.sh
+
+bench-tokenizer: gemma3
+	bash tools/bench_tokenizer.sh
 
 # Debug build with AddressSanitizer + UndefinedBehaviorSanitizer, then the suite on it.
 asan:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Export a Hugging Face Gemma 3 checkpoint to the flat gemma3.c model file.
 
-    python3 export.py HF_DIR OUT.bin [--dtype f32|bf16]
+    python3 export.py HF_DIR OUT.bin [--dtype f32|bf16|q8_0|q4_0]
 
 HF_DIR holds config.json, model.safetensors (or model-*-of-*.safetensors plus
 model.safetensors.index.json) and, optionally, tokenizer.json. Both the text-only
@@ -12,13 +12,16 @@ every hyper-parameter, the tokenizer, a tensor directory, then 64-byte aligned t
 all little-endian.
 
 Standard library only. Tensors are streamed one at a time, so memory stays at the size
-of the largest tensor, whatever the model size.
+of the largest tensor, whatever the model size. The quantized types (q8_0, q4_0) are
+made by the C engine itself (`gemma3 --quantize`, built with make if needed) from an
+intermediate bf16 export (f32 if any source tensor is not bf16), so they need no numpy.
 """
 import argparse
 import json
 import os
 import re
 import struct
+import subprocess
 import sys
 import time
 
@@ -415,16 +418,45 @@ def export(hf_dir, out_path, dtype_name, quiet=False):
               f"tokenizer {'yes' if tok_bytes else 'no'}, {time.time() - t0:.1f} s", file=sys.stderr)
 
 
+def export_quantized(hf_dir, out_path, dtype_name, quiet):
+    """q8_0 / q4_0: export losslessly, then let the C engine quantize (fast, no numpy)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    engine = os.path.join(here, "gemma3")
+    if not os.access(engine, os.X_OK):
+        if not quiet:
+            print("building gemma3 (it does the quantization) ...", file=sys.stderr)
+        if subprocess.run(["make", "-C", here, "gemma3"], stdout=subprocess.DEVNULL).returncode != 0:
+            raise ExportError("quantized export needs the gemma3 binary: run make in " + here)
+    lossless = "bf16" if all(t["dtype"] == "BF16" for t in find_tensors(hf_dir).values()) else "f32"
+    tmp = out_path + f".{lossless}.tmp"
+    try:
+        export(hf_dir, tmp, lossless, quiet)
+        if not quiet:
+            print(f"quantizing to {dtype_name} ...", file=sys.stderr)
+        r = subprocess.run([engine, tmp, "--quantize", dtype_name, out_path], stderr=subprocess.PIPE, text=True)
+        if r.returncode != 0:
+            raise ExportError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "gemma3 --quantize failed")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    if not quiet:
+        print(f"wrote {out_path}: {os.path.getsize(out_path) / 1e6:.1f} MB, dtype {dtype_name}", file=sys.stderr)
+
+
 def main():
     ap = argparse.ArgumentParser(description="Export a Hugging Face Gemma 3 checkpoint to a gemma3.c model file.")
     ap.add_argument("hf_dir", help="directory with config.json, *.safetensors and (optionally) tokenizer.json")
     ap.add_argument("out", help="output model file, e.g. gemma3-1b.bin")
-    ap.add_argument("--dtype", choices=sorted(DTYPE_CODES), default="bf16",
-                    help="weight type of the matrices (norms stay f32); default bf16")
+    ap.add_argument("--dtype", choices=sorted(DTYPE_CODES) + ["q4_0", "q8_0"], default="bf16",
+                    help="weight type of the matrices (norms stay f32); default bf16. q8_0 / q4_0: "
+                         "int8 / int4 in blocks of 32 with a half-precision scale, made by gemma3 --quantize")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     args = ap.parse_args()
     try:
-        export(args.hf_dir, args.out, args.dtype, args.quiet)
+        if args.dtype in ("q8_0", "q4_0"):
+            export_quantized(args.hf_dir, args.out, args.dtype, args.quiet)
+        else:
+            export(args.hf_dir, args.out, args.dtype, args.quiet)
     except ExportError as e:
         print(f"export.py: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -17,6 +17,7 @@
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
 #define _POSIX_C_SOURCE 200809L
 #endif
+#define _FILE_OFFSET_BITS 64 /* 32-bit hosts: stat and map files over 2 GiB */
 #include <errno.h>
 #include <math.h>
 #include <stdarg.h>
@@ -161,8 +162,18 @@ static int read_file_bytes(Model *m, const char *path, char *err, size_t errsize
         int fd = open(path, O_RDONLY);
         struct stat st;
         if (fd < 0) { set_err(err, errsize, "cannot open %s: %s", path, strerror(errno)); return -1; }
-        if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        if (fstat(fd, &st) != 0) {
+            set_err(err, errsize, "cannot stat %s: %s", path, strerror(errno));
+            close(fd);
+            return -1;
+        }
+        if (!S_ISREG(st.st_mode)) {
             set_err(err, errsize, "%s is not a regular file", path);
+            close(fd);
+            return -1;
+        }
+        if ((uintmax_t)st.st_size > (uintmax_t)SIZE_MAX) {
+            set_err(err, errsize, "%s is too large for this 32-bit build", path);
             close(fd);
             return -1;
         }
@@ -184,7 +195,12 @@ static int read_file_bytes(Model *m, const char *path, char *err, size_t errsize
     FILE *f = fopen(path, "rb");
     if (!f) { set_err(err, errsize, "cannot open %s: %s", path, strerror(errno)); return -1; }
     if (fseek(f, 0, SEEK_END) != 0) { set_err(err, errsize, "cannot seek in %s", path); fclose(f); return -1; }
-    long end = ftell(f);
+    long end = ftell(f); /* plain C: a long, so at most 2 GiB on 32-bit hosts */
+    if (end < 0) {
+        set_err(err, errsize, "cannot determine the size of %s (over 2 GiB on a 32-bit build?)", path);
+        fclose(f);
+        return -1;
+    }
     if (end < GEMMA3_HEADER_SIZE) {
         set_err(err, errsize, "%s: file too short (%ld bytes) to be a gemma3.c model", path, end);
         fclose(f);
@@ -969,6 +985,14 @@ static int sample(Sampler *sp, float *logits) {
 /* 4. generation, logits dump, chat                                           */
 /* ------------------------------------------------------------------------- */
 
+static int isatty_stderr(void) {
+#ifndef GEMMA3_NO_MMAP
+    return isatty(2); /* POSIX builds: progress lines only on a terminal */
+#else
+    return 0;
+#endif
+}
+
 static double now_seconds(void) {
 #if defined(CLOCK_MONOTONIC)
     struct timespec ts;
@@ -1289,6 +1313,142 @@ static int chat_turn(const Model *m, RunState *s, Sampler *sp, Chat *ch, const c
     return rc;
 }
 
+/* float -> IEEE half, round to nearest even (the q8_0 / q4_0 block scales). */
+static uint16_t f32_to_f16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t sign = (u >> 16) & 0x8000, a = u & 0x7fffffff;
+    if (a >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (a > 0x7f800000 ? 0x200 : 0)); /* inf / nan */
+    if (a >= 0x477ff000) return (uint16_t)(sign | 0x7c00);                                 /* overflow */
+    if (a < 0x38800000) { /* subnormal half: shift the mantissa (with its implicit 1) into place */
+        if (a < 0x33000000) return (uint16_t)sign;
+        uint32_t m = (a & 0x7fffff) | 0x800000;
+        int shift = 126 - (int)(a >> 23); /* 14..24 */
+        uint32_t q = m >> shift, rest = m & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+        if (rest > halfway || (rest == halfway && (q & 1))) q++;
+        return (uint16_t)(sign | q);
+    }
+    uint32_t h = ((a >> 13) - (112u << 10)), rest = a & 0x1fff;
+    if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) h++;
+    return (uint16_t)(sign | h);
+}
+
+static void wr_u16(unsigned char *p, uint16_t v) { p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8); }
+static void wr_u32(unsigned char *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i)); }
+static void wr_u64(unsigned char *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i)); }
+
+/* One row of floats to q8_0 blocks: d = max|x| / 127, q = round(x / d). */
+static void quantize_row_q8_0(unsigned char *out, const float *x, int n) {
+    for (int b = 0; b < n / QK; b++, out += Q8_0_BLOCK) {
+        float amax = 0.0f;
+        for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[b * QK + i]));
+        float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+        wr_u16(out, f32_to_f16(d));
+        for (int i = 0; i < QK; i++) ((int8_t *)(out + 2))[i] = (int8_t)lrintf(x[b * QK + i] * inv);
+    }
+}
+
+/* One row of floats to q4_0 blocks: the value of largest magnitude maps to -8 exactly,
+ * d = that value / -8, nibble = clamp(round(x / d) + 8, 0, 15). */
+static void quantize_row_q4_0(unsigned char *out, const float *x, int n) {
+    for (int b = 0; b < n / QK; b++, out += Q4_0_BLOCK) {
+        float max = 0.0f;
+        for (int i = 0; i < QK; i++) if (fabsf(x[b * QK + i]) > fabsf(max)) max = x[b * QK + i];
+        float d = max / -8.0f, inv = d != 0.0f ? 1.0f / d : 0.0f;
+        wr_u16(out, f32_to_f16(d));
+        for (int i = 0; i < QK / 2; i++) {
+            int lo = (int)lrintf(x[b * QK + i] * inv) + 8, hi = (int)lrintf(x[b * QK + i + QK / 2] * inv) + 8;
+            lo = lo < 0 ? 0 : lo > 15 ? 15 : lo;
+            hi = hi < 0 ? 0 : hi > 15 ? 15 : hi;
+            out[2 + i] = (unsigned char)(lo | hi << 4);
+        }
+    }
+}
+
+/* --quantize: write a copy of model file `m` whose matrices are q8_0 or q4_0 (norms stay
+ * f32). Header, layer types and tokenizer are copied byte for byte; the tensor directory
+ * gets the new dtypes, sizes and offsets. export.py --dtype q8_0|q4_0 calls this. */
+static int quantize_model(const Model *m, const char *out_path, int dtype, char *err, size_t errsize) {
+    const unsigned char *h = m->data;
+    uint64_t dir_off = rd_u64(h + 112);
+    uint32_t n = rd_u32(h + 88);
+    size_t dir_size = (size_t)n * GEMMA3_DIR_ENTRY_SIZE;
+    unsigned char *dir = malloc(dir_size);
+    const Config *c = &m->config;
+    int widest = c->dim > c->hidden_dim ? c->dim : c->hidden_dim;
+    if (c->n_heads * c->head_dim > widest) widest = c->n_heads * c->head_dim;
+    float *row = malloc((size_t)widest * sizeof(float));
+    FILE *f = fopen(out_path, "wb");
+    if (!dir || !row || !f) {
+        set_err(err, errsize, f ? "out of memory" : "cannot write %s: %s", out_path, strerror(errno));
+        goto fail;
+    }
+    memcpy(dir, m->data + dir_off, dir_size);
+    /* lay out the tensors: same order, 64-byte aligned */
+    uint64_t pos = (dir_off + dir_size + 63) / 64 * 64;
+    for (uint32_t i = 0; i < n; i++) {
+        unsigned char *e = dir + (size_t)i * GEMMA3_DIR_ENTRY_SIZE;
+        uint32_t ndim = rd_u32(e + 68), rows = rd_u32(e + 72), cols = rd_u32(e + 76);
+        uint64_t nbytes = rd_u64(e + 96);
+        if (ndim == 2) {
+            if (cols % QK != 0) { set_err(err, errsize, "%.64s: %u columns is not a multiple of %d", (const char *)e, cols, QK); goto fail; }
+            wr_u32(e + 64, (uint32_t)dtype);
+            nbytes = (uint64_t)rows * row_bytes(dtype, (int)cols);
+            wr_u64(e + 96, nbytes);
+        }
+        wr_u64(e + 88, pos);
+        pos = (pos + nbytes + 63) / 64 * 64;
+    }
+    unsigned char head[GEMMA3_HEADER_SIZE];
+    memcpy(head, h, sizeof head);
+    wr_u64(head + 8, pos); /* file size */
+    if (fwrite(head, 1, sizeof head, f) != sizeof head ||
+        fwrite(h + GEMMA3_HEADER_SIZE, 1, (size_t)dir_off - GEMMA3_HEADER_SIZE, f) != (size_t)dir_off - GEMMA3_HEADER_SIZE ||
+        fwrite(dir, 1, dir_size, f) != dir_size)
+        goto write_fail;
+    uint64_t written = dir_off + dir_size; /* bytes so far (no ftell: it is a long, 32 bits on some hosts) */
+    for (uint32_t i = 0; i < n; i++) {
+        const unsigned char *e = dir + (size_t)i * GEMMA3_DIR_ENTRY_SIZE;
+        const unsigned char *src = m->data + rd_u64(m->data + dir_off + (size_t)i * GEMMA3_DIR_ENTRY_SIZE + 88);
+        uint64_t off = rd_u64(e + 88);
+        for (; written < off; written++) if (fputc(0, f) == EOF) goto write_fail; /* alignment */
+        if (rd_u32(e + 68) == 1) { /* a norm: stays f32 (in memory it is host order) */
+            if (write_f32_le(f, (const float *)src, (int)rd_u32(e + 72)) != 0) goto write_fail;
+            written += rd_u64(e + 96);
+            continue;
+        }
+        const char *name = (const char *)e;
+        Matrix source = {src, (int)rd_u32(m->data + dir_off + (size_t)i * GEMMA3_DIR_ENTRY_SIZE + 64),
+                         (int)rd_u32(e + 72), (int)rd_u32(e + 76)};
+        const Matrix *W = &source;
+        size_t rb = row_bytes(dtype, W->cols);
+        unsigned char *qrow = malloc(rb);
+        if (!qrow) { set_err(err, errsize, "out of memory"); goto fail; }
+        for (int r = 0; r < W->rows; r++) {
+            matrix_row(row, W, r);
+            if (dtype == DT_Q8_0) quantize_row_q8_0(qrow, row, W->cols);
+            else quantize_row_q4_0(qrow, row, W->cols);
+            if (fwrite(qrow, 1, rb, f) != rb) { free(qrow); goto write_fail; }
+            written += rb;
+        }
+        free(qrow);
+        if (isatty_stderr()) fprintf(stderr, "\r  quantizing %3u/%u %-48.64s", i + 1, n, name);
+    }
+    for (; written < pos; written++) if (fputc(0, f) == EOF) goto write_fail;
+    if (isatty_stderr()) fprintf(stderr, "\n");
+    free(dir);
+    free(row);
+    if (fclose(f) != 0) { set_err(err, errsize, "write error on %s", out_path); return -1; }
+    return 0;
+write_fail:
+    set_err(err, errsize, "write error on %s", out_path);
+fail:
+    free(dir);
+    free(row);
+    if (f) fclose(f);
+    return -1;
+}
+
 /* Read one line (without its newline) of any length; NULL at end of input. */
 static char *read_line(FILE *in, size_t *len) {
     size_t cap = 256, n = 0;
@@ -1329,6 +1489,9 @@ static void usage(FILE *f) {
         "  --perplexity FILE    tokenize FILE (<bos> added), print the mean negative log-likelihood\n"
         "                       and perplexity; texts longer than -c are scored in windows of -c\n"
         "                       tokens overlapping by half\n"
+        "  --quantize q8_0|q4_0 OUT.bin\n"
+        "                       write a copy of MODEL.bin with int8 / int4 matrices in blocks of 32\n"
+        "                       (export.py --dtype q8_0|q4_0 runs this for you)\n"
         "  --encode             read UTF-8 text on stdin, print its token ids (no <bos>) on one line\n"
         "  --decode             read token ids on stdin, print the text\n"
         "  --chat               interactive multi-turn chat with the Gemma 3 chat template, one user\n"
@@ -1395,7 +1558,7 @@ static char *read_all(FILE *f, size_t *len) {
 
 static int takes_value(const char *opt) {
     static const char *const with_value[] = {"-p", "-n", "-t", "-k", "--top-p", "--min-p", "-s", "-c", "--system", "--top", "--dump-hidden",
-                                              "--perplexity", NULL};
+                                              "--perplexity", "--quantize", NULL};
     for (int i = 0; with_value[i]; i++)
         if (!strcmp(opt, with_value[i])) return 1;
     return 0;
@@ -1403,7 +1566,7 @@ static int takes_value(const char *opt) {
 
 int main(int argc, char **argv) {
     const char *model_path = NULL, *prompt = NULL, *logits_in = NULL, *logits_out = NULL;
-    const char *system_prompt = NULL, *hidden_out = NULL, *ppl_path = NULL;
+    const char *system_prompt = NULL, *hidden_out = NULL, *ppl_path = NULL, *quant_type = NULL, *quant_out = NULL;
     int top_n = 0;
     int steps = 256, top_k = 64, ctx = 0, mode_encode = 0, mode_decode = 0, mode_chat = 0;
     float temperature = 1.0f, top_p = 0.95f, min_p = 0.0f;
@@ -1417,7 +1580,12 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--encode")) mode_encode = 1;
         else if (!strcmp(a, "--decode")) mode_decode = 1;
         else if (!strcmp(a, "--chat")) mode_chat = 1;
-        else if (!strcmp(a, "--logits")) {
+        else if (!strcmp(a, "--quantize")) {
+            if (i + 2 >= argc) die("--quantize needs two arguments: q8_0|q4_0 OUT.bin");
+            quant_type = argv[++i];
+            quant_out = argv[++i];
+            if (strcmp(quant_type, "q8_0") && strcmp(quant_type, "q4_0")) die("--quantize: unknown type '%s' (q8_0 or q4_0)", quant_type);
+        } else if (!strcmp(a, "--logits")) {
             if (i + 2 >= argc) die("--logits needs two arguments: TOKENS.txt OUT.f32");
             logits_in = argv[++i];
             logits_out = argv[++i];
@@ -1442,16 +1610,23 @@ int main(int argc, char **argv) {
         else die("unexpected argument '%s' (see --help)", a);
     }
     if (!model_path) { usage(stderr); return 1; }
-    if (mode_encode + mode_decode + mode_chat + (logits_in != NULL) + (prompt != NULL && !mode_chat) + (ppl_path != NULL) > 1)
-        die("choose one of -p, --chat, --logits, --perplexity, --encode, --decode");
-    if (!mode_encode && !mode_decode && !mode_chat && !logits_in && !prompt && !ppl_path)
-        die("nothing to do: give -p PROMPT, --chat, --logits, --perplexity, --encode or --decode (see --help)");
+    if (mode_encode + mode_decode + mode_chat + (logits_in != NULL) + (prompt != NULL && !mode_chat) + (ppl_path != NULL) +
+            (quant_type != NULL) > 1)
+        die("choose one of -p, --chat, --logits, --perplexity, --encode, --decode, --quantize");
+    if (!mode_encode && !mode_decode && !mode_chat && !logits_in && !prompt && !ppl_path && !quant_type)
+        die("nothing to do: give -p PROMPT, --chat, --logits, --perplexity, --encode, --decode or --quantize (see --help)");
     if ((top_n || hidden_out) && !logits_in) die("--top and --dump-hidden go with --logits");
     if (system_prompt && !mode_chat) die("--system goes with --chat");
 
     Model model;
     if (load_model(&model, model_path, err, sizeof err) != 0) die("%s", err);
     const Config *c = &model.config;
+    if (quant_type) {
+        if (quantize_model(&model, quant_out, !strcmp(quant_type, "q8_0") ? DT_Q8_0 : DT_Q4_0, err, sizeof err) != 0)
+            die("%s", err);
+        free_model(&model);
+        return 0;
+    }
     if ((mode_encode || mode_decode || mode_chat || prompt || ppl_path) && !model.has_tokenizer)
         die("%s has no tokenizer (export it from a directory with tokenizer.json); --logits works without one", model_path);
 

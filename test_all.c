@@ -438,6 +438,95 @@ static void test_toolkit(void) {
     free_model(&m);
 }
 
+/* Logits of a quantized export against a reference: max error relative to max|logit|
+ * and top-1 agreement, within the tolerances README documents. */
+static void check_quantized(const char *what, const char *bin, const char *tokens, const char *ref_path, double max_rel,
+                            double min_top1) {
+    int n, V;
+    long nref;
+    int *ids = read_ids(tokens, &n);
+    float *ref = read_f32_file(ref_path, &nref), *got = ids ? model_logits(bin, ids, n, &V) : NULL;
+    if (!ids || !ref || !got || nref != (long)n * V) {
+        CHECK(0, "%s: cannot compute or read logits", what);
+    } else {
+        double max_ref, d = max_abs_diff(got, ref, nref, &max_ref);
+        double top1 = (double)argmax_rows_equal(got, ref, n, V) / n;
+        printf("  %-44s max|diff| %.3g = %.2f%% of max|logit|, top-1 agreement %.1f%%\n", what, d, 100 * d / max_ref, 100 * top1);
+        CHECK(d <= max_rel * max_ref && top1 >= min_top1, "%s: error %.3g%% (limit %.3g%%), top-1 %.1f%% (limit %.1f%%)", what,
+              100 * d / max_ref, 100 * max_rel, 100 * top1, 100 * min_top1);
+    }
+    free(ids);
+    free(ref);
+    free(got);
+}
+
+static void test_quantized(void) {
+    printf("quantized formats: q8_0, q4_0\n");
+    /* the block scale is an IEEE half: every half survives a round trip through float */
+    int bad = 0;
+    for (uint32_t h = 0; h < 0x10000; h++) {
+        if ((h & 0x7c00) == 0x7c00 && (h & 0x3ff)) continue; /* NaN payloads */
+        if (f32_to_f16(f16_to_f32((uint16_t)h)) != h) bad++;
+    }
+    CHECK(bad == 0, "f16 round trip fails for %d of 65536 halves", bad);
+    CHECK(f32_to_f16(1.0f + 1.0f / 2048) == 0x3c00 && f32_to_f16(1.0f + 3.0f / 2048) == 0x3c02 &&
+          f32_to_f16(65520.0f) == 0x7c00 && f32_to_f16(5.96e-8f) == 0x0001, "f16 rounding (ties to even, overflow, subnormal)");
+    /* the int8 kernels against the same quantized weights used in float: only the
+     * on-the-fly quantization of the activations may differ */
+    enum { ROWS = 48, COLS = 256 };
+    static float w[ROWS * COLS], x[COLS], deq[COLS], y_ref[ROWS], y[ROWS];
+    static unsigned char q[ROWS * COLS / QK * Q8_0_BLOCK];
+    uint64_t seed = 99;
+    for (int i = 0; i < ROWS * COLS; i++) w[i] = (random_f32(&seed) - 0.5f) * (i % 7 == 0 ? 3.0f : 1.0f);
+    for (int i = 0; i < COLS; i++) x[i] = random_f32(&seed) - 0.5f;
+    RunState s;
+    Config cfg = {0};
+    unsigned char global = 1;
+    cfg.vocab_size = 8; cfg.dim = COLS; cfg.hidden_dim = COLS; cfg.n_layers = 1; cfg.n_heads = 1; cfg.n_kv_heads = 1;
+    cfg.head_dim = 2; cfg.window = 1; cfg.rope_theta = cfg.rope_local_theta = 1e4f; cfg.rope_factor = 1; cfg.is_global = &global;
+    char err[256];
+    build_run_state(&s, &cfg, 1, 1, 0, err, sizeof err);
+    for (int dt = DT_Q8_0; dt <= DT_Q4_0; dt++) {
+        size_t rb = row_bytes(dt, COLS);
+        for (int r = 0; r < ROWS; r++) {
+            if (dt == DT_Q8_0) quantize_row_q8_0(q + r * rb, w + r * COLS, COLS);
+            else quantize_row_q4_0(q + r * rb, w + r * COLS, COLS);
+        }
+        Matrix W = {q, dt, ROWS, COLS};
+        double worst = 0, wq_err = 0, scale = 0;
+        for (int r = 0; r < ROWS; r++) {
+            matrix_row(deq, &W, r);
+            y_ref[r] = dot_f32(deq, x, COLS);
+            for (int i = 0; i < COLS; i++) wq_err = fmax(wq_err, fabs(deq[i] - w[r * COLS + i]));
+        }
+        matmul(y, x, 1, &W, &s);
+        for (int r = 0; r < ROWS; r++) { worst = fmax(worst, fabs(y[r] - y_ref[r])); scale = fmax(scale, fabs(y_ref[r])); }
+        printf("  %s kernel vs dequantized float: max|diff| %.3g of max %.3g; max weight error %.3g\n",
+               dt == DT_Q8_0 ? "q8_0" : "q4_0", worst, scale, wq_err);
+        CHECK(scale > 0 && worst <= 0.01 * scale, "%s int8 kernel differs from the float product of its own weights by %g",
+              dt == DT_Q8_0 ? "q8_0" : "q4_0", worst);
+        CHECK(wq_err <= (dt == DT_Q8_0 ? 1.5 / 127 : 1.5 / 8) * 1.5 * 1.01, "%s weight error %g too large",
+              dt == DT_Q8_0 ? "q8_0" : "q4_0", wq_err);
+    }
+    free_run_state(&s, &cfg);
+
+    /* whole models: the golden fixture, and a wider random model against its f32 export */
+    CHECK(run("python3 export.py " TINY " " BUILD "/tiny-q8_0.bin --dtype q8_0 -q") == 0, "export q8_0: %s", last_log());
+    CHECK(run("python3 export.py " TINY " " BUILD "/tiny-q4_0.bin --dtype q4_0 -q") == 0, "export q4_0: %s", last_log());
+    check_quantized("tiny q8_0 vs reference", BUILD "/tiny-q8_0.bin", TINY "/tokens.txt", TINY "/logits.f32", 0.02, 0.95);
+    check_quantized("tiny q4_0 vs reference", BUILD "/tiny-q4_0.bin", TINY "/tokens.txt", TINY "/logits.f32", 0.20, 0.90);
+    CHECK(run("python3 tools/make_checkpoint.py " BUILD "/qmed --vocab 4096 --hidden 256 --inter 1024 --layers 4 --heads 4 "
+              "--kv-heads 1 --head-dim 64 --qpas 64 --window 16 --seed 2") == 0, "make qmed: %s", last_log());
+    const char *types[] = {"f32", "q8_0", "q4_0"};
+    for (int i = 0; i < 3; i++)
+        CHECK(run("python3 export.py " BUILD "/qmed " BUILD "/qmed-%s.bin --dtype %s -q", types[i], types[i]) == 0,
+              "export qmed %s: %s", types[i], last_log());
+    write_random_tokens(BUILD "/qmed.tokens", 64, 4096, 5);
+    CHECK(run("./gemma3 " BUILD "/qmed-f32.bin --logits " BUILD "/qmed.tokens " BUILD "/qmed-f32.logits") == 0, "qmed f32 logits");
+    check_quantized("random 4-layer d=256 q8_0 vs f32", BUILD "/qmed-q8_0.bin", BUILD "/qmed.tokens", BUILD "/qmed-f32.logits", 0.05, 0.95);
+    check_quantized("random 4-layer d=256 q4_0 vs f32", BUILD "/qmed-q4_0.bin", BUILD "/qmed.tokens", BUILD "/qmed-f32.logits", 0.50, 0.80);
+}
+
 #define TOKMODEL BUILD "/tok-model.bin"
 
 /* Run one chat turn and check that the cache holds exactly the template rendering of the
@@ -633,6 +722,7 @@ int main(void) {
     test_fixture_tiny();
     test_sampler();
     test_toolkit();
+    test_quantized();
     test_bad_inputs();
     test_own_checkpoints();
     test_tokenizer_and_chat();

@@ -1,0 +1,381 @@
+#!/usr/bin/env bash
+# Inference speed of gemma3 on a random checkpoint of the real Gemma 3 1B shape, for each
+# model file format: file size, peak RSS, prefill and decode tokens/s, and decode as a
+# share of the memory-bandwidth limit. Prints a Markdown table on stdout (progress goes to
+# stderr). Not a test: numbers depend on the machine and its load and are never asserted.
+#
+#   bash tools/bench.sh [--quick]          (or: make bench)
+#
+#   --quick   smoke run on the 270M shape, short prompts (under a minute once cached)
+#
+# Environment (defaults in brackets):
+#   FORMATS="f32 bf16"   export.py --dtype values to measure; one whose export fails is
+#                        reported as such and skipped, the others still run
+#   PREFILL="128 512"    prompt lengths for prefill tok/s        [quick: "32 128"]
+#   DECODE=64            tokens to generate for decode tok/s     [quick: 32]
+#   REPEAT=1             runs of each prefill and decode measurement; the fastest is kept
+#                        (the machine may be shared: 2 or 3 steadies the numbers)
+#   MEMBW_MIB=1024       array size of the bandwidth probe, MiB (must exceed the caches)
+#   OMP_NUM_THREADS      threads for gemma3 and the probe        [all cores]
+#   GEMMA3=./gemma3      binary to measure (default: `make gemma3` first)
+#   BENCH_DIR=tests/build/bench   cache of checkpoints and exported files
+#
+# The random checkpoint (tools/make_checkpoint.py, seed 1, with the real tokenizer) and
+# each exported file are cached in BENCH_DIR and reused; an exported file is redone when
+# export.py is newer than it. The 1B shape needs about 2 GB (checkpoint) + 4 GB (f32)
+# + 2 GB (bf16) of disk. `rm -rf tests/build/bench` frees it (`make clean` does too).
+#
+# What is measured, and how (each in a small function below, to adapt when the CLI grows
+# a batched prefill or a --bench mode):
+#   prefill  `gemma3 M -p TEXT -n 0` with a TEXT of T - 1 tokens (T with <bos>), and
+#            with an empty TEXT (<bos> only); the 1-token run holds the load (mmap, page
+#            faults, set-up) and one forward pass, so
+#            prefill tok/s = (T - 1) / (time(T) - time(1)), T as gemma3 reports it.
+#            (Not --logits: that computes the classifier for every position, which
+#            a prompt does not need.) TEXT is cut from FORMAT.md and README.md: encoded,
+#            the first T - 1 ids kept, decoded back to text.
+#   decode   `gemma3 M -p PROMPT -n N -t 0` and the same with -n 0; generating N tokens
+#            runs N - 1 forward passes (the last token is not fed back), so
+#            decode tok/s = (N - 1) / (time(N) - time(0)). The model is random: if greedy
+#            decoding stops early at <eos>/<end_of_turn>, it is retried with -t 1 -s 1
+#            (marked "sampled"), and a run that still stops early is reported with the
+#            number of tokens it really generated.
+#   RSS      peak resident set of the process (/usr/bin/time %M, else python3's
+#            getrusage of the child: the same kernel figure, ru_maxrss), the largest of the
+#            runs of a format. The model file is mmap'd, so its touched pages count.
+#   limit    tools/membw.c sums a 1 GiB float array with all threads, run right before and
+#            right after the decode measurement (the machine is shared: bandwidth moves
+#            with the neighbours' load). Decode reads every weight once per token, so
+#            limit tok/s = best bandwidth / weight bytes, the weight bytes being the sum of
+#            the tensor sizes in the file's tensor directory (FORMAT.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+quick=0
+for arg in "$@"; do
+    case "$arg" in
+        --quick) quick=1 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "bench: unknown argument '$arg' (usage: bash tools/bench.sh [--quick])" >&2; exit 2 ;;
+    esac
+done
+
+if [ "$quick" = 1 ]; then
+    preset=270m; prefill_default="32 128"; decode_default=32
+else
+    preset=1b; prefill_default="128 512"; decode_default=64
+fi
+FORMATS=${FORMATS:-f32 bf16}
+PREFILL=${PREFILL:-$prefill_default}
+DECODE=${DECODE:-$decode_default}
+REPEAT=${REPEAT:-1}
+MEMBW_MIB=${MEMBW_MIB:-1024}
+BENCH_DIR=${BENCH_DIR:-tests/build/bench}
+PROMPT="The quick brown fox jumps over the lazy dog"
+
+say() { echo "bench: $*" >&2; }
+die() { echo "bench: error: $*" >&2; exit 1; }
+
+for t in $PREFILL; do
+    case "$t" in ''|*[!0-9]*) die "PREFILL must be token counts >= 2, got '$t'" ;; esac
+    [ "$t" -ge 2 ] || die "PREFILL must be token counts >= 2, got '$t'"
+done
+case "$DECODE" in ''|*[!0-9]*) die "DECODE must be a token count >= 2, got '$DECODE'" ;; esac
+[ "$DECODE" -ge 2 ] || die "DECODE must be a token count >= 2, got '$DECODE'"
+case "$REPEAT" in ''|0|*[!0-9]*) die "REPEAT must be a count >= 1, got '$REPEAT'" ;; esac
+command -v python3 >/dev/null || die "python3 is needed (checkpoint generator and exporter)"
+
+mkdir -p "$BENCH_DIR/$preset"
+work=$(mktemp -d "$BENCH_DIR/.run.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+# ---- binaries ---------------------------------------------------------------------
+if [ -n "${GEMMA3:-}" ]; then
+    [ -x "$GEMMA3" ] || die "GEMMA3=$GEMMA3 is not an executable"
+else
+    GEMMA3=./gemma3
+    make -s gemma3 >&2 || die "make gemma3 failed"
+fi
+
+# The bandwidth probe: OpenMP like gemma3; without it, one thread (said in the header).
+membw=$BENCH_DIR/membw
+membw_note=""
+if [ ! -x "$membw" ] || [ tools/membw.c -nt "$membw" ]; then
+    if ! ${CC:-cc} -O2 -fopenmp -o "$membw" tools/membw.c 2>"$work/cc.log"; then
+        ${CC:-cc} -O2 -o "$membw" tools/membw.c || die "cannot build tools/membw.c"
+        membw_note=" (membw built without OpenMP: one thread)"
+    fi
+fi
+
+# Peak RSS: GNU time if installed, else the same figure (ru_maxrss of the waited-for
+# child, KiB on Linux) from python3's resource module.
+if command -v /usr/bin/time >/dev/null && /usr/bin/time -f %M -o /dev/null true 2>/dev/null; then
+    rss_tool="/usr/bin/time -f %M"
+else
+    rss_tool="python3 getrusage"
+fi
+
+# ---- helpers ----------------------------------------------------------------------
+now() { date +%s.%N; }
+calc() { awk "BEGIN { printf $* }"; }     # calc '"%.2f", 1 / 3' prints 0.33
+
+# run_timed LOG CMD...: runs CMD (stdout to LOG.out, stderr to LOG), sets T_WALL
+# (seconds) and T_RSS (KiB), and raises PEAK_RSS. Returns CMD's exit status.
+run_timed() {
+    local log=$1 t0 t1 rc=0; shift
+    t0=$(now)
+    if [ "$rss_tool" = "python3 getrusage" ]; then
+        python3 -c '
+import resource, subprocess, sys
+rc = subprocess.call(sys.argv[2:])
+open(sys.argv[1], "w").write("%d\n" % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+sys.exit(rc)' "$work/rss" "$@" >"$log.out" 2>"$log" || rc=$?
+    else
+        /usr/bin/time -f %M -o "$work/rss" "$@" >"$log.out" 2>"$log" || rc=$?
+    fi
+    t1=$(now)
+    T_WALL=$(calc "\"%.6f\", $t1 - $t0")
+    T_RSS=$(tail -n 1 "$work/rss" 2>/dev/null || echo 0)
+    case "$T_RSS" in ''|*[!0-9]*) T_RSS=0 ;; esac
+    [ "$T_RSS" -gt "$PEAK_RSS" ] && PEAK_RSS=$T_RSS
+    if [ "$rc" != 0 ]; then
+        say "failed (exit $rc): $*"
+        tail -n 3 "$log" | sed 's/^/    /' >&2
+    fi
+    return "$rc"
+}
+
+# weight_bytes FILE: the sum of the tensor data sizes in the tensor directory (FORMAT.md:
+# n_tensors u32 @88, directory offset u64 @112, 104-byte entries, data size u64 @96).
+weight_bytes() {
+    python3 - "$1" <<'PY'
+import struct, sys
+with open(sys.argv[1], "rb") as f:
+    h = f.read(128)
+    if len(h) < 128 or h[:4] != b"GM3C":
+        sys.exit("not a gemma3.c model file: " + sys.argv[1])
+    n_tensors, = struct.unpack_from("<I", h, 88)
+    dir_off, = struct.unpack_from("<Q", h, 112)
+    f.seek(dir_off)
+    d = f.read(104 * n_tensors)
+total = sum(struct.unpack_from("<Q", d, 104 * i + 96)[0] for i in range(n_tensors))
+print(total)
+PY
+}
+
+# bandwidth TAG: runs the probe, sets BW_BEST and BW_MEDIAN (GB/s).
+bandwidth() {
+    local line
+    line=$("$membw" "$MEMBW_MIB" 2>/dev/null) || { say "membw failed"; return 1; }
+    echo "$line" >>"$work/membw.log"
+    BW_BEST=$(echo "$line" | sed -n 's/.*best \([0-9.]*\) GB\/s.*/\1/p')
+    BW_MEDIAN=$(echo "$line" | sed -n 's/.*median \([0-9.]*\) GB\/s.*/\1/p')
+    if [ -z "$BW_BEST" ] || [ -z "$BW_MEDIAN" ]; then say "cannot parse membw output: $line"; return 1; fi
+    say "  $1: $line"
+}
+
+# (Measuring functions set globals rather than print: a $(...) subshell would lose
+# their PEAK_RSS updates.)
+
+# prompt_text MODEL T: writes $work/text-T.txt, a text of T - 1 tokens (about: decoding
+# then encoding again may merge across the cut; gemma3's own count is what is used).
+prompt_text() {
+    local f=$work/text-$2.txt
+    [ -f "$f" ] && return 0
+    if [ ! -f "$work/source.txt" ]; then
+        for _ in 1 2 3 4 5 6 7 8; do cat FORMAT.md README.md; done >"$work/source.txt"
+    fi
+    "$GEMMA3" "$1" --encode <"$work/source.txt" >"$work/source.ids" || return 1
+    tr ' ' '\n' <"$work/source.ids" | head -n "$(($2 - 1))" >"$work/ids-$2.txt"
+    [ "$(wc -l <"$work/ids-$2.txt")" -eq "$(($2 - 1))" ] || { say "source text has fewer than $2 tokens"; return 1; }
+    "$GEMMA3" "$1" --decode <"$work/ids-$2.txt" >"$f" || return 1
+}
+
+# prompt_tokens LOG: the prompt token count of gemma3's "prompt N tokens" stderr line.
+prompt_tokens() { sed -n 's/^prompt \([0-9]*\) tokens.*/\1/p' "$1" | tail -n 1; }
+
+# (The measuring functions set globals rather than print: a $(...) subshell would lose
+# their PEAK_RSS updates.)
+
+# prefill_base MODEL: sets PF_BASE, the wall time of `-p "" -n 0` (load + <bos>); the
+# better of two, as the first may still fault pages in from disk.
+prefill_base() {
+    PF_BASE=""
+    for _ in 1 2; do
+        run_timed "$work/prefill-1.log" "$GEMMA3" "$1" -p "" -n 0 || return 1
+        if [ -z "$PF_BASE" ] || awk "BEGIN { exit !($T_WALL < $PF_BASE) }"; then PF_BASE=$T_WALL; fi
+    done
+}
+
+# prefill_tps MODEL T: sets PF_TPS (prefill tok/s, the best of REPEAT runs) and PF_N
+# (prompt tokens, <bos> included, as gemma3 counted them) for a prompt of about T tokens.
+prefill_tps() {
+    local r tps
+    PF_TPS=""
+    prompt_text "$1" "$2" || return 1
+    for ((r = 0; r < REPEAT; r++)); do
+        run_timed "$work/prefill-$2.log" "$GEMMA3" "$1" -p "$(cat "$work/text-$2.txt")" -n 0 || return 1
+        PF_N=$(prompt_tokens "$work/prefill-$2.log")
+        [ -n "$PF_N" ] || { say "no 'prompt N tokens' line from gemma3 -p"; return 1; }
+        tps=$(calc "\"%.6f\", ($PF_N - 1) / ($T_WALL - $PF_BASE)")
+        if [ -z "$PF_TPS" ] || awk "BEGIN { exit !($tps > $PF_TPS) }"; then PF_TPS=$tps; fi
+    done
+}
+
+# generated LOG: the token count of gemma3's "generated N tokens" stderr line.
+generated() { sed -n 's/.*generated \([0-9]*\) tokens.*/\1/p' "$1" | tail -n 1; }
+
+# decode MODEL SAMPLING...: sets DEC_TPS (tok/s, the best of REPEAT runs), DEC_N (tokens
+# generated), DEC_RATE (gemma3's own printed rate, for the log) for -n $DECODE with the
+# given sampling options. Same options, same seed: every repetition generates the same.
+decode() {
+    local r tps=""
+    for ((r = 0; r < REPEAT; r++)); do
+        decode_once "$@" || return 1
+        if [ -n "$DEC_TPS" ] && { [ -z "$tps" ] || awk "BEGIN { exit !($DEC_TPS > $tps) }"; }; then tps=$DEC_TPS; fi
+    done
+    DEC_TPS=$tps
+}
+
+decode_once() {
+    local model=$1 t0 t1 forwards; shift
+    run_timed "$work/decode-0.log" "$GEMMA3" "$model" -p "$PROMPT" -n 0 "$@" || return 1
+    t0=$T_WALL
+    run_timed "$work/decode.log" "$GEMMA3" "$model" -p "$PROMPT" -n "$DECODE" "$@" || return 1
+    t1=$T_WALL
+    DEC_N=$(generated "$work/decode.log")
+    [ -n "$DEC_N" ] || { say "no 'generated N tokens' line from gemma3 -p"; return 1; }
+    DEC_RATE=$(sed -n 's/.*generated [0-9]* tokens, \([0-9.]*\) tok\/s.*/\1/p' "$work/decode.log" | tail -n 1)
+    # N generated tokens take N - 1 forward passes; a run stopped by a stop token fed all N.
+    if [ "$DEC_N" -ge "$DECODE" ]; then forwards=$((DEC_N - 1)); else forwards=$DEC_N; fi
+    if [ "$forwards" -gt 0 ]; then
+        DEC_TPS=$(calc "\"%.6f\", $forwards / ($t1 - $t0)")
+    else
+        DEC_TPS=""
+    fi
+}
+
+# short_row FMT TEXT: a table row that only says why this format has no numbers.
+short_row() {
+    local row="| $1 | $2 |" t
+    for t in $PREFILL x x x x x; do row="$row |"; done   # 7 + k columns, 2 written
+    echo "$row" >>"$rows"
+}
+
+fmt_tps() { [ -n "$1" ] && calc "\"%.\" ($1 < 10 ? 2 : 1) \"f\", $1" || echo "n/a"; }
+fmt_gb() { calc "\"%.2f GB\", $1 / 1e9"; }
+
+# ---- the checkpoint ---------------------------------------------------------------
+tok=tests/data/tokenizer.json
+if [ ! -f "$tok" ]; then
+    say "fetching the Gemma 3 tokenizer (needed for -p): bash tests/fetch_tokenizer.sh"
+    bash tests/fetch_tokenizer.sh >&2 || die "no $tok: gemma3 -p needs a tokenizer in the model file"
+fi
+ckpt=$BENCH_DIR/$preset/checkpoint
+gen_cmd="python3 tools/make_checkpoint.py $ckpt --preset $preset --fast-random --seed 1 --tokenizer $tok"
+# The stamp holds the command, written only after the generator succeeded: a half-written
+# checkpoint (interrupted run) or one made with other options is made again.
+if [ "$(cat "$ckpt/.bench-stamp" 2>/dev/null)" != "$gen_cmd" ]; then
+    say "writing the random $preset checkpoint: $gen_cmd"
+    rm -rf "$ckpt"
+    $gen_cmd >&2 || die "the checkpoint generator failed"
+    echo "$gen_cmd" >"$ckpt/.bench-stamp"
+else
+    say "reusing the $preset checkpoint in $ckpt"
+fi
+
+# ---- one format ---------------------------------------------------------------------
+# bench_format FMT: exports (or reuses) the file and appends one table row to $rows.
+# Every step checks its own result: a failure ends this format's row, not the run.
+bench_format() {
+    local fmt=$1 out=$BENCH_DIR/$preset/model-$1.bin wbytes fsize t cell
+    local cells="" bw1 bw2 med1 med2 label dec
+    if [ ! -f "$out" ] || [ export.py -nt "$out" ] || [ "$ckpt/.bench-stamp" -nt "$out" ]; then
+        say "exporting $fmt: python3 export.py $ckpt $out --dtype $fmt"
+        if ! python3 export.py "$ckpt" "$out.tmp" --dtype "$fmt" -q 2>"$work/export-$fmt.log"; then
+            rm -f "$out.tmp"
+            say "export to $fmt failed, skipping it: $(tail -n 1 "$work/export-$fmt.log")"
+            short_row "$fmt" "export failed: $(tail -n 1 "$work/export-$fmt.log" | tr '|' '/')"
+            return 0
+        fi
+        mv -f "$out.tmp" "$out"
+    else
+        say "reusing $out"
+    fi
+    wbytes=$(weight_bytes "$out") || { short_row "$fmt" "cannot read the tensor directory of $out"; return 0; }
+    fsize=$(wc -c <"$out")
+    PEAK_RSS=0
+
+    # Page the file into the page cache once, so no run pays for the disk.
+    cat "$out" >/dev/null
+
+    say "$fmt: prefill (load + <bos>, then ${PREFILL// /, } tokens; best of $REPEAT)"
+    prefill_base "$out" || { short_row "$fmt" "gemma3 failed (prefill, <bos> only)"; return 0; }
+    say "  load + <bos>: $(calc "\"%.2f\", $PF_BASE") s"
+    for t in $PREFILL; do
+        prefill_tps "$out" "$t" || { short_row "$fmt" "gemma3 failed (prefill, $t tokens)"; return 0; }
+        cell=$(fmt_tps "$PF_TPS")
+        [ "$PF_N" = "$t" ] || cell="$cell ($PF_N tok)"   # the text re-encoded to another count
+        say "  prefill $PF_N tokens: $(fmt_tps "$PF_TPS") tok/s"
+        cells="$cells $cell |"
+    done
+
+    say "$fmt: decode $DECODE tokens (best of $REPEAT), between two bandwidth probes"
+    bandwidth before || { short_row "$fmt" "tools/membw failed"; return 0; }
+    bw1=$BW_BEST; med1=$BW_MEDIAN
+    label=""
+    decode "$out" -t 0 || { short_row "$fmt" "gemma3 failed (decode)"; return 0; }
+    if [ "$DEC_N" -lt "$DECODE" ]; then
+        say "  greedy stopped after $DEC_N tokens (random model); again with -t 1 -s 1"
+        local n_greedy=$DEC_N tps_greedy=$DEC_TPS
+        decode "$out" -t 1 -s 1 || { short_row "$fmt" "gemma3 failed (decode)"; return 0; }
+        if [ "$DEC_N" -gt "$n_greedy" ]; then label=", sampled"; else DEC_N=$n_greedy; DEC_TPS=$tps_greedy; fi
+    fi
+    bandwidth after || { short_row "$fmt" "tools/membw failed"; return 0; }
+    bw2=$BW_BEST; med2=$BW_MEDIAN
+    say "  decode: $DEC_N tokens, $(fmt_tps "$DEC_TPS") tok/s (gemma3 printed ${DEC_RATE:-?} tok/s)"
+
+    local bw lim pct
+    bw=$(calc "\"%.2f\", ($bw1 > $bw2 ? $bw1 : $bw2)")
+    lim=$(calc "\"%.6f\", $bw * 1e9 / $wbytes")
+    dec=$(fmt_tps "$DEC_TPS")
+    if [ "$DEC_N" -lt "$DECODE" ] || [ -n "$label" ]; then dec="$dec ($DEC_N tok$label)"; fi
+    if [ -n "$DEC_TPS" ]; then pct=$(calc "\"%.0f%%\", 100 * $DEC_TPS / $lim"); else pct="n/a"; fi
+    echo "| $fmt | $(fmt_gb "$fsize") | $(calc "\"%.2f GB\", $PEAK_RSS * 1024 / 1e9") |$cells $dec |" \
+         "$(calc "\"%.1f / %.1f\", $bw, ($med1 + $med2) / 2") | $(fmt_tps "$lim") | $pct |" >>"$rows"
+    wlist="$wlist $fmt $(fmt_gb "$wbytes"),"
+    measured=$((measured + 1))
+}
+
+# ---- run, then the table ---------------------------------------------------------------
+rows=$work/rows.md
+: >"$rows"
+wlist=""
+measured=0
+for fmt in $FORMATS; do
+    bench_format "$fmt"
+done
+
+threads=${OMP_NUM_THREADS:-"unset (all $(nproc) cores)"}
+cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo 2>/dev/null | head -n 1)
+rev=$(git rev-parse --short HEAD 2>/dev/null || echo "?")
+git diff --quiet HEAD -- gemma3.c tokenizer.c 2>/dev/null || rev="$rev + local changes"
+[ "$GEMMA3" = ./gemma3 ] || rev="$GEMMA3, tree $rev"
+omp="OpenMP"
+if command -v ldd >/dev/null && ! ldd "$GEMMA3" 2>/dev/null | grep -q 'gomp\|libomp'; then omp="no OpenMP"; fi
+
+hdr_prefill=""
+for t in $PREFILL; do hdr_prefill="$hdr_prefill prefill $t tok/s |"; done
+{
+    echo "Machine: $(nproc) CPUs, ${cpu:-unknown CPU}, OMP_NUM_THREADS=$threads; gemma3 $rev ($omp)$membw_note."
+    echo "Model: random Gemma 3 $preset checkpoint (tools/make_checkpoint.py --seed 1); decode: $DECODE tokens after a ${#PROMPT}-character prompt; best of $REPEAT run(s) each."
+    echo
+    echo "| format | file size | peak RSS |$hdr_prefill decode tok/s | bandwidth GB/s (best / median) | limit tok/s | % of limit |"
+    echo "|---|---:|---:|$(for t in $PREFILL; do printf -- '---:|'; done)---:|---:|---:|---:|"
+    cat "$rows"
+    echo
+    [ "$measured" = 0 ] ||
+    echo "Limit = best bandwidth (tools/membw.c, right before and after decode) / weights read per token (sum of the tensor sizes:${wlist%,})."
+    echo "Peak RSS ($rss_tool) includes the touched pages of the mmap'd model file."
+} | tee "$BENCH_DIR/$preset/last.md"
+[ "$measured" -gt 0 ] || die "no format could be measured (see above)"
