@@ -38,7 +38,8 @@ bench-tokenizer: gemma3
 # Debug build with AddressSanitizer + UndefinedBehaviorSanitizer, then the suite on it.
 asan:
 	$(MAKE) clean
-	$(MAKE) test CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer" OMP=0
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  $(MAKE) test CFLAGS="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer" OMP=0
 
 debug:
 	$(CC) $(WARN) -O0 -g $(OMPFLAGS) -o gemma3 gemma3.c $(LDLIBS)

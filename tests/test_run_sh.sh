@@ -8,12 +8,15 @@
 # on a free loopback port, plus a tiny gated hub that answers 401 (no token) / 403 (token),
 # and runs ./run.sh against them with HF_ENDPOINT=http://127.0.0.1:PORT. Nothing but
 # 127.0.0.1 is contacted. Needs tests/data/tokenizer.json (bash tests/fetch_tokenizer.sh).
-# Work files: tests/build/runsh/. Prints "ok - ..." / "not ok - ..." per check and ends
-# with "N passed, N failed"; exits 1 if any check failed.
+# Work files: a fresh tests/build/runsh/t.XXXXXX per run (so two runs at once do not clash),
+# removed when every check passed, kept (and named) otherwise. Prints "ok - ..." /
+# "not ok - ..." per check and ends with "N passed, N failed"; exits 1 if any check failed.
+
+# shellcheck disable=SC2016,SC2317  # bash -c '...' _ ARGS on purpose; helpers run via check
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-W="$root/tests/build/runsh"
+W=""
 RUN="$root/run.sh"
 pass=0
 fail=0
@@ -33,7 +36,19 @@ cleanup() {
     return 0
 }
 trap cleanup EXIT
-finish() { cleanup; pids=(); echo "$pass passed, $fail failed"; [ "$fail" -eq 0 ]; exit $?; }
+finish() {
+    cleanup
+    pids=()
+    if [ -n "$W" ] && [ "$fail" -eq 0 ]; then
+        rm -rf "$W"
+        rmdir "$root/tests/build/runsh" 2>/dev/null
+    elif [ -n "$W" ]; then
+        echo "# work files kept in $W"
+    fi
+    echo "$pass passed, $fail failed"
+    [ "$fail" -eq 0 ]
+    exit $?
+}
 fatal() { nok "$1"; finish; }
 
 # ------------------------------------------------------------------ setup
@@ -44,7 +59,10 @@ command -v curl >/dev/null 2>&1 || fatal "setup: curl not found (run.sh needs it
 [ -f "$RUN" ] || fatal "setup: $RUN missing"
 check "run.sh is executable (./run.sh)" test -x "$RUN"
 
-rm -rf "$W"
+if ! mkdir -p "$root/tests/build/runsh" || ! W="$(mktemp -d "$root/tests/build/runsh/t.XXXXXX")"; then
+    W=""
+    fatal "setup: cannot create a work folder in $root/tests/build/runsh"
+fi
 mkdir -p "$W/hub/org" "$W/hub/unsloth/gemma-3-1b-it/resolve" "$W/home" "$W/home2/.cache/huggingface" "$W/local" ||
     fatal "setup: cannot create $W"
 mkck() { # out_dir [extra args]
@@ -66,8 +84,7 @@ free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
 up() { # port: wait until something answers on 127.0.0.1:port
-    local i
-    for i in $(seq 1 100); do
+    for _ in $(seq 1 100); do
         curl -s --noproxy '*' -o /dev/null --max-time 1 "http://127.0.0.1:$1/" && return 0
         sleep 0.1
     done
@@ -154,7 +171,7 @@ http.server.HTTPServer(("127.0.0.1", hub_port), Hub).serve_forever()
 '
 
 port=""
-for try in 1 2 3; do # a free port can be taken between free_port and the bind: retry
+for _ in 1 2 3; do # a free port can be taken between free_port and the bind: retry
     p="$(free_port)" || break
     ${TO[@]+"${TO[@]}"} python3 -m http.server --bind 127.0.0.1 "$p" --directory "$W/hub" >"$W/hub.log" 2>&1 &
     pids+=($!)
@@ -162,7 +179,7 @@ for try in 1 2 3; do # a free port can be taken between free_port and the bind: 
 done
 [ -n "$port" ] || fatal "setup: python3 -m http.server did not start on 127.0.0.1"
 gport=""
-for try in 1 2 3; do
+for _ in 1 2 3; do
     p="$(free_port)" || break
     ${TO[@]+"${TO[@]}"} python3 -c "$gate_py" "$p" "$W/auth.log" >"$W/gate.log" 2>&1 &
     pids+=($!)
@@ -170,8 +187,9 @@ for try in 1 2 3; do
 done
 [ -n "$gport" ] || fatal "setup: the gated fake hub did not start on 127.0.0.1"
 cport=""
-for try in 1 2 3; do
-    p="$(free_port)" && p2="$(free_port)" || break
+for _ in 1 2 3; do
+    p="$(free_port)" || break
+    p2="$(free_port)" || break
     ${TO[@]+"${TO[@]}"} python3 -c "$cdn_py" "$p" "$p2" "$sharded" "$W/cdn.log" >"$W/cdnhub.log" 2>&1 &
     pids+=($!)
     if up "$p"; then cport="$p"; break; fi
@@ -207,9 +225,8 @@ same_files() { # DIR_A DIR_B FILE...
     local a="$1" b="$2" f; shift 2
     for f in "$@"; do cmp -s "$a/$f" "$b/$f" || return 1; done
 }
-no_parts() { ! ls "$1" | grep -q '\.part$'; }
+no_parts() { local f; for f in "$1"/*.part; do [ ! -e "$f" ] || return 1; done; }
 lines() { wc -l <"$1" | tr -d ' '; }
-one_error_line() { [ "$(grep -c 'error:' "$W/$1.err")" -eq 1 ]; }
 
 # ------------------------------------------------------------------ --help, bad usage
 R help -- --help
@@ -234,7 +251,7 @@ check "run 1 downloaded from HF_ENDPOINT/org/name/resolve/main/" grep -q 'GET /o
 check "run 1 tried model.safetensors.index.json first (404: single file)" grep -q '/org/name/resolve/main/model.safetensors.index.json HTTP/1.[01]" 404' "$W/hub.log"
 check "run 1 took up the partial model.safetensors.part" has run1 "model.safetensors: (resuming|the server cannot resume)"
 check "run 1 left no .part files" no_parts "$G3/name"
-check "run 1 exported $G3/name-bf16.bin" is_gm3c "$G3/name-bf16.bin"
+check "run 1 exported GEMMA3_HOME/name-bf16.bin" is_gm3c "$G3/name-bf16.bin"
 check "run 1 chat printed a reply" replied run1
 check "run 1 passed '-t 0 -n 4' to gemma3 --chat" has run1 "--chat -t 0 -n 4"
 

@@ -86,7 +86,9 @@ case "$REPEAT" in ''|0|*[!0-9]*) die "REPEAT must be a count >= 1, got '$REPEAT'
 command -v python3 >/dev/null || die "python3 is needed (checkpoint generator and exporter)"
 
 mkdir -p "$BENCH_DIR/$preset"
-work=$(mktemp -d "$BENCH_DIR/.run.XXXXXX")
+# Scratch files (logs, prompts) live outside BENCH_DIR: a `make clean` elsewhere must not
+# pull them away mid-run.
+work=$(mktemp -d "${TMPDIR:-/tmp}/gemma3-bench.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
 # ---- binaries ---------------------------------------------------------------------
@@ -348,6 +350,8 @@ bench_format() {
 }
 
 # ---- run, then the table ---------------------------------------------------------------
+# Other work on the machine skews every number: the load average goes in the header.
+load0=$(cut -d ' ' -f 1-3 /proc/loadavg 2>/dev/null || echo "?")
 rows=$work/rows.md
 : >"$rows"
 wlist=""
@@ -367,7 +371,7 @@ if command -v ldd >/dev/null && ! ldd "$GEMMA3" 2>/dev/null | grep -q 'gomp\|lib
 hdr_prefill=""
 for t in $PREFILL; do hdr_prefill="$hdr_prefill prefill $t tok/s |"; done
 {
-    echo "Machine: $(nproc) CPUs, ${cpu:-unknown CPU}, OMP_NUM_THREADS=$threads; gemma3 $rev ($omp)$membw_note."
+    echo "Machine: $(nproc) CPUs, ${cpu:-unknown CPU}, OMP_NUM_THREADS=$threads, load average $load0 at the start; gemma3 $rev ($omp)$membw_note."
     echo "Model: random Gemma 3 $preset checkpoint (tools/make_checkpoint.py --seed 1); decode: $DECODE tokens after a ${#PROMPT}-character prompt; best of $REPEAT run(s) each."
     echo
     echo "| format | file size | peak RSS |$hdr_prefill decode tok/s | bandwidth GB/s (best / median) | limit tok/s | % of limit |"
