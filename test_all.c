@@ -579,6 +579,16 @@ static void test_fuzz_loader(void) {
     free(bad);
 }
 
+/* run.sh end to end against fake Hugging Face hubs on 127.0.0.1 (tests/test_run_sh.sh,
+ * which prints one line per check); here it counts as one test. */
+static void test_run_sh(void) {
+    printf("run.sh: download, export and chat from a fake hub on loopback\n");
+    int rc = run("bash tests/test_run_sh.sh > " BUILD "/runsh.log 2>&1; rc=$?; grep '^not ok' " BUILD "/runsh.log; "
+                 "tail -1 " BUILD "/runsh.log | sed 's/^/    run.sh checks: /'; exit $rc");
+    printf("  tests/test_run_sh.sh (full output in " BUILD "/runsh.log):\n%s", last_log());
+    CHECK(rc == 0, "tests/test_run_sh.sh failed");
+}
+
 #define TOKMODEL BUILD "/tok-model.bin"
 
 /* Run one chat turn and check that the cache holds exactly the template rendering of the
@@ -814,6 +824,7 @@ int main(void) {
     test_bad_inputs();
     test_own_checkpoints();
     test_tokenizer_and_chat();
+    test_run_sh();
     int ci = getenv("CI") && strcmp(getenv("CI"), "") && strcmp(getenv("CI"), "false");
     if (ci && g_skip) {
         printf("CI=true: %d skipped tests count as failures\n", g_skip);
