@@ -201,6 +201,10 @@ static void test_fixture_tiny(void) {
     CHECK(files_equal(BUILD "/tiny-f32.logits", BUILD "/tiny-bf16.logits"),
           "bf16 export of bf16 weights should give bit-identical logits to the f32 export");
     /* batched prompt path (CLI) == one token at a time (decode path), to the bit */
+    /* threads split rows, never a sum: 1 and 2 threads give the same bits */
+    CHECK(run("OMP_NUM_THREADS=1 ./gemma3 " BUILD "/tiny-f32.bin --logits " TINY "/tokens.txt " BUILD "/tiny-t1.logits && "
+              "OMP_NUM_THREADS=2 ./gemma3 " BUILD "/tiny-f32.bin --logits " TINY "/tokens.txt " BUILD "/tiny-t2.logits && "
+              "cmp -s " BUILD "/tiny-t1.logits " BUILD "/tiny-t2.logits") == 0, "logits differ between 1 and 2 threads");
     check_logits("batched --logits == token-by-token", BUILD "/tiny-f32.bin", TINY "/tokens.txt", BUILD "/tiny-f32.logits", 0.0);
 }
 
@@ -683,6 +687,10 @@ static void test_tokenizer_and_chat(void) {
     CHECK(run("./gemma3 " TOKMODEL " -p 'Once upon a time' -n 6 -s 42 > " BUILD "/gen1.txt && ./gemma3 " TOKMODEL
               " -p 'Once upon a time' -n 6 -s 42 > " BUILD "/gen2.txt && cmp -s " BUILD "/gen1.txt " BUILD "/gen2.txt") == 0,
           "same seed did not give the same text");
+    CHECK(run("python3 export.py " BUILD "/tok-model " BUILD "/tok-model-f32.bin --dtype f32 -q && "
+              "OMP_NUM_THREADS=1 ./gemma3 " BUILD "/tok-model-f32.bin -p 'Once upon a time' -n 24 -t 0 > " BUILD "/greedy1.txt && "
+              "OMP_NUM_THREADS=2 ./gemma3 " BUILD "/tok-model-f32.bin -p 'Once upon a time' -n 24 -t 0 > " BUILD "/greedy2.txt && "
+              "cmp -s " BUILD "/greedy1.txt " BUILD "/greedy2.txt") == 0, "f32 greedy text differs between 1 and 2 threads");
 
     /* multi-turn chat: every turn's prompt ids are the template rendering of the whole conversation */
     printf("chat: KV cache reuse across turns\n");

@@ -25,8 +25,8 @@
 # export.py is newer than it. The 1B shape needs about 2 GB (checkpoint) + 4 GB (f32)
 # + 2 GB (bf16) of disk. `rm -rf tests/build/bench` frees it (`make clean` does too).
 #
-# What is measured, and how (each in a small function below, to adapt when the CLI grows
-# a batched prefill or a --bench mode):
+# What is measured, and how (each in a small function below, easy to adapt if the CLI
+# grows a --bench mode):
 #   prefill  `gemma3 M -p TEXT -n 0` with a TEXT of T - 1 tokens (T with <bos>), and
 #            with an empty TEXT (<bos> only); the 1-token run holds the load (mmap, page
 #            faults, set-up) and one forward pass, so
@@ -98,6 +98,17 @@ else
     GEMMA3=./gemma3
     make -s gemma3 >&2 || die "make gemma3 failed"
 fi
+# Measure a private copy: other work in this tree (make asan, make valgrind, a test run)
+# may rebuild ./gemma3 with other flags in the middle of a long run.
+cp "$GEMMA3" "$work/gemma3" || die "cannot copy $GEMMA3"
+bin=$work/gemma3
+build="OpenMP"
+if command -v ldd >/dev/null; then
+    libs=$(ldd "$bin" 2>/dev/null || true)
+    case "$libs" in *gomp*|*libomp*) ;; *) build="no OpenMP: one thread" ;; esac
+    case "$libs" in *asan*|*ubsan*|*tsan*) build="$build, SANITIZER BUILD: not representative" ;; esac
+fi
+case "$build" in OpenMP) ;; *) say "warning: $GEMMA3 is a build with $build" ;; esac
 
 # The bandwidth probe: OpenMP like gemma3; without it, one thread (said in the header).
 membw=$BENCH_DIR/membw
@@ -122,24 +133,30 @@ now() { date +%s.%N; }
 calc() { awk "BEGIN { printf $* }"; }     # calc '"%.2f", 1 / 3' prints 0.33
 
 # run_timed LOG CMD...: runs CMD (stdout to LOG.out, stderr to LOG), sets T_WALL
-# (seconds) and T_RSS (KiB), and raises PEAK_RSS. Returns CMD's exit status.
+# (seconds), raises PEAK_RSS (KiB) and adds the run's major page faults to MAJFLT (pages
+# read from disk: the file was not, or no longer, in the page cache; such a run measured
+# the disk). Logs the command and its figures to $logs/runs. Returns CMD's exit status.
 run_timed() {
-    local log=$1 t0 t1 rc=0; shift
+    local log=$1 t0 t1 rc=0 rss maj; shift
     t0=$(now)
     if [ "$rss_tool" = "python3 getrusage" ]; then
         python3 -c '
 import resource, subprocess, sys
 rc = subprocess.call(sys.argv[2:])
-open(sys.argv[1], "w").write("%d\n" % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+open(sys.argv[1], "w").write("%d %d\n" % (u.ru_maxrss, u.ru_majflt))
 sys.exit(rc)' "$work/rss" "$@" >"$log.out" 2>"$log" || rc=$?
     else
-        /usr/bin/time -f %M -o "$work/rss" "$@" >"$log.out" 2>"$log" || rc=$?
+        /usr/bin/time -f "%M %F" -o "$work/rss" "$@" >"$log.out" 2>"$log" || rc=$?
     fi
     t1=$(now)
     T_WALL=$(calc "\"%.6f\", $t1 - $t0")
-    T_RSS=$(tail -n 1 "$work/rss" 2>/dev/null || echo 0)
-    case "$T_RSS" in ''|*[!0-9]*) T_RSS=0 ;; esac
-    [ "$T_RSS" -gt "$PEAK_RSS" ] && PEAK_RSS=$T_RSS
+    read -r rss maj < <(tail -n 1 "$work/rss" 2>/dev/null || true) || true
+    case "$rss" in ''|*[!0-9]*) rss=0 ;; esac
+    case "$maj" in ''|*[!0-9]*) maj=0 ;; esac
+    [ "$rss" -gt "$PEAK_RSS" ] && PEAK_RSS=$rss
+    MAJFLT=$((MAJFLT + maj))
+    echo "$T_WALL s, $rss KiB, $maj major faults, exit $rc: $*" | tr '\n' ' ' | cut -c 1-200 >>"$logs/runs"
     if [ "$rc" != 0 ]; then
         say "failed (exit $rc): $*"
         tail -n 3 "$log" | sed 's/^/    /' >&2
@@ -176,21 +193,19 @@ bandwidth() {
     say "  $1: $line"
 }
 
-# (Measuring functions set globals rather than print: a $(...) subshell would lose
-# their PEAK_RSS updates.)
-
-# prompt_text MODEL T: writes $work/text-T.txt, a text of T - 1 tokens (about: decoding
-# then encoding again may merge across the cut; gemma3's own count is what is used).
+# prompt_text MODEL T: writes $work/text-T.txt, a text of T - 1 tokens. Decoding then
+# encoding again could merge tokens across the cut, so the rate uses the count gemma3
+# prints, and the table marks a count other than T.
 prompt_text() {
     local f=$work/text-$2.txt
     [ -f "$f" ] && return 0
     if [ ! -f "$work/source.txt" ]; then
         for _ in 1 2 3 4 5 6 7 8; do cat FORMAT.md README.md; done >"$work/source.txt"
     fi
-    "$GEMMA3" "$1" --encode <"$work/source.txt" >"$work/source.ids" || return 1
+    "$bin" "$1" --encode <"$work/source.txt" >"$work/source.ids" || return 1
     tr ' ' '\n' <"$work/source.ids" | head -n "$(($2 - 1))" >"$work/ids-$2.txt"
     [ "$(wc -l <"$work/ids-$2.txt")" -eq "$(($2 - 1))" ] || { say "source text has fewer than $2 tokens"; return 1; }
-    "$GEMMA3" "$1" --decode <"$work/ids-$2.txt" >"$f" || return 1
+    "$bin" "$1" --decode <"$work/ids-$2.txt" >"$f" || return 1
 }
 
 # prompt_tokens LOG: the prompt token count of gemma3's "prompt N tokens" stderr line.
@@ -204,7 +219,7 @@ prompt_tokens() { sed -n 's/^prompt \([0-9]*\) tokens.*/\1/p' "$1" | tail -n 1; 
 prefill_base() {
     PF_BASE=""
     for _ in 1 2; do
-        run_timed "$work/prefill-1.log" "$GEMMA3" "$1" -p "" -n 0 || return 1
+        run_timed "$logs/prefill-1.log" "$bin" "$1" -p "" -n 0 || return 1
         if [ -z "$PF_BASE" ] || awk "BEGIN { exit !($T_WALL < $PF_BASE) }"; then PF_BASE=$T_WALL; fi
     done
 }
@@ -216,9 +231,12 @@ prefill_tps() {
     PF_TPS=""
     prompt_text "$1" "$2" || return 1
     for ((r = 0; r < REPEAT; r++)); do
-        run_timed "$work/prefill-$2.log" "$GEMMA3" "$1" -p "$(cat "$work/text-$2.txt")" -n 0 || return 1
-        PF_N=$(prompt_tokens "$work/prefill-$2.log")
+        run_timed "$logs/prefill-$2.log" "$bin" "$1" -p "$(cat "$work/text-$2.txt")" -n 0 || return 1
+        PF_N=$(prompt_tokens "$logs/prefill-$2.log")
         [ -n "$PF_N" ] || { say "no 'prompt N tokens' line from gemma3 -p"; return 1; }
+        # A T-token run faster than the <bos>-only one: the machine's load changed between
+        # them, and the difference means nothing.
+        awk "BEGIN { exit !($T_WALL > $PF_BASE) }" || { say "  prefill $2: faster than the <bos>-only run (noise)"; continue; }
         tps=$(calc "\"%.6f\", ($PF_N - 1) / ($T_WALL - $PF_BASE)")
         if [ -z "$PF_TPS" ] || awk "BEGIN { exit !($tps > $PF_TPS) }"; then PF_TPS=$tps; fi
     done
@@ -241,16 +259,16 @@ decode() {
 
 decode_once() {
     local model=$1 t0 t1 forwards; shift
-    run_timed "$work/decode-0.log" "$GEMMA3" "$model" -p "$PROMPT" -n 0 "$@" || return 1
+    run_timed "$logs/decode-0.log" "$bin" "$model" -p "$PROMPT" -n 0 "$@" || return 1
     t0=$T_WALL
-    run_timed "$work/decode.log" "$GEMMA3" "$model" -p "$PROMPT" -n "$DECODE" "$@" || return 1
+    run_timed "$logs/decode.log" "$bin" "$model" -p "$PROMPT" -n "$DECODE" "$@" || return 1
     t1=$T_WALL
-    DEC_N=$(generated "$work/decode.log")
+    DEC_N=$(generated "$logs/decode.log")
     [ -n "$DEC_N" ] || { say "no 'generated N tokens' line from gemma3 -p"; return 1; }
-    DEC_RATE=$(sed -n 's/.*generated [0-9]* tokens, \([0-9.]*\) tok\/s.*/\1/p' "$work/decode.log" | tail -n 1)
+    DEC_RATE=$(sed -n 's/.*generated [0-9]* tokens, \([0-9.]*\) tok\/s.*/\1/p' "$logs/decode.log" | tail -n 1)
     # N generated tokens take N - 1 forward passes; a run stopped by a stop token fed all N.
     if [ "$DEC_N" -ge "$DECODE" ]; then forwards=$((DEC_N - 1)); else forwards=$DEC_N; fi
-    if [ "$forwards" -gt 0 ]; then
+    if [ "$forwards" -gt 0 ] && awk "BEGIN { exit !($t1 > $t0) }"; then
         DEC_TPS=$(calc "\"%.6f\", $forwards / ($t1 - $t0)")
     else
         DEC_TPS=""
@@ -301,12 +319,17 @@ bench_format() {
             return 0
         fi
         mv -f "$out.tmp" "$out"
+        # Write the new file out to disk now rather than during the measurements.
+        sync "$out" 2>/dev/null || sync
     else
         say "reusing $out"
     fi
     wbytes=$(weight_bytes "$out") || { short_row "$fmt" "cannot read the tensor directory of $out"; return 0; }
     fsize=$(wc -c <"$out")
     PEAK_RSS=0
+    MAJFLT=0
+    logs=$work/$fmt
+    mkdir -p "$logs"
 
     # Page the file into the page cache once, so no run pays for the disk.
     cat "$out" >/dev/null
@@ -346,6 +369,11 @@ bench_format() {
     echo "| $fmt | $(fmt_gb "$fsize") | $(calc "\"%.2f GB\", $PEAK_RSS * 1024 / 1e9") |$cells $dec |" \
          "$(calc "\"%.1f / %.1f\", $bw, ($med1 + $med2) / 2") | $(fmt_tps "$lim") | $pct |" >>"$rows"
     wlist="$wlist $fmt $(fmt_gb "$wbytes"),"
+    if [ "$MAJFLT" -gt 1000 ]; then
+        say "  warning: $MAJFLT major page faults: parts of the model were read from disk"
+        notes="$notes
+Warning: the $fmt runs had $MAJFLT major page faults (model pages read from disk, not memory: memory pressure?); its numbers are pessimistic."
+    fi
     measured=$((measured + 1))
 }
 
@@ -355,6 +383,7 @@ load0=$(cut -d ' ' -f 1-3 /proc/loadavg 2>/dev/null || echo "?")
 rows=$work/rows.md
 : >"$rows"
 wlist=""
+notes=""
 measured=0
 for fmt in $FORMATS; do
     bench_format "$fmt"
@@ -365,13 +394,11 @@ cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo 2>/dev/null | head -
 rev=$(git rev-parse --short HEAD 2>/dev/null || echo "?")
 git diff --quiet HEAD -- gemma3.c tokenizer.c 2>/dev/null || rev="$rev + local changes"
 [ "$GEMMA3" = ./gemma3 ] || rev="$GEMMA3, tree $rev"
-omp="OpenMP"
-if command -v ldd >/dev/null && ! ldd "$GEMMA3" 2>/dev/null | grep -q 'gomp\|libomp'; then omp="no OpenMP"; fi
 
 hdr_prefill=""
 for t in $PREFILL; do hdr_prefill="$hdr_prefill prefill $t tok/s |"; done
 {
-    echo "Machine: $(nproc) CPUs, ${cpu:-unknown CPU}, OMP_NUM_THREADS=$threads, load average $load0 at the start; gemma3 $rev ($omp)$membw_note."
+    echo "Machine: $(nproc) CPUs, ${cpu:-unknown CPU}, OMP_NUM_THREADS=$threads, load average $load0 at the start; gemma3 $rev ($build)$membw_note."
     echo "Model: random Gemma 3 $preset checkpoint (tools/make_checkpoint.py --seed 1); decode: $DECODE tokens after a ${#PROMPT}-character prompt; best of $REPEAT run(s) each."
     echo
     echo "| format | file size | peak RSS |$hdr_prefill decode tok/s | bandwidth GB/s (best / median) | limit tok/s | % of limit |"
@@ -380,6 +407,8 @@ for t in $PREFILL; do hdr_prefill="$hdr_prefill prefill $t tok/s |"; done
     echo
     [ "$measured" = 0 ] ||
     echo "Limit = best bandwidth (tools/membw.c, right before and after decode) / weights read per token (sum of the tensor sizes:${wlist%,})."
-    echo "Peak RSS ($rss_tool) includes the touched pages of the mmap'd model file."
+    echo "Peak RSS ($rss_tool) includes the touched pages of the mmap'd model file.$notes"
 } | tee "$BENCH_DIR/$preset/last.md"
+# Keep this run's logs (commands, timings, gemma3's output) next to the table.
+rm -rf "$BENCH_DIR/$preset/logs" && cp -r "$work" "$BENCH_DIR/$preset/logs" && say "logs: $BENCH_DIR/$preset/logs/"
 [ "$measured" -gt 0 ] || die "no format could be measured (see above)"
