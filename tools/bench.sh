@@ -27,19 +27,24 @@
 #
 # What is measured, and how (each in a small function below, easy to adapt if the CLI
 # grows a --bench mode):
+#   timers   gemma3 -p times its prompt and its generation loop itself and prints
+#            "prompt N tokens, X tok/s; generated M tokens, Y tok/s" on stderr: those
+#            timers leave out process start, load and tokenization, whose noise a
+#            difference of two wall-clock times would add. (One decimal: about 1% at the
+#            rates seen here.) stderr_rates() is the one place that reads them.
 #   prefill  `gemma3 M -p TEXT -n 0` with a TEXT of T - 1 tokens (T with <bos>), and
-#            with an empty TEXT (<bos> only); the 1-token run holds the load (mmap, page
-#            faults, set-up) and one forward pass, so
-#            prefill tok/s = (T - 1) / (time(T) - time(1)), T as gemma3 reports it.
+#            with an empty TEXT (<bos> only). The first forward pass of a process also
+#            takes the page faults of the mmap'd weights; the <bos>-only run measures
+#            that pass, so prefill tok/s = (T - 1) / (prompt time(T) - prompt time(1)).
 #            (Not --logits: that computes the classifier for every position, which
 #            a prompt does not need.) TEXT is cut from FORMAT.md and README.md: encoded,
 #            the first T - 1 ids kept, decoded back to text.
-#   decode   `gemma3 M -p PROMPT -n N -t 0` and the same with -n 0; generating N tokens
-#            runs N - 1 forward passes (the last token is not fed back), so
-#            decode tok/s = (N - 1) / (time(N) - time(0)). The model is random: if greedy
+#   decode   `gemma3 M -p PROMPT -n N -t 0`. Its generation time covers N samplings
+#            and N - 1 forward passes (the last token is not fed back), so
+#            decode tok/s = (N - 1) / generation time. The model is random: if greedy
 #            decoding stops early at <eos>/<end_of_turn>, it is retried with -t 1 -s 1
 #            (marked "sampled"), and a run that still stops early is reported with the
-#            number of tokens it really generated.
+#            number of tokens it really generated (then every one was fed back).
 #   RSS      peak resident set of the process (/usr/bin/time %M, else python3's
 #            getrusage of the child: the same kernel figure, ru_maxrss), the largest of the
 #            runs of a format. The model file is mmap'd, so its touched pages count.
@@ -133,7 +138,7 @@ now() { date +%s.%N; }
 calc() { awk "BEGIN { printf $* }"; }     # calc '"%.2f", 1 / 3' prints 0.33
 
 # run_timed LOG CMD...: runs CMD (stdout to LOG.out, stderr to LOG), sets T_WALL
-# (seconds), raises PEAK_RSS (KiB) and adds the run's major page faults to MAJFLT (pages
+# (wall seconds, for the log: the rates come from gemma3's own timers), raises PEAK_RSS (KiB) and adds the run's major page faults to MAJFLT (pages
 # read from disk: the file was not, or no longer, in the page cache; such a run measured
 # the disk). Logs the command and its figures to $logs/runs. Returns CMD's exit status.
 run_timed() {
@@ -208,71 +213,65 @@ prompt_text() {
     "$bin" "$1" --decode <"$work/ids-$2.txt" >"$f" || return 1
 }
 
-# prompt_tokens LOG: the prompt token count of gemma3's "prompt N tokens" stderr line.
-prompt_tokens() { sed -n 's/^prompt \([0-9]*\) tokens.*/\1/p' "$1" | tail -n 1; }
+# stderr_rates LOG: sets P_N, P_S (prompt tokens and seconds) and G_N, G_S (generated
+# tokens and seconds) from gemma3's "prompt N tokens, X tok/s; generated M tokens, Y tok/s"
+# line (the seconds are N / X and M / Y; 0 when a rate is 0).
+stderr_rates() {
+    local line
+    line=$(grep '^prompt [0-9]* tokens, [0-9.]* tok/s; generated [0-9]* tokens, [0-9.]* tok/s' "$1" | tail -n 1)
+    [ -n "$line" ] || { say "no 'prompt N tokens, ... generated M tokens' line from gemma3 -p in $1"; return 1; }
+    read -r P_N P_S G_N G_S < <(echo "$line" | awk '{ gsub(/[,;]/, ""); printf "%d %.9f %d %.9f\n", $2, ($4 > 0 ? $2 / $4 : 0), $7, ($9 > 0 ? $7 / $9 : 0) }')
+}
 
-# (The measuring functions set globals rather than print: a $(...) subshell would lose
-# their PEAK_RSS updates.)
+# positive X: true if the number X is > 0.
+positive() { awk "BEGIN { exit !($1 > 0) }"; }
 
-# prefill_base MODEL: sets PF_BASE, the wall time of `-p "" -n 0` (load + <bos>); the
-# better of two, as the first may still fault pages in from disk.
+# prefill_base MODEL: sets PF_BASE, gemma3's prompt time of `-p "" -n 0` (<bos> only: one
+# forward pass with the weights' page faults); the better of two.
 prefill_base() {
     PF_BASE=""
     for _ in 1 2; do
         run_timed "$logs/prefill-1.log" "$bin" "$1" -p "" -n 0 || return 1
-        if [ -z "$PF_BASE" ] || awk "BEGIN { exit !($T_WALL < $PF_BASE) }"; then PF_BASE=$T_WALL; fi
+        stderr_rates "$logs/prefill-1.log" || return 1
+        if [ -z "$PF_BASE" ] || awk "BEGIN { exit !($P_S < $PF_BASE) }"; then PF_BASE=$P_S; fi
     done
 }
 
-# prefill_tps MODEL T: sets PF_TPS (prefill tok/s, the best of REPEAT runs) and PF_N
-# (prompt tokens, <bos> included, as gemma3 counted them) for a prompt of about T tokens.
+# prefill_tps MODEL T: sets PF_TPS (prefill tok/s, the best of REPEAT runs; empty if no
+# run gave a usable time) and PF_N (prompt tokens, <bos> included, as gemma3 counted them)
+# for a prompt of about T tokens.
 prefill_tps() {
     local r tps
     PF_TPS=""
     prompt_text "$1" "$2" || return 1
     for ((r = 0; r < REPEAT; r++)); do
         run_timed "$logs/prefill-$2.log" "$bin" "$1" -p "$(cat "$work/text-$2.txt")" -n 0 || return 1
-        PF_N=$(prompt_tokens "$logs/prefill-$2.log")
-        [ -n "$PF_N" ] || { say "no 'prompt N tokens' line from gemma3 -p"; return 1; }
-        # A T-token run faster than the <bos>-only one: the machine's load changed between
-        # them, and the difference means nothing.
-        awk "BEGIN { exit !($T_WALL > $PF_BASE) }" || { say "  prefill $2: faster than the <bos>-only run (noise)"; continue; }
-        tps=$(calc "\"%.6f\", ($PF_N - 1) / ($T_WALL - $PF_BASE)")
+        stderr_rates "$logs/prefill-$2.log" || return 1
+        PF_N=$P_N
+        # Not longer than the <bos>-only pass: the machine's load changed in between.
+        positive "$P_S - $PF_BASE" || { say "  prefill $2: no slower than <bos> alone (noise)"; continue; }
+        tps=$(calc "\"%.6f\", ($PF_N - 1) / ($P_S - $PF_BASE)")
         if [ -z "$PF_TPS" ] || awk "BEGIN { exit !($tps > $PF_TPS) }"; then PF_TPS=$tps; fi
     done
 }
 
-# generated LOG: the token count of gemma3's "generated N tokens" stderr line.
-generated() { sed -n 's/.*generated \([0-9]*\) tokens.*/\1/p' "$1" | tail -n 1; }
-
 # decode MODEL SAMPLING...: sets DEC_TPS (tok/s, the best of REPEAT runs), DEC_N (tokens
-# generated), DEC_RATE (gemma3's own printed rate, for the log) for -n $DECODE with the
-# given sampling options. Same options, same seed: every repetition generates the same.
+# generated) for -n $DECODE with the given sampling options. Same options, same seed:
+# every repetition generates the same tokens.
 decode() {
-    local r tps=""
+    local model=$1 r tps="" forwards; shift
     for ((r = 0; r < REPEAT; r++)); do
-        decode_once "$@" || return 1
-        if [ -n "$DEC_TPS" ] && { [ -z "$tps" ] || awk "BEGIN { exit !($DEC_TPS > $tps) }"; }; then tps=$DEC_TPS; fi
+        run_timed "$logs/decode.log" "$bin" "$model" -p "$PROMPT" -n "$DECODE" "$@" || return 1
+        stderr_rates "$logs/decode.log" || return 1
+        DEC_N=$G_N
+        # N generated tokens take N - 1 forward passes; a run cut short by a stop token
+        # fed back all it generated.
+        if [ "$DEC_N" -ge "$DECODE" ]; then forwards=$((DEC_N - 1)); else forwards=$DEC_N; fi
+        if [ "$forwards" -le 0 ] || ! positive "$G_S"; then continue; fi
+        DEC_TPS=$(calc "\"%.6f\", $forwards / $G_S")
+        if [ -z "$tps" ] || awk "BEGIN { exit !($DEC_TPS > $tps) }"; then tps=$DEC_TPS; fi
     done
     DEC_TPS=$tps
-}
-
-decode_once() {
-    local model=$1 t0 t1 forwards; shift
-    run_timed "$logs/decode-0.log" "$bin" "$model" -p "$PROMPT" -n 0 "$@" || return 1
-    t0=$T_WALL
-    run_timed "$logs/decode.log" "$bin" "$model" -p "$PROMPT" -n "$DECODE" "$@" || return 1
-    t1=$T_WALL
-    DEC_N=$(generated "$logs/decode.log")
-    [ -n "$DEC_N" ] || { say "no 'generated N tokens' line from gemma3 -p"; return 1; }
-    DEC_RATE=$(sed -n 's/.*generated [0-9]* tokens, \([0-9.]*\) tok\/s.*/\1/p' "$logs/decode.log" | tail -n 1)
-    # N generated tokens take N - 1 forward passes; a run stopped by a stop token fed all N.
-    if [ "$DEC_N" -ge "$DECODE" ]; then forwards=$((DEC_N - 1)); else forwards=$DEC_N; fi
-    if [ "$forwards" -gt 0 ] && awk "BEGIN { exit !($t1 > $t0) }"; then
-        DEC_TPS=$(calc "\"%.6f\", $forwards / ($t1 - $t0)")
-    else
-        DEC_TPS=""
-    fi
 }
 
 # short_row FMT TEXT: a table row that only says why this format has no numbers.
@@ -334,9 +333,9 @@ bench_format() {
     # Page the file into the page cache once, so no run pays for the disk.
     cat "$out" >/dev/null
 
-    say "$fmt: prefill (load + <bos>, then ${PREFILL// /, } tokens; best of $REPEAT)"
+    say "$fmt: prefill (<bos> alone, then ${PREFILL// /, } tokens; best of $REPEAT)"
     prefill_base "$out" || { short_row "$fmt" "gemma3 failed (prefill, <bos> only)"; return 0; }
-    say "  load + <bos>: $(calc "\"%.2f\", $PF_BASE") s"
+    say "  <bos> alone: $(calc "\"%.3f\", $PF_BASE") s"
     for t in $PREFILL; do
         prefill_tps "$out" "$t" || { short_row "$fmt" "gemma3 failed (prefill, $t tokens)"; return 0; }
         cell=$(fmt_tps "$PF_TPS")
@@ -358,7 +357,7 @@ bench_format() {
     fi
     bandwidth after || { short_row "$fmt" "tools/membw failed"; return 0; }
     bw2=$BW_BEST; med2=$BW_MEDIAN
-    say "  decode: $DEC_N tokens, $(fmt_tps "$DEC_TPS") tok/s (gemma3 printed ${DEC_RATE:-?} tok/s)"
+    say "  decode: $DEC_N tokens, $(fmt_tps "$DEC_TPS") tok/s"
 
     local bw lim pct
     bw=$(calc "\"%.2f\", ($bw1 > $bw2 ? $bw1 : $bw2)")
