@@ -2,6 +2,12 @@
 CC ?= cc
 OMP ?= 1
 CFLAGS ?= -O2
+# Vector instructions of the machine that builds (AVX2 etc.: about 2x on bf16 and int8
+# matmuls). `make NATIVE=0` for a binary that runs on any CPU of the architecture.
+NATIVE ?= 1
+ifeq ($(NATIVE),1)
+  MARCH := $(shell $(CC) -march=native -x c -c -o /dev/null /dev/null 2>/dev/null && echo -march=native)
+endif
 WARN = -std=c99 -Wall -Wextra -pedantic
 ifeq ($(OMP),1)
   OMPFLAGS = -fopenmp
@@ -13,10 +19,10 @@ LDLIBS = -lm
 all: gemma3
 
 gemma3: gemma3.c tokenizer.c
-	$(CC) $(WARN) $(CFLAGS) $(OMPFLAGS) -o $@ gemma3.c $(LDLIBS)
+	$(CC) $(WARN) $(CFLAGS) $(MARCH) $(OMPFLAGS) -o $@ gemma3.c $(LDLIBS)
 
 test_all: test_all.c gemma3.c tokenizer.c $(wildcard tests/*.c)
-	$(CC) $(WARN) -Wno-unused-function $(CFLAGS) $(OMPFLAGS) -o $@ test_all.c $(LDLIBS)
+	$(CC) $(WARN) -Wno-unused-function $(CFLAGS) $(MARCH) $(OMPFLAGS) -o $@ test_all.c $(LDLIBS)
 
 # The whole suite: exports the fixtures, compares logits, tokenizer, bad inputs.
 # Ends with "N passed, N failed".

@@ -475,6 +475,7 @@ typedef struct {
     float *logits;    /* (max_batch or 1, vocab_size) */
     int8_t *xq;       /* (max_batch, max in_features) activations quantized for int8 matmuls */
     float *xq_scale;  /* (max_batch, max in_features / 32) their per-block scales */
+    int32_t *xq_sum;  /* (max_batch, max in_features / 32) per-block sums of xq (for q4_0's -8 offset) */
     float *rope_cos, *rope_sin; /* (2, max_batch, head_dim/2) local then global tables of the batch */
     float *inv_freq_local, *inv_freq_global; /* (head_dim/2) RoPE frequencies per layer type */
     float *hidden_dump; /* optional, (n_layers + 1, dim): the residual stream after the embedding
@@ -514,6 +515,7 @@ static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch,
     s->logits = calloc((all_logits ? B : 1) * (size_t)c->vocab_size, sizeof(float));
     s->xq = calloc(B * widest, 1);
     s->xq_scale = calloc(B * (widest / 32 + 1), sizeof(float));
+    s->xq_sum = calloc(B * (widest / 32 + 1), sizeof(int32_t));
     s->rope_cos = calloc(2 * B * half, sizeof(float));
     s->rope_sin = calloc(2 * B * half, sizeof(float));
     s->inv_freq_local = calloc(half, sizeof(float));
@@ -522,7 +524,7 @@ static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch,
     s->key_cache = calloc((size_t)c->n_layers, sizeof(float *));
     s->value_cache = calloc((size_t)c->n_layers, sizeof(float *));
     int ok = s->x && s->xb && s->xb2 && s->q && s->k && s->v && s->att_out && s->att && s->hb && s->hb2 &&
-             s->logits && s->xq && s->xq_scale && s->rope_cos && s->rope_sin && s->inv_freq_local &&
+             s->logits && s->xq && s->xq_scale && s->xq_sum && s->rope_cos && s->rope_sin && s->inv_freq_local &&
              s->inv_freq_global && s->cache_len && s->key_cache && s->value_cache;
     for (int l = 0; ok && l < c->n_layers; l++) {
         int ring = c->window + max_batch - 1;
@@ -549,7 +551,7 @@ static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch,
 
 static void free_run_state(RunState *s, const Config *c) {
     free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->att_out);
-    free(s->att); free(s->hb); free(s->hb2); free(s->logits); free(s->xq); free(s->xq_scale);
+    free(s->att); free(s->hb); free(s->hb2); free(s->logits); free(s->xq); free(s->xq_scale); free(s->xq_sum);
     free(s->rope_cos); free(s->rope_sin); free(s->inv_freq_local); free(s->inv_freq_global);
     for (int l = 0; l < c->n_layers && s->key_cache; l++) {
         free(s->key_cache[l]);
@@ -574,58 +576,71 @@ static float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-/* IEEE half -> float, for the block scales of q8_0 / q4_0 (portable: no _Float16). */
+/* IEEE half -> float, for the block scales of q8_0 / q4_0 (portable: no _Float16). Moving
+ * exponent and mantissa into place and multiplying by 2^112 re-biases the exponent
+ * (15 -> 127) exactly, subnormals included, without a branch on the hot path. */
 static float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
-    if (exp == 0x1f) u = sign | 0x7f800000 | man << 13;   /* inf / nan */
-    else if (exp != 0) u = sign | (exp + 112) << 23 | man << 13;
-    else if (man == 0) u = sign;                          /* zero */
-    else {                                                /* subnormal: normalise */
-        int e = -1;
-        do { e++; man <<= 1; } while (!(man & 0x400));
-        u = sign | (uint32_t)(112 - e) << 23 | (man & 0x3ff) << 13;
-    }
+    uint32_t u = (uint32_t)(h & 0x7fff) << 13;
+    int special = (h & 0x7c00) == 0x7c00; /* inf / nan */
     float f;
+    if (special) u |= 0x7f800000;
     memcpy(&f, &u, 4);
-    return f;
+    if (!special) f *= 5.192296858534828e33f; /* 2^112 */
+    return (h & 0x8000) ? -f : f;
 }
 
 static uint16_t rd_u16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
 
 /* Quantize activations x (n values, n % 32 == 0) to int8 blocks with a float scale, so the
  * quantized matmuls can multiply in integers: x ~ scale[b] * xq[32 b + i]. */
-static void quantize_activations(int8_t *xq, float *scale, const float *x, int n) {
+static void quantize_activations(int8_t *xq, float *scale, int32_t *sums, const float *x, int n) {
     for (int b = 0; b < n / QK; b++) {
         float amax = 0.0f;
         for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[b * QK + i]));
         float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
         scale[b] = d;
-        for (int i = 0; i < QK; i++) xq[b * QK + i] = (int8_t)lrintf(x[b * QK + i] * inv);
+        int32_t sum = 0;
+        for (int i = 0; i < QK; i++) {
+            xq[b * QK + i] = (int8_t)lrintf(x[b * QK + i] * inv);
+            sum += xq[b * QK + i];
+        }
+        sums[b] = sum;
     }
 }
 
-/* One row of W times x, per weight type. Eight independent partial sums let the compiler
- * vectorise without -ffast-math and keep the summation order the same on every machine. */
+/* One row of W times x, per weight type. NACC independent partial sums let the compiler
+ * vectorise without -ffast-math (several vector registers, so the adds do not wait on
+ * each other), and keep the summation order the same on every machine and thread count. */
+#define NACC 32
+
+static float sum_partials(const float *a) { /* a fixed order: 32 -> 8 (vectorised) -> 1 */
+    float t[8];
+    for (int k = 0; k < 8; k++) t[k] = (a[k] + a[k + 8]) + (a[k + 16] + a[k + 24]);
+    return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+}
+
 static float dot_f32(const float *w, const float *x, int n) {
-    float acc[8] = {0};
+    float acc[NACC] = {0};
     int j = 0;
-    for (; j + 8 <= n; j += 8)
-        for (int k = 0; k < 8; k++) acc[k] += w[j + k] * x[j + k];
-    float sum = 0.0f;
-    for (; j < n; j++) sum += w[j] * x[j];
-    return sum + ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; j + NACC <= n; j += NACC)
+        for (int k = 0; k < NACC; k++) acc[k] += w[j + k] * x[j + k];
+    float tail = 0.0f;
+    for (; j < n; j++) tail += w[j] * x[j];
+    return sum_partials(acc) + tail;
 }
 
 static float dot_bf16(const uint16_t *w, const float *x, int n) {
-    float acc[8] = {0};
+    float acc[NACC] = {0};
     int j = 0;
-    for (; j + 8 <= n; j += 8)
-        for (int k = 0; k < 8; k++) acc[k] += bf16_to_f32(w[j + k]) * x[j + k];
-    float sum = 0.0f;
-    for (; j < n; j++) sum += bf16_to_f32(w[j]) * x[j];
-    return sum + ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; j + NACC <= n; j += NACC)
+        for (int k = 0; k < NACC; k++) acc[k] += bf16_to_f32(w[j + k]) * x[j + k];
+    float tail = 0.0f;
+    for (; j < n; j++) tail += bf16_to_f32(w[j]) * x[j];
+    return sum_partials(acc) + tail;
 }
 
+/* Quantized rows times int8 activations: integer products within a block, then one
+ * float multiply by the block's two scales (weight: a half; activation: a float). */
 static float dot_q8_0(const unsigned char *w, const int8_t *xq, const float *xs, int n) {
     float sum = 0.0f;
     for (int b = 0; b < n / QK; b++, w += Q8_0_BLOCK) {
@@ -637,16 +652,16 @@ static float dot_q8_0(const unsigned char *w, const int8_t *xq, const float *xs,
     return sum;
 }
 
-static float dot_q4_0(const unsigned char *w, const int8_t *xq, const float *xs, int n) {
+static float dot_q4_0(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
     float sum = 0.0f;
     for (int b = 0; b < n / QK; b++, w += Q4_0_BLOCK) {
         const unsigned char *q = w + 2;
         const int8_t *x = xq + b * QK;
-        int32_t isum = 0;
-        for (int i = 0; i < QK / 2; i++) {
-            isum += ((int32_t)(q[i] & 0x0f) - 8) * x[i];
-            isum += ((int32_t)(q[i] >> 4) - 8) * x[i + QK / 2];
-        }
+        /* sum (nibble - 8) * x = sum nibble * x - 8 * sum x; sum x comes with the activations */
+        int32_t lo = 0, hi = 0;
+        for (int i = 0; i < QK / 2; i++) lo += (int32_t)(q[i] & 0x0f) * x[i];
+        for (int i = 0; i < QK / 2; i++) hi += (int32_t)(q[i] >> 4) * x[i + QK / 2];
+        int32_t isum = lo + hi - 8 * xsum[b];
         sum += f16_to_f32(rd_u16(w)) * xs[b] * (float)isum;
     }
     return sum;
@@ -662,7 +677,8 @@ static void matmul(float *out, const float *x, int n, const Matrix *W, RunState 
     const unsigned char *base = W->data;
     if (dtype == DT_Q8_0 || dtype == DT_Q4_0)
         for (int t = 0; t < n; t++)
-            quantize_activations(s->xq + (size_t)t * cols, s->xq_scale + (size_t)t * (cols / QK), x + (size_t)t * cols, cols);
+            quantize_activations(s->xq + (size_t)t * cols, s->xq_scale + (size_t)t * (cols / QK),
+                                 s->xq_sum + (size_t)t * (cols / QK), x + (size_t)t * cols, cols);
     int i;
     PARALLEL_FOR
     for (i = 0; i < rows; i++) {
@@ -674,7 +690,8 @@ static void matmul(float *out, const float *x, int n, const Matrix *W, RunState 
             case DT_F32: y = dot_f32((const float *)w, xt, cols); break;
             case DT_BF16: y = dot_bf16((const uint16_t *)w, xt, cols); break;
             case DT_Q8_0: y = dot_q8_0(w, s->xq + (size_t)t * cols, s->xq_scale + (size_t)t * (cols / QK), cols); break;
-            default: y = dot_q4_0(w, s->xq + (size_t)t * cols, s->xq_scale + (size_t)t * (cols / QK), cols); break;
+            default: y = dot_q4_0(w, s->xq + (size_t)t * cols, s->xq_scale + (size_t)t * (cols / QK),
+                                  s->xq_sum + (size_t)t * (cols / QK), cols); break;
             }
             out[(size_t)t * rows + i] = y;
         }
