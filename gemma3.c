@@ -1022,21 +1022,20 @@ static double now_seconds(void) {
 
 static int is_stop_token(const Config *c, int id) { return id == c->eos_id || id == c->eot_id; }
 
-/* Read whitespace-separated token ids; every id must be < vocab_size. */
-static int read_token_file(const char *path, int vocab_size, int **ids_out, int *n_out, char *err, size_t errsize) {
-    FILE *f = fopen(path, "r");
-    if (!f) { set_err(err, errsize, "cannot open %s: %s", path, strerror(errno)); return -1; }
+/* Read whitespace-separated token ids from a stream (`name` for messages); every id must
+ * be < vocab_size. The --logits file and --decode's stdin both come through here. */
+static int read_id_stream(FILE *f, const char *name, int vocab_size, int **ids_out, int *n_out, char *err,
+                          size_t errsize) {
     int cap = 256, n = 0, *ids = malloc((size_t)cap * sizeof(int));
     char word[64];
-    int rc = 0;
     while (ids && fscanf(f, "%63s", word) == 1) {
         char *end;
         errno = 0;
         long v = strtol(word, &end, 10);
         if (*end || errno || v < 0 || v >= vocab_size) {
-            set_err(err, errsize, "%s: token %d is '%s', not an id in [0, %d)", path, n + 1, word, vocab_size);
-            rc = -1;
-            break;
+            set_err(err, errsize, "%s: token %d is '%s', not a token id in [0, %d)", name, n + 1, word, vocab_size);
+            free(ids);
+            return -1;
         }
         if (n == cap) {
             int *grown = realloc(ids, (size_t)(cap *= 2) * sizeof(int));
@@ -1045,13 +1044,24 @@ static int read_token_file(const char *path, int vocab_size, int **ids_out, int 
         }
         ids[n++] = (int)v;
     }
-    fclose(f);
-    if (!ids) { set_err(err, errsize, "out of memory reading %s", path); return -1; }
-    if (rc == 0 && n == 0) { set_err(err, errsize, "%s holds no token ids", path); rc = -1; }
-    if (rc != 0) { free(ids); return -1; }
+    if (!ids) { set_err(err, errsize, "out of memory reading %s", name); return -1; }
     *ids_out = ids;
     *n_out = n;
     return 0;
+}
+
+/* The --logits token file: as above, and it must hold at least one id. */
+static int read_token_file(const char *path, int vocab_size, int **ids_out, int *n_out, char *err, size_t errsize) {
+    FILE *f = fopen(path, "r");
+    if (!f) { set_err(err, errsize, "cannot open %s: %s", path, strerror(errno)); return -1; }
+    int rc = read_id_stream(f, path, vocab_size, ids_out, n_out, err, errsize);
+    fclose(f);
+    if (rc == 0 && *n_out == 0) {
+        set_err(err, errsize, "%s holds no token ids", path);
+        free(*ids_out);
+        rc = -1;
+    }
+    return rc;
 }
 
 /* Write floats as little-endian float32, whatever the host. */
@@ -1066,19 +1076,24 @@ static int write_f32_le(FILE *f, const float *x, int n) {
     return 0;
 }
 
+/* log(sum exp(x)), in double, shifted by the max so nothing overflows. */
+static double log_sum_exp(const float *x, int n) {
+    double max = x[argmax(x, n)], z = 0.0;
+    for (int i = 0; i < n; i++) z += exp((double)x[i] - max);
+    return max + log(z);
+}
+
 /* Print the `top` most likely next tokens after position `pos` (for --top): what an
  * engine author diffs against. */
 static void print_top(const Model *m, const float *logits, int pos, int input_id, int top, ProbIndex *buf, FILE *out) {
     int V = m->config.vocab_size;
-    float max = logits[argmax(logits, V)];
-    double z = 0.0;
-    for (int i = 0; i < V; i++) z += exp((double)logits[i] - max);
+    double lse = log_sum_exp(logits, V);
     int n = select_top_k(buf, logits, V, top); /* by logit: same order as by probability */
     qsort(buf, (size_t)n, sizeof(ProbIndex), cmp_prob_desc);
     fprintf(out, "pos %d input %d\n", pos, input_id);
     for (int r = 0; r < n; r++) {
         int id = buf[r].id;
-        fprintf(out, "  %2d  %7d  %12.6f  %.6e  ", r + 1, id, logits[id], exp((double)logits[id] - max) / z);
+        fprintf(out, "  %2d  %7d  %12.6f  %.6e  ", r + 1, id, logits[id], exp((double)logits[id] - lse));
         if (m->has_tokenizer) { /* the piece, quoted, with control bytes escaped */
             size_t len;
             char err[64];
@@ -1142,12 +1157,7 @@ static int dump_logits(const Model *m, RunState *s, const int *ids, int n, const
 }
 
 /* Negative log-likelihood of `target` under `logits` (log-softmax in double). */
-static double token_nll(const float *logits, int V, int target) {
-    float max = logits[argmax(logits, V)];
-    double z = 0.0;
-    for (int i = 0; i < V; i++) z += exp((double)logits[i] - max);
-    return log(z) - ((double)logits[target] - max);
-}
+static double token_nll(const float *logits, int V, int target) { return log_sum_exp(logits, V) - logits[target]; }
 
 /* --perplexity: score every token of ids[1..n) given the ones before it. A text longer
  * than the context is scored in windows of `ctx` tokens that each start with <bos> and
@@ -1647,54 +1657,29 @@ int main(int argc, char **argv) {
     if ((mode_encode || mode_decode || mode_chat || prompt || ppl_path) && !model.has_tokenizer)
         die("%s has no tokenizer (export it from a directory with tokenizer.json); --logits works without one", model_path);
 
-    if (mode_encode || mode_decode) {
+    if (mode_encode) {
         size_t len;
         char *text = read_all(stdin, &len);
         if (!text) die("out of memory reading stdin");
-        if (mode_encode) {
-            int *ids;
-            int n = tokenizer_encode(&model.tokenizer, text, len, &ids, err, sizeof err);
-            if (n < 0) die("%s", err);
-            for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
-            printf("\n");
-            free(ids);
-        } else {
-            int cap = 64, n = 0, *ids = malloc((size_t)cap * sizeof(int));
-            char *p = text, *end = text + len;
-            while (ids) {
-                while (p < end && strchr(" \t\r\n", *p)) p++;
-                if (p == end) break;
-                char *q = p;
-                while (q < end && !strchr(" \t\r\n", *q)) q++;
-                char word[32];
-                long v = -1;
-                if (q - p < (long)sizeof word) {
-                    memcpy(word, p, (size_t)(q - p));
-                    word[q - p] = 0;
-                    char *wend;
-                    v = strtol(word, &wend, 10);
-                    if (*wend || wend == word) v = -1;
-                }
-                if (v < 0 || v >= c->vocab_size)
-                    die("--decode: '%.*s' is not a token id in [0, %d)", (int)(q - p > 20 ? 20 : q - p), p, c->vocab_size);
-                if (n == cap) {
-                    int *grown = realloc(ids, (size_t)(cap *= 2) * sizeof(int));
-                    if (!grown) free(ids);
-                    ids = grown;
-                    if (!ids) break;
-                }
-                ids[n++] = (int)v;
-                p = q;
-            }
-            if (!ids) die("out of memory");
-            size_t outlen;
-            char *out = tokenizer_decode(&model.tokenizer, ids, n, &outlen, err, sizeof err);
-            if (!out) die("%s", err);
-            fwrite(out, 1, outlen, stdout);
-            free(out);
-            free(ids);
-        }
+        int *ids;
+        int n = tokenizer_encode(&model.tokenizer, text, len, &ids, err, sizeof err);
+        if (n < 0) die("%s", err);
+        for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
+        printf("\n");
+        free(ids);
         free(text);
+        free_model(&model);
+        return 0;
+    }
+    if (mode_decode) {
+        int *ids, n;
+        size_t outlen;
+        if (read_id_stream(stdin, "--decode", c->vocab_size, &ids, &n, err, sizeof err) != 0) die("%s", err);
+        char *out = tokenizer_decode(&model.tokenizer, ids, n, &outlen, err, sizeof err);
+        if (!out) die("%s", err);
+        fwrite(out, 1, outlen, stdout);
+        free(out);
+        free(ids);
         free_model(&model);
         return 0;
     }
