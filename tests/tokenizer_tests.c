@@ -320,22 +320,33 @@ static int tt_encode_matches(const Tokenizer *t, const char *text, size_t len, c
  * Fixture files
  * ========================================================================== */
 
+/* Read DIR/NAME whole and set up a reader on it; the caller frees the returned buffer. */
+static char *tt_open_jsonl(const char *dir, const char *name, TtJson *j)
+{
+    char path[1024];
+    size_t len = 0;
+    char *buf;
+
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    buf = tt_read_file(path, &len);
+    CHECK(buf != NULL, "tokenizer: cannot read %s", path);
+    if (!buf) return NULL;
+    j->p = buf;
+    j->end = buf + len;
+    j->ok = 1;
+    return buf;
+}
+
 /* cases.jsonl: {"text": str, "ids": [int], "decoded": str} per line. */
 static void tt_cases(const Tokenizer *t, const char *dir)
 {
-    char path[1024], detail[512];
-    size_t len = 0;
+    char detail[512];
     char *buf;
     int line = 0, shown = 0, ncases = 0;
     TtJson j;
 
-    snprintf(path, sizeof path, "%s/cases.jsonl", dir);
-    buf = tt_read_file(path, &len);
-    CHECK(buf != NULL, "tokenizer: cannot read %s", path);
+    buf = tt_open_jsonl(dir, "cases.jsonl", &j);
     if (!buf) return;
-    j.p = buf;
-    j.end = buf + len;
-    j.ok = 1;
     for (;;) {
         char *text = NULL, *decoded = NULL, key[32];
         size_t text_len = 0, dec_len = 0;
@@ -385,7 +396,7 @@ static void tt_cases(const Tokenizer *t, const char *dir)
         free(ids);
     }
     free(buf);
-    CHECK(ncases > 0, "tokenizer: no cases in %s", path);
+    CHECK(ncases > 0, "tokenizer: no cases in %s/cases.jsonl", dir);
 }
 
 /* One message of chat.jsonl as a string content. A list content is folded the
@@ -457,19 +468,13 @@ static char *tt_chat_content(TtJson *j, int is_first_system)
 /* chat.jsonl: {"messages": [...], "add_generation_prompt": bool, "prompt": str, "ids": [int]} */
 static void tt_chat(const Tokenizer *t, const char *dir)
 {
-    char path[1024], detail[512];
-    size_t len = 0;
+    char detail[512];
     char *buf;
     int line = 0, shown = 0, ncases = 0;
     TtJson j;
 
-    snprintf(path, sizeof path, "%s/chat.jsonl", dir);
-    buf = tt_read_file(path, &len);
-    CHECK(buf != NULL, "tokenizer: cannot read %s", path);
+    buf = tt_open_jsonl(dir, "chat.jsonl", &j);
     if (!buf) return;
-    j.p = buf;
-    j.end = buf + len;
-    j.ok = 1;
     for (;;) {
         ChatMessage msgs[32];
         char *owned[64], *prompt = NULL, key[32];
@@ -546,7 +551,7 @@ static void tt_chat(const Tokenizer *t, const char *dir)
         free(ids);
     }
     free(buf);
-    CHECK(ncases > 0, "tokenizer: no cases in %s", path);
+    CHECK(ncases > 0, "tokenizer: no cases in %s/chat.jsonl", dir);
 }
 
 /* ============================================================================
