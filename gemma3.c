@@ -667,18 +667,21 @@ static float dot_q4_0(const unsigned char *w, const int8_t *xq, const float *xs,
     return sum;
 }
 
-/* out[t] = W x[t] for the n rows of x: out (n, W.rows), x (n, W.cols).
- * The hot loop of the whole program. Decode (n = 1) reads every weight byte once per
- * token, so its speed is memory bandwidth; prefill keeps a weight row in cache while
- * it meets all n tokens of the batch. */
-static void matmul(float *out, const float *x, int n, const Matrix *W, RunState *s) {
+/* The activations of a quantized matmul as int8 blocks, one row of blocks per token. */
+static void quantize_batch(RunState *s, const float *x, int n, int cols) {
+    for (int t = 0; t < n; t++)
+        quantize_activations(s->xq + (size_t)t * cols, s->xq_scale + (size_t)t * (cols / QK),
+                             s->xq_sum + (size_t)t * (cols / QK), x + (size_t)t * cols, cols);
+}
+
+/* out[t] = W x[t] for the n rows of x, with the plain loops: out (n, W.rows), x (n, W.cols).
+ * Decode (n = 1) reads every weight byte once per token, so its speed is memory bandwidth;
+ * prefill keeps a weight row in cache while it meets all n tokens of the batch. */
+static void matmul_plain(float *out, const float *x, int n, const Matrix *W, RunState *s) {
     const int rows = W->rows, cols = W->cols, dtype = W->dtype;
     const size_t rb = row_bytes(dtype, cols);
     const unsigned char *base = W->data;
-    if (dtype == DT_Q8_0 || dtype == DT_Q4_0)
-        for (int t = 0; t < n; t++)
-            quantize_activations(s->xq + (size_t)t * cols, s->xq_scale + (size_t)t * (cols / QK),
-                                 s->xq_sum + (size_t)t * (cols / QK), x + (size_t)t * cols, cols);
+    if (dtype == DT_Q8_0 || dtype == DT_Q4_0) quantize_batch(s, x, n, cols);
     int i;
     PARALLEL_FOR
     for (i = 0; i < rows; i++) {
@@ -696,6 +699,182 @@ static void matmul(float *out, const float *x, int n, const Matrix *W, RunState 
             out[(size_t)t * rows + i] = y;
         }
     }
+}
+
+/* ------------------------------------------------------------------------- */
+/* Optional x86 kernels (AVX2 + FMA + F16C; built when the compiler targets them, e.g.
+ * with make's default -march=native; -DGEMMA3_NO_SIMD turns them off). They compute the
+ * same products as the plain loops above, which stay the reference: the tests run both
+ * and compare. Only the order of the float additions differs (8 lanes, and an FMA's single
+ * rounding), so results agree to about 1e-6 relative, not bit for bit.
+ *
+ * A tile is NR weight rows times NT tokens: each weight vector loaded is used for NT
+ * tokens and each activation vector for NR rows, with all NR * NT sums in registers.
+ * Decode (one token) runs 1-token tiles, a prompt runs wider ones; every (row, token)
+ * sum is accumulated in the same order whatever the tile, so a batch gives exactly the
+ * logits that token-by-token decoding gives. */
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && defined(__GNUC__) && !defined(GEMMA3_NO_SIMD)
+#define GEMMA3_AVX2 1
+#include <immintrin.h>
+#define TILE_INLINE static inline __attribute__((always_inline))
+/* The r and t loops of a tile must unroll so that its sums live in registers. */
+#ifdef __clang__
+#define UNROLL _Pragma("unroll")
+#else
+#define UNROLL _Pragma("GCC unroll 4")
+#endif
+
+static float hsum8(__m256 v) { /* a fixed order: 8 -> 4 -> 2 -> 1 */
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Sum of u[i] * s[i] over each group of 4 bytes, u unsigned, s signed: 8 int32 lanes.
+ * One instruction with VNNI; otherwise pairs into int16 (cannot saturate here: |u| <= 128,
+ * |s| <= 127) and then into int32. */
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+/* Weights as 8 floats from f32 or bf16 (bf16 is the high half of an f32). */
+static inline __m256 load8_f32(const unsigned char *p) { return _mm256_loadu_ps((const float *)p); }
+static inline __m256 load8_bf16(const unsigned char *p) {
+    __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+
+/* out[t * ostride + r] = row r of w (rows rb bytes apart) . x[t] (tokens cols floats apart).
+ * wsize: bytes per weight (4 f32, 2 bf16). cols % 8 == 0 (checked by the caller). */
+TILE_INLINE void tile_float(float *out, int ostride, const unsigned char *w, size_t rb, const float *x, int cols,
+                            int wsize, const int NR, const int NT) {
+    __m256 acc[4][4];
+    UNROLL
+    for (int r = 0; r < NR; r++)
+        UNROLL
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
+    for (int j = 0; j < cols; j += 8) {
+        __m256 wv[4];
+        UNROLL
+        for (int r = 0; r < NR; r++)
+            wv[r] = wsize == 4 ? load8_f32(w + r * rb + (size_t)j * 4) : load8_bf16(w + r * rb + (size_t)j * 2);
+        UNROLL
+        for (int t = 0; t < NT; t++) {
+            __m256 xv = _mm256_loadu_ps(x + (size_t)t * cols + j);
+            UNROLL
+            for (int r = 0; r < NR; r++) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+        }
+    }
+    UNROLL
+    for (int r = 0; r < NR; r++)
+        UNROLL
+        for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum8(acc[r][t]);
+}
+
+/* q8_0 / q4_0 rows times int8 activations (xq, scales xs: tokens cols / cols/32 apart).
+ * Integer products per block; the block's two scales then multiply its 8 int32 lanes. */
+TILE_INLINE void tile_quant(float *out, int ostride, const unsigned char *w, size_t rb, const int8_t *xq,
+                            const float *xs, int cols, int dtype, const int NR, const int NT) {
+    const int nb = cols / QK;
+    const __m256i low4 = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi8(8);
+    __m256 acc[4][4];
+    UNROLL
+    for (int r = 0; r < NR; r++)
+        UNROLL
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m256i wv[4], wabs[4];
+        float dw[4];
+        UNROLL
+        for (int r = 0; r < NR; r++) {
+            if (dtype == DT_Q8_0) {
+                const unsigned char *blk = w + r * rb + (size_t)b * Q8_0_BLOCK;
+                dw[r] = _cvtsh_ss(rd_u16(blk));
+                wv[r] = _mm256_loadu_si256((const __m256i *)(blk + 2));
+                wabs[r] = _mm256_sign_epi8(wv[r], wv[r]); /* |w| as unsigned bytes */
+            } else {
+                const unsigned char *blk = w + r * rb + (size_t)b * Q4_0_BLOCK;
+                dw[r] = _cvtsh_ss(rd_u16(blk));
+                __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 2));
+                /* weights 0..15 are the low nibbles, 16..31 the high ones: unsigned 0..15 */
+                wabs[r] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low4);
+            }
+        }
+        UNROLL
+        for (int t = 0; t < NT; t++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * cols + (size_t)b * QK));
+            float dx = xs[(size_t)t * nb + b];
+            /* q4_0: sum (n - 8) x = sum n x - 8 sum x; the second term once per token */
+            __m256i minus8x = dtype == DT_Q4_0 ? _mm256_sub_epi32(_mm256_setzero_si256(), dot_u8s8(eight, xv))
+                                               : _mm256_setzero_si256();
+            UNROLL
+            for (int r = 0; r < NR; r++) {
+                __m256i p = dtype == DT_Q8_0 ? dot_u8s8(wabs[r], _mm256_sign_epi8(xv, wv[r]))
+                                             : _mm256_add_epi32(dot_u8s8(wabs[r], xv), minus8x);
+                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw[r] * dx), acc[r][t]);
+            }
+        }
+    }
+    UNROLL
+    for (int r = 0; r < NR; r++)
+        UNROLL
+        for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum8(acc[r][t]);
+}
+
+/* Rows r0 .. r0 + nr - 1 of W against all n tokens, in tiles of up to 4 rows x NT tokens. */
+static void matmul_rows_avx2(float *out, const float *x, int n, const Matrix *W, const RunState *s, int r0, int nr) {
+    const int rows = W->rows, cols = W->cols, dtype = W->dtype;
+    const size_t rb = row_bytes(dtype, cols);
+    const unsigned char *w = (const unsigned char *)W->data + (size_t)r0 * rb;
+    float *o = out + r0;
+    const int8_t *xq = s->xq;
+    const float *xs = s->xq_scale;
+    const size_t nb = (size_t)cols / QK;
+#define TILE(NR_, NT_)                                                                                      \
+    do {                                                                                                    \
+        if (dtype == DT_F32) tile_float(o + (size_t)t * rows, rows, w, rb, x + (size_t)t * cols, cols, 4, NR_, NT_); \
+        else if (dtype == DT_BF16) tile_float(o + (size_t)t * rows, rows, w, rb, x + (size_t)t * cols, cols, 2, NR_, NT_); \
+        else if (dtype == DT_Q8_0) tile_quant(o + (size_t)t * rows, rows, w, rb, xq + (size_t)t * cols, xs + t * nb, cols, DT_Q8_0, NR_, NT_); \
+        else tile_quant(o + (size_t)t * rows, rows, w, rb, xq + (size_t)t * cols, xs + t * nb, cols, DT_Q4_0, NR_, NT_); \
+    } while (0)
+    int t = 0;
+    if (nr == 4 && n > 1) {
+#ifdef __AVX512VL__ /* 32 vector registers: room for 4 x 4 sums */
+        for (; t + 4 <= n; t += 4) TILE(4, 4);
+#endif
+        for (; t + 2 <= n; t += 2) TILE(4, 2);
+        for (; t < n; t++) TILE(4, 1);
+    } else {
+        for (int r = 0; r < nr; r++, w += rb, o++)
+            for (t = 0; t < n; t++) TILE(1, 1);
+    }
+#undef TILE
+}
+#endif
+
+/* The hot loop of the whole program: the SIMD tiles where the build has them (groups of
+ * 4 rows split across threads), else the plain loops. */
+static void matmul(float *out, const float *x, int n, const Matrix *W, RunState *s) {
+#ifdef GEMMA3_AVX2
+    if (W->cols % 8 == 0) {
+        if (W->dtype == DT_Q8_0 || W->dtype == DT_Q4_0) quantize_batch(s, x, n, W->cols);
+        int groups = (W->rows + 3) / 4, g;
+        PARALLEL_FOR
+        for (g = 0; g < groups; g++) {
+            int r0 = 4 * g, nr = W->rows - r0 < 4 ? W->rows - r0 : 4;
+            matmul_rows_avx2(out, x, n, W, s, r0, nr);
+        }
+        return;
+    }
+#endif
+    matmul_plain(out, x, n, W, s);
 }
 
 /* Row `row` of a matrix as floats (the embedding lookup). */

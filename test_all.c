@@ -442,6 +442,62 @@ static void test_toolkit(void) {
     free_model(&m);
 }
 
+/* The matmul the program runs (SIMD tiles where the build has them) against the plain
+ * loops, for every weight type, on shapes that leave partial tiles (37 rows, 9 tokens),
+ * plus batch == one token at a time, to the bit. */
+static void test_kernels(void) {
+#ifdef GEMMA3_AVX2
+    printf("matmul kernels: AVX2 tiles vs plain C\n");
+#else
+    printf("matmul kernels: plain C only in this build (no SIMD kernels to compare)\n");
+#endif
+    enum { ROWS = 37, NT = 9, MAXC = 264 };
+    static float w[ROWS * MAXC], x[NT * MAXC], y[NT * ROWS], y_ref[NT * ROWS], y1[ROWS];
+    static unsigned char packed[ROWS * MAXC * 4];
+    const int shapes[][2] = {{DT_F32, 264}, {DT_F32, 100}, {DT_BF16, 264}, {DT_Q8_0, 256}, {DT_Q4_0, 256}};
+    const char *names[] = {"f32", "bf16", "q8_0", "q4_0"};
+    uint64_t seed = 7;
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        int dt = shapes[i][0], cols = shapes[i][1];
+        size_t rb = row_bytes(dt, cols);
+        for (int k = 0; k < ROWS * cols; k++) w[k] = (random_f32(&seed) - 0.5f) * (k % 11 == 0 ? 4.0f : 1.0f);
+        for (int k = 0; k < NT * cols; k++) x[k] = random_f32(&seed) - 0.5f;
+        for (int r = 0; r < ROWS; r++) {
+            unsigned char *p = packed + r * rb;
+            const float *wr = w + r * cols;
+            if (dt == DT_F32) memcpy(p, wr, (size_t)cols * 4);
+            else if (dt == DT_BF16)
+                for (int k = 0; k < cols; k++) { uint32_t u; memcpy(&u, &wr[k], 4); wr_u16(p + 2 * k, (uint16_t)(u >> 16)); }
+            else if (dt == DT_Q8_0) quantize_row_q8_0(p, wr, cols);
+            else quantize_row_q4_0(p, wr, cols);
+        }
+        if (dt == DT_BF16 && host_is_big_endian()) /* the loader would have swapped them */
+            for (int k = 0; k < ROWS * cols; k++) { unsigned char t = packed[2 * k]; packed[2 * k] = packed[2 * k + 1]; packed[2 * k + 1] = t; }
+        Matrix W = {packed, dt, ROWS, cols};
+        Config cfg = {0};
+        unsigned char global = 1;
+        cfg.vocab_size = 8; cfg.dim = cols; cfg.hidden_dim = cols; cfg.n_layers = 1; cfg.n_heads = 1; cfg.n_kv_heads = 1;
+        cfg.head_dim = 2; cfg.window = 1; cfg.rope_theta = cfg.rope_local_theta = 1e4f; cfg.rope_factor = 1; cfg.is_global = &global;
+        char err[256];
+        RunState s;
+        if (build_run_state(&s, &cfg, NT, NT, 0, err, sizeof err) != 0) { CHECK(0, "run state: %s", err); return; }
+        matmul_plain(y_ref, x, NT, &W, &s);
+        matmul(y, x, NT, &W, &s);
+        double worst = 0, scale = 0;
+        for (int k = 0; k < NT * ROWS; k++) { worst = fmax(worst, fabs(y[k] - y_ref[k])); scale = fmax(scale, fabs(y_ref[k])); }
+        int same = 1;
+        for (int t = 0; t < NT; t++) {
+            matmul(y1, x + (size_t)t * cols, 1, &W, &s);
+            same &= memcmp(y1, y + (size_t)t * ROWS, sizeof y1) == 0;
+        }
+        printf("  %-5s %3d x %3d, %d tokens: max|diff| %.3g of max %.3g; batch == one by one: %s\n", names[dt], ROWS, cols,
+               NT, worst, scale, same ? "yes" : "NO");
+        CHECK(scale > 0 && worst <= 1e-5 * scale, "%s matmul differs from the plain loops by %g (max %g)", names[dt], worst, scale);
+        CHECK(same, "%s: a batch of %d tokens is not bit-identical to one token at a time", names[dt], NT);
+        free_run_state(&s, &cfg);
+    }
+}
+
 /* Logits of a quantized export against a reference: max error relative to max|logit|
  * and top-1 agreement, within the tolerances README documents. */
 static void check_quantized(const char *what, const char *bin, const char *tokens, const char *ref_path, double max_rel,
@@ -826,6 +882,7 @@ int main(void) {
     if (system("mkdir -p " BUILD) != 0) { printf("cannot create " BUILD "\n"); return 1; }
     test_fixture_tiny();
     test_sampler();
+    test_kernels();
     test_toolkit();
     test_quantized();
     test_fuzz_loader();
