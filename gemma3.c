@@ -596,7 +596,10 @@ static uint16_t rd_u16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] <
 static void quantize_activations(int8_t *xq, float *scale, int32_t *sums, const float *x, int n) {
     for (int b = 0; b < n / QK; b++) {
         float amax = 0.0f;
-        for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[b * QK + i]));
+        for (int i = 0; i < QK; i++) {
+            float a = fabsf(x[b * QK + i]);
+            amax = a > amax ? a : amax;
+        }
         float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
         scale[b] = d;
         int32_t sum = 0;
@@ -669,7 +672,13 @@ static float dot_q4_0(const unsigned char *w, const int8_t *xq, const float *xs,
 
 /* The activations of a quantized matmul as int8 blocks, one row of blocks per token. */
 static void quantize_batch(RunState *s, const float *x, int n, int cols) {
-    for (int t = 0; t < n; t++)
+    int t;
+    if (n == 1) { /* decode: not worth waking the other threads */
+        quantize_activations(s->xq, s->xq_scale, s->xq_sum, x, cols);
+        return;
+    }
+    PARALLEL_FOR
+    for (t = 0; t < n; t++)
         quantize_activations(s->xq + (size_t)t * cols, s->xq_scale + (size_t)t * (cols / QK),
                              s->xq_sum + (size_t)t * (cols / QK), x + (size_t)t * cols, cols);
 }
@@ -928,8 +937,13 @@ static void softmax(float *x, int n) {
 }
 
 /* GELU, tanh approximation (HF hidden_activation "gelu_pytorch_tanh"). */
+/* GELU, tanh approximation (HF "gelu_pytorch_tanh"): 0.5 x (1 + tanh(u)) with
+ * u = sqrt(2/pi) (x + 0.044715 x^3). Since 1 + tanh(u) = 2 / (1 + exp(-2u)), this is
+ * x / (1 + exp(-2u)): the same function with one expf instead of tanhf, and no
+ * cancellation in 1 + tanh(u) for negative x. */
 static float gelu_tanh(float x) {
-    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    return x / (1.0f + expf(-2.0f * u));
 }
 
 /* Self-attention of the n batch tokens at positions pos0.. in layer l; their keys and
@@ -951,9 +965,7 @@ static void attention(RunState *s, const Config *c, int l, int pos0, int n) {
         float *att = s->att + (size_t)job * s->ctx;
         for (int j = 0; j < span; j++) {
             const float *k = s->key_cache[l] + (size_t)((first + j) % len) * KV + kvh * hd;
-            float dot = 0.0f;
-            for (int i = 0; i < hd; i++) dot += q[i] * k[i];
-            att[j] = dot * scale;
+            att[j] = dot_f32(k, q, hd) * scale;
         }
         softmax(att, span);
         float *out = s->att_out + (size_t)t * Q + h * hd;
@@ -1029,7 +1041,9 @@ static float *forward_batch(const Model *m, RunState *s, const int *tokens, int 
         /* MLP block: down(gelu(gate(h)) * up(h)), pre- and post-norm, residual */
         matmul(s->hb, s->xb, n, &L->w_gate, s);
         matmul(s->hb2, s->xb, n, &L->w_up, s);
-        for (size_t i = 0; i < (size_t)n * F; i++) s->hb[i] = gelu_tanh(s->hb[i]) * s->hb2[i];
+        int i;
+        PARALLEL_FOR
+        for (i = 0; i < n * F; i++) s->hb[i] = gelu_tanh(s->hb[i]) * s->hb2[i];
         matmul(s->xb2, s->hb, n, &L->w_down, s);
         for (int t = 0; t < n; t++) {
             float *o = s->xb2 + (size_t)t * D, *x = s->x + (size_t)t * D;
