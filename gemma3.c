@@ -39,6 +39,11 @@
 #define PARALLEL_FOR
 #endif
 
+/* Optional SIMD matmul kernels (section 2) where the compiler targets x86 AVX2 + FMA + F16C. */
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && defined(__GNUC__) && !defined(GEMMA3_NO_SIMD)
+#define GEMMA3_AVX2 1
+#endif
+
 #include "tokenizer.c"
 
 #define GEMMA3_FORMAT_VERSION 1
@@ -476,6 +481,10 @@ typedef struct {
     int8_t *xq;       /* (max_batch, max in_features) activations quantized for int8 matmuls */
     float *xq_scale;  /* (max_batch, max in_features / 32) their per-block scales */
     int32_t *xq_sum;  /* (max_batch, max in_features / 32) per-block sums of xq (for q4_0's -8 offset) */
+#ifdef GEMMA3_AVX2
+    int32_t *xq_corr; /* (max_batch, max in_features / 4) q4_0's offset as the SIMD kernel adds it */
+    float *xperm;     /* (max_batch, max in_features) x reordered for the bf16 kernel */
+#endif
     float *rope_cos, *rope_sin; /* (2, max_batch, head_dim/2) local then global tables of the batch */
     float *inv_freq_local, *inv_freq_global; /* (head_dim/2) RoPE frequencies per layer type */
     float *hidden_dump; /* optional, (n_layers + 1, dim): the residual stream after the embedding
@@ -516,6 +525,10 @@ static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch,
     s->xq = calloc(B * widest, 1);
     s->xq_scale = calloc(B * (widest / 32 + 1), sizeof(float));
     s->xq_sum = calloc(B * (widest / 32 + 1), sizeof(int32_t));
+#ifdef GEMMA3_AVX2
+    s->xq_corr = calloc(B * (widest / 4 + 8), sizeof(int32_t));
+    s->xperm = calloc(B * widest, sizeof(float));
+#endif
     s->rope_cos = calloc(2 * B * half, sizeof(float));
     s->rope_sin = calloc(2 * B * half, sizeof(float));
     s->inv_freq_local = calloc(half, sizeof(float));
@@ -526,6 +539,9 @@ static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch,
     int ok = s->x && s->xb && s->xb2 && s->q && s->k && s->v && s->att_out && s->att && s->hb && s->hb2 &&
              s->logits && s->xq && s->xq_scale && s->xq_sum && s->rope_cos && s->rope_sin && s->inv_freq_local &&
              s->inv_freq_global && s->cache_len && s->key_cache && s->value_cache;
+#ifdef GEMMA3_AVX2
+    ok = ok && s->xq_corr && s->xperm;
+#endif
     for (int l = 0; ok && l < c->n_layers; l++) {
         int ring = c->window + max_batch - 1;
         int len = (!c->is_global[l] && ring < ctx) ? ring : ctx;
@@ -552,6 +568,9 @@ static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch,
 static void free_run_state(RunState *s, const Config *c) {
     free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->att_out);
     free(s->att); free(s->hb); free(s->hb2); free(s->logits); free(s->xq); free(s->xq_scale); free(s->xq_sum);
+#ifdef GEMMA3_AVX2
+    free(s->xq_corr); free(s->xperm);
+#endif
     free(s->rope_cos); free(s->rope_sin); free(s->inv_freq_local); free(s->inv_freq_global);
     for (int l = 0; l < c->n_layers && s->key_cache; l++) {
         free(s->key_cache[l]);
@@ -719,11 +738,11 @@ static void matmul_plain(float *out, const float *x, int n, const Matrix *W, Run
  *
  * A tile is NR weight rows times NT tokens: each weight vector loaded is used for NT
  * tokens and each activation vector for NR rows, with all NR * NT sums in registers.
- * Decode (one token) runs 1-token tiles, a prompt runs wider ones; every (row, token)
+ * Decode (one token) runs 1 x 1 tiles, one row after the other (a single stream through
+ * memory is what the prefetchers like best); a prompt runs 4-row tiles. Every (row, token)
  * sum is accumulated in the same order whatever the tile, so a batch gives exactly the
  * logits that token-by-token decoding gives. */
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && defined(__GNUC__) && !defined(GEMMA3_NO_SIMD)
-#define GEMMA3_AVX2 1
+#ifdef GEMMA3_AVX2
 #include <immintrin.h>
 #define TILE_INLINE static inline __attribute__((always_inline))
 /* The r and t loops of a tile must unroll so that its sums live in registers. */
@@ -740,30 +759,23 @@ static float hsum8(__m256 v) { /* a fixed order: 8 -> 4 -> 2 -> 1 */
     return _mm_cvtss_f32(s);
 }
 
-/* Sum of u[i] * s[i] over each group of 4 bytes, u unsigned, s signed: 8 int32 lanes.
+/* Sum of u[i] * s[i] over each group of 4 bytes, added to acc: u unsigned, s signed.
  * One instruction with VNNI; otherwise pairs into int16 (cannot saturate here: |u| <= 128,
  * |s| <= 127) and then into int32. */
-static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 #if defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
 #elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+    return _mm256_dpbusd_epi32(acc, u, s);
 #else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #endif
 }
 
-/* Weights as 8 floats from f32 or bf16 (bf16 is the high half of an f32). */
-static inline __m256 load8_f32(const unsigned char *p) { return _mm256_loadu_ps((const float *)p); }
-static inline __m256 load8_bf16(const unsigned char *p) {
-    __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
-}
-
-/* out[t * ostride + r] = row r of w (rows rb bytes apart) . x[t] (tokens cols floats apart).
- * wsize: bytes per weight (4 f32, 2 bf16). cols % 8 == 0 (checked by the caller). */
-TILE_INLINE void tile_float(float *out, int ostride, const unsigned char *w, size_t rb, const float *x, int cols,
-                            int wsize, const int NR, const int NT) {
+/* f32 rows: out[t * ostride + r] = w_r . x_t; w_r rb bytes apart, x_t cols floats apart.
+ * cols % 8 == 0. */
+TILE_INLINE void tile_f32(float *out, int ostride, const unsigned char *w, size_t rb, const float *x, int cols,
+                          const int NR, const int NT) {
     __m256 acc[4][4];
     UNROLL
     for (int r = 0; r < NR; r++)
@@ -772,8 +784,7 @@ TILE_INLINE void tile_float(float *out, int ostride, const unsigned char *w, siz
     for (int j = 0; j < cols; j += 8) {
         __m256 wv[4];
         UNROLL
-        for (int r = 0; r < NR; r++)
-            wv[r] = wsize == 4 ? load8_f32(w + r * rb + (size_t)j * 4) : load8_bf16(w + r * rb + (size_t)j * 2);
+        for (int r = 0; r < NR; r++) wv[r] = _mm256_loadu_ps((const float *)(w + r * rb) + j);
         UNROLL
         for (int t = 0; t < NT; t++) {
             __m256 xv = _mm256_loadu_ps(x + (size_t)t * cols + j);
@@ -787,19 +798,67 @@ TILE_INLINE void tile_float(float *out, int ostride, const unsigned char *w, siz
         for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum8(acc[r][t]);
 }
 
-/* q8_0 / q4_0 rows times int8 activations (xq, scales xs: tokens cols / cols/32 apart).
- * Integer products per block; the block's two scales then multiply its 8 int32 lanes. */
+/* bf16 rows. 16 weights load as 8 32-bit lanes; bf16 being the high half of an f32, a
+ * shift gives the even weights as floats and a mask the odd ones, with no shuffle. So x
+ * comes permuted (bf16_permute_x): each 16 floats as the 8 even, then the 8 odd ones.
+ * Two sums per (row, token), even and odd, also give the FMAs two chains to overlap.
+ * cols % 16 == 0. */
+TILE_INLINE void tile_bf16(float *out, int ostride, const unsigned char *w, size_t rb, const float *xp, int cols,
+                           const int NR, const int NT) {
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    __m256 even[4][2], odd[4][2];
+    UNROLL
+    for (int r = 0; r < NR; r++)
+        UNROLL
+        for (int t = 0; t < NT; t++) even[r][t] = odd[r][t] = _mm256_setzero_ps();
+    for (int j = 0; j < cols; j += 16) {
+        __m256 we[4], wo[4];
+        UNROLL
+        for (int r = 0; r < NR; r++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w + r * rb + (size_t)j * 2));
+            we[r] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+            wo[r] = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+        }
+        UNROLL
+        for (int t = 0; t < NT; t++) {
+            __m256 xe = _mm256_loadu_ps(xp + (size_t)t * cols + j), xo = _mm256_loadu_ps(xp + (size_t)t * cols + j + 8);
+            UNROLL
+            for (int r = 0; r < NR; r++) {
+                even[r][t] = _mm256_fmadd_ps(we[r], xe, even[r][t]);
+                odd[r][t] = _mm256_fmadd_ps(wo[r], xo, odd[r][t]);
+            }
+        }
+    }
+    UNROLL
+    for (int r = 0; r < NR; r++)
+        UNROLL
+        for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum8(_mm256_add_ps(even[r][t], odd[r][t]));
+}
+
+static void bf16_permute_x(float *xp, const float *x, int n) { /* n % 16 == 0 */
+    for (int j = 0; j < n; j += 16)
+        for (int i = 0; i < 8; i++) {
+            xp[j + i] = x[j + 2 * i];
+            xp[j + 8 + i] = x[j + 2 * i + 1];
+        }
+}
+
+/* q8_0 / q4_0 rows times int8 activations (xq, scales xs; x_t cols bytes / cols/32 scales
+ * apart). Integer products per block; the block's two scales then multiply its 8 int32
+ * lanes. q8_0 uses |w| (unsigned) times x with w's sign. q4_0's nibbles n are unsigned
+ * already; sum (n - 8) x = sum n x - 8 sum x, and the second term comes precomputed per
+ * token and block as 8 lanes (xc, q4_0_correction) to start the integer sum from. */
 TILE_INLINE void tile_quant(float *out, int ostride, const unsigned char *w, size_t rb, const int8_t *xq,
-                            const float *xs, int cols, int dtype, const int NR, const int NT) {
+                            const float *xs, const int32_t *xc, int cols, int dtype, const int NR, const int NT) {
     const int nb = cols / QK;
-    const __m256i low4 = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi8(8);
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
     __m256 acc[4][4];
     UNROLL
     for (int r = 0; r < NR; r++)
         UNROLL
         for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
-        __m256i wv[4], wabs[4];
+        __m256i wv[4], wu[4];
         float dw[4];
         UNROLL
         for (int r = 0; r < NR; r++) {
@@ -807,26 +866,24 @@ TILE_INLINE void tile_quant(float *out, int ostride, const unsigned char *w, siz
                 const unsigned char *blk = w + r * rb + (size_t)b * Q8_0_BLOCK;
                 dw[r] = _cvtsh_ss(rd_u16(blk));
                 wv[r] = _mm256_loadu_si256((const __m256i *)(blk + 2));
-                wabs[r] = _mm256_sign_epi8(wv[r], wv[r]); /* |w| as unsigned bytes */
+                wu[r] = _mm256_sign_epi8(wv[r], wv[r]); /* |w| as unsigned bytes */
             } else {
                 const unsigned char *blk = w + r * rb + (size_t)b * Q4_0_BLOCK;
                 dw[r] = _cvtsh_ss(rd_u16(blk));
                 __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 2));
-                /* weights 0..15 are the low nibbles, 16..31 the high ones: unsigned 0..15 */
-                wabs[r] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low4);
+                /* weights 0..15 are the low nibbles, 16..31 the high ones */
+                wu[r] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low4);
             }
         }
         UNROLL
         for (int t = 0; t < NT; t++) {
             __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * cols + (size_t)b * QK));
             float dx = xs[(size_t)t * nb + b];
-            /* q4_0: sum (n - 8) x = sum n x - 8 sum x; the second term once per token */
-            __m256i minus8x = dtype == DT_Q4_0 ? _mm256_sub_epi32(_mm256_setzero_si256(), dot_u8s8(eight, xv))
-                                               : _mm256_setzero_si256();
             UNROLL
             for (int r = 0; r < NR; r++) {
-                __m256i p = dtype == DT_Q8_0 ? dot_u8s8(wabs[r], _mm256_sign_epi8(xv, wv[r]))
-                                             : _mm256_add_epi32(dot_u8s8(wabs[r], xv), minus8x);
+                __m256i p = dtype == DT_Q8_0
+                                ? dot_u8s8(_mm256_setzero_si256(), wu[r], _mm256_sign_epi8(xv, wv[r]))
+                                : dot_u8s8(_mm256_loadu_si256((const __m256i *)(xc + ((size_t)t * nb + b) * 8)), wu[r], xv);
                 acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw[r] * dx), acc[r][t]);
             }
         }
@@ -837,26 +894,37 @@ TILE_INLINE void tile_quant(float *out, int ostride, const unsigned char *w, siz
         for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum8(acc[r][t]);
 }
 
-/* Rows r0 .. r0 + nr - 1 of W against all n tokens, in tiles of up to 4 rows x NT tokens. */
-static void matmul_rows_avx2(float *out, const float *x, int n, const Matrix *W, const RunState *s, int r0, int nr) {
+/* -8 * (sum of each 4 activations), 8 lanes per block: q4_0's offset, once per token. */
+static void q4_0_correction(int32_t *xc, const int8_t *xq, int n) {
+    const __m256i eight = _mm256_set1_epi8(8);
+    for (int b = 0; b < n / QK; b++) {
+        __m256i s = dot_u8s8(_mm256_setzero_si256(), eight, _mm256_loadu_si256((const __m256i *)(xq + b * QK)));
+        _mm256_storeu_si256((__m256i *)(xc + b * 8), _mm256_sub_epi32(_mm256_setzero_si256(), s));
+    }
+}
+
+/* Rows r0 .. r0 + nr - 1 of W against all n tokens. xin: x as the tiles want it. */
+static void matmul_rows_avx2(float *out, const float *xin, int n, const Matrix *W, const RunState *s, int r0, int nr) {
     const int rows = W->rows, cols = W->cols, dtype = W->dtype;
-    const size_t rb = row_bytes(dtype, cols);
+    const size_t rb = row_bytes(dtype, cols), nb = (size_t)cols / QK;
     const unsigned char *w = (const unsigned char *)W->data + (size_t)r0 * rb;
     float *o = out + r0;
-    const int8_t *xq = s->xq;
-    const float *xs = s->xq_scale;
-    const size_t nb = (size_t)cols / QK;
-#define TILE(NR_, NT_)                                                                                      \
-    do {                                                                                                    \
-        if (dtype == DT_F32) tile_float(o + (size_t)t * rows, rows, w, rb, x + (size_t)t * cols, cols, 4, NR_, NT_); \
-        else if (dtype == DT_BF16) tile_float(o + (size_t)t * rows, rows, w, rb, x + (size_t)t * cols, cols, 2, NR_, NT_); \
-        else if (dtype == DT_Q8_0) tile_quant(o + (size_t)t * rows, rows, w, rb, xq + (size_t)t * cols, xs + t * nb, cols, DT_Q8_0, NR_, NT_); \
-        else tile_quant(o + (size_t)t * rows, rows, w, rb, xq + (size_t)t * cols, xs + t * nb, cols, DT_Q4_0, NR_, NT_); \
+#define TILE(NR_, NT_)                                                                                             \
+    do {                                                                                                           \
+        float *o_ = o + (size_t)t * rows;                                                                          \
+        if (dtype == DT_F32) tile_f32(o_, rows, w, rb, xin + (size_t)t * cols, cols, NR_, NT_);                     \
+        else if (dtype == DT_BF16) tile_bf16(o_, rows, w, rb, xin + (size_t)t * cols, cols, NR_, NT_);              \
+        else if (dtype == DT_Q8_0)                                                                                 \
+            tile_quant(o_, rows, w, rb, s->xq + (size_t)t * cols, s->xq_scale + t * nb, NULL, cols, DT_Q8_0, NR_, NT_); \
+        else                                                                                                       \
+            tile_quant(o_, rows, w, rb, s->xq + (size_t)t * cols, s->xq_scale + t * nb, s->xq_corr + t * nb * 8, cols, \
+                       DT_Q4_0, NR_, NT_);                                                                         \
     } while (0)
     int t = 0;
     if (nr == 4 && n > 1) {
-#ifdef __AVX512VL__ /* 32 vector registers: room for 4 x 4 sums */
-        for (; t + 4 <= n; t += 4) TILE(4, 4);
+#ifdef __AVX512VL__ /* 32 vector registers: room for 4 x 4 sums (bf16 keeps two per pair) */
+        if (dtype != DT_BF16)
+            for (; t + 4 <= n; t += 4) TILE(4, 4);
 #endif
         for (; t + 2 <= n; t += 2) TILE(4, 2);
         for (; t < n; t++) TILE(4, 1);
@@ -872,13 +940,22 @@ static void matmul_rows_avx2(float *out, const float *x, int n, const Matrix *W,
  * 4 rows split across threads), else the plain loops. */
 static void matmul(float *out, const float *x, int n, const Matrix *W, RunState *s) {
 #ifdef GEMMA3_AVX2
-    if (W->cols % 8 == 0) {
-        if (W->dtype == DT_Q8_0 || W->dtype == DT_Q4_0) quantize_batch(s, x, n, W->cols);
+    const int cols = W->cols;
+    if (cols % 16 == 0) {
+        const float *xin = x;
+        int t;
+        if (W->dtype == DT_Q8_0 || W->dtype == DT_Q4_0) quantize_batch(s, x, n, cols);
+        if (W->dtype == DT_Q4_0)
+            for (t = 0; t < n; t++) q4_0_correction(s->xq_corr + (size_t)t * cols / 4, s->xq + (size_t)t * cols, cols);
+        if (W->dtype == DT_BF16) {
+            for (t = 0; t < n; t++) bf16_permute_x(s->xperm + (size_t)t * cols, x + (size_t)t * cols, cols);
+            xin = s->xperm;
+        }
         int groups = (W->rows + 3) / 4, g;
         PARALLEL_FOR
         for (g = 0; g < groups; g++) {
             int r0 = 4 * g, nr = W->rows - r0 < 4 ? W->rows - r0 : 4;
-            matmul_rows_avx2(out, x, n, W, s, r0, nr);
+            matmul_rows_avx2(out, xin, n, W, s, r0, nr);
         }
         return;
     }

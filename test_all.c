@@ -198,8 +198,13 @@ static void test_fixture_tiny(void) {
           "gemma3 --logits: %s", last_log());
     CHECK(run("./gemma3 " BUILD "/tiny-bf16.bin --logits " TINY "/tokens.txt " BUILD "/tiny-bf16.logits") == 0,
           "gemma3 --logits bf16: %s", last_log());
+#ifdef GEMMA3_AVX2 /* the SIMD f32 and bf16 kernels add in different orders */
+    check_logits("bf16 export == f32 export (SIMD: to 1e-6)", BUILD "/tiny-bf16.bin", TINY "/tokens.txt",
+                 BUILD "/tiny-f32.logits", 1e-6);
+#else
     CHECK(files_equal(BUILD "/tiny-f32.logits", BUILD "/tiny-bf16.logits"),
           "bf16 export of bf16 weights should give bit-identical logits to the f32 export");
+#endif
     /* batched prompt path (CLI) == one token at a time (decode path), to the bit */
     /* threads split rows, never a sum: 1 and 2 threads give the same bits */
     CHECK(run("OMP_NUM_THREADS=1 ./gemma3 " BUILD "/tiny-f32.bin --logits " TINY "/tokens.txt " BUILD "/tiny-t1.logits && "
@@ -451,10 +456,10 @@ static void test_kernels(void) {
 #else
     printf("matmul kernels: plain C only in this build (no SIMD kernels to compare)\n");
 #endif
-    enum { ROWS = 37, NT = 9, MAXC = 264 };
+    enum { ROWS = 37, NT = 9, MAXC = 288 };
     static float w[ROWS * MAXC], x[NT * MAXC], y[NT * ROWS], y_ref[NT * ROWS], y1[ROWS];
     static unsigned char packed[ROWS * MAXC * 4];
-    const int shapes[][2] = {{DT_F32, 264}, {DT_F32, 100}, {DT_BF16, 264}, {DT_Q8_0, 256}, {DT_Q4_0, 256}};
+    const int shapes[][2] = {{DT_F32, 272}, {DT_F32, 100}, {DT_BF16, 272}, {DT_BF16, 40}, {DT_Q8_0, 288}, {DT_Q4_0, 288}};
     const char *names[] = {"f32", "bf16", "q8_0", "q4_0"};
     uint64_t seed = 7;
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
