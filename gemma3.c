@@ -1776,6 +1776,7 @@ static void usage(FILE *f) {
         "\n"
         "modes (default: generate from -p):\n"
         "  -p PROMPT            generate a continuation of PROMPT (<bos> is added, nothing else)\n"
+        "  -f FILE              the same with the text of FILE as the prompt (for long prompts)\n"
         "  --logits IN.txt OUT.f32\n"
         "                       run the whitespace-separated token ids in IN.txt (no <bos> added)\n"
         "                       and write float32 little-endian logits, row-major [T][vocab]\n"
@@ -1792,8 +1793,8 @@ static void usage(FILE *f) {
         "  --encode             read UTF-8 text on stdin, print its token ids (no <bos>) on one line\n"
         "  --decode             read token ids on stdin, print the text\n"
         "  --chat               interactive multi-turn chat with the Gemma 3 chat template, one user\n"
-        "                       message per line of stdin, Ctrl-D to end; with -p: answer that one\n"
-        "                       message and exit\n"
+        "                       message per line of stdin, Ctrl-D to end; with -p or -f: answer that\n"
+        "                       one message and exit\n"
         "  --system TEXT        (--chat) system prompt, folded into the first user turn\n"
         "\n"
         "options:\n"
@@ -1854,7 +1855,7 @@ static char *read_all(FILE *f, size_t *len) {
 }
 
 static int takes_value(const char *opt) {
-    static const char *const with_value[] = {"-p", "-n", "-t", "-k", "--top-p", "--min-p", "-s", "-c", "--system", "--top", "--dump-hidden",
+    static const char *const with_value[] = {"-p", "-f", "-n", "-t", "-k", "--top-p", "--min-p", "-s", "-c", "--system", "--top", "--dump-hidden",
                                               "--perplexity", "--quantize", NULL};
     for (int i = 0; with_value[i]; i++)
         if (!strcmp(opt, with_value[i])) return 1;
@@ -1862,7 +1863,7 @@ static int takes_value(const char *opt) {
 }
 
 int main(int argc, char **argv) {
-    const char *model_path = NULL, *prompt = NULL, *logits_in = NULL, *logits_out = NULL;
+    const char *model_path = NULL, *prompt = NULL, *prompt_file = NULL, *logits_in = NULL, *logits_out = NULL;
     const char *system_prompt = NULL, *hidden_out = NULL, *ppl_path = NULL, *quant_type = NULL, *quant_out = NULL;
     int top_n = 0;
     int steps = 256, top_k = 64, ctx = 0, mode_encode = 0, mode_decode = 0, mode_chat = 0;
@@ -1890,6 +1891,7 @@ int main(int argc, char **argv) {
             if (!has_value) die("%s needs a value (see --help)", a);
             const char *v = argv[++i];
             if (!strcmp(a, "-p")) prompt = v;
+            else if (!strcmp(a, "-f")) prompt_file = v;
             else if (!strcmp(a, "-n")) steps = (int)parse_int(a, v, 0, 1L << 30);
             else if (!strcmp(a, "-t")) temperature = parse_float(a, v, 0.0f, 100.0f);
             else if (!strcmp(a, "-k")) top_k = (int)parse_int(a, v, 0, 1L << 30);
@@ -1907,11 +1909,23 @@ int main(int argc, char **argv) {
         else die("unexpected argument '%s' (see --help)", a);
     }
     if (!model_path) { usage(stderr); return 1; }
+    char *file_text = NULL; /* -f: the prompt read from a file (may hold any bytes, so keep its length) */
+    size_t prompt_len = prompt ? strlen(prompt) : 0;
+    if (prompt_file) {
+        if (prompt) die("-p and -f both give the prompt: choose one");
+        FILE *f = fopen(prompt_file, "rb");
+        if (!f) die("cannot open prompt file %s: %s", prompt_file, strerror(errno));
+        file_text = read_all(f, &prompt_len);
+        int bad = ferror(f);
+        fclose(f);
+        if (!file_text || bad) die("cannot read prompt file %s", prompt_file);
+        prompt = file_text;
+    }
     if (mode_encode + mode_decode + mode_chat + (logits_in != NULL) + (prompt != NULL && !mode_chat) + (ppl_path != NULL) +
             (quant_type != NULL) > 1)
-        die("choose one of -p, --chat, --logits, --perplexity, --encode, --decode, --quantize");
+        die("choose one of -p/-f, --chat, --logits, --perplexity, --encode, --decode, --quantize");
     if (!mode_encode && !mode_decode && !mode_chat && !logits_in && !prompt && !ppl_path && !quant_type)
-        die("nothing to do: give -p PROMPT, --chat, --logits, --perplexity, --encode, --decode or --quantize (see --help)");
+        die("nothing to do: give -p PROMPT, -f FILE, --chat, --logits, --perplexity, --encode, --decode or --quantize (see --help)");
     if ((top_n || hidden_out) && !logits_in) die("--top and --dump-hidden go with --logits");
     if (system_prompt && !mode_chat) die("--system goes with --chat");
 
@@ -2022,8 +2036,8 @@ int main(int argc, char **argv) {
             size_t len;
             char *line;
             if (prompt) {
-                line = dup_bytes(prompt, strlen(prompt));
-                len = strlen(prompt);
+                line = dup_bytes(prompt, prompt_len);
+                len = prompt_len;
             } else {
                 if (interactive) { fprintf(stderr, "> "); fflush(stderr); }
                 line = read_line(stdin, &len);
@@ -2042,6 +2056,7 @@ int main(int argc, char **argv) {
             if (rc != CHAT_OK) die("%s", err);
             if (prompt) break;
         }
+        free(file_text);
         free_chat(&chat);
         free_sampler(&sampler);
         free_run_state(&state, c);
@@ -2051,7 +2066,8 @@ int main(int argc, char **argv) {
 
     /* generate */
     int *text_ids, n_text;
-    n_text = tokenizer_encode(&model.tokenizer, prompt, strlen(prompt), &text_ids, err, sizeof err);
+    n_text = tokenizer_encode(&model.tokenizer, prompt, prompt_len, &text_ids, err, sizeof err);
+    free(file_text);
     if (n_text < 0) die("prompt: %s", err);
     int n = n_text + 1;
     int *ids = malloc((size_t)n * sizeof(int));

@@ -748,6 +748,10 @@ static void test_tokenizer_and_chat(void) {
     CHECK(run("./gemma3 " TOKMODEL " -p 'Once upon a time' -n 6 -s 42 > " BUILD "/gen1.txt && ./gemma3 " TOKMODEL
               " -p 'Once upon a time' -n 6 -s 42 > " BUILD "/gen2.txt && cmp -s " BUILD "/gen1.txt " BUILD "/gen2.txt") == 0,
           "same seed did not give the same text");
+    CHECK(run("printf 'Once upon a time' > " BUILD "/prompt.txt && ./gemma3 " TOKMODEL " -f " BUILD "/prompt.txt -n 6 -s 42 > "
+              BUILD "/gen3.txt && cmp -s " BUILD "/gen1.txt " BUILD "/gen3.txt") == 0, "-f FILE does not give what -p gives");
+    expect_error("-f with a missing file", "cannot open prompt file", "./gemma3 %s -f " BUILD "/no-such-prompt.txt", TOKMODEL);
+    expect_error("-p and -f together", "choose one", "./gemma3 %s -p hi -f " BUILD "/prompt.txt", TOKMODEL);
     CHECK(run("python3 export.py " BUILD "/tok-model " BUILD "/tok-model-f32.bin --dtype f32 -q && "
               "OMP_NUM_THREADS=1 ./gemma3 " BUILD "/tok-model-f32.bin -p 'Once upon a time' -n 24 -t 0 > " BUILD "/greedy1.txt && "
               "OMP_NUM_THREADS=2 ./gemma3 " BUILD "/tok-model-f32.bin -p 'Once upon a time' -n 24 -t 0 > " BUILD "/greedy2.txt && "

@@ -15,6 +15,9 @@
 #   DECODE=64            tokens to generate for decode tok/s     [quick: 32]
 #   REPEAT=1             runs of each prefill and decode measurement; the fastest is kept
 #                        (the machine may be shared: 2 or 3 steadies the numbers)
+#   FILL_CONTEXT=0       N > 0: also run each format with -c N and a prompt of N - 8 tokens
+#                        (-f), and report its peak RSS with the whole KV cache in use and its
+#                        prefill rate (slow: Gemma 3 1B at N = 32768 takes minutes per format)
 #   MEMBW_MIB=1024       array size of the bandwidth probe, MiB (must exceed the caches)
 #   OMP_NUM_THREADS      threads for gemma3 and the probe        [all cores]
 #   GEMMA3=./gemma3      binary to measure (default: `make gemma3` first)
@@ -74,6 +77,7 @@ FORMATS=${FORMATS:-f32 bf16}
 PREFILL=${PREFILL:-$prefill_default}
 DECODE=${DECODE:-$decode_default}
 REPEAT=${REPEAT:-1}
+FILL_CONTEXT=${FILL_CONTEXT:-0}
 MEMBW_MIB=${MEMBW_MIB:-1024}
 BENCH_DIR=${BENCH_DIR:-tests/build/bench}
 PROMPT="The quick brown fox jumps over the lazy dog"
@@ -88,6 +92,8 @@ done
 case "$DECODE" in ''|*[!0-9]*) die "DECODE must be a token count >= 2, got '$DECODE'" ;; esac
 [ "$DECODE" -ge 2 ] || die "DECODE must be a token count >= 2, got '$DECODE'"
 case "$REPEAT" in ''|0|*[!0-9]*) die "REPEAT must be a count >= 1, got '$REPEAT'" ;; esac
+case "$FILL_CONTEXT" in ''|*[!0-9]*) die "FILL_CONTEXT must be a context length (0 = off), got '$FILL_CONTEXT'" ;; esac
+[ "$FILL_CONTEXT" = 0 ] || [ "$FILL_CONTEXT" -ge 16 ] || die "FILL_CONTEXT must be 0 or at least 16, got '$FILL_CONTEXT'"
 command -v python3 >/dev/null || die "python3 is needed (checkpoint generator and exporter)"
 
 mkdir -p "$BENCH_DIR/$preset"
@@ -208,6 +214,11 @@ prompt_text() {
         for _ in 1 2 3 4 5 6 7 8; do cat FORMAT.md README.md; done >"$work/source.txt"
     fi
     "$bin" "$1" --encode <"$work/source.txt" >"$work/source.ids" || return 1
+    # long prompts (FILL_CONTEXT): repeat the text until it has enough tokens
+    while [ "$(wc -w <"$work/source.ids")" -lt "$2" ]; do
+        cat "$work/source.txt" "$work/source.txt" >"$work/source2.txt" && mv "$work/source2.txt" "$work/source.txt"
+        "$bin" "$1" --encode <"$work/source.txt" >"$work/source.ids" || return 1
+    done
     tr ' ' '\n' <"$work/source.ids" | head -n "$(($2 - 1))" >"$work/ids-$2.txt"
     [ "$(wc -l <"$work/ids-$2.txt")" -eq "$(($2 - 1))" ] || { say "source text has fewer than $2 tokens"; return 1; }
     "$bin" "$1" --decode <"$work/ids-$2.txt" >"$f" || return 1
@@ -368,6 +379,7 @@ bench_format() {
     echo "| $fmt | $(fmt_gb "$fsize") | $(calc "\"%.2f GB\", $PEAK_RSS * 1024 / 1e9") |$cells $dec |" \
          "$(calc "\"%.1f / %.1f\", $bw, ($med1 + $med2) / 2") | $(fmt_tps "$lim") | $pct |" >>"$rows"
     wlist="$wlist $fmt $(fmt_gb "$wbytes"),"
+    [ "$FILL_CONTEXT" -gt 0 ] && fill_context "$fmt" "$out"
     if [ "$MAJFLT" -gt 1000 ]; then
         say "  warning: $MAJFLT major page faults: parts of the model were read from disk"
         notes="$notes
@@ -376,11 +388,32 @@ Warning: the $fmt runs had $MAJFLT major page faults (model pages read from disk
     measured=$((measured + 1))
 }
 
+# fill_context FMT FILE: one run with -c FILL_CONTEXT and a prompt that fills it but for 8
+# tokens, generating 2 more: every KV cache page is written. Appends a row to $fill_rows.
+fill_context() {
+    local t=$((FILL_CONTEXT - 7)) saved=$PEAK_RSS rss
+    say "$1: prompt of $((t - 1)) tokens with -c $FILL_CONTEXT (whole context in use)"
+    prompt_text "$2" "$t" || { echo "| $1 | $FILL_CONTEXT | cannot make the prompt | | |" >>"$fill_rows"; return 0; }
+    PEAK_RSS=0
+    if run_timed "$logs/fill.log" "$bin" "$2" -c "$FILL_CONTEXT" -f "$work/text-$t.txt" -n 2 -t 0 &&
+        stderr_rates "$logs/fill.log"; then
+        rss=$PEAK_RSS
+        say "  $P_N prompt tokens, $(fmt_tps "$(calc "\"%.6f\", $P_N / $P_S")") tok/s, peak RSS $(calc "\"%.3f GB\", $rss * 1024 / 1e9")"
+        echo "| $1 | $FILL_CONTEXT | $P_N + $G_N | $(fmt_tps "$(calc "\"%.6f\", $P_N / $P_S")") | $(calc "\"%.3f GB\", $rss * 1024 / 1e9") |" >>"$fill_rows"
+    else
+        echo "| $1 | $FILL_CONTEXT | gemma3 failed: $(tail -n 1 "$logs/fill.log" | tr '|' '/') | | |" >>"$fill_rows"
+    fi
+    [ "$saved" -gt "$PEAK_RSS" ] && PEAK_RSS=$saved
+    return 0
+}
+
 # ---- run, then the table ---------------------------------------------------------------
 # Other work on the machine skews every number: the load average goes in the header.
 load0=$(cut -d ' ' -f 1-3 /proc/loadavg 2>/dev/null || echo "?")
 rows=$work/rows.md
+fill_rows=$work/fill-rows.md
 : >"$rows"
+: >"$fill_rows"
 wlist=""
 notes=""
 measured=0
@@ -407,6 +440,14 @@ for t in $PREFILL; do hdr_prefill="$hdr_prefill prefill $t tok/s |"; done
     [ "$measured" = 0 ] ||
     echo "Limit = best bandwidth (tools/membw.c, right before and after decode) / weights read per token (sum of the tensor sizes:${wlist%,})."
     echo "Peak RSS ($rss_tool) includes the touched pages of the mmap'd model file.$notes"
+    if [ -s "$fill_rows" ]; then
+        echo
+        echo "Whole context in use (FILL_CONTEXT): one run each, the prompt filling -c but for 8 tokens, then 2 generated."
+        echo
+        echo "| format | context (-c) | tokens (prompt + generated) | prefill tok/s (whole prompt) | peak RSS |"
+        echo "|---|---:|---:|---:|---:|"
+        cat "$fill_rows"
+    fi
 } | tee "$BENCH_DIR/$preset/last.md"
 # Keep this run's logs (commands, timings, gemma3's output) next to the table.
 rm -rf "$BENCH_DIR/$preset/logs" && cp -r "$work" "$BENCH_DIR/$preset/logs" && say "logs: $BENCH_DIR/$preset/logs/"
