@@ -1045,10 +1045,21 @@ static void attention(RunState *s, const Config *c, int l, int pos0, int n) {
             att[j] = dot_f32(k, q, hd) * scale;
         }
         softmax(att, span);
-        float *out = s->att_out + (size_t)t * Q + h * hd;
+        /* out = sum_j att[j] v_j, four values at a time: `out` is loaded and stored once per four */
+        float *restrict out = s->att_out + (size_t)t * Q + h * hd; /* restrict: lets -O2 vectorise */
+        const float *vc = s->value_cache[l] + kvh * hd;
         memset(out, 0, (size_t)hd * sizeof(float));
-        for (int j = 0; j < span; j++) {
-            const float *v = s->value_cache[l] + (size_t)((first + j) % len) * KV + kvh * hd;
+        int j = 0;
+        for (; j + 4 <= span; j += 4) {
+            const float *restrict v0 = vc + (size_t)((first + j) % len) * KV;
+            const float *restrict v1 = vc + (size_t)((first + j + 1) % len) * KV;
+            const float *restrict v2 = vc + (size_t)((first + j + 2) % len) * KV;
+            const float *restrict v3 = vc + (size_t)((first + j + 3) % len) * KV;
+            float a0 = att[j], a1 = att[j + 1], a2 = att[j + 2], a3 = att[j + 3];
+            for (int i = 0; i < hd; i++) out[i] += (a0 * v0[i] + a1 * v1[i]) + (a2 * v2[i] + a3 * v3[i]);
+        }
+        for (; j < span; j++) {
+            const float *restrict v = vc + (size_t)((first + j) % len) * KV;
             for (int i = 0; i < hd; i++) out[i] += att[j] * v[i];
         }
     }
