@@ -38,7 +38,7 @@ Environment:
   HF_REPO      repo to download from instead of MODEL. Without a token the google/gemma-3-*
                repos (gated) are replaced by the ungated re-upload of the same weights,
                unsloth/<name> (e.g. unsloth/gemma-3-1b-it), unless HF_REPO says otherwise
-  DTYPE        weight type of the export, one of export.py's --dtype choices (default bf16)
+  DTYPE        weight type of the export, one of export.py's --dtype choices (default q8_0)
   GEMMA3_HOME  where downloads and exports are kept (default ~/.cache/gemma3.c)
   HF_ENDPOINT  hub base URL (default https://huggingface.co); files are fetched from
                $HF_ENDPOINT/<repo>/resolve/main/<file>
@@ -71,7 +71,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-DTYPE="${DTYPE:-bf16}"
+DTYPE="${DTYPE:-q8_0}"
 [[ "$DTYPE" =~ ^[A-Za-z0-9_]+$ ]] || die "DTYPE='$DTYPE' is not a dtype name (e.g. bf16, f32)"
 MODEL="${MODEL:-google/gemma-3-1b-it}"
 if [[ "$MODEL" =~ ^(270m|1b|4b|12b|27b)(-it|-pt)?$ ]]; then
