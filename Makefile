@@ -3,8 +3,9 @@ CC ?= cc
 OMP ?= 1
 # -O3: gcc (12) vectorises loops such as attention's weighted sum of values only from -O3
 CFLAGS ?= -O3
-# Vector instructions of the machine that builds (AVX2 etc.: about 2x on bf16 and int8
-# matmuls). `make NATIVE=0` for a binary that runs on any CPU of the architecture.
+# Vector instructions of the machine that builds: on x86 with AVX2 + FMA + F16C this also
+# turns on gemma3.c's SIMD matmul tiles (README, Performance). `make NATIVE=0` for a binary
+# that runs on any CPU of the architecture (plain-C loops only).
 NATIVE ?= 1
 ifeq ($(NATIVE),1)
   MARCH := $(shell $(CC) -march=native -x c -c -o /dev/null /dev/null 2>/dev/null && echo -march=native)

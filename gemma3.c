@@ -1013,8 +1013,7 @@ static void softmax(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
-/* GELU, tanh approximation (HF hidden_activation "gelu_pytorch_tanh"). */
-/* GELU, tanh approximation (HF "gelu_pytorch_tanh"): 0.5 x (1 + tanh(u)) with
+/* GELU, tanh approximation (HF hidden_activation "gelu_pytorch_tanh"): 0.5 x (1 + tanh(u)) with
  * u = sqrt(2/pi) (x + 0.044715 x^3). Since 1 + tanh(u) = 2 / (1 + exp(-2u)), this is
  * x / (1 + exp(-2u)): the same function with one expf instead of tanhf, and no
  * cancellation in 1 + tanh(u) for negative x. */
@@ -1046,7 +1045,7 @@ static void attention(RunState *s, const Config *c, int l, int pos0, int n) {
         }
         softmax(att, span);
         /* out = sum_j att[j] v_j, four values at a time: `out` is loaded and stored once per four */
-        float *restrict out = s->att_out + (size_t)t * Q + h * hd; /* restrict: lets -O2 vectorise */
+        float *restrict out = s->att_out + (size_t)t * Q + h * hd; /* restrict: no aliasing, so gcc -O3 vectorises */
         const float *vc = s->value_cache[l] + kvh * hd;
         memset(out, 0, (size_t)hd * sizeof(float));
         int j = 0;

@@ -403,7 +403,7 @@ fill_context() {
     else
         echo "| $1 | $FILL_CONTEXT | gemma3 failed: $(tail -n 1 "$logs/fill.log" | tr '|' '/') | | |" >>"$fill_rows"
     fi
-    [ "$saved" -gt "$PEAK_RSS" ] && PEAK_RSS=$saved
+    PEAK_RSS=$saved # the main table's peak RSS stays that of the prefill and decode runs
     return 0
 }
 
