@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAGIC = b"GM3C"
 HEADER_SIZE = 128
 DIR_ENTRY_SIZE = 104

@@ -46,7 +46,7 @@
 
 #include "tokenizer.c"
 
-#define GEMMA3_FORMAT_VERSION 1
+#define GEMMA3_FORMAT_VERSION 2 /* 2: q8_0/q4_0 rows keep their scales ahead of the quants */
 #define GEMMA3_HEADER_SIZE 128
 #define GEMMA3_DIR_ENTRY_SIZE 104
 #define PREFILL_BATCH 64 /* prompt tokens per forward pass: each weight row is reused this often */
@@ -80,10 +80,12 @@ enum { DT_F32 = 0, DT_BF16 = 1, DT_Q8_0 = 2, DT_Q4_0 = 3 };
 /* Quantized weights: rows are cut into blocks of 32 weights, each with its own scale d
  * (an IEEE half, little-endian): q8_0 stores 32 int8 (w = d * q), q4_0 stores 16 bytes
  * of 4-bit values (byte j holds weight j in its low and weight j + 16 in its high
- * nibble; w = d * (nibble - 8)). */
+ * nibble; w = d * (nibble - 8)). A row keeps all its scales first, then all its quants:
+ * the quants of neighbouring blocks are contiguous (one wide vector load covers several
+ * blocks), and so are their scales (one instruction converts 8 or 16 of them). */
 #define QK 32
-#define Q8_0_BLOCK 34
-#define Q4_0_BLOCK 18
+#define Q8_0_BLOCK 34 /* bytes per block: scale + 32 quants */
+#define Q4_0_BLOCK 18 /* bytes per block: scale + 16 bytes of nibbles */
 
 static size_t row_bytes(int dtype, int cols) {
     switch (dtype) {
@@ -662,29 +664,33 @@ static float dot_bf16(const uint16_t *w, const float *x, int n) {
 }
 
 /* Quantized rows times int8 activations: integer products within a block, then one
- * float multiply by the block's two scales (weight: a half; activation: a float). */
+ * float multiply by the block's two scales (weight: a half; activation: a float).
+ * A row holds its n/32 half scales first, then the quants of block 0, 1, ... (FORMAT.md). */
 static float dot_q8_0(const unsigned char *w, const int8_t *xq, const float *xs, int n) {
+    const int nb = n / QK;
+    const int8_t *q = (const int8_t *)(w + 2 * nb);
     float sum = 0.0f;
-    for (int b = 0; b < n / QK; b++, w += Q8_0_BLOCK) {
-        const int8_t *q = (const int8_t *)(w + 2), *x = xq + b * QK;
+    for (int b = 0; b < nb; b++) {
         int32_t isum = 0;
-        for (int i = 0; i < QK; i++) isum += (int32_t)q[i] * x[i];
-        sum += f16_to_f32(rd_u16(w)) * xs[b] * (float)isum;
+        for (int i = 0; i < QK; i++) isum += (int32_t)q[b * QK + i] * xq[b * QK + i];
+        sum += f16_to_f32(rd_u16(w + 2 * b)) * xs[b] * (float)isum;
     }
     return sum;
 }
 
 static float dot_q4_0(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
+    const int nb = n / QK;
+    const unsigned char *q = w + 2 * nb;
     float sum = 0.0f;
-    for (int b = 0; b < n / QK; b++, w += Q4_0_BLOCK) {
-        const unsigned char *q = w + 2;
+    for (int b = 0; b < nb; b++) {
+        const unsigned char *qb = q + b * (QK / 2);
         const int8_t *x = xq + b * QK;
         /* sum (nibble - 8) * x = sum nibble * x - 8 * sum x; sum x comes with the activations */
         int32_t lo = 0, hi = 0;
-        for (int i = 0; i < QK / 2; i++) lo += (int32_t)(q[i] & 0x0f) * x[i];
-        for (int i = 0; i < QK / 2; i++) hi += (int32_t)(q[i] >> 4) * x[i + QK / 2];
+        for (int i = 0; i < QK / 2; i++) lo += (int32_t)(qb[i] & 0x0f) * x[i];
+        for (int i = 0; i < QK / 2; i++) hi += (int32_t)(qb[i] >> 4) * x[i + QK / 2];
         int32_t isum = lo + hi - 8 * xsum[b];
-        sum += f16_to_f32(rd_u16(w)) * xs[b] * (float)isum;
+        sum += f16_to_f32(rd_u16(w + 2 * b)) * xs[b] * (float)isum;
     }
     return sum;
 }
@@ -862,15 +868,13 @@ TILE_INLINE void tile_quant(float *out, int ostride, const unsigned char *w, siz
         float dw[4];
         UNROLL
         for (int r = 0; r < NR; r++) {
+            const unsigned char *row = w + r * rb; /* nb half scales, then the quants */
+            dw[r] = _cvtsh_ss(rd_u16(row + 2 * b));
             if (dtype == DT_Q8_0) {
-                const unsigned char *blk = w + r * rb + (size_t)b * Q8_0_BLOCK;
-                dw[r] = _cvtsh_ss(rd_u16(blk));
-                wv[r] = _mm256_loadu_si256((const __m256i *)(blk + 2));
+                wv[r] = _mm256_loadu_si256((const __m256i *)(row + 2 * nb + (size_t)b * QK));
                 wu[r] = _mm256_sign_epi8(wv[r], wv[r]); /* |w| as unsigned bytes */
             } else {
-                const unsigned char *blk = w + r * rb + (size_t)b * Q4_0_BLOCK;
-                dw[r] = _cvtsh_ss(rd_u16(blk));
-                __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 2));
+                __m128i raw = _mm_loadu_si128((const __m128i *)(row + 2 * nb + (size_t)b * (QK / 2)));
                 /* weights 0..15 are the low nibbles, 16..31 the high ones */
                 wu[r] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low4);
             }
@@ -971,15 +975,16 @@ static void matrix_row(float *out, const Matrix *W, int row) {
         memcpy(out, w, (size_t)n * sizeof(float));
     } else if (W->dtype == DT_BF16) {
         for (int j = 0; j < n; j++) out[j] = bf16_to_f32(((const uint16_t *)w)[j]);
-    } else if (W->dtype == DT_Q8_0) {
-        for (int b = 0; b < n / QK; b++, w += Q8_0_BLOCK)
-            for (int i = 0; i < QK; i++) out[b * QK + i] = f16_to_f32(rd_u16(w)) * (float)((const int8_t *)(w + 2))[i];
-    } else {
-        for (int b = 0; b < n / QK; b++, w += Q4_0_BLOCK) {
-            float d = f16_to_f32(rd_u16(w));
+    } else if (W->dtype == DT_Q8_0) { /* n/32 half scales, then the int8 quants */
+        const int8_t *q = (const int8_t *)(w + 2 * (n / QK));
+        for (int j = 0; j < n; j++) out[j] = f16_to_f32(rd_u16(w + 2 * (j / QK))) * (float)q[j];
+    } else { /* n/32 half scales, then 16 bytes of nibbles per block */
+        const unsigned char *q = w + 2 * (n / QK);
+        for (int b = 0; b < n / QK; b++, q += QK / 2) {
+            float d = f16_to_f32(rd_u16(w + 2 * b));
             for (int i = 0; i < QK / 2; i++) {
-                out[b * QK + i] = d * (float)((w[2 + i] & 0x0f) - 8);
-                out[b * QK + i + QK / 2] = d * (float)((w[2 + i] >> 4) - 8);
+                out[b * QK + i] = d * (float)((q[i] & 0x0f) - 8);
+                out[b * QK + i + QK / 2] = d * (float)((q[i] >> 4) - 8);
             }
         }
     }
@@ -1644,30 +1649,34 @@ static void wr_u16(unsigned char *p, uint16_t v) { p[0] = (unsigned char)v; p[1]
 static void wr_u32(unsigned char *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i)); }
 static void wr_u64(unsigned char *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i)); }
 
-/* One row of floats to q8_0 blocks: d = max|x| / 127, q = round(x / d). */
+/* One row of floats to q8_0: per block of 32, d = max|x| / 127 and q = round(x / d); the
+ * row's n/32 scales go first, then its quants. */
 static void quantize_row_q8_0(unsigned char *out, const float *x, int n) {
-    for (int b = 0; b < n / QK; b++, out += Q8_0_BLOCK) {
+    int8_t *q = (int8_t *)(out + 2 * (n / QK));
+    for (int b = 0; b < n / QK; b++) {
         float amax = 0.0f;
         for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[b * QK + i]));
         float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-        wr_u16(out, f32_to_f16(d));
-        for (int i = 0; i < QK; i++) ((int8_t *)(out + 2))[i] = (int8_t)lrintf(x[b * QK + i] * inv);
+        wr_u16(out + 2 * b, f32_to_f16(d));
+        for (int i = 0; i < QK; i++) q[b * QK + i] = (int8_t)lrintf(x[b * QK + i] * inv);
     }
 }
 
-/* One row of floats to q4_0 blocks: the value of largest magnitude maps to -8 exactly,
- * d = that value / -8, nibble = clamp(round(x / d) + 8, 0, 15). */
+/* One row of floats to q4_0: per block of 32, the value of largest magnitude maps to -8
+ * exactly, d = that value / -8, nibble = clamp(round(x / d) + 8, 0, 15); weights i and
+ * i + 16 share byte i (low, high nibble). The row's scales first, then its nibbles. */
 static void quantize_row_q4_0(unsigned char *out, const float *x, int n) {
-    for (int b = 0; b < n / QK; b++, out += Q4_0_BLOCK) {
+    unsigned char *q = out + 2 * (n / QK);
+    for (int b = 0; b < n / QK; b++, q += QK / 2) {
         float max = 0.0f;
         for (int i = 0; i < QK; i++) if (fabsf(x[b * QK + i]) > fabsf(max)) max = x[b * QK + i];
         float d = max / -8.0f, inv = d != 0.0f ? 1.0f / d : 0.0f;
-        wr_u16(out, f32_to_f16(d));
+        wr_u16(out + 2 * b, f32_to_f16(d));
         for (int i = 0; i < QK / 2; i++) {
             int lo = (int)lrintf(x[b * QK + i] * inv) + 8, hi = (int)lrintf(x[b * QK + i + QK / 2] * inv) + 8;
             lo = lo < 0 ? 0 : lo > 15 ? 15 : lo;
             hi = hi < 0 ? 0 : hi > 15 ? 15 : hi;
-            out[2 + i] = (unsigned char)(lo | hi << 4);
+            q[i] = (unsigned char)(lo | hi << 4);
         }
     }
 }

@@ -835,10 +835,10 @@ static void expect_error(const char *what, const char *needle, const char *fmt, 
 static void test_bad_inputs(void) {
     printf("bad inputs: clear one-line errors, exit status 1\n");
     const char *good = BUILD "/tiny-f32.bin";
-    unsigned char v2[4] = {2, 0, 0, 0}, junk[8] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0};
+    unsigned char v1[4] = {1, 0, 0, 0}, junk[8] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0};
     write_patched(good, BUILD "/bad-truncated.bin", 100000, NULL, 0);
     write_patched(good, BUILD "/bad-magic.bin", 0, "GGUF", 4);
-    write_patched(good, BUILD "/bad-version.bin", 4, v2, 4);
+    write_patched(good, BUILD "/bad-version.bin", 4, v1, 4); /* an old file */
     write_patched(good, BUILD "/bad-tensor-name.bin", 128 + 8 + 3, "X", 1); /* first directory entry's name */
     write_patched(good, BUILD "/bad-tensor-offset.bin", 128 + 8 + 88, junk, 8);
     write_patched(good, BUILD "/bad-short.bin", 10, NULL, 0);
@@ -846,7 +846,7 @@ static void test_bad_inputs(void) {
     expect_error("truncated model file", "truncated", "./gemma3 %s%s", BUILD "/bad-truncated.bin", logits);
     expect_error("file shorter than a header", "too short", "./gemma3 %s%s", BUILD "/bad-short.bin", logits);
     expect_error("wrong magic", "magic", "./gemma3 %s%s", BUILD "/bad-magic.bin", logits);
-    expect_error("wrong format version", "version 2", "./gemma3 %s%s", BUILD "/bad-version.bin", logits);
+    expect_error("old format version", "version 1", "./gemma3 %s%s", BUILD "/bad-version.bin", logits);
     expect_error("unknown tensor name", "unknown tensor 'embXd_tokens.weight'", "./gemma3 %s%s", BUILD "/bad-tensor-name.bin", logits);
     expect_error("tensor offset past the end", "offset", "./gemma3 %s%s", BUILD "/bad-tensor-offset.bin", logits);
     expect_error("unreadable model path", "cannot open", "./gemma3 %s%s", BUILD "/no-such-file.bin", logits);
