@@ -42,6 +42,9 @@
 /* Optional SIMD matmul kernels (section 2) where the compiler targets x86 AVX2 + FMA + F16C. */
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && defined(__GNUC__) && !defined(GEMMA3_NO_SIMD)
 #define GEMMA3_AVX2 1
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define GEMMA3_AVX512 1
+#endif
 #endif
 
 #include "tokenizer.c"
@@ -483,9 +486,11 @@ typedef struct {
     int8_t *xq;       /* (max_batch, max in_features) activations quantized for int8 matmuls */
     float *xq_scale;  /* (max_batch, max in_features / 32) their per-block scales */
     int32_t *xq_sum;  /* (max_batch, max in_features / 32) per-block sums of xq (for q4_0's -8 offset) */
+    int simd;         /* widest matmul tiles to use: 0 plain loops, 1 AVX2, 2 AVX-512 (as built) */
 #ifdef GEMMA3_AVX2
-    int32_t *xq_corr; /* (max_batch, max in_features / 4) q4_0's offset as the SIMD kernel adds it */
-    float *xperm;     /* (max_batch, max in_features) x reordered for the bf16 kernel */
+    int32_t *xq_corr; /* (max_batch, max in_features / 4 + 16) q4_0's offset as the SIMD tiles add it */
+    float *xperm;     /* (max_batch, max in_features) x reordered for the bf16 tiles */
+    int8_t *xq_perm;  /* (max_batch, max in_features rounded up to 128) xq reordered for AVX-512 q4_0 */
 #endif
     float *rope_cos, *rope_sin; /* (2, max_batch, head_dim/2) local then global tables of the batch */
     float *inv_freq_local, *inv_freq_global; /* (head_dim/2) RoPE frequencies per layer type */
@@ -527,9 +532,15 @@ static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch,
     s->xq = calloc(B * widest, 1);
     s->xq_scale = calloc(B * (widest / 32 + 1), sizeof(float));
     s->xq_sum = calloc(B * (widest / 32 + 1), sizeof(int32_t));
+#if defined(GEMMA3_AVX512)
+    s->simd = 2;
+#elif defined(GEMMA3_AVX2)
+    s->simd = 1;
+#endif
 #ifdef GEMMA3_AVX2
-    s->xq_corr = calloc(B * (widest / 4 + 8), sizeof(int32_t));
+    s->xq_corr = calloc(B * (widest / 4 + 16), sizeof(int32_t));
     s->xperm = calloc(B * widest, sizeof(float));
+    s->xq_perm = calloc(B * ((widest + 127) / 128 * 128), 1);
 #endif
     s->rope_cos = calloc(2 * B * half, sizeof(float));
     s->rope_sin = calloc(2 * B * half, sizeof(float));
@@ -542,7 +553,7 @@ static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch,
              s->logits && s->xq && s->xq_scale && s->xq_sum && s->rope_cos && s->rope_sin && s->inv_freq_local &&
              s->inv_freq_global && s->cache_len && s->key_cache && s->value_cache;
 #ifdef GEMMA3_AVX2
-    ok = ok && s->xq_corr && s->xperm;
+    ok = ok && s->xq_corr && s->xperm && s->xq_perm;
 #endif
     for (int l = 0; ok && l < c->n_layers; l++) {
         int ring = c->window + max_batch - 1;
@@ -571,7 +582,7 @@ static void free_run_state(RunState *s, const Config *c) {
     free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->att_out);
     free(s->att); free(s->hb); free(s->hb2); free(s->logits); free(s->xq); free(s->xq_scale); free(s->xq_sum);
 #ifdef GEMMA3_AVX2
-    free(s->xq_corr); free(s->xperm);
+    free(s->xq_corr); free(s->xperm); free(s->xq_perm);
 #endif
     free(s->rope_cos); free(s->rope_sin); free(s->inv_freq_local); free(s->inv_freq_global);
     for (int l = 0; l < c->n_layers && s->key_cache; l++) {
@@ -841,11 +852,13 @@ TILE_INLINE void tile_bf16(float *out, int ostride, const unsigned char *w, size
         for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum8(_mm256_add_ps(even[r][t], odd[r][t]));
 }
 
-static void bf16_permute_x(float *xp, const float *x, int n) { /* n % 16 == 0 */
-    for (int j = 0; j < n; j += 16)
-        for (int i = 0; i < 8; i++) {
+/* x for the bf16 tiles: each 2 * lanes floats as their `lanes` even, then `lanes` odd ones
+ * (lanes = floats per vector: 8 for AVX2, 16 for AVX-512). n % (2 * lanes) == 0. */
+static void bf16_permute_x(float *xp, const float *x, int n, int lanes) {
+    for (int j = 0; j < n; j += 2 * lanes)
+        for (int i = 0; i < lanes; i++) {
             xp[j + i] = x[j + 2 * i];
-            xp[j + 8 + i] = x[j + 2 * i + 1];
+            xp[j + lanes + i] = x[j + 2 * i + 1];
         }
 }
 
@@ -940,22 +953,314 @@ static void matmul_rows_avx2(float *out, const float *xin, int n, const Matrix *
 }
 #endif
 
-/* The hot loop of the whole program: the SIMD tiles where the build has them (groups of
- * 4 rows split across threads), else the plain loops. */
-static void matmul(float *out, const float *x, int n, const Matrix *W, RunState *s) {
-#ifdef GEMMA3_AVX2
-    const int cols = W->cols;
-    if (cols % 16 == 0) {
-        const float *xin = x;
-        int t;
-        if (W->dtype == DT_Q8_0 || W->dtype == DT_Q4_0) quantize_batch(s, x, n, cols);
-        if (W->dtype == DT_Q4_0)
-            for (t = 0; t < n; t++) q4_0_correction(s->xq_corr + (size_t)t * cols / 4, s->xq + (size_t)t * cols, cols);
-        if (W->dtype == DT_BF16) {
-            for (t = 0; t < n; t++) bf16_permute_x(s->xperm + (size_t)t * cols, x + (size_t)t * cols, cols);
-            xin = s->xperm;
+
+/* ------------------------------------------------------------------------- */
+/* AVX-512 tiles (F, BW, VL and VNNI; e.g. AMD Zen 4/5, Intel Ice Lake and later servers):
+ * the same products with vectors twice as wide, 16 floats or 64 bytes. The quantized
+ * ones take several blocks per vector, which the format's layout allows (a row's quants
+ * are contiguous across blocks, its scales too): 16 scales convert in one instruction and
+ * a permute spreads each over its block's lanes. A 1 x 1 and a 4 x 4 tile add each (row,
+ * token) sum in the same order, so batches still equal token-by-token decoding. */
+#ifdef GEMMA3_AVX512
+#define Q4_GROUPS(nb) (((nb) + 3) / 4) /* q4_0 blocks go 4 to a vector */
+
+/* The first min(n, 64) bytes at p, zeros after them (load256_upto: 32 bytes): the end of a
+ * row must not be read past. A whole vector takes a plain load, not a masked one: masked
+ * loads are slow on some CPUs (on this project's AMD machine they made decode 2.4x slower). */
+static inline __m512i load512_upto(const void *p, int n) {
+    return n >= 64 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(((__mmask64)1 << n) - 1, p);
+}
+
+static inline __m256i load256_upto(const void *p, int n) {
+    return n >= 32 ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi8(((__mmask32)1 << n) - 1, p);
+}
+
+/* Decode reads each weight once, straight from memory. One core alone cannot keep enough
+ * reads in flight to use the memory's bandwidth; the hardware prefetchers help, and asking
+ * for the line PREFETCH_AHEAD bytes further on as each line is used helps more (measured
+ * here, 1B shape: q8_0 decode +20-50%, q4_0 +15-35%; 4 and 16 KiB were both slower than 8). */
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 8192
+#endif
+static inline void prefetch_ahead(const void *p) { _mm_prefetch((const char *)p + PREFETCH_AHEAD, _MM_HINT_T0); }
+
+/* The 16 lanes of v in a fixed order: 16 -> 8 -> 4 -> 2 -> 1 */
+static float hsum16(__m512 v) {
+    return hsum8(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+}
+
+/* cols % 16 == 0 */
+TILE_INLINE void tile512_f32(float *out, int ostride, const unsigned char *w, size_t rb, const float *x, int cols,
+                             const int NR, const int NT) {
+    __m512 acc[4][4];
+    UNROLL
+    for (int r = 0; r < NR; r++)
+        UNROLL
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int j = 0; j < cols; j += 16) {
+        __m512 wv[4];
+        UNROLL
+        for (int r = 0; r < NR; r++) {
+            if (NT == 1) prefetch_ahead((const float *)(w + r * rb) + j);
+            wv[r] = _mm512_loadu_ps((const float *)(w + r * rb) + j);
         }
-        int groups = (W->rows + 3) / 4, g;
+        UNROLL
+        for (int t = 0; t < NT; t++) {
+            __m512 xv = _mm512_loadu_ps(x + (size_t)t * cols + j);
+            UNROLL
+            for (int r = 0; r < NR; r++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+        }
+    }
+    UNROLL
+    for (int r = 0; r < NR; r++)
+        UNROLL
+        for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum16(acc[r][t]);
+}
+
+/* bf16 as in tile_bf16: 32 weights per load, their even ones by a shift and odd ones by
+ * a mask, against x permuted by 16 (bf16_permute_x); even and odd sums apart, so the
+ * FMAs of a lone (row, token) form two chains, not one twice as long. cols % 32 == 0. */
+TILE_INLINE void tile512_bf16(float *out, int ostride, const unsigned char *w, size_t rb, const float *xp, int cols,
+                              const int NR, const int NT) {
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    __m512 even[4][2], odd[4][2];
+    UNROLL
+    for (int r = 0; r < NR; r++)
+        UNROLL
+        for (int t = 0; t < NT; t++) even[r][t] = odd[r][t] = _mm512_setzero_ps();
+    for (int j = 0; j < cols; j += 32) {
+        __m512 we[4], wo[4];
+        UNROLL
+        for (int r = 0; r < NR; r++) {
+            if (NT == 1) prefetch_ahead(w + r * rb + (size_t)j * 2);
+            __m512i v = _mm512_loadu_si512((const void *)(w + r * rb + (size_t)j * 2));
+            we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            wo[r] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+        }
+        UNROLL
+        for (int t = 0; t < NT; t++) {
+            __m512 xe = _mm512_loadu_ps(xp + (size_t)t * cols + j), xo = _mm512_loadu_ps(xp + (size_t)t * cols + j + 16);
+            UNROLL
+            for (int r = 0; r < NR; r++) {
+                even[r][t] = _mm512_fmadd_ps(we[r], xe, even[r][t]);
+                odd[r][t] = _mm512_fmadd_ps(wo[r], xo, odd[r][t]);
+            }
+        }
+    }
+    UNROLL
+    for (int r = 0; r < NR; r++)
+        UNROLL
+        for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum16(_mm512_add_ps(even[r][t], odd[r][t]));
+}
+
+/* q8_0: 2 blocks per vector. |w| (unsigned) times x with w's sign, into 16 int32 lanes,
+ * 8 per block; then each lane times its block's two scales. Scales go 16 blocks at a
+ * time: the row's halves converted at once, the token's floats loaded, and per pair of
+ * blocks a permute gives lanes 0-7 block b's scale and lanes 8-15 block b + 1's. A row's
+ * last, partial group of blocks is loaded under a mask (zeros beyond the row). */
+TILE_INLINE void tile512_q8_0(float *out, int ostride, const unsigned char *w, size_t rb, const int8_t *xq,
+                              const float *xs, int nb, const int NR, const int NT) {
+    const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i zero = _mm512_setzero_si512();
+    __m512 acc[4][4];
+    UNROLL
+    for (int r = 0; r < NR; r++)
+        UNROLL
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int b0 = 0; b0 < nb; b0 += 16) {
+        const int k = nb - b0 < 16 ? nb - b0 : 16;
+        __m512 dw[4], dx[4];
+        UNROLL
+        for (int r = 0; r < NR; r++) dw[r] = _mm512_cvtph_ps(load256_upto(w + r * rb + 2 * b0, 2 * k));
+        UNROLL
+        for (int t = 0; t < NT; t++) dx[t] = _mm512_castsi512_ps(load512_upto(xs + (size_t)t * nb + b0, 4 * k));
+        for (int g = 0; g < k; g += 2) {
+            const __m512i idx = _mm512_add_epi32(spread, _mm512_set1_epi32(g));
+            const size_t q = (size_t)(b0 + g) * QK;
+            __m512i wu[4];
+            __mmask64 neg[4];
+            __m512 dwe[4];
+            UNROLL
+            for (int r = 0; r < NR; r++) {
+                if (NT == 1) prefetch_ahead(w + r * rb + 2 * (size_t)nb + q);
+                __m512i v = load512_upto(w + r * rb + 2 * (size_t)nb + q, QK * (k - g));
+                wu[r] = _mm512_abs_epi8(v);
+                neg[r] = _mm512_movepi8_mask(v);
+                dwe[r] = _mm512_permutexvar_ps(idx, dw[r]);
+            }
+            UNROLL
+            for (int t = 0; t < NT; t++) {
+                __m512i xv = load512_upto(xq + (size_t)t * nb * QK + q, QK * (k - g));
+                __m512 dxe = _mm512_permutexvar_ps(idx, dx[t]);
+                UNROLL
+                for (int r = 0; r < NR; r++) {
+                    __m512i sx = _mm512_mask_sub_epi8(xv, neg[r], zero, xv); /* x * sign(w) */
+                    __m512i p = _mm512_dpbusd_epi32(zero, wu[r], sx);
+                    acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dwe[r], dxe), acc[r][t]);
+                }
+            }
+        }
+    }
+    UNROLL
+    for (int r = 0; r < NR; r++)
+        UNROLL
+        for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum16(acc[r][t]);
+}
+
+/* q4_0: 4 blocks (64 bytes of nibbles) per vector. The low nibbles are the first 16
+ * weights of each block and the high ones the last 16, so x comes reordered to match
+ * (q4_0_reorder512): per group of 4 blocks, 64 bytes of their first halves, then 64 of
+ * their second halves. Lanes 4b .. 4b + 3 hold block b's sums; they start from the -8
+ * offset (xc, per lane) and are scaled as in tile512_q8_0. */
+TILE_INLINE void tile512_q4_0(float *out, int ostride, const unsigned char *w, size_t rb, const int8_t *xp,
+                              const int32_t *xc, const float *xs, int nb, const int NR, const int NT) {
+    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    const size_t ng = (size_t)Q4_GROUPS(nb);
+    __m512 acc[4][4];
+    UNROLL
+    for (int r = 0; r < NR; r++)
+        UNROLL
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int b0 = 0; b0 < nb; b0 += 16) {
+        const int k = nb - b0 < 16 ? nb - b0 : 16;
+        __m512 dw[4], dx[4];
+        UNROLL
+        for (int r = 0; r < NR; r++) dw[r] = _mm512_cvtph_ps(load256_upto(w + r * rb + 2 * b0, 2 * k));
+        UNROLL
+        for (int t = 0; t < NT; t++) dx[t] = _mm512_castsi512_ps(load512_upto(xs + (size_t)t * nb + b0, 4 * k));
+        for (int g = 0; g < k; g += 4) {
+            const __m512i idx = _mm512_add_epi32(spread, _mm512_set1_epi32(g));
+            const size_t grp = (size_t)(b0 + g) / 4;
+            __m512i lo[4], hi[4];
+            __m512 dwe[4];
+            UNROLL
+            for (int r = 0; r < NR; r++) {
+                if (NT == 1) prefetch_ahead(w + r * rb + 2 * (size_t)nb + grp * 64);
+                __m512i v = load512_upto(w + r * rb + 2 * (size_t)nb + grp * 64, 16 * (k - g));
+                lo[r] = _mm512_and_si512(v, low4);
+                hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+                dwe[r] = _mm512_permutexvar_ps(idx, dw[r]);
+            }
+            UNROLL
+            for (int t = 0; t < NT; t++) {
+                const int8_t *xg = xp + ((size_t)t * ng + grp) * 128;
+                __m512i xlo = _mm512_loadu_si512((const void *)xg), xhi = _mm512_loadu_si512((const void *)(xg + 64));
+                __m512i c = _mm512_loadu_si512((const void *)(xc + ((size_t)t * ng + grp) * 16));
+                __m512 dxe = _mm512_permutexvar_ps(idx, dx[t]);
+                UNROLL
+                for (int r = 0; r < NR; r++) {
+                    __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c, lo[r], xlo), hi[r], xhi);
+                    acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dwe[r], dxe), acc[r][t]);
+                }
+            }
+        }
+    }
+    UNROLL
+    for (int r = 0; r < NR; r++)
+        UNROLL
+        for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum16(acc[r][t]);
+}
+
+/* One token's int8 activations for tile512_q4_0: per group of 4 blocks, the first 16
+ * values of each block, then the last 16 of each (a last partial group padded with
+ * zeros); and per lane, -8 * (the sum of the 8 values that lane multiplies). */
+static void q4_0_reorder512(int8_t *xp, int32_t *xc, const int8_t *xq, int nb) {
+    const __m512i eight = _mm512_set1_epi8(8);
+    for (int g = 0; g < Q4_GROUPS(nb); g++) {
+        int8_t *dst = xp + (size_t)g * 128;
+        for (int j = 0; j < 4; j++) {
+            int b = 4 * g + j;
+            if (b < nb) {
+                memcpy(dst + 16 * j, xq + (size_t)b * QK, 16);
+                memcpy(dst + 64 + 16 * j, xq + (size_t)b * QK + 16, 16);
+            } else {
+                memset(dst + 16 * j, 0, 16);
+                memset(dst + 64 + 16 * j, 0, 16);
+            }
+        }
+        __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, _mm512_loadu_si512((const void *)dst));
+        sum = _mm512_dpbusd_epi32(sum, eight, _mm512_loadu_si512((const void *)(dst + 64)));
+        _mm512_storeu_si512((void *)(xc + (size_t)g * 16), _mm512_sub_epi32(_mm512_setzero_si512(), sum));
+    }
+}
+
+/* Rows r0 .. r0 + nr - 1 of W against all n tokens, as matmul_rows_avx2. */
+static void matmul_rows_avx512(float *out, const float *xin, int n, const Matrix *W, const RunState *s, int r0, int nr) {
+    const int rows = W->rows, cols = W->cols, dtype = W->dtype, nb = cols / QK;
+    const size_t rb = row_bytes(dtype, cols);
+    const unsigned char *w = (const unsigned char *)W->data + (size_t)r0 * rb;
+    float *o = out + r0;
+#define TILE(NR_, NT_)                                                                                             \
+    do {                                                                                                           \
+        float *o_ = o + (size_t)t * rows;                                                                          \
+        if (dtype == DT_F32) tile512_f32(o_, rows, w, rb, xin + (size_t)t * cols, cols, NR_, NT_);                  \
+        else if (dtype == DT_BF16) tile512_bf16(o_, rows, w, rb, xin + (size_t)t * cols, cols, NR_, NT_);           \
+        else if (dtype == DT_Q8_0)                                                                                 \
+            tile512_q8_0(o_, rows, w, rb, s->xq + (size_t)t * cols, s->xq_scale + (size_t)t * nb, nb, NR_, NT_);   \
+        else                                                                                                       \
+            tile512_q4_0(o_, rows, w, rb, s->xq_perm + (size_t)t * Q4_GROUPS(nb) * 128,                           \
+                         s->xq_corr + (size_t)t * Q4_GROUPS(nb) * 16, s->xq_scale + (size_t)t * nb, nb, NR_, NT_); \
+    } while (0)
+    int t = 0;
+    if (nr == 4 && n > 1) {
+        if (dtype != DT_BF16) /* bf16 keeps two sums per pair: 4 x 2 fills the 32 registers */
+            for (; t + 4 <= n; t += 4) TILE(4, 4);
+        for (; t + 2 <= n; t += 2) TILE(4, 2);
+        for (; t < n; t++) TILE(4, 1);
+    } else {
+        for (int r = 0; r < nr; r++, w += rb, o++)
+            for (t = 0; t < n; t++) TILE(1, 1);
+    }
+#undef TILE
+}
+#endif /* GEMMA3_AVX512 */
+
+#ifdef GEMMA3_AVX2
+/* The activations as the tiles of `level` want them, for each of the n tokens: int8
+ * blocks for the quantized types (plus q4_0's offset, and for AVX-512 its reordering),
+ * even/odd order for bf16. Returns x as the float tiles read it. Per token, so the
+ * tokens of a prompt are split across threads. */
+static const float *prepare_x(RunState *s, const float *x, int n, const Matrix *W, int level) {
+    const int cols = W->cols, dtype = W->dtype, nb = cols / QK;
+    int t;
+    if (dtype == DT_Q8_0 || dtype == DT_Q4_0) quantize_batch(s, x, n, cols);
+    if (dtype == DT_F32 || dtype == DT_Q8_0) return x;
+    PARALLEL_FOR
+    for (t = 0; t < n; t++) {
+        if (dtype == DT_BF16) bf16_permute_x(s->xperm + (size_t)t * cols, x + (size_t)t * cols, cols, level == 2 ? 16 : 8);
+#ifdef GEMMA3_AVX512
+        else if (level == 2)
+            q4_0_reorder512(s->xq_perm + (size_t)t * Q4_GROUPS(nb) * 128, s->xq_corr + (size_t)t * Q4_GROUPS(nb) * 16,
+                            s->xq + (size_t)t * cols, nb);
+#endif
+        else q4_0_correction(s->xq_corr + (size_t)t * nb * 8, s->xq + (size_t)t * cols, cols);
+    }
+    return dtype == DT_BF16 ? s->xperm : x;
+}
+#endif
+
+/* The hot loop of the whole program: the widest SIMD tiles the build has and the shape
+ * allows (groups of 4 rows split across threads), else the plain loops. s->simd caps the
+ * level (tests lower it to check each kind of tile against the plain loops). */
+static void matmul(float *out, const float *x, int n, const Matrix *W, RunState *s) {
+    const int cols = W->cols, groups = (W->rows + 3) / 4;
+    int g;
+    (void)cols; (void)groups; (void)g; /* unused when the build has no SIMD tiles */
+#ifdef GEMMA3_AVX512
+    if (s->simd >= 2 && cols % 32 == 0) {
+        const float *xin = prepare_x(s, x, n, W, 2);
+        PARALLEL_FOR
+        for (g = 0; g < groups; g++) {
+            int r0 = 4 * g, nr = W->rows - r0 < 4 ? W->rows - r0 : 4;
+            matmul_rows_avx512(out, xin, n, W, s, r0, nr);
+        }
+        return;
+    }
+#endif
+#ifdef GEMMA3_AVX2
+    if (s->simd >= 1 && cols % 16 == 0) {
+        const float *xin = prepare_x(s, x, n, W, 1);
         PARALLEL_FOR
         for (g = 0; g < groups; g++) {
             int r0 = 4 * g, nr = W->rows - r0 < 4 ? W->rows - r0 : 4;

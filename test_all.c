@@ -447,20 +447,28 @@ static void test_toolkit(void) {
     free_model(&m);
 }
 
-/* The matmul the program runs (SIMD tiles where the build has them) against the plain
- * loops, for every weight type, on shapes that leave partial tiles (37 rows, 9 tokens),
- * plus batch == one token at a time, to the bit. */
+/* Each kind of SIMD tile the build has (AVX2; AVX-512) against the plain loops, for every
+ * weight type, on shapes that leave partial tiles (37 rows, 9 tokens) and partial groups of
+ * quantized blocks (9, 19, 25 blocks of 32), plus batch == one token at a time, to the bit.
+ * Column counts that the wider tiles do not take (272: not a multiple of 32) run the
+ * narrower ones; 40 and 100 run the plain fallback. */
 static void test_kernels(void) {
-#ifdef GEMMA3_AVX2
+    int max_level = 0;
+#if defined(GEMMA3_AVX512)
+    max_level = 2;
+    printf("matmul kernels: AVX2 and AVX-512 tiles vs plain C\n");
+#elif defined(GEMMA3_AVX2)
+    max_level = 1;
     printf("matmul kernels: AVX2 tiles vs plain C\n");
 #else
     printf("matmul kernels: plain C only in this build (no SIMD kernels to compare)\n");
 #endif
-    enum { ROWS = 37, NT = 9, MAXC = 288 };
+    enum { ROWS = 37, NT = 9, MAXC = 800 };
     static float w[ROWS * MAXC], x[NT * MAXC], y[NT * ROWS], y_ref[NT * ROWS], y1[ROWS];
     static unsigned char packed[ROWS * MAXC * 4];
-    const int shapes[][2] = {{DT_F32, 272}, {DT_F32, 100}, {DT_BF16, 272}, {DT_BF16, 40}, {DT_Q8_0, 288}, {DT_Q4_0, 288}};
-    const char *names[] = {"f32", "bf16", "q8_0", "q4_0"};
+    const int shapes[][2] = {{DT_F32, 288}, {DT_F32, 272}, {DT_F32, 100}, {DT_BF16, 288}, {DT_BF16, 272},
+                             {DT_BF16, 40}, {DT_Q8_0, 288}, {DT_Q8_0, 608}, {DT_Q4_0, 288}, {DT_Q4_0, 800}};
+    const char *names[] = {"f32", "bf16", "q8_0", "q4_0"}, *levels[] = {"plain", "AVX2", "AVX-512"};
     uint64_t seed = 7;
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
         int dt = shapes[i][0], cols = shapes[i][1];
@@ -487,18 +495,22 @@ static void test_kernels(void) {
         RunState s;
         if (build_run_state(&s, &cfg, NT, NT, 0, err, sizeof err) != 0) { CHECK(0, "run state: %s", err); return; }
         matmul_plain(y_ref, x, NT, &W, &s);
-        matmul(y, x, NT, &W, &s);
-        double worst = 0, scale = 0;
-        for (int k = 0; k < NT * ROWS; k++) { worst = fmax(worst, fabs(y[k] - y_ref[k])); scale = fmax(scale, fabs(y_ref[k])); }
-        int same = 1;
-        for (int t = 0; t < NT; t++) {
-            matmul(y1, x + (size_t)t * cols, 1, &W, &s);
-            same &= memcmp(y1, y + (size_t)t * ROWS, sizeof y1) == 0;
+        for (int level = max_level; level >= 1; level--) {
+            s.simd = level;
+            matmul(y, x, NT, &W, &s);
+            double worst = 0, scale = 0;
+            for (int k = 0; k < NT * ROWS; k++) { worst = fmax(worst, fabs(y[k] - y_ref[k])); scale = fmax(scale, fabs(y_ref[k])); }
+            int same = 1;
+            for (int t = 0; t < NT; t++) {
+                matmul(y1, x + (size_t)t * cols, 1, &W, &s);
+                same &= memcmp(y1, y + (size_t)t * ROWS, sizeof y1) == 0;
+            }
+            printf("  %-7s %-5s %3d x %3d, %d tokens: max|diff| %.3g of max %.3g; batch == one by one: %s\n", levels[level],
+                   names[dt], ROWS, cols, NT, worst, scale, same ? "yes" : "NO");
+            CHECK(scale > 0 && worst <= 1e-5 * scale, "%s %s matmul differs from the plain loops by %g (max %g)", levels[level],
+                  names[dt], worst, scale);
+            CHECK(same, "%s %s: a batch of %d tokens is not bit-identical to one token at a time", levels[level], names[dt], NT);
         }
-        printf("  %-5s %3d x %3d, %d tokens: max|diff| %.3g of max %.3g; batch == one by one: %s\n", names[dt], ROWS, cols,
-               NT, worst, scale, same ? "yes" : "NO");
-        CHECK(scale > 0 && worst <= 1e-5 * scale, "%s matmul differs from the plain loops by %g (max %g)", names[dt], worst, scale);
-        CHECK(same, "%s: a batch of %d tokens is not bit-identical to one token at a time", names[dt], NT);
         free_run_state(&s, &cfg);
     }
 }
