@@ -623,6 +623,15 @@ static float f16_to_f32(uint16_t h) {
 
 static uint16_t rd_u16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
 
+/* Round to the nearest integer, ties to even (what lrintf does in the default rounding
+ * mode), for |v| < 2^22: v + 1.5 * 2^23 is a float with no bits left for a fraction.
+ * Plain adds, so the loop around it vectorises (an lrintf call per value did not). The
+ * assignment rounds to float even where the FPU keeps more (C99 excess precision, x87). */
+static inline float round_even(float v) {
+    float t = v + 12582912.0f;
+    return t - 12582912.0f;
+}
+
 /* Quantize activations x (n values, n % 32 == 0) to int8 blocks with a float scale, so the
  * quantized matmuls can multiply in integers: x ~ scale[b] * xq[32 b + i]. */
 static void quantize_activations(int8_t *xq, float *scale, int32_t *sums, const float *x, int n) {
@@ -636,7 +645,7 @@ static void quantize_activations(int8_t *xq, float *scale, int32_t *sums, const 
         scale[b] = d;
         int32_t sum = 0;
         for (int i = 0; i < QK; i++) {
-            xq[b * QK + i] = (int8_t)lrintf(x[b * QK + i] * inv);
+            xq[b * QK + i] = (int8_t)round_even(x[b * QK + i] * inv); /* |x * inv| <= 127 */
             sum += xq[b * QK + i];
         }
         sums[b] = sum;

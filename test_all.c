@@ -453,6 +453,12 @@ static void test_toolkit(void) {
  * Column counts that the wider tiles do not take (272: not a multiple of 32) run the
  * narrower ones; 40 and 100 run the plain fallback. */
 static void test_kernels(void) {
+    int mismatch = 0;
+    for (int i = -130 * 256; i <= 130 * 256; i++) { /* every 1/256 in [-130, 130], halves included */
+        float v = (float)i / 256.0f;
+        mismatch += (long)round_even(v) != lrintf(v);
+    }
+    CHECK(mismatch == 0, "round_even differs from lrintf on %d of the values in [-130, 130]", mismatch);
     int max_level = 0;
 #if defined(GEMMA3_AVX512)
     max_level = 2;
