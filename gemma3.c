@@ -991,7 +991,8 @@ static inline __m256i load256_upto(const void *p, int n) {
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 8192
 #endif
-static inline void prefetch_ahead(const void *p) { _mm_prefetch((const char *)p + PREFETCH_AHEAD, _MM_HINT_T0); }
+/* (A macro: gcc 12 dropped the prefetch when this was a static inline function.) */
+#define prefetch_ahead(p) __builtin_prefetch((const char *)(p) + PREFETCH_AHEAD, 0, 3)
 
 /* The 16 lanes of v in a fixed order: 16 -> 8 -> 4 -> 2 -> 1 */
 static float hsum16(__m512 v) {
