@@ -715,17 +715,21 @@ static float dot_q4_0(const unsigned char *w, const int8_t *xq, const float *xs,
     return sum;
 }
 
+/* Token t of x (rows of cols floats) as int8 blocks, into row t of s->xq and its scales. */
+static void quantize_token(RunState *s, const float *x, int t, int cols) {
+    quantize_activations(s->xq + (size_t)t * cols, s->xq_scale + (size_t)t * (cols / QK),
+                         s->xq_sum + (size_t)t * (cols / QK), x + (size_t)t * cols, cols);
+}
+
 /* The activations of a quantized matmul as int8 blocks, one row of blocks per token. */
 static void quantize_batch(RunState *s, const float *x, int n, int cols) {
     int t;
     if (n == 1) { /* decode: not worth waking the other threads */
-        quantize_activations(s->xq, s->xq_scale, s->xq_sum, x, cols);
+        quantize_token(s, x, 0, cols);
         return;
     }
     PARALLEL_FOR
-    for (t = 0; t < n; t++)
-        quantize_activations(s->xq + (size_t)t * cols, s->xq_scale + (size_t)t * (cols / QK),
-                             s->xq_sum + (size_t)t * (cols / QK), x + (size_t)t * cols, cols);
+    for (t = 0; t < n; t++) quantize_token(s, x, t, cols);
 }
 
 /* out[t] = W x[t] for the n rows of x, with the plain loops: out (n, W.rows), x (n, W.cols).
@@ -780,8 +784,9 @@ static void matmul_plain(float *out, const float *x, int n, const Matrix *W, Run
 
 /* Decode reads each weight once, straight from memory. One core alone cannot keep enough
  * reads in flight to use the memory's bandwidth; the hardware prefetchers help, and asking
- * for the line PREFETCH_AHEAD bytes further on as each line is used helps more (measured
- * here, 1B shape: q8_0 decode +20-50%, q4_0 +15-35%; 4 and 16 KiB were both slower than 8). */
+ * for the line PREFETCH_AHEAD bytes further on as each line is used helps more (tried on
+ * this project's machine, 1B shape: faster decode for q8_0, q4_0 and bf16; 4 and 16 KiB
+ * did no better than 8). */
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 8192
 #endif
@@ -905,7 +910,8 @@ TILE_INLINE void tile_quant(float *out, int ostride, const unsigned char *w, siz
         UNROLL
         for (int r = 0; r < NR; r++) {
             const unsigned char *row = w + r * rb; /* nb half scales, then the quants */
-            if (NT == 1 && b % 2 == 0) prefetch_ahead(row + 2 * nb + (size_t)b * (dtype == DT_Q8_0 ? QK : QK / 2));
+            if (NT == 1 && b % (dtype == DT_Q8_0 ? 2 : 4) == 0) /* once per 64-byte line */
+                prefetch_ahead(row + 2 * nb + (size_t)b * (dtype == DT_Q8_0 ? QK : QK / 2));
             dw[r] = _cvtsh_ss(rd_u16(row + 2 * b));
             if (dtype == DT_Q8_0) {
                 wv[r] = _mm256_loadu_si256((const __m256i *)(row + 2 * nb + (size_t)b * QK));
@@ -1233,26 +1239,48 @@ static void matmul_rows_avx512(float *out, const float *xin, int n, const Matrix
 #endif /* GEMMA3_AVX512 */
 
 #ifdef GEMMA3_AVX2
-/* The activations as the tiles of `level` want them, for each of the n tokens: int8
- * blocks for the quantized types (plus q4_0's offset, and for AVX-512 its reordering),
- * even/odd order for bf16. Returns x as the float tiles read it. Per token, so the
- * tokens of a prompt are split across threads. */
-static const float *prepare_x(RunState *s, const float *x, int n, const Matrix *W, int level) {
+/* Token t of x as the tiles of `level` (1 AVX2, 2 AVX-512) want it: int8 blocks for the
+ * quantized types (plus q4_0's offset, and for AVX-512 its reordering), even/odd order
+ * for bf16. */
+static void prepare_token(RunState *s, const float *x, int t, const Matrix *W, int level) {
     const int cols = W->cols, dtype = W->dtype, nb = cols / QK;
-    int t;
-    if (dtype == DT_Q8_0 || dtype == DT_Q4_0) quantize_batch(s, x, n, cols);
-    if (dtype == DT_F32 || dtype == DT_Q8_0) return x;
-    PARALLEL_FOR
-    for (t = 0; t < n; t++) {
-        if (dtype == DT_BF16) bf16_permute_x(s->xperm + (size_t)t * cols, x + (size_t)t * cols, cols, level == 2 ? 16 : 8);
-#ifdef GEMMA3_AVX512
-        else if (level == 2)
-            q4_0_reorder512(s->xq_perm + (size_t)t * Q4_GROUPS(nb) * 128, s->xq_corr + (size_t)t * Q4_GROUPS(nb) * 16,
-                            s->xq + (size_t)t * cols, nb);
-#endif
-        else q4_0_correction(s->xq_corr + (size_t)t * nb * 8, s->xq + (size_t)t * cols, cols);
+    if (dtype == DT_BF16) {
+        bf16_permute_x(s->xperm + (size_t)t * cols, x + (size_t)t * cols, cols, level == 2 ? 16 : 8);
+        return;
     }
-    return dtype == DT_BF16 ? s->xperm : x;
+    quantize_token(s, x, t, cols);
+    if (dtype == DT_Q8_0) return;
+#ifdef GEMMA3_AVX512
+    if (level == 2) {
+        q4_0_reorder512(s->xq_perm + (size_t)t * Q4_GROUPS(nb) * 128, s->xq_corr + (size_t)t * Q4_GROUPS(nb) * 16,
+                        s->xq + (size_t)t * cols, nb);
+        return;
+    }
+#endif
+    q4_0_correction(s->xq_corr + (size_t)t * nb * 8, s->xq + (size_t)t * cols, cols);
+}
+
+/* All n tokens prepared (split across threads for a prompt; decode's one token is not
+ * worth waking them). Returns x as the float tiles read it. */
+static const float *prepare_x(RunState *s, const float *x, int n, const Matrix *W, int level) {
+    int t;
+    if (W->dtype == DT_F32) return x;
+    if (n == 1) {
+        prepare_token(s, x, 0, W, level);
+    } else {
+        PARALLEL_FOR
+        for (t = 0; t < n; t++) prepare_token(s, x, t, W, level);
+    }
+    return W->dtype == DT_BF16 ? s->xperm : x;
+}
+
+/* The widest tiles that the build has, s->simd allows and the shape fits: 2 AVX-512
+ * (cols % 32 == 0), 1 AVX2 (cols % 16 == 0), 0 none. */
+static int tile_level(const RunState *s, int cols) {
+#ifdef GEMMA3_AVX512
+    if (s->simd >= 2 && cols % 32 == 0) return 2;
+#endif
+    return s->simd >= 1 && cols % 16 == 0 ? 1 : 0;
 }
 #endif
 
@@ -1260,26 +1288,21 @@ static const float *prepare_x(RunState *s, const float *x, int n, const Matrix *
  * allows (groups of 4 rows split across threads), else the plain loops. s->simd caps the
  * level (tests lower it to check each kind of tile against the plain loops). */
 static void matmul(float *out, const float *x, int n, const Matrix *W, RunState *s) {
-    const int cols = W->cols, groups = (W->rows + 3) / 4;
-    int g;
-    (void)cols; (void)groups; (void)g; /* unused when the build has no SIMD tiles */
-#ifdef GEMMA3_AVX512
-    if (s->simd >= 2 && cols % 32 == 0) {
-        const float *xin = prepare_x(s, x, n, W, 2);
-        PARALLEL_FOR
-        for (g = 0; g < groups; g++) {
-            int r0 = 4 * g, nr = W->rows - r0 < 4 ? W->rows - r0 : 4;
-            matmul_rows_avx512(out, xin, n, W, s, r0, nr);
-        }
-        return;
-    }
-#endif
 #ifdef GEMMA3_AVX2
-    if (s->simd >= 1 && cols % 16 == 0) {
-        const float *xin = prepare_x(s, x, n, W, 1);
+    const int level = tile_level(s, W->cols);
+    if (level > 0) {
+        const float *xin = prepare_x(s, x, n, W, level);
+        const int groups = (W->rows + 3) / 4;
+        int g;
         PARALLEL_FOR
         for (g = 0; g < groups; g++) {
             int r0 = 4 * g, nr = W->rows - r0 < 4 ? W->rows - r0 : 4;
+#ifdef GEMMA3_AVX512
+            if (level == 2) {
+                matmul_rows_avx512(out, xin, n, W, s, r0, nr);
+                continue;
+            }
+#endif
             matmul_rows_avx2(out, xin, n, W, s, r0, nr);
         }
         return;
