@@ -170,31 +170,31 @@ threading.Thread(target=http.server.HTTPServer(("127.0.0.1", cdn_port), Cdn).ser
 http.server.HTTPServer(("127.0.0.1", hub_port), Hub).serve_forever()
 '
 
-port=""
-for _ in 1 2 3; do # a free port can be taken between free_port and the bind: retry
-    p="$(free_port)" || break
-    ${TO[@]+"${TO[@]}"} python3 -m http.server --bind 127.0.0.1 "$p" --directory "$W/hub" >"$W/hub.log" 2>&1 &
-    pids+=($!)
-    if up "$p"; then port="$p"; break; fi
-done
-[ -n "$port" ] || fatal "setup: python3 -m http.server did not start on 127.0.0.1"
-gport=""
-for _ in 1 2 3; do
-    p="$(free_port)" || break
-    ${TO[@]+"${TO[@]}"} python3 -c "$gate_py" "$p" "$W/auth.log" >"$W/gate.log" 2>&1 &
-    pids+=($!)
-    if up "$p"; then gport="$p"; break; fi
-done
-[ -n "$gport" ] || fatal "setup: the gated fake hub did not start on 127.0.0.1"
-cport=""
-for _ in 1 2 3; do
-    p="$(free_port)" || break
-    p2="$(free_port)" || break
-    ${TO[@]+"${TO[@]}"} python3 -c "$cdn_py" "$p" "$p2" "$sharded" "$W/cdn.log" >"$W/cdnhub.log" 2>&1 &
-    pids+=($!)
-    if up "$p"; then cport="$p"; break; fi
-done
-[ -n "$cport" ] || fatal "setup: the redirecting fake hub did not start on 127.0.0.1"
+# start_server VAR WHAT LAUNCH: `LAUNCH PORT` runs a server in the background on a free port,
+# and VAR gets that port once it answers. A free port can be taken between free_port and
+# the bind, so up to three ports are tried. LAUNCH execs its server, so $! is its pid.
+start_server() {
+    local var="$1" what="$2" launch="$3" p
+    for _ in 1 2 3; do
+        p="$(free_port)" || break
+        "$launch" "$p" &
+        pids+=($!)
+        if up "$p"; then printf -v "$var" '%s' "$p"; return 0; fi
+    done
+    fatal "setup: $what did not start on 127.0.0.1"
+}
+launch_hub() {
+    exec ${TO[@]+"${TO[@]}"} python3 -m http.server --bind 127.0.0.1 "$1" --directory "$W/hub" >"$W/hub.log" 2>&1
+}
+launch_gate() { exec ${TO[@]+"${TO[@]}"} python3 -c "$gate_py" "$1" "$W/auth.log" >"$W/gate.log" 2>&1; }
+launch_cdn() { # the hub on $1 redirects to a CDN on a second free port
+    local p2
+    p2="$(free_port)" || exit 1
+    exec ${TO[@]+"${TO[@]}"} python3 -c "$cdn_py" "$1" "$p2" "$sharded" "$W/cdn.log" >"$W/cdnhub.log" 2>&1
+}
+start_server port "python3 -m http.server" launch_hub
+start_server gport "the gated fake hub" launch_gate
+start_server cport "the redirecting fake hub" launch_cdn
 : >"$W/auth.log" # forget the readiness probes
 : >"$W/cdn.log"
 closed="$(free_port)" # nothing listens there
