@@ -769,7 +769,8 @@ static void matmul_plain(float *out, const float *x, int n, const Matrix *W, Run
  * A tile is NR weight rows times NT tokens: each weight vector loaded is used for NT
  * tokens and each activation vector for NR rows, with all NR * NT sums in registers.
  * Decode (one token) runs 1 x 1 tiles, one row after the other (a single stream through
- * memory is what the prefetchers like best); a prompt runs 4-row tiles. Every (row, token)
+ * memory is what the prefetchers like best; bf16 runs 4 x 1, see matmul_rows_avx512); a
+ * prompt runs 4-row tiles. Every (row, token)
  * sum is accumulated in the same order whatever the tile, so a batch gives exactly the
  * logits that token-by-token decoding gives. */
 #ifdef GEMMA3_AVX2
@@ -859,16 +860,15 @@ TILE_INLINE void tile_f32(float *out, int ostride, const unsigned char *w, size_
 /* bf16 rows. 16 weights load as 8 32-bit lanes; bf16 being the high half of an f32, a
  * shift gives the even weights as floats and a mask the odd ones, with no shuffle. So x
  * comes permuted (bf16_permute_x): each 16 floats as the 8 even, then the 8 odd ones.
- * Two sums per (row, token), even and odd, also give the FMAs two chains to overlap.
  * cols % 16 == 0. */
 TILE_INLINE void tile_bf16(float *out, int ostride, const unsigned char *w, size_t rb, const float *xp, int cols,
                            const int NR, const int NT) {
     const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
-    __m256 even[4][2], odd[4][2];
+    __m256 acc[4][4];
     UNROLL
     for (int r = 0; r < NR; r++)
         UNROLL
-        for (int t = 0; t < NT; t++) even[r][t] = odd[r][t] = _mm256_setzero_ps();
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
     for (int j = 0; j < cols; j += 16) {
         __m256 we[4], wo[4];
         UNROLL
@@ -887,15 +887,15 @@ TILE_INLINE void tile_bf16(float *out, int ostride, const unsigned char *w, size
             IN_REGISTER(xo);
             UNROLL
             for (int r = 0; r < NR; r++) {
-                even[r][t] = _mm256_fmadd_ps(we[r], xe, even[r][t]);
-                odd[r][t] = _mm256_fmadd_ps(wo[r], xo, odd[r][t]);
+                acc[r][t] = _mm256_fmadd_ps(we[r], xe, acc[r][t]);
+                acc[r][t] = _mm256_fmadd_ps(wo[r], xo, acc[r][t]);
             }
         }
     }
     UNROLL
     for (int r = 0; r < NR; r++)
         UNROLL
-        for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum8(_mm256_add_ps(even[r][t], odd[r][t]));
+        for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum8(acc[r][t]);
 }
 
 /* x for the bf16 tiles: each 2 * lanes floats as their `lanes` even, then `lanes` odd ones
@@ -987,10 +987,9 @@ static void matmul_rows_avx2(float *out, const float *xin, int n, const Matrix *
                        DT_Q4_0, NR_, NT_);                                                                         \
     } while (0)
     int t = 0;
-    if (nr == 4 && n > 1) {
-#ifdef __AVX512VL__ /* 32 vector registers: room for 4 x 4 sums (bf16 keeps two per pair) */
-        if (dtype != DT_BF16)
-            for (; t + 4 <= n; t += 4) TILE(4, 4);
+    if (nr == 4 && (n > 1 || dtype == DT_BF16)) { /* bf16 decode: see matmul_rows_avx512 */
+#ifdef __AVX512VL__ /* 32 vector registers: room for 4 x 4 sums */
+        for (; t + 4 <= n; t += 4) TILE(4, 4);
 #endif
         for (; t + 2 <= n; t += 2) TILE(4, 2);
         for (; t < n; t++) TILE(4, 1);
@@ -1061,16 +1060,15 @@ TILE_INLINE void tile512_f32(float *out, int ostride, const unsigned char *w, si
 }
 
 /* bf16 as in tile_bf16: 32 weights per load, their even ones by a shift and odd ones by
- * a mask, against x permuted by 16 (bf16_permute_x); even and odd sums apart, so the
- * FMAs of a lone (row, token) form two chains, not one twice as long. cols % 32 == 0. */
+ * a mask, against x permuted by 16 (bf16_permute_x). cols % 32 == 0. */
 TILE_INLINE void tile512_bf16(float *out, int ostride, const unsigned char *w, size_t rb, const float *xp, int cols,
                               const int NR, const int NT) {
     const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
-    __m512 even[4][2], odd[4][2];
+    __m512 acc[4][4];
     UNROLL
     for (int r = 0; r < NR; r++)
         UNROLL
-        for (int t = 0; t < NT; t++) even[r][t] = odd[r][t] = _mm512_setzero_ps();
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
     for (int j = 0; j < cols; j += 32) {
         __m512 we[4], wo[4];
         UNROLL
@@ -1089,15 +1087,15 @@ TILE_INLINE void tile512_bf16(float *out, int ostride, const unsigned char *w, s
             IN_REGISTER(xo);
             UNROLL
             for (int r = 0; r < NR; r++) {
-                even[r][t] = _mm512_fmadd_ps(we[r], xe, even[r][t]);
-                odd[r][t] = _mm512_fmadd_ps(wo[r], xo, odd[r][t]);
+                acc[r][t] = _mm512_fmadd_ps(we[r], xe, acc[r][t]);
+                acc[r][t] = _mm512_fmadd_ps(wo[r], xo, acc[r][t]);
             }
         }
     }
     UNROLL
     for (int r = 0; r < NR; r++)
         UNROLL
-        for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum16(_mm512_add_ps(even[r][t], odd[r][t]));
+        for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum16(acc[r][t]);
 }
 
 /* q8_0: 2 blocks per vector. |w| (unsigned) times x with w's sign, into 16 int32 lanes,
@@ -1253,9 +1251,10 @@ static void matmul_rows_avx512(float *out, const float *xin, int n, const Matrix
                          s->xq_corr + (size_t)t * Q4_GROUPS(nb) * 16, s->xq_scale + (size_t)t * nb, nb, NR_, NT_); \
     } while (0)
     int t = 0;
-    if (nr == 4 && n > 1) {
-        if (dtype != DT_BF16) /* bf16 keeps two sums per pair: 4 x 2 fills the 32 registers */
-            for (; t + 4 <= n; t += 4) TILE(4, 4);
+    /* Decode runs 1 x 1 tiles, except for bf16: there a lone row's FMAs form one chain
+     * (two per 32 weights) that cannot keep up with the memory, and 4 x 1 tiles give four. */
+    if (nr == 4 && (n > 1 || dtype == DT_BF16)) {
+        for (; t + 4 <= n; t += 4) TILE(4, 4);
         for (; t + 2 <= n; t += 2) TILE(4, 2);
         for (; t < n; t++) TILE(4, 1);
     } else {
