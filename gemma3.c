@@ -780,10 +780,10 @@ static void matmul_plain(float *out, const float *x, int n, const Matrix *W, Run
  * A tile is NR weight rows times NT tokens: each weight vector loaded is used for NT
  * tokens and each activation vector for NR rows, with all NR * NT sums in registers.
  * Decode (one token) runs 1 x 1 tiles, one row after the other (a single stream through
- * memory is what the prefetchers like best; bf16 runs 4 x 1, see matmul_rows_avx512); a
- * prompt runs 4-row tiles. Every (row, token)
- * sum is accumulated in the same order whatever the tile, so a batch gives exactly the
- * logits that token-by-token decoding gives. */
+ * memory is what the prefetchers like best; AVX-512 bf16 is the exception, see
+ * matmul_rows_avx512); a prompt runs 4-row tiles. Every (row, token) sum is accumulated
+ * in the same order whatever the tile, so a batch gives exactly the logits that
+ * token-by-token decoding gives. */
 #ifdef GEMMA3_AVX2
 #include <immintrin.h>
 #define TILE_INLINE static inline __attribute__((always_inline))
@@ -998,7 +998,7 @@ static void matmul_rows_avx2(float *out, const float *xin, int n, const Matrix *
                        DT_Q4_0, NR_, NT_);                                                                         \
     } while (0)
     int t = 0;
-    if (nr == 4 && (n > 1 || dtype == DT_BF16)) { /* bf16 decode: see matmul_rows_avx512 */
+    if (nr == 4 && n > 1) {
 #ifdef __AVX512VL__ /* 32 vector registers: room for 4 x 4 sums */
         for (; t + 4 <= n; t += 4) TILE(4, 4);
 #endif
@@ -1263,7 +1263,8 @@ static void matmul_rows_avx512(float *out, const float *xin, int n, const Matrix
     } while (0)
     int t = 0;
     /* Decode runs 1 x 1 tiles, except for bf16: there a lone row's FMAs form one chain
-     * (two per 32 weights) that cannot keep up with the memory, and 4 x 1 tiles give four. */
+     * (two per 64 bytes of weights) that cannot keep up with the memory, and 4 x 1 tiles
+     * give four. (With AVX2's 32-byte vectors one chain keeps up, and 4 x 1 was slower.) */
     if (nr == 4 && (n > 1 || dtype == DT_BF16)) {
         for (; t + 4 <= n; t += 4) TILE(4, 4);
         for (; t + 2 <= n; t += 2) TILE(4, 2);
