@@ -734,13 +734,8 @@ static void quantize_token(RunState *s, const float *x, int t, int cols) {
 
 /* The activations of a quantized matmul as int8 blocks, one row of blocks per token. */
 static void quantize_batch(RunState *s, const float *x, int n, int cols) {
-    int t;
-    if (n == 1) { /* decode: not worth waking the other threads */
-        quantize_token(s, x, 0, cols);
-        return;
-    }
-    PARALLEL_FOR
-    for (t = 0; t < n; t++) quantize_token(s, x, t, cols);
+    PARALLEL_FOR_TOKENS(n)
+    for (int t = 0; t < n; t++) quantize_token(s, x, t, cols);
 }
 
 /* out[t] = W x[t] for the n rows of x, with the plain loops: out (n, W.rows), x (n, W.cols).
@@ -1299,17 +1294,11 @@ static void prepare_token(RunState *s, const float *x, int t, const Matrix *W, i
     q4_0_correction(s->xq_corr + (size_t)t * nb * 8, s->xq + (size_t)t * cols, cols);
 }
 
-/* All n tokens prepared (split across threads for a prompt; decode's one token is not
- * worth waking them). Returns x as the float tiles read it. */
+/* All n tokens prepared. Returns x as the float tiles read it. */
 static const float *prepare_x(RunState *s, const float *x, int n, const Matrix *W, int level) {
-    int t;
     if (W->dtype == DT_F32) return x;
-    if (n == 1) {
-        prepare_token(s, x, 0, W, level);
-    } else {
-        PARALLEL_FOR
-        for (t = 0; t < n; t++) prepare_token(s, x, t, W, level);
-    }
+    PARALLEL_FOR_TOKENS(n)
+    for (int t = 0; t < n; t++) prepare_token(s, x, t, W, level);
     return W->dtype == DT_BF16 ? s->xperm : x;
 }
 
@@ -1519,7 +1508,7 @@ static float *forward_batch(const Model *m, RunState *s, const int *tokens, int 
         /* MLP block: down(gelu(gate(h)) * up(h)), pre- and post-norm, residual */
         matmul(s->hb, s->xb, n, &L->w_gate, s);
         matmul(s->hb2, s->xb, n, &L->w_up, s);
-        PARALLEL_FOR /* even one token's 6912 tanhf are worth two threads */
+        PARALLEL_FOR /* even one token's 6912 expf are worth two threads */
         for (int i = 0; i < n * F; i++) s->hb[i] = gelu_tanh(s->hb[i]) * s->hb2[i];
         matmul(s->xb2, s->hb, n, &L->w_down, s);
         PARALLEL_FOR_TOKENS(n)
