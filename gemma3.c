@@ -508,9 +508,25 @@ typedef struct {
     int *cache_len;       /* (n_layers) */
     float **key_cache;    /* (n_layers) -> (cache_len, n_kv_heads * head_dim) */
     float **value_cache;  /* (n_layers) -> (cache_len, n_kv_heads * head_dim) */
+    void *arena;          /* the one allocation that holds all the buffers and caches above */
 } RunState;
 
-static void free_run_state(RunState *s, const Config *c);
+static void free_run_state(RunState *s);
+
+/* Buffers cut one after another from a block (or, with base NULL, only their sizes added
+ * up), each starting on a 64-byte boundary: the cache line, and the width of an AVX-512
+ * vector. A vector load that straddles two lines costs two; on 16-byte-aligned calloc
+ * memory, the AVX-512 q4_0 tiles ran at 60 % of their speed. */
+typedef struct {
+    unsigned char *base;
+    size_t used;
+} Carve;
+
+static void *carve(Carve *cv, size_t count, size_t size) {
+    void *p = cv->base ? cv->base + cv->used : NULL;
+    cv->used += (count * size + 63) / 64 * 64;
+    return p;
+}
 
 static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch, int all_logits, char *err,
                            size_t errsize) {
@@ -523,54 +539,59 @@ static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch,
     size_t Q = (size_t)c->n_heads * c->head_dim, KV = (size_t)c->n_kv_heads * c->head_dim;
     size_t widest = F > Q ? F : Q;
     if (D > widest) widest = D;
-    s->x = calloc(B * D, sizeof(float));
-    s->xb = calloc(B * D, sizeof(float));
-    s->xb2 = calloc(B * D, sizeof(float));
-    s->q = calloc(B * Q, sizeof(float));
-    s->k = calloc(B * KV, sizeof(float));
-    s->v = calloc(B * KV, sizeof(float));
-    s->att_out = calloc(B * Q, sizeof(float));
-    s->att = calloc(B * (size_t)c->n_heads * (size_t)ctx, sizeof(float));
-    s->hb = calloc(B * F, sizeof(float));
-    s->hb2 = calloc(B * F, sizeof(float));
-    s->logits = calloc((all_logits ? B : 1) * (size_t)c->vocab_size, sizeof(float));
-    s->xq = calloc(B * widest, 1);
-    s->xq_scale = calloc(B * (widest / 32 + 1), sizeof(float));
-    s->xq_sum = calloc(B * (widest / 32 + 1), sizeof(int32_t));
+    s->cache_len = calloc((size_t)c->n_layers, sizeof(int));
+    s->key_cache = calloc((size_t)c->n_layers, sizeof(float *));
+    s->value_cache = calloc((size_t)c->n_layers, sizeof(float *));
+    int ok = s->cache_len && s->key_cache && s->value_cache;
+    for (int l = 0; ok && l < c->n_layers; l++) {
+        int ring = c->window + max_batch - 1;
+        s->cache_len[l] = (!c->is_global[l] && ring < ctx) ? ring : ctx;
+    }
+    /* The buffers and caches, carved from one allocation: a first pass adds up the size. */
+    Carve cv = {NULL, 0};
+    for (int pass = 0; ok && pass < 2; pass++) {
+        if (pass == 1) {
+            s->arena = calloc(cv.used + 63, 1);
+            if (!(ok = s->arena != NULL)) break;
+            cv.base = (unsigned char *)s->arena + (64 - (uintptr_t)s->arena % 64) % 64;
+            cv.used = 0;
+        }
+        s->x = carve(&cv, B * D, sizeof(float));
+        s->xb = carve(&cv, B * D, sizeof(float));
+        s->xb2 = carve(&cv, B * D, sizeof(float));
+        s->q = carve(&cv, B * Q, sizeof(float));
+        s->k = carve(&cv, B * KV, sizeof(float));
+        s->v = carve(&cv, B * KV, sizeof(float));
+        s->att_out = carve(&cv, B * Q, sizeof(float));
+        s->att = carve(&cv, B * (size_t)c->n_heads * (size_t)ctx, sizeof(float));
+        s->hb = carve(&cv, B * F, sizeof(float));
+        s->hb2 = carve(&cv, B * F, sizeof(float));
+        s->logits = carve(&cv, (all_logits ? B : 1) * (size_t)c->vocab_size, sizeof(float));
+        s->xq = carve(&cv, B * widest, 1);
+        s->xq_scale = carve(&cv, B * (widest / 32 + 1), sizeof(float));
+        s->xq_sum = carve(&cv, B * (widest / 32 + 1), sizeof(int32_t));
+#ifdef GEMMA3_AVX2
+        s->xq_corr = carve(&cv, B * (widest / 4 + 16), sizeof(int32_t));
+        s->xperm = carve(&cv, B * widest, sizeof(float));
+        s->xq_perm = carve(&cv, B * ((widest + 127) / 128 * 128), 1);
+#endif
+        s->rope_cos = carve(&cv, 2 * B * half, sizeof(float));
+        s->rope_sin = carve(&cv, 2 * B * half, sizeof(float));
+        s->inv_freq_local = carve(&cv, half, sizeof(float));
+        s->inv_freq_global = carve(&cv, half, sizeof(float));
+        for (int l = 0; l < c->n_layers; l++) {
+            s->key_cache[l] = carve(&cv, (size_t)s->cache_len[l] * KV, sizeof(float));
+            s->value_cache[l] = carve(&cv, (size_t)s->cache_len[l] * KV, sizeof(float));
+        }
+    }
 #if defined(GEMMA3_AVX512)
     s->simd = 2;
 #elif defined(GEMMA3_AVX2)
     s->simd = 1;
 #endif
-#ifdef GEMMA3_AVX2
-    s->xq_corr = calloc(B * (widest / 4 + 16), sizeof(int32_t));
-    s->xperm = calloc(B * widest, sizeof(float));
-    s->xq_perm = calloc(B * ((widest + 127) / 128 * 128), 1);
-#endif
-    s->rope_cos = calloc(2 * B * half, sizeof(float));
-    s->rope_sin = calloc(2 * B * half, sizeof(float));
-    s->inv_freq_local = calloc(half, sizeof(float));
-    s->inv_freq_global = calloc(half, sizeof(float));
-    s->cache_len = calloc((size_t)c->n_layers, sizeof(int));
-    s->key_cache = calloc((size_t)c->n_layers, sizeof(float *));
-    s->value_cache = calloc((size_t)c->n_layers, sizeof(float *));
-    int ok = s->x && s->xb && s->xb2 && s->q && s->k && s->v && s->att_out && s->att && s->hb && s->hb2 &&
-             s->logits && s->xq && s->xq_scale && s->xq_sum && s->rope_cos && s->rope_sin && s->inv_freq_local &&
-             s->inv_freq_global && s->cache_len && s->key_cache && s->value_cache;
-#ifdef GEMMA3_AVX2
-    ok = ok && s->xq_corr && s->xperm && s->xq_perm;
-#endif
-    for (int l = 0; ok && l < c->n_layers; l++) {
-        int ring = c->window + max_batch - 1;
-        int len = (!c->is_global[l] && ring < ctx) ? ring : ctx;
-        s->cache_len[l] = len;
-        s->key_cache[l] = calloc((size_t)len * KV, sizeof(float));
-        s->value_cache[l] = calloc((size_t)len * KV, sizeof(float));
-        ok = s->key_cache[l] && s->value_cache[l];
-    }
     if (!ok) {
         set_err(err, errsize, "out of memory for a %d-token context (try a smaller -c)", ctx);
-        free_run_state(s, c);
+        free_run_state(s);
         return -1;
     }
     /* RoPE frequencies, computed once in float32 as the reference does:
@@ -583,17 +604,8 @@ static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch,
     return 0;
 }
 
-static void free_run_state(RunState *s, const Config *c) {
-    free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->att_out);
-    free(s->att); free(s->hb); free(s->hb2); free(s->logits); free(s->xq); free(s->xq_scale); free(s->xq_sum);
-#ifdef GEMMA3_AVX2
-    free(s->xq_corr); free(s->xperm); free(s->xq_perm);
-#endif
-    free(s->rope_cos); free(s->rope_sin); free(s->inv_freq_local); free(s->inv_freq_global);
-    for (int l = 0; l < c->n_layers && s->key_cache; l++) {
-        free(s->key_cache[l]);
-        if (s->value_cache) free(s->value_cache[l]);
-    }
+static void free_run_state(RunState *s) {
+    free(s->arena);
     free(s->key_cache); free(s->value_cache); free(s->cache_len);
     memset(s, 0, sizeof(*s));
 }
@@ -2372,7 +2384,7 @@ int main(int argc, char **argv) {
         if (build_run_state(&state, c, ctx, hidden_out ? 1 : PREFILL_BATCH, 1, err, sizeof err) != 0) die("%s", err);
         if (dump_logits(&model, &state, ids, n, logits_out, top_n, stdout, hidden_out, err, sizeof err) != 0) die("%s", err);
         free(ids);
-        free_run_state(&state, c);
+        free_run_state(&state);
         free_model(&model);
         return 0;
     }
@@ -2410,7 +2422,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "%.1f s\n", now_seconds() - t0);
         free(ids);
         free(nll);
-        free_run_state(&state, c);
+        free_run_state(&state);
         free_model(&model);
         return 0;
     }
@@ -2453,7 +2465,7 @@ int main(int argc, char **argv) {
         free(file_text);
         free_chat(&chat);
         free_sampler(&sampler);
-        free_run_state(&state, c);
+        free_run_state(&state);
         free_model(&model);
         return status;
     }
@@ -2479,7 +2491,7 @@ int main(int argc, char **argv) {
     if (n + generated >= ctx) fprintf(stderr, "gemma3: note: stopped at the end of the %d-token context (-c)\n", ctx);
     free(ids);
     free_sampler(&sampler);
-    free_run_state(&state, c);
+    free_run_state(&state);
     free_model(&model);
     return 0;
 }

@@ -99,7 +99,7 @@ static float *model_logits(const char *bin, const int *ids, int n, int *vocab) {
     int V = m.config.vocab_size;
     float *out = malloc((size_t)n * V * sizeof(float));
     for (int t = 0; out && t < n; t++) memcpy(out + (size_t)t * V, forward(&m, &s, ids[t], t), (size_t)V * sizeof(float));
-    free_run_state(&s, &m.config);
+    free_run_state(&s);
     free_model(&m);
     *vocab = V;
     return out;
@@ -134,7 +134,7 @@ static int greedy_ids(const char *bin, const int *ids, int n, int steps, int *ou
     build_sampler(&sp, m.config.vocab_size, 0.0f, 0, 1.0f, 0.0f, 1);
     int got = generate_ids(&m, &s, &sp, ids, n, steps, out, NULL, NULL, NULL);
     free_sampler(&sp);
-    free_run_state(&s, &m.config);
+    free_run_state(&s);
     free_model(&m);
     return got;
 }
@@ -419,7 +419,7 @@ static void test_toolkit(void) {
     CHECK(worst_emb == 0, "--dump-hidden layer 0 is not the scaled embedding (diff %g)", worst_emb);
     CHECK(worst_logit <= 1e-6 * max_logit, "--dump-hidden last layer does not give the logits (diff %g)", worst_logit);
     printf("  --top rank 1 == argmax in %d/%d rows; hidden[L] -> logits max|diff| %g\n", good, n, worst_logit);
-    free_run_state(&s, c);
+    free_run_state(&s);
     /* perplexity: with the whole text in one window, the mean of log-softmax over --logits */
     double expect = 0;
     for (int t = 0; t + 1 < n; t++) expect += token_nll(logits + (size_t)t * V, V, ids[t + 1]);
@@ -427,12 +427,12 @@ static void test_toolkit(void) {
     build_run_state(&s, c, n, 7, 1, err, sizeof err); /* batches of 7: not a divisor of anything */
     double *nll_full = malloc((size_t)n * sizeof(double)), *nll_win = malloc((size_t)n * sizeof(double));
     double got = perplexity(&m, &s, ids, n, nll_full);
-    free_run_state(&s, c);
+    free_run_state(&s);
     CHECK(fabs(got - expect) < 1e-9 * fabs(expect), "perplexity mean NLL %.9f != %.9f from the logits", got, expect);
     /* in windows of 16 (overlapping by 8): the first window's scores are unchanged, all finite */
     build_run_state(&s, c, 16, 16, 1, err, sizeof err);
     double win = perplexity(&m, &s, ids, n, nll_win);
-    free_run_state(&s, c);
+    free_run_state(&s);
     int same_first = 1;
     for (int t = 0; t < 15; t++) same_first &= nll_win[t] == nll_full[t];
     CHECK(same_first && isfinite(win) && win > 0, "windowed perplexity: first window differs or not finite (%g)", win);
@@ -517,7 +517,7 @@ static void test_kernels(void) {
                   names[dt], worst, scale);
             CHECK(same, "%s %s: a batch of %d tokens is not bit-identical to one token at a time", levels[level], names[dt], NT);
         }
-        free_run_state(&s, &cfg);
+        free_run_state(&s);
     }
 }
 
@@ -591,7 +591,7 @@ static void test_quantized(void) {
         CHECK(wq_err <= (dt == DT_Q8_0 ? 1.5 / 127 : 1.5 / 8) * 1.5 * 1.01, "%s weight error %g too large",
               dt == DT_Q8_0 ? "q8_0" : "q4_0", wq_err);
     }
-    free_run_state(&s, &cfg);
+    free_run_state(&s);
 
     /* whole models: the golden fixture, and a wider random model against its f32 export */
     CHECK(run("python3 export.py " TINY " " BUILD "/tiny-q8_0.bin --dtype q8_0 -q") == 0, "export q8_0: %s", last_log());
@@ -646,7 +646,7 @@ static void test_fuzz_loader(void) {
             if (build_run_state(&s, &m.config, 4, 2, 0, err, sizeof err) == 0) {
                 int ids[2] = {2, 7};
                 forward_tokens(&m, &s, ids, 2, 0);
-                free_run_state(&s, &m.config);
+                free_run_state(&s);
             }
             free_model(&m);
             loaded++;
@@ -791,7 +791,7 @@ static void test_tokenizer_and_chat(void) {
     reused += check_chat_turn(&m, &s, &sp, &ch, "Thanks.", 4);
     CHECK(reused >= 1, "no chat turn reused the KV cache");
     free_chat(&ch);
-    free_run_state(&s, &m.config);
+    free_run_state(&s);
 
     /* a context that fills up: a clear CHAT_FULL, the conversation left as it was */
     RunState small;
@@ -803,7 +803,7 @@ static void test_tokenizer_and_chat(void) {
     CHECK(rc == CHAT_FULL && strstr(err, "context"), "a full context should give CHAT_FULL, got %d (%s)", rc, err);
     printf("  context of 48 full after %d turns: %s\n", turns, err);
     free_chat(&ch);
-    free_run_state(&small, &m.config);
+    free_run_state(&small);
     free_sampler(&sp);
     free_model(&m);
 
