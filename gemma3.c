@@ -495,7 +495,7 @@ typedef struct {
 #ifdef GEMMA3_AVX2
     int32_t *xq_corr; /* (max_batch, max in_features / 4 + 16) q4_0's offset as the SIMD tiles add it */
     float *xperm;     /* (max_batch, max in_features) x reordered for the bf16 tiles */
-    int8_t *xq_perm;  /* (max_batch, max in_features rounded up to 128) xq reordered for AVX-512 q4_0 */
+    int8_t *xq_perm;  /* (max_batch, 384 per 256 max in_features, rounded up) xq as the AVX-512 q4_0 tiles read it */
 #endif
     float *rope_cos, *rope_sin; /* (2, max_batch, head_dim/2) local then global tables of the batch */
     float *inv_freq_local, *inv_freq_global; /* (head_dim/2) RoPE frequencies per layer type */
@@ -573,7 +573,7 @@ static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch,
 #ifdef GEMMA3_AVX2
         s->xq_corr = carve(&cv, B * (widest / 4 + 16), sizeof(int32_t));
         s->xperm = carve(&cv, B * widest, sizeof(float));
-        s->xq_perm = carve(&cv, B * ((widest + 127) / 128 * 128), 1);
+        s->xq_perm = carve(&cv, B * ((widest + 255) / 256 * 384), 1);
 #endif
         s->rope_cos = carve(&cv, 2 * B * half, sizeof(float));
         s->rope_sin = carve(&cv, 2 * B * half, sizeof(float));
@@ -824,6 +824,12 @@ static void matmul_plain(float *out, const float *x, int n, const Matrix *W, Run
 #define IN_REGISTER(v) __asm__("" : "+v"(v))
 #endif
 
+/* The opposite, for a tile that has too few registers to hold its activations for all its
+ * rows: an asm (volatile: never merged with another) that claims to change the pointer p,
+ * so that each row loads through it again instead of keeping the values (and spilling
+ * them to the stack). */
+#define RELOAD(p) __asm__ volatile("" : "+r"(p))
+
 static float hsum8(__m256 v) { /* a fixed order: 8 -> 4 -> 2 -> 1 */
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -1028,7 +1034,7 @@ static void matmul_rows_avx2(float *out, const float *xin, int n, const Matrix *
  * a permute spreads each over its block's lanes. A 1 x 1 and a 4 x 4 tile add each (row,
  * token) sum in the same order, so batches still equal token-by-token decoding. */
 #ifdef GEMMA3_AVX512
-#define Q4_GROUPS(nb) (((nb) + 3) / 4) /* q4_0 blocks go 4 to a vector */
+#define Q4_GROUPS(nb) (((nb) + 7) / 8) /* q4_0 blocks go 8 to a step */
 
 /* The first min(n, 64) bytes at p, zeros after them (load256_upto: 32 bytes): the end of a
  * row must not be read past. A whole vector takes a plain load, not a masked one: masked
@@ -1171,83 +1177,99 @@ TILE_INLINE void tile512_q8_0(float *out, int ostride, const unsigned char *w, s
         for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum16(acc[r][t]);
 }
 
-/* q4_0: 4 blocks (64 bytes of nibbles) per vector. The low nibbles are the first 16
- * weights of each block and the high ones the last 16, so x comes reordered to match
- * (q4_0_reorder512): per group of 4 blocks, 64 bytes of their first halves, then 64 of
- * their second halves. Lanes 4b .. 4b + 3 hold block b's sums; they start from the -8
- * offset (xc, per lane) and are scaled as in tile512_q8_0. */
-TILE_INLINE void tile512_q4_0(float *out, int ostride, const unsigned char *w, size_t rb, const int8_t *xp,
-                              const int32_t *xc, const float *xs, int nb, const int NR, const int NT) {
-    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+/* q4_0: 8 blocks per step. A block's 16 bytes hold its first 16 weights in the low nibbles
+ * and its last 16 in the high ones. Two 64-byte loads bring blocks 0-3 and 4-7 of a
+ * group; unpacking their 8-byte halves puts, in each 128-bit lane k, 8 bytes of block k
+ * beside 8 bytes of block 4 + k. So lanes 4k, 4k + 1 of the int32 sums hold block k's
+ * products and 4k + 2, 4k + 3 block 4 + k's, and one float step (the multiply by the two
+ * scales) covers 8 blocks, not 4: the FMA pipes, which also run the int8 dot products, do
+ * 6 operations per 8 blocks instead of 8. x comes reordered to match (q4_0_reorder512). */
+#define Q4_GROUP_BYTES 384 /* x per group of 8 blocks: 4 x 64 bytes of int8, 16 int32 offsets, 16 float scales */
+
+/* Group g of an NR x NT tile, holding nblk (1-8) blocks. x is read from memory by each row
+ * (RELOAD): held in registers across the rows, it left too few for the sums. */
+TILE_INLINE void q4_0_group512(__m512 acc[4][4], const unsigned char *w, size_t rb, int nb, int g, int nblk,
+                               const int8_t *xg, size_t xstride, const int NR, const int NT) {
+    const __m512i spread = _mm512_set_epi32(7, 7, 3, 3, 6, 6, 2, 2, 5, 5, 1, 1, 4, 4, 0, 0);
     const __m512i low4 = _mm512_set1_epi8(0x0f);
-    const size_t ng = (size_t)Q4_GROUPS(nb);
+    const int bytes = 16 * nblk;
+    __m512 dx[4];
+    UNROLL
+    for (int t = 0; t < NT; t++) dx[t] = _mm512_loadu_ps((const float *)(xg + (size_t)t * xstride + 320));
+    UNROLL
+    for (int r = 0; r < NR; r++) {
+        const unsigned char *row = w + r * rb, *q = row + 2 * (size_t)nb + (size_t)g * 128;
+        if (NT == 1) {
+            prefetch_ahead(q);
+            prefetch_ahead(q + 64);
+        }
+        __m128i h = nblk == 8 ? _mm_loadu_si128((const __m128i *)(row + 16 * g))
+                              : _mm_maskz_loadu_epi8((__mmask16)((1u << 2 * nblk) - 1), row + 16 * g);
+        __m512 dw = _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(_mm256_cvtph_ps(h)));
+        __m512i v1 = load512_upto(q, bytes), v2 = bytes > 64 ? load512_upto(q + 64, bytes - 64) : _mm512_setzero_si512();
+        __m512i a = _mm512_unpacklo_epi64(v1, v2), b = _mm512_unpackhi_epi64(v1, v2);
+        __m512i alo = _mm512_and_si512(a, low4), ahi = _mm512_and_si512(_mm512_srli_epi16(a, 4), low4);
+        __m512i blo = _mm512_and_si512(b, low4), bhi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4);
+        const int8_t *x = xg;
+        RELOAD(x);
+        UNROLL
+        for (int t = 0; t < NT; t++) {
+            const int8_t *xt = x + (size_t)t * xstride;
+            __m512i p = _mm512_loadu_si512((const void *)(xt + 256));
+            p = _mm512_dpbusd_epi32(p, alo, _mm512_loadu_si512((const void *)xt));
+            p = _mm512_dpbusd_epi32(p, ahi, _mm512_loadu_si512((const void *)(xt + 64)));
+            p = _mm512_dpbusd_epi32(p, blo, _mm512_loadu_si512((const void *)(xt + 128)));
+            p = _mm512_dpbusd_epi32(p, bhi, _mm512_loadu_si512((const void *)(xt + 192)));
+            acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, dx[t]), acc[r][t]);
+        }
+    }
+}
+
+TILE_INLINE void tile512_q4_0(float *out, int ostride, const unsigned char *w, size_t rb, const int8_t *xp, int nb,
+                              const int NR, const int NT) {
+    const size_t xstride = (size_t)Q4_GROUPS(nb) * Q4_GROUP_BYTES; /* bytes per token */
     __m512 acc[4][4];
     UNROLL
     for (int r = 0; r < NR; r++)
         UNROLL
         for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
-    for (int b0 = 0; b0 < nb; b0 += 16) {
-        const int k = nb - b0 < 16 ? nb - b0 : 16;
-        __m512 dw[4], dx[4];
-        UNROLL
-        for (int r = 0; r < NR; r++) dw[r] = _mm512_cvtph_ps(load256_upto(w + r * rb + 2 * b0, 2 * k));
-        UNROLL
-        for (int t = 0; t < NT; t++) dx[t] = _mm512_castsi512_ps(load512_upto(xs + (size_t)t * nb + b0, 4 * k));
-        for (int g = 0; g < k; g += 4) {
-            const __m512i idx = _mm512_add_epi32(spread, _mm512_set1_epi32(g));
-            const size_t grp = (size_t)(b0 + g) / 4;
-            __m512i lo[4], hi[4];
-            __m512 dwe[4];
-            UNROLL
-            for (int r = 0; r < NR; r++) {
-                if (NT == 1) prefetch_ahead(w + r * rb + 2 * (size_t)nb + grp * 64);
-                __m512i v = load512_upto(w + r * rb + 2 * (size_t)nb + grp * 64, 16 * (k - g));
-                lo[r] = _mm512_and_si512(v, low4);
-                hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-                dwe[r] = _mm512_permutexvar_ps(idx, dw[r]);
-            }
-            UNROLL
-            for (int t = 0; t < NT; t++) {
-                const int8_t *xg = xp + ((size_t)t * ng + grp) * 128;
-                __m512i xlo = _mm512_loadu_si512((const void *)xg), xhi = _mm512_loadu_si512((const void *)(xg + 64));
-                IN_REGISTER(xlo);
-                IN_REGISTER(xhi);
-                __m512i c = _mm512_loadu_si512((const void *)(xc + ((size_t)t * ng + grp) * 16));
-                __m512 dxe = _mm512_permutexvar_ps(idx, dx[t]);
-                UNROLL
-                for (int r = 0; r < NR; r++) {
-                    __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c, lo[r], xlo), hi[r], xhi);
-                    acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dwe[r], dxe), acc[r][t]);
-                }
-            }
-        }
-    }
+    int g = 0;
+    for (; g < nb / 8; g++) q4_0_group512(acc, w, rb, nb, g, 8, xp + (size_t)g * Q4_GROUP_BYTES, xstride, NR, NT);
+    if (nb % 8) q4_0_group512(acc, w, rb, nb, g, nb % 8, xp + (size_t)g * Q4_GROUP_BYTES, xstride, NR, NT);
     UNROLL
     for (int r = 0; r < NR; r++)
         UNROLL
         for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum16(acc[r][t]);
 }
 
-/* One token's int8 activations for tile512_q4_0: per group of 4 blocks, the first 16
- * values of each block, then the last 16 of each (a last partial group padded with
- * zeros); and per lane, -8 * (the sum of the 8 values that lane multiplies). */
-static void q4_0_reorder512(int8_t *xp, int32_t *xc, const int8_t *xq, int nb) {
+/* One token's int8 activations (xq, scales xs) for tile512_q4_0. Per group of 8 blocks:
+ * 4 vectors of 64 bytes whose 128-bit lane k holds 8 values of block k, then 8 of block
+ * 4 + k: values 0-7 (against the low nibbles of the blocks' first 8 bytes), 16-23 (their
+ * high nibbles), 8-15 and 24-31 (the last 8 bytes' low and high nibbles). Then per lane of
+ * the sums, -8 * (the sum of the 16 values it multiplies), and the scale of its block.
+ * Missing blocks of a last, partial group are zeros. */
+static void q4_0_reorder512(int8_t *xp, const int8_t *xq, const float *xs, int nb) {
+    static const int first[4] = {0, 16, 8, 24}; /* the value each vector starts a block's run at */
     const __m512i eight = _mm512_set1_epi8(8);
     for (int g = 0; g < Q4_GROUPS(nb); g++) {
-        int8_t *dst = xp + (size_t)g * 128;
-        for (int j = 0; j < 4; j++) {
-            int b = 4 * g + j;
-            if (b < nb) {
-                memcpy(dst + 16 * j, xq + (size_t)b * QK, 16);
-                memcpy(dst + 64 + 16 * j, xq + (size_t)b * QK + 16, 16);
-            } else {
-                memset(dst + 16 * j, 0, 16);
-                memset(dst + 64 + 16 * j, 0, 16);
+        int8_t *dst = xp + (size_t)g * Q4_GROUP_BYTES;
+        __m512i sum = _mm512_setzero_si512();
+        for (int v = 0; v < 4; v++) {
+            for (int h = 0; h < 8; h++) { /* 8-byte half lane h: block 8g + h/2 + 4 * (h % 2) */
+                int b = 8 * g + h / 2 + 4 * (h % 2);
+                int8_t *d = dst + 64 * v + 8 * h;
+                if (b < nb) memcpy(d, xq + (size_t)b * QK + first[v], 8);
+                else memset(d, 0, 8);
             }
+            sum = _mm512_dpbusd_epi32(sum, eight, _mm512_loadu_si512((const void *)(dst + 64 * v)));
         }
-        __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, _mm512_loadu_si512((const void *)dst));
-        sum = _mm512_dpbusd_epi32(sum, eight, _mm512_loadu_si512((const void *)(dst + 64)));
-        _mm512_storeu_si512((void *)(xc + (size_t)g * 16), _mm512_sub_epi32(_mm512_setzero_si512(), sum));
+        _mm512_storeu_si512((void *)(dst + 256), _mm512_sub_epi32(_mm512_setzero_si512(), sum));
+        float scale[16];
+        for (int lane = 0; lane < 16; lane++) { /* lanes 4k, 4k + 1: block 8g + k; 4k + 2, 4k + 3: block 8g + 4 + k */
+            int b = 8 * g + lane / 4 + 4 * (lane % 4 / 2);
+            scale[lane] = b < nb ? xs[b] : 0.0f;
+        }
+        memcpy(dst + 320, scale, sizeof scale);
     }
 }
 
@@ -1265,8 +1287,7 @@ static void matmul_rows_avx512(float *out, const float *xin, int n, const Matrix
         else if (dtype == DT_Q8_0)                                                                                 \
             tile512_q8_0(o_, rows, w, rb, s->xq + (size_t)t * cols, s->xq_scale + (size_t)t * nb, nb, NR_, NT_);   \
         else                                                                                                       \
-            tile512_q4_0(o_, rows, w, rb, s->xq_perm + (size_t)t * Q4_GROUPS(nb) * 128,                           \
-                         s->xq_corr + (size_t)t * Q4_GROUPS(nb) * 16, s->xq_scale + (size_t)t * nb, nb, NR_, NT_); \
+            tile512_q4_0(o_, rows, w, rb, s->xq_perm + (size_t)t * Q4_GROUPS(nb) * Q4_GROUP_BYTES, nb, NR_, NT_);     \
     } while (0)
     int t = 0;
     /* Decode runs 1 x 1 tiles, except for bf16: there a lone row's FMAs form one chain
@@ -1298,8 +1319,8 @@ static void prepare_token(RunState *s, const float *x, int t, const Matrix *W, i
     if (dtype == DT_Q8_0) return;
 #ifdef GEMMA3_AVX512
     if (level == 2) {
-        q4_0_reorder512(s->xq_perm + (size_t)t * Q4_GROUPS(nb) * 128, s->xq_corr + (size_t)t * Q4_GROUPS(nb) * 16,
-                        s->xq + (size_t)t * cols, nb);
+        q4_0_reorder512(s->xq_perm + (size_t)t * Q4_GROUPS(nb) * Q4_GROUP_BYTES, s->xq + (size_t)t * cols,
+                        s->xq_scale + (size_t)t * nb, nb);
         return;
     }
 #endif
