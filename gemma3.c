@@ -1423,13 +1423,33 @@ static void softmax(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
+/* e^v in plain arithmetic that the compiler vectorises (a loop that calls libm's expf
+ * makes one call per element; in a 1B prompt the MLP's 6912 per token and layer took 8 %
+ * of the time). v = n ln2 + r, with n an integer and |r| <= ln2/2; e^r from its Taylor
+ * series to r^7 (the rest is under 2^-27 of it); 2^n written straight into the exponent
+ * bits. v is clamped to [-87, 88], where 2^n stays a normal float. The tests hold it to
+ * 2 ulp of expf over that range. */
+static float exp_vec(float v) {
+    v = v < -87.0f ? -87.0f : v > 88.0f ? 88.0f : v;
+    float n = v * 1.44269504f;                /* v / ln2 ... */
+    n = (n + 12582912.0f) - 12582912.0f;      /* ... rounded to an integer (adding 1.5 * 2^23 drops the fraction) */
+    float r = v - n * 0.693145751953125f;     /* ln2 in two parts: this one times n is exact */
+    r = r - n * 1.428606765330187e-6f;
+    float p = 1.0f + r * (1.0f + r * (1.0f / 2 + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));
+    int32_t bits = ((int32_t)n + 127) * (1 << 23);
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
 /* GELU, tanh approximation (HF hidden_activation "gelu_pytorch_tanh"): 0.5 x (1 + tanh(u)) with
  * u = sqrt(2/pi) (x + 0.044715 x^3). Since 1 + tanh(u) = 2 / (1 + exp(-2u)), this is
- * x / (1 + exp(-2u)): the same function with one expf instead of tanhf, and no
- * cancellation in 1 + tanh(u) for negative x. */
+ * x / (1 + exp(-2u)): the same function with one exp instead of tanh, and no
+ * cancellation in 1 + tanh(u) for negative x. (Where exp(-2u) is clamped at e^88, the
+ * true result is below 1e-37 in size; this gives about 1e-38 x.) */
 static float gelu_tanh(float x) {
     float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-    return x / (1.0f + expf(-2.0f * u));
+    return x / (1.0f + exp_vec(-2.0f * u));
 }
 
 /* Self-attention of the n batch tokens at positions pos0.. in layer l; their keys and
@@ -1541,7 +1561,7 @@ static float *forward_batch(const Model *m, RunState *s, const int *tokens, int 
         /* MLP block: down(gelu(gate(h)) * up(h)), pre- and post-norm, residual */
         matmul(s->hb, s->xb, n, &L->w_gate, s);
         matmul(s->hb2, s->xb, n, &L->w_up, s);
-        PARALLEL_FOR /* even one token's 6912 expf are worth two threads */
+        PARALLEL_FOR /* even one token's 6912 exps are worth two threads */
         for (int i = 0; i < n * F; i++) s->hb[i] = gelu_tanh(s->hb[i]) * s->hb2[i];
         matmul(s->xb2, s->hb, n, &L->w_down, s);
         PARALLEL_FOR_TOKENS(n)

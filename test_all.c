@@ -459,6 +459,25 @@ static void test_kernels(void) {
         mismatch += (long)round_even(v) != lrintf(v);
     }
     CHECK(mismatch == 0, "round_even differs from lrintf on %d of the values in [-130, 130]", mismatch);
+    /* exp_vec (the GELU's exp) within 2 ulp of libm's expf; GELU against the tanh form in double */
+    int worst_ulp = 0;
+    double worst_gelu = 0;
+    for (int i = 0; i <= 1750000; i++) {
+        float v = -87.0f + (float)i * 1e-4f, a = exp_vec(v), b = expf(v);
+        int32_t ia, ib;
+        memcpy(&ia, &a, 4);
+        memcpy(&ib, &b, 4);
+        if (abs(ia - ib) > worst_ulp) worst_ulp = abs(ia - ib);
+        double x = (float)(v / 8), u = 0.7978845608028654 * (x + 0.044715 * x * x * x);
+        double ref = u < -10 ? x / (1 + exp(-2 * u)) : 0.5 * x * (1 + tanh(u)); /* 1 + tanh(u) cancels for u < -10 */
+        double err = fabs(gelu_tanh((float)x) - ref) / (fabs(ref) + 1e-30);
+        if (err > worst_gelu) worst_gelu = err;
+    }
+    printf("exp_vec vs expf on [-87, 88]: at most %d ulp apart; gelu_tanh on [-10.9, 11] vs double: rel. error %.2g\n",
+           worst_ulp, worst_gelu);
+    CHECK(worst_ulp <= 2, "exp_vec is %d ulp from expf", worst_ulp);
+    /* where the result is tiny, e^(2u) carries the rounding of u in float: about 1e-5 */
+    CHECK(worst_gelu < 1e-4, "gelu_tanh has relative error %g", worst_gelu);
     int max_level = 0;
 #if defined(GEMMA3_AVX512)
     max_level = 2;
