@@ -1345,31 +1345,45 @@ static int tile_level(const RunState *s, int cols) {
 }
 #endif
 
-/* The hot loop of the whole program: the widest SIMD tiles the build has and the shape
- * allows (groups of 4 rows split across threads), else the plain loops. s->simd caps the
- * level (tests lower it to check each kind of tile against the plain loops). */
-static void matmul(float *out, const float *x, int n, const Matrix *W, RunState *s) {
+/* The hot loop of the whole program: out[i] = W[i] x for `count` matrices that read the
+ * same x (q/k/v; gate/up), with the widest SIMD tiles the build has and the shapes allow,
+ * else the plain loops. x is prepared once, and one parallel loop splits the groups of 4
+ * rows of all the matrices across the threads: one wait for the threads per input, not
+ * per matrix (in decode, 183 matmuls a token; each wait costs microseconds). s->simd caps
+ * the level (tests lower it to check each kind of tile against the plain loops). */
+#define MATMUL_MANY 3 /* most matrices per matmul_many */
+static void matmul_many(int count, float *const out[], const Matrix *const W[], const float *x, int n, RunState *s) {
 #ifdef GEMMA3_AVX2
-    const int level = tile_level(s, W->cols);
-    if (level > 0) {
-        const float *xin = prepare_x(s, x, n, W, level);
-        const int groups = (W->rows + 3) / 4;
+    const int level = tile_level(s, W[0]->cols);
+    int same = 1, first[MATMUL_MANY + 1] = {0}; /* matrix i has the groups first[i] .. first[i + 1] - 1 */
+    for (int i = 0; i < count; i++) {
+        same &= W[i]->dtype == W[0]->dtype && W[i]->cols == W[0]->cols;
+        first[i + 1] = first[i] + (W[i]->rows + 3) / 4;
+    }
+    if (level > 0 && same) {
+        const float *xin = prepare_x(s, x, n, W[0], level);
         int g;
         PARALLEL_FOR
-        for (g = 0; g < groups; g++) {
-            int r0 = 4 * g, nr = W->rows - r0 < 4 ? W->rows - r0 : 4;
+        for (g = 0; g < first[count]; g++) {
+            int i = 0;
+            while (g >= first[i + 1]) i++;
+            int r0 = 4 * (g - first[i]), nr = W[i]->rows - r0 < 4 ? W[i]->rows - r0 : 4;
 #ifdef GEMMA3_AVX512
             if (level == 2) {
-                matmul_rows_avx512(out, xin, n, W, s, r0, nr);
+                matmul_rows_avx512(out[i], xin, n, W[i], s, r0, nr);
                 continue;
             }
 #endif
-            matmul_rows_avx2(out, xin, n, W, s, r0, nr);
+            matmul_rows_avx2(out[i], xin, n, W[i], s, r0, nr);
         }
         return;
     }
 #endif
-    matmul_plain(out, x, n, W, s);
+    for (int i = 0; i < count; i++) matmul_plain(out[i], x, n, W[i], s);
+}
+
+static void matmul(float *out, const float *x, int n, const Matrix *W, RunState *s) {
+    matmul_many(1, &out, &W, x, n, s);
 }
 
 /* Row `row` of a matrix as floats (the embedding lookup). */
@@ -1521,9 +1535,9 @@ static float *forward_batch(const Model *m, RunState *s, const int *tokens, int 
         /* attention block: norm, q/k/v projections */
         PARALLEL_FOR_TOKENS(n)
         for (int t = 0; t < n; t++) rmsnorm(s->xb + (size_t)t * D, s->x + (size_t)t * D, L->input_norm, D, c->norm_eps);
-        matmul(s->q, s->xb, n, &L->wq, s);
-        matmul(s->k, s->xb, n, &L->wk, s);
-        matmul(s->v, s->xb, n, &L->wv, s);
+        float *const qkv_out[] = {s->q, s->k, s->v};
+        const Matrix *const qkv[] = {&L->wq, &L->wk, &L->wv};
+        matmul_many(3, qkv_out, qkv, s->xb, n, s);
 
         /* per-head q_norm / k_norm, then RoPE with this layer type's base */
         const float *cos_t = s->rope_cos + (c->is_global[l] ? (size_t)n * half : 0);
@@ -1559,9 +1573,10 @@ static float *forward_batch(const Model *m, RunState *s, const int *tokens, int 
         }
 
         /* MLP block: down(gelu(gate(h)) * up(h)), pre- and post-norm, residual */
-        matmul(s->hb, s->xb, n, &L->w_gate, s);
-        matmul(s->hb2, s->xb, n, &L->w_up, s);
-        PARALLEL_FOR /* even one token's 6912 exps are worth two threads */
+        float *const gate_up_out[] = {s->hb, s->hb2};
+        const Matrix *const gate_up[] = {&L->w_gate, &L->w_up};
+        matmul_many(2, gate_up_out, gate_up, s->xb, n, s);
+        PARALLEL_FOR
         for (int i = 0; i < n * F; i++) s->hb[i] = gelu_tanh(s->hb[i]) * s->hb2[i];
         matmul(s->xb2, s->hb, n, &L->w_down, s);
         PARALLEL_FOR_TOKENS(n)
