@@ -493,7 +493,7 @@ typedef struct {
     int32_t *xq_sum;  /* (max_batch, max in_features / 32) per-block sums of xq (for q4_0's -8 offset) */
     int simd;         /* widest matmul tiles to use: 0 plain loops, 1 AVX2, 2 AVX-512 (as built) */
 #ifdef GEMMA3_AVX2
-    int32_t *xq_corr; /* (max_batch, max in_features / 4 + 16) q4_0's offset as the SIMD tiles add it */
+    int32_t *xq_corr; /* (max_batch, max in_features / 4 + 16) q4_0's offset as the AVX2 tiles add it */
     float *xperm;     /* (max_batch, max in_features) x reordered for the bf16 tiles */
     int8_t *xq_perm;  /* (max_batch, 384 per 256 max in_features, rounded up) xq as the AVX-512 q4_0 tiles read it */
 #endif
@@ -1030,8 +1030,8 @@ static void matmul_rows_avx2(float *out, const float *xin, int n, const Matrix *
 /* AVX-512 tiles (F, BW, VL and VNNI; e.g. AMD Zen 4/5, Intel Ice Lake and later servers):
  * the same products with vectors twice as wide, 16 floats or 64 bytes. The quantized
  * ones take several blocks per vector, which the format's layout allows (a row's quants
- * are contiguous across blocks, its scales too): 16 scales convert in one instruction and
- * a permute spreads each over its block's lanes. A 1 x 1 and a 4 x 4 tile add each (row,
+ * are contiguous across blocks, its scales too): 8 or 16 scales convert in one
+ * instruction and a permute spreads each over its block's lanes. A 1 x 1 and a 4 x 4 tile add each (row,
  * token) sum in the same order, so batches still equal token-by-token decoding. */
 #ifdef GEMMA3_AVX512
 #define Q4_GROUPS(nb) (((nb) + 7) / 8) /* q4_0 blocks go 8 to a step */
@@ -1446,7 +1446,8 @@ static void softmax(float *x, int n) {
 static float exp_vec(float v) {
     v = v < -87.0f ? -87.0f : v > 88.0f ? 88.0f : v;
     float n = v * 1.44269504f;                /* v / ln2 ... */
-    n = (n + 12582912.0f) - 12582912.0f;      /* ... rounded to an integer (adding 1.5 * 2^23 drops the fraction) */
+    float shifted = n + 12582912.0f;          /* ... rounded to an integer: adding 1.5 * 2^23 drops the fraction */
+    n = shifted - 12582912.0f;                /* (the assignment rounds to float where the sum had more precision, x87) */
     float r = v - n * 0.693145751953125f;     /* ln2 in two parts: this one times n is exact */
     r = r - n * 1.428606765330187e-6f;
     float p = 1.0f + r * (1.0f + r * (1.0f / 2 + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));
