@@ -1349,7 +1349,7 @@ static int tile_level(const RunState *s, int cols) {
  * same x (q/k/v; gate/up), with the widest SIMD tiles the build has and the shapes allow,
  * else the plain loops. x is prepared once, and one parallel loop splits the groups of 4
  * rows of all the matrices across the threads: one wait for the threads per input, not
- * per matrix (in decode, 183 matmuls a token; each wait costs microseconds). s->simd caps
+ * per matrix (decode ran 183 matmuls a token before; each wait costs microseconds). s->simd caps
  * the level (tests lower it to check each kind of tile against the plain loops). */
 #define MATMUL_MANY 3 /* most matrices per matmul_many */
 static void matmul_many(int count, float *const out[], const Matrix *const W[], const float *x, int n, RunState *s) {
@@ -1445,9 +1445,7 @@ static void softmax(float *x, int n) {
  * 2 ulp of expf over that range. */
 static float exp_vec(float v) {
     v = v < -87.0f ? -87.0f : v > 88.0f ? 88.0f : v;
-    float n = v * 1.44269504f;                /* v / ln2 ... */
-    float shifted = n + 12582912.0f;          /* ... rounded to an integer: adding 1.5 * 2^23 drops the fraction */
-    n = shifted - 12582912.0f;                /* (the assignment rounds to float where the sum had more precision, x87) */
+    float n = round_even(v * 1.44269504f);    /* v / ln2, to the nearest integer */
     float r = v - n * 0.693145751953125f;     /* ln2 in two parts: this one times n is exact */
     r = r - n * 1.428606765330187e-6f;
     float p = 1.0f + r * (1.0f + r * (1.0f / 2 + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));
