@@ -319,6 +319,43 @@ def pack_tokenizer(path):
 # ----------------------------------------------------------------------------
 # writing
 
+class ChunkedWriter:
+    """Writes a file in whole 4 MiB pieces at 4 MiB offsets. Linux then caches the new
+    file in 2 MiB pages where the filesystem can (large folios), and gemma3 maps it
+    with 2 MiB pages: fewer TLB misses while decode streams the weights (see
+    read_file_bytes in gemma3.c). A plain buffered file writes at whatever offsets its
+    buffer happens to fill, which leaves the cache in small pages."""
+    CHUNK = 4 << 20
+
+    def __init__(self, f):
+        self.f, self.buf, self.pos = f, bytearray(), 0
+
+    def _put(self, data):
+        view = memoryview(data)
+        while view:  # at most 64 MiB per call: a raw write may take less than asked
+            view = view[self.f.write(view[:self.CHUNK * 16]):]
+
+    def write(self, data):
+        self.pos += len(data)
+        view = memoryview(data)
+        if self.buf:
+            need = self.CHUNK - len(self.buf)
+            self.buf += view[:need]
+            view = view[need:]
+            if len(self.buf) < self.CHUNK:
+                return
+            self._put(self.buf)
+            self.buf = bytearray()
+        whole = len(view) - len(view) % self.CHUNK
+        if whole:
+            self._put(view[:whole])
+        self.buf += view[whole:]
+
+    def close(self):
+        self._put(self.buf)
+        self.buf = bytearray()
+
+
 def pad_to(n, a=ALIGN):
     return (n + a - 1) // a * a
 
@@ -393,15 +430,16 @@ def export(hf_dir, out_path, dtype_name, quiet=False):
     done = 0
     show = not quiet and sys.stderr.isatty()  # a \r progress line only makes sense on a terminal
     last = 0.0
-    with open(tmp_path, "wb") as f:
+    with open(tmp_path, "wb", buffering=0) as raw:
+        f = ChunkedWriter(raw)
         f.write(header)
         f.write(bytes(cfg["is_global"]))
-        f.write(b"\0" * (tok_off - f.tell()))
+        f.write(b"\0" * (tok_off - f.pos))
         f.write(tok_bytes)
-        f.write(b"\0" * (dir_off - f.tell()))
+        f.write(b"\0" * (dir_off - f.pos))
         f.write(directory)
         for (name, info, dt, nbytes), off in zip(plan, offsets):
-            f.write(b"\0" * (off - f.tell()))
+            f.write(b"\0" * (off - f.pos))
             data = convert(read_tensor_bytes(info), info["dtype"], dt)
             assert len(data) == nbytes
             f.write(data)
@@ -410,7 +448,8 @@ def export(hf_dir, out_path, dtype_name, quiet=False):
                 last = time.time()
                 pct = 100.0 * done / total
                 print(f"\r  {pct:5.1f}%  {done / 1e6:9.1f} MB  {name:<48}", end="", file=sys.stderr, flush=True)
-        f.write(b"\0" * (file_size - f.tell()))
+        f.write(b"\0" * (file_size - f.pos))
+        f.close()
     os.replace(tmp_path, out_path)
     if not quiet:
         print(f"{chr(13) if show else ''}wrote {out_path}: {file_size / 1e6:.1f} MB, {len(plan)} tensors, vocab {vocab}, "
