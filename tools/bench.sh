@@ -51,9 +51,10 @@
 #   RSS      peak resident set of the process (/usr/bin/time %M, else python3's
 #            getrusage of the child: the same kernel figure, ru_maxrss), the largest of the
 #            runs of a format. The model file is mmap'd, so its touched pages count.
-#   limit    tools/membw.c sums a 1 GiB float array with all threads, run right before and
-#            right after the decode measurement (the machine is shared: bandwidth moves
-#            with the neighbours' load). Decode reads every weight once per token, so
+#   limit    tools/membw.c sums a 1 GiB float array (2 MiB pages on Linux) with all
+#            threads, one stream and four streams per thread in turns, and reports the
+#            faster pattern; it runs right before and right after the decode measurement
+#            (the machine is shared: bandwidth moves with the neighbours' load). Decode reads every weight once per token, so
 #            limit tok/s = best bandwidth / weight bytes, the weight bytes being the sum of
 #            the tensor sizes in the file's tensor directory (FORMAT.md).
 set -euo pipefail
