@@ -207,8 +207,8 @@ static int read_file_bytes(Model *m, const char *path, char *err, size_t errsize
 #ifdef MADV_HUGEPAGE
         /* Linux: ask for 2 MiB pages. Decode streams every weight once per token, and
          * with 4 KiB pages that is a TLB miss (a page-table walk, slower still in a
-         * virtual machine) every 4 KiB; q4_0 decode ran up to 30 % faster from a
-         * file cached in 2 MiB pages. This helps when the pages are read from disk;
+         * virtual machine) every 4 KiB; q4_0 decode ran 5-45 % faster from a file
+         * cached in 2 MiB pages. This helps when the pages are read from disk;
          * pages already in the page cache stay as they were cached (why the writers
          * write in aligned 4 MiB pieces). Filesystems without large folios ignore it. */
         (void)madvise(p, m->size, MADV_HUGEPAGE);
