@@ -797,8 +797,8 @@ static void matmul_plain(float *out, const float *x, int n, const Matrix *W, Run
  * A tile is NR weight rows times NT tokens: each weight vector loaded is used for NT
  * tokens and each activation vector for NR rows, with all NR * NT sums in registers.
  * Decode (one token) runs 1 x 1 tiles, one row after the other (a single stream through
- * memory is what the prefetchers like best; AVX-512 bf16 is the exception, see
- * matmul_rows_avx512); a prompt runs 4-row tiles. Every (row, token) sum is accumulated
+ * memory is what the prefetchers like best; AVX-512 q8_0/q4_0 read four streams, see
+ * matmul_quarters512); a prompt runs 4-row tiles. Every (row, token) sum is accumulated
  * in the same order whatever the tile, so a batch gives exactly the logits that
  * token-by-token decoding gives. */
 #ifdef GEMMA3_AVX2
@@ -1058,7 +1058,6 @@ static inline __m512i load512_upto(const void *p, int n) {
 static inline __m256i load256_upto(const void *p, int n) {
     return n >= 32 ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi8(((__mmask32)1 << n) - 1, p);
 }
-
 
 /* The 16 lanes of v in a fixed order: 16 -> 8 -> 4 -> 2 -> 1 */
 static float hsum16(__m512 v) {
@@ -1399,10 +1398,11 @@ static void matmul_many(int count, float *const out[], const Matrix *const W[], 
         for (g = 0; g < first[count]; g++) {
             int i = 0;
             while (g >= first[i + 1]) i++;
-            int r0 = 4 * (g - first[i]), nr = W[i]->rows - r0 < 4 ? W[i]->rows - r0 : 4;
+            int gi = g - first[i]; /* the group's number within matrix i */
+            int r0 = 4 * gi, nr = W[i]->rows - r0 < 4 ? W[i]->rows - r0 : 4;
 #ifdef GEMMA3_AVX512
-            if (level == 2 && n == 1 && W[i]->dtype >= DT_Q8_0 && g - first[i] < W[i]->rows / 4) {
-                matmul_quarters512(out[i], W[i], s, g - first[i]); /* the rest (rows % 4) below */
+            if (level == 2 && n == 1 && W[i]->dtype >= DT_Q8_0 && gi < W[i]->rows / 4) {
+                matmul_quarters512(out[i], W[i], s, gi); /* the rest (rows % 4) below */
                 continue;
             }
             if (level == 2) {

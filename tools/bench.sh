@@ -54,9 +54,10 @@
 #   limit    tools/membw.c sums a 1 GiB float array (2 MiB pages on Linux) with all
 #            threads, one stream and four streams per thread in turns, and reports the
 #            faster pattern; it runs right before and right after the decode measurement
-#            (the machine is shared: bandwidth moves with the neighbours' load). Decode reads every weight once per token, so
-#            limit tok/s = best bandwidth / weight bytes, the weight bytes being the sum of
-#            the tensor sizes in the file's tensor directory (FORMAT.md).
+#            (the machine is shared: bandwidth moves with the neighbours' load). Decode
+#            reads every weight once per token, so limit tok/s = best bandwidth / weight
+#            bytes, the weight bytes being the sum of the tensor sizes in the file's
+#            tensor directory (FORMAT.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
