@@ -40,9 +40,15 @@
  * its thread (waking the others would cost more than it saves). */
 #define PARALLEL_FOR_TOKENS(n) PRAGMA_(omp parallel for schedule(static) if ((n) > 1))
 #define PRAGMA_(...) _Pragma(#__VA_ARGS__)
+/* A parallel region holding several loops, each split across the threads with FOR and
+ * ended by a wait for all of them: one start of the threads instead of one per loop. */
+#define PARALLEL _Pragma("omp parallel")
+#define FOR _Pragma("omp for schedule(static)")
 #else
 #define PARALLEL_FOR
 #define PARALLEL_FOR_TOKENS(n)
+#define PARALLEL
+#define FOR
 #endif
 
 /* Optional SIMD matmul kernels (section 2) where the compiler targets x86 AVX2 + FMA + F16C. */
@@ -1257,16 +1263,35 @@ TILE_INLINE void tile512_q4_0(float *out, int ostride, const unsigned char *w, s
         for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum16(acc[r][t]);
 }
 
+/* quantize_activations in AVX-512, a block per step: the same operations on each value
+ * (|x|, its block's max, one division, one reciprocal, a multiply, a round to nearest
+ * even: the conversion in the default rounding mode), so the same bytes; the tests
+ * compare them. The plain loop's max does not vectorise (without -ffast-math), and it
+ * took 2-3 us of decode's 1152 x 6912 matmul, on one thread while the other waited. */
+static void quantize_activations512(int8_t *xq, float *scale, int32_t *sums, const float *x, int n) {
+    for (int b = 0; b < n / QK; b++) {
+        __m512 lo = _mm512_loadu_ps(x + b * QK), hi = _mm512_loadu_ps(x + b * QK + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+        float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+        __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(inv)));
+        __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(inv)));
+        _mm_storeu_si128((__m128i *)(xq + b * QK), _mm512_cvtsepi32_epi8(qlo)); /* |q| <= 127 */
+        _mm_storeu_si128((__m128i *)(xq + b * QK + 16), _mm512_cvtsepi32_epi8(qhi));
+        scale[b] = d;
+        sums[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+    }
+}
+
 /* One token's int8 activations (xq, scales xs) for tile512_q4_0. Per group of 8 blocks:
  * 4 vectors of 64 bytes whose 128-bit lane k holds 8 values of block k, then 8 of block
  * 4 + k: values 0-7 (against the low nibbles of the blocks' first 8 bytes), 16-23 (their
  * high nibbles), 8-15 and 24-31 (the last 8 bytes' low and high nibbles). Then per lane of
  * the sums, -8 * (the sum of the 16 values it multiplies), and the scale of its block.
  * Missing blocks of a last, partial group are zeros. */
-static void q4_0_reorder512(int8_t *xp, const int8_t *xq, const float *xs, int nb) {
+static void q4_0_reorder512(int8_t *xp, const int8_t *xq, const float *xs, int nb, int g0, int g1) {
     static const int first[4] = {0, 16, 8, 24}; /* the value each vector starts a block's run at */
     const __m512i eight = _mm512_set1_epi8(8);
-    for (int g = 0; g < Q4_GROUPS(nb); g++) {
+    for (int g = g0; g < g1; g++) {
         int8_t *dst = xp + (size_t)g * Q4_GROUP_BYTES;
         __m512i sum = _mm512_setzero_si512();
         for (int v = 0; v < 4; v++) {
@@ -1337,33 +1362,33 @@ static void matmul_quarters512(float *out, const Matrix *W, const RunState *s, i
 #endif /* GEMMA3_AVX512 */
 
 #ifdef GEMMA3_AVX2
-/* Token t of x as the tiles of `level` (1 AVX2, 2 AVX-512) want it: int8 blocks for the
- * quantized types (plus q4_0's offset, and for AVX-512 its reordering), even/odd order
- * for bf16. */
-static void prepare_token(RunState *s, const float *x, int t, const Matrix *W, int level) {
+/* x is prepared for the tiles in pieces of PIECE columns (a q4_0 AVX-512 group of 8
+ * blocks), which the threads share out: one token is 5 pieces in a 1152-wide matmul, 27 in
+ * a 6912-wide one. */
+#define PIECE 256
+
+/* Columns piece * PIECE .. of token t of x as the tiles of `level` (1 AVX2, 2 AVX-512)
+ * want them: int8 blocks for the quantized types (plus q4_0's offset, and for AVX-512 its
+ * reordering), even/odd order for bf16. f32 takes x as it is. */
+static void prepare_piece(RunState *s, const float *x, int t, int piece, const Matrix *W, int level) {
     const int cols = W->cols, dtype = W->dtype, nb = cols / QK;
+    const int j0 = piece * PIECE, len = cols - j0 < PIECE ? cols - j0 : PIECE; /* len % 32 == 0 */
+    const size_t at = (size_t)t * cols + j0, block = (size_t)t * nb + j0 / QK;
     if (dtype == DT_BF16) {
-        bf16_permute_x(s->xperm + (size_t)t * cols, x + (size_t)t * cols, cols, level == 2 ? 16 : 8);
+        bf16_permute_x(s->xperm + at, x + at, len, level == 2 ? 16 : 8);
         return;
     }
-    quantize_token(s, x, t, cols);
-    if (dtype == DT_Q8_0) return;
 #ifdef GEMMA3_AVX512
     if (level == 2) {
-        q4_0_reorder512(s->xq_perm + (size_t)t * Q4_GROUPS(nb) * Q4_GROUP_BYTES, s->xq + (size_t)t * cols,
-                        s->xq_scale + (size_t)t * nb, nb);
+        quantize_activations512(s->xq + at, s->xq_scale + block, s->xq_sum + block, x + at, len);
+        if (dtype == DT_Q4_0)
+            q4_0_reorder512(s->xq_perm + (size_t)t * Q4_GROUPS(nb) * Q4_GROUP_BYTES, s->xq + (size_t)t * cols,
+                            s->xq_scale + (size_t)t * nb, nb, piece, piece + 1);
         return;
     }
 #endif
-    q4_0_correction(s->xq_corr + (size_t)t * nb * 8, s->xq + (size_t)t * cols, cols);
-}
-
-/* All n tokens prepared. Returns x as the float tiles read it. */
-static const float *prepare_x(RunState *s, const float *x, int n, const Matrix *W, int level) {
-    if (W->dtype == DT_F32) return x;
-    PARALLEL_FOR_TOKENS(n)
-    for (int t = 0; t < n; t++) prepare_token(s, x, t, W, level);
-    return W->dtype == DT_BF16 ? s->xperm : x;
+    quantize_activations(s->xq + at, s->xq_scale + block, s->xq_sum + block, x + at, len);
+    if (dtype == DT_Q4_0) q4_0_correction(s->xq_corr + block * 8, s->xq + at, len);
 }
 
 /* The widest tiles that the build has, s->simd allows and the shape fits: 2 AVX-512
@@ -1378,10 +1403,10 @@ static int tile_level(const RunState *s, int cols) {
 
 /* The hot loop of the whole program: out[i] = W[i] x for `count` matrices that read the
  * same x (q/k/v; gate/up), with the widest SIMD tiles the build has and the shapes allow,
- * else the plain loops. x is prepared once, and one parallel loop splits the groups of 4
- * rows of all the matrices across the threads: one wait for the threads per input, not
- * per matrix (decode ran 183 matmuls a token before; each wait costs microseconds). s->simd caps
- * the level (tests lower it to check each kind of tile against the plain loops). */
+ * else the plain loops. In one parallel region the threads first prepare x together, then
+ * split the groups of 4 rows of all the matrices: one start of the threads per input, not
+ * per matrix (decode ran 183 matmuls a token before; each start and wait costs microseconds).
+ * s->simd caps the level (tests lower it to check each kind of tile against the plain loops). */
 #define MATMUL_MANY 3 /* most matrices per matmul_many */
 static void matmul_many(int count, float *const out[], const Matrix *const W[], const float *x, int n, RunState *s) {
 #ifdef GEMMA3_AVX2
@@ -1392,25 +1417,30 @@ static void matmul_many(int count, float *const out[], const Matrix *const W[], 
         first[i + 1] = first[i] + (W[i]->rows + 3) / 4;
     }
     if (level > 0 && same) {
-        const float *xin = prepare_x(s, x, n, W[0], level);
-        int g;
-        PARALLEL_FOR
-        for (g = 0; g < first[count]; g++) {
-            int i = 0;
-            while (g >= first[i + 1]) i++;
-            int gi = g - first[i]; /* the group's number within matrix i */
-            int r0 = 4 * gi, nr = W[i]->rows - r0 < 4 ? W[i]->rows - r0 : 4;
+        const float *xin = W[0]->dtype == DT_BF16 ? s->xperm : x; /* what the float tiles read */
+        const int pieces = W[0]->dtype == DT_F32 ? 0 : (W[0]->cols + PIECE - 1) / PIECE;
+        PARALLEL {
+            int job, g;
+            FOR /* first x, prepared by all the threads (a loop ends when all are done) */
+            for (job = 0; job < n * pieces; job++) prepare_piece(s, x, job / pieces, job % pieces, W[0], level);
+            FOR
+            for (g = 0; g < first[count]; g++) {
+                int i = 0;
+                while (g >= first[i + 1]) i++;
+                int gi = g - first[i]; /* the group's number within matrix i */
+                int r0 = 4 * gi, nr = W[i]->rows - r0 < 4 ? W[i]->rows - r0 : 4;
 #ifdef GEMMA3_AVX512
-            if (level == 2 && n == 1 && W[i]->dtype >= DT_Q8_0 && gi < W[i]->rows / 4) {
-                matmul_quarters512(out[i], W[i], s, gi); /* the rest (rows % 4) below */
-                continue;
-            }
-            if (level == 2) {
-                matmul_rows_avx512(out[i], xin, n, W[i], s, r0, nr);
-                continue;
-            }
+                if (level == 2 && n == 1 && W[i]->dtype >= DT_Q8_0 && gi < W[i]->rows / 4) {
+                    matmul_quarters512(out[i], W[i], s, gi); /* the rest (rows % 4) below */
+                    continue;
+                }
+                if (level == 2) {
+                    matmul_rows_avx512(out[i], xin, n, W[i], s, r0, nr);
+                    continue;
+                }
 #endif
-            matmul_rows_avx2(out[i], xin, n, W[i], s, r0, nr);
+                matmul_rows_avx2(out[i], xin, n, W[i], s, r0, nr);
+            }
         }
         return;
     }

@@ -481,6 +481,26 @@ static void test_kernels(void) {
     int max_level = 0;
 #if defined(GEMMA3_AVX512)
     max_level = 2;
+    { /* the AVX-512 activation quantizer must give the plain loop's bytes: blocks of zeros,
+       * of tiny and huge values, and of values that land on .5 after scaling (ties) */
+        enum { N = 32 * 40 };
+        static float xa[N];
+        static int8_t qa[N], qb[N];
+        static float da[N / 32], db[N / 32];
+        static int32_t sa[N / 32], sb[N / 32];
+        uint64_t qseed = 11;
+        for (int k = 0; k < N; k++) {
+            int b = k / 32;
+            float v = random_f32(&qseed) - 0.5f;
+            xa[k] = b == 0 ? 0.0f : b == 1 ? v * 1e-30f : b == 2 ? v * 1e30f : b == 3 ? (float)(k % 32 - 16) * 0.5f + 0.25f : v * (float)b;
+        }
+        xa[3 * 32 + 5] = 63.5f; /* block 3: max 63.5, scale 0.5, so 2x = n + 0.5: ties */
+        quantize_activations(qa, da, sa, xa, N);
+        quantize_activations512(qb, db, sb, xa, N);
+        int same = !memcmp(qa, qb, sizeof qa) && !memcmp(da, db, sizeof da) && !memcmp(sa, sb, sizeof sa);
+        printf("AVX-512 activation quantizer vs plain C, %d blocks: %s\n", N / 32, same ? "the same bytes" : "DIFFERENT");
+        CHECK(same, "quantize_activations512 differs from quantize_activations");
+    }
     printf("matmul kernels: AVX2 and AVX-512 tiles vs plain C\n");
 #elif defined(GEMMA3_AVX2)
     max_level = 1;
