@@ -331,8 +331,37 @@ static int freqs_near(const double f[4], double a, double b, double c, double d)
     return 1;
 }
 
+/* The index of the first largest value, the obvious way (NaNs never win). */
+static int argmax_simple(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) if (x[i] > x[best]) best = i;
+    return best;
+}
+
 static void test_sampler(void) {
-    printf("sampler: temperature, top-k, top-p, min-p, seeds\n");
+    printf("sampler: argmax, temperature, top-k, top-p, min-p, seeds\n");
+    { /* argmax (blocks of 64) against the simple loop: lengths around the block size, the
+       * maximum twice (the first must win), in the last partial block, NaNs, -inf */
+        static float xs[70000];
+        const int lengths[] = {1, 2, 63, 64, 65, 127, 128, 129, 1000, 70000};
+        uint64_t aseed = 3;
+        int agree = 0, cases = 0;
+        for (size_t li = 0; li < sizeof lengths / sizeof lengths[0]; li++)
+            for (int variant = 0; variant < 6; variant++) {
+                int n = lengths[li];
+                for (int i = 0; i < n; i++) xs[i] = random_f32(&aseed) * 10.0f - 5.0f;
+                int a = (int)(random_f32(&aseed) * n), b = (int)(random_f32(&aseed) * n);
+                if (variant == 1) xs[a] = xs[b] = 6.0f;              /* a tie */
+                if (variant == 2) xs[n - 1] = 7.0f;                  /* in the tail */
+                if (variant == 3) { xs[a] = NAN; xs[n / 2] = 6.5f; } /* a NaN */
+                if (variant == 4) xs[0] = NAN;                       /* NaN first: index 0 */
+                if (variant == 5) for (int i = 0; i < n; i++) xs[i] = -INFINITY;
+                agree += argmax(xs, n) == argmax_simple(xs, n);
+                cases++;
+            }
+        printf("  argmax == the simple loop in %d/%d cases\n", agree, cases);
+        CHECK(agree == cases, "argmax differs from the simple loop in %d of %d cases", cases - agree, cases);
+    }
     double f[4];
     sample_freqs(0.0f, 0, 1.0f, 0.0f, f);
     CHECK(freqs_near(f, 0, 0, 0, 1), "-t 0 must be argmax");
