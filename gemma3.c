@@ -802,9 +802,9 @@ static void matmul_plain(float *out, const float *x, int n, const Matrix *W, Run
  *
  * A tile is NR weight rows times NT tokens: each weight vector loaded is used for NT
  * tokens and each activation vector for NR rows, with all NR * NT sums in registers.
- * Decode (one token) runs 1 x 1 tiles, one row after the other (a single stream through
- * memory is what the prefetchers like best; AVX-512 q8_0/q4_0 read four streams, see
- * matmul_quarters512); a prompt runs 4-row tiles. Every (row, token) sum is accumulated
+ * Decode (one token) runs 1 x 1 tiles, one row after the other (AVX2: one stream through
+ * memory per thread; AVX-512 reads two or four streams of rows far apart, see
+ * matmul_streams512); a prompt runs 4-row tiles. Every (row, token) sum is accumulated
  * in the same order whatever the tile, so a batch gives exactly the logits that
  * token-by-token decoding gives. */
 #ifdef GEMMA3_AVX2
@@ -821,8 +821,8 @@ static void matmul_plain(float *out, const float *x, int n, const Matrix *W, Run
  * reads in flight to use the memory's bandwidth; the hardware prefetchers help, and asking
  * for the line PREFETCH_AHEAD bytes further on as each line is used helps more (tried on
  * this project's machine, 1B shape: faster decode for q8_0, q4_0 and bf16; 4 and 16 KiB
- * did no better than 8). A tile that reads `streams` rows far apart (AVX-512 quantized
- * decode, matmul_quarters512) shares that distance among them: 4 streams 8 KiB ahead each
+ * did no better than 8). A tile that reads `streams` rows far apart (AVX-512 decode,
+ * matmul_streams512) shares that distance among them: 4 streams 8 KiB ahead each
  * crowded x out of the 48 KiB L1 (the 1152 x 6912 matrix ran 15 % slower). */
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 8192
@@ -1344,20 +1344,26 @@ static void matmul_rows_avx512(float *out, const float *xin, int n, const Matrix
 #undef TILE
 }
 
-/* Decode of a q8_0/q4_0 matrix in 4 streams per thread: group g of the matrix's first 4G
- * rows (G = rows / 4) is rows g, g + G, g + 2G, g + 3G, so a thread's share of the groups
- * is 4 far-apart runs of rows, read side by side by 4 x 1 tiles. With the memory at ~75
- * GB/s, two cores read the 1B q4_0 weights at 66-67 GB/s in one stream per thread and at
- * 72-74 GB/s in four (q8_0 73 -> 74; f32 and bf16, with less work per byte, were no
- * faster or slower, so they keep one stream). The sums are the same as with 1 x 1 tiles. */
-static void matmul_quarters512(float *out, const Matrix *W, const RunState *s, int g) {
-    const int G = W->rows / 4, nb = W->cols / QK;
+/* Decode reads a matrix in several streams per thread: q8_0/q4_0 in 4, f32/bf16 in 2.
+ * Group g of the matrix's first 4 * (rows / 4) rows is 4 / S units of S rows D apart
+ * (S streams, D = rows / 4 * 4 / S): for S = 4, rows g, g + D, g + 2D, g + 3D. So a
+ * thread's share of the groups is S far-apart runs of rows, read side by side by S x 1
+ * tiles. Measured in one process, the 1B weights streamed with the memory at ~75 GB/s:
+ * q4_0 66-67 GB/s in one stream per thread, 72-74 in four (q8_0 73 -> 74); bf16 73 in
+ * one, 76 in two, 75 in four; at ~51 GB/s f32 49 in one, 51 in two (bf16 +1 %). The sums
+ * are the same as with 1 x 1 tiles. */
+static void matmul_streams512(float *out, const float *xin, const Matrix *W, const RunState *s, int g) {
+    const int S = W->dtype >= DT_Q8_0 ? 4 : 2, D = W->rows / 4 * (4 / S), nb = W->cols / QK;
     const size_t rb = row_bytes(W->dtype, W->cols);
-    const unsigned char *w = (const unsigned char *)W->data + (size_t)g * rb;
-    float o[4];
-    if (W->dtype == DT_Q8_0) tile512_q8_0(o, 1, w, (size_t)G * rb, s->xq, s->xq_scale, nb, 4, 1);
-    else tile512_q4_0(o, 1, w, (size_t)G * rb, s->xq_perm, nb, 4, 1);
-    for (int r = 0; r < 4; r++) out[g + r * G] = o[r];
+    for (int u = g * (4 / S); u < (g + 1) * (4 / S); u++) {
+        const unsigned char *w = (const unsigned char *)W->data + (size_t)u * rb;
+        float o[4];
+        if (W->dtype == DT_F32) tile512_f32(o, 1, w, (size_t)D * rb, xin, W->cols, 2, 1);
+        else if (W->dtype == DT_BF16) tile512_bf16(o, 1, w, (size_t)D * rb, xin, W->cols, 2, 1);
+        else if (W->dtype == DT_Q8_0) tile512_q8_0(o, 1, w, (size_t)D * rb, s->xq, s->xq_scale, nb, 4, 1);
+        else tile512_q4_0(o, 1, w, (size_t)D * rb, s->xq_perm, nb, 4, 1);
+        for (int r = 0; r < S; r++) out[u + r * D] = o[r];
+    }
 }
 #endif /* GEMMA3_AVX512 */
 
@@ -1430,8 +1436,8 @@ static void matmul_many(int count, float *const out[], const Matrix *const W[], 
                 int gi = g - first[i]; /* the group's number within matrix i */
                 int r0 = 4 * gi, nr = W[i]->rows - r0 < 4 ? W[i]->rows - r0 : 4;
 #ifdef GEMMA3_AVX512
-                if (level == 2 && n == 1 && W[i]->dtype >= DT_Q8_0 && gi < W[i]->rows / 4) {
-                    matmul_quarters512(out[i], W[i], s, gi); /* the rest (rows % 4) below */
+                if (level == 2 && n == 1 && gi < W[i]->rows / 4) {
+                    matmul_streams512(out[i], xin, W[i], s, gi); /* the rest (rows % 4) below */
                     continue;
                 }
                 if (level == 2) {
