@@ -1393,8 +1393,8 @@ static void matmul_streams512(float *out, const float *xin, const Matrix *W, con
 
 #ifdef GEMMA3_AVX2
 /* x is prepared for the tiles in pieces of PIECE columns (a q4_0 AVX-512 group of 8
- * blocks), which the threads share out: one token is 5 pieces in a 1152-wide matmul, 27 in
- * a 6912-wide one. */
+ * blocks), which the threads share out in a prompt: one token is 5 pieces in a 1152-wide
+ * matmul, 27 in a 6912-wide one. */
 #define PIECE 256
 
 /* Columns piece * PIECE .. of token t of x as the tiles of `level` (1 AVX2, 2 AVX-512)
