@@ -119,7 +119,6 @@ static size_t row_bytes(int dtype, int cols) {
     }
 }
 
-
 /* A weight matrix (out_features, in_features) in the file's dtype. */
 typedef struct {
     const void *data;
@@ -1067,7 +1066,6 @@ static void matmul_rows_avx2(float *out, const float *xin, int n, const Matrix *
 }
 #endif
 
-
 /* ------------------------------------------------------------------------- */
 /* AVX-512 tiles (F, BW, VL and VNNI; e.g. AMD Zen 4/5, Intel Ice Lake and later servers):
  * the same products with vectors twice as wide, 16 floats or 64 bytes. The quantized
@@ -1535,14 +1533,6 @@ static void rope_angles(float *cos_out, float *sin_out, const float *inv_freq, i
         }
 }
 
-static void softmax(float *x, int n) {
-    float max = x[0];
-    for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
-    float sum = 0.0f;
-    for (int i = 0; i < n; i++) { x[i] = expf(x[i] - max); sum += x[i]; }
-    for (int i = 0; i < n; i++) x[i] /= sum;
-}
-
 /* e^v in plain arithmetic that the compiler vectorises (a loop that calls libm's expf
  * makes one call per element; in a 1B prompt the MLP's 6912 per token and layer took 8 %
  * of the time). v = n ln2 + r, with n an integer and |r| <= ln2/2; e^r from its Taylor
@@ -1559,6 +1549,49 @@ static float exp_vec(float v) {
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
+}
+
+/* The index of the largest of x[0..n) (the first, if several; NaNs are passed over).
+ * Greedy decoding calls it on every token's 262144 logits, where a loop of compares took
+ * 150 us, more than the attention: so blocks of 64 first get their maximum in 16 lanes,
+ * a loop that vectorises (without a branch), and only a block whose maximum beats the
+ * best so far is searched (five times faster). */
+static int argmax(const float *x, int n) {
+    int best = 0, i = 0;
+    float top = x[0];
+    for (; i + 64 <= n; i += 64) {
+        float m[16], block = -INFINITY;
+        for (int k = 0; k < 16; k++) m[k] = -INFINITY;
+        for (int j = i; j < i + 64; j += 16)
+            for (int k = 0; k < 16; k++) m[k] = x[j + k] > m[k] ? x[j + k] : m[k];
+        for (int k = 0; k < 16; k++) block = m[k] > block ? m[k] : block;
+        if (block > top)
+            for (int j = i; j < i + 64; j++)
+                if (x[j] > top) { top = x[j]; best = j; }
+    }
+    for (; i < n; i++)
+        if (x[i] > top) { top = x[i]; best = i; }
+    return best;
+}
+
+/* softmax in place, in loops that vectorise: exp_vec, not libm's expf (a call per
+ * element: half of the attention's time in a prompt of 800 tokens), and the sum in 16
+ * partial sums added in a fixed order. */
+static void softmax(float *x, int n) {
+    float max = x[argmax(x, n)], part[16] = {0}, sum = 0.0f;
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int k = 0; k < 16; k++) {
+            x[i + k] = exp_vec(x[i + k] - max);
+            part[k] += x[i + k];
+        }
+    for (; i < n; i++) {
+        x[i] = exp_vec(x[i] - max);
+        sum += x[i];
+    }
+    for (int k = 0; k < 8; k++) part[k] += part[k + 8];
+    sum += ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    for (i = 0; i < n; i++) x[i] /= sum;
 }
 
 /* GELU, tanh approximation (HF hidden_activation "gelu_pytorch_tanh"): 0.5 x (1 + tanh(u)) with
@@ -1614,9 +1647,11 @@ static void attention(RunState *s, const Config *c, int l, int pos0, int n) {
 }
 
 /* Run n tokens (n <= max_batch) at positions pos0 .. pos0 + n - 1 through the model.
- * Returns the logits: of the last token, or of all n (rows of vocab_size) if all_logits.
+ * Returns the logits: of the last token, or of all n (rows of vocab_size) if all_logits;
+ * NULL with classify 0, which skips the classifier (a prompt's batches but the last: their
+ * logits are not read, and the classifier reads a quarter of the 1B weights).
  * Reads like Gemma 3's decoder layer (HF Gemma3DecoderLayer / gemma_pytorch Gemma2DecoderLayer). */
-static float *forward_batch(const Model *m, RunState *s, const int *tokens, int n, int pos0) {
+static float *forward_batch(const Model *m, RunState *s, const int *tokens, int n, int pos0, int classify) {
     const Config *c = &m->config;
     const Weights *w = &m->weights;
     int D = c->dim, hd = c->head_dim, half = hd / 2, F = c->hidden_dim;
@@ -1694,6 +1729,7 @@ static float *forward_batch(const Model *m, RunState *s, const int *tokens, int 
             memcpy(s->hidden_dump + (size_t)(l + 1) * D, s->x + (size_t)(n - 1) * D, (size_t)D * sizeof(float));
     }
 
+    if (!classify) return NULL;
     /* final norm, then the classifier: the (unscaled) embedding table, tied */
     int first = s->all_logits ? 0 : n - 1;
     for (int t = first; t < n; t++) rmsnorm(s->xb + (size_t)t * D, s->x + (size_t)t * D, w->final_norm, D, c->norm_eps);
@@ -1707,13 +1743,13 @@ static float *forward_tokens(const Model *m, RunState *s, const int *ids, int n,
     float *logits = NULL;
     for (int done = 0; done < n; done += s->max_batch) {
         int nb = n - done < s->max_batch ? n - done : s->max_batch;
-        logits = forward_batch(m, s, ids + done, nb, pos0 + done);
+        logits = forward_batch(m, s, ids + done, nb, pos0 + done, done + nb == n);
     }
     return logits;
 }
 
 /* One token: the decode step. */
-static float *forward(const Model *m, RunState *s, int token, int pos) { return forward_batch(m, s, &token, 1, pos); }
+static float *forward(const Model *m, RunState *s, int token, int pos) { return forward_batch(m, s, &token, 1, pos, 1); }
 
 /* ------------------------------------------------------------------------- */
 /* 3. sampler                                                                 */
@@ -1753,29 +1789,6 @@ static float random_f32(uint64_t *state) { /* uniform in [0, 1) */
     *state ^= *state << 25;
     *state ^= *state >> 27;
     return (float)((*state * 0x2545F4914F6CDD1Dull) >> 40) / 16777216.0f;
-}
-
-/* The index of the largest of x[0..n) (the first, if several; NaNs are passed over).
- * Greedy decoding calls it on every token's 262144 logits, where a loop of compares took
- * 150 us, more than the attention: so blocks of 64 first get their maximum in 16 lanes,
- * a loop that vectorises (without a branch), and only a block whose maximum beats the
- * best so far is searched (five times faster). */
-static int argmax(const float *x, int n) {
-    int best = 0, i = 0;
-    float top = x[0];
-    for (; i + 64 <= n; i += 64) {
-        float m[16], block = -INFINITY;
-        for (int k = 0; k < 16; k++) m[k] = -INFINITY;
-        for (int j = i; j < i + 64; j += 16)
-            for (int k = 0; k < 16; k++) m[k] = x[j + k] > m[k] ? x[j + k] : m[k];
-        for (int k = 0; k < 16; k++) block = m[k] > block ? m[k] : block;
-        if (block > top)
-            for (int j = i; j < i + 64; j++)
-                if (x[j] > top) { top = x[j]; best = j; }
-    }
-    for (; i < n; i++)
-        if (x[i] > top) { top = x[i]; best = i; }
-    return best;
 }
 
 static int cmp_prob_desc(const void *a, const void *b) {
@@ -1984,7 +1997,7 @@ static int dump_logits(const Model *m, RunState *s, const int *ids, int n, const
     if (hidden_path && s->max_batch != 1) { set_err(err, errsize, "--dump-hidden needs a batch of 1"); rc = -1; }
     for (int done = 0; rc == 0 && done < n; done += s->max_batch) {
         int nb = n - done < s->max_batch ? n - done : s->max_batch;
-        float *logits = forward_batch(m, s, ids + done, nb, done); /* all_logits: nb rows */
+        float *logits = forward_batch(m, s, ids + done, nb, done, 1); /* all_logits: nb rows */
         if (fh && write_f32_le(fh, s->hidden_dump, (c->n_layers + 1) * c->dim) != 0) {
             set_err(err, errsize, "write error on %s", hidden_path);
             rc = -1;
@@ -2026,7 +2039,7 @@ static double perplexity(const Model *m, RunState *s, const int *ids, int n, dou
         memcpy(window + 1, ids + start + 1, (size_t)(len - 1) * sizeof(int));
         for (int done = 0; done < len - 1; done += s->max_batch) {
             int nb = len - 1 - done < s->max_batch ? len - 1 - done : s->max_batch;
-            const float *logits = forward_batch(m, s, window + done, nb, done); /* all_logits */
+            const float *logits = forward_batch(m, s, window + done, nb, done, 1); /* all_logits */
             for (int t = 0; t < nb; t++) {
                 int target = start + done + t + 1; /* index in ids of the token predicted here */
                 if (target <= scored) continue;     /* already scored with more history */
@@ -2068,7 +2081,6 @@ static int generate_ids(const Model *m, RunState *s, Sampler *sp, const int *pro
     if (decode_s) *decode_s = now_seconds() - t1;
     return generated;
 }
-
 
 /* A chat: the conversation so far, and the ids in the KV cache (positions 0..n_hist).
  * Every turn renders the whole conversation with the Gemma 3 chat template, tokenizes
