@@ -41,6 +41,8 @@
  * its thread (waking the others would cost more than it saves). */
 #define PARALLEL_FOR_TOKENS(n) PRAGMA_(omp parallel for schedule(static) if ((n) > 1))
 #define PRAGMA_(...) _Pragma(#__VA_ARGS__)
+/* PARALLEL_FOR on at most nt threads */
+#define PARALLEL_FOR_THREADS(nt) PRAGMA_(omp parallel for schedule(static) num_threads(nt))
 /* A parallel region holding several loops, each split across the threads with FOR and
  * ended by a wait for all of them: one start of the threads instead of one per loop. */
 #define PARALLEL _Pragma("omp parallel")
@@ -52,6 +54,7 @@ static int max_threads(void) { return omp_get_max_threads(); }
 #else
 #define PARALLEL_FOR
 #define PARALLEL_FOR_TOKENS(n)
+#define PARALLEL_FOR_THREADS(nt)
 #define PARALLEL
 #define FOR
 static int max_threads(void) { return 1; }
@@ -522,7 +525,7 @@ typedef struct {
     float *q;         /* (max_batch, n_heads * head_dim) */
     float *k, *v;     /* (max_batch, n_kv_heads * head_dim) keys and values of the batch */
     float *att_out;   /* (max_batch, n_heads * head_dim) attention output before o_proj */
-    float *att;       /* (max_batch * n_heads, ctx) attention scores */
+    float *att;       /* (threads * n_heads, ctx) attention scores: each thread its own n_heads rows */
     float *hb, *hb2;  /* (max_batch, hidden_dim) MLP gate and up */
     float *logits;    /* (max_batch or 1, vocab_size) */
     Activations act;  /* (max_batch tokens) a matmul's input as its kernels read it */
@@ -608,7 +611,7 @@ static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch,
         s->k = carve(&cv, B * KV, sizeof(float));
         s->v = carve(&cv, B * KV, sizeof(float));
         s->att_out = carve(&cv, B * Q, sizeof(float));
-        s->att = carve(&cv, B * (size_t)c->n_heads * (size_t)ctx, sizeof(float));
+        s->att = carve(&cv, (size_t)s->threads * c->n_heads * (size_t)ctx, sizeof(float));
         s->hb = carve(&cv, B * F, sizeof(float));
         s->hb2 = carve(&cv, B * F, sizeof(float));
         s->logits = carve(&cv, (all_logits ? B : 1) * (size_t)c->vocab_size, sizeof(float));
@@ -1616,7 +1619,7 @@ static void attention(RunState *s, const Config *c, int l, int pos0, int n) {
      * both threads busy when there is a single kv head. */
     const int nh = n > 1 ? group : 1, jobs_per_token = c->n_heads / nh;
     int job;
-    PARALLEL_FOR
+    PARALLEL_FOR_THREADS(s->threads) /* (each thread has its own rows of scores) */
     for (job = 0; job < n * jobs_per_token; job++) {
         int t = job / jobs_per_token, h0 = job % jobs_per_token * nh, pos = pos0 + t, kvh = h0 / group;
         /* Sliding layers see keys j with pos - window < j <= pos; global layers all j <= pos. */
@@ -1624,7 +1627,7 @@ static void attention(RunState *s, const Config *c, int l, int pos0, int n) {
         if (first < 0) first = 0;
         int span = pos - first + 1;
         const float *q = s->q + (size_t)t * Q + h0 * hd;          /* head h0 + g at q + g * hd */
-        float *att = s->att + ((size_t)t * c->n_heads + h0) * s->ctx; /* its scores at att + g * ctx */
+        float *att = s->att + ((size_t)THREAD_NUM() * c->n_heads + h0) * s->ctx; /* head h0 + g's scores at att + g * ctx */
         for (int j = 0; j < span; j++) {
             const float *k = s->key_cache[l] + (size_t)((first + j) % len) * KV + kvh * hd;
             for (int g = 0; g < nh; g++) att[g * s->ctx + j] = dot_f32(k, q + g * hd, hd) * scale;
