@@ -488,7 +488,7 @@ static void test_kernels(void) {
         mismatch += (long)round_even(v) != lrintf(v);
     }
     CHECK(mismatch == 0, "round_even differs from lrintf on %d of the values in [-130, 130]", mismatch);
-    /* exp_vec (the GELU's exp) within 2 ulp of libm's expf; GELU against the tanh form in double */
+    /* exp_vec (the exp of GELU and softmax) within 2 ulp of libm's expf; GELU against the tanh form in double */
     int worst_ulp = 0;
     double worst_gelu = 0;
     for (int i = 0; i <= 1750000; i++) {
