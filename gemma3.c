@@ -1405,6 +1405,90 @@ static void matmul_streams512(float *out, const float *xin, const Matrix *W, con
         for (int r = 0; r < S; r++) out[u + r * D] = o[r];
     }
 }
+/* Attention of one job (attention()'s loop) with AVX-512: nh query heads q (hd apart) of
+ * one kv head, against the span keys and values a query sees, which are ring slots s0 ..
+ * s0 + n0 - 1 then 0 .. span - n0 - 1. Scores go to att (head g's at att + g * ctx), the
+ * output to out (head g's at out + g * hd). A prompt's job (4 heads) took 3 x as long in the
+ * plain loops: there each score is a dot product of its own, and the weighted sum of values
+ * loads and stores the output every 4 keys. Here scores come 4 keys x up to 4 heads at a
+ * time from the f32 matmul tile (keys as its rows, heads as its tokens), and the sum keeps
+ * its output in registers over all the keys. Each (head, key) score and (head, element)
+ * sum is added in the same order whatever nh is: a prompt's job equals decode's one head. */
+#define RING_RUNS(j0, j1, slot) /* the keys j0 .. j1 - 1 of both runs, the first at ring slot `slot` */ \
+    for (int run_ = 0, j0 = 0, j1 = n0, slot = s0; run_ < 2; run_++, j0 = n0, j1 = span, slot = 0)
+
+TILE_INLINE void scores512(float *att, size_t ctx, const float *q, const float *kc, int KV, int s0, int n0, int span,
+                           int hd, const int NH) {
+    const size_t kb = (size_t)KV * sizeof(float); /* bytes from one key to the next */
+    RING_RUNS(j0, j1, slot) {
+        const unsigned char *k = (const unsigned char *)(kc + (size_t)slot * KV);
+        int j = j0;
+        for (; j + 4 <= j1; j += 4, k += 4 * kb) tile512_f32(att + j, (int)ctx, k, kb, q, hd, 4, NH);
+        for (; j < j1; j++, k += kb) tile512_f32(att + j, (int)ctx, k, kb, q, hd, 1, NH);
+    }
+}
+
+/* out[g][i] = sum over keys j of att[g][j] v_j[i], 16 x NV elements of NH heads at a time */
+TILE_INLINE void values512(float *out, const float *att, size_t ctx, const float *vc, int KV, int s0, int n0, int span,
+                           int hd, const int NH, const int NV) {
+    for (int i0 = 0; i0 < hd; i0 += 16 * NV) {
+        __m512 acc[4][16];
+        UNROLL
+        for (int g = 0; g < NH; g++)
+            UNROLL
+            for (int k = 0; k < NV; k++) acc[g][k] = _mm512_setzero_ps();
+        RING_RUNS(j0, j1, slot) {
+            const float *v = vc + (size_t)slot * KV + i0;
+            for (int j = j0; j < j1; j++, v += KV) {
+                UNROLL
+                for (int g = 0; g < NH; g++) {
+                    __m512 a = _mm512_set1_ps(att[(size_t)g * ctx + j]);
+                    UNROLL
+                    for (int k = 0; k < NV; k++) acc[g][k] = _mm512_fmadd_ps(a, _mm512_loadu_ps(v + 16 * k), acc[g][k]);
+                }
+            }
+        }
+        UNROLL
+        for (int g = 0; g < NH; g++)
+            UNROLL
+            for (int k = 0; k < NV; k++) _mm512_storeu_ps(out + (size_t)g * hd + i0 + 16 * k, acc[g][k]);
+    }
+}
+#undef RING_RUNS
+
+/* hd % 16 == 0. Heads go 4, 2 or 1 at a time. */
+static void attention_scores512(float *att, size_t ctx, const float *q, const float *kc, int KV, int s0, int n0, int span,
+                                int hd, int nh) {
+    for (int h = 0; h < nh;) {
+        int H = nh - h >= 4 ? 4 : nh - h >= 2 ? 2 : 1;
+        float *a = att + (size_t)h * ctx;
+        const float *qh = q + (size_t)h * hd;
+        if (H == 4) scores512(a, ctx, qh, kc, KV, s0, n0, span, hd, 4);
+        else if (H == 2) scores512(a, ctx, qh, kc, KV, s0, n0, span, hd, 2);
+        else scores512(a, ctx, qh, kc, KV, s0, n0, span, hd, 1);
+        h += H;
+    }
+}
+
+/* Decode's single head sums 256 elements at once (each value row is read once), a
+ * prompt's 4 heads 64 (16 sums in registers). */
+static void attention_values512(float *out, const float *att, size_t ctx, const float *vc, int KV, int s0, int n0,
+                                int span, int hd, int nh) {
+    const int wide = hd % 64 == 0;
+    for (int h = 0; h < nh;) {
+        int H = nh - h >= 4 ? 4 : nh - h >= 2 ? 2 : 1;
+        const float *a = att + (size_t)h * ctx;
+        float *o = out + (size_t)h * hd;
+        if (H == 4 && wide) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 4, 4);
+        else if (H == 4) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 4, 1);
+        else if (H == 2 && wide) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 2, 4);
+        else if (H == 2) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 2, 1);
+        else if (hd % 256 == 0) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 1, 16);
+        else if (wide) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 1, 4);
+        else values512(o, a, ctx, vc, KV, s0, n0, span, hd, 1, 1);
+        h += H;
+    }
+}
 #endif /* GEMMA3_AVX512 */
 
 #ifdef GEMMA3_AVX2
@@ -1643,14 +1727,27 @@ static void attention(RunState *s, const Config *c, int l, int pos0, int n) {
         int span = pos - first + 1;
         const float *q = s->q + (size_t)t * Q + h0 * hd;          /* head h0 + g at q + g * hd */
         float *att = s->att + ((size_t)THREAD_NUM() * c->n_heads + h0) * s->ctx; /* head h0 + g's scores at att + g * ctx */
+        const float *kc = s->key_cache[l] + kvh * hd, *vc = s->value_cache[l] + kvh * hd;
+        float *out = s->att_out + (size_t)t * Q + h0 * hd; /* head h0 + g's at out + g * hd */
+#ifdef GEMMA3_AVX512
+        if (s->simd >= 2 && hd % 16 == 0) {
+            int s0 = first % len, n0 = span < len - s0 ? span : len - s0; /* slots s0 .. s0 + n0 - 1, then 0 .. */
+            attention_scores512(att, s->ctx, q, kc, KV, s0, n0, span, hd, nh);
+            for (int g = 0; g < nh; g++) {
+                for (int j = 0; j < span; j++) att[g * s->ctx + j] *= scale;
+                softmax(att + g * s->ctx, span);
+            }
+            attention_values512(out, att, s->ctx, vc, KV, s0, n0, span, hd, nh);
+            continue;
+        }
+#endif
         for (int j = 0; j < span; j++) {
-            const float *k = s->key_cache[l] + (size_t)((first + j) % len) * KV + kvh * hd;
+            const float *k = kc + (size_t)((first + j) % len) * KV;
             for (int g = 0; g < nh; g++) att[g * s->ctx + j] = dot_f32(k, q + g * hd, hd) * scale;
         }
         for (int g = 0; g < nh; g++) softmax(att + g * s->ctx, span);
         /* out = sum_j att[j] v_j, four values at a time: `out` is loaded and stored once per four */
-        const float *vc = s->value_cache[l] + kvh * hd;
-        memset(s->att_out + (size_t)t * Q + h0 * hd, 0, (size_t)nh * hd * sizeof(float));
+        memset(out, 0, (size_t)nh * hd * sizeof(float));
         int j = 0;
         for (; j + 4 <= span; j += 4) {
             const float *restrict v0 = vc + (size_t)((first + j) % len) * KV;
@@ -1658,18 +1755,18 @@ static void attention(RunState *s, const Config *c, int l, int pos0, int n) {
             const float *restrict v2 = vc + (size_t)((first + j + 2) % len) * KV;
             const float *restrict v3 = vc + (size_t)((first + j + 3) % len) * KV;
             for (int g = 0; g < nh; g++) {
-                float *restrict out = s->att_out + (size_t)t * Q + (h0 + g) * hd; /* restrict: gcc -O3 vectorises */
+                float *restrict o = out + g * hd; /* restrict: gcc -O3 vectorises */
                 const float *a = att + g * s->ctx + j;
                 float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
-                for (int i = 0; i < hd; i++) out[i] += (a0 * v0[i] + a1 * v1[i]) + (a2 * v2[i] + a3 * v3[i]);
+                for (int i = 0; i < hd; i++) o[i] += (a0 * v0[i] + a1 * v1[i]) + (a2 * v2[i] + a3 * v3[i]);
             }
         }
         for (; j < span; j++) {
             const float *restrict v = vc + (size_t)((first + j) % len) * KV;
             for (int g = 0; g < nh; g++) {
-                float *restrict out = s->att_out + (size_t)t * Q + (h0 + g) * hd;
+                float *restrict o = out + g * hd;
                 float a = att[g * s->ctx + j];
-                for (int i = 0; i < hd; i++) out[i] += a * v[i];
+                for (int i = 0; i < hd; i++) o[i] += a * v[i];
             }
         }
     }

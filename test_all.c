@@ -589,6 +589,61 @@ static void test_kernels(void) {
     }
 }
 
+/* attention(): the AVX-512 kernels (where built) against the plain loops, on random queries
+ * and caches, in shapes that take each path: a kv group of 4 heads (1B), 2 (4B-27B, tiny)
+ * and 3 (taken as 2 + 1), head_dim 256, 64, 48 (sums 16 wide) and 20 (plain loops only),
+ * a sliding layer whose ring wraps inside the span of the last 4 tokens, a global layer. And at every level a batch of
+ * tokens must give the same bytes as the tokens one at a time (decode's jobs are single
+ * heads, a prompt's whole groups). */
+static void test_attention(void) {
+    printf("attention: AVX-512 vs plain loops, batch == one by one\n");
+    const int shapes[][4] = {{4, 1, 256, 0}, {4, 2, 32, 0}, {6, 2, 48, 0}, {8, 4, 64, 1}, {4, 4, 20, 0}, {4, 1, 256, 1}};
+    enum { NT = 11, WINDOW = 24, POS0 = 61 }; /* positions 61-71: the 34-slot sliding ring has wrapped */
+    uint64_t seed = 5;
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        Config c = {0};
+        unsigned char global = (unsigned char)shapes[i][3];
+        c.vocab_size = 8; c.dim = 16; c.hidden_dim = 16; c.n_layers = 1; c.n_heads = shapes[i][0];
+        c.n_kv_heads = shapes[i][1]; c.head_dim = shapes[i][2]; c.window = WINDOW; c.query_pre_attn_scalar = 256;
+        c.rope_theta = c.rope_local_theta = 1e4f; c.rope_factor = 1; c.is_global = &global;
+        int Q = c.n_heads * c.head_dim, KV = c.n_kv_heads * c.head_dim;
+        RunState s;
+        char err[256];
+        if (build_run_state(&s, &c, 128, NT, 0, err, sizeof err) != 0) { CHECK(0, "run state: %s", err); return; }
+        for (size_t k = 0; k < (size_t)s.cache_len[0] * KV; k++) {
+            s.key_cache[0][k] = 2 * random_f32(&seed) - 1;
+            s.value_cache[0][k] = 2 * random_f32(&seed) - 1;
+        }
+        float *q = malloc((size_t)NT * Q * sizeof(float)), *out[3] = {0};
+        for (int k = 0; k < NT * Q; k++) q[k] = 4 * random_f32(&seed) - 2;
+        int same = 1, top = s.simd;
+        for (int level = 0; level <= top && level < 3; level += 2) { /* 0: plain, 2: AVX-512 (if built) */
+            s.simd = level;
+            out[level] = malloc((size_t)NT * Q * sizeof(float));
+            memcpy(s.q, q, (size_t)NT * Q * sizeof(float));
+            attention(&s, &c, 0, POS0, NT);
+            memcpy(out[level], s.att_out, (size_t)NT * Q * sizeof(float));
+            for (int t = 0; t < NT; t++) {
+                memcpy(s.q, q + (size_t)t * Q, (size_t)Q * sizeof(float));
+                attention(&s, &c, 0, POS0 + t, 1);
+                same &= memcmp(s.att_out, out[level] + (size_t)t * Q, (size_t)Q * sizeof(float)) == 0;
+            }
+        }
+        double worst = 0;
+        if (out[2])
+            for (int k = 0; k < NT * Q; k++) worst = fmax(worst, fabs(out[2][k] - out[0][k]));
+        printf("  %d heads, %d kv, head_dim %3d, %s: AVX-512 vs plain max|diff| %s%.3g; batch == one by one: %s\n",
+               c.n_heads, c.n_kv_heads, c.head_dim, global ? "global " : "sliding", out[2] ? "" : "(not built) ", worst,
+               same ? "yes" : "NO");
+        CHECK(worst <= 1e-6, "attention: AVX-512 differs from the plain loops by %g", worst);
+        CHECK(same, "attention: a batch of %d tokens differs from one token at a time", NT);
+        free(q);
+        free(out[0]);
+        free(out[2]);
+        free_run_state(&s);
+    }
+}
+
 /* Logits of a quantized export against a reference: max error relative to max|logit|
  * and top-1 agreement, within the tolerances README documents. */
 static void check_quantized(const char *what, const char *bin, const char *tokens, const char *ref_path, double max_rel,
@@ -978,6 +1033,7 @@ int main(void) {
     test_fixture_tiny();
     test_sampler();
     test_kernels();
+    test_attention();
     test_toolkit();
     test_quantized();
     test_fuzz_loader();
