@@ -1428,18 +1428,23 @@ TILE_INLINE void scores512(float *att, size_t ctx, const float *q, const float *
     }
 }
 
-/* out[g][i] = sum over keys j of att[g][j] v_j[i], 16 x NV elements of NH heads at a time */
+/* out[g][i] = sum over keys j of att[g][j] v_j[i], 16 x NV elements of NH heads at a time,
+ * over blocks of keys whose values fill 32 KB: a block stays in L1 while the passes over
+ * its elements go by, and each value row comes from L2 or memory once. */
 TILE_INLINE void values512(float *out, const float *att, size_t ctx, const float *vc, int KV, int s0, int n0, int span,
                            int hd, const int NH, const int NV) {
-    for (int i0 = 0; i0 < hd; i0 += 16 * NV) {
-        __m512 acc[4][16];
-        UNROLL
-        for (int g = 0; g < NH; g++)
+    const int block = hd <= 8192 ? 8192 / hd : 1;
+    for (int jb = 0; jb < span; jb += block) {
+        const int je = span - jb < block ? span : jb + block;
+        for (int i0 = 0; i0 < hd; i0 += 16 * NV) {
+            __m512 acc[4][16];
             UNROLL
-            for (int k = 0; k < NV; k++) acc[g][k] = _mm512_setzero_ps();
-        RING_RUNS(j0, j1, slot) {
-            const float *v = vc + (size_t)slot * KV + i0;
-            for (int j = j0; j < j1; j++, v += KV) {
+            for (int g = 0; g < NH; g++)
+                UNROLL
+                for (int k = 0; k < NV; k++)
+                    acc[g][k] = jb ? _mm512_loadu_ps(out + (size_t)g * hd + i0 + 16 * k) : _mm512_setzero_ps();
+            for (int j = jb; j < je; j++) {
+                const float *v = vc + (size_t)(j < n0 ? s0 + j : j - n0) * KV + i0;
                 UNROLL
                 for (int g = 0; g < NH; g++) {
                     __m512 a = _mm512_set1_ps(att[(size_t)g * ctx + j]);
@@ -1447,11 +1452,11 @@ TILE_INLINE void values512(float *out, const float *att, size_t ctx, const float
                     for (int k = 0; k < NV; k++) acc[g][k] = _mm512_fmadd_ps(a, _mm512_loadu_ps(v + 16 * k), acc[g][k]);
                 }
             }
-        }
-        UNROLL
-        for (int g = 0; g < NH; g++)
             UNROLL
-            for (int k = 0; k < NV; k++) _mm512_storeu_ps(out + (size_t)g * hd + i0 + 16 * k, acc[g][k]);
+            for (int g = 0; g < NH; g++)
+                UNROLL
+                for (int k = 0; k < NV; k++) _mm512_storeu_ps(out + (size_t)g * hd + i0 + 16 * k, acc[g][k]);
+        }
     }
 }
 #undef RING_RUNS
@@ -1714,9 +1719,13 @@ static void attention(RunState *s, const Config *c, int l, int pos0, int n) {
     float scale = 1.0f / sqrtf(c->query_pre_attn_scalar);
     /* A job is one token and nh query heads of one group. A prompt takes the whole group:
      * each key and value row then comes into L1 once for all its heads, not once per head
-     * (an 837-token 1B prompt: attention 318 -> 250 ms). Decode takes one head, which keeps
-     * both threads busy when there is a single kv head. */
-    const int nh = n > 1 ? group : 1, jobs_per_token = c->n_heads / nh;
+     * (an 837-token 1B prompt: attention 318 -> 250 ms). Decode splits the group only as far
+     * as it takes to give every thread a job: 1B (4 heads, one kv head) on 2 threads takes
+     * 2 heads a job, and each thread reads the layer's keys and values once, not twice. */
+    int nh = group;
+    if (n == 1)
+        while (nh % 2 == 0 && c->n_heads / nh < s->threads) nh /= 2;
+    const int jobs_per_token = c->n_heads / nh;
     int job;
     PARALLEL_FOR_THREADS(s->threads) /* (each thread has its own rows of scores) */
     for (job = 0; job < n * jobs_per_token; job++) {
