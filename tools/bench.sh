@@ -13,8 +13,9 @@
 #                        reported as such and skipped, the others still run
 #   PREFILL="128 512"    prompt lengths for prefill tok/s        [quick: "32 128"]
 #   DECODE=64            tokens to generate for decode tok/s     [quick: 32]
-#   REPEAT=1             runs of each prefill and decode measurement; the fastest is kept
-#                        (the machine may be shared: 2 or 3 steadies the numbers)
+#   REPEAT=1             runs of each prefill and decode measurement; the fastest prefill
+#                        and the decode run closest to its limit are kept (the machine
+#                        may be shared: 2 or 3 steadies the numbers)
 #   FILL_CONTEXT=0       N > 0: also run each format with -c N and a prompt of N - 8 tokens
 #                        (-f), and report its peak RSS with the whole KV cache in use and its
 #                        prefill rate (slow: Gemma 3 1B at N = 32768 takes minutes per format)
@@ -53,11 +54,15 @@
 #            runs of a format. The model file is mmap'd, so its touched pages count.
 #   limit    tools/membw.c sums a 1 GiB float array (2 MiB pages on Linux) with all
 #            threads, one stream and four streams per thread in turns, and reports the
-#            faster pattern; it runs right before and right after the decode measurement
-#            (the machine is shared: bandwidth moves with the neighbours' load). Decode
-#            reads every weight once per token, so limit tok/s = best bandwidth / weight
-#            bytes, the weight bytes being the sum of the tensor sizes in the file's
-#            tensor directory (FORMAT.md).
+#            faster pattern's best. It runs before the first decode run and after each
+#            one (the machine is shared: bandwidth moves with the neighbours' load, within
+#            seconds), so every run has a probe right before and right after it, and its
+#            bandwidth is the better of the two. Decode reads every weight once per
+#            token, so a run's limit tok/s = its bandwidth / weight bytes, the weight
+#            bytes being the sum of the tensor sizes in the file's tensor directory
+#            (FORMAT.md). Of the REPEAT runs, the table reports the one closest to its
+#            limit (its tok/s, bandwidth, limit and %), and the mean of all the probes'
+#            medians beside its bandwidth.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -268,23 +273,38 @@ prefill_tps() {
     done
 }
 
-# decode MODEL SAMPLING...: sets DEC_TPS (tok/s, the best of REPEAT runs), DEC_N (tokens
-# generated) for -n $DECODE with the given sampling options. Same options, same seed:
-# every repetition generates the same tokens.
+# decode MODEL WBYTES SAMPLING...: REPEAT runs of -n $DECODE with the given sampling
+# options (same options, same seed: every run generates the same tokens), each between
+# two bandwidth probes: probe, run, probe, run, probe. A run's limit is the better of
+# the probes right before and after it / WBYTES: the memory's speed drifts within
+# seconds, and two probes around all the runs bracketed a run's moment poorly. Sets, for
+# the run closest to its limit: DEC_N (tokens generated), DEC_TPS, DEC_BW (GB/s) and
+# DEC_LIM (tok/s); and DEC_MED, the mean of the probes' medians.
 decode() {
-    local model=$1 r tps="" forwards; shift
+    local model=$1 wbytes=$2 r forwards prev tps bw ratio best="" med_sum=0 probes=0; shift 2
+    DEC_TPS=""
+    bandwidth "probe" || return 1
+    prev=$BW_BEST; med_sum=$BW_MEDIAN; probes=1
     for ((r = 0; r < REPEAT; r++)); do
         run_timed "$logs/decode.log" "$bin" "$model" -p "$PROMPT" -n "$DECODE" "$@" || return 1
         stderr_rates "$logs/decode.log" || return 1
+        bandwidth "probe" || return 1
+        med_sum=$(calc "\"%.4f\", $med_sum + $BW_MEDIAN"); probes=$((probes + 1))
+        bw=$(calc "\"%.2f\", ($prev > $BW_BEST ? $prev : $BW_BEST)")
+        prev=$BW_BEST
         DEC_N=$G_N
         # N generated tokens take N - 1 forward passes; a run cut short by a stop token
         # fed back all it generated.
-        if [ "$DEC_N" -ge "$DECODE" ]; then forwards=$((DEC_N - 1)); else forwards=$DEC_N; fi
+        if [ "$G_N" -ge "$DECODE" ]; then forwards=$((G_N - 1)); else forwards=$G_N; fi
         if [ "$forwards" -le 0 ] || ! positive "$G_S"; then continue; fi
-        DEC_TPS=$(calc "\"%.6f\", $forwards / $G_S")
-        if [ -z "$tps" ] || awk "BEGIN { exit !($DEC_TPS > $tps) }"; then tps=$DEC_TPS; fi
+        tps=$(calc "\"%.6f\", $forwards / $G_S")
+        ratio=$(calc "\"%.6f\", $tps * $wbytes / ($bw * 1e9)")
+        say "  run $((r + 1)): $(fmt_tps "$tps") tok/s, bandwidth $bw GB/s: $(calc "\"%.1f%%\", 100 * $ratio") of the limit"
+        if [ -z "$best" ] || awk "BEGIN { exit !($ratio > $best) }"; then
+            best=$ratio; DEC_TPS=$tps; DEC_BW=$bw; DEC_LIM=$(calc "\"%.6f\", $bw * 1e9 / $wbytes")
+        fi
     done
-    DEC_TPS=$tps
+    DEC_MED=$(calc "\"%.2f\", $med_sum / $probes")
 }
 
 # short_row FMT TEXT: a table row that only says why this format has no numbers.
@@ -321,7 +341,7 @@ fi
 # Every step checks its own result: a failure ends this format's row, not the run.
 bench_format() {
     local fmt=$1 out=$BENCH_DIR/$preset/model-$1.bin wbytes fsize t cell
-    local cells="" bw1 bw2 med1 med2 label dec
+    local cells="" label dec
     if [ ! -f "$out" ] || [ export.py -nt "$out" ] || [ "$ckpt/.bench-stamp" -nt "$out" ]; then
         say "exporting $fmt: python3 export.py $ckpt $out --dtype $fmt"
         if ! python3 export.py "$ckpt" "$out.tmp" --dtype "$fmt" -q 2>"$work/export-$fmt.log"; then
@@ -357,29 +377,27 @@ bench_format() {
         cells="$cells $cell |"
     done
 
-    say "$fmt: decode $DECODE tokens (best of $REPEAT), between two bandwidth probes"
-    bandwidth before || { short_row "$fmt" "tools/membw failed"; return 0; }
-    bw1=$BW_BEST; med1=$BW_MEDIAN
+    say "$fmt: decode $DECODE tokens, $REPEAT run(s), each between two bandwidth probes"
     label=""
-    decode "$out" -t 0 || { short_row "$fmt" "gemma3 failed (decode)"; return 0; }
+    decode "$out" "$wbytes" -t 0 || { short_row "$fmt" "gemma3 failed (decode, or tools/membw)"; return 0; }
     if [ "$DEC_N" -lt "$DECODE" ]; then
         say "  greedy stopped after $DEC_N tokens (random model); again with -t 1 -s 1"
-        local n_greedy=$DEC_N tps_greedy=$DEC_TPS
-        decode "$out" -t 1 -s 1 || { short_row "$fmt" "gemma3 failed (decode)"; return 0; }
-        if [ "$DEC_N" -gt "$n_greedy" ]; then label=", sampled"; else DEC_N=$n_greedy; DEC_TPS=$tps_greedy; fi
+        local n_greedy=$DEC_N tps_greedy=$DEC_TPS bw_greedy=$DEC_BW lim_greedy=$DEC_LIM med_greedy=$DEC_MED
+        decode "$out" "$wbytes" -t 1 -s 1 || { short_row "$fmt" "gemma3 failed (decode, or tools/membw)"; return 0; }
+        if [ "$DEC_N" -gt "$n_greedy" ]; then label=", sampled"
+        else DEC_N=$n_greedy; DEC_TPS=$tps_greedy; DEC_BW=$bw_greedy; DEC_LIM=$lim_greedy; DEC_MED=$med_greedy; fi
     fi
-    bandwidth after || { short_row "$fmt" "tools/membw failed"; return 0; }
-    bw2=$BW_BEST; med2=$BW_MEDIAN
     say "  decode: $DEC_N tokens, $(fmt_tps "$DEC_TPS") tok/s"
 
-    local bw lim pct
-    bw=$(calc "\"%.2f\", ($bw1 > $bw2 ? $bw1 : $bw2)")
-    lim=$(calc "\"%.6f\", $bw * 1e9 / $wbytes")
+    local pct bwcell="n/a" limcell="n/a"
     dec=$(fmt_tps "$DEC_TPS")
     if [ "$DEC_N" -lt "$DECODE" ] || [ -n "$label" ]; then dec="$dec ($DEC_N tok$label)"; fi
-    if [ -n "$DEC_TPS" ]; then pct=$(calc "\"%.0f%%\", 100 * $DEC_TPS / $lim"); else pct="n/a"; fi
+    if [ -n "$DEC_TPS" ]; then
+        pct=$(calc "\"%.0f%%\", 100 * $DEC_TPS / $DEC_LIM")
+        bwcell=$(calc "\"%.1f / %.1f\", $DEC_BW, $DEC_MED"); limcell=$(fmt_tps "$DEC_LIM")
+    else pct="n/a"; fi
     echo "| $fmt | $(fmt_gb "$fsize") | $(calc "\"%.2f GB\", $PEAK_RSS * 1024 / 1e9") |$cells $dec |" \
-         "$(calc "\"%.1f / %.1f\", $bw, ($med1 + $med2) / 2") | $(fmt_tps "$lim") | $pct |" >>"$rows"
+         "$bwcell | $limcell | $pct |" >>"$rows"
     wlist="$wlist $fmt $(fmt_gb "$wbytes"),"
     [ "$FILL_CONTEXT" -gt 0 ] && fill_context "$fmt" "$out"
     if [ "$MAJFLT" -gt 1000 ]; then
@@ -433,14 +451,14 @@ hdr_prefill=""
 for t in $PREFILL; do hdr_prefill="$hdr_prefill prefill $t tok/s |"; done
 {
     echo "Machine: $(nproc) CPUs, ${cpu:-unknown CPU}, OMP_NUM_THREADS=$threads, load average $load0 at the start; gemma3 $rev ($build)$membw_note."
-    echo "Model: random Gemma 3 $preset checkpoint (tools/make_checkpoint.py --seed 1); decode: $DECODE tokens after a ${#PROMPT}-character prompt; best of $REPEAT run(s) each."
+    echo "Model: random Gemma 3 $preset checkpoint (tools/make_checkpoint.py --seed 1); decode: $DECODE tokens after a ${#PROMPT}-character prompt; $REPEAT run(s) of each measurement (prefill: the fastest; decode: the closest to its limit)."
     echo
-    echo "| format | file size | peak RSS |$hdr_prefill decode tok/s | bandwidth GB/s (best / median) | limit tok/s | % of limit |"
+    echo "| format | file size | peak RSS |$hdr_prefill decode tok/s | bandwidth GB/s (run / median) | limit tok/s | % of limit |"
     echo "|---|---:|---:|$(for t in $PREFILL; do printf -- '---:|'; done)---:|---:|---:|---:|"
     cat "$rows"
     echo
     [ "$measured" = 0 ] ||
-    echo "Limit = best bandwidth (tools/membw.c, right before and after decode) / weights read per token (sum of the tensor sizes:${wlist%,})."
+    echo "Limit = the decode run's bandwidth (the better of tools/membw.c's best right before and right after it) / weights read per token (sum of the tensor sizes:${wlist%,}); of $REPEAT run(s), the one closest to its limit is shown. Median: the mean of all the format's probes' medians."
     echo "Peak RSS ($rss_tool) includes the touched pages of the mmap'd model file.$notes"
     if [ -s "$fill_rows" ]; then
         echo
