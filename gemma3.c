@@ -1283,6 +1283,40 @@ TILE_INLINE void q4_0_group512(__m512 acc[4][4], const unsigned char *w, size_t 
     }
 }
 
+/* A row's last group when it holds 4 blocks or fewer (1152 columns are 36 blocks: 4 groups
+ * and a half). q4_0_group512 would spend as many dot products on it as on 8 blocks, half
+ * of them on zeros (a tenth of a 1152-column matmul). Here one 64-byte load brings the
+ * blocks, lane k holding block k alone: its low nibbles (values 0-15) go against x's
+ * values 0-15 and its high nibbles against 16-31, two dot products per row and token,
+ * and int32 lanes 4k .. 4k + 3 all hold block k. x: 2 x 64 bytes, 16 offsets, 16 scales. */
+TILE_INLINE void q4_0_half512(__m512 acc[4][4], const unsigned char *w, size_t rb, int nb, int g, int nblk,
+                              const int8_t *xg, size_t xstride, const int NR, const int NT) {
+    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    __m512 dx[4];
+    UNROLL
+    for (int t = 0; t < NT; t++) dx[t] = _mm512_loadu_ps((const float *)(xg + (size_t)t * xstride + 192));
+    UNROLL
+    for (int r = 0; r < NR; r++) {
+        const unsigned char *row = w + r * rb, *q = row + 2 * (size_t)nb + (size_t)g * 128;
+        if (NT == 1) prefetch_ahead(row + (size_t)g * 144, NR);
+        __m128i h = _mm_maskz_loadu_epi8((__mmask16)((1u << 2 * nblk) - 1), row + 16 * g);
+        __m512 dw = _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(_mm256_cvtph_ps(h)));
+        __m512i v = load512_upto(q, 16 * nblk);
+        __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        const int8_t *x = xg;
+        RELOAD(x);
+        UNROLL
+        for (int t = 0; t < NT; t++) {
+            const int8_t *xt = x + (size_t)t * xstride;
+            __m512i p = _mm512_loadu_si512((const void *)(xt + 128));
+            p = _mm512_dpbusd_epi32(p, lo, _mm512_loadu_si512((const void *)xt));
+            p = _mm512_dpbusd_epi32(p, hi, _mm512_loadu_si512((const void *)(xt + 64)));
+            acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, dx[t]), acc[r][t]);
+        }
+    }
+}
+
 TILE_INLINE void tile512_q4_0(float *out, int ostride, const unsigned char *w, size_t rb, const int8_t *xp, int nb,
                               const int NR, const int NT) {
     const size_t xstride = (size_t)Q4_GROUPS(nb) * Q4_GROUP_BYTES; /* bytes per token */
@@ -1293,7 +1327,8 @@ TILE_INLINE void tile512_q4_0(float *out, int ostride, const unsigned char *w, s
         for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
     int g = 0;
     for (; g < nb / 8; g++) q4_0_group512(acc, w, rb, nb, g, 8, xp + (size_t)g * Q4_GROUP_BYTES, xstride, NR, NT);
-    if (nb % 8) q4_0_group512(acc, w, rb, nb, g, nb % 8, xp + (size_t)g * Q4_GROUP_BYTES, xstride, NR, NT);
+    if (nb % 8 > 4) q4_0_group512(acc, w, rb, nb, g, nb % 8, xp + (size_t)g * Q4_GROUP_BYTES, xstride, NR, NT);
+    else if (nb % 8) q4_0_half512(acc, w, rb, nb, g, nb % 8, xp + (size_t)g * Q4_GROUP_BYTES, xstride, NR, NT);
     UNROLL
     for (int r = 0; r < NR; r++)
         UNROLL
@@ -1324,13 +1359,29 @@ static void quantize_activations512(int8_t *xq, float *scale, int32_t *sums, con
  * 4 + k: values 0-7 (against the low nibbles of the blocks' first 8 bytes), 16-23 (their
  * high nibbles), 8-15 and 24-31 (the last 8 bytes' low and high nibbles). Then per lane of
  * the sums, -8 * (the sum of the 16 values it multiplies), and the scale of its block.
- * Missing blocks of a last, partial group are zeros. */
+ * Missing blocks of a last, partial group are zeros; a last group of 4 blocks or fewer
+ * is laid out for q4_0_half512 instead (lane k: block k's values 0-15, then 16-31). */
 static void q4_0_reorder512(int8_t *xp, const int8_t *xq, const float *xs, int nb, int g0, int g1) {
     static const int first[4] = {0, 16, 8, 24}; /* the value each vector starts a block's run at */
     const __m512i eight = _mm512_set1_epi8(8);
     for (int g = g0; g < g1; g++) {
         int8_t *dst = xp + (size_t)g * Q4_GROUP_BYTES;
         __m512i sum = _mm512_setzero_si512();
+        float scale[16];
+        if (nb - 8 * g <= 4) { /* a last group of 4 blocks or fewer, as q4_0_half512 reads it */
+            for (int v = 0; v < 2; v++) {
+                for (int k = 0; k < 4; k++) { /* lane k: values 16v .. 16v + 15 of block 8g + k */
+                    int b = 8 * g + k;
+                    if (b < nb) memcpy(dst + 64 * v + 16 * k, xq + (size_t)b * QK + 16 * v, 16);
+                    else memset(dst + 64 * v + 16 * k, 0, 16);
+                }
+                sum = _mm512_dpbusd_epi32(sum, eight, _mm512_loadu_si512((const void *)(dst + 64 * v)));
+            }
+            _mm512_storeu_si512((void *)(dst + 128), _mm512_sub_epi32(_mm512_setzero_si512(), sum));
+            for (int lane = 0; lane < 16; lane++) scale[lane] = 8 * g + lane / 4 < nb ? xs[8 * g + lane / 4] : 0.0f;
+            memcpy(dst + 192, scale, sizeof scale);
+            continue;
+        }
         for (int v = 0; v < 4; v++) {
             for (int h = 0; h < 8; h++) { /* 8-byte half lane h: block 8g + h/2 + 4 * (h % 2) */
                 int b = 8 * g + h / 2 + 4 * (h % 2);
@@ -1341,7 +1392,6 @@ static void q4_0_reorder512(int8_t *xp, const int8_t *xq, const float *xs, int n
             sum = _mm512_dpbusd_epi32(sum, eight, _mm512_loadu_si512((const void *)(dst + 64 * v)));
         }
         _mm512_storeu_si512((void *)(dst + 256), _mm512_sub_epi32(_mm512_setzero_si512(), sum));
-        float scale[16];
         for (int lane = 0; lane < 16; lane++) { /* lanes 4k, 4k + 1: block 8g + k; 4k + 2, 4k + 3: block 8g + 4 + k */
             int b = 8 * g + lane / 4 + 4 * (lane % 4 / 2);
             scale[lane] = b < nb ? xs[b] : 0.0f;
