@@ -76,6 +76,8 @@ static int max_threads(void) { return 1; }
 #define GEMMA3_HEADER_SIZE 128
 #define GEMMA3_DIR_ENTRY_SIZE 104
 #define PREFILL_BATCH 64 /* prompt tokens per forward pass: each weight row is reused this often */
+#define CHUNK_ROWS 64    /* a prompt's matmul job: these rows' weights stay in L2 while each 4 tokens'
+                          * x, in L1, meets them all (1B q4_0 matmuls 4-10 % faster than 4 rows a job) */
 
 /* ------------------------------------------------------------------------- */
 /* 1. model file                                                              */
@@ -874,13 +876,20 @@ static void matmul_plain(float *out, const float *x, int n, const Matrix *W, Run
  * them to the stack). */
 #define RELOAD(p) __asm__ volatile("" : "+r"(p))
 
-/* A prompt runs a group of 4 rows against all its tokens, tile by tile, then the thread's
- * next group (the next 4 rows, under the static schedule). Rows of 1152 q4_0 columns are
- * 648 bytes: too short a stretch for the hardware prefetcher, so the next group's first
- * tiles waited on memory. The tile of tokens t0 .. t1 - 1 (of n) asks for its share of
- * the next group's `bytes` at `next` instead (an 874-token 1B q4_0 prompt: 416 -> 446 tok/s). */
-static inline void prefetch_next_group(const unsigned char *next, size_t bytes, int t0, int t1, int n) {
+/* A prompt's job is a chunk of CHUNK_ROWS rows against all the tokens (prompt_rows), then
+ * the thread's next chunk (the next rows, under the static schedule). Rows of 1152 q4_0
+ * columns are 648 bytes: too short a stretch for the hardware prefetcher, so the next
+ * chunk's first tiles waited on memory. The tiles of tokens t0 .. t1 - 1 (of n) ask for
+ * their share of the next chunk's `bytes` at `next` instead (an 874-token 1B q4_0
+ * prompt: 416 -> 446 tok/s, when a job was 4 rows). */
+static inline void prefetch_next_chunk(const unsigned char *next, size_t bytes, int t0, int t1, int n) {
     for (size_t b = bytes * t0 / n / 64 * 64; b < bytes * t1 / n; b += 64) __builtin_prefetch(next + b, 0, 3);
+}
+
+/* The bytes of the chunk after rows r0 .. r0 + nr - 1 (at most nr rows; 0 at the end). */
+static size_t next_chunk_bytes(int rows, int r0, int nr, size_t rb) {
+    int left = rows - r0 - nr;
+    return (size_t)(left < nr ? left : nr) * rb;
 }
 
 static float hsum8(__m256 v) { /* a fixed order: 8 -> 4 -> 2 -> 1 */
@@ -1063,19 +1072,32 @@ static void matmul_rows_avx2(float *out, const float *xin, int n, const Matrix *
             tile_quant(o_, rows, w, rb, a->xq + (size_t)t * cols, a->xq_scale + t * nb, a->xq_corr + t * nb * 8, cols, \
                        DT_Q4_0, NR_, NT_);                                                                         \
     } while (0)
-    int t = 0;
-    if (nr == 4 && n > 1) {
-        const size_t ahead = r0 + 8 <= rows ? 4 * rb : 0; /* bytes of the next group to fetch */
-#define NEXT(nt) prefetch_next_group(w + 4 * rb, ahead, t, t + (nt), n)
+    if (n > 1) {
 #ifdef __AVX512VL__ /* 32 vector registers: room for 4 x 4 sums */
-        for (; t + 4 <= n; t += 4) { NEXT(4); TILE(4, 4); }
+        const int most = 4;
+#else
+        const int most = 2;
 #endif
-        for (; t + 2 <= n; t += 2) { NEXT(2); TILE(4, 2); }
-        for (; t < n; t++) { NEXT(1); TILE(4, 1); }
-#undef NEXT
+        const size_t ahead = next_chunk_bytes(rows, r0, nr, rb);
+        const unsigned char *w0 = w;
+        for (int t = 0, nt; t < n; t += nt) {
+            nt = n - t >= most ? most : n - t >= 2 ? 2 : 1;
+            prefetch_next_chunk(w0 + (size_t)nr * rb, ahead, t, t + nt, n);
+            int r = 0;
+            w = w0, o = out + r0;
+            for (; r + 4 <= nr; r += 4, w += 4 * rb, o += 4) {
+                if (nt == 4) TILE(4, 4);
+                else if (nt == 2) TILE(4, 2);
+                else TILE(4, 1);
+            }
+            for (; r < nr; r++, w += rb, o++) {
+                if (nt == 4) TILE(1, 4);
+                else if (nt == 2) TILE(1, 2);
+                else TILE(1, 1);
+            }
+        }
     } else {
-        for (int r = 0; r < nr; r++, w += rb, o++)
-            for (t = 0; t < n; t++) TILE(1, 1);
+        for (int r = 0, t = 0; r < nr; r++, w += rb, o++) TILE(1, 1);
     }
 #undef TILE
 }
@@ -1416,20 +1438,30 @@ static void matmul_rows_avx512(float *out, const float *xin, int n, const Matrix
         else                                                                                                       \
             tile512_q4_0(o_, rows, w, rb, a->xq_perm + (size_t)t * Q4_GROUPS(nb) * Q4_GROUP_BYTES, nb, NR_, NT_);     \
     } while (0)
-    int t = 0;
-    /* Decode runs 1 x 1 tiles: each thread then reads its rows as one stream. (bf16 ran
-     * 4 x 1 tiles until the weights sat in 2 MiB pages: with them, 1 x 1 streamed 69-73
-     * GB/s through the 1B layers where 4 x 1 did 60-64, and no slower from 4 KiB pages.) */
-    if (nr == 4 && n > 1) {
-        const size_t ahead = r0 + 8 <= rows ? 4 * rb : 0; /* bytes of the next group to fetch */
-#define NEXT(nt) prefetch_next_group(w + 4 * rb, ahead, t, t + (nt), n)
-        for (; t + 4 <= n; t += 4) { NEXT(4); TILE(4, 4); }
-        for (; t + 2 <= n; t += 2) { NEXT(2); TILE(4, 2); }
-        for (; t < n; t++) { NEXT(1); TILE(4, 1); }
-#undef NEXT
+    /* A prompt: each 4 tokens' x stays in L1 while it meets the chunk's rows, 4 at a time,
+     * whose weights stay in L2 (CHUNK_ROWS). Decode (matmul_streams512 takes most of its
+     * rows) runs 1 x 1 tiles. */
+    if (n > 1) {
+        const size_t ahead = next_chunk_bytes(rows, r0, nr, rb);
+        const unsigned char *w0 = w;
+        for (int t = 0, nt; t < n; t += nt) {
+            nt = n - t >= 4 ? 4 : n - t >= 2 ? 2 : 1;
+            prefetch_next_chunk(w0 + (size_t)nr * rb, ahead, t, t + nt, n);
+            int r = 0;
+            w = w0, o = out + r0;
+            for (; r + 4 <= nr; r += 4, w += 4 * rb, o += 4) {
+                if (nt == 4) TILE(4, 4);
+                else if (nt == 2) TILE(4, 2);
+                else TILE(4, 1);
+            }
+            for (; r < nr; r++, w += rb, o++) {
+                if (nt == 4) TILE(1, 4);
+                else if (nt == 2) TILE(1, 2);
+                else TILE(1, 1);
+            }
+        }
     } else {
-        for (int r = 0; r < nr; r++, w += rb, o++)
-            for (t = 0; t < n; t++) TILE(1, 1);
+        for (int r = 0, t = 0; r < nr; r++, w += rb, o++) TILE(1, 1);
     }
 #undef TILE
 }
@@ -1589,17 +1621,20 @@ static int tile_level(const RunState *s, int cols) {
 /* The hot loop of the whole program: out[i] = W[i] x for `count` matrices that read the
  * same x (q/k/v; gate/up), with the widest SIMD tiles the build has and the shapes allow,
  * else the plain loops. In one parallel region the threads first prepare x (a prompt's
- * together, decode's each for itself), then split the groups of 4 rows of all the
- * matrices: one start of the threads per input, not per matrix (decode ran 183 matmuls a token before; each start and wait costs microseconds).
+ * together, decode's each for itself), then split the rows of all the matrices, in jobs
+ * of 4 rows (decode) or CHUNK_ROWS (a prompt): one start of the threads per input, not
+ * per matrix (decode ran 183 matmuls a token before; each start and wait costs microseconds).
  * s->simd caps the level (tests lower it to check each kind of tile against the plain loops). */
 #define MATMUL_MANY 3 /* most matrices per matmul_many */
 static void matmul_many(int count, float *const out[], const Matrix *const W[], const float *x, int n, RunState *s) {
 #ifdef GEMMA3_AVX2
     const int level = tile_level(s, W[0]->cols);
-    int same = 1, first[MATMUL_MANY + 1] = {0}; /* matrix i has the groups first[i] .. first[i + 1] - 1 */
+    /* A job is R rows of one matrix: a group of 4 in decode, a chunk in a prompt */
+    const int R = n > 1 ? CHUNK_ROWS : 4;
+    int same = 1, first[MATMUL_MANY + 1] = {0}; /* matrix i has the jobs first[i] .. first[i + 1] - 1 */
     for (int i = 0; i < count; i++) {
         same &= W[i]->dtype == W[0]->dtype && W[i]->cols == W[0]->cols;
-        first[i + 1] = first[i] + (W[i]->rows + 3) / 4;
+        first[i + 1] = first[i] + (W[i]->rows + R - 1) / R;
     }
     if (level > 0 && same) {
         const int pieces = W[0]->dtype == DT_F32 ? 0 : (W[0]->cols + PIECE - 1) / PIECE;
@@ -1622,8 +1657,8 @@ static void matmul_many(int count, float *const out[], const Matrix *const W[], 
             for (g = 0; g < first[count]; g++) {
                 int i = 0;
                 while (g >= first[i + 1]) i++;
-                int gi = g - first[i]; /* the group's number within matrix i */
-                int r0 = 4 * gi, nr = W[i]->rows - r0 < 4 ? W[i]->rows - r0 : 4;
+                int gi = g - first[i]; /* the job's number within matrix i */
+                int r0 = R * gi, nr = W[i]->rows - r0 < R ? W[i]->rows - r0 : R;
 #ifdef GEMMA3_AVX512
                 if (level == 2 && n == 1 && gi < W[i]->rows / 4) {
                     matmul_streams512(out[i], xin, W[i], a, gi); /* the rest (rows % 4) below */
