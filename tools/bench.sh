@@ -14,8 +14,8 @@
 #   PREFILL="128 512"    prompt lengths for prefill tok/s        [quick: "32 128"]
 #   DECODE=64            tokens to generate for decode tok/s     [quick: 32]
 #   REPEAT=1             runs of each prefill and decode measurement; the fastest prefill
-#                        and the decode run closest to its limit are kept (the machine
-#                        may be shared: 2 or 3 steadies the numbers)
+#                        and the median decode run (by share of its limit) are kept
+#                        (the machine may be shared: 3 steadies the numbers)
 #   FILL_CONTEXT=0       N > 0: also run each format with -c N and a prompt of N - 8 tokens
 #                        (-f), and report its peak RSS with the whole KV cache in use and its
 #                        prefill rate (slow: Gemma 3 1B at N = 32768 takes minutes per format)
@@ -60,9 +60,9 @@
 #            bandwidth is the better of the two. Decode reads every weight once per
 #            token, so a run's limit tok/s = its bandwidth / weight bytes, the weight
 #            bytes being the sum of the tensor sizes in the file's tensor directory
-#            (FORMAT.md). Of the REPEAT runs, the table reports the one closest to its
-#            limit (its tok/s, bandwidth, limit and %), and the mean of all the probes'
-#            medians beside its bandwidth.
+#            (FORMAT.md). Of the REPEAT runs, the table reports the median one by share
+#            of its limit (its tok/s, bandwidth, limit and %), and the mean of all the
+#            probes' medians beside its bandwidth.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -278,10 +278,12 @@ prefill_tps() {
 # two bandwidth probes: probe, run, probe, run, probe. A run's limit is the better of
 # the probes right before and after it / WBYTES: the memory's speed drifts within
 # seconds, and two probes around all the runs bracketed a run's moment poorly. Sets, for
-# the run closest to its limit: DEC_N (tokens generated), DEC_TPS, DEC_BW (GB/s) and
-# DEC_LIM (tok/s); and DEC_MED, the mean of the probes' medians.
+# the median run by share of its limit (of an even number, the lower of the middle two):
+# DEC_N (tokens generated), DEC_TPS, DEC_BW (GB/s) and DEC_LIM (tok/s); and DEC_MED, the
+# mean of the probes' medians. (The best share would pick the runs the probes misjudged:
+# one bf16 run read 101 % of a probe's best.)
 decode() {
-    local model=$1 wbytes=$2 r forwards prev tps bw ratio best="" med_sum=0 probes=0; shift 2
+    local model=$1 wbytes=$2 r forwards prev tps bw ratio med_sum=0 probes=0 runs="" pick; shift 2
     DEC_TPS=""
     bandwidth "probe" || return 1
     prev=$BW_BEST; med_sum=$BW_MEDIAN; probes=1
@@ -300,11 +302,14 @@ decode() {
         tps=$(calc "\"%.6f\", $forwards / $G_S")
         ratio=$(calc "\"%.6f\", $tps * $wbytes / ($bw * 1e9)")
         say "  run $((r + 1)): $(fmt_tps "$tps") tok/s, bandwidth $bw GB/s: $(calc "\"%.1f%%\", 100 * $ratio") of the limit"
-        if [ -z "$best" ] || awk "BEGIN { exit !($ratio > $best) }"; then
-            best=$ratio; DEC_TPS=$tps; DEC_BW=$bw; DEC_LIM=$(calc "\"%.6f\", $bw * 1e9 / $wbytes")
-        fi
+        runs="$runs$ratio $tps $bw
+"
     done
     DEC_MED=$(calc "\"%.2f\", $med_sum / $probes")
+    [ -n "$runs" ] || return 0
+    pick=$(printf '%s' "$runs" | sort -n -k 1,1 | awk '{ line[NR] = $0 } END { print line[int((NR + 1) / 2)] }')
+    read -r ratio DEC_TPS DEC_BW <<<"$pick"
+    DEC_LIM=$(calc "\"%.6f\", $DEC_BW * 1e9 / $wbytes")
 }
 
 # short_row FMT TEXT: a table row that only says why this format has no numbers.
@@ -451,14 +456,14 @@ hdr_prefill=""
 for t in $PREFILL; do hdr_prefill="$hdr_prefill prefill $t tok/s |"; done
 {
     echo "Machine: $(nproc) CPUs, ${cpu:-unknown CPU}, OMP_NUM_THREADS=$threads, load average $load0 at the start; gemma3 $rev ($build)$membw_note."
-    echo "Model: random Gemma 3 $preset checkpoint (tools/make_checkpoint.py --seed 1); decode: $DECODE tokens after a ${#PROMPT}-character prompt; $REPEAT run(s) of each measurement (prefill: the fastest; decode: the closest to its limit)."
+    echo "Model: random Gemma 3 $preset checkpoint (tools/make_checkpoint.py --seed 1); decode: $DECODE tokens after a ${#PROMPT}-character prompt; $REPEAT run(s) of each measurement (prefill: the fastest; decode: the median by share of its limit)."
     echo
     echo "| format | file size | peak RSS |$hdr_prefill decode tok/s | bandwidth GB/s (run / median) | limit tok/s | % of limit |"
     echo "|---|---:|---:|$(for t in $PREFILL; do printf -- '---:|'; done)---:|---:|---:|---:|"
     cat "$rows"
     echo
     [ "$measured" = 0 ] ||
-    echo "Limit = the decode run's bandwidth (the better of tools/membw.c's best right before and right after it) / weights read per token (sum of the tensor sizes:${wlist%,}); of $REPEAT run(s), the one closest to its limit is shown. Median: the mean of all the format's probes' medians."
+    echo "Limit = the decode run's bandwidth (the better of tools/membw.c's best right before and right after it) / weights read per token (sum of the tensor sizes:${wlist%,}); of $REPEAT run(s), the median by that share is shown. Median: the mean of all the format's probes' medians."
     echo "Peak RSS ($rss_tool) includes the touched pages of the mmap'd model file.$notes"
     if [ -s "$fill_rows" ]; then
         echo
