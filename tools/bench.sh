@@ -200,6 +200,13 @@ print(total)
 PY
 }
 
+# steal_ms: CPU time the hypervisor gave other guests (/proc/stat "steal", all CPUs), in ms
+# since boot; 0 where there is no such figure. A decode run's share of it goes in the log:
+# a run whose threads lost the CPU waits for them at every matmul.
+steal_ms() {
+    awk '/^cpu / { s = $9 } END { printf "%d\n", (s + 0) * 1000 / '"$(getconf CLK_TCK 2>/dev/null || echo 100)"' }' /proc/stat 2>/dev/null || echo 0
+}
+
 # bandwidth TAG: runs the probe, sets BW_BEST and BW_MEDIAN (GB/s).
 bandwidth() {
     local line
@@ -288,7 +295,10 @@ decode() {
     bandwidth "probe" || return 1
     prev=$BW_BEST; med_sum=$BW_MEDIAN; probes=1
     for ((r = 0; r < REPEAT; r++)); do
+        local steal0 steal1
+        steal0=$(steal_ms)
         run_timed "$logs/decode.log" "$bin" "$model" -p "$PROMPT" -n "$DECODE" "$@" || return 1
+        steal1=$(steal_ms)
         stderr_rates "$logs/decode.log" || return 1
         bandwidth "probe" || return 1
         med_sum=$(calc "\"%.4f\", $med_sum + $BW_MEDIAN"); probes=$((probes + 1))
@@ -301,7 +311,7 @@ decode() {
         if [ "$forwards" -le 0 ] || ! positive "$G_S"; then continue; fi
         tps=$(calc "\"%.6f\", $forwards / $G_S")
         ratio=$(calc "\"%.6f\", $tps * $wbytes / ($bw * 1e9)")
-        say "  run $((r + 1)): $(fmt_tps "$tps") tok/s, bandwidth $bw GB/s: $(calc "\"%.1f%%\", 100 * $ratio") of the limit"
+        say "  run $((r + 1)): $(fmt_tps "$tps") tok/s, bandwidth $bw GB/s: $(calc "\"%.1f%%\", 100 * $ratio") of the limit (steal $((steal1 - steal0)) ms)"
         runs="$runs$ratio $tps $bw
 "
     done
