@@ -1466,7 +1466,8 @@ static void matmul_rows_avx512(float *out, const float *xin, int n, const Matrix
 #undef TILE
 }
 
-/* Decode reads a matrix in several streams per thread: q8_0/q4_0 in 4, f32/bf16 in 2.
+/* Decode reads a matrix in several streams per thread: q8_0/q4_0 in 4, f32/bf16 in 2
+ * (decode_streams; so do q4_0 matrices of long rows).
  * Group g of the matrix's first 4 * (rows / 4) rows is 4 / S units of S rows D apart
  * (S streams, D = rows / 4 * 4 / S): for S = 4, rows g, g + D, g + 2D, g + 3D. So a
  * thread's share of the groups is S far-apart runs of rows, read side by side by S x 1
@@ -1474,8 +1475,15 @@ static void matmul_rows_avx512(float *out, const float *xin, int n, const Matrix
  * q4_0 66-67 GB/s in one stream per thread, 72-74 in four (q8_0 73 -> 74); bf16 73 in
  * one, 76 in two, 75 in four; at ~51 GB/s f32 49 in one, 51 in two (bf16 +1 %). The sums
  * are the same as with 1 x 1 tiles. */
+static int decode_streams(const Matrix *W) {
+    /* q4_0 rows of over 4096 columns (1B's down, 1152 x 6912) streamed 44 -> 50 GB/s in 2
+     * (memory at ~54), 61 -> 66 (at ~86); q8_0's fell from 45 to 41. */
+    if (W->dtype == DT_Q4_0 && W->cols > 4096) return 2;
+    return W->dtype >= DT_Q8_0 ? 4 : 2;
+}
+
 static void matmul_streams512(float *out, const float *xin, const Matrix *W, const Activations *a, int g) {
-    const int S = W->dtype >= DT_Q8_0 ? 4 : 2, D = W->rows / 4 * (4 / S), nb = W->cols / QK;
+    const int S = decode_streams(W), D = W->rows / 4 * (4 / S), nb = W->cols / QK;
     const size_t rb = row_bytes(W->dtype, W->cols);
     for (int u = g * (4 / S); u < (g + 1) * (4 / S); u++) {
         const unsigned char *w = (const unsigned char *)W->data + (size_t)u * rb;
@@ -1483,6 +1491,7 @@ static void matmul_streams512(float *out, const float *xin, const Matrix *W, con
         if (W->dtype == DT_F32) tile512_f32(o, 1, w, (size_t)D * rb, xin, W->cols, 2, 1);
         else if (W->dtype == DT_BF16) tile512_bf16(o, 1, w, (size_t)D * rb, xin, W->cols, 2, 1);
         else if (W->dtype == DT_Q8_0) tile512_q8_0(o, 1, w, (size_t)D * rb, a->xq, a->xq_scale, nb, 4, 1);
+        else if (S == 2) tile512_q4_0(o, 1, w, (size_t)D * rb, a->xq_perm, nb, 2, 1);
         else tile512_q4_0(o, 1, w, (size_t)D * rb, a->xq_perm, nb, 4, 1);
         for (int r = 0; r < S; r++) out[u + r * D] = o[r];
     }
@@ -1576,6 +1585,27 @@ static void attention_values512(float *out, const float *att, size_t ctx, const 
         h += H;
     }
 }
+/* Decode: before a thread prepares x (about a microsecond for 1152 values, several for
+ * 6912), it asks for the first PREFETCH_AHEAD bytes of its streams, as far as the tiles'
+ * own prefetches run ahead, so that the memory's latency passes while x is prepared,
+ * not at the start of the streams (1B q4_0 matmuls in one process, memory at ~88 GB/s:
+ * 73.5 -> 76.8 GB/s; at ~54 and for q8_0 and bf16, the same as before). The thread's
+ * first job is where OpenMP's static schedule starts it, split as libgomp splits (the
+ * first N % T threads take one job more); under another split the prefetch is wasted. */
+static void prefetch_stream_starts(const Matrix *const W[], const int first[], int count) {
+    int T = TEAM_SIZE(), id = THREAD_NUM(), N = first[count], q = N / T, extra = N % T, i = 0;
+    int g = id < extra ? (q + 1) * id : q * id + extra;
+    if (g >= N) return;
+    while (g >= first[i + 1]) i++;
+    const Matrix *M = W[i];
+    const int gi = g - first[i], S = decode_streams(M), D = M->rows / 4 * (4 / S);
+    if (gi >= M->rows / 4) return;
+    const size_t rb = row_bytes(M->dtype, M->cols);
+    for (int r = 0; r < S; r++) {
+        const unsigned char *p = (const unsigned char *)M->data + ((size_t)gi * (4 / S) + (size_t)r * D) * rb;
+        for (int b = 0; b < PREFETCH_AHEAD / S; b += 64) __builtin_prefetch(p + b, 0, 3);
+    }
+}
 #endif /* GEMMA3_AVX512 */
 
 #ifdef GEMMA3_AVX2
@@ -1646,6 +1676,9 @@ static void matmul_many(int count, float *const out[], const Matrix *const W[], 
                  * rows without waiting for the other (nor fetching x from the other core's
                  * cache): 1B q4_0 matmuls streamed 71 -> 74 GB/s, the 1152 x 6912 one 55 -> 65. */
                 Activations *own = &s->act_thread[THREAD_NUM()];
+#ifdef GEMMA3_AVX512
+                if (level == 2) prefetch_stream_starts(W, first, count);
+#endif
                 for (int p = 0; p < pieces; p++) prepare_piece(own, x, 0, p, W[0], level);
                 a = own;
             } else {
