@@ -876,7 +876,7 @@ static void matmul_plain(float *out, const float *x, int n, const Matrix *W, Run
  * them to the stack). */
 #define RELOAD(p) __asm__ volatile("" : "+r"(p))
 
-/* A prompt's job is a chunk of CHUNK_ROWS rows against all the tokens (prompt_rows), then
+/* A prompt's job is a chunk of CHUNK_ROWS rows against all the tokens (matmul_rows_*), then
  * the thread's next chunk (the next rows, under the static schedule). Rows of 1152 q4_0
  * columns are 648 bytes: too short a stretch for the hardware prefetcher, so the next
  * chunk's first tiles waited on memory. The tiles of tokens t0 .. t1 - 1 (of n) ask for
@@ -1496,12 +1496,13 @@ static void matmul_streams512(float *out, const float *xin, const Matrix *W, con
         for (int r = 0; r < S; r++) out[u + r * D] = o[r];
     }
 }
+
 /* Attention of one job (attention()'s loop) with AVX-512: nh query heads q (hd apart) of
  * one kv head, against the span keys and values a query sees, which are ring slots s0 ..
  * s0 + n0 - 1 then 0 .. span - n0 - 1. Scores go to att (head g's at att + g * ctx), the
- * output to out (head g's at out + g * hd). A prompt's job (4 heads) took 3 x as long in the
- * plain loops: there each score is a dot product of its own, and the weighted sum of values
- * loads and stores the output every 4 keys. Here scores come 4 keys x up to 4 heads at a
+ * output to out (head g's at out + g * hd). A prompt's job (4 heads) took twice as long in
+ * the plain loops: there each score is a dot product of its own, and the weighted sum of
+ * values loads and stores the output every 4 keys. Here scores come 4 keys x up to 4 heads at a
  * time from the f32 matmul tile (keys as its rows, heads as its tokens), and the sum keeps
  * its output in registers over all the keys. Each (head, key) score and (head, element)
  * sum is added in the same order whatever nh is: a prompt's job equals decode's one head. */
@@ -1566,8 +1567,7 @@ static void attention_scores512(float *att, size_t ctx, const float *q, const fl
     }
 }
 
-/* Decode's single head sums 256 elements at once (each value row is read once), a
- * prompt's 4 heads 64 (16 sums in registers). */
+/* 16 sums in registers: a single head's 256 elements at once, 2 or 4 heads' 64. */
 static void attention_values512(float *out, const float *att, size_t ctx, const float *vc, int KV, int s0, int n0,
                                 int span, int hd, int nh) {
     const int wide = hd % 64 == 0;
@@ -1585,6 +1585,7 @@ static void attention_values512(float *out, const float *att, size_t ctx, const 
         h += H;
     }
 }
+
 /* Decode: before a thread prepares x (about a microsecond for 1152 values, several for
  * 6912), it asks for the first PREFETCH_AHEAD bytes of its streams, as far as the tiles'
  * own prefetches run ahead, so that the memory's latency passes while x is prepared,
