@@ -892,6 +892,31 @@ static size_t next_chunk_bytes(int rows, int r0, int nr, size_t rb) {
     return (size_t)(left < nr ? left : nr) * rb;
 }
 
+/* A prompt's chunk in matmul_rows_avx2/512 (which define TILE and the variables): each
+ * `most` tokens (or the 2 or 1 left) meet the chunk's rows 4 at a time, then its last rows
+ * one by one, and ask for their share of the next chunk's weights. */
+#define CHUNK_LOOP(most)                                                                                           \
+    do {                                                                                                           \
+        const size_t ahead_ = next_chunk_bytes(rows, r0, nr, rb);                                                  \
+        const unsigned char *w0_ = w;                                                                              \
+        for (int t = 0, nt; t < n; t += nt) {                                                                      \
+            nt = n - t >= (most) ? (most) : n - t >= 2 ? 2 : 1;                                                    \
+            prefetch_next_chunk(w0_ + (size_t)nr * rb, ahead_, t, t + nt, n);                                      \
+            int r = 0;                                                                                             \
+            w = w0_, o = out + r0;                                                                                 \
+            for (; r + 4 <= nr; r += 4, w += 4 * rb, o += 4) {                                                     \
+                if (nt == 4) TILE(4, 4);                                                                           \
+                else if (nt == 2) TILE(4, 2);                                                                      \
+                else TILE(4, 1);                                                                                   \
+            }                                                                                                      \
+            for (; r < nr; r++, w += rb, o++) {                                                                    \
+                if (nt == 4) TILE(1, 4);                                                                           \
+                else if (nt == 2) TILE(1, 2);                                                                      \
+                else TILE(1, 1);                                                                                   \
+            }                                                                                                      \
+        }                                                                                                          \
+    } while (0)
+
 static float hsum8(__m256 v) { /* a fixed order: 8 -> 4 -> 2 -> 1 */
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -1078,24 +1103,7 @@ static void matmul_rows_avx2(float *out, const float *xin, int n, const Matrix *
 #else
         const int most = 2;
 #endif
-        const size_t ahead = next_chunk_bytes(rows, r0, nr, rb);
-        const unsigned char *w0 = w;
-        for (int t = 0, nt; t < n; t += nt) {
-            nt = n - t >= most ? most : n - t >= 2 ? 2 : 1;
-            prefetch_next_chunk(w0 + (size_t)nr * rb, ahead, t, t + nt, n);
-            int r = 0;
-            w = w0, o = out + r0;
-            for (; r + 4 <= nr; r += 4, w += 4 * rb, o += 4) {
-                if (nt == 4) TILE(4, 4);
-                else if (nt == 2) TILE(4, 2);
-                else TILE(4, 1);
-            }
-            for (; r < nr; r++, w += rb, o++) {
-                if (nt == 4) TILE(1, 4);
-                else if (nt == 2) TILE(1, 2);
-                else TILE(1, 1);
-            }
-        }
+        CHUNK_LOOP(most);
     } else {
         for (int r = 0, t = 0; r < nr; r++, w += rb, o++) TILE(1, 1);
     }
@@ -1442,24 +1450,7 @@ static void matmul_rows_avx512(float *out, const float *xin, int n, const Matrix
      * whose weights stay in L2 (CHUNK_ROWS). Decode (matmul_streams512 takes most of its
      * rows) runs 1 x 1 tiles. */
     if (n > 1) {
-        const size_t ahead = next_chunk_bytes(rows, r0, nr, rb);
-        const unsigned char *w0 = w;
-        for (int t = 0, nt; t < n; t += nt) {
-            nt = n - t >= 4 ? 4 : n - t >= 2 ? 2 : 1;
-            prefetch_next_chunk(w0 + (size_t)nr * rb, ahead, t, t + nt, n);
-            int r = 0;
-            w = w0, o = out + r0;
-            for (; r + 4 <= nr; r += 4, w += 4 * rb, o += 4) {
-                if (nt == 4) TILE(4, 4);
-                else if (nt == 2) TILE(4, 2);
-                else TILE(4, 1);
-            }
-            for (; r < nr; r++, w += rb, o++) {
-                if (nt == 4) TILE(1, 4);
-                else if (nt == 2) TILE(1, 2);
-                else TILE(1, 1);
-            }
-        }
+        CHUNK_LOOP(4);
     } else {
         for (int r = 0, t = 0; r < nr; r++, w += rb, o++) TILE(1, 1);
     }
