@@ -62,7 +62,9 @@
 #            bytes being the sum of the tensor sizes in the file's tensor directory
 #            (FORMAT.md). Of the REPEAT runs, the table reports the median one by share
 #            of its limit (its tok/s, bandwidth, limit and %), and the mean of all the
-#            probes' medians beside its bandwidth.
+#            probes' medians beside its bandwidth. Runs during which the hypervisor took
+#            over 1 % of the CPU time away (/proc/stat steal) are logged as disturbed and
+#            left out of the median (counted under the table), unless all of them were.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -284,14 +286,19 @@ prefill_tps() {
 # options (same options, same seed: every run generates the same tokens), each between
 # two bandwidth probes: probe, run, probe, run, probe. A run's limit is the better of
 # the probes right before and after it / WBYTES: the memory's speed drifts within
-# seconds, and two probes around all the runs bracketed a run's moment poorly. Sets, for
-# the median run by share of its limit (of an even number, the lower of the middle two):
-# DEC_N (tokens generated), DEC_TPS, DEC_BW (GB/s) and DEC_LIM (tok/s); and DEC_MED, the
-# mean of the probes' medians. (The best share would pick the runs the probes misjudged:
-# one bf16 run read 101 % of a probe's best.)
+# seconds, and two probes around all the runs bracketed a run's moment poorly. A run
+# during which the hypervisor gave other guests (steal) over 1 % of the CPU time the run
+# had (wall time x CPUs) is "disturbed": on this project's VM such runs were the slow ones
+# (q4_0: 79-81 tok/s with 110-160 ms of steal, 88-90 with none, in one series). Sets,
+# for the median run by share of its limit (of an even number, the lower of the middle
+# two) among the undisturbed runs, or among all if every run was disturbed: DEC_N (tokens
+# generated), DEC_TPS, DEC_BW (GB/s) and DEC_LIM (tok/s); DEC_MED, the mean of the
+# probes' medians; DEC_DISTURBED, how many runs were disturbed. (The best share would
+# pick the runs the probes misjudged: one bf16 run read 101 % of a probe's best.)
 decode() {
-    local model=$1 wbytes=$2 r forwards prev tps bw ratio med_sum=0 probes=0 runs="" pick; shift 2
+    local model=$1 wbytes=$2 r forwards prev tps bw ratio med_sum=0 probes=0 runs="" calm="" pick steal tag; shift 2
     DEC_TPS=""
+    DEC_DISTURBED=0
     bandwidth "probe" || return 1
     prev=$BW_BEST; med_sum=$BW_MEDIAN; probes=1
     for ((r = 0; r < REPEAT; r++)); do
@@ -311,12 +318,20 @@ decode() {
         if [ "$forwards" -le 0 ] || ! positive "$G_S"; then continue; fi
         tps=$(calc "\"%.6f\", $forwards / $G_S")
         ratio=$(calc "\"%.6f\", $tps * $wbytes / ($bw * 1e9)")
-        say "  run $((r + 1)): $(fmt_tps "$tps") tok/s, bandwidth $bw GB/s: $(calc "\"%.1f%%\", 100 * $ratio") of the limit (steal $((steal1 - steal0)) ms)"
+        steal=$((steal1 - steal0)); tag=""
+        if awk "BEGIN { exit !($steal > 0.01 * $T_WALL * 1000 * $(nproc)) }"; then
+            tag=", disturbed"; DEC_DISTURBED=$((DEC_DISTURBED + 1))
+        else
+            calm="$calm$ratio $tps $bw
+"
+        fi
+        say "  run $((r + 1)): $(fmt_tps "$tps") tok/s, bandwidth $bw GB/s: $(calc "\"%.1f%%\", 100 * $ratio") of the limit (steal $steal ms in $(calc "\"%.1f\", $T_WALL") s$tag)"
         runs="$runs$ratio $tps $bw
 "
     done
     DEC_MED=$(calc "\"%.2f\", $med_sum / $probes")
     [ -n "$runs" ] || return 0
+    [ -n "$calm" ] && runs=$calm
     pick=$(printf '%s' "$runs" | sort -n -k 1,1 | awk '{ line[NR] = $0 } END { print line[int((NR + 1) / 2)] }')
     read -r ratio DEC_TPS DEC_BW <<<"$pick"
     DEC_LIM=$(calc "\"%.6f\", $DEC_BW * 1e9 / $wbytes")
@@ -397,10 +412,10 @@ bench_format() {
     decode "$out" "$wbytes" -t 0 || { short_row "$fmt" "gemma3 failed (decode, or tools/membw)"; return 0; }
     if [ "$DEC_N" -lt "$DECODE" ]; then
         say "  greedy stopped after $DEC_N tokens (random model); again with -t 1 -s 1"
-        local n_greedy=$DEC_N tps_greedy=$DEC_TPS bw_greedy=$DEC_BW lim_greedy=$DEC_LIM med_greedy=$DEC_MED
+        local n_greedy=$DEC_N tps_greedy=$DEC_TPS bw_greedy=$DEC_BW lim_greedy=$DEC_LIM med_greedy=$DEC_MED dist_greedy=$DEC_DISTURBED
         decode "$out" "$wbytes" -t 1 -s 1 || { short_row "$fmt" "gemma3 failed (decode, or tools/membw)"; return 0; }
         if [ "$DEC_N" -gt "$n_greedy" ]; then label=", sampled"
-        else DEC_N=$n_greedy; DEC_TPS=$tps_greedy; DEC_BW=$bw_greedy; DEC_LIM=$lim_greedy; DEC_MED=$med_greedy; fi
+        else DEC_N=$n_greedy; DEC_TPS=$tps_greedy; DEC_BW=$bw_greedy; DEC_LIM=$lim_greedy; DEC_MED=$med_greedy; DEC_DISTURBED=$dist_greedy; fi
     fi
     say "  decode: $DEC_N tokens, $(fmt_tps "$DEC_TPS") tok/s"
 
@@ -413,6 +428,15 @@ bench_format() {
     else pct="n/a"; fi
     echo "| $fmt | $(fmt_gb "$fsize") | $(calc "\"%.2f GB\", $PEAK_RSS * 1024 / 1e9") |$cells $dec |" \
          "$bwcell | $limcell | $pct |" >>"$rows"
+    if [ "$DEC_DISTURBED" -gt 0 ]; then
+        if [ "$DEC_DISTURBED" -ge "$REPEAT" ]; then
+            notes="$notes
+$fmt: every decode run lost over 1 % of its CPU time to the hypervisor (steal); the median is of all of them."
+        else
+            notes="$notes
+$fmt: $DEC_DISTURBED of $REPEAT decode runs lost over 1 % of their CPU time to the hypervisor (steal) and are left out of the median."
+        fi
+    fi
     wlist="$wlist $fmt $(fmt_gb "$wbytes"),"
     [ "$FILL_CONTEXT" -gt 0 ] && fill_context "$fmt" "$out"
     if [ "$MAJFLT" -gt 1000 ]; then
