@@ -542,7 +542,9 @@ static void test_kernels(void) {
     static unsigned char packed[ROWS * MAXC * 4];
     const int shapes[][2] = {{DT_F32, 288}, {DT_F32, 272}, {DT_F32, 100}, {DT_BF16, 288}, {DT_BF16, 272},
                              {DT_BF16, 40}, {DT_Q8_0, 288}, {DT_Q8_0, 608}, {DT_Q4_0, 288}, {DT_Q4_0, 800},
-                             {DT_Q4_0, 384}, {DT_Q4_0, 416}}; /* q4_0 AVX-512: a last group of 1, 1, 4, 5 blocks */
+                             {DT_Q4_0, 384}, {DT_Q4_0, 416}, {DT_Q8_0, 384}, {DT_Q8_0, 416}, {DT_Q8_0, 768}};
+    /* blocks of 32: the AVX-512 tiles take q4_0 8 and q8_0 16 blocks a step, so these
+     * shapes end in partial steps of every kind (q8_0 384, 416, 768: 12, 13, 8 blocks) */
     const char *names[] = {"f32", "bf16", "q8_0", "q4_0"}, *levels[] = {"plain", "AVX2", "AVX-512"};
     uint64_t seed = 7;
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
