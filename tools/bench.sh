@@ -9,7 +9,8 @@
 #   --quick   smoke run on the 270M shape, short prompts (under a minute once cached)
 #
 # Environment (defaults in brackets):
-#   FORMATS="f32 bf16"   export.py --dtype values to measure; one whose export fails is
+#   FORMATS="f32 bf16 q8_0 q4_0"
+#                        export.py --dtype values to measure; one whose export fails is
 #                        reported as such and skipped, the others still run
 #   PREFILL="128 512"    prompt lengths for prefill tok/s        [quick: "32 128"]
 #   DECODE=64            tokens to generate for decode tok/s     [quick: 32]
@@ -27,7 +28,8 @@
 # The random checkpoint (tools/make_checkpoint.py, seed 1, with the real tokenizer) and
 # each exported file are cached in BENCH_DIR and reused; an exported file is redone when
 # export.py is newer than it. The 1B shape needs about 2 GB (checkpoint) + 4 GB (f32)
-# + 2 GB (bf16) of disk. `rm -rf tests/build/bench` frees it (`make clean` does too).
+# + 2 GB (bf16) + 1.1 GB (q8_0) + 0.6 GB (q4_0) of disk. `rm -rf tests/build/bench` frees it
+# (`make clean` does too).
 #
 # What is measured, and how (each in a small function below, easy to adapt if the CLI
 # grows a --bench mode):
@@ -82,7 +84,7 @@ if [ "$quick" = 1 ]; then
 else
     preset=1b; prefill_default="128 512"; decode_default=64
 fi
-FORMATS=${FORMATS:-f32 bf16}
+FORMATS=${FORMATS:-f32 bf16 q8_0 q4_0}
 PREFILL=${PREFILL:-$prefill_default}
 DECODE=${DECODE:-$decode_default}
 REPEAT=${REPEAT:-1}
