@@ -1546,39 +1546,6 @@ TILE_INLINE void values512(float *out, const float *att, size_t ctx, const float
 }
 #undef RING_RUNS
 
-/* hd % 16 == 0. Heads go 4, 2 or 1 at a time. */
-static void attention_scores512(float *att, size_t ctx, const float *q, const float *kc, int KV, int s0, int n0, int span,
-                                int hd, int nh) {
-    for (int h = 0; h < nh;) {
-        int H = nh - h >= 4 ? 4 : nh - h >= 2 ? 2 : 1;
-        float *a = att + (size_t)h * ctx;
-        const float *qh = q + (size_t)h * hd;
-        if (H == 4) scores512(a, ctx, qh, kc, KV, s0, n0, span, hd, 4);
-        else if (H == 2) scores512(a, ctx, qh, kc, KV, s0, n0, span, hd, 2);
-        else scores512(a, ctx, qh, kc, KV, s0, n0, span, hd, 1);
-        h += H;
-    }
-}
-
-/* 16 sums in registers: a single head's 256 elements at once, 2 or 4 heads' 64. */
-static void attention_values512(float *out, const float *att, size_t ctx, const float *vc, int KV, int s0, int n0,
-                                int span, int hd, int nh) {
-    const int wide = hd % 64 == 0;
-    for (int h = 0; h < nh;) {
-        int H = nh - h >= 4 ? 4 : nh - h >= 2 ? 2 : 1;
-        const float *a = att + (size_t)h * ctx;
-        float *o = out + (size_t)h * hd;
-        if (H == 4 && wide) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 4, 4);
-        else if (H == 4) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 4, 1);
-        else if (H == 2 && wide) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 2, 4);
-        else if (H == 2) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 2, 1);
-        else if (hd % 256 == 0) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 1, 16);
-        else if (wide) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 1, 4);
-        else values512(o, a, ctx, vc, KV, s0, n0, span, hd, 1, 1);
-        h += H;
-    }
-}
-
 /* Decode: before a thread prepares x (about a microsecond for 1152 values, several for
  * 6912), it asks for the first PREFETCH_AHEAD bytes of its streams, as far as the tiles'
  * own prefetches run ahead, so that the memory's latency passes while x is prepared,
@@ -1823,6 +1790,35 @@ static float gelu_tanh(float x) {
     return x / (1.0f + exp_vec(-2.0f * u));
 }
 
+#ifdef GEMMA3_AVX512
+/* One attention job with the AVX-512 kernels (hd % 16 == 0), its heads 4, 2 or 1 at a
+ * time: their scores, scaled and softmaxed, then the weighted sum of the values, 16 sums
+ * in registers (a single head's 256 elements at once, 2 or 4 heads' 64). */
+static void attend512(float *out, float *att, size_t ctx, const float *q, const float *kc, const float *vc, int KV,
+                      int s0, int n0, int span, int hd, int nh, float scale) {
+    const int wide = hd % 64 == 0;
+    for (int h = 0, H; h < nh; h += H) {
+        H = nh - h >= 4 ? 4 : nh - h >= 2 ? 2 : 1;
+        float *a = att + (size_t)h * ctx, *o = out + (size_t)h * hd;
+        const float *qh = q + (size_t)h * hd;
+        if (H == 4) scores512(a, ctx, qh, kc, KV, s0, n0, span, hd, 4);
+        else if (H == 2) scores512(a, ctx, qh, kc, KV, s0, n0, span, hd, 2);
+        else scores512(a, ctx, qh, kc, KV, s0, n0, span, hd, 1);
+        for (int g = 0; g < H; g++) {
+            for (int j = 0; j < span; j++) a[(size_t)g * ctx + j] *= scale;
+            softmax(a + (size_t)g * ctx, span);
+        }
+        if (H == 4 && wide) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 4, 4);
+        else if (H == 4) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 4, 1);
+        else if (H == 2 && wide) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 2, 4);
+        else if (H == 2) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 2, 1);
+        else if (hd % 256 == 0) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 1, 16);
+        else if (wide) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 1, 4);
+        else values512(o, a, ctx, vc, KV, s0, n0, span, hd, 1, 1);
+    }
+}
+#endif
+
 /* Self-attention of the n batch tokens at positions pos0.. in layer l; their keys and
  * values are already in the cache. */
 static void attention(RunState *s, const Config *c, int l, int pos0, int n) {
@@ -1853,12 +1849,7 @@ static void attention(RunState *s, const Config *c, int l, int pos0, int n) {
 #ifdef GEMMA3_AVX512
         if (s->simd >= 2 && hd % 16 == 0) {
             int s0 = first % len, n0 = span < len - s0 ? span : len - s0; /* slots s0 .. s0 + n0 - 1, then 0 .. */
-            attention_scores512(att, s->ctx, q, kc, KV, s0, n0, span, hd, nh);
-            for (int g = 0; g < nh; g++) {
-                for (int j = 0; j < span; j++) att[g * s->ctx + j] *= scale;
-                softmax(att + g * s->ctx, span);
-            }
-            attention_values512(out, att, s->ctx, vc, KV, s0, n0, span, hd, nh);
+            attend512(out, att, s->ctx, q, kc, vc, KV, s0, n0, span, hd, nh, scale);
             continue;
         }
 #endif
