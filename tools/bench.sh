@@ -132,14 +132,18 @@ if command -v ldd >/dev/null; then
 fi
 case "$build" in OpenMP) ;; *) say "warning: $GEMMA3 is a build with $build" ;; esac
 
-# The bandwidth probe: OpenMP like gemma3; without it, one thread (said in the header).
-membw=$BENCH_DIR/membw
+# The bandwidth probe, built afresh each run as gemma3 is (-O3, -march=native where the
+# compiler has it): an -O2 build without -march sums with 16-byte SSE loads, four per
+# cache line, and read 12 % less than this one when the memory ran at ~87 GB/s (the same
+# at ~50): the limit has to be what the machine can read, not what a slow loop reads.
+# OpenMP like gemma3; without it, one thread (said in the header).
+membw=$work/membw
 membw_note=""
-if [ ! -x "$membw" ] || [ tools/membw.c -nt "$membw" ]; then
-    if ! ${CC:-cc} -O2 -fopenmp -o "$membw" tools/membw.c 2>"$work/cc.log"; then
-        ${CC:-cc} -O2 -o "$membw" tools/membw.c || die "cannot build tools/membw.c"
-        membw_note=" (membw built without OpenMP: one thread)"
-    fi
+membw_flags="-O3"
+${CC:-cc} -march=native -x c -c -o /dev/null /dev/null 2>/dev/null && membw_flags="-O3 -march=native"
+if ! ${CC:-cc} $membw_flags -fopenmp -o "$membw" tools/membw.c 2>"$work/cc.log"; then
+    ${CC:-cc} $membw_flags -o "$membw" tools/membw.c || die "cannot build tools/membw.c"
+    membw_note=" (membw built without OpenMP: one thread)"
 fi
 
 # Peak RSS: GNU time if installed, else the same figure (ru_maxrss of the waited-for
@@ -339,6 +343,40 @@ decode() {
     DEC_LIM=$(calc "\"%.6f\", $DEC_BW * 1e9 / $wbytes")
 }
 
+# page_in FILE: reads FILE into the page cache afresh, so no run pays for the disk, and sets
+# HUGE_SHARE to the share of it that a mapping gets in 2 MiB pages. Decode streams every
+# weight once per token: in 4 KiB pages that is a TLB miss (a page-table walk) every 4 KiB,
+# where the probe's array has 2 MiB pages. How the kernel caches a file depends on its
+# history: read from disk, or written in aligned 4 MiB pieces as the exporters write, it
+# sits in 2 MiB folios, but pages cached other ways (or kept through memory pressure) may
+# be small, and it cannot merge them (MADV_COLLAPSE does not take such files). Seen here:
+# a q4_0 file reused from an earlier bench mapped 32 % in 2 MiB pages, 94 % once read back
+# from disk, and a q4_0 file in 4 KiB pages decoded 3-7 % slower than one in 2 MiB pages
+# with the memory at ~80 GB/s (0-3 % at ~57; q8_0 about the same either way, alternated
+# token by token in one process). So the file is dropped from the cache (dd iflag=nocache,
+# which leaves pages that another process maps or that are not yet written) and read back,
+# as after a reboot, and the share is measured (python3: mmap, MADV_HUGEPAGE, touch,
+# /proc/self/smaps_rollup) and reported: "n/a" where the system does not say.
+page_in() {
+    dd if="$1" iflag=nocache count=0 status=none 2>/dev/null || true
+    cat "$1" >/dev/null
+    HUGE_SHARE=$(huge_share "$1") || HUGE_SHARE="n/a"
+}
+huge_share() {
+    python3 - "$1" 2>/dev/null <<'PY'
+import mmap, os, sys
+size = os.path.getsize(sys.argv[1])
+with open(sys.argv[1], "rb") as f:
+    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    m.madvise(mmap.MADV_HUGEPAGE)
+    touched = sum(m[i] for i in range(0, size, 4096))
+    with open("/proc/self/smaps_rollup") as r:
+        kb = [int(l.split()[1]) for l in r if l.startswith("FilePmdMapped:")]
+    m.close()
+print("%.0f %%" % (100 * kb[0] * 1024 / size) if kb else "n/a")
+PY
+}
+
 # short_row FMT TEXT: a table row that only says why this format has no numbers.
 short_row() {
     local row="| $1 | $2 |" t
@@ -395,8 +433,9 @@ bench_format() {
     logs=$work/$fmt
     mkdir -p "$logs"
 
-    # Page the file into the page cache once, so no run pays for the disk.
-    cat "$out" >/dev/null
+    page_in "$out"
+    say "  $fmt: $HUGE_SHARE of the file maps in 2 MiB pages"
+    hlist="$hlist $fmt $HUGE_SHARE,"
 
     say "$fmt: prefill (<bos> alone, then ${PREFILL// /, } tokens; best of $REPEAT)"
     prefill_base "$out" || { short_row "$fmt" "gemma3 failed (prefill, <bos> only)"; return 0; }
@@ -476,6 +515,7 @@ fill_rows=$work/fill-rows.md
 : >"$rows"
 : >"$fill_rows"
 wlist=""
+hlist=""
 notes=""
 measured=0
 for fmt in $FORMATS; do
@@ -500,7 +540,7 @@ for t in $PREFILL; do hdr_prefill="$hdr_prefill prefill $t tok/s |"; done
     echo
     [ "$measured" = 0 ] ||
     echo "Limit = the decode run's bandwidth (the better of tools/membw.c's best right before and right after it) / weights read per token (sum of the tensor sizes:${wlist%,}); of $REPEAT run(s), the median by that share is shown. Median: the mean of all the format's probes' medians."
-    echo "Peak RSS ($rss_tool) includes the touched pages of the mmap'd model file.$notes"
+    echo "Peak RSS ($rss_tool) includes the touched pages of the mmap'd model file. Each file is read into the page cache afresh before its runs; the share of it that maps in 2 MiB pages (as the probe's array):${hlist%,}.$notes"
     if [ -s "$fill_rows" ]; then
         echo
         echo "Whole context in use (FILL_CONTEXT): one run each, the prompt filling -c but for 8 tokens, then 2 generated."
