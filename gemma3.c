@@ -534,6 +534,8 @@ typedef struct {
     Activations *act_thread; /* (threads) one token's, each thread's own copy: see matmul_many */
     int threads;      /* how many act_thread has */
     int simd;         /* widest matmul tiles to use: 0 plain loops, 1 AVX2, 2 AVX-512 (as built) */
+    uint64_t *share;  /* (threads, 8) decode's matmul jobs each thread has left, a cache line each: see claim_jobs */
+    unsigned epoch;   /* counts decode's matmuls, to tell this one's shares from the last one's */
     float *rope_cos, *rope_sin; /* (2, max_batch, head_dim/2) local then global tables of the batch */
     float *inv_freq_local, *inv_freq_global; /* (head_dim/2) RoPE frequencies per layer type */
     float *hidden_dump; /* optional, (n_layers + 1, dim): the residual stream after the embedding
@@ -617,6 +619,7 @@ static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch,
         s->hb = carve(&cv, B * F, sizeof(float));
         s->hb2 = carve(&cv, B * F, sizeof(float));
         s->logits = carve(&cv, (all_logits ? B : 1) * (size_t)c->vocab_size, sizeof(float));
+        s->share = carve(&cv, (size_t)s->threads * 8, sizeof(uint64_t));
         carve_activations(&cv, &s->act, B, widest);
         for (int i = 0; i < s->threads; i++) carve_activations(&cv, &s->act_thread[i], 1, widest);
         s->rope_cos = carve(&cv, 2 * B * half, sizeof(float));
@@ -1550,13 +1553,11 @@ TILE_INLINE void values512(float *out, const float *att, size_t ctx, const float
  * 6912), it asks for the first PREFETCH_AHEAD bytes of its streams, as far as the tiles'
  * own prefetches run ahead, so that the memory's latency passes while x is prepared,
  * not at the start of the streams (1B q4_0 matmuls in one process, memory at ~88 GB/s:
- * 73.5 -> 76.8 GB/s; at ~54 and for q8_0 and bf16, the same as before). The thread's
- * first job is where OpenMP's static schedule starts it, split as libgomp splits (the
- * first N % T threads take one job more); under another split the prefetch is wasted. */
-static void prefetch_stream_starts(const Matrix *const W[], const int first[], int count) {
-    int T = TEAM_SIZE(), id = THREAD_NUM(), N = first[count], q = N / T, extra = N % T, i = 0;
-    int g = id < extra ? (q + 1) * id : q * id + extra;
-    if (g >= N) return;
+ * 73.5 -> 76.8 GB/s; at ~54 and for q8_0 and bf16, the same as before). g is the
+ * thread's first job (first[i] .. first[i + 1] - 1 are matrix i's). */
+static void prefetch_stream_starts(const Matrix *const W[], const int first[], int count, int g) {
+    int i = 0;
+    if (g >= first[count]) return;
     while (g >= first[i + 1]) i++;
     const Matrix *M = W[i];
     const int gi = g - first[i], S = decode_streams(M), D = M->rows / 4 * (4 / S);
@@ -1609,11 +1610,74 @@ static int tile_level(const RunState *s, int cols) {
 }
 #endif
 
+/* Job g of matmul_many: R rows of one of the matrices (first[i] .. first[i + 1] - 1 are
+ * matrix i's jobs). Decode's groups of 4 rows go in streams (matmul_streams512). */
+static void matmul_job(int g, int n, int R, const int first[], float *const out[], const Matrix *const W[],
+                       const float *xin, const Activations *a, int level) {
+    int i = 0;
+    while (g >= first[i + 1]) i++;
+    int gi = g - first[i]; /* the job's number within matrix i */
+    int r0 = R * gi, nr = W[i]->rows - r0 < R ? W[i]->rows - r0 : R;
+#ifdef GEMMA3_AVX512
+    if (level == 2 && n == 1 && gi < W[i]->rows / 4) {
+        matmul_streams512(out[i], xin, W[i], a, gi); /* the rest (rows % 4) below */
+        return;
+    }
+    if (level == 2) {
+        matmul_rows_avx512(out[i], xin, n, W[i], a, r0, nr);
+        return;
+    }
+#else
+    (void)level;
+#endif
+    matmul_rows_avx2(out[i], xin, n, W[i], a, r0, nr);
+}
+
+/* Decode's jobs, shared out so that no thread waits for another at the end of a matmul.
+ * Under a static split the two threads finished 1-3 us apart in each matmul, the
+ * classifier's 50 us, and the started second always 0.7 us later: 3 % of a q4_0 token.
+ * Each thread starts on its static share, as one stream of jobs, claiming a quarter of
+ * what is left at a time (at least 8 jobs); a thread done with its own takes half of what
+ * another has left from the back. A share is one 64-bit word, claimed from with a
+ * compare-and-swap: its next job, its end, and which matmul it belongs to (the epoch: a
+ * share not yet set for this matmul is left alone). Each row is still computed by one
+ * thread with the same tile, so the results do not depend on who took it. */
+#define SHARE_WORD(epoch, lo, hi) ((uint64_t)((epoch) & 0xffffu) << 48 | (uint64_t)(hi) << 24 | (uint64_t)(lo))
+#define SHARE_MAX (1 << 24) /* jobs a share can count */
+
+/* Jobs *lo .. *hi - 1 of N: this thread's part under a static split (as OpenMP's static
+ * schedule splits: the first N % T threads take one job more). */
+static void static_share(int N, int *lo, int *hi) {
+    int T = TEAM_SIZE(), id = THREAD_NUM(), q = N / T, extra = N % T;
+    *lo = id < extra ? (q + 1) * id : q * id + extra;
+    *hi = *lo + q + (id < extra);
+}
+
+/* How many of `left` jobs the owner of a share claims at a time */
+static int owner_claim(int left) { return left / 4 > 8 ? left / 4 : left < 8 ? left : 8; }
+
+/* Claims jobs of a share: from the front (the owner) or the back (a thief). Returns how
+ * many (0: none left) and sets *job to the first. */
+static int claim_jobs(uint64_t *share, unsigned epoch, int thief, int *job) {
+    uint64_t w = __atomic_load_n(share, __ATOMIC_ACQUIRE);
+    for (;;) {
+        int lo = (int)(w & 0xffffff), hi = (int)(w >> 24 & 0xffffff), left = hi - lo;
+        if ((unsigned)(w >> 48) != (epoch & 0xffffu) || left <= 0) return 0;
+        int k = thief ? (left + 1) / 2 : owner_claim(left);
+        uint64_t next = thief ? SHARE_WORD(epoch, lo, hi - k) : SHARE_WORD(epoch, lo + k, hi);
+        if (__atomic_compare_exchange_n(share, &w, next, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            *job = thief ? hi - k : lo;
+            return k;
+        }
+    }
+}
+
 /* The hot loop of the whole program: out[i] = W[i] x for `count` matrices that read the
  * same x (q/k/v; gate/up), with the widest SIMD tiles the build has and the shapes allow,
  * else the plain loops. In one parallel region the threads first prepare x (a prompt's
  * together, decode's each for itself), then split the rows of all the matrices, in jobs
- * of 4 rows (decode) or CHUNK_ROWS (a prompt): one start of the threads per input, not
+ * of 4 rows (decode, shared out by claim_jobs) or CHUNK_ROWS (a prompt, OpenMP's static
+ * schedule): one start of the threads per input, not
  * per matrix (decode ran 183 matmuls a token before; each start and wait costs microseconds).
  * s->simd caps the level (tests lower it to check each kind of tile against the plain loops). */
 #define MATMUL_MANY 3 /* most matrices per matmul_many */
@@ -1629,16 +1693,20 @@ static void matmul_many(int count, float *const out[], const Matrix *const W[], 
     }
     if (level > 0 && same) {
         const int pieces = W[0]->dtype == DT_F32 ? 0 : (W[0]->cols + PIECE - 1) / PIECE;
+        /* decode's jobs shared out (claim_jobs), when each thread has a share word */
+        const int shared = n == 1 && max_threads() <= s->threads && first[count] < SHARE_MAX;
+        const unsigned epoch = shared ? ++s->epoch : 0;
         PARALLEL {
             const Activations *a = &s->act;
-            int job, g;
+            int job, g, lo = 0, hi = 0;
             if (n == 1 && TEAM_SIZE() <= s->threads) {
                 /* Decode: each thread prepares the whole token for itself, and starts on its
                  * rows without waiting for the other (nor fetching x from the other core's
                  * cache): 1B q4_0 matmuls streamed 71 -> 74 GB/s, the 1152 x 6912 one 55 -> 65. */
                 Activations *own = &s->act_thread[THREAD_NUM()];
+                static_share(first[count], &lo, &hi);
 #ifdef GEMMA3_AVX512
-                if (level == 2) prefetch_stream_starts(W, first, count);
+                if (level == 2) prefetch_stream_starts(W, first, count, lo);
 #endif
                 for (int p = 0; p < pieces; p++) prepare_piece(own, x, 0, p, W[0], level);
                 a = own;
@@ -1647,23 +1715,18 @@ static void matmul_many(int count, float *const out[], const Matrix *const W[], 
                 for (job = 0; job < n * pieces; job++) prepare_piece(&s->act, x, job / pieces, job % pieces, W[0], level);
             }
             const float *xin = W[0]->dtype == DT_BF16 ? a->xperm : x; /* what the float tiles read */
-            FOR
-            for (g = 0; g < first[count]; g++) {
-                int i = 0;
-                while (g >= first[i + 1]) i++;
-                int gi = g - first[i]; /* the job's number within matrix i */
-                int r0 = R * gi, nr = W[i]->rows - r0 < R ? W[i]->rows - r0 : R;
-#ifdef GEMMA3_AVX512
-                if (level == 2 && n == 1 && gi < W[i]->rows / 4) {
-                    matmul_streams512(out[i], xin, W[i], a, gi); /* the rest (rows % 4) below */
-                    continue;
-                }
-                if (level == 2) {
-                    matmul_rows_avx512(out[i], xin, n, W[i], a, r0, nr);
-                    continue;
-                }
-#endif
-                matmul_rows_avx2(out[i], xin, n, W[i], a, r0, nr);
+            if (shared) {
+                const int T = TEAM_SIZE(), id = THREAD_NUM();
+                int k = owner_claim(hi - lo); /* the first claim: taken as the share is set */
+                __atomic_store_n(&s->share[8 * id], SHARE_WORD(epoch, lo + k, hi), __ATOMIC_RELEASE);
+                for (g = lo; k > 0; k = claim_jobs(&s->share[8 * id], epoch, 0, &g))
+                    for (int e = g + k; g < e; g++) matmul_job(g, n, R, first, out, W, xin, a, level);
+                for (int v = 1; v < T; v++) /* then the others' last jobs */
+                    while ((k = claim_jobs(&s->share[8 * ((id + v) % T)], epoch, 1, &g)) > 0)
+                        for (int e = g + k; g < e; g++) matmul_job(g, n, R, first, out, W, xin, a, level);
+            } else {
+                FOR
+                for (g = 0; g < first[count]; g++) matmul_job(g, n, R, first, out, W, xin, a, level);
             }
         }
         return;

@@ -592,6 +592,40 @@ static void test_kernels(void) {
     }
 }
 
+/* claim_jobs (decode's matmul jobs, shared out between threads): an owner claiming from
+ * the front and thieves from the back, interleaved in a fixed pseudo-random order, must
+ * take every job of the share exactly once, the owner's claims one run front to back; a
+ * share set for another matmul (epoch) gives nothing. Real threads race only at the ends of
+ * a matmul, where the decode tests' logits would show a job lost. */
+static void test_job_sharing(void) {
+#ifdef GEMMA3_AVX2
+    printf("job sharing: owner and thieves take each job once\n");
+    enum { LO = 5, HI = 1205 };
+    static int taken[HI];
+    const unsigned epoch = 70000; /* past 16 bits: the share keeps the low 16 */
+    uint64_t share = SHARE_WORD(epoch, LO, HI), x = 12345;
+    int job = -1, got = 0, bad = 0, front = LO, claims = 0;
+    CHECK(claim_jobs(&share, epoch + 1, 1, &job) == 0 && claim_jobs(&share, epoch - 1, 0, &job) == 0,
+          "a share of another epoch gave jobs");
+    for (;;) {
+        x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+        int thief = (x >> 33) % 3 == 0, k = claim_jobs(&share, epoch, thief, &job);
+        if (k == 0) {
+            if (claim_jobs(&share, epoch, !thief, &job) == 0) break;
+            continue;
+        }
+        claims++;
+        if (!thief) bad += job != front, front = job + k;
+        for (int j = job; j < job + k; j++) {
+            bad += j < LO || j >= HI || taken[j]++;
+            got++;
+        }
+    }
+    CHECK(got == HI - LO && bad == 0, "claimed %d of %d jobs, %d twice, out of range or out of order", got, HI - LO, bad);
+    CHECK(claims < 100, "%d claims for %d jobs: too fine", claims, HI - LO);
+#endif
+}
+
 /* attention(): the AVX-512 kernels (where built) against the plain loops, on random queries
  * and caches, in shapes that take each path: a kv group of 4 heads (1B), 2 (4B-27B, tiny)
  * and 3 (taken as 2 + 1), head_dim 256, 64, 48 (sums 16 wide) and 20 (plain loops only),
@@ -1037,6 +1071,7 @@ int main(void) {
     test_sampler();
     test_kernels();
     test_attention();
+    test_job_sharing();
     test_toolkit();
     test_quantized();
     test_fuzz_loader();
