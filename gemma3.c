@@ -854,12 +854,20 @@ static void matmul_plain(float *out, const float *x, int n, const Matrix *W, Run
  * this project's machine, 1B shape: faster decode for q8_0, q4_0 and bf16; 4 and 16 KiB
  * did no better than 8). A tile that reads `streams` rows far apart (AVX-512 decode,
  * matmul_streams512) shares that distance among them: 4 streams 8 KiB ahead each
- * crowded x out of the 48 KiB L1 (the 1152 x 6912 matrix ran 15 % slower). */
+ * crowded x out of the 48 KiB L1 (the 1152 x 6912 matrix ran 15 % slower). The AVX-512
+ * q4_0 tiles ask 10 KiB ahead: with the memory fast (~90 GB/s), 1B q4_0 decode ran 1.2-2.5 %
+ * faster so (12 KiB: the same), while bf16 lost 2 % at 10 KiB and q8_0 gained under 1 %
+ * (alternated token by token in one process); with the memory slow (~55), q4_0 had lost
+ * 1.4-2.2 % at 10 KiB before decode's jobs were shared out (claim_jobs). */
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 8192
 #endif
-/* (A macro: gcc 12 dropped the prefetch when this was a static inline function.) */
-#define prefetch_ahead(p, streams) __builtin_prefetch((const char *)(p) + PREFETCH_AHEAD / (streams), 0, 3)
+#ifndef PREFETCH_AHEAD_Q4
+#define PREFETCH_AHEAD_Q4 10240
+#endif
+/* (Macros: gcc 12 dropped the prefetch when this was a static inline function.) */
+#define prefetch_by(p, ahead, streams) __builtin_prefetch((const char *)(p) + (ahead) / (streams), 0, 3)
+#define prefetch_ahead(p, streams) prefetch_by(p, PREFETCH_AHEAD, streams)
 
 /* A tile loads each weight vector once for NT tokens and each activation vector once for
  * NR rows. gcc 12 undoes that: it folds the load into every FMA that uses the vector, as
@@ -1292,9 +1300,9 @@ TILE_INLINE void q4_0_group512(__m512 acc[4][4], const unsigned char *w, size_t 
                         * of the row: ahead of the nibbles alone, the scales at the start of
                         * each row were never asked for (1152 x 6912 matrix: 25 % slower) */
             const unsigned char *p = row + (size_t)g * 144;
-            prefetch_ahead(p, NR);
-            prefetch_ahead(p + 64, NR);
-            prefetch_ahead(p + 128, NR);
+            prefetch_by(p, PREFETCH_AHEAD_Q4, NR);
+            prefetch_by(p + 64, PREFETCH_AHEAD_Q4, NR);
+            prefetch_by(p + 128, PREFETCH_AHEAD_Q4, NR);
         }
         __m128i h = nblk == 8 ? _mm_loadu_si128((const __m128i *)(row + 16 * g))
                               : _mm_maskz_loadu_epi8((__mmask16)((1u << 2 * nblk) - 1), row + 16 * g);
@@ -1334,7 +1342,7 @@ TILE_INLINE void q4_0_half512(__m512 acc[4][4], const unsigned char *w, size_t r
     UNROLL
     for (int r = 0; r < NR; r++) {
         const unsigned char *row = w + r * rb, *q = row + 2 * (size_t)nb + (size_t)g * 128;
-        if (NT == 1) prefetch_ahead(row + (size_t)g * 144, NR);
+        if (NT == 1) prefetch_by(row + (size_t)g * 144, PREFETCH_AHEAD_Q4, NR);
         __m128i h = _mm_maskz_loadu_epi8((__mmask16)((1u << 2 * nblk) - 1), row + 16 * g);
         __m512 dw = _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(_mm256_cvtph_ps(h)));
         __m512i v = load512_upto(q, 16 * nblk);
@@ -1563,9 +1571,10 @@ static void prefetch_stream_starts(const Matrix *const W[], const int first[], i
     const int gi = g - first[i], S = decode_streams(M), D = M->rows / 4 * (4 / S);
     if (gi >= M->rows / 4) return;
     const size_t rb = row_bytes(M->dtype, M->cols);
+    const int ahead = M->dtype == DT_Q4_0 ? PREFETCH_AHEAD_Q4 : PREFETCH_AHEAD; /* as the tiles */
     for (int r = 0; r < S; r++) {
         const unsigned char *p = (const unsigned char *)M->data + ((size_t)gi * (4 / S) + (size_t)r * D) * rb;
-        for (int b = 0; b < PREFETCH_AHEAD / S; b += 64) __builtin_prefetch(p + b, 0, 3);
+        for (int b = 0; b < ahead / S; b += 64) __builtin_prefetch(p + b, 0, 3);
     }
 }
 #endif /* GEMMA3_AVX512 */
