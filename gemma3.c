@@ -1617,7 +1617,6 @@ static int tile_level(const RunState *s, int cols) {
 #endif
     return s->simd >= 1 && cols % 16 == 0 ? 1 : 0;
 }
-#endif
 
 /* Job g of matmul_many: R rows of one of the matrices (first[i] .. first[i + 1] - 1 are
  * matrix i's jobs). Decode's groups of 4 rows go in streams (matmul_streams512). */
@@ -1680,6 +1679,8 @@ static int claim_jobs(uint64_t *share, unsigned epoch, int thief, int *job) {
         }
     }
 }
+
+#endif /* GEMMA3_AVX2 */
 
 /* The hot loop of the whole program: out[i] = W[i] x for `count` matrices that read the
  * same x (q/k/v; gate/up), with the widest SIMD tiles the build has and the shapes allow,
