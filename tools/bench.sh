@@ -51,6 +51,9 @@
 #            decoding stops early at <eos>/<end_of_turn>, it is retried with -t 1 -s 1
 #            (marked "sampled"), and a run that still stops early is reported with the
 #            number of tokens it really generated (then every one was fed back).
+#   pages    before a format's runs its file is dropped from the page cache and read back
+#            (page_in), so that it sits in 2 MiB pages as after a reboot; the share that
+#            maps so is reported under the table.
 #   RSS      peak resident set of the process (/usr/bin/time %M, else python3's
 #            getrusage of the child: the same kernel figure, ru_maxrss), the largest of the
 #            runs of a format. The model file is mmap'd, so its touched pages count.
