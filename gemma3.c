@@ -1642,8 +1642,9 @@ static void matmul_job(int g, int n, int R, const int first[], float *const out[
 }
 
 /* Decode's jobs, shared out so that no thread waits for another at the end of a matmul.
- * Under a static split the two threads finished 1-3 us apart in each matmul, the
- * classifier's 50 us, and the started second always 0.7 us later: 3 % of a q4_0 token.
+ * Under a static split the two threads finished 1-3 us apart in each matmul (50 us in the
+ * classifier's), and in q/k/v the one started second (0.7 us later) always last: 3 % of
+ * a q4_0 token in all. (The __atomic builtins are GCC's and clang's, as is this section.)
  * Each thread starts on its static share, as one stream of jobs, claiming a quarter of
  * what is left at a time (at least 8 jobs); a thread done with its own takes half of what
  * another has left from the back. A share is one 64-bit word, claimed from with a
