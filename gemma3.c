@@ -857,8 +857,8 @@ static void matmul_plain(float *out, const float *x, int n, const Matrix *W, Run
  * crowded x out of the 48 KiB L1 (the 1152 x 6912 matrix ran 15 % slower). The AVX-512
  * q4_0 tiles ask 10 KiB ahead: with the memory fast (~90 GB/s), 1B q4_0 decode ran 1.2-2.5 %
  * faster so (12 KiB: the same), while bf16 lost 2 % at 10 KiB and q8_0 gained under 1 %
- * (alternated token by token in one process); with the memory slow (~55), q4_0 had lost
- * 1.4-2.2 % at 10 KiB before decode's jobs were shared out (claim_jobs). */
+ * (alternated token by token in one process); with the memory slow (~55), q4_0 lost
+ * 2.1-2.5 % at 10 KiB, where it has more room under the limit. */
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 8192
 #endif
@@ -1558,9 +1558,9 @@ TILE_INLINE void values512(float *out, const float *att, size_t ctx, const float
 #undef RING_RUNS
 
 /* Decode: before a thread prepares x (about a microsecond for 1152 values, several for
- * 6912), it asks for the first PREFETCH_AHEAD bytes of its streams, as far as the tiles'
- * own prefetches run ahead, so that the memory's latency passes while x is prepared,
- * not at the start of the streams (1B q4_0 matmuls in one process, memory at ~88 GB/s:
+ * 6912), it asks for the start of its streams, as far as the tiles' own prefetches run
+ * ahead (PREFETCH_AHEAD, q4_0's PREFETCH_AHEAD_Q4), so that the memory's latency passes
+ * while x is prepared, not at the start of the streams (1B q4_0 matmuls in one process, memory at ~88 GB/s:
  * 73.5 -> 76.8 GB/s; at ~54 and for q8_0 and bf16, the same as before). g is the
  * thread's first job (first[i] .. first[i + 1] - 1 are matrix i's). */
 static void prefetch_stream_starts(const Matrix *const W[], const int first[], int count, int g) {

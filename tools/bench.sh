@@ -137,8 +137,8 @@ case "$build" in OpenMP) ;; *) say "warning: $GEMMA3 is a build with $build" ;; 
 
 # The bandwidth probe, built afresh each run as gemma3 is (-O3, -march=native where the
 # compiler has it): an -O2 build without -march sums with 16-byte SSE loads, four per
-# cache line, and read 12 % less than this one when the memory ran at ~87 GB/s (the same
-# at ~50): the limit has to be what the machine can read, not what a slow loop reads.
+# cache line, and read 10-14 % less than this one when the memory ran at ~88 GB/s (the
+# same at ~50): the limit has to be what the machine can read, not what a slow loop reads.
 # OpenMP like gemma3; without it, one thread (said in the header).
 membw=$work/membw
 membw_note=""

@@ -52,9 +52,9 @@ static int cmp_double(const void *a, const void *b) {
  * variables, not an array, which went through the stack on every step and capped one
  * core near the memory speed itself. Build with the machine's widest vectors: GCC -O2
  * without -march keeps the sums in 4 SSE registers and loads each cache line in four
- * 16-byte pieces, and that read 12 % less than an -O3 -march=native build (one 64-byte
- * load a line) with the memory at ~87 GB/s (the same at ~50): more loads per line, fewer
- * lines in flight. */
+ * 16-byte pieces, and that read 10-14 % less than an -O3 -march=native build (one 64-byte
+ * load a line) with the memory at ~88 GB/s (the same at ~50); presumably more loads per
+ * line leave fewer lines in flight. */
 static double sum_one_stream(const float *p, long nblocks) {
     float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
     float s8 = 0, s9 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0, s14 = 0, s15 = 0;
