@@ -1560,9 +1560,9 @@ TILE_INLINE void values512(float *out, const float *att, size_t ctx, const float
 /* Decode: before a thread prepares x (about a microsecond for 1152 values, several for
  * 6912), it asks for the start of its streams, as far as the tiles' own prefetches run
  * ahead (PREFETCH_AHEAD, q4_0's PREFETCH_AHEAD_Q4), so that the memory's latency passes
- * while x is prepared, not at the start of the streams (1B q4_0 matmuls in one process, memory at ~88 GB/s:
- * 73.5 -> 76.8 GB/s; at ~54 and for q8_0 and bf16, the same as before). g is the
- * thread's first job (first[i] .. first[i + 1] - 1 are matrix i's). */
+ * while x is prepared, not at the start of the streams (1B q4_0 matmuls in one process,
+ * memory at ~88 GB/s: 73.5 -> 76.8 GB/s; at ~54 and for q8_0 and bf16, the same as
+ * before). g is the thread's first job (first[i] .. first[i + 1] - 1 are matrix i's). */
 static void prefetch_stream_starts(const Matrix *const W[], const int first[], int count, int g) {
     int i = 0;
     if (g >= first[count]) return;
