@@ -832,7 +832,7 @@ static void matmul_plain(float *out, const float *x, int n, const Matrix *W, Run
  * A tile is NR weight rows times NT tokens: each weight vector loaded is used for NT
  * tokens and each activation vector for NR rows, with all NR * NT sums in registers.
  * Decode (one token) runs 1 x 1 tiles, one row after the other (AVX2: one stream through
- * memory per thread; AVX-512 reads two or four streams of rows far apart, see
+ * memory per thread; AVX-512 reads two streams of rows far apart, see
  * matmul_streams512); a prompt runs 4-row tiles. Every (row, token) sum is accumulated
  * in the same order whatever the tile, so a batch gives exactly the logits that
  * token-by-token decoding gives. */
@@ -1468,34 +1468,28 @@ static void matmul_rows_avx512(float *out, const float *xin, int n, const Matrix
 #undef TILE
 }
 
-/* Decode reads a matrix in several streams per thread: q8_0/q4_0 in 4, f32/bf16 in 2
- * (decode_streams; so do q4_0 matrices of long rows).
- * Group g of the matrix's first 4 * (rows / 4) rows is 4 / S units of S rows D apart
- * (S streams, D = rows / 4 * 4 / S): for S = 4, rows g, g + D, g + 2D, g + 3D. So a
- * thread's share of the groups is S far-apart runs of rows, read side by side by S x 1
- * tiles. Measured in one process, the 1B weights streamed with the memory at ~75 GB/s:
- * q4_0 66-67 GB/s in one stream per thread, 72-74 in four (q8_0 73 -> 74); bf16 73 in
- * one, 76 in two, 75 in four; at ~51 GB/s f32 49 in one, 51 in two (bf16 +1 %). The sums
- * are the same as with 1 x 1 tiles. */
-static int decode_streams(const Matrix *W) {
-    /* q4_0 rows of over 4096 columns (1B's down, 1152 x 6912) streamed 44 -> 50 GB/s in 2
-     * (memory at ~54), 61 -> 66 (at ~86); q8_0's fell from 45 to 41. */
-    if (W->dtype == DT_Q4_0 && W->cols > 4096) return 2;
-    return W->dtype >= DT_Q8_0 ? 4 : 2;
-}
+/* Decode reads a matrix in two streams per thread: group g of the matrix's first
+ * 4 * (rows / 4) rows is rows 2g and 2g + D, then 2g + 1 and 2g + 1 + D (D = rows / 2), so
+ * a thread's share of the groups is two far-apart runs of rows, read side by side by 2 x 1
+ * tiles. The sums are the same as with 1 x 1 tiles. Measured in one process, alternating
+ * builds token by token (1B): q8_0 in 2 streams rather than 4 3.7-5.2 % faster a token
+ * with the memory at ~88 GB/s (12 runs), 0.2 % at ~54; in 1, 3.0-4.5 % and 2.5 %. q4_0 in
+ * 2 rather than 4: 0.6-1.5 % and 0.6 %; in 1, 1.6 % slower (~88). bf16 streamed 73 GB/s in
+ * one, 76 in two, 75 in four (memory at ~75), f32 49 in one, 51 in two (at ~51). */
+#define DECODE_STREAMS 2
 
 static void matmul_streams512(float *out, const float *xin, const Matrix *W, const Activations *a, int g) {
-    const int S = decode_streams(W), D = W->rows / 4 * (4 / S), nb = W->cols / QK;
+    const int D = W->rows / 4 * 2, nb = W->cols / QK;
     const size_t rb = row_bytes(W->dtype, W->cols);
-    for (int u = g * (4 / S); u < (g + 1) * (4 / S); u++) {
+    for (int u = 2 * g; u < 2 * g + 2; u++) {
         const unsigned char *w = (const unsigned char *)W->data + (size_t)u * rb;
-        float o[4];
+        float o[2];
         if (W->dtype == DT_F32) tile512_f32(o, 1, w, (size_t)D * rb, xin, W->cols, 2, 1);
         else if (W->dtype == DT_BF16) tile512_bf16(o, 1, w, (size_t)D * rb, xin, W->cols, 2, 1);
-        else if (W->dtype == DT_Q8_0) tile512_q8_0(o, 1, w, (size_t)D * rb, a->xq, a->xq_scale, nb, 4, 1);
-        else if (S == 2) tile512_q4_0(o, 1, w, (size_t)D * rb, a->xq_perm, nb, 2, 1);
-        else tile512_q4_0(o, 1, w, (size_t)D * rb, a->xq_perm, nb, 4, 1);
-        for (int r = 0; r < S; r++) out[u + r * D] = o[r];
+        else if (W->dtype == DT_Q8_0) tile512_q8_0(o, 1, w, (size_t)D * rb, a->xq, a->xq_scale, nb, 2, 1);
+        else tile512_q4_0(o, 1, w, (size_t)D * rb, a->xq_perm, nb, 2, 1);
+        out[u] = o[0];
+        out[u + D] = o[1];
     }
 }
 
@@ -1566,13 +1560,13 @@ static void prefetch_stream_starts(const Matrix *const W[], const int first[], i
     if (g >= first[count]) return;
     while (g >= first[i + 1]) i++;
     const Matrix *M = W[i];
-    const int gi = g - first[i], S = decode_streams(M), D = M->rows / 4 * (4 / S);
+    const int gi = g - first[i], D = M->rows / 4 * 2; /* as matmul_streams512 */
     if (gi >= M->rows / 4) return;
     const size_t rb = row_bytes(M->dtype, M->cols);
     const int ahead = M->dtype == DT_Q4_0 ? PREFETCH_AHEAD_Q4 : PREFETCH_AHEAD; /* as the tiles */
-    for (int r = 0; r < S; r++) {
-        const unsigned char *p = (const unsigned char *)M->data + ((size_t)gi * (4 / S) + (size_t)r * D) * rb;
-        for (int b = 0; b < ahead / S; b += 64) __builtin_prefetch(p + b, 0, 3);
+    for (int r = 0; r < DECODE_STREAMS; r++) {
+        const unsigned char *p = (const unsigned char *)M->data + ((size_t)gi * 2 + (size_t)r * D) * rb;
+        for (int b = 0; b < ahead / DECODE_STREAMS; b += 64) __builtin_prefetch(p + b, 0, 3);
     }
 }
 #endif /* GEMMA3_AVX512 */
