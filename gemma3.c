@@ -856,7 +856,11 @@ static void matmul_plain(float *out, const float *x, int n, const Matrix *W, Run
  * q4_0 tiles ask 10 KiB ahead: with the memory fast (~90 GB/s), 1B q4_0 decode ran 1.2-2.5 %
  * faster so (12 KiB: the same), while bf16 lost 2 % at 10 KiB and q8_0 gained under 1 %
  * (alternated token by token in one process); with the memory slow (~55), q4_0 lost
- * 2.1-2.5 % at 10 KiB, where it has more room under the limit. */
+ * 2.1-2.5 % at 10 KiB, where it has more room under the limit. Measured again in two
+ * streams: q4_0 at 8 or 12 KiB 0.7-0.8 % slower than at 10 with the memory fast, at 8
+ * 4.5 % faster with it slow; q8_0 at 6 KiB 3.9 % and at 10 1.4 % slower than at 8 (fast),
+ * at 6 2.3 % faster (slow). The fast state is the one where decode is short of 85 % of
+ * the limit, so it sets the distances. */
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 8192
 #endif
