@@ -73,7 +73,11 @@ static int max_threads(void) { return 1; }
 #define GEMMA3_FORMAT_VERSION 2 /* 2: q8_0/q4_0 rows keep their scales ahead of the quants */
 #define GEMMA3_HEADER_SIZE 128
 #define GEMMA3_DIR_ENTRY_SIZE 104
-#define PREFILL_BATCH 64 /* prompt tokens per forward pass: each weight row is reused this often */
+/* Prompt tokens per forward pass: each weight row is read from memory once per batch and
+ * reused for all its tokens. 1B q4_0 prompts of 512 tokens ran 2.3 % faster in batches of
+ * 128 than of 64 (256: the same as 128), for 7 MB more activations (and 134 MB of logits
+ * with --logits, which keeps a batch's). */
+#define PREFILL_BATCH 128
 #define CHUNK_ROWS 64    /* a prompt's matmul job: these rows' weights stay in L2 while each 4 tokens'
                           * x, in L1, meets them all (1B q4_0 matmuls 4-10 % faster than 4 rows a job) */
 

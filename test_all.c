@@ -239,7 +239,7 @@ static void check_own_checkpoint(const char *name, const char *shape_args, int v
     char what[128];
     snprintf(what, sizeof what, "%s vs numpy reference", name);
     check_logits(what, bin, toks, ref, 1e-4);
-    /* the batched prompt path (batches of 64, far longer than the window) */
+    /* the batched prompt path (batches of PREFILL_BATCH tokens, far longer than the window) */
     char cli[256];
     snprintf(cli, sizeof cli, BUILD "/%s.cli.f32", name);
     CHECK(run("./gemma3 %s --logits %s %s", bin, toks, cli) == 0, "%s: --logits: %s", name, last_log());
