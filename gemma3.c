@@ -1842,6 +1842,29 @@ static int argmax(const float *x, int n) {
     return best;
 }
 
+/* argmax over a long array (the vocabulary's logits), in one part per thread: the same
+ * index as argmax. The classifier leaves each thread's share of the logits in its own
+ * cache, and one thread reading all of them (1B: 1 MB) took 42 us a greedy token, 24 us
+ * so. Each part is searched from its first value that is not a NaN, as argmax would
+ * reach it: NaNs never win, and on a tie the earlier part does. */
+static int argmax_parallel(const float *x, int n) {
+    enum { MAX_PARTS = 64 };
+    int best_of[MAX_PARTS], parts = max_threads() < MAX_PARTS ? max_threads() : MAX_PARTS;
+    if (parts < 2 || n < 65536 || isnan(x[0])) return argmax(x, n); /* (argmax stays at a NaN x[0]) */
+    PARALLEL_TEAM(parts) {
+        FOR
+        for (int p = 0; p < parts; p++) {
+            int lo = (int)((long long)n * p / parts), hi = (int)((long long)n * (p + 1) / parts), f = lo;
+            while (f < hi && isnan(x[f])) f++;
+            best_of[p] = f < hi ? f + argmax(x + f, hi - f) : -1;
+        }
+    }
+    int best = best_of[0];
+    for (int p = 1; p < parts; p++)
+        if (best_of[p] >= 0 && x[best_of[p]] > x[best]) best = best_of[p];
+    return best;
+}
+
 /* softmax in place, in loops that vectorise: exp_vec, not libm's expf (a call per
  * element; with exp_vec an 837-token 1B prompt's attention took 317 ms, not 354), and
  * the sum in 16 partial sums added in a fixed order. */
@@ -2164,7 +2187,7 @@ static int select_top_k(ProbIndex *heap, const float *probs, int n, int k) {
  * Order, as in HF generate: temperature, softmax, top-k, top-p, min-p, draw. */
 static int sample(Sampler *sp, float *logits) {
     int V = sp->vocab_size;
-    if (sp->temperature <= 0.0f) return argmax(logits, V);
+    if (sp->temperature <= 0.0f) return argmax_parallel(logits, V);
     for (int i = 0; i < V; i++) logits[i] /= sp->temperature;
     softmax(logits, V);
     float pmax = logits[argmax(logits, V)];

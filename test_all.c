@@ -340,14 +340,15 @@ static int argmax_simple(const float *x, int n) {
 
 static void test_sampler(void) {
     printf("sampler: argmax, temperature, top-k, top-p, min-p, seeds\n");
-    { /* argmax (blocks of 64) against the simple loop: lengths around the block size, the
-       * maximum twice (the first must win), in the last partial block, NaNs, -inf */
+    { /* argmax (blocks of 64) and argmax_parallel (70000: in parts) against the simple loop:
+       * lengths around the block size, the maximum twice (the first must win), in the last
+       * partial block, NaNs (also where the parts start), -inf */
         static float xs[70000];
         const int lengths[] = {1, 2, 63, 64, 65, 127, 128, 129, 1000, 70000};
         uint64_t aseed = 3;
         int agree = 0, cases = 0;
         for (size_t li = 0; li < sizeof lengths / sizeof lengths[0]; li++)
-            for (int variant = 0; variant < 6; variant++) {
+            for (int variant = 0; variant < 7; variant++) {
                 int n = lengths[li];
                 for (int i = 0; i < n; i++) xs[i] = random_f32(&aseed) * 10.0f - 5.0f;
                 int a = (int)(random_f32(&aseed) * n), b = (int)(random_f32(&aseed) * n);
@@ -356,10 +357,16 @@ static void test_sampler(void) {
                 if (variant == 3) { xs[a] = NAN; xs[n / 2] = 6.5f; } /* a NaN */
                 if (variant == 4) xs[0] = NAN;                       /* NaN first: index 0 */
                 if (variant == 5) for (int i = 0; i < n; i++) xs[i] = -INFINITY;
+                if (variant == 6) { /* NaNs where argmax_parallel's parts (2-4 threads) start */
+                    for (int k = 2; k <= 4; k++)
+                        for (int p = 1; p < k; p++) xs[(long long)n * p / k] = NAN;
+                    if (n > 2) xs[n / 2 + 1] = 6.5f;
+                }
                 agree += argmax(xs, n) == argmax_simple(xs, n);
-                cases++;
+                agree += argmax_parallel(xs, n) == argmax_simple(xs, n);
+                cases += 2;
             }
-        printf("  argmax == the simple loop in %d/%d cases\n", agree, cases);
+        printf("  argmax, argmax_parallel == the simple loop in %d/%d cases\n", agree, cases);
         CHECK(agree == cases, "argmax differs from the simple loop in %d of %d cases", cases - agree, cases);
     }
     double f[4];
