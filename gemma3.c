@@ -36,8 +36,8 @@
 /* OpenMP is optional: without it the pragma vanishes and loops run on one thread. */
 #ifdef _OPENMP
 #include <omp.h>
-/* forward_batch starts the threads once (PARALLEL_TEAM: at most nt of them), and all of
- * them run every step of the model. A step splits its loop between them with FOR, which
+/* forward_batch starts the threads once a pass (PARALLEL_TEAM: at most nt of them; so does
+ * argmax_parallel), and all of them run every step of the model. A step splits its loop between them with FOR, which
  * ends when all are done with it (BARRIER: a wait for all, alone); ONE_THREAD runs a
  * statement on one of them, the others waiting at its end. Called outside such a team,
  * as the tests do, the steps run whole on the calling thread. */
