@@ -37,10 +37,10 @@
 #ifdef _OPENMP
 #include <omp.h>
 /* forward_batch starts the threads once a pass (PARALLEL_TEAM: at most nt of them; so does
- * argmax_parallel), and all of them run every step of the model. A step splits its loop between them with FOR, which
- * ends when all are done with it (BARRIER: a wait for all, alone); ONE_THREAD runs a
- * statement on one of them, the others waiting at its end. Called outside such a team,
- * as the tests do, the steps run whole on the calling thread. */
+ * argmax_parallel), and all of them run every step of the model. A step splits its loop
+ * between them with FOR, which ends when all are done with it (BARRIER: a wait for all,
+ * alone); ONE_THREAD runs a statement on one of them, the others waiting at its end.
+ * Called outside such a team, as the tests do, the steps run whole on the calling thread. */
 #define PRAGMA_(...) _Pragma(#__VA_ARGS__)
 #define PARALLEL_TEAM(nt) PRAGMA_(omp parallel num_threads(nt))
 #define FOR _Pragma("omp for schedule(static)")
@@ -1494,7 +1494,6 @@ static void matmul_rows_avx512(float *out, const float *xin, int n, const Matrix
  * with the memory at ~88 GB/s (12 runs), 0.2 % at ~54; in 1, 3.0-4.5 % and 2.5 %. q4_0 in
  * 2 rather than 4: 0.6-1.5 % and 0.6 %; in 1, 1.6 % slower (~88). bf16 streamed 73 GB/s in
  * one, 76 in two, 75 in four (memory at ~75), f32 49 in one, 51 in two (at ~51). */
-#define DECODE_STREAMS 2
 
 static void matmul_streams512(float *out, const float *xin, const Matrix *W, const Activations *a, int g) {
     const int D = W->rows / 4 * 2, nb = W->cols / QK;
@@ -1582,9 +1581,9 @@ static void prefetch_stream_starts(const Matrix *const W[], const int first[], i
     if (gi >= M->rows / 4) return;
     const size_t rb = row_bytes(M->dtype, M->cols);
     const int ahead = M->dtype == DT_Q4_0 ? PREFETCH_AHEAD_Q4 : PREFETCH_AHEAD; /* as the tiles */
-    for (int r = 0; r < DECODE_STREAMS; r++) {
+    for (int r = 0; r < 2; r++) { /* the two streams */
         const unsigned char *p = (const unsigned char *)M->data + ((size_t)gi * 2 + (size_t)r * D) * rb;
-        for (int b = 0; b < ahead / DECODE_STREAMS; b += 64) __builtin_prefetch(p + b, 0, 3);
+        for (int b = 0; b < ahead / 2; b += 64) __builtin_prefetch(p + b, 0, 3);
     }
 }
 #endif /* GEMMA3_AVX512 */
@@ -1989,6 +1988,12 @@ static void attention(RunState *s, const Config *c, int l, int pos0, int n) {
     }
 }
 
+/* The residual connection after a sub-block: x += post_norm(o) (o normed in place). */
+static void add_normed(float *x, float *o, const float *post_norm, int n, float eps) {
+    rmsnorm(o, o, post_norm, n, eps);
+    for (int i = 0; i < n; i++) x[i] += o[i];
+}
+
 /* Decoder layer l on the n batch tokens in s->x (at positions pos0 ..), as HF's
  * Gemma3DecoderLayer / gemma_pytorch's Gemma2DecoderLayer. All threads of forward_batch's
  * team run it, each step split between them: per-token steps by token (decode's one token
@@ -2031,10 +2036,8 @@ static void decoder_layer(const Config *c, const LayerWeights *L, RunState *s, i
     matmul(s->xb2, s->att_out, n, &L->wo, s);
     FOR
     for (int t = 0; t < n; t++) {
-        float *o = s->xb2 + (size_t)t * D, *x = s->x + (size_t)t * D;
-        rmsnorm(o, o, L->post_attn_norm, D, c->norm_eps);
-        for (int i = 0; i < D; i++) x[i] += o[i];
-        rmsnorm(s->xb + (size_t)t * D, x, L->pre_ffn_norm, D, c->norm_eps);
+        add_normed(s->x + (size_t)t * D, s->xb2 + (size_t)t * D, L->post_attn_norm, D, c->norm_eps);
+        rmsnorm(s->xb + (size_t)t * D, s->x + (size_t)t * D, L->pre_ffn_norm, D, c->norm_eps);
     }
 
     /* MLP block: down(gelu(gate(h)) * up(h)), pre- and post-norm, residual */
@@ -2045,11 +2048,7 @@ static void decoder_layer(const Config *c, const LayerWeights *L, RunState *s, i
     for (int i = 0; i < n * F; i++) s->hb[i] = gelu_tanh(s->hb[i]) * s->hb2[i];
     matmul(s->xb2, s->hb, n, &L->w_down, s);
     FOR
-    for (int t = 0; t < n; t++) {
-        float *o = s->xb2 + (size_t)t * D, *x = s->x + (size_t)t * D;
-        rmsnorm(o, o, L->post_ffn_norm, D, c->norm_eps);
-        for (int i = 0; i < D; i++) x[i] += o[i];
-    }
+    for (int t = 0; t < n; t++) add_normed(s->x + (size_t)t * D, s->xb2 + (size_t)t * D, L->post_ffn_norm, D, c->norm_eps);
 }
 
 /* Run n tokens (n <= max_batch) at positions pos0 .. pos0 + n - 1 through the model.
