@@ -20,10 +20,10 @@ LDLIBS = -lm
 
 all: gemma3
 
-gemma3: gemma3.c tokenizer.c
+gemma3: gemma3.c tokenizer.c kernels_x86.c
 	$(CC) $(WARN) $(CFLAGS) $(MARCH) $(OMPFLAGS) -o $@ gemma3.c $(LDLIBS)
 
-test_all: test_all.c gemma3.c tokenizer.c $(wildcard tests/*.c)
+test_all: test_all.c gemma3.c tokenizer.c kernels_x86.c $(wildcard tests/*.c)
 	$(CC) $(WARN) -Wno-unused-function $(CFLAGS) $(MARCH) $(OMPFLAGS) -o $@ test_all.c $(LDLIBS)
 
 # The whole suite: exports the fixtures, compares logits, tokenizer, bad inputs.

@@ -60,14 +60,6 @@ static int max_threads(void) { return 1; }
 #define TEAM_SIZE() 1
 #endif
 
-/* Optional SIMD matmul kernels (section 2) where the compiler targets x86 AVX2 + FMA + F16C. */
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && defined(__GNUC__) && !defined(GEMMA3_NO_SIMD)
-#define GEMMA3_AVX2 1
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
-#define GEMMA3_AVX512 1
-#endif
-#endif
-
 #include "tokenizer.c"
 
 #define GEMMA3_FORMAT_VERSION 2 /* 2: q8_0/q4_0 rows keep their scales ahead of the quants */
@@ -78,8 +70,6 @@ static int max_threads(void) { return 1; }
  * 128 than of 64 (256: the same as 128), for 7 MB more activations (and 134 MB of logits
  * with --logits, which keeps a batch's). */
 #define PREFILL_BATCH 128
-#define CHUNK_ROWS 64    /* a prompt's matmul job: these rows' weights stay in L2 while each 4 tokens'
-                          * x, in L1, meets them all (1B q4_0 matmuls 4-10 % faster than 4 rows a job) */
 
 /* ------------------------------------------------------------------------- */
 /* 1. model file                                                              */
@@ -505,20 +495,6 @@ static void free_model(Model *m) {
 /* Everything the forward pass needs, allocated once; nothing is allocated per token.
  * forward() takes up to max_batch tokens at a time: a prompt is processed as a matrix,
  * so each weight row is read once per batch instead of once per token. */
-/* A matmul's input x as its kernels read it, for some number of tokens (rows of x) of up
- * to `widest` values each: int8 blocks for the quantized weights, and the orders that the
- * SIMD tiles want (prepare_piece). */
-typedef struct {
-    int8_t *xq;       /* (tokens, widest) x quantized for int8 matmuls */
-    float *xq_scale;  /* (tokens, widest / 32) their per-block scales */
-    int32_t *xq_sum;  /* (tokens, widest / 32) per-block sums of xq (for q4_0's -8 offset) */
-#ifdef GEMMA3_AVX2
-    int32_t *xq_corr; /* (tokens, widest / 4 + 16) q4_0's offset as the AVX2 tiles add it */
-    float *xperm;     /* (tokens, widest) x reordered for the bf16 tiles */
-    int8_t *xq_perm;  /* (tokens, 384 per 256 of widest, rounded up) xq as the AVX-512 q4_0 tiles read it */
-#endif
-} Activations;
-
 typedef struct {
     int ctx;          /* context length the caches were sized for (-c) */
     int max_batch;    /* most tokens per forward() call */
@@ -532,12 +508,11 @@ typedef struct {
     float *att;       /* (threads * n_heads, ctx) attention scores: each thread its own n_heads rows */
     float *hb, *hb2;  /* (max_batch, hidden_dim) MLP gate and up */
     float *logits;    /* (max_batch or 1, vocab_size) */
-    Activations act;  /* (max_batch tokens) a matmul's input as its kernels read it */
-    Activations *act_thread; /* (threads) one token's, each thread's own copy: see matmul_many */
-    int threads;      /* how many act_thread has */
-    int simd;         /* widest matmul tiles to use: 0 plain loops, 1 AVX2, 2 AVX-512 (as built) */
-    uint64_t *share;  /* (threads, 8) a cache line each: [0] the decode matmul jobs the thread has left
-                         (claim_jobs), [1] how many decode matmuls it has run (their epoch) */
+    int8_t *xq;       /* (max_batch, widest) a quantized matmul's x as int8 blocks of 32 */
+    float *xq_scale;  /* (max_batch, widest / 32) their scales */
+    int32_t *xq_sum;  /* (max_batch, widest / 32) their sums (q4_0's -8 offset) */
+    int threads;      /* threads a forward pass runs on (each has its own rows of att) */
+    void *kernels;    /* the optional fast kernels' scratch (kernels_x86.c); NULL without them */
     float *rope_cos, *rope_sin; /* (2, max_batch, head_dim/2) local then global tables of the batch */
     float *inv_freq_local, *inv_freq_global; /* (head_dim/2) RoPE frequencies per layer type */
     float *hidden_dump; /* optional, (n_layers + 1, dim): the residual stream after the embedding
@@ -554,6 +529,15 @@ typedef struct {
 
 static void free_run_state(RunState *s);
 
+/* The optional fast kernels (kernels_x86.c, included at the end of this file where the
+ * compiler targets them). kernels_setup gives the bytes of scratch they need (0: there are
+ * none) and lays it out at mem; the other two say whether they did the call (1), or left
+ * it to the plain loops that follow here (0). */
+static size_t kernels_setup(void *mem, const Config *c, int max_batch, int threads);
+static int kernels_matmul(void *kernels, float *const out[], const Matrix *const W[], int count, const float *x, int n);
+static int kernels_attention(void *kernels, float *out, float *att, size_t ctx, const float *q, const float *kc,
+                             const float *vc, int KV, int s0, int span, int len, int hd, int nh, float scale);
+
 /* Buffers cut one after another from a block (or, with base NULL, only their sizes added
  * up), each starting on a 64-byte boundary: the cache line, and the width of an AVX-512
  * vector. A vector load that straddles two lines costs two; on 16-byte-aligned calloc
@@ -567,17 +551,6 @@ static void *carve(Carve *cv, size_t count, size_t size) {
     void *p = cv->base ? cv->base + cv->used : NULL;
     cv->used += (count * size + 63) / 64 * 64;
     return p;
-}
-
-static void carve_activations(Carve *cv, Activations *a, size_t tokens, size_t widest) {
-    a->xq = carve(cv, tokens * widest, 1);
-    a->xq_scale = carve(cv, tokens * (widest / 32 + 1), sizeof(float));
-    a->xq_sum = carve(cv, tokens * (widest / 32 + 1), sizeof(int32_t));
-#ifdef GEMMA3_AVX2
-    a->xq_corr = carve(cv, tokens * (widest / 4 + 16), sizeof(int32_t));
-    a->xperm = carve(cv, tokens * widest, sizeof(float));
-    a->xq_perm = carve(cv, tokens * ((widest + 255) / 256 * 384), 1);
-#endif
 }
 
 static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch, int all_logits, char *err,
@@ -595,13 +568,13 @@ static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch,
     s->cache_len = calloc((size_t)c->n_layers, sizeof(int));
     s->key_cache = calloc((size_t)c->n_layers, sizeof(float *));
     s->value_cache = calloc((size_t)c->n_layers, sizeof(float *));
-    s->act_thread = calloc((size_t)s->threads, sizeof(Activations));
-    int ok = s->cache_len && s->key_cache && s->value_cache && s->act_thread;
+    int ok = s->cache_len && s->key_cache && s->value_cache;
     for (int l = 0; ok && l < c->n_layers; l++) {
         int ring = c->window + max_batch - 1;
         s->cache_len[l] = (!c->is_global[l] && ring < ctx) ? ring : ctx;
     }
     /* The buffers and caches, carved from one allocation: a first pass adds up the size. */
+    size_t kernel_bytes = kernels_setup(NULL, c, max_batch, s->threads);
     Carve cv = {NULL, 0};
     for (int pass = 0; ok && pass < 2; pass++) {
         if (pass == 1) {
@@ -621,9 +594,10 @@ static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch,
         s->hb = carve(&cv, B * F, sizeof(float));
         s->hb2 = carve(&cv, B * F, sizeof(float));
         s->logits = carve(&cv, (all_logits ? B : 1) * (size_t)c->vocab_size, sizeof(float));
-        s->share = carve(&cv, (size_t)s->threads * 8, sizeof(uint64_t));
-        carve_activations(&cv, &s->act, B, widest);
-        for (int i = 0; i < s->threads; i++) carve_activations(&cv, &s->act_thread[i], 1, widest);
+        s->xq = carve(&cv, B * widest, 1);
+        s->xq_scale = carve(&cv, B * (widest / 32 + 1), sizeof(float));
+        s->xq_sum = carve(&cv, B * (widest / 32 + 1), sizeof(int32_t));
+        s->kernels = kernel_bytes ? carve(&cv, kernel_bytes, 1) : NULL;
         s->rope_cos = carve(&cv, 2 * B * half, sizeof(float));
         s->rope_sin = carve(&cv, 2 * B * half, sizeof(float));
         s->inv_freq_local = carve(&cv, half, sizeof(float));
@@ -633,16 +607,12 @@ static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch,
             s->value_cache[l] = carve(&cv, (size_t)s->cache_len[l] * KV, sizeof(float));
         }
     }
-#if defined(GEMMA3_AVX512)
-    s->simd = 2;
-#elif defined(GEMMA3_AVX2)
-    s->simd = 1;
-#endif
     if (!ok) {
         set_err(err, errsize, "out of memory for a %d-token context (try a smaller -c)", ctx);
         free_run_state(s);
         return -1;
     }
+    if (s->kernels) kernels_setup(s->kernels, c, max_batch, s->threads);
     /* RoPE frequencies, computed once in float32 as the reference does:
      * inv_freq[i] = 1 / base^(2i / head_dim); linear scaling divides the global ones. */
     for (size_t i = 0; i < half; i++) {
@@ -655,7 +625,7 @@ static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch,
 
 static void free_run_state(RunState *s) {
     free(s->arena);
-    free(s->key_cache); free(s->value_cache); free(s->cache_len); free(s->act_thread);
+    free(s->key_cache); free(s->value_cache); free(s->cache_len);
     memset(s, 0, sizeof(*s));
 }
 
@@ -787,10 +757,10 @@ static float dot_q4_0(const unsigned char *w, const int8_t *xq, const float *xs,
     return sum;
 }
 
-/* Token t of x (rows of cols floats) as int8 blocks, into row t of s->act.xq and its scales. */
+/* Token t of x (rows of cols floats) as int8 blocks, into row t of s->xq and its scales. */
 static void quantize_token(RunState *s, const float *x, int t, int cols) {
-    quantize_activations(s->act.xq + (size_t)t * cols, s->act.xq_scale + (size_t)t * (cols / QK),
-                         s->act.xq_sum + (size_t)t * (cols / QK), x + (size_t)t * cols, cols);
+    quantize_activations(s->xq + (size_t)t * cols, s->xq_scale + (size_t)t * (cols / QK),
+                         s->xq_sum + (size_t)t * (cols / QK), x + (size_t)t * cols, cols);
 }
 
 /* The activations of a quantized matmul as int8 blocks, one row of blocks per token. */
@@ -817,939 +787,23 @@ static void matmul_plain(float *out, const float *x, int n, const Matrix *W, Run
             switch (dtype) {
             case DT_F32: y = dot_f32((const float *)w, xt, cols); break;
             case DT_BF16: y = dot_bf16((const uint16_t *)w, xt, cols); break;
-            case DT_Q8_0: y = dot_q8_0(w, s->act.xq + (size_t)t * cols, s->act.xq_scale + (size_t)t * (cols / QK), cols); break;
-            default: y = dot_q4_0(w, s->act.xq + (size_t)t * cols, s->act.xq_scale + (size_t)t * (cols / QK),
-                                  s->act.xq_sum + (size_t)t * (cols / QK), cols); break;
+            case DT_Q8_0: y = dot_q8_0(w, s->xq + (size_t)t * cols, s->xq_scale + (size_t)t * (cols / QK), cols); break;
+            default: y = dot_q4_0(w, s->xq + (size_t)t * cols, s->xq_scale + (size_t)t * (cols / QK),
+                                  s->xq_sum + (size_t)t * (cols / QK), cols); break;
             }
             out[(size_t)t * rows + i] = y;
         }
     }
 }
 
-/* ------------------------------------------------------------------------- */
-/* Optional x86 kernels (AVX2 + FMA + F16C; built when the compiler targets them, e.g.
- * with make's default -march=native; -DGEMMA3_NO_SIMD turns them off). They compute the
- * same products as the plain loops above, which stay the reference: the tests run both
- * and compare. Only the order of the float additions differs (8 lanes, and an FMA's single
- * rounding), so results agree to about 1e-6 relative, not bit for bit.
- *
- * A tile is NR weight rows times NT tokens: each weight vector loaded is used for NT
- * tokens and each activation vector for NR rows, with all NR * NT sums in registers.
- * Decode (one token) runs 1 x 1 tiles, one row after the other (AVX2: one stream through
- * memory per thread; AVX-512 reads two streams of rows far apart, see
- * matmul_streams512); a prompt runs 4-row tiles. Every (row, token) sum is accumulated
- * in the same order whatever the tile, so a batch gives exactly the logits that
- * token-by-token decoding gives. */
-#ifdef GEMMA3_AVX2
-#include <immintrin.h>
-#define TILE_INLINE static inline __attribute__((always_inline))
-/* The r and t loops of a tile must unroll so that its sums live in registers. */
-#ifdef __clang__
-#define UNROLL _Pragma("unroll")
-#else
-#define UNROLL _Pragma("GCC unroll 4")
-#endif
 
-/* Decode reads each weight once, straight from memory. One core alone cannot keep enough
- * reads in flight to use the memory's bandwidth; the hardware prefetchers help, and asking
- * for the line PREFETCH_AHEAD bytes further on as each line is used helps more (tried on
- * this project's machine, 1B shape: faster decode for q8_0, q4_0 and bf16; 4 and 16 KiB
- * did no better than 8). A tile that reads `streams` rows far apart (AVX-512 decode,
- * matmul_streams512) shares that distance among them: 4 streams 8 KiB ahead each
- * crowded x out of the 48 KiB L1 (the 1152 x 6912 matrix ran 15 % slower). The AVX-512
- * q4_0 tiles ask 10 KiB ahead: with the memory fast (~90 GB/s), 1B q4_0 decode ran 1.2-2.5 %
- * faster so (12 KiB: the same), while bf16 lost 2 % at 10 KiB and q8_0 gained under 1 %
- * (alternated token by token in one process); with the memory slow (~55), q4_0 lost
- * 2.1-2.5 % at 10 KiB, where it has more room under the limit. Measured again in two
- * streams: q4_0 at 8 or 12 KiB 0.7-0.8 % slower than at 10 with the memory fast, at 8
- * 4.5 % faster with it slow; q8_0 at 6 KiB 3.9 % and at 10 1.4 % slower than at 8 (fast),
- * at 6 2.3 % faster (slow). The fast state is the one where decode is short of 85 % of
- * the limit, so it sets the distances. */
-#ifndef PREFETCH_AHEAD
-#define PREFETCH_AHEAD 8192
-#endif
-#ifndef PREFETCH_AHEAD_Q4
-#define PREFETCH_AHEAD_Q4 10240
-#endif
-/* (Macros: gcc 12 dropped the prefetch when this was a static inline function.) */
-#define prefetch_by(p, ahead, streams) __builtin_prefetch((const char *)(p) + (ahead) / (streams), 0, 3)
-#define prefetch_ahead(p, streams) prefetch_by(p, PREFETCH_AHEAD, streams)
 
-/* A tile loads each weight vector once for NT tokens and each activation vector once for
- * NR rows. gcc 12 undoes that: it folds the load into every FMA that uses the vector, as
- * a memory operand, so a 4 x 4 f32 tile issued 32 loads for 16 FMAs and ran load-bound at
- * under half the FMA rate. An empty asm that claims to change the vector keeps it in a
- * register (4 x 4 f32 tiles: 2.4x faster). clang keeps them in registers by itself, and
- * the asm would only get in its way (3x slower), so there it is nothing. */
-#if defined(__clang__)
-#define IN_REGISTER(v) ((void)0)
-#else
-#define IN_REGISTER(v) __asm__("" : "+v"(v))
-#endif
 
-/* The opposite, for a tile that has too few registers to hold its activations for all its
- * rows: an asm (volatile: never merged with another) that claims to change the pointer p,
- * so that each row loads through it again instead of keeping the values (and spilling
- * them to the stack). */
-#define RELOAD(p) __asm__ volatile("" : "+r"(p))
-
-/* A prompt's job is a chunk of CHUNK_ROWS rows against all the tokens (matmul_rows_*), then
- * the thread's next chunk (the next rows, under the static schedule). Rows of 1152 q4_0
- * columns are 648 bytes: too short a stretch for the hardware prefetcher, so the next
- * chunk's first tiles waited on memory. The tiles of tokens t0 .. t1 - 1 (of n) ask for
- * their share of the next chunk's `bytes` at `next` instead (an 874-token 1B q4_0
- * prompt: 416 -> 446 tok/s, when a job was 4 rows). */
-static inline void prefetch_next_chunk(const unsigned char *next, size_t bytes, int t0, int t1, int n) {
-    for (size_t b = bytes * t0 / n / 64 * 64; b < bytes * t1 / n; b += 64) __builtin_prefetch(next + b, 0, 3);
-}
-
-/* The bytes of the chunk after rows r0 .. r0 + nr - 1 (at most nr rows; 0 at the end). */
-static size_t next_chunk_bytes(int rows, int r0, int nr, size_t rb) {
-    int left = rows - r0 - nr;
-    return (size_t)(left < nr ? left : nr) * rb;
-}
-
-/* A prompt's chunk in matmul_rows_avx2/512 (which define TILE and the variables): each
- * `most` tokens (or the 2 or 1 left) meet the chunk's rows 4 at a time, then its last rows
- * one by one, and ask for their share of the next chunk's weights. */
-#define CHUNK_LOOP(most)                                                                                           \
-    do {                                                                                                           \
-        const size_t ahead_ = next_chunk_bytes(rows, r0, nr, rb);                                                  \
-        const unsigned char *w0_ = w;                                                                              \
-        for (int t = 0, nt; t < n; t += nt) {                                                                      \
-            nt = n - t >= (most) ? (most) : n - t >= 2 ? 2 : 1;                                                    \
-            prefetch_next_chunk(w0_ + (size_t)nr * rb, ahead_, t, t + nt, n);                                      \
-            int r = 0;                                                                                             \
-            w = w0_, o = out + r0;                                                                                 \
-            for (; r + 4 <= nr; r += 4, w += 4 * rb, o += 4) {                                                     \
-                if (nt == 4) TILE(4, 4);                                                                           \
-                else if (nt == 2) TILE(4, 2);                                                                      \
-                else TILE(4, 1);                                                                                   \
-            }                                                                                                      \
-            for (; r < nr; r++, w += rb, o++) {                                                                    \
-                if (nt == 4) TILE(1, 4);                                                                           \
-                else if (nt == 2) TILE(1, 2);                                                                      \
-                else TILE(1, 1);                                                                                   \
-            }                                                                                                      \
-        }                                                                                                          \
-    } while (0)
-
-static float hsum8(__m256 v) { /* a fixed order: 8 -> 4 -> 2 -> 1 */
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-/* Sum of u[i] * s[i] over each group of 4 bytes, added to acc: u unsigned, s signed.
- * One instruction with VNNI; otherwise pairs into int16 (cannot saturate here: |u| <= 128,
- * |s| <= 127) and then into int32. */
-static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
-#if defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(acc, u, s);
-#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(acc, u, s);
-#else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-#endif
-}
-
-/* f32 rows: out[t * ostride + r] = w_r . x_t; w_r rb bytes apart, x_t cols floats apart.
- * cols % 8 == 0. */
-TILE_INLINE void tile_f32(float *out, int ostride, const unsigned char *w, size_t rb, const float *x, int cols,
-                          const int NR, const int NT) {
-    __m256 acc[4][4];
-    UNROLL
-    for (int r = 0; r < NR; r++)
-        UNROLL
-        for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
-    for (int j = 0; j < cols; j += 8) {
-        __m256 wv[4];
-        UNROLL
-        for (int r = 0; r < NR; r++) {
-            if (NT == 1 && j % 16 == 0) prefetch_ahead((const float *)(w + r * rb) + j, NR);
-            wv[r] = _mm256_loadu_ps((const float *)(w + r * rb) + j);
-            IN_REGISTER(wv[r]);
-        }
-        UNROLL
-        for (int t = 0; t < NT; t++) {
-            __m256 xv = _mm256_loadu_ps(x + (size_t)t * cols + j);
-            IN_REGISTER(xv);
-            UNROLL
-            for (int r = 0; r < NR; r++) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
-        }
-    }
-    UNROLL
-    for (int r = 0; r < NR; r++)
-        UNROLL
-        for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum8(acc[r][t]);
-}
-
-/* bf16 rows. 16 weights load as 8 32-bit lanes; bf16 being the high half of an f32, a
- * shift gives the even weights as floats and a mask the odd ones, with no shuffle. So x
- * comes permuted (bf16_permute_x): each 16 floats as the 8 even, then the 8 odd ones.
- * cols % 16 == 0. */
-TILE_INLINE void tile_bf16(float *out, int ostride, const unsigned char *w, size_t rb, const float *xp, int cols,
-                           const int NR, const int NT) {
-    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
-    __m256 acc[4][4];
-    UNROLL
-    for (int r = 0; r < NR; r++)
-        UNROLL
-        for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
-    for (int j = 0; j < cols; j += 16) {
-        __m256 we[4], wo[4];
-        UNROLL
-        for (int r = 0; r < NR; r++) {
-            if (NT == 1 && j % 32 == 0) prefetch_ahead(w + r * rb + (size_t)j * 2, NR);
-            __m256i v = _mm256_loadu_si256((const __m256i *)(w + r * rb + (size_t)j * 2));
-            we[r] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-            wo[r] = _mm256_castsi256_ps(_mm256_and_si256(v, high));
-            IN_REGISTER(we[r]);
-            IN_REGISTER(wo[r]);
-        }
-        UNROLL
-        for (int t = 0; t < NT; t++) {
-            __m256 xe = _mm256_loadu_ps(xp + (size_t)t * cols + j), xo = _mm256_loadu_ps(xp + (size_t)t * cols + j + 8);
-            IN_REGISTER(xe);
-            IN_REGISTER(xo);
-            UNROLL
-            for (int r = 0; r < NR; r++) {
-                acc[r][t] = _mm256_fmadd_ps(we[r], xe, acc[r][t]);
-                acc[r][t] = _mm256_fmadd_ps(wo[r], xo, acc[r][t]);
-            }
-        }
-    }
-    UNROLL
-    for (int r = 0; r < NR; r++)
-        UNROLL
-        for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum8(acc[r][t]);
-}
-
-/* x for the bf16 tiles: each 2 * lanes floats as their `lanes` even, then `lanes` odd ones
- * (lanes = floats per vector: 8 for AVX2, 16 for AVX-512). n % (2 * lanes) == 0. */
-static void bf16_permute_x(float *xp, const float *x, int n, int lanes) {
-    for (int j = 0; j < n; j += 2 * lanes)
-        for (int i = 0; i < lanes; i++) {
-            xp[j + i] = x[j + 2 * i];
-            xp[j + lanes + i] = x[j + 2 * i + 1];
-        }
-}
-
-/* q8_0 / q4_0 rows times int8 activations (xq, scales xs; x_t cols bytes / cols/32 scales
- * apart). Integer products per block; the block's two scales then multiply its 8 int32
- * lanes. q8_0 uses |w| (unsigned) times x with w's sign. q4_0's nibbles n are unsigned
- * already; sum (n - 8) x = sum n x - 8 sum x, and the second term comes precomputed per
- * token and block as 8 lanes (xc, q4_0_correction) to start the integer sum from. */
-TILE_INLINE void tile_quant(float *out, int ostride, const unsigned char *w, size_t rb, const int8_t *xq,
-                            const float *xs, const int32_t *xc, int cols, int dtype, const int NR, const int NT) {
-    const int nb = cols / QK;
-    const __m256i low4 = _mm256_set1_epi8(0x0f);
-    __m256 acc[4][4];
-    UNROLL
-    for (int r = 0; r < NR; r++)
-        UNROLL
-        for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        __m256i wv[4], wu[4];
-        float dw[4];
-        UNROLL
-        for (int r = 0; r < NR; r++) {
-            const unsigned char *row = w + r * rb; /* nb half scales, then the quants */
-            if (NT == 1 && b % (dtype == DT_Q8_0 ? 2 : 4) == 0) /* once per 64-byte line */
-                prefetch_ahead(row + 2 * nb + (size_t)b * (dtype == DT_Q8_0 ? QK : QK / 2), NR);
-            dw[r] = _cvtsh_ss(rd_u16(row + 2 * b));
-            if (dtype == DT_Q8_0) {
-                wv[r] = _mm256_loadu_si256((const __m256i *)(row + 2 * nb + (size_t)b * QK));
-                wu[r] = _mm256_sign_epi8(wv[r], wv[r]); /* |w| as unsigned bytes */
-            } else {
-                __m128i raw = _mm_loadu_si128((const __m128i *)(row + 2 * nb + (size_t)b * (QK / 2)));
-                /* weights 0..15 are the low nibbles, 16..31 the high ones */
-                wu[r] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low4);
-            }
-        }
-        UNROLL
-        for (int t = 0; t < NT; t++) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * cols + (size_t)b * QK));
-            IN_REGISTER(xv);
-            float dx = xs[(size_t)t * nb + b];
-            UNROLL
-            for (int r = 0; r < NR; r++) {
-                __m256i p = dtype == DT_Q8_0
-                                ? dot_u8s8(_mm256_setzero_si256(), wu[r], _mm256_sign_epi8(xv, wv[r]))
-                                : dot_u8s8(_mm256_loadu_si256((const __m256i *)(xc + ((size_t)t * nb + b) * 8)), wu[r], xv);
-                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw[r] * dx), acc[r][t]);
-            }
-        }
-    }
-    UNROLL
-    for (int r = 0; r < NR; r++)
-        UNROLL
-        for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum8(acc[r][t]);
-}
-
-/* -8 * (sum of each 4 activations), 8 lanes per block: q4_0's offset, once per token. */
-static void q4_0_correction(int32_t *xc, const int8_t *xq, int n) {
-    const __m256i eight = _mm256_set1_epi8(8);
-    for (int b = 0; b < n / QK; b++) {
-        __m256i s = dot_u8s8(_mm256_setzero_si256(), eight, _mm256_loadu_si256((const __m256i *)(xq + b * QK)));
-        _mm256_storeu_si256((__m256i *)(xc + b * 8), _mm256_sub_epi32(_mm256_setzero_si256(), s));
-    }
-}
-
-/* Rows r0 .. r0 + nr - 1 of W against all n tokens. xin: x as the tiles want it. */
-static void matmul_rows_avx2(float *out, const float *xin, int n, const Matrix *W, const Activations *a, int r0, int nr) {
-    const int rows = W->rows, cols = W->cols, dtype = W->dtype;
-    const size_t rb = row_bytes(dtype, cols), nb = (size_t)cols / QK;
-    const unsigned char *w = (const unsigned char *)W->data + (size_t)r0 * rb;
-    float *o = out + r0;
-#define TILE(NR_, NT_)                                                                                             \
-    do {                                                                                                           \
-        float *o_ = o + (size_t)t * rows;                                                                          \
-        if (dtype == DT_F32) tile_f32(o_, rows, w, rb, xin + (size_t)t * cols, cols, NR_, NT_);                     \
-        else if (dtype == DT_BF16) tile_bf16(o_, rows, w, rb, xin + (size_t)t * cols, cols, NR_, NT_);              \
-        else if (dtype == DT_Q8_0)                                                                                 \
-            tile_quant(o_, rows, w, rb, a->xq + (size_t)t * cols, a->xq_scale + t * nb, NULL, cols, DT_Q8_0, NR_, NT_); \
-        else                                                                                                       \
-            tile_quant(o_, rows, w, rb, a->xq + (size_t)t * cols, a->xq_scale + t * nb, a->xq_corr + t * nb * 8, cols, \
-                       DT_Q4_0, NR_, NT_);                                                                         \
-    } while (0)
-    if (n > 1) {
-#ifdef __AVX512VL__ /* 32 vector registers: room for 4 x 4 sums */
-        const int most = 4;
-#else
-        const int most = 2;
-#endif
-        CHUNK_LOOP(most);
-    } else {
-        for (int r = 0, t = 0; r < nr; r++, w += rb, o++) TILE(1, 1);
-    }
-#undef TILE
-}
-#endif
-
-/* ------------------------------------------------------------------------- */
-/* AVX-512 tiles (F, BW, VL and VNNI; e.g. AMD Zen 4/5, Intel Ice Lake and later servers):
- * the same products with vectors twice as wide, 16 floats or 64 bytes. The quantized
- * ones take several blocks per vector, which the format's layout allows (a row's quants
- * are contiguous across blocks, its scales too): 8 or 16 scales convert in one
- * instruction and a permute spreads each over its block's lanes. A 1 x 1 and a 4 x 4 tile add each (row,
- * token) sum in the same order, so batches still equal token-by-token decoding. */
-#ifdef GEMMA3_AVX512
-#define Q4_GROUPS(nb) (((nb) + 7) / 8) /* q4_0 blocks go 8 to a step */
-
-/* The first min(n, 64) bytes at p, zeros after them (load256_upto: 32 bytes): the end of a
- * row must not be read past. A whole vector takes a plain load, not a masked one: masked
- * loads are slow on some CPUs (on this project's AMD machine they made decode 2.4x slower). */
-static inline __m512i load512_upto(const void *p, int n) {
-    return n >= 64 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(((__mmask64)1 << n) - 1, p);
-}
-
-static inline __m256i load256_upto(const void *p, int n) {
-    return n >= 32 ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi8(((__mmask32)1 << n) - 1, p);
-}
-
-/* The 16 lanes of v in a fixed order: 16 -> 8 -> 4 -> 2 -> 1 */
-static float hsum16(__m512 v) {
-    return hsum8(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
-}
-
-/* cols % 16 == 0 */
-TILE_INLINE void tile512_f32(float *out, int ostride, const unsigned char *w, size_t rb, const float *x, int cols,
-                             const int NR, const int NT) {
-    __m512 acc[4][4];
-    UNROLL
-    for (int r = 0; r < NR; r++)
-        UNROLL
-        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
-    for (int j = 0; j < cols; j += 16) {
-        __m512 wv[4];
-        UNROLL
-        for (int r = 0; r < NR; r++) {
-            if (NT == 1) prefetch_ahead((const float *)(w + r * rb) + j, NR);
-            wv[r] = _mm512_loadu_ps((const float *)(w + r * rb) + j);
-            IN_REGISTER(wv[r]);
-        }
-        UNROLL
-        for (int t = 0; t < NT; t++) {
-            __m512 xv = _mm512_loadu_ps(x + (size_t)t * cols + j);
-            IN_REGISTER(xv);
-            UNROLL
-            for (int r = 0; r < NR; r++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
-        }
-    }
-    UNROLL
-    for (int r = 0; r < NR; r++)
-        UNROLL
-        for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum16(acc[r][t]);
-}
-
-/* bf16 as in tile_bf16: 32 weights per load, their even ones by a shift and odd ones by
- * a mask, against x permuted by 16 (bf16_permute_x). cols % 32 == 0. */
-TILE_INLINE void tile512_bf16(float *out, int ostride, const unsigned char *w, size_t rb, const float *xp, int cols,
-                              const int NR, const int NT) {
-    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
-    __m512 acc[4][4];
-    UNROLL
-    for (int r = 0; r < NR; r++)
-        UNROLL
-        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
-    for (int j = 0; j < cols; j += 32) {
-        __m512 we[4], wo[4];
-        UNROLL
-        for (int r = 0; r < NR; r++) {
-            if (NT == 1) prefetch_ahead(w + r * rb + (size_t)j * 2, NR);
-            __m512i v = _mm512_loadu_si512((const void *)(w + r * rb + (size_t)j * 2));
-            we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-            wo[r] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
-            IN_REGISTER(we[r]);
-            IN_REGISTER(wo[r]);
-        }
-        UNROLL
-        for (int t = 0; t < NT; t++) {
-            __m512 xe = _mm512_loadu_ps(xp + (size_t)t * cols + j), xo = _mm512_loadu_ps(xp + (size_t)t * cols + j + 16);
-            IN_REGISTER(xe);
-            IN_REGISTER(xo);
-            UNROLL
-            for (int r = 0; r < NR; r++) {
-                acc[r][t] = _mm512_fmadd_ps(we[r], xe, acc[r][t]);
-                acc[r][t] = _mm512_fmadd_ps(wo[r], xo, acc[r][t]);
-            }
-        }
-    }
-    UNROLL
-    for (int r = 0; r < NR; r++)
-        UNROLL
-        for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum16(acc[r][t]);
-}
-
-/* q8_0: 2 blocks per vector. |w| (unsigned) times x with w's sign, into 16 int32 lanes,
- * 8 per block; then each lane times its block's two scales. Scales go 16 blocks at a
- * time: the row's halves converted at once, the token's floats loaded, and per pair of
- * blocks a permute gives lanes 0-7 block b's scale and lanes 8-15 block b + 1's. A row's
- * last, partial group of blocks is loaded under a mask (zeros beyond the row). */
-TILE_INLINE void tile512_q8_0(float *out, int ostride, const unsigned char *w, size_t rb, const int8_t *xq,
-                              const float *xs, int nb, const int NR, const int NT) {
-    const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m512i zero = _mm512_setzero_si512();
-    __m512 acc[4][4];
-    UNROLL
-    for (int r = 0; r < NR; r++)
-        UNROLL
-        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
-    for (int b0 = 0; b0 < nb; b0 += 16) {
-        const int k = nb - b0 < 16 ? nb - b0 : 16;
-        __m512 dw[4], dx[4];
-        UNROLL
-        for (int r = 0; r < NR; r++) dw[r] = _mm512_cvtph_ps(load256_upto(w + r * rb + 2 * b0, 2 * k));
-        UNROLL
-        for (int t = 0; t < NT; t++) dx[t] = _mm512_castsi512_ps(load512_upto(xs + (size_t)t * nb + b0, 4 * k));
-        for (int g = 0; g < k; g += 2) {
-            const __m512i idx = _mm512_add_epi32(spread, _mm512_set1_epi32(g));
-            const size_t q = (size_t)(b0 + g) * QK;
-            __m512i wu[4];
-            __mmask64 neg[4];
-            __m512 dwe[4];
-            UNROLL
-            for (int r = 0; r < NR; r++) {
-                if (NT == 1) prefetch_ahead(w + r * rb + 2 * (size_t)nb + q, NR);
-                __m512i v = load512_upto(w + r * rb + 2 * (size_t)nb + q, QK * (k - g));
-                wu[r] = _mm512_abs_epi8(v);
-                neg[r] = _mm512_movepi8_mask(v);
-                dwe[r] = _mm512_permutexvar_ps(idx, dw[r]);
-            }
-            UNROLL
-            for (int t = 0; t < NT; t++) {
-                __m512i xv = load512_upto(xq + (size_t)t * nb * QK + q, QK * (k - g));
-                IN_REGISTER(xv);
-                __m512 dxe = _mm512_permutexvar_ps(idx, dx[t]);
-                UNROLL
-                for (int r = 0; r < NR; r++) {
-                    __m512i sx = _mm512_mask_sub_epi8(xv, neg[r], zero, xv); /* x * sign(w) */
-                    __m512i p = _mm512_dpbusd_epi32(zero, wu[r], sx);
-                    acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dwe[r], dxe), acc[r][t]);
-                }
-            }
-        }
-    }
-    UNROLL
-    for (int r = 0; r < NR; r++)
-        UNROLL
-        for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum16(acc[r][t]);
-}
-
-/* q4_0: 8 blocks per step. A block's 16 bytes hold its first 16 weights in the low nibbles
- * and its last 16 in the high ones. Two 64-byte loads bring blocks 0-3 and 4-7 of a
- * group; unpacking their 8-byte halves puts, in each 128-bit lane k, 8 bytes of block k
- * beside 8 bytes of block 4 + k. So lanes 4k, 4k + 1 of the int32 sums hold block k's
- * products and 4k + 2, 4k + 3 block 4 + k's, and one float step (the multiply by the two
- * scales) covers 8 blocks, not 4: the FMA pipes, which also run the int8 dot products, do
- * 6 operations per 8 blocks instead of 8. x comes reordered to match (q4_0_reorder512). */
-#define Q4_GROUP_BYTES 384 /* x per group of 8 blocks: 4 x 64 bytes of int8, 16 int32 offsets, 16 float scales */
-
-/* Group g of an NR x NT tile, holding nblk (1-8) blocks. The NR rows' nibbles are
- * unpacked first; then each token's x (4 vectors, its offsets and its scales) is loaded
- * once and meets them all. A prompt's 4-row tiles go as two of 2 rows (matmul_rows_avx512):
- * 4 rows' nibbles and 16 sums would not fit in the 32 registers. 1B q4_0 prompts ran 7 %
- * faster so than with each row unpacked in turn and x loaded again for it (decode: the same). */
-TILE_INLINE void q4_0_group512(__m512 acc[4][4], const unsigned char *w, size_t rb, int nb, int g, int nblk,
-                               const int8_t *xg, size_t xstride, const int NR, const int NT) {
-    const __m512i spread = _mm512_set_epi32(7, 7, 3, 3, 6, 6, 2, 2, 5, 5, 1, 1, 4, 4, 0, 0);
-    const __m512i low4 = _mm512_set1_epi8(0x0f);
-    const int bytes = 16 * nblk;
-    __m512i alo[4], ahi[4], blo[4], bhi[4];
-    __m512 dw[4];
-    UNROLL
-    for (int r = 0; r < NR; r++) {
-        const unsigned char *row = w + r * rb, *q = row + 2 * (size_t)nb + (size_t)g * 128;
-        if (NT == 1) {
-            const unsigned char *p = row + (size_t)g * 144;
-            prefetch_by(p, PREFETCH_AHEAD_Q4, NR);
-            prefetch_by(p + 64, PREFETCH_AHEAD_Q4, NR);
-            prefetch_by(p + 128, PREFETCH_AHEAD_Q4, NR);
-        }
-        __m128i h = nblk == 8 ? _mm_loadu_si128((const __m128i *)(row + 16 * g))
-                              : _mm_maskz_loadu_epi8((__mmask16)((1u << 2 * nblk) - 1), row + 16 * g);
-        dw[r] = _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(_mm256_cvtph_ps(h)));
-        __m512i v1 = load512_upto(q, bytes), v2 = bytes > 64 ? load512_upto(q + 64, bytes - 64) : _mm512_setzero_si512();
-        __m512i a = _mm512_unpacklo_epi64(v1, v2), b = _mm512_unpackhi_epi64(v1, v2);
-        alo[r] = _mm512_and_si512(a, low4), ahi[r] = _mm512_and_si512(_mm512_srli_epi16(a, 4), low4);
-        blo[r] = _mm512_and_si512(b, low4), bhi[r] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4);
-    }
-    UNROLL
-    for (int t = 0; t < NT; t++) {
-        const int8_t *xt = xg + (size_t)t * xstride;
-        __m512i x0 = _mm512_loadu_si512((const void *)xt), x1 = _mm512_loadu_si512((const void *)(xt + 64));
-        __m512i x2 = _mm512_loadu_si512((const void *)(xt + 128)), x3 = _mm512_loadu_si512((const void *)(xt + 192));
-        __m512i off = _mm512_loadu_si512((const void *)(xt + 256));
-        __m512 dx = _mm512_loadu_ps((const float *)(xt + 320));
-        IN_REGISTER(x0);
-        IN_REGISTER(x1);
-        IN_REGISTER(x2);
-        IN_REGISTER(x3);
-        UNROLL
-        for (int r = 0; r < NR; r++) {
-            __m512i p = _mm512_dpbusd_epi32(off, alo[r], x0);
-            p = _mm512_dpbusd_epi32(p, ahi[r], x1);
-            p = _mm512_dpbusd_epi32(p, blo[r], x2);
-            p = _mm512_dpbusd_epi32(p, bhi[r], x3);
-            acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw[r], dx), acc[r][t]);
-        }
-    }
-}
-
-/* A row's last group when it holds 4 blocks or fewer (1152 columns are 36 blocks: 4 groups
- * and a half). q4_0_group512 would spend as many dot products on it as on 8 blocks, half
- * of them on zeros (a tenth of a 1152-column matmul). Here one 64-byte load brings the
- * blocks, lane k holding block k alone: its low nibbles (values 0-15) go against x's
- * values 0-15 and its high nibbles against 16-31, two dot products per row and token,
- * and int32 lanes 4k .. 4k + 3 all hold block k. x: 2 x 64 bytes, 16 offsets, 16 scales. */
-TILE_INLINE void q4_0_half512(__m512 acc[4][4], const unsigned char *w, size_t rb, int nb, int g, int nblk,
-                              const int8_t *xg, size_t xstride, const int NR, const int NT) {
-    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    const __m512i low4 = _mm512_set1_epi8(0x0f);
-    __m512 dx[4];
-    UNROLL
-    for (int t = 0; t < NT; t++) dx[t] = _mm512_loadu_ps((const float *)(xg + (size_t)t * xstride + 192));
-    UNROLL
-    for (int r = 0; r < NR; r++) {
-        const unsigned char *row = w + r * rb, *q = row + 2 * (size_t)nb + (size_t)g * 128;
-        if (NT == 1) prefetch_by(row + (size_t)g * 144, PREFETCH_AHEAD_Q4, NR);
-        __m128i h = _mm_maskz_loadu_epi8((__mmask16)((1u << 2 * nblk) - 1), row + 16 * g);
-        __m512 dw = _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(_mm256_cvtph_ps(h)));
-        __m512i v = load512_upto(q, 16 * nblk);
-        __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-        const int8_t *x = xg;
-        if (NT > 1) RELOAD(x);
-        UNROLL
-        for (int t = 0; t < NT; t++) {
-            const int8_t *xt = x + (size_t)t * xstride;
-            __m512i p = _mm512_loadu_si512((const void *)(xt + 128));
-            p = _mm512_dpbusd_epi32(p, lo, _mm512_loadu_si512((const void *)xt));
-            p = _mm512_dpbusd_epi32(p, hi, _mm512_loadu_si512((const void *)(xt + 64)));
-            acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, dx[t]), acc[r][t]);
-        }
-    }
-}
-
-TILE_INLINE void tile512_q4_0(float *out, int ostride, const unsigned char *w, size_t rb, const int8_t *xp, int nb,
-                              const int NR, const int NT) {
-    const size_t xstride = (size_t)Q4_GROUPS(nb) * Q4_GROUP_BYTES; /* bytes per token */
-    __m512 acc[4][4];
-    UNROLL
-    for (int r = 0; r < NR; r++)
-        UNROLL
-        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
-    int g = 0;
-    for (; g < nb / 8; g++) q4_0_group512(acc, w, rb, nb, g, 8, xp + (size_t)g * Q4_GROUP_BYTES, xstride, NR, NT);
-    if (nb % 8 > 4) q4_0_group512(acc, w, rb, nb, g, nb % 8, xp + (size_t)g * Q4_GROUP_BYTES, xstride, NR, NT);
-    else if (nb % 8) q4_0_half512(acc, w, rb, nb, g, nb % 8, xp + (size_t)g * Q4_GROUP_BYTES, xstride, NR, NT);
-    UNROLL
-    for (int r = 0; r < NR; r++)
-        UNROLL
-        for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum16(acc[r][t]);
-}
-
-/* quantize_activations in AVX-512, a block per step: the same operations on each value
- * (|x|, its block's max, one division, one reciprocal, a multiply, a round to nearest
- * even: the conversion in the default rounding mode), so the same bytes; the tests
- * compare them. The plain loop's max does not vectorise (without -ffast-math), and it
- * took 2-3 us of decode's 1152 x 6912 matmul, on one thread while the other waited. */
-static void quantize_activations512(int8_t *xq, float *scale, int32_t *sums, const float *x, int n) {
-    for (int b = 0; b < n / QK; b++) {
-        __m512 lo = _mm512_loadu_ps(x + b * QK), hi = _mm512_loadu_ps(x + b * QK + 16);
-        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-        float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-        __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(inv)));
-        __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(inv)));
-        _mm_storeu_si128((__m128i *)(xq + b * QK), _mm512_cvtsepi32_epi8(qlo)); /* |q| <= 127 */
-        _mm_storeu_si128((__m128i *)(xq + b * QK + 16), _mm512_cvtsepi32_epi8(qhi));
-        scale[b] = d;
-        sums[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
-    }
-}
-
-/* One token's int8 activations (xq, scales xs) for tile512_q4_0. Per group of 8 blocks:
- * 4 vectors of 64 bytes whose 128-bit lane k holds 8 values of block k, then 8 of block
- * 4 + k: values 0-7 (against the low nibbles of the blocks' first 8 bytes), 16-23 (their
- * high nibbles), 8-15 and 24-31 (the last 8 bytes' low and high nibbles). Then per lane of
- * the sums, -8 * (the sum of the 16 values it multiplies), and the scale of its block.
- * Missing blocks of a last, partial group are zeros; a last group of 4 blocks or fewer
- * is laid out for q4_0_half512 instead (lane k: block k's values 0-15, then 16-31). */
-static void q4_0_reorder512(int8_t *xp, const int8_t *xq, const float *xs, int nb, int g0, int g1) {
-    static const int first[4] = {0, 16, 8, 24}; /* the value each vector starts a block's run at */
-    const __m512i eight = _mm512_set1_epi8(8);
-    for (int g = g0; g < g1; g++) {
-        int8_t *dst = xp + (size_t)g * Q4_GROUP_BYTES;
-        __m512i sum = _mm512_setzero_si512();
-        float scale[16];
-        if (nb - 8 * g <= 4) { /* a last group of 4 blocks or fewer, as q4_0_half512 reads it */
-            for (int v = 0; v < 2; v++) {
-                for (int k = 0; k < 4; k++) { /* lane k: values 16v .. 16v + 15 of block 8g + k */
-                    int b = 8 * g + k;
-                    if (b < nb) memcpy(dst + 64 * v + 16 * k, xq + (size_t)b * QK + 16 * v, 16);
-                    else memset(dst + 64 * v + 16 * k, 0, 16);
-                }
-                sum = _mm512_dpbusd_epi32(sum, eight, _mm512_loadu_si512((const void *)(dst + 64 * v)));
-            }
-            _mm512_storeu_si512((void *)(dst + 128), _mm512_sub_epi32(_mm512_setzero_si512(), sum));
-            for (int lane = 0; lane < 16; lane++) scale[lane] = 8 * g + lane / 4 < nb ? xs[8 * g + lane / 4] : 0.0f;
-            memcpy(dst + 192, scale, sizeof scale);
-            continue;
-        }
-        for (int v = 0; v < 4; v++) {
-            for (int h = 0; h < 8; h++) { /* 8-byte half lane h: block 8g + h/2 + 4 * (h % 2) */
-                int b = 8 * g + h / 2 + 4 * (h % 2);
-                int8_t *d = dst + 64 * v + 8 * h;
-                if (b < nb) memcpy(d, xq + (size_t)b * QK + first[v], 8);
-                else memset(d, 0, 8);
-            }
-            sum = _mm512_dpbusd_epi32(sum, eight, _mm512_loadu_si512((const void *)(dst + 64 * v)));
-        }
-        _mm512_storeu_si512((void *)(dst + 256), _mm512_sub_epi32(_mm512_setzero_si512(), sum));
-        for (int lane = 0; lane < 16; lane++) { /* lanes 4k, 4k + 1: block 8g + k; 4k + 2, 4k + 3: block 8g + 4 + k */
-            int b = 8 * g + lane / 4 + 4 * (lane % 4 / 2);
-            scale[lane] = b < nb ? xs[b] : 0.0f;
-        }
-        memcpy(dst + 320, scale, sizeof scale);
-    }
-}
-
-/* Rows r0 .. r0 + nr - 1 of W against all n tokens, as matmul_rows_avx2. */
-static void matmul_rows_avx512(float *out, const float *xin, int n, const Matrix *W, const Activations *a, int r0, int nr) {
-    const int rows = W->rows, cols = W->cols, dtype = W->dtype, nb = cols / QK;
-    const size_t rb = row_bytes(dtype, cols);
-    const unsigned char *w = (const unsigned char *)W->data + (size_t)r0 * rb;
-    float *o = out + r0;
-#define TILE(NR_, NT_)                                                                                             \
-    do {                                                                                                           \
-        float *o_ = o + (size_t)t * rows;                                                                          \
-        if (dtype == DT_F32) tile512_f32(o_, rows, w, rb, xin + (size_t)t * cols, cols, NR_, NT_);                  \
-        else if (dtype == DT_BF16) tile512_bf16(o_, rows, w, rb, xin + (size_t)t * cols, cols, NR_, NT_);           \
-        else if (dtype == DT_Q8_0)                                                                                 \
-            tile512_q8_0(o_, rows, w, rb, a->xq + (size_t)t * cols, a->xq_scale + (size_t)t * nb, nb, NR_, NT_);   \
-        else if (NR_ == 4 && NT_ > 1) {                                                                            \
-            const int8_t *xp_ = a->xq_perm + (size_t)t * Q4_GROUPS(nb) * Q4_GROUP_BYTES;                             \
-            tile512_q4_0(o_, rows, w, rb, xp_, nb, 2, NT_);                                                         \
-            tile512_q4_0(o_ + 2, rows, w + 2 * rb, rb, xp_, nb, 2, NT_);                                            \
-        } else                                                                                                     \
-            tile512_q4_0(o_, rows, w, rb, a->xq_perm + (size_t)t * Q4_GROUPS(nb) * Q4_GROUP_BYTES, nb, NR_, NT_);     \
-    } while (0)
-    /* A prompt: each 4 tokens' x stays in L1 while it meets the chunk's rows, 4 at a time,
-     * whose weights stay in L2 (CHUNK_ROWS). Decode (matmul_streams512 takes most of its
-     * rows) runs 1 x 1 tiles. */
-    if (n > 1) {
-        CHUNK_LOOP(4);
-    } else {
-        for (int r = 0, t = 0; r < nr; r++, w += rb, o++) TILE(1, 1);
-    }
-#undef TILE
-}
-
-/* Decode reads a matrix in two streams per thread: group g of the matrix's first
- * 4 * (rows / 4) rows is rows 2g and 2g + D, then 2g + 1 and 2g + 1 + D (D = rows / 2), so
- * a thread's share of the groups is two far-apart runs of rows, read side by side by 2 x 1
- * tiles. The sums are the same as with 1 x 1 tiles. Measured in one process, alternating
- * builds token by token (1B): q8_0 in 2 streams rather than 4 3.7-5.2 % faster a token
- * with the memory at ~88 GB/s (12 runs), 0.2 % at ~54; in 1, 3.0-4.5 % and 2.5 %. q4_0 in
- * 2 rather than 4: 0.6-1.5 % and 0.6 %; in 1, 1.6 % slower (~88). bf16 streamed 73 GB/s in
- * one, 76 in two, 75 in four (memory at ~75), f32 49 in one, 51 in two (at ~51). */
-
-static void matmul_streams512(float *out, const float *xin, const Matrix *W, const Activations *a, int g) {
-    const int D = W->rows / 4 * 2, nb = W->cols / QK;
-    const size_t rb = row_bytes(W->dtype, W->cols);
-    for (int u = 2 * g; u < 2 * g + 2; u++) {
-        const unsigned char *w = (const unsigned char *)W->data + (size_t)u * rb;
-        float o[2];
-        if (W->dtype == DT_F32) tile512_f32(o, 1, w, (size_t)D * rb, xin, W->cols, 2, 1);
-        else if (W->dtype == DT_BF16) tile512_bf16(o, 1, w, (size_t)D * rb, xin, W->cols, 2, 1);
-        else if (W->dtype == DT_Q8_0) tile512_q8_0(o, 1, w, (size_t)D * rb, a->xq, a->xq_scale, nb, 2, 1);
-        else tile512_q4_0(o, 1, w, (size_t)D * rb, a->xq_perm, nb, 2, 1);
-        out[u] = o[0];
-        out[u + D] = o[1];
-    }
-}
-
-/* Attention of one job (attention()'s loop) with AVX-512: nh query heads q (hd apart) of
- * one kv head, against the span keys and values a query sees, which are ring slots s0 ..
- * s0 + n0 - 1 then 0 .. span - n0 - 1. Scores go to att (head g's at att + g * ctx), the
- * output to out (head g's at out + g * hd). A prompt's job (4 heads) took twice as long in
- * the plain loops: there each score is a dot product of its own, and the weighted sum of
- * values loads and stores the output every 4 keys. Here scores come 4 keys x up to 4 heads at a
- * time from the f32 matmul tile (keys as its rows, heads as its tokens), and the sum keeps
- * its output in registers over all the keys. Each (head, key) score and (head, element)
- * sum is added in the same order whatever nh is: a prompt's job equals decode's one head. */
-#define RING_RUNS(j0, j1, slot) /* the keys j0 .. j1 - 1 of both runs, the first at ring slot `slot` */ \
-    for (int run_ = 0, j0 = 0, j1 = n0, slot = s0; run_ < 2; run_++, j0 = n0, j1 = span, slot = 0)
-
-TILE_INLINE void scores512(float *att, size_t ctx, const float *q, const float *kc, int KV, int s0, int n0, int span,
-                           int hd, const int NH) {
-    const size_t kb = (size_t)KV * sizeof(float); /* bytes from one key to the next */
-    RING_RUNS(j0, j1, slot) {
-        const unsigned char *k = (const unsigned char *)(kc + (size_t)slot * KV);
-        int j = j0;
-        for (; j + 4 <= j1; j += 4, k += 4 * kb) tile512_f32(att + j, (int)ctx, k, kb, q, hd, 4, NH);
-        for (; j < j1; j++, k += kb) tile512_f32(att + j, (int)ctx, k, kb, q, hd, 1, NH);
-    }
-}
-
-/* out[g][i] = sum over keys j of att[g][j] v_j[i], 16 x NV elements of NH heads at a time,
- * over blocks of keys whose values fill 32 KB: a block stays in L1 while the passes over
- * its elements go by, and each value row comes from L2 or memory once. */
-TILE_INLINE void values512(float *out, const float *att, size_t ctx, const float *vc, int KV, int s0, int n0, int span,
-                           int hd, const int NH, const int NV) {
-    const int block = hd <= 8192 ? 8192 / hd : 1;
-    for (int jb = 0; jb < span; jb += block) {
-        const int je = span - jb < block ? span : jb + block;
-        for (int i0 = 0; i0 < hd; i0 += 16 * NV) {
-            __m512 acc[4][16];
-            UNROLL
-            for (int g = 0; g < NH; g++)
-                UNROLL
-                for (int k = 0; k < NV; k++)
-                    acc[g][k] = jb ? _mm512_loadu_ps(out + (size_t)g * hd + i0 + 16 * k) : _mm512_setzero_ps();
-            for (int j = jb; j < je; j++) {
-                const float *v = vc + (size_t)(j < n0 ? s0 + j : j - n0) * KV + i0;
-                UNROLL
-                for (int g = 0; g < NH; g++) {
-                    __m512 a = _mm512_set1_ps(att[(size_t)g * ctx + j]);
-                    UNROLL
-                    for (int k = 0; k < NV; k++) acc[g][k] = _mm512_fmadd_ps(a, _mm512_loadu_ps(v + 16 * k), acc[g][k]);
-                }
-            }
-            UNROLL
-            for (int g = 0; g < NH; g++)
-                UNROLL
-                for (int k = 0; k < NV; k++) _mm512_storeu_ps(out + (size_t)g * hd + i0 + 16 * k, acc[g][k]);
-        }
-    }
-}
-#undef RING_RUNS
-
-/* Decode: before a thread prepares x (about a microsecond for 1152 values, several for
- * 6912), it asks for the start of its streams, as far as the tiles' own prefetches run
- * ahead (PREFETCH_AHEAD, q4_0's PREFETCH_AHEAD_Q4), so that the memory's latency passes
- * while x is prepared, not at the start of the streams (1B q4_0 matmuls in one process,
- * memory at ~88 GB/s: 73.5 -> 76.8 GB/s; at ~54 and for q8_0 and bf16, the same as
- * before). g is the thread's first job (first[i] .. first[i + 1] - 1 are matrix i's). */
-static void prefetch_stream_starts(const Matrix *const W[], const int first[], int count, int g) {
-    int i = 0;
-    if (g >= first[count]) return;
-    while (g >= first[i + 1]) i++;
-    const Matrix *M = W[i];
-    const int gi = g - first[i], D = M->rows / 4 * 2; /* as matmul_streams512 */
-    if (gi >= M->rows / 4) return;
-    const size_t rb = row_bytes(M->dtype, M->cols);
-    const int ahead = M->dtype == DT_Q4_0 ? PREFETCH_AHEAD_Q4 : PREFETCH_AHEAD; /* as the tiles */
-    for (int r = 0; r < 2; r++) { /* the two streams */
-        const unsigned char *p = (const unsigned char *)M->data + ((size_t)gi * 2 + (size_t)r * D) * rb;
-        for (int b = 0; b < ahead / 2; b += 64) __builtin_prefetch(p + b, 0, 3);
-    }
-}
-#endif /* GEMMA3_AVX512 */
-
-#ifdef GEMMA3_AVX2
-/* x is prepared for the tiles in pieces of PIECE columns (a q4_0 AVX-512 group of 8
- * blocks), which the threads share out in a prompt: one token is 5 pieces in a 1152-wide
- * matmul, 27 in a 6912-wide one. */
-#define PIECE 256
-
-/* Columns piece * PIECE .. of token t of x as the tiles of `level` (1 AVX2, 2 AVX-512)
- * want them: int8 blocks for the quantized types (plus q4_0's offset, and for AVX-512 its
- * reordering), even/odd order for bf16. f32 takes x as it is. */
-static void prepare_piece(Activations *a, const float *x, int t, int piece, const Matrix *W, int level) {
-    const int cols = W->cols, dtype = W->dtype, nb = cols / QK;
-    const int j0 = piece * PIECE, len = cols - j0 < PIECE ? cols - j0 : PIECE; /* len % 32 == 0 */
-    const size_t at = (size_t)t * cols + j0, block = (size_t)t * nb + j0 / QK;
-    if (dtype == DT_BF16) {
-        bf16_permute_x(a->xperm + at, x + at, len, level == 2 ? 16 : 8);
-        return;
-    }
-#ifdef GEMMA3_AVX512
-    if (level == 2) {
-        quantize_activations512(a->xq + at, a->xq_scale + block, a->xq_sum + block, x + at, len);
-        if (dtype == DT_Q4_0)
-            q4_0_reorder512(a->xq_perm + (size_t)t * Q4_GROUPS(nb) * Q4_GROUP_BYTES, a->xq + (size_t)t * cols,
-                            a->xq_scale + (size_t)t * nb, nb, piece, piece + 1);
-        return;
-    }
-#endif
-    quantize_activations(a->xq + at, a->xq_scale + block, a->xq_sum + block, x + at, len);
-    if (dtype == DT_Q4_0) q4_0_correction(a->xq_corr + block * 8, a->xq + at, len);
-}
-
-/* The widest tiles that the build has, s->simd allows and the shape fits: 2 AVX-512
- * (cols % 32 == 0), 1 AVX2 (cols % 16 == 0), 0 none. */
-static int tile_level(const RunState *s, int cols) {
-#ifdef GEMMA3_AVX512
-    if (s->simd >= 2 && cols % 32 == 0) return 2;
-#endif
-    return s->simd >= 1 && cols % 16 == 0 ? 1 : 0;
-}
-
-/* Job g of matmul_many: R rows of one of the matrices (first[i] .. first[i + 1] - 1 are
- * matrix i's jobs). Decode's groups of 4 rows go in streams (matmul_streams512). */
-static void matmul_job(int g, int n, int R, const int first[], float *const out[], const Matrix *const W[],
-                       const float *xin, const Activations *a, int level) {
-    int i = 0;
-    while (g >= first[i + 1]) i++;
-    int gi = g - first[i]; /* the job's number within matrix i */
-    int r0 = R * gi, nr = W[i]->rows - r0 < R ? W[i]->rows - r0 : R;
-#ifdef GEMMA3_AVX512
-    if (level == 2 && n == 1 && gi < W[i]->rows / 4) {
-        matmul_streams512(out[i], xin, W[i], a, gi); /* the rest (rows % 4) below */
-        return;
-    }
-    if (level == 2) {
-        matmul_rows_avx512(out[i], xin, n, W[i], a, r0, nr);
-        return;
-    }
-#else
-    (void)level;
-#endif
-    matmul_rows_avx2(out[i], xin, n, W[i], a, r0, nr);
-}
-
-/* Decode's jobs, shared out so that no thread waits for another at the end of a matmul.
- * Under a static split the two threads finished 1-3 us apart in each matmul (50 us in the
- * classifier's), and in q/k/v the one started second (0.7 us later) always last: 3 % of
- * a q4_0 token in all. (The __atomic builtins are GCC's and clang's, as is this section.)
- * Each thread starts on its static share, as one stream of jobs, claiming a quarter of
- * what is left at a time (at least 8 jobs); a thread done with its own takes half of what
- * another has left from the back. A share is one 64-bit word, claimed from with a
- * compare-and-swap: its next job, its end, and which matmul it belongs to (the epoch: a
- * share not yet set for this matmul is left alone). Each row is still computed by one
- * thread with the same tile, so the results do not depend on who took it. */
-#define SHARE_WORD(epoch, lo, hi) ((uint64_t)((epoch) & 0xffffu) << 48 | (uint64_t)(hi) << 24 | (uint64_t)(lo))
-#define SHARE_MAX (1 << 24) /* jobs a share can count */
-
-/* Jobs *lo .. *hi - 1 of N: this thread's part under a static split (as OpenMP's static
- * schedule splits: the first N % T threads take one job more). */
-static void static_share(int N, int *lo, int *hi) {
-    int T = TEAM_SIZE(), id = THREAD_NUM(), q = N / T, extra = N % T;
-    *lo = id < extra ? (q + 1) * id : q * id + extra;
-    *hi = *lo + q + (id < extra);
-}
-
-/* How many of `left` jobs the owner of a share claims at a time */
-static int owner_claim(int left) { return left / 4 > 8 ? left / 4 : left < 8 ? left : 8; }
-
-/* Claims jobs of a share: from the front (the owner) or the back (a thief). Returns how
- * many (0: none left) and sets *job to the first. */
-static int claim_jobs(uint64_t *share, unsigned epoch, int thief, int *job) {
-    uint64_t w = __atomic_load_n(share, __ATOMIC_ACQUIRE);
-    for (;;) {
-        int lo = (int)(w & 0xffffff), hi = (int)(w >> 24 & 0xffffff), left = hi - lo;
-        if ((unsigned)(w >> 48) != (epoch & 0xffffu) || left <= 0) return 0;
-        int k = thief ? (left + 1) / 2 : owner_claim(left);
-        uint64_t next = thief ? SHARE_WORD(epoch, lo, hi - k) : SHARE_WORD(epoch, lo + k, hi);
-        if (__atomic_compare_exchange_n(share, &w, next, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-            *job = thief ? hi - k : lo;
-            return k;
-        }
-    }
-}
-
-#endif /* GEMMA3_AVX2 */
-
-/* The hot loop of the whole program: out[i] = W[i] x for `count` matrices that read the
- * same x (q/k/v; gate/up), with the widest SIMD tiles the build has and the shapes allow,
- * else the plain loops. All threads of the team call it (see PARALLEL_TEAM): they first
- * prepare x (a prompt's together, decode's each for itself), then split the rows of all
- * the matrices, in jobs of 4 rows (decode, shared out by claim_jobs) or CHUNK_ROWS (a
- * prompt, OpenMP's static schedule), and wait for each other once at the end: once per
- * input, not per matrix (each wait costs about a microsecond).
- * s->simd caps the level (tests lower it to check each kind of tile against the plain loops). */
-#define MATMUL_MANY 3 /* most matrices per matmul_many */
+/* out[i] = W[i] x for `count` matrices that read the same x (q/k/v; gate/up): the fast
+ * kernels where the build has them and they take the shape, else the plain loops. All
+ * threads of forward_batch's team call it, and it ends when all of them are done. */
 static void matmul_many(int count, float *const out[], const Matrix *const W[], const float *x, int n, RunState *s) {
-#ifdef GEMMA3_AVX2
-    const int level = tile_level(s, W[0]->cols);
-    /* A job is R rows of one matrix: a group of 4 in decode, a chunk in a prompt */
-    const int R = n > 1 ? CHUNK_ROWS : 4;
-    int same = 1, first[MATMUL_MANY + 1] = {0}; /* matrix i has the jobs first[i] .. first[i + 1] - 1 */
-    for (int i = 0; i < count; i++) {
-        same &= W[i]->dtype == W[0]->dtype && W[i]->cols == W[0]->cols;
-        first[i + 1] = first[i] + (W[i]->rows + R - 1) / R;
-    }
-    if (level > 0 && same) {
-        const int pieces = W[0]->dtype == DT_F32 ? 0 : (W[0]->cols + PIECE - 1) / PIECE;
-        const int T = TEAM_SIZE(), id = THREAD_NUM(), decode = n == 1 && T <= s->threads;
-        const Activations *a = &s->act;
-        int job, g, lo = 0, hi = 0;
-        if (decode) {
-            /* Decode: each thread prepares the whole token for itself, and starts on its
-             * rows without waiting for the other (nor fetching x from the other core's
-             * cache): 1B q4_0 matmuls streamed 71 -> 74 GB/s, the 1152 x 6912 one 55 -> 65. */
-            Activations *own = &s->act_thread[id];
-            static_share(first[count], &lo, &hi);
-#ifdef GEMMA3_AVX512
-            if (level == 2) prefetch_stream_starts(W, first, count, lo);
-#endif
-            for (int p = 0; p < pieces; p++) prepare_piece(own, x, 0, p, W[0], level);
-            a = own;
-        } else {
-            FOR /* a prompt: x prepared by all the threads */
-            for (job = 0; job < n * pieces; job++) prepare_piece(&s->act, x, job / pieces, job % pieces, W[0], level);
-        }
-        const float *xin = W[0]->dtype == DT_BF16 ? a->xperm : x; /* what the float tiles read */
-        if (decode && first[count] < SHARE_MAX) { /* decode's jobs, shared out */
-            /* the epoch: each thread counts the matmuls it has run (all run the same ones) */
-            const unsigned epoch = (unsigned)++s->share[8 * id + 1];
-            int k = owner_claim(hi - lo); /* the first claim: taken as the share is set */
-            __atomic_store_n(&s->share[8 * id], SHARE_WORD(epoch, lo + k, hi), __ATOMIC_RELEASE);
-            for (g = lo; k > 0; k = claim_jobs(&s->share[8 * id], epoch, 0, &g))
-                for (int e = g + k; g < e; g++) matmul_job(g, n, R, first, out, W, xin, a, level);
-            for (int v = 1; v < T; v++) /* then the others' last jobs */
-                while ((k = claim_jobs(&s->share[8 * ((id + v) % T)], epoch, 1, &g)) > 0)
-                    for (int e = g + k; g < e; g++) matmul_job(g, n, R, first, out, W, xin, a, level);
-            BARRIER
-        } else {
-            FOR
-            for (g = 0; g < first[count]; g++) matmul_job(g, n, R, first, out, W, xin, a, level);
-        }
-        return;
-    }
-#endif
+    if (kernels_matmul(s->kernels, out, W, count, x, n)) return;
     for (int i = 0; i < count; i++) matmul_plain(out[i], x, n, W[i], s);
 }
 
@@ -1894,34 +948,6 @@ static float gelu_tanh(float x) {
     return x / (1.0f + exp_vec(-2.0f * u));
 }
 
-#ifdef GEMMA3_AVX512
-/* One attention job with the AVX-512 kernels (hd % 16 == 0), its heads 4, 2 or 1 at a
- * time: their scores, scaled and softmaxed, then the weighted sum of the values, 16 sums
- * in registers (a single head's 256 elements at once, 2 or 4 heads' 64). */
-static void attend512(float *out, float *att, size_t ctx, const float *q, const float *kc, const float *vc, int KV,
-                      int s0, int n0, int span, int hd, int nh, float scale) {
-    const int wide = hd % 64 == 0;
-    for (int h = 0, H; h < nh; h += H) {
-        H = nh - h >= 4 ? 4 : nh - h >= 2 ? 2 : 1;
-        float *a = att + (size_t)h * ctx, *o = out + (size_t)h * hd;
-        const float *qh = q + (size_t)h * hd;
-        if (H == 4) scores512(a, ctx, qh, kc, KV, s0, n0, span, hd, 4);
-        else if (H == 2) scores512(a, ctx, qh, kc, KV, s0, n0, span, hd, 2);
-        else scores512(a, ctx, qh, kc, KV, s0, n0, span, hd, 1);
-        for (int g = 0; g < H; g++) {
-            for (int j = 0; j < span; j++) a[(size_t)g * ctx + j] *= scale;
-            softmax(a + (size_t)g * ctx, span);
-        }
-        if (H == 4 && wide) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 4, 4);
-        else if (H == 4) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 4, 1);
-        else if (H == 2 && wide) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 2, 4);
-        else if (H == 2) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 2, 1);
-        else if (hd % 256 == 0) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 1, 16);
-        else if (wide) values512(o, a, ctx, vc, KV, s0, n0, span, hd, 1, 4);
-        else values512(o, a, ctx, vc, KV, s0, n0, span, hd, 1, 1);
-    }
-}
-#endif
 
 /* Self-attention of the n batch tokens at positions pos0.. in layer l; their keys and
  * values are already in the cache. */
@@ -1950,13 +976,8 @@ static void attention(RunState *s, const Config *c, int l, int pos0, int n) {
         float *att = s->att + ((size_t)THREAD_NUM() * c->n_heads + h0) * s->ctx; /* head h0 + g's scores at att + g * ctx */
         const float *kc = s->key_cache[l] + kvh * hd, *vc = s->value_cache[l] + kvh * hd;
         float *out = s->att_out + (size_t)t * Q + h0 * hd; /* head h0 + g's at out + g * hd */
-#ifdef GEMMA3_AVX512
-        if (s->simd >= 2 && hd % 16 == 0) {
-            int s0 = first % len, n0 = span < len - s0 ? span : len - s0; /* slots s0 .. s0 + n0 - 1, then 0 .. */
-            attend512(out, att, s->ctx, q, kc, vc, KV, s0, n0, span, hd, nh, scale);
+        if (kernels_attention(s->kernels, out, att, s->ctx, q, kc, vc, KV, first % len, span, len, hd, nh, scale))
             continue;
-        }
-#endif
         for (int j = 0; j < span; j++) {
             const float *k = kc + (size_t)((first + j) % len) * KV;
             for (int g = 0; g < nh; g++) att[g * s->ctx + j] = dot_f32(k, q + g * hd, hd) * scale;
@@ -3055,3 +2076,26 @@ int main(int argc, char **argv) {
     return 0;
 }
 #endif /* TESTING */
+
+/* ------------------------------------------------------------------------- */
+/* 6. optional fast kernels                                                   */
+/* ------------------------------------------------------------------------- */
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && defined(__GNUC__) && !defined(GEMMA3_NO_SIMD)
+#include "kernels_x86.c"
+#else
+/* None for this target: every call goes to the plain loops. */
+static size_t kernels_setup(void *mem, const Config *c, int max_batch, int threads) {
+    (void)mem, (void)c, (void)max_batch, (void)threads;
+    return 0;
+}
+static int kernels_matmul(void *kernels, float *const out[], const Matrix *const W[], int count, const float *x, int n) {
+    (void)kernels, (void)out, (void)W, (void)count, (void)x, (void)n;
+    return 0;
+}
+static int kernels_attention(void *kernels, float *out, float *att, size_t ctx, const float *q, const float *kc,
+                             const float *vc, int KV, int s0, int span, int len, int hd, int nh, float scale) {
+    (void)kernels, (void)out, (void)att, (void)ctx, (void)q, (void)kc, (void)vc, (void)KV, (void)s0, (void)span;
+    (void)len, (void)hd, (void)nh, (void)scale;
+    return 0;
+}
+#endif

@@ -483,6 +483,24 @@ static void test_toolkit(void) {
     free_model(&m);
 }
 
+/* The widest kernels a run state uses (0: the plain loops only), and lowering it. */
+static int kernel_level(const RunState *s) {
+#ifdef GEMMA3_AVX2
+    return s->kernels ? ((const Kernels *)s->kernels)->level : 0;
+#else
+    (void)s;
+    return 0;
+#endif
+}
+
+static void set_kernel_level(RunState *s, int level) {
+#ifdef GEMMA3_AVX2
+    if (s->kernels) ((Kernels *)s->kernels)->level = level;
+#else
+    (void)s, (void)level;
+#endif
+}
+
 /* Each kind of SIMD tile the build has (AVX2; AVX-512) against the plain loops, for every
  * weight type, on shapes that leave partial tiles (37 rows, 9 tokens) and partial groups of
  * quantized blocks (9, 19, 25 blocks of 32), plus batch == one token at a time, to the bit.
@@ -580,7 +598,7 @@ static void test_kernels(void) {
         if (build_run_state(&s, &cfg, NT, NT, 0, err, sizeof err) != 0) { CHECK(0, "run state: %s", err); return; }
         matmul_plain(y_ref, x, NT, &W, &s);
         for (int level = max_level; level >= 1; level--) {
-            s.simd = level;
+            set_kernel_level(&s, level);
             matmul(y, x, NT, &W, &s);
             double worst = 0, scale = 0;
             for (int k = 0; k < NT * ROWS; k++) { worst = fmax(worst, fabs(y[k] - y_ref[k])); scale = fmax(scale, fabs(y_ref[k])); }
@@ -660,9 +678,9 @@ static void test_attention(void) {
         }
         float *q = malloc((size_t)NT * Q * sizeof(float)), *out[3] = {0};
         for (int k = 0; k < NT * Q; k++) q[k] = 4 * random_f32(&seed) - 2;
-        int same = 1, top = s.simd;
+        int same = 1, top = kernel_level(&s);
         for (int level = 0; level <= top && level < 3; level += 2) { /* 0: plain, 2: AVX-512 (if built) */
-            s.simd = level;
+            set_kernel_level(&s, level);
             out[level] = malloc((size_t)NT * Q * sizeof(float));
             memcpy(s.q, q, (size_t)NT * Q * sizeof(float));
             attention(&s, &c, 0, POS0, NT);

@@ -528,7 +528,7 @@ done
 threads=${OMP_NUM_THREADS:-"unset (all $(nproc) cores)"}
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo 2>/dev/null | head -n 1)
 rev=$(git rev-parse --short HEAD 2>/dev/null || echo "?")
-git diff --quiet HEAD -- gemma3.c tokenizer.c 2>/dev/null || rev="$rev + local changes"
+git diff --quiet HEAD -- gemma3.c tokenizer.c kernels_x86.c 2>/dev/null || rev="$rev + local changes"
 [ "$GEMMA3" = ./gemma3 ] || rev="$GEMMA3, tree $rev"
 
 hdr_prefill=""
