@@ -8,11 +8,19 @@
  *   1. model file: Config, Weights, loading and validation
  *   2. neural-net blocks: rmsnorm, matmul, rope, attention, gelu, forward
  *   3. sampler
- *   4. generation, logits dump, chat
+ *   4. generation, logits dump, chat, quantizing
  *   5. command line
  *
- * Dependencies: libc, libm, optionally OpenMP (matmuls split across output rows).
- * Build: make. Usage: ./gemma3 --help.
+ * Policy: this file is the reference. It is plain portable C99 with no intrinsics and no
+ * processor-specific code, so that it reads top to bottom and runs anywhere. The only
+ * speed-ups in it are ones any compiler gives to plain loops (independent partial sums
+ * that vectorise) and OpenMP threads over the rows of each matmul. Fast kernels for x86
+ * (AVX2, AVX-512) live in kernels_x86.c, included at the very end where the compiler
+ * targets them; the model code calls them through kernels_matmul and kernels_attention,
+ * which say whether they did the work, and the plain loops here run otherwise. The tests
+ * hold every kernel to these loops.
+ *
+ * Dependencies: libc, libm, optionally OpenMP. Build: make. Usage: ./gemma3 --help.
  */
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
 #define _POSIX_C_SOURCE 200809L
@@ -66,9 +74,7 @@ static int max_threads(void) { return 1; }
 #define GEMMA3_HEADER_SIZE 128
 #define GEMMA3_DIR_ENTRY_SIZE 104
 /* Prompt tokens per forward pass: each weight row is read from memory once per batch and
- * reused for all its tokens. 1B q4_0 prompts of 512 tokens ran 2.3 % faster in batches of
- * 128 than of 64 (256: the same as 128), for 7 MB more activations (and 134 MB of logits
- * with --logits, which keeps a batch's). */
+ * reused for all its tokens (larger batches gained nothing in `make bench`). */
 #define PREFILL_BATCH 128
 
 /* ------------------------------------------------------------------------- */
@@ -141,7 +147,9 @@ typedef struct {
 } LayerWeights;
 
 typedef struct {
-    Matrix embed;          /* embed_tokens (vocab_size, dim); also the tied classifier */
+    Matrix embed;          /* embed_tokens (vocab_size, dim) */
+    Matrix classifier;     /* lm_head (vocab_size, dim): the embedding table itself (tied), unless
+                              the file has its own lm_head.weight (from a GGUF's output.weight) */
     LayerWeights *layers;  /* (n_layers) */
     const float *final_norm; /* norm.weight (dim) */
 } Weights;
@@ -216,11 +224,9 @@ static int read_file_bytes(Model *m, const char *path, char *err, size_t errsize
         m->mapped = 1;
 #ifdef MADV_HUGEPAGE
         /* Linux: ask for 2 MiB pages. Decode streams every weight once per token, and
-         * with 4 KiB pages that is a TLB miss (a page-table walk, slower still in a
-         * virtual machine) every 4 KiB; q4_0 decode ran 5-45 % faster from a file
-         * cached in 2 MiB pages. This helps when the pages are read from disk;
-         * pages already in the page cache stay as they were cached (why the writers
-         * write in aligned 4 MiB pieces). Filesystems without large folios ignore it. */
+         * with 4 KiB pages that is a TLB miss every 4 KiB. It helps when the pages are
+         * read from disk; pages already cached stay as they were (why the writers write
+         * in aligned 4 MiB pieces). Filesystems without large folios ignore it. */
         (void)madvise(p, m->size, MADV_HUGEPAGE);
 #endif
         return 0;
@@ -339,7 +345,7 @@ static int known_tensor_name(const char *name, int n_layers) {
         "post_feedforward_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
         "mlp.down_proj.weight", NULL};
     if (memchr(name, 0, 64) == NULL) return 0; /* not NUL-terminated */
-    if (!strcmp(name, "embed_tokens.weight") || !strcmp(name, "norm.weight")) return 1;
+    if (!strcmp(name, "embed_tokens.weight") || !strcmp(name, "norm.weight") || !strcmp(name, "lm_head.weight")) return 1;
     int layer, used = 0;
     if (sscanf(name, "layers.%d.%n", &layer, &used) != 1 || used == 0 || layer < 0 || layer >= n_layers) return 0;
     for (int i = 0; per_layer[i]; i++)
@@ -419,19 +425,21 @@ static int load_model(Model *m, const char *path, char *err, size_t errsize) {
 
     /* Every tensor in the directory must be one we know: a stray name means a file
      * for some other model, and silently ignoring it would hide that. */
-    uint32_t expected = 2 + 13u * (uint32_t)c->n_layers;
-    if (n_tensors != expected) {
-        set_err(err, errsize, "%s: %u tensors in the file, a %d-layer Gemma 3 has %u (unknown or missing tensors)",
-                path, n_tensors, c->n_layers, expected);
-        goto fail;
-    }
     const unsigned char *dir = m->data + dir_off;
+    int untied = 0; /* lm_head.weight, the one optional tensor */
     for (uint32_t i = 0; i < n_tensors; i++) {
         const char *name = (const char *)dir + (size_t)i * GEMMA3_DIR_ENTRY_SIZE;
         if (!known_tensor_name(name, c->n_layers)) {
             set_err(err, errsize, "%s: unknown tensor '%.64s' in the model file", path, name);
             goto fail;
         }
+        untied |= !strcmp(name, "lm_head.weight");
+    }
+    uint32_t expected = 2 + (uint32_t)untied + 13u * (uint32_t)c->n_layers;
+    if (n_tensors != expected) {
+        set_err(err, errsize, "%s: %u tensors in the file, a %d-layer Gemma 3 has %u (unknown or missing tensors)",
+                path, n_tensors, c->n_layers, expected);
+        goto fail;
     }
     if (host_is_big_endian()) swap_tensors_to_native(m);
 
@@ -439,6 +447,8 @@ static int load_model(Model *m, const char *path, char *err, size_t errsize) {
     int D = c->dim, Q = c->n_heads * c->head_dim, KV = c->n_kv_heads * c->head_dim, F = c->hidden_dim;
     if (load_matrix(m, &w->embed, "embed_tokens.weight", c->vocab_size, D, err, errsize)) goto fail;
     if (load_norm(m, &w->final_norm, "norm.weight", D, err, errsize)) goto fail;
+    w->classifier = w->embed;
+    if (untied && load_matrix(m, &w->classifier, "lm_head.weight", c->vocab_size, D, err, errsize)) goto fail;
     w->layers = calloc((size_t)c->n_layers, sizeof(LayerWeights));
     if (!w->layers) { set_err(err, errsize, "out of memory"); goto fail; }
     for (int l = 0; l < c->n_layers; l++) {
@@ -539,9 +549,8 @@ static int kernels_attention(void *kernels, float *out, float *att, size_t ctx, 
                              const float *vc, int KV, int s0, int span, int len, int hd, int nh, float scale);
 
 /* Buffers cut one after another from a block (or, with base NULL, only their sizes added
- * up), each starting on a 64-byte boundary: the cache line, and the width of an AVX-512
- * vector. A vector load that straddles two lines costs two; on 16-byte-aligned calloc
- * memory, the AVX-512 q4_0 tiles ran at 60 % of their speed. */
+ * up), each starting on a 64-byte boundary: the cache line, so that no vector load
+ * straddles two lines. */
 typedef struct {
     unsigned char *base;
     size_t used;
@@ -855,8 +864,7 @@ static void rope_angles(float *cos_out, float *sin_out, const float *inv_freq, i
 }
 
 /* e^v in plain arithmetic that the compiler vectorises (a loop that calls libm's expf
- * makes one call per element; in a 1B prompt the MLP's 6912 per token and layer took 8 %
- * of the time). v = n ln2 + r, with n an integer and |r| <= ln2/2; e^r from its Taylor
+ * makes one call per element, and GELU and softmax call it for every value). v = n ln2 + r, with n an integer and |r| <= ln2/2; e^r from its Taylor
  * series to r^7 (the rest is under 2^-27 of it); 2^n written straight into the exponent
  * bits. v is clamped to [-87, 88], where 2^n stays a normal float. The tests hold it to
  * 2 ulp of expf over that range. */
@@ -873,10 +881,9 @@ static float exp_vec(float v) {
 }
 
 /* The index of the largest of x[0..n) (the first, if several; NaNs are passed over).
- * Greedy decoding calls it on every token's 262144 logits, where a loop of compares took
- * 150 us, more than the attention: so blocks of 64 first get their maximum in 16 lanes,
- * a loop that vectorises (without a branch), and only a block whose maximum beats the
- * best so far is searched (five times faster). */
+ * Greedy decoding calls it on every token's 262144 logits, so blocks of 64 first get
+ * their maximum in 16 lanes, a loop that vectorises (without a branch), and only a block
+ * whose maximum beats the best so far is searched. */
 static int argmax(const float *x, int n) {
     int best = 0, i = 0;
     float top = x[0];
@@ -895,32 +902,8 @@ static int argmax(const float *x, int n) {
     return best;
 }
 
-/* argmax over a long array (the vocabulary's logits), in one part per thread: the same
- * index as argmax. The classifier leaves each thread's share of the logits in its own
- * cache, and one thread reading all of them (1B: 1 MB) took 42 us a greedy token, 24 us
- * so. Each part is searched from its first value that is not a NaN, as argmax would
- * reach it: NaNs never win, and on a tie the earlier part does. */
-static int argmax_parallel(const float *x, int n) {
-    enum { MAX_PARTS = 64 };
-    int best_of[MAX_PARTS], parts = max_threads() < MAX_PARTS ? max_threads() : MAX_PARTS;
-    if (parts < 2 || n < 65536 || isnan(x[0])) return argmax(x, n); /* (argmax stays at a NaN x[0]) */
-    PARALLEL_TEAM(parts) {
-        FOR
-        for (int p = 0; p < parts; p++) {
-            int lo = (int)((long long)n * p / parts), hi = (int)((long long)n * (p + 1) / parts), f = lo;
-            while (f < hi && isnan(x[f])) f++;
-            best_of[p] = f < hi ? f + argmax(x + f, hi - f) : -1;
-        }
-    }
-    int best = best_of[0];
-    for (int p = 1; p < parts; p++)
-        if (best_of[p] >= 0 && x[best_of[p]] > x[best]) best = best_of[p];
-    return best;
-}
-
 /* softmax in place, in loops that vectorise: exp_vec, not libm's expf (a call per
- * element; with exp_vec an 837-token 1B prompt's attention took 317 ms, not 354), and
- * the sum in 16 partial sums added in a fixed order. */
+ * element), and the sum in 16 partial sums added in a fixed order. */
 static void softmax(float *x, int n) {
     float max = x[argmax(x, n)], part[16] = {0}, sum = 0.0f;
     int i = 0;
@@ -956,8 +939,8 @@ static void attention(RunState *s, const Config *c, int l, int pos0, int n) {
     int group = c->n_heads / c->n_kv_heads; /* GQA: `group` query heads share one kv head */
     float scale = 1.0f / sqrtf(c->query_pre_attn_scalar);
     /* A job is one token and nh query heads of one group. A prompt takes the whole group:
-     * each key and value row then comes into L1 once for all its heads, not once per head
-     * (an 837-token 1B prompt: attention 318 -> 250 ms). Decode splits the group only as far
+     * each key and value row then comes into L1 once for all its heads, not once per
+     * head. Decode splits the group only as far
      * as it takes to give every thread a job: 1B (4 heads, one kv head) on 2 threads takes
      * 2 heads a job, and each thread reads the layer's keys and values once, not twice. */
     int nh = group;
@@ -1093,11 +1076,8 @@ static float *forward_batch(const Model *m, RunState *s, const int *tokens, int 
     rope_angles(s->rope_cos, s->rope_sin, s->inv_freq_local, pos0, n, half);
     rope_angles(s->rope_cos + (size_t)n * half, s->rope_sin + (size_t)n * half, s->inv_freq_global, pos0, n, half);
 
-    /* The threads start once here and run the layers together (see PARALLEL_TEAM). A start
-     * per step (a parallel region each) cost about a microsecond, 157 of them a 1B decode
-     * step; a wait at the end of a step, here, about a third of that. 1B decode in one
-     * process, alternating token by token: q4_0 2.0 % faster (memory at ~90 GB/s), 0.6-1.5 %
-     * (at ~55); q8_0 0.5-1.1 % (~90), 0-0.5 % (~55). Prompts as fast as before. */
+    /* The threads start once here and run the layers together (see PARALLEL_TEAM): a start
+     * per step would cost more than a wait at the end of one, and a 1B step has 157 steps. */
     const int first = s->all_logits ? 0 : n - 1; /* the tokens whose logits are wanted */
     PARALLEL_TEAM(s->threads) {
         for (int l = 0; l < c->n_layers; l++) {
@@ -1108,10 +1088,10 @@ static float *forward_batch(const Model *m, RunState *s, const int *tokens, int 
             }
         }
         if (classify) {
-            /* final norm, then the classifier: the (unscaled) embedding table, tied */
+            /* final norm, then the classifier: the (unscaled) embedding table, tied, or lm_head */
             FOR
             for (int t = first; t < n; t++) rmsnorm(s->xb + (size_t)t * D, s->x + (size_t)t * D, w->final_norm, D, c->norm_eps);
-            matmul(s->logits, s->xb + (size_t)first * D, n - first, &w->embed, s);
+            matmul(s->logits, s->xb + (size_t)first * D, n - first, &w->classifier, s);
         }
     }
     return classify ? s->logits : NULL;
@@ -1201,6 +1181,28 @@ static int select_top_k(ProbIndex *heap, const float *probs, int n, int k) {
         heap[pos].p = probs[i];
     }
     return size;
+}
+
+/* argmax over the vocabulary's logits in one part per thread, each in the cache of the
+ * thread whose classifier rows wrote it: the same index as argmax. Each part is searched
+ * from its first value that is not a NaN, as argmax would reach it: NaNs never win, and
+ * on a tie the earlier part does. */
+static int argmax_parallel(const float *x, int n) {
+    enum { MAX_PARTS = 64 };
+    int best_of[MAX_PARTS], parts = max_threads() < MAX_PARTS ? max_threads() : MAX_PARTS;
+    if (parts < 2 || n < 65536 || isnan(x[0])) return argmax(x, n); /* (argmax stays at a NaN x[0]) */
+    PARALLEL_TEAM(parts) {
+        FOR
+        for (int p = 0; p < parts; p++) {
+            int lo = (int)((long long)n * p / parts), hi = (int)((long long)n * (p + 1) / parts), f = lo;
+            while (f < hi && isnan(x[f])) f++;
+            best_of[p] = f < hi ? f + argmax(x + f, hi - f) : -1;
+        }
+    }
+    int best = best_of[0];
+    for (int p = 1; p < parts; p++)
+        if (best_of[p] >= 0 && x[best_of[p]] > x[best]) best = best_of[p];
+    return best;
 }
 
 /* Sample the next token from logits (which are overwritten with probabilities).
@@ -1840,242 +1842,265 @@ static char *read_all(FILE *f, size_t *len) {
     return buf;
 }
 
+/* The bytes of a text file (`what` names it in errors). */
+static char *read_text_file(const char *what, const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die("cannot open %s %s: %s", what, path, strerror(errno));
+    char *text = read_all(f, len);
+    int bad = ferror(f);
+    fclose(f);
+    if (!text || bad) die("cannot read %s %s", what, path);
+    return text;
+}
+
+/* What the command line asked for. */
+typedef struct {
+    const char *model_path;
+    const char *prompt; /* -p, or the text of -f (any bytes: prompt_len says how many) */
+    size_t prompt_len;
+    char *prompt_file_text;
+    const char *logits_in, *logits_out, *hidden_out, *ppl_path, *quant_type, *quant_out, *system_prompt;
+    int encode, decode, chat, top_n, steps, top_k, ctx;
+    float temperature, top_p, min_p;
+    uint64_t seed;
+} Options;
+
 static int takes_value(const char *opt) {
-    static const char *const with_value[] = {"-p", "-f", "-n", "-t", "-k", "--top-p", "--min-p", "-s", "-c", "--system", "--top", "--dump-hidden",
-                                              "--perplexity", "--quantize", NULL};
+    static const char *const with_value[] = {"-p", "-f", "-n", "-t", "-k", "--top-p", "--min-p", "-s", "-c", "--system",
+                                              "--top", "--dump-hidden", "--perplexity", NULL};
     for (int i = 0; with_value[i]; i++)
         if (!strcmp(opt, with_value[i])) return 1;
     return 0;
 }
 
-int main(int argc, char **argv) {
-    const char *model_path = NULL, *prompt = NULL, *prompt_file = NULL, *logits_in = NULL, *logits_out = NULL;
-    const char *system_prompt = NULL, *hidden_out = NULL, *ppl_path = NULL, *quant_type = NULL, *quant_out = NULL;
-    int top_n = 0;
-    int steps = 256, top_k = 64, ctx = 0, mode_encode = 0, mode_decode = 0, mode_chat = 0;
-    float temperature = 1.0f, top_p = 0.95f, min_p = 0.0f;
-    uint64_t seed = (uint64_t)time(NULL);
-    char err[512];
-
+static void parse_args(Options *o, int argc, char **argv) {
+    const char *prompt_file = NULL;
+    memset(o, 0, sizeof(*o));
+    o->steps = 256, o->top_k = 64, o->temperature = 1.0f, o->top_p = 0.95f, o->seed = (uint64_t)time(NULL);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        int has_value = i + 1 < argc;
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); return 0; }
-        else if (!strcmp(a, "--encode")) mode_encode = 1;
-        else if (!strcmp(a, "--decode")) mode_decode = 1;
-        else if (!strcmp(a, "--chat")) mode_chat = 1;
-        else if (!strcmp(a, "--quantize")) {
-            if (i + 2 >= argc) die("--quantize needs two arguments: q8_0|q4_0 OUT.bin");
-            quant_type = argv[++i];
-            quant_out = argv[++i];
-            if (strcmp(quant_type, "q8_0") && strcmp(quant_type, "q4_0")) die("--quantize: unknown type '%s' (q8_0 or q4_0)", quant_type);
-        } else if (!strcmp(a, "--logits")) {
-            if (i + 2 >= argc) die("--logits needs two arguments: TOKENS.txt OUT.f32");
-            logits_in = argv[++i];
-            logits_out = argv[++i];
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); exit(0); }
+        else if (!strcmp(a, "--encode")) o->encode = 1;
+        else if (!strcmp(a, "--decode")) o->decode = 1;
+        else if (!strcmp(a, "--chat")) o->chat = 1;
+        else if (!strcmp(a, "--quantize") || !strcmp(a, "--logits")) {
+            int q = a[2] == 'q';
+            if (i + 2 >= argc) die(q ? "--quantize needs two arguments: q8_0|q4_0 OUT.bin" : "--logits needs two arguments: TOKENS.txt OUT.f32");
+            *(q ? &o->quant_type : &o->logits_in) = argv[++i];
+            *(q ? &o->quant_out : &o->logits_out) = argv[++i];
+            if (q && strcmp(o->quant_type, "q8_0") && strcmp(o->quant_type, "q4_0"))
+                die("--quantize: unknown type '%s' (q8_0 or q4_0)", o->quant_type);
         } else if (takes_value(a)) {
-            if (!has_value) die("%s needs a value (see --help)", a);
+            if (i + 1 >= argc) die("%s needs a value (see --help)", a);
             const char *v = argv[++i];
-            if (!strcmp(a, "-p")) prompt = v;
+            if (!strcmp(a, "-p")) o->prompt = v;
             else if (!strcmp(a, "-f")) prompt_file = v;
-            else if (!strcmp(a, "-n")) steps = (int)parse_int(a, v, 0, 1L << 30);
-            else if (!strcmp(a, "-t")) temperature = parse_float(a, v, 0.0f, 100.0f);
-            else if (!strcmp(a, "-k")) top_k = (int)parse_int(a, v, 0, 1L << 30);
-            else if (!strcmp(a, "--top-p")) top_p = parse_float(a, v, 0.0f, 1.0f);
-            else if (!strcmp(a, "--min-p")) min_p = parse_float(a, v, 0.0f, 1.0f);
-            else if (!strcmp(a, "-s")) seed = (uint64_t)parse_int(a, v, 0, 0x7fffffffL);
-            else if (!strcmp(a, "-c")) ctx = (int)parse_int(a, v, 1, 1L << 30);
-            else if (!strcmp(a, "--system")) system_prompt = v;
-            else if (!strcmp(a, "--top")) top_n = (int)parse_int(a, v, 1, 1000000);
-            else if (!strcmp(a, "--dump-hidden")) hidden_out = v;
-            else if (!strcmp(a, "--perplexity")) ppl_path = v;
+            else if (!strcmp(a, "-n")) o->steps = (int)parse_int(a, v, 0, 1L << 30);
+            else if (!strcmp(a, "-t")) o->temperature = parse_float(a, v, 0.0f, 100.0f);
+            else if (!strcmp(a, "-k")) o->top_k = (int)parse_int(a, v, 0, 1L << 30);
+            else if (!strcmp(a, "--top-p")) o->top_p = parse_float(a, v, 0.0f, 1.0f);
+            else if (!strcmp(a, "--min-p")) o->min_p = parse_float(a, v, 0.0f, 1.0f);
+            else if (!strcmp(a, "-s")) o->seed = (uint64_t)parse_int(a, v, 0, 0x7fffffffL);
+            else if (!strcmp(a, "-c")) o->ctx = (int)parse_int(a, v, 1, 1L << 30);
+            else if (!strcmp(a, "--system")) o->system_prompt = v;
+            else if (!strcmp(a, "--top")) o->top_n = (int)parse_int(a, v, 1, 1000000);
+            else if (!strcmp(a, "--dump-hidden")) o->hidden_out = v;
+            else o->ppl_path = v; /* --perplexity */
         }
         else if (a[0] == '-' && a[1] != '\0') die("unknown option %s (see --help)", a);
-        else if (!model_path) model_path = a;
+        else if (!o->model_path) o->model_path = a;
         else die("unexpected argument '%s' (see --help)", a);
     }
-    if (!model_path) { usage(stderr); return 1; }
-    char *file_text = NULL; /* -f: the prompt read from a file (may hold any bytes, so keep its length) */
-    size_t prompt_len = prompt ? strlen(prompt) : 0;
-    if (prompt_file) {
-        if (prompt) die("-p and -f both give the prompt: choose one");
-        FILE *f = fopen(prompt_file, "rb");
-        if (!f) die("cannot open prompt file %s: %s", prompt_file, strerror(errno));
-        file_text = read_all(f, &prompt_len);
-        int bad = ferror(f);
-        fclose(f);
-        if (!file_text || bad) die("cannot read prompt file %s", prompt_file);
-        prompt = file_text;
-    }
-    if (mode_encode + mode_decode + mode_chat + (logits_in != NULL) + (prompt != NULL && !mode_chat) + (ppl_path != NULL) +
-            (quant_type != NULL) > 1)
-        die("choose one of -p/-f, --chat, --logits, --perplexity, --encode, --decode, --quantize");
-    if (!mode_encode && !mode_decode && !mode_chat && !logits_in && !prompt && !ppl_path && !quant_type)
+    if (!o->model_path) { usage(stderr); exit(1); }
+    if (prompt_file && o->prompt) die("-p and -f both give the prompt: choose one");
+    if (prompt_file) o->prompt = o->prompt_file_text = read_text_file("prompt file", prompt_file, &o->prompt_len);
+    else if (o->prompt) o->prompt_len = strlen(o->prompt);
+    int modes = o->encode + o->decode + o->chat + (o->logits_in != NULL) + (o->prompt != NULL && !o->chat) +
+                (o->ppl_path != NULL) + (o->quant_type != NULL);
+    if (modes > 1) die("choose one of -p/-f, --chat, --logits, --perplexity, --encode, --decode, --quantize");
+    if (modes == 0)
         die("nothing to do: give -p PROMPT, -f FILE, --chat, --logits, --perplexity, --encode, --decode or --quantize (see --help)");
-    if ((top_n || hidden_out) && !logits_in) die("--top and --dump-hidden go with --logits");
-    if (system_prompt && !mode_chat) die("--system goes with --chat");
+    if ((o->top_n || o->hidden_out) && !o->logits_in) die("--top and --dump-hidden go with --logits");
+    if (o->system_prompt && !o->chat) die("--system goes with --chat");
+}
 
-    Model model;
-    if (load_model(&model, model_path, err, sizeof err) != 0) die("%s", err);
-    const Config *c = &model.config;
-    if (quant_type) {
-        if (quantize_model(&model, quant_out, !strcmp(quant_type, "q8_0") ? DT_Q8_0 : DT_Q4_0, err, sizeof err) != 0)
-            die("%s", err);
-        free_model(&model);
-        return 0;
-    }
-    if ((mode_encode || mode_decode || mode_chat || prompt || ppl_path) && !model.has_tokenizer)
-        die("%s has no tokenizer (export it from a directory with tokenizer.json); --logits works without one", model_path);
-
-    if (mode_encode) {
-        size_t len;
-        char *text = read_all(stdin, &len);
-        if (!text) die("out of memory reading stdin");
-        int *ids;
-        int n = tokenizer_encode(&model.tokenizer, text, len, &ids, err, sizeof err);
-        if (n < 0) die("%s", err);
-        for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
-        printf("\n");
-        free(ids);
-        free(text);
-        free_model(&model);
-        return 0;
-    }
-    if (mode_decode) {
-        int *ids, n;
-        size_t outlen;
-        if (read_id_stream(stdin, "--decode", c->vocab_size, &ids, &n, err, sizeof err) != 0) die("%s", err);
-        char *out = tokenizer_decode(&model.tokenizer, ids, n, &outlen, err, sizeof err);
-        if (!out) die("%s", err);
-        fwrite(out, 1, outlen, stdout);
-        free(out);
-        free(ids);
-        free_model(&model);
-        return 0;
-    }
-
-    RunState state;
-    if (logits_in) {
-        int *ids, n;
-        if (read_token_file(logits_in, c->vocab_size, &ids, &n, err, sizeof err) != 0) die("%s", err);
-        if (!ctx) ctx = n;
-        if (n > ctx) die("%s has %d tokens, more than the context of %d (-c)", logits_in, n, ctx);
-        if (ctx > c->max_seq_len) die("context %d exceeds the model's max_position_embeddings %d", ctx, c->max_seq_len);
-        if (build_run_state(&state, c, ctx, hidden_out ? 1 : PREFILL_BATCH, 1, err, sizeof err) != 0) die("%s", err);
-        if (dump_logits(&model, &state, ids, n, logits_out, top_n, stdout, hidden_out, err, sizeof err) != 0) die("%s", err);
-        free(ids);
-        free_run_state(&state);
-        free_model(&model);
-        return 0;
-    }
-
-    if (!ctx) ctx = c->max_seq_len < 8192 ? c->max_seq_len : 8192;
+/* The context to size the caches for: -c, else min(max_position_embeddings, 8192). */
+static int context_length(const Options *o, const Config *c) {
+    int ctx = o->ctx ? o->ctx : c->max_seq_len < 8192 ? c->max_seq_len : 8192;
     if (ctx > c->max_seq_len) die("context %d exceeds the model's max_position_embeddings %d", ctx, c->max_seq_len);
+    return ctx;
+}
 
-    if (ppl_path) {
-        FILE *f = fopen(ppl_path, "rb");
-        if (!f) die("cannot open %s: %s", ppl_path, strerror(errno));
-        size_t len;
-        char *text = read_all(f, &len);
-        fclose(f);
-        if (!text) die("out of memory reading %s", ppl_path);
-        int *text_ids, n_text = tokenizer_encode(&model.tokenizer, text, len, &text_ids, err, sizeof err);
-        free(text);
-        if (n_text < 0) die("%s: %s", ppl_path, err);
-        if (n_text < 1) die("%s has no tokens to score", ppl_path);
-        if (ctx < 2) die("--perplexity needs a context of at least 2 tokens");
-        int n = n_text + 1;
-        int *ids = malloc((size_t)n * sizeof(int));
-        double *nll = malloc((size_t)n * sizeof(double));
-        if (!ids || !nll) die("out of memory");
-        ids[0] = c->bos_id;
-        memcpy(ids + 1, text_ids, (size_t)n_text * sizeof(int));
-        free(text_ids);
-        if (ctx > n) ctx = n;
-        if (build_run_state(&state, c, ctx, PREFILL_BATCH, 1, err, sizeof err) != 0) die("%s", err);
-        double t0 = now_seconds();
-        double mean = perplexity(&model, &state, ids, n, nll);
-        double worst = 0.0;
-        for (int i = 0; i < n - 1; i++) if (nll[i] > worst) worst = nll[i];
-        printf("%s: %d tokens scored (windows of %d), mean NLL %.6f nats/token, perplexity %.4f, worst token NLL %.3f\n",
-               ppl_path, n - 1, ctx, mean, exp(mean), worst);
-        fprintf(stderr, "%.1f s\n", now_seconds() - t0);
-        free(ids);
-        free(nll);
-        free_run_state(&state);
-        free_model(&model);
-        return 0;
-    }
-    Sampler sampler;
-    if (build_sampler(&sampler, c->vocab_size, temperature, top_k, top_p, min_p, seed) != 0) die("out of memory");
-
-    if (mode_chat) {
-        Chat chat;
-        if (build_run_state(&state, c, ctx, PREFILL_BATCH, 0, err, sizeof err) != 0) die("%s", err);
-        if (build_chat(&chat, ctx, system_prompt) != 0) die("out of memory");
-        int interactive = 0;
-#ifndef GEMMA3_NO_MMAP
-        interactive = isatty(0) && !prompt; /* POSIX builds: show a prompt on a terminal */
-#endif
-        int status = 0;
-        for (;;) {
-            size_t len;
-            char *line;
-            if (prompt) {
-                line = dup_bytes(prompt, prompt_len);
-                len = prompt_len;
-            } else {
-                if (interactive) { fprintf(stderr, "> "); fflush(stderr); }
-                line = read_line(stdin, &len);
-                if (!line) break; /* end of input (Ctrl-D) */
-            }
-            if (!line) die("out of memory");
-            int rc = chat_turn(&model, &state, &sampler, &chat, line, len, steps, stdout, err, sizeof err);
-            free(line);
-            printf("\n");
-            fflush(stdout);
-            if (rc == CHAT_FULL) {
-                fprintf(stderr, "gemma3: %s; the conversation ends here (start again with a larger -c)\n", err);
-                status = 2;
-                break;
-            }
-            if (rc != CHAT_OK) die("%s", err);
-            if (prompt) break;
-        }
-        free(file_text);
-        free_chat(&chat);
-        free_sampler(&sampler);
-        free_run_state(&state);
-        free_model(&model);
-        return status;
-    }
-
-    /* generate */
-    int *text_ids, n_text;
-    n_text = tokenizer_encode(&model.tokenizer, prompt, prompt_len, &text_ids, err, sizeof err);
-    free(file_text);
-    if (n_text < 0) die("prompt: %s", err);
-    int n = n_text + 1;
-    int *ids = malloc((size_t)n * sizeof(int));
+/* <bos> and then the ids of text. */
+static int *encode_with_bos(const Model *m, const char *what, const char *text, size_t len, int *n_out) {
+    char err[512];
+    int *text_ids, n_text = tokenizer_encode(&m->tokenizer, text, len, &text_ids, err, sizeof err);
+    if (n_text < 0) die("%s: %s", what, err);
+    int *ids = malloc((size_t)(n_text + 1) * sizeof(int));
     if (!ids) die("out of memory");
-    ids[0] = c->bos_id;
+    ids[0] = m->config.bos_id;
     memcpy(ids + 1, text_ids, (size_t)n_text * sizeof(int));
     free(text_ids);
+    *n_out = n_text + 1;
+    return ids;
+}
+
+static int run_encode(const Model *m) {
+    char err[512];
+    size_t len;
+    char *text = read_all(stdin, &len);
+    if (!text) die("out of memory reading stdin");
+    int *ids, n = tokenizer_encode(&m->tokenizer, text, len, &ids, err, sizeof err);
+    if (n < 0) die("%s", err);
+    for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
+    printf("\n");
+    free(ids);
+    free(text);
+    return 0;
+}
+
+static int run_decode(const Model *m) {
+    char err[512];
+    int *ids, n;
+    size_t len;
+    if (read_id_stream(stdin, "--decode", m->config.vocab_size, &ids, &n, err, sizeof err) != 0) die("%s", err);
+    char *text = tokenizer_decode(&m->tokenizer, ids, n, &len, err, sizeof err);
+    if (!text) die("%s", err);
+    fwrite(text, 1, len, stdout);
+    free(text);
+    free(ids);
+    return 0;
+}
+
+static int run_logits(const Model *m, const Options *o) {
+    char err[512];
+    int *ids, n;
+    RunState state;
+    if (read_token_file(o->logits_in, m->config.vocab_size, &ids, &n, err, sizeof err) != 0) die("%s", err);
+    Options sized = *o;
+    if (!sized.ctx) sized.ctx = n; /* --logits: the context is the file's tokens */
+    int ctx = context_length(&sized, &m->config);
+    if (n > ctx) die("%s has %d tokens, more than the context of %d (-c)", o->logits_in, n, ctx);
+    if (build_run_state(&state, &m->config, ctx, o->hidden_out ? 1 : PREFILL_BATCH, 1, err, sizeof err) != 0) die("%s", err);
+    if (dump_logits(m, &state, ids, n, o->logits_out, o->top_n, stdout, o->hidden_out, err, sizeof err) != 0) die("%s", err);
+    free(ids);
+    free_run_state(&state);
+    return 0;
+}
+
+static int run_perplexity(const Model *m, const Options *o) {
+    char err[512];
+    size_t len;
+    int n, ctx = context_length(o, &m->config);
+    char *text = read_text_file("text file", o->ppl_path, &len);
+    int *ids = encode_with_bos(m, o->ppl_path, text, len, &n);
+    free(text);
+    if (n < 2) die("%s has no tokens to score", o->ppl_path);
+    if (ctx < 2) die("--perplexity needs a context of at least 2 tokens");
+    if (ctx > n) ctx = n;
+    double *nll = malloc((size_t)n * sizeof(double));
+    RunState state;
+    if (!nll) die("out of memory");
+    if (build_run_state(&state, &m->config, ctx, PREFILL_BATCH, 1, err, sizeof err) != 0) die("%s", err);
+    double t0 = now_seconds(), mean = perplexity(m, &state, ids, n, nll), worst = 0.0;
+    for (int i = 0; i < n - 1; i++) worst = nll[i] > worst ? nll[i] : worst;
+    printf("%s: %d tokens scored (windows of %d), mean NLL %.6f nats/token, perplexity %.4f, worst token NLL %.3f\n",
+           o->ppl_path, n - 1, ctx, mean, exp(mean), worst);
+    fprintf(stderr, "scored in %.1f s\n", now_seconds() - t0);
+    free(ids);
+    free(nll);
+    free_run_state(&state);
+    return 0;
+}
+
+/* --chat: one user message per line of stdin (or the one message of -p / -f). */
+static int run_chat(const Model *m, const Options *o, Sampler *sampler) {
+    char err[512];
+    int ctx = context_length(o, &m->config), status = 0, interactive = 0;
+    RunState state;
+    Chat chat;
+    if (build_run_state(&state, &m->config, ctx, PREFILL_BATCH, 0, err, sizeof err) != 0) die("%s", err);
+    if (build_chat(&chat, ctx, o->system_prompt) != 0) die("out of memory");
+#ifndef GEMMA3_NO_MMAP
+    interactive = isatty(0) && !o->prompt; /* POSIX builds: show a prompt on a terminal */
+#endif
+    for (;;) {
+        size_t len = o->prompt_len;
+        char *line;
+        if (o->prompt) {
+            line = dup_bytes(o->prompt, len);
+        } else {
+            if (interactive) { fprintf(stderr, "> "); fflush(stderr); }
+            if (!(line = read_line(stdin, &len))) break; /* end of input (Ctrl-D) */
+        }
+        if (!line) die("out of memory");
+        int rc = chat_turn(m, &state, sampler, &chat, line, len, o->steps, stdout, err, sizeof err);
+        free(line);
+        printf("\n");
+        fflush(stdout);
+        if (rc == CHAT_FULL) {
+            fprintf(stderr, "gemma3: %s; the conversation ends here (start again with a larger -c)\n", err);
+            status = 2;
+            break;
+        }
+        if (rc != CHAT_OK) die("%s", err);
+        if (o->prompt) break;
+    }
+    free_chat(&chat);
+    free_run_state(&state);
+    return status;
+}
+
+/* -p / -f: <bos>, the prompt, then up to -n sampled tokens, streamed to stdout. */
+static int run_generate(const Model *m, const Options *o, Sampler *sampler) {
+    char err[512];
+    int n, ctx = context_length(o, &m->config);
+    int *ids = encode_with_bos(m, "prompt", o->prompt, o->prompt_len, &n);
     if (n >= ctx) die("the prompt is %d tokens, the context only %d (raise -c)", n, ctx);
-    if (build_run_state(&state, c, ctx, PREFILL_BATCH, 0, err, sizeof err) != 0) die("%s", err);
+    RunState state;
+    if (build_run_state(&state, &m->config, ctx, PREFILL_BATCH, 0, err, sizeof err) != 0) die("%s", err);
     double prefill_s, decode_s;
-    int generated = generate_ids(&model, &state, &sampler, ids, n, steps, NULL, stdout, &prefill_s, &decode_s);
+    int generated = generate_ids(m, &state, sampler, ids, n, o->steps, NULL, stdout, &prefill_s, &decode_s);
     printf("\n");
     fprintf(stderr, "prompt %d tokens, %.1f tok/s; generated %d tokens, %.1f tok/s\n", n,
             n / (prefill_s > 0 ? prefill_s : 1e-9), generated, generated / (decode_s > 0 ? decode_s : 1e-9));
     if (n + generated >= ctx) fprintf(stderr, "gemma3: note: stopped at the end of the %d-token context (-c)\n", ctx);
     free(ids);
-    free_sampler(&sampler);
     free_run_state(&state);
-    free_model(&model);
     return 0;
 }
+
+int main(int argc, char **argv) {
+    Options o;
+    Model model;
+    Sampler sampler;
+    char err[512];
+    int status;
+    parse_args(&o, argc, argv);
+    if (load_model(&model, o.model_path, err, sizeof err) != 0) die("%s", err);
+    if (o.quant_type) {
+        int dtype = !strcmp(o.quant_type, "q8_0") ? DT_Q8_0 : DT_Q4_0;
+        if (quantize_model(&model, o.quant_out, dtype, err, sizeof err) != 0) die("%s", err);
+        free_model(&model);
+        return 0;
+    }
+    if (!o.logits_in && !model.has_tokenizer)
+        die("%s has no tokenizer (export it from a directory with tokenizer.json); --logits works without one", o.model_path);
+    if (build_sampler(&sampler, model.config.vocab_size, o.temperature, o.top_k, o.top_p, o.min_p, o.seed) != 0)
+        die("out of memory");
+    if (o.encode) status = run_encode(&model);
+    else if (o.decode) status = run_decode(&model);
+    else if (o.logits_in) status = run_logits(&model, &o);
+    else if (o.ppl_path) status = run_perplexity(&model, &o);
+    else if (o.chat) status = run_chat(&model, &o, &sampler);
+    else status = run_generate(&model, &o, &sampler);
+    free(o.prompt_file_text);
+    free_sampler(&sampler);
+    free_model(&model);
+    return status;
+}
 #endif /* TESTING */
+
 
 /* ------------------------------------------------------------------------- */
 /* 6. optional fast kernels                                                   */
