@@ -63,20 +63,11 @@ typedef struct {
 #endif
 
 /* Decode reads each weight once, straight from memory. One core alone cannot keep enough
- * reads in flight to use the memory's bandwidth; the hardware prefetchers help, and asking
- * for the line PREFETCH_AHEAD bytes further on as each line is used helps more (tried on
- * this project's machine, 1B shape: faster decode for q8_0, q4_0 and bf16; 4 and 16 KiB
- * did no better than 8). A tile that reads `streams` rows far apart (AVX-512 decode,
- * matmul_streams512) shares that distance among them: 4 streams 8 KiB ahead each
- * crowded x out of the 48 KiB L1 (the 1152 x 6912 matrix ran 15 % slower). The AVX-512
- * q4_0 tiles ask 10 KiB ahead: with the memory fast (~90 GB/s), 1B q4_0 decode ran 1.2-2.5 %
- * faster so (12 KiB: the same), while bf16 lost 2 % at 10 KiB and q8_0 gained under 1 %
- * (alternated token by token in one process); with the memory slow (~55), q4_0 lost
- * 2.1-2.5 % at 10 KiB, where it has more room under the limit. Measured again in two
- * streams: q4_0 at 8 or 12 KiB 0.7-0.8 % slower than at 10 with the memory fast, at 8
- * 4.5 % faster with it slow; q8_0 at 6 KiB 3.9 % and at 10 1.4 % slower than at 8 (fast),
- * at 6 2.3 % faster (slow). The fast state is the one where decode is short of 85 % of
- * the limit, so it sets the distances. */
+ * reads in flight to use the memory's bandwidth, so each tile asks for the line
+ * PREFETCH_AHEAD bytes further on as it uses one. A tile that reads `streams` rows far
+ * apart (matmul_streams512) shares that distance among them, so that the lines in flight
+ * do not crowd x out of L1. q4_0 reads fewer bytes per instruction and wants a longer
+ * distance. The distances are the best of those tried with `make bench` on a 1B model. */
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 8192
 #endif
@@ -91,8 +82,8 @@ typedef struct {
  * NR rows. gcc 12 undoes that: it folds the load into every FMA that uses the vector, as
  * a memory operand, so a 4 x 4 f32 tile issued 32 loads for 16 FMAs and ran load-bound at
  * under half the FMA rate. An empty asm that claims to change the vector keeps it in a
- * register (4 x 4 f32 tiles: 2.4x faster). clang keeps them in registers by itself, and
- * the asm would only get in its way (3x slower), so there it is nothing. */
+ * register (4 x 4 f32 tiles ran at over twice the speed). clang keeps them in registers
+ * by itself, and the asm would only get in its way, so there it is nothing. */
 #if defined(__clang__)
 #define IN_REGISTER(v) ((void)0)
 #else
@@ -108,9 +99,8 @@ typedef struct {
 /* A prompt's job is a chunk of CHUNK_ROWS rows against all the tokens (matmul_rows_*), then
  * the thread's next chunk (the next rows, under the static schedule). Rows of 1152 q4_0
  * columns are 648 bytes: too short a stretch for the hardware prefetcher, so the next
- * chunk's first tiles waited on memory. The tiles of tokens t0 .. t1 - 1 (of n) ask for
- * their share of the next chunk's `bytes` at `next` instead (an 874-token 1B q4_0
- * prompt: 416 -> 446 tok/s, when a job was 4 rows). */
+ * chunk's first tiles would wait on memory. The tiles of tokens t0 .. t1 - 1 (of n) ask
+ * for their share of the next chunk's `bytes` at `next` instead. */
 static inline void prefetch_next_chunk(const unsigned char *next, size_t bytes, int t0, int t1, int n) {
     for (size_t b = bytes * t0 / n / 64 * 64; b < bytes * t1 / n; b += 64) __builtin_prefetch(next + b, 0, 3);
 }
@@ -351,7 +341,7 @@ static void matmul_rows_avx2(float *out, const float *xin, int n, const Matrix *
 
 /* The first min(n, 64) bytes at p, zeros after them (load256_upto: 32 bytes): the end of a
  * row must not be read past. A whole vector takes a plain load, not a masked one: masked
- * loads are slow on some CPUs (on this project's AMD machine they made decode 2.4x slower). */
+ * loads are slow on some CPUs (AMD Zen 4). */
 static inline __m512i load512_upto(const void *p, int n) {
     return n >= 64 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(((__mmask64)1 << n) - 1, p);
 }
@@ -501,8 +491,7 @@ TILE_INLINE void tile512_q8_0(float *out, int ostride, const unsigned char *w, s
 /* Group g of an NR x NT tile, holding nblk (1-8) blocks. The NR rows' nibbles are
  * unpacked first; then each token's x (4 vectors, its offsets and its scales) is loaded
  * once and meets them all. A prompt's 4-row tiles go as two of 2 rows (matmul_rows_avx512):
- * 4 rows' nibbles and 16 sums would not fit in the 32 registers. 1B q4_0 prompts ran 7 %
- * faster so than with each row unpacked in turn and x loaded again for it (decode: the same). */
+ * 4 rows' nibbles and 16 sums would not fit in the 32 registers. */
 TILE_INLINE void q4_0_group512(__m512 acc[4][4], const unsigned char *w, size_t rb, int nb, int g, int nblk,
                                const int8_t *xg, size_t xstride, const int NR, const int NT) {
     const __m512i spread = _mm512_set_epi32(7, 7, 3, 3, 6, 6, 2, 2, 5, 5, 1, 1, 4, 4, 0, 0);
@@ -604,8 +593,8 @@ TILE_INLINE void tile512_q4_0(float *out, int ostride, const unsigned char *w, s
 /* quantize_activations in AVX-512, a block per step: the same operations on each value
  * (|x|, its block's max, one division, one reciprocal, a multiply, a round to nearest
  * even: the conversion in the default rounding mode), so the same bytes; the tests
- * compare them. The plain loop's max does not vectorise (without -ffast-math), and it
- * took 2-3 us of decode's 1152 x 6912 matmul, on one thread while the other waited. */
+ * compare them. The plain loop's max does not vectorise (without -ffast-math), and decode
+ * runs it on every thread before its rows. */
 static void quantize_activations512(int8_t *xq, float *scale, int32_t *sums, const float *x, int n) {
     for (int b = 0; b < n / QK; b++) {
         __m512 lo = _mm512_loadu_ps(x + b * QK), hi = _mm512_loadu_ps(x + b * QK + 16);
@@ -700,12 +689,8 @@ static void matmul_rows_avx512(float *out, const float *xin, int n, const Matrix
 /* Decode reads a matrix in two streams per thread: group g of the matrix's first
  * 4 * (rows / 4) rows is rows 2g and 2g + D, then 2g + 1 and 2g + 1 + D (D = rows / 2), so
  * a thread's share of the groups is two far-apart runs of rows, read side by side by 2 x 1
- * tiles. The sums are the same as with 1 x 1 tiles. Measured in one process, alternating
- * builds token by token (1B): q8_0 in 2 streams rather than 4 3.7-5.2 % faster a token
- * with the memory at ~88 GB/s (12 runs), 0.2 % at ~54; in 1, 3.0-4.5 % and 2.5 %. q4_0 in
- * 2 rather than 4: 0.6-1.5 % and 0.6 %; in 1, 1.6 % slower (~88). bf16 streamed 73 GB/s in
- * one, 76 in two, 75 in four (memory at ~75), f32 49 in one, 51 in two (at ~51). */
-
+ * tiles. The sums are the same as with 1 x 1 tiles. Two streams read faster than one or
+ * four (`make bench`, 1B, every weight type). */
 static void matmul_streams512(float *out, const float *xin, const Matrix *W, const Activations *a, int g) {
     const int D = W->rows / 4 * 2, nb = W->cols / QK;
     const size_t rb = row_bytes(W->dtype, W->cols);
@@ -777,12 +762,10 @@ TILE_INLINE void values512(float *out, const float *att, size_t ctx, const float
 }
 #undef RING_RUNS
 
-/* Decode: before a thread prepares x (about a microsecond for 1152 values, several for
- * 6912), it asks for the start of its streams, as far as the tiles' own prefetches run
- * ahead (PREFETCH_AHEAD, q4_0's PREFETCH_AHEAD_Q4), so that the memory's latency passes
- * while x is prepared, not at the start of the streams (1B q4_0 matmuls in one process,
- * memory at ~88 GB/s: 73.5 -> 76.8 GB/s; at ~54 and for q8_0 and bf16, the same as
- * before). g is the thread's first job (first[i] .. first[i + 1] - 1 are matrix i's). */
+/* Decode: before a thread prepares x (a microsecond or more), it asks for the start of its
+ * streams, as far as the tiles' own prefetches run ahead, so that the memory's latency
+ * passes while x is prepared, not at the start of the streams. g is the thread's first
+ * job (first[i] .. first[i + 1] - 1 are matrix i's). */
 static void prefetch_stream_starts(const Matrix *const W[], const int first[], int count, int g) {
     int i = 0;
     if (g >= first[count]) return;
@@ -860,10 +843,9 @@ static void matmul_job(int g, int n, int R, const int first[], float *const out[
     matmul_rows_avx2(out[i], xin, n, W[i], a, r0, nr);
 }
 
-/* Decode's jobs, shared out so that no thread waits for another at the end of a matmul.
- * Under a static split the two threads finished 1-3 us apart in each matmul (50 us in the
- * classifier's), and in q/k/v the one started second (0.7 us later) always last: 3 % of
- * a q4_0 token in all. (The __atomic builtins are GCC's and clang's, as is this section.)
+/* Decode's jobs, shared out so that no thread waits for another at the end of a matmul
+ * (under a static split, one thread always finished a few microseconds after the other).
+ * (The __atomic builtins are GCC's and clang's, as is this file.)
  * Each thread starts on its static share, as one stream of jobs, claiming a quarter of
  * what is left at a time (at least 8 jobs); a thread done with its own takes half of what
  * another has left from the back. A share is one 64-bit word, claimed from with a
