@@ -353,32 +353,31 @@ static int known_tensor_name(const char *name, int n_layers) {
     return 0;
 }
 
-/* Load and validate a model file. On failure: -1 and a one-line message in err. */
-static int load_model(Model *m, const char *path, char *err, size_t errsize) {
-    memset(m, 0, sizeof(*m));
-    if (read_file_bytes(m, path, err, errsize) != 0) return -1;
+/* The header: magic, version, size, hyper-parameters (into m->config), section offsets and
+ * the layer types. */
+static int read_header(Model *m, const char *path, char *err, size_t errsize) {
     const unsigned char *h = m->data;
     Config *c = &m->config;
     if (memcmp(h, "GM3C", 4) != 0) {
         set_err(err, errsize, "%s is not a gemma3.c model file (bad magic; make one with export.py)", path);
-        goto fail;
+        return -1;
     }
     if (rd_u32(h + 4) != GEMMA3_FORMAT_VERSION) {
         set_err(err, errsize, "%s has format version %u, this gemma3 reads version %d (re-export with export.py)",
                 path, rd_u32(h + 4), GEMMA3_FORMAT_VERSION);
-        goto fail;
+        return -1;
     }
     if (rd_u64(h + 8) != (uint64_t)m->size) {
         set_err(err, errsize, "%s is %zu bytes but its header says %llu (truncated or corrupt file)", path,
                 m->size, (unsigned long long)rd_u64(h + 8));
-        goto fail;
+        return -1;
     }
     uint32_t u[13];
     for (int i = 0; i < 13; i++) u[i] = rd_u32(h + 16 + 4 * i);
     for (int i = 0; i < 9; i++)
         if (u[i] == 0 || u[i] > (1u << 24)) {
             set_err(err, errsize, "%s: header field %d has implausible value %u", path, i, u[i]);
-            goto fail;
+            return -1;
         }
     c->vocab_size = (int)u[0];
     c->dim = (int)u[1];
@@ -401,7 +400,7 @@ static int load_model(Model *m, const char *path, char *err, size_t errsize) {
     if (c->n_heads % c->n_kv_heads != 0 || c->head_dim % 2 != 0 || !(c->query_pre_attn_scalar > 0) ||
         !(c->norm_eps >= 0) || !(c->rope_theta > 0) || !(c->rope_local_theta > 0) || !(c->rope_factor > 0)) {
         set_err(err, errsize, "%s: inconsistent hyper-parameters in header", path);
-        goto fail;
+        return -1;
     }
     uint64_t tok_off = rd_u64(h + 96), tok_size = rd_u64(h + 104), dir_off = rd_u64(h + 112);
     uint32_t n_tensors = rd_u32(h + 88);
@@ -409,48 +408,61 @@ static int load_model(Model *m, const char *path, char *err, size_t errsize) {
         (uint64_t)n_tensors * GEMMA3_DIR_ENTRY_SIZE > m->size - dir_off ||
         (tok_off && (tok_off > m->size || tok_size > m->size - tok_off))) {
         set_err(err, errsize, "%s: section offsets lie outside the file (corrupt header)", path);
-        goto fail;
+        return -1;
     }
     c->is_global = malloc((size_t)c->n_layers);
-    if (!c->is_global) { set_err(err, errsize, "out of memory"); goto fail; }
+    if (!c->is_global) { set_err(err, errsize, "out of memory"); return -1; }
     for (int l = 0; l < c->n_layers; l++) {
         unsigned char t = h[GEMMA3_HEADER_SIZE + l];
-        if (t > 1) { set_err(err, errsize, "%s: layer %d has unknown attention type %u", path, l, t); goto fail; }
+        if (t > 1) { set_err(err, errsize, "%s: layer %d has unknown attention type %u", path, l, t); return -1; }
         c->is_global[l] = t;
     }
     if (c->bos_id >= c->vocab_size || c->eos_id >= c->vocab_size) {
         set_err(err, errsize, "%s: special token ids out of range", path);
-        goto fail;
+        return -1;
     }
 
+    return 0;
+}
+
+/* The tensor directory: every entry must name a tensor of a Gemma 3 text model, and all of
+ * them must be there. Sets *untied if the file has its own classifier (lm_head.weight). */
+static int check_directory(const Model *m, const char *path, int *untied, char *err, size_t errsize) {
+    const Config *c = &m->config;
+    uint32_t n_tensors = rd_u32(m->data + 88);
+    uint64_t dir_off = rd_u64(m->data + 112);
     /* Every tensor in the directory must be one we know: a stray name means a file
      * for some other model, and silently ignoring it would hide that. */
     const unsigned char *dir = m->data + dir_off;
-    int untied = 0; /* lm_head.weight, the one optional tensor */
+    *untied = 0; /* lm_head.weight, the one optional tensor */
     for (uint32_t i = 0; i < n_tensors; i++) {
         const char *name = (const char *)dir + (size_t)i * GEMMA3_DIR_ENTRY_SIZE;
         if (!known_tensor_name(name, c->n_layers)) {
             set_err(err, errsize, "%s: unknown tensor '%.64s' in the model file", path, name);
-            goto fail;
+            return -1;
         }
-        untied |= !strcmp(name, "lm_head.weight");
+        *untied |= !strcmp(name, "lm_head.weight");
     }
-    uint32_t expected = 2 + (uint32_t)untied + 13u * (uint32_t)c->n_layers;
+    uint32_t expected = 2 + (uint32_t)*untied + 13u * (uint32_t)c->n_layers;
     if (n_tensors != expected) {
         set_err(err, errsize, "%s: %u tensors in the file, a %d-layer Gemma 3 has %u (unknown or missing tensors)",
                 path, n_tensors, c->n_layers, expected);
-        goto fail;
+        return -1;
     }
-    if (host_is_big_endian()) swap_tensors_to_native(m);
+    return 0;
+}
 
+/* Point every Matrix and norm of m->weights at its tensor, checking shapes and bounds. */
+static int load_weights(Model *m, int untied, char *err, size_t errsize) {
+    const Config *c = &m->config;
     Weights *w = &m->weights;
     int D = c->dim, Q = c->n_heads * c->head_dim, KV = c->n_kv_heads * c->head_dim, F = c->hidden_dim;
-    if (load_matrix(m, &w->embed, "embed_tokens.weight", c->vocab_size, D, err, errsize)) goto fail;
-    if (load_norm(m, &w->final_norm, "norm.weight", D, err, errsize)) goto fail;
+    if (load_matrix(m, &w->embed, "embed_tokens.weight", c->vocab_size, D, err, errsize)) return -1;
+    if (load_norm(m, &w->final_norm, "norm.weight", D, err, errsize)) return -1;
     w->classifier = w->embed;
-    if (untied && load_matrix(m, &w->classifier, "lm_head.weight", c->vocab_size, D, err, errsize)) goto fail;
+    if (untied && load_matrix(m, &w->classifier, "lm_head.weight", c->vocab_size, D, err, errsize)) return -1;
     w->layers = calloc((size_t)c->n_layers, sizeof(LayerWeights));
-    if (!w->layers) { set_err(err, errsize, "out of memory"); goto fail; }
+    if (!w->layers) { set_err(err, errsize, "out of memory"); return -1; }
     for (int l = 0; l < c->n_layers; l++) {
         LayerWeights *L = &w->layers[l];
         char name[64];
@@ -468,10 +480,22 @@ static int load_model(Model *m, const char *path, char *err, size_t errsize) {
             load_matrix(m, &L->w_gate, NAME("mlp.gate_proj.weight"), F, D, err, errsize) ||
             load_matrix(m, &L->w_up, NAME("mlp.up_proj.weight"), F, D, err, errsize) ||
             load_matrix(m, &L->w_down, NAME("mlp.down_proj.weight"), D, F, err, errsize))
-            goto fail;
+            return -1;
 #undef NAME
     }
 
+    return 0;
+}
+
+/* Load and validate a model file. On failure: -1 and a one-line message in err. */
+static int load_model(Model *m, const char *path, char *err, size_t errsize) {
+    int untied;
+    memset(m, 0, sizeof(*m));
+    if (read_file_bytes(m, path, err, errsize) != 0) return -1;
+    if (read_header(m, path, err, errsize) || check_directory(m, path, &untied, err, errsize)) goto fail;
+    if (host_is_big_endian()) swap_tensors_to_native(m);
+    if (load_weights(m, untied, err, errsize)) goto fail;
+    uint64_t tok_off = rd_u64(m->data + 96), tok_size = rd_u64(m->data + 104);
     if (tok_off) {
         char terr[200];
         if (tokenizer_init(&m->tokenizer, m->data + tok_off, (size_t)tok_size, terr, sizeof terr) != 0) {
@@ -2107,8 +2131,9 @@ int main(int argc, char **argv) {
 /* ------------------------------------------------------------------------- */
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && defined(__GNUC__) && !defined(GEMMA3_NO_SIMD)
 #include "kernels_x86.c"
-#else
-/* None for this target: every call goes to the plain loops. */
+#endif
+/* What the target has no kernels for goes to the plain loops. */
+#ifndef HAVE_KERNELS_MATMUL
 static size_t kernels_setup(void *mem, const Config *c, int max_batch, int threads) {
     (void)mem, (void)c, (void)max_batch, (void)threads;
     return 0;
@@ -2117,6 +2142,8 @@ static int kernels_matmul(void *kernels, float *const out[], const Matrix *const
     (void)kernels, (void)out, (void)W, (void)count, (void)x, (void)n;
     return 0;
 }
+#endif
+#ifndef HAVE_KERNELS_ATTENTION
 static int kernels_attention(void *kernels, float *out, float *att, size_t ctx, const float *q, const float *kc,
                              const float *vc, int KV, int s0, int span, int len, int hd, int nh, float scale) {
     (void)kernels, (void)out, (void)att, (void)ctx, (void)q, (void)kc, (void)vc, (void)KV, (void)s0, (void)span;

@@ -26,6 +26,7 @@
  * exactly the logits that token-by-token decoding gives. `make bench` measures the speed.
  */
 #define GEMMA3_AVX2 1
+#define HAVE_KERNELS_MATMUL 1 /* and HAVE_KERNELS_ATTENTION with AVX-512: gemma3.c stubs the rest */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define GEMMA3_AVX512 1
 #endif
@@ -1005,6 +1006,7 @@ static void attend512(float *out, float *att, size_t ctx, const float *q, const 
     }
 }
 
+#define HAVE_KERNELS_ATTENTION 1
 /* One attention job (see attention() in gemma3.c): nh query heads q of one kv head against
  * the span keys and values it sees, which start at ring slot s0 of a ring of len slots.
  * 0 (nothing done) without AVX-512 or where head_dim is not a multiple of 16. */
@@ -1015,12 +1017,5 @@ static int kernels_attention(void *kernels, float *out, float *att, size_t ctx, 
     int n0 = span < len - s0 ? span : len - s0; /* slots s0 .. s0 + n0 - 1, then 0 .. */
     attend512(out, att, ctx, q, kc, vc, KV, s0, n0, span, hd, nh, scale);
     return 1;
-}
-#else
-static int kernels_attention(void *kernels, float *out, float *att, size_t ctx, const float *q, const float *kc,
-                             const float *vc, int KV, int s0, int span, int len, int hd, int nh, float scale) {
-    (void)kernels, (void)out, (void)att, (void)ctx, (void)q, (void)kc, (void)vc, (void)KV, (void)s0, (void)span;
-    (void)len, (void)hd, (void)nh, (void)scale;
-    return 0;
 }
 #endif

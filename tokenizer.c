@@ -291,12 +291,174 @@ static void tok_trie_insert(Tokenizer *t, const unsigned char *s, size_t n, int3
     if (t->trie[node].id < 0) t->trie[node].id = id;
 }
 
+static int tok_oom(char *err, size_t errsize)
+{
+    tok_errf(err, errsize, "tokenizer: out of memory");
+    return -1;
+}
+
+/* The pieces: offsets into the string blob (a copy, so the tokenizer does not depend on
+ * the lifetime of the caller's buffer), token types, and the piece -> id hash table. */
+static int tok_load_pieces(Tokenizer *t, const unsigned char *p_offs, const unsigned char *p_type,
+                           const unsigned char *p_blob, uint64_t blob_size, char *err, size_t errsize)
+{
+    uint32_t i, n_tokens = (uint32_t)t->n_tokens;
+    /* --- offsets and blob ------------------------------------------------ */
+    t->offs = (uint32_t *)malloc(((size_t)n_tokens + 1) * sizeof *t->offs);
+    if (!t->offs) return tok_oom(err, errsize);
+    for (i = 0; i <= n_tokens; i++) {
+        t->offs[i] = tok_rd32(p_offs + 4 * (size_t)i);
+        if ((i > 0 && t->offs[i] < t->offs[i - 1]) || t->offs[i] > blob_size) {
+            tok_errf(err, errsize, "tokenizer: piece offset %lu (%lu) is out of order or beyond the %llu-byte string blob",
+                     (unsigned long)i, (unsigned long)t->offs[i], (unsigned long long)blob_size);
+            return -1;
+        }
+    }
+    /* trailing padding is ignored */
+    t->blob = (unsigned char *)malloc((size_t)t->offs[n_tokens] + 1);
+    if (!t->blob) return tok_oom(err, errsize);
+    memcpy(t->blob, p_blob, t->offs[n_tokens]);
+
+    /* --- token types ------------------------------------------------------ */
+    t->type = (unsigned char *)malloc(n_tokens);
+    if (!t->type) return tok_oom(err, errsize);
+    for (i = 0; i < n_tokens; i++) {
+        t->type[i] = p_type[i];
+        if (p_type[i] > TOKTYPE_SPECIAL) {
+            tok_errf(err, errsize, "tokenizer: token %lu has unknown type %d", (unsigned long)i, p_type[i]);
+            return -1;
+        }
+    }
+
+    /* --- piece -> id table -------------------------------------------- */
+    t->piece_mask = tok_table_size(n_tokens) - 1;
+    t->piece_slots = (int32_t *)malloc(((size_t)t->piece_mask + 1) * sizeof(int32_t));
+    if (!t->piece_slots) return tok_oom(err, errsize);
+    memset(t->piece_slots, 0xFF, ((size_t)t->piece_mask + 1) * sizeof(int32_t)); /* all -1 */
+    for (i = 0; i < n_tokens; i++) {
+        size_t pl;
+        const unsigned char *p = tok_piece(t, (int)i, &pl);
+        uint32_t h;
+        if (pl == 0) continue; /* id absent from tokenizer.json */
+        for (h = tok_hash_bytes(p, pl) & t->piece_mask;; h = (h + 1) & t->piece_mask) {
+            int32_t o = t->piece_slots[h];
+            size_t ol;
+            const unsigned char *op;
+            if (o < 0) {
+                t->piece_slots[h] = (int32_t)i;
+                break;
+            }
+            op = tok_piece(t, o, &ol);
+            if (ol == pl && memcmp(op, p, pl) == 0) break; /* duplicate: lowest id wins */
+        }
+    }
+    for (i = 0; i < 128; i++) {
+        unsigned char c = (unsigned char)i;
+        t->ascii_id[i] = c == ' ' ? tok_piece_find(t, tok_lower_block, 3) : tok_piece_find(t, &c, 1);
+    }
+    for (i = 0; i < 256; i++) {
+        char name[8];
+        /* the exact spelling HF's BPE looks up: format!("<{:#04X}>", b) */
+        snprintf(name, sizeof name, "<0x%02X>", (unsigned)i);
+        t->byte_id[i] = tok_piece_find(t, (const unsigned char *)name, 6);
+    }
+    t->unk_id = tok_piece_find(t, (const unsigned char *)"<unk>", 5);
+
+    return 0;
+}
+
+/* The merges, in rank order, into the (left, right) -> rank hash table. */
+static int tok_load_merges(Tokenizer *t, const unsigned char *p_merges, char *err, size_t errsize)
+{
+    uint32_t i, n_tokens = (uint32_t)t->n_tokens, n_merges = (uint32_t)t->n_merges;
+    /* --- merges --------------------------------------------------------- */
+    t->merge_mask = tok_table_size(n_merges) - 1;
+    t->merge_slots = (TokMergeSlot *)malloc(((size_t)t->merge_mask + 1) * sizeof *t->merge_slots);
+    if (!t->merge_slots) return tok_oom(err, errsize);
+    for (i = 0; i <= t->merge_mask; i++) t->merge_slots[i].rank = -1;
+    for (i = 0; i < n_merges; i++) {
+        uint32_t a = tok_rd32(p_merges + 12 * (size_t)i);
+        uint32_t b = tok_rd32(p_merges + 12 * (size_t)i + 4);
+        uint32_t m = tok_rd32(p_merges + 12 * (size_t)i + 8);
+        size_t al, bl, ml;
+        const unsigned char *ap, *bp, *mp;
+        uint32_t h;
+        if (a >= n_tokens || b >= n_tokens || m >= n_tokens) {
+            tok_errf(err, errsize, "tokenizer: merge %lu has an id out of range (%lu %lu -> %lu, n_tokens %lu)",
+                     (unsigned long)i, (unsigned long)a, (unsigned long)b, (unsigned long)m,
+                     (unsigned long)n_tokens);
+            return -1;
+        }
+        /* A merge must produce the concatenation of its halves; checking it
+         * is cheap and catches a section written against another vocab. */
+        ap = tok_piece(t, (int)a, &al);
+        bp = tok_piece(t, (int)b, &bl);
+        mp = tok_piece(t, (int)m, &ml);
+        if (al == 0 || bl == 0 || ml != al + bl || memcmp(mp, ap, al) != 0 || memcmp(mp + al, bp, bl) != 0) {
+            tok_errf(err, errsize, "tokenizer: merge %lu: piece %lu is not piece %lu + piece %lu",
+                     (unsigned long)i, (unsigned long)m, (unsigned long)a, (unsigned long)b);
+            return -1;
+        }
+        for (h = tok_hash_pair(a, b) & t->merge_mask;; h = (h + 1) & t->merge_mask) {
+            TokMergeSlot *slot = &t->merge_slots[h];
+            /* A repeated pair keeps the LAST rank: HF builds a HashMap from
+             * the merge list in order, so later entries overwrite. */
+            if (slot->rank < 0 || (slot->left == (int32_t)a && slot->right == (int32_t)b)) {
+                slot->left = (int32_t)a;
+                slot->right = (int32_t)b;
+                slot->rank = (int32_t)i;
+                slot->merged = (int32_t)m;
+                break;
+            }
+        }
+    }
+
+    return 0;
+}
+
+/* The added tokens, into the trie that finds them in raw text. */
+static int tok_load_added(Tokenizer *t, const unsigned char *p_added, char *err, size_t errsize)
+{
+    uint32_t i, n_tokens = (uint32_t)t->n_tokens, n_added = (uint32_t)t->n_added;
+    size_t trie_nodes = 1; /* +1: never malloc(0) */
+    /* --- added tokens -> trie -------------------------------------------- */
+    for (i = 0; i < 256; i++) t->root_child[i] = -1;
+    for (i = 0; i < n_added; i++) {
+        uint32_t id = tok_rd32(p_added + 4 * (size_t)i);
+        if (id >= n_tokens) {
+            tok_errf(err, errsize, "tokenizer: added token %lu has id %lu >= n_tokens %lu",
+                     (unsigned long)i, (unsigned long)id, (unsigned long)n_tokens);
+            return -1;
+        }
+        if (t->type[id] != TOKTYPE_ADDED && t->type[id] != TOKTYPE_SPECIAL) {
+            tok_errf(err, errsize, "tokenizer: added token id %lu has type %d, expected 2 or 3",
+                     (unsigned long)id, t->type[id]);
+            return -1;
+        }
+        if (t->offs[id + 1] == t->offs[id]) {
+            tok_errf(err, errsize, "tokenizer: added token id %lu has an empty piece", (unsigned long)id);
+            return -1;
+        }
+        trie_nodes += t->offs[id + 1] - t->offs[id];
+    }
+    t->trie = (TokTrieNode *)malloc(trie_nodes * sizeof *t->trie);
+    if (!t->trie) return tok_oom(err, errsize);
+    t->n_trie = 0;
+    for (i = 0; i < n_added; i++) {
+        uint32_t id = tok_rd32(p_added + 4 * (size_t)i);
+        size_t pl;
+        const unsigned char *p = tok_piece(t, (int)id, &pl);
+        tok_trie_insert(t, p, pl, (int32_t)id);
+    }
+    return 0;
+}
+
+/* Reads the tokenizer section (FORMAT.md) of `size` bytes at sec. */
 static int tokenizer_init(Tokenizer *t, const unsigned char *sec, size_t size, char *err, size_t errsize)
 {
-    uint32_t n_tokens, n_merges, n_added, reserved, i;
+    uint32_t n_tokens, n_merges, n_added, reserved;
     uint64_t need, blob_size;
     const unsigned char *p_offs, *p_merges, *p_added, *p_type, *p_blob;
-    size_t trie_nodes = 1; /* +1: never malloc(0) */
 
     memset(t, 0, sizeof *t);
     if (!sec || size < 16) {
@@ -337,146 +499,12 @@ static int tokenizer_init(Tokenizer *t, const unsigned char *sec, size_t size, c
     t->n_added = (int)n_added;
     t->unk_id = -1;
 
-    /* --- offsets and blob ------------------------------------------------ */
-    t->offs = (uint32_t *)malloc(((size_t)n_tokens + 1) * sizeof *t->offs);
-    if (!t->offs) goto oom;
-    for (i = 0; i <= n_tokens; i++) {
-        t->offs[i] = tok_rd32(p_offs + 4 * (size_t)i);
-        if ((i > 0 && t->offs[i] < t->offs[i - 1]) || t->offs[i] > blob_size) {
-            tok_errf(err, errsize, "tokenizer: piece offset %lu (%lu) is out of order or beyond the %llu-byte string blob",
-                     (unsigned long)i, (unsigned long)t->offs[i], (unsigned long long)blob_size);
-            goto fail;
-        }
-    }
-    /* Copy the blob so the tokenizer does not depend on the lifetime of the
-     * caller's buffer (it is only a few MB). Trailing padding is ignored. */
-    t->blob = (unsigned char *)malloc((size_t)t->offs[n_tokens] + 1);
-    if (!t->blob) goto oom;
-    memcpy(t->blob, p_blob, t->offs[n_tokens]);
-
-    /* --- token types ------------------------------------------------------ */
-    t->type = (unsigned char *)malloc(n_tokens);
-    if (!t->type) goto oom;
-    for (i = 0; i < n_tokens; i++) {
-        t->type[i] = p_type[i];
-        if (p_type[i] > TOKTYPE_SPECIAL) {
-            tok_errf(err, errsize, "tokenizer: token %lu has unknown type %d", (unsigned long)i, p_type[i]);
-            goto fail;
-        }
-    }
-
-    /* --- piece -> id table -------------------------------------------- */
-    t->piece_mask = tok_table_size(n_tokens) - 1;
-    t->piece_slots = (int32_t *)malloc(((size_t)t->piece_mask + 1) * sizeof(int32_t));
-    if (!t->piece_slots) goto oom;
-    memset(t->piece_slots, 0xFF, ((size_t)t->piece_mask + 1) * sizeof(int32_t)); /* all -1 */
-    for (i = 0; i < n_tokens; i++) {
-        size_t pl;
-        const unsigned char *p = tok_piece(t, (int)i, &pl);
-        uint32_t h;
-        if (pl == 0) continue; /* id absent from tokenizer.json */
-        for (h = tok_hash_bytes(p, pl) & t->piece_mask;; h = (h + 1) & t->piece_mask) {
-            int32_t o = t->piece_slots[h];
-            size_t ol;
-            const unsigned char *op;
-            if (o < 0) {
-                t->piece_slots[h] = (int32_t)i;
-                break;
-            }
-            op = tok_piece(t, o, &ol);
-            if (ol == pl && memcmp(op, p, pl) == 0) break; /* duplicate: lowest id wins */
-        }
-    }
-    for (i = 0; i < 128; i++) {
-        unsigned char c = (unsigned char)i;
-        t->ascii_id[i] = c == ' ' ? tok_piece_find(t, tok_lower_block, 3) : tok_piece_find(t, &c, 1);
-    }
-    for (i = 0; i < 256; i++) {
-        char name[8];
-        /* the exact spelling HF's BPE looks up: format!("<{:#04X}>", b) */
-        snprintf(name, sizeof name, "<0x%02X>", (unsigned)i);
-        t->byte_id[i] = tok_piece_find(t, (const unsigned char *)name, 6);
-    }
-    t->unk_id = tok_piece_find(t, (const unsigned char *)"<unk>", 5);
-
-    /* --- merges --------------------------------------------------------- */
-    t->merge_mask = tok_table_size(n_merges) - 1;
-    t->merge_slots = (TokMergeSlot *)malloc(((size_t)t->merge_mask + 1) * sizeof *t->merge_slots);
-    if (!t->merge_slots) goto oom;
-    for (i = 0; i <= t->merge_mask; i++) t->merge_slots[i].rank = -1;
-    for (i = 0; i < n_merges; i++) {
-        uint32_t a = tok_rd32(p_merges + 12 * (size_t)i);
-        uint32_t b = tok_rd32(p_merges + 12 * (size_t)i + 4);
-        uint32_t m = tok_rd32(p_merges + 12 * (size_t)i + 8);
-        size_t al, bl, ml;
-        const unsigned char *ap, *bp, *mp;
-        uint32_t h;
-        if (a >= n_tokens || b >= n_tokens || m >= n_tokens) {
-            tok_errf(err, errsize, "tokenizer: merge %lu has an id out of range (%lu %lu -> %lu, n_tokens %lu)",
-                     (unsigned long)i, (unsigned long)a, (unsigned long)b, (unsigned long)m,
-                     (unsigned long)n_tokens);
-            goto fail;
-        }
-        /* A merge must produce the concatenation of its halves; checking it
-         * is cheap and catches a section written against another vocab. */
-        ap = tok_piece(t, (int)a, &al);
-        bp = tok_piece(t, (int)b, &bl);
-        mp = tok_piece(t, (int)m, &ml);
-        if (al == 0 || bl == 0 || ml != al + bl || memcmp(mp, ap, al) != 0 || memcmp(mp + al, bp, bl) != 0) {
-            tok_errf(err, errsize, "tokenizer: merge %lu: piece %lu is not piece %lu + piece %lu",
-                     (unsigned long)i, (unsigned long)m, (unsigned long)a, (unsigned long)b);
-            goto fail;
-        }
-        for (h = tok_hash_pair(a, b) & t->merge_mask;; h = (h + 1) & t->merge_mask) {
-            TokMergeSlot *slot = &t->merge_slots[h];
-            /* A repeated pair keeps the LAST rank: HF builds a HashMap from
-             * the merge list in order, so later entries overwrite. */
-            if (slot->rank < 0 || (slot->left == (int32_t)a && slot->right == (int32_t)b)) {
-                slot->left = (int32_t)a;
-                slot->right = (int32_t)b;
-                slot->rank = (int32_t)i;
-                slot->merged = (int32_t)m;
-                break;
-            }
-        }
-    }
-
-    /* --- added tokens -> trie -------------------------------------------- */
-    for (i = 0; i < 256; i++) t->root_child[i] = -1;
-    for (i = 0; i < n_added; i++) {
-        uint32_t id = tok_rd32(p_added + 4 * (size_t)i);
-        if (id >= n_tokens) {
-            tok_errf(err, errsize, "tokenizer: added token %lu has id %lu >= n_tokens %lu",
-                     (unsigned long)i, (unsigned long)id, (unsigned long)n_tokens);
-            goto fail;
-        }
-        if (t->type[id] != TOKTYPE_ADDED && t->type[id] != TOKTYPE_SPECIAL) {
-            tok_errf(err, errsize, "tokenizer: added token id %lu has type %d, expected 2 or 3",
-                     (unsigned long)id, t->type[id]);
-            goto fail;
-        }
-        if (t->offs[id + 1] == t->offs[id]) {
-            tok_errf(err, errsize, "tokenizer: added token id %lu has an empty piece", (unsigned long)id);
-            goto fail;
-        }
-        trie_nodes += t->offs[id + 1] - t->offs[id];
-    }
-    t->trie = (TokTrieNode *)malloc(trie_nodes * sizeof *t->trie);
-    if (!t->trie) goto oom;
-    t->n_trie = 0;
-    for (i = 0; i < n_added; i++) {
-        uint32_t id = tok_rd32(p_added + 4 * (size_t)i);
-        size_t pl;
-        const unsigned char *p = tok_piece(t, (int)id, &pl);
-        tok_trie_insert(t, p, pl, (int32_t)id);
+    if (tok_load_pieces(t, p_offs, p_type, p_blob, blob_size, err, errsize) != 0 ||
+        tok_load_merges(t, p_merges, err, errsize) != 0 || tok_load_added(t, p_added, err, errsize) != 0) {
+        tokenizer_free(t);
+        return -1;
     }
     return 0;
-
-oom:
-    tok_errf(err, errsize, "tokenizer: out of memory");
-fail:
-    tokenizer_free(t);
-    return -1;
 }
 
 /* ============================================================================
