@@ -9,7 +9,7 @@
  *   2. neural-net blocks: rmsnorm, matmul, rope, attention, gelu, forward
  *   3. sampler
  *   4. generation, logits dump, chat, quantizing
- *   5. command line
+ *   5. the file system: reading model files; the command line
  *
  * Policy: this file is the reference. It is plain portable C99 with no intrinsics and no
  * processor-specific code, so that it reads top to bottom and runs anywhere. The only
@@ -188,78 +188,8 @@ static void set_err(char *err, size_t errsize, const char *fmt, ...) {
     va_end(ap);
 }
 
-/* Get the file's bytes: mmap where we can (pages load on demand and are shared),
- * otherwise malloc + fread, which is all a bare-metal port needs to replace. */
-static int read_file_bytes(Model *m, const char *path, char *err, size_t errsize) {
-#ifndef GEMMA3_NO_MMAP
-    if (!host_is_big_endian()) {
-        int fd = open(path, O_RDONLY);
-        struct stat st;
-        if (fd < 0) { set_err(err, errsize, "cannot open %s: %s", path, strerror(errno)); return -1; }
-        if (fstat(fd, &st) != 0) {
-            set_err(err, errsize, "cannot stat %s: %s", path, strerror(errno));
-            close(fd);
-            return -1;
-        }
-        if (!S_ISREG(st.st_mode)) {
-            set_err(err, errsize, "%s is not a regular file", path);
-            close(fd);
-            return -1;
-        }
-        if ((uintmax_t)st.st_size > (uintmax_t)SIZE_MAX) {
-            set_err(err, errsize, "%s is too large for this 32-bit build", path);
-            close(fd);
-            return -1;
-        }
-        m->size = (size_t)st.st_size;
-        if (m->size < GEMMA3_HEADER_SIZE) {
-            set_err(err, errsize, "%s: file too short (%zu bytes) to be a gemma3.c model", path, m->size);
-            close(fd);
-            return -1;
-        }
-        void *p = mmap(NULL, m->size, PROT_READ, MAP_PRIVATE, fd, 0);
-        close(fd);
-        if (p == MAP_FAILED) { set_err(err, errsize, "cannot mmap %s: %s", path, strerror(errno)); return -1; }
-        m->data = p;
-        m->mapped = 1;
-#ifdef MADV_HUGEPAGE
-        /* Linux: ask for 2 MiB pages. Decode streams every weight once per token, and
-         * with 4 KiB pages that is a TLB miss every 4 KiB. It helps when the pages are
-         * read from disk; pages already cached stay as they were (why the writers write
-         * in aligned 4 MiB pieces). Filesystems without large folios ignore it. */
-        (void)madvise(p, m->size, MADV_HUGEPAGE);
-#endif
-        return 0;
-    }
-#endif
-    /* Fallback, and always on big-endian hosts, where tensors are byte-swapped in place. */
-    FILE *f = fopen(path, "rb");
-    if (!f) { set_err(err, errsize, "cannot open %s: %s", path, strerror(errno)); return -1; }
-    if (fseek(f, 0, SEEK_END) != 0) { set_err(err, errsize, "cannot seek in %s", path); fclose(f); return -1; }
-    long end = ftell(f); /* plain C: a long, so at most 2 GiB on 32-bit hosts */
-    if (end < 0) {
-        set_err(err, errsize, "cannot determine the size of %s (over 2 GiB on a 32-bit build?)", path);
-        fclose(f);
-        return -1;
-    }
-    if (end < GEMMA3_HEADER_SIZE) {
-        set_err(err, errsize, "%s: file too short (%ld bytes) to be a gemma3.c model", path, end);
-        fclose(f);
-        return -1;
-    }
-    rewind(f);
-    m->size = (size_t)end;
-    m->data = malloc(m->size);
-    if (!m->data) { set_err(err, errsize, "out of memory reading %s (%zu bytes)", path, m->size); fclose(f); return -1; }
-    if (fread(m->data, 1, m->size, f) != m->size) {
-        set_err(err, errsize, "read error on %s", path);
-        fclose(f);
-        return -1;
-    }
-    fclose(f);
-    m->mapped = 0;
-    return 0;
-}
+/* The file's bytes into m->data and m->size (mmap where there is one: section 5). */
+static int read_file_bytes(Model *m, const char *path, char *err, size_t errsize);
 
 /* Find tensor `name` in the directory, check its dtype/shape/bounds, return its data. */
 static const void *find_tensor(Model *m, const char *name, int rows, int cols, int *dtype_out,
@@ -1778,8 +1708,82 @@ static char *read_line(FILE *in, size_t *len) {
 }
 
 /* ------------------------------------------------------------------------- */
-/* 5. command line                                                            */
+/* 5. the file system: model files, and the command line                      */
 /* ------------------------------------------------------------------------- */
+
+/* Get the file's bytes: mmap where we can (pages load on demand and are shared),
+ * otherwise malloc + fread, which is all a bare-metal port needs to replace. */
+static int read_file_bytes(Model *m, const char *path, char *err, size_t errsize) {
+#ifndef GEMMA3_NO_MMAP
+    if (!host_is_big_endian()) {
+        int fd = open(path, O_RDONLY);
+        struct stat st;
+        if (fd < 0) { set_err(err, errsize, "cannot open %s: %s", path, strerror(errno)); return -1; }
+        if (fstat(fd, &st) != 0) {
+            set_err(err, errsize, "cannot stat %s: %s", path, strerror(errno));
+            close(fd);
+            return -1;
+        }
+        if (!S_ISREG(st.st_mode)) {
+            set_err(err, errsize, "%s is not a regular file", path);
+            close(fd);
+            return -1;
+        }
+        if ((uintmax_t)st.st_size > (uintmax_t)SIZE_MAX) {
+            set_err(err, errsize, "%s is too large for this 32-bit build", path);
+            close(fd);
+            return -1;
+        }
+        m->size = (size_t)st.st_size;
+        if (m->size < GEMMA3_HEADER_SIZE) {
+            set_err(err, errsize, "%s: file too short (%zu bytes) to be a gemma3.c model", path, m->size);
+            close(fd);
+            return -1;
+        }
+        void *p = mmap(NULL, m->size, PROT_READ, MAP_PRIVATE, fd, 0);
+        close(fd);
+        if (p == MAP_FAILED) { set_err(err, errsize, "cannot mmap %s: %s", path, strerror(errno)); return -1; }
+        m->data = p;
+        m->mapped = 1;
+#ifdef MADV_HUGEPAGE
+        /* Linux: ask for 2 MiB pages. Decode streams every weight once per token, and
+         * with 4 KiB pages that is a TLB miss every 4 KiB. It helps when the pages are
+         * read from disk; pages already cached stay as they were (why the writers write
+         * in aligned 4 MiB pieces). Filesystems without large folios ignore it. */
+        (void)madvise(p, m->size, MADV_HUGEPAGE);
+#endif
+        return 0;
+    }
+#endif
+    /* Fallback, and always on big-endian hosts, where tensors are byte-swapped in place. */
+    FILE *f = fopen(path, "rb");
+    if (!f) { set_err(err, errsize, "cannot open %s: %s", path, strerror(errno)); return -1; }
+    if (fseek(f, 0, SEEK_END) != 0) { set_err(err, errsize, "cannot seek in %s", path); fclose(f); return -1; }
+    long end = ftell(f); /* plain C: a long, so at most 2 GiB on 32-bit hosts */
+    if (end < 0) {
+        set_err(err, errsize, "cannot determine the size of %s (over 2 GiB on a 32-bit build?)", path);
+        fclose(f);
+        return -1;
+    }
+    if (end < GEMMA3_HEADER_SIZE) {
+        set_err(err, errsize, "%s: file too short (%ld bytes) to be a gemma3.c model", path, end);
+        fclose(f);
+        return -1;
+    }
+    rewind(f);
+    m->size = (size_t)end;
+    m->data = malloc(m->size);
+    if (!m->data) { set_err(err, errsize, "out of memory reading %s (%zu bytes)", path, m->size); fclose(f); return -1; }
+    if (fread(m->data, 1, m->size, f) != m->size) {
+        set_err(err, errsize, "read error on %s", path);
+        fclose(f);
+        return -1;
+    }
+    fclose(f);
+    m->mapped = 0;
+    return 0;
+}
+
 #ifndef TESTING
 
 static void usage(FILE *f) {
