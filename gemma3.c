@@ -1246,7 +1246,7 @@ typedef struct {
     int n_msgs, cap_msgs;
     int *hist;         /* (ctx) ids in the KV cache, in position order */
     int n_hist;
-    int own_hist;      /* 1: hist was allocated by build_chat (free_chat frees it) */
+    int own_hist;      /* 1: hist is the chat's own allocation (free_chat frees it); 0: a session's */
     int prompt_len;    /* ids of the last rendered prompt (before the model's reply) */
     int fed;           /* of those, how many the last turn had to run (the rest were cached) */
 } Chat;

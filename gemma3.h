@@ -157,7 +157,6 @@ typedef struct {
     float top_p;          /* nucleus: the smallest set with probability >= top_p; 1: off */
     float min_p;          /* drop tokens below min_p * p(most likely); 0: off */
     uint64_t seed;        /* the sampler's random seed: the same seed gives the same tokens */
-    int all_logits;       /* 1: gemma3_feed_logits runs in batches (memory: 128 x vocab floats) */
     const char *system_prompt; /* gemma3_chat_turn: an optional system message (copied) */
     void *arena;          /* optional caller memory for the whole session (see gemma3_session_bytes) */
     size_t arena_size;
@@ -190,10 +189,11 @@ int gemma3_set_sampling(gemma3_session *session, const gemma3_options *options, 
  * not fit: nothing is fed). */
 int gemma3_feed(gemma3_session *session, const int *ids, int n, gemma3_error *err);
 
-/* As gemma3_feed, and also write the logits after every one of the n ids to
+/* As gemma3_feed, and also write the logits after every one of the n ids to the caller's
  * logits[n][vocab_size], and, if hidden is not NULL, the residual stream after the
  * embedding and after each layer to hidden[n][n_layers + 1][dim] (for debugging). The
- * logits are those gemma3_feed gives, to the bit. */
+ * logits are those gemma3_feed gives, to the bit. Errors: those of gemma3_feed;
+ * GEMMA3_E_ARG for NULL logits. */
 int gemma3_feed_logits(gemma3_session *session, const int *ids, int n, float *logits, float *hidden,
                        gemma3_error *err);
 
@@ -219,16 +219,17 @@ int gemma3_context(const gemma3_session *session);
  * token pos - 1 (none at 0). Errors: GEMMA3_E_ARG. */
 int gemma3_rewind(gemma3_session *session, int pos, gemma3_error *err);
 
-/* Called with each generated token's text (UTF-8, whole characters; len may be 0) and
- * id; a nonzero return stops the generation after this token. */
+/* Called with each generated token's text (UTF-8, whole characters; len may be 0; not
+ * NUL-terminated) and id; a nonzero return stops the generation after this token. If the
+ * text ends inside a character, one last call with id -1 gives its bytes as U+FFFD. */
 typedef int (*gemma3_piece_fn)(const char *piece, size_t len, int id, void *user);
 
-/* Sample up to max_tokens tokens, feeding each back; stops at <eos> or <end_of_turn>
- * (neither delivered nor fed), when the callback returns nonzero, or when the context is
- * full (the token that did not fit is delivered, not fed; the position then equals the
- * context). Needs logits (feed a prompt first). Returns the number of tokens delivered;
- * errors: GEMMA3_E_ARG, GEMMA3_E_STATE, GEMMA3_E_CONTEXT (already full). callback may be
- * NULL. Pieces are empty for a model without a tokenizer. */
+/* Sample up to max_tokens tokens from the logits, feeding each back. Stops at <eos> or
+ * <end_of_turn> (neither delivered nor fed; the logits are then consumed), after a token
+ * whose callback returns nonzero, or when the context is full (the token that did not fit
+ * is delivered, not fed; the position then equals gemma3_context). Returns the number of
+ * tokens delivered. Errors: GEMMA3_E_ARG, GEMMA3_E_STATE (no logits: feed a prompt
+ * first). callback may be NULL; pieces are empty for a model without a tokenizer. */
 int gemma3_generate(gemma3_session *session, int max_tokens, gemma3_piece_fn callback, void *user,
                     gemma3_error *err);
 
@@ -240,7 +241,9 @@ int gemma3_generate(gemma3_session *session, int max_tokens, gemma3_piece_fn cal
  * GEMMA3_E_TOKEN (the message holds an added token the model has no embedding for),
  * GEMMA3_E_NOMEM, GEMMA3_E_CONTEXT: in each of these the message is refused and the
  * conversation and cache are as they were; except GEMMA3_E_CONTEXT after part of a reply
- * (the context filled while generating): that part is kept as the reply. */
+ * (the context filled while generating): that part is kept as the reply. Afterwards the
+ * session has no logits (GEMMA3_E_STATE). gemma3_feed and gemma3_rewind do not change the
+ * conversation: the next turn feeds whatever its rendering needs beyond the common prefix. */
 int gemma3_chat_turn(gemma3_session *session, const char *user_text, size_t len, int max_tokens,
                      gemma3_piece_fn callback, void *user, gemma3_error *err);
 
