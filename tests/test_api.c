@@ -239,6 +239,16 @@ static void test_memory_and_arena(const gemma3_model *file_model, const unsigned
     CHECK(la && lb && !memcmp(la, lb, (size_t)c.vocab_size * sizeof(float)), "open_memory logits differ from open_file's");
     printf("  open_memory == open_file: the same logits, to the bit\n");
     gemma3_session_free(a);
+    /* gemma3_feed_logits: every position's logits; the last row is gemma3_feed's */
+    float *rows = malloc((size_t)n * c.vocab_size * sizeof(float));
+    gemma3_session_new(mem, &o, &a, &e);
+    int fed = gemma3_feed_logits(a, ids, n, rows, NULL, &e);
+    const float *lf = gemma3_logits(a, &e);
+    CHECK(fed == n && lf && !memcmp(rows + (size_t)(n - 1) * c.vocab_size, lb, (size_t)c.vocab_size * sizeof(float)) &&
+              !memcmp(lf, lb, (size_t)c.vocab_size * sizeof(float)),
+          "gemma3_feed_logits' last row differs from gemma3_feed's logits");
+    gemma3_session_free(a);
+    free(rows);
 
     /* the arena: session_bytes is enough, one byte less is refused, nothing is allocated */
     int64_t need = gemma3_session_bytes(mem, &o, &e);
@@ -327,6 +337,15 @@ static void test_memory_and_arena(const gemma3_model *file_model, const unsigned
     int hello[2];
     memset(&st, 0, sizeof st);
     gemma3_tokenize(mem, " Hello", 6, hello, 2, &e);
+    /* snprintf-style sizes: the count is what the whole result needs */
+    int all3[3], one[1], k0 = gemma3_tokenize(mem, "Hello world again", 17, NULL, 0, &e);
+    int k1 = gemma3_tokenize(mem, "Hello world again", 17, one, 1, &e), k3 = gemma3_tokenize(mem, "Hello world again", 17, all3, 3, &e);
+    int d = gemma3_detokenize(mem, hello, 1, buf, 4, &e);
+    gemma3_message msgs[1] = {{"user", "Hi"}};
+    int r = gemma3_chat_render(msgs, 1, 1, buf + 8, 10, &e);
+    CHECK(k0 == k1 && k1 == k3 && k3 >= 2 && one[0] == all3[0] && d == 6 && !strcmp(buf, " He") && r == 62 &&
+              !strcmp(buf + 8, "<bos><sta"),
+          "snprintf-style sizes: tokenize %d %d %d, detokenize %d '%s', chat_render %d", k0, k1, k3, d, buf, r);
     int need_len = gemma3_stream_put(mem, &st, hello[0], buf, 2);
     int got_len = gemma3_stream_put(mem, &st, hello[0], buf, sizeof buf);
     CHECK(need_len == 6 && got_len == 6 && !memcmp(buf, " Hello", 6), "stream_put: %d then %d", need_len, got_len);
