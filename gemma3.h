@@ -6,7 +6,7 @@
  * examples/chat.c is a whole program on this header.
  *
  * Errors. Every call that can fail takes an optional `gemma3_error *err` (NULL: no
- * message) and returns a negative GEMMA3_E_* code on failure, 0 or a count on success;
+ * message; gemma3_stream_*, which fail only on NULL arguments, take none) and returns a negative GEMMA3_E_* code on failure, 0 or a count on success;
  * on failure err->code is that code and err->message a one-line description. Nothing in
  * the library exits, aborts or prints. Bad input (a corrupt or truncated model, a token id
  * outside the model's vocabulary, invalid UTF-8, a full context) is refused, never read past.
@@ -27,10 +27,11 @@
  * list). gemma3_session_new allocates the KV cache and the activations, or, with an arena,
  * carves them from it and allocates nothing. With an arena, gemma3_feed, gemma3_feed_logits,
  * gemma3_logits, gemma3_sample, gemma3_generate, gemma3_rewind, gemma3_position,
- * gemma3_set_sampling and gemma3_stream_* never allocate either. The calls that may
- * allocate (temporary memory, freed before they return) are: gemma3_open_*,
- * gemma3_session_new without an arena, gemma3_tokenize, gemma3_detokenize,
- * gemma3_chat_render and gemma3_chat_turn (which also keeps the conversation's text).
+ * gemma3_set_sampling and gemma3_stream_* never allocate either. The calls that do:
+ * gemma3_open_* (the model's tables), gemma3_session_new without an arena (the session's
+ * block), gemma3_tokenize, gemma3_detokenize and gemma3_chat_render (temporary memory,
+ * freed before they return), and gemma3_chat_turn (temporary memory, and the
+ * conversation's text, kept until gemma3_session_free).
  */
 #ifndef GEMMA3_H
 #define GEMMA3_H
@@ -76,8 +77,8 @@ int gemma3_open_file(const char *path, gemma3_model **model, gemma3_error *err);
  * region, an array linked into the image): no copy, no file system, no mmap. The bytes
  * stay the caller's, are never written, and must outlive the model. Tensors are read in
  * place: `data` must be at least 4-byte aligned (GEMMA3_E_ARG otherwise; 64 is best, as
- * mmap gives). On a big-endian host the tensors must be byte-swapped,
- * so the bytes are copied once into memory the model owns.
+ * mmap gives). On a big-endian host the tensors must be byte-swapped, so there the bytes
+ * are copied once into memory the model owns.
  * Errors: GEMMA3_E_ARG, GEMMA3_E_FORMAT, GEMMA3_E_NOMEM. */
 int gemma3_open_memory(const void *data, size_t size, gemma3_model **model, gemma3_error *err);
 
