@@ -244,7 +244,8 @@ int gemma3_generate(gemma3_session *session, int max_tokens, gemma3_piece_fn cal
  * conversation and cache are as they were; except GEMMA3_E_CONTEXT after part of a reply
  * (the context filled while generating): that part is kept as the reply. Afterwards the
  * session has no logits (GEMMA3_E_STATE). gemma3_feed and gemma3_rewind do not change the
- * conversation: the next turn feeds whatever its rendering needs beyond the common prefix. */
+ * conversation: the next turn feeds whatever its rendering needs beyond the common prefix.
+ * A new conversation needs a new session. */
 int gemma3_chat_turn(gemma3_session *session, const char *user_text, size_t len, int max_tokens,
                      gemma3_piece_fn callback, void *user, gemma3_error *err);
 

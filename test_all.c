@@ -1145,6 +1145,8 @@ static void test_bad_inputs(void) {
     write_patched(good, BUILD "/bad-tensor-name.bin", 128 + 8 + 3, "X", 1); /* first directory entry's name */
     write_patched(good, BUILD "/bad-tensor-offset.bin", 128 + 8 + 88, junk, 8);
     write_patched(good, BUILD "/bad-short.bin", 10, NULL, 0);
+    unsigned char bos_top[4] = {2, 0, 0, 0x80}; /* bos_id 0x80000002: negative as an int */
+    write_patched(good, BUILD "/bad-bos.bin", 16 + 4 * 9, bos_top, 4);
     const char *logits = " --logits " TINY "/tokens.txt " BUILD "/bad.f32";
     expect_error("truncated model file", "truncated", "./gemma3 %s%s", BUILD "/bad-truncated.bin", logits);
     expect_error("file shorter than a header", "too short", "./gemma3 %s%s", BUILD "/bad-short.bin", logits);
@@ -1152,6 +1154,7 @@ static void test_bad_inputs(void) {
     expect_error("old format version", "version 1", "./gemma3 %s%s", BUILD "/bad-version.bin", logits);
     expect_error("unknown tensor name", "unknown tensor 'embXd_tokens.weight'", "./gemma3 %s%s", BUILD "/bad-tensor-name.bin", logits);
     expect_error("tensor offset past the end", "offset", "./gemma3 %s%s", BUILD "/bad-tensor-offset.bin", logits);
+    expect_error("bos id with the top bit set", "special token ids", "./gemma3 %s%s", BUILD "/bad-bos.bin", logits);
     expect_error("unreadable model path", "cannot open", "./gemma3 %s%s", BUILD "/no-such-file.bin", logits);
     expect_error("model path is a directory", "not a regular file", "./gemma3 %s%s", BUILD, logits);
 
