@@ -1424,7 +1424,7 @@ struct gemma3_session {
 };
 
 /* Get the file's bytes: mmap where we can (pages load on demand and are shared),
- * otherwise malloc + fread, which is all a bare-metal port needs to replace. */
+ * otherwise malloc + fread. (With no file system, gemma3_open_memory takes the bytes.) */
 static int read_file_bytes(Model *m, const char *path, char *err, size_t errsize) {
 #ifndef GEMMA3_NO_MMAP
     if (!host_is_big_endian()) {
@@ -2008,6 +2008,9 @@ static int perplexity(gemma3_session *s, const gemma3_model *m, const int *ids, 
     *mean = total / (n - 1);
     return rc;
 }
+
+/* --quantize writes a copy of a model file with q8_0 / q4_0 matrices: the one mode that
+ * works on the file itself rather than through the library. */
 
 /* float -> IEEE half, round to nearest even (the q8_0 / q4_0 block scales). */
 static uint16_t f32_to_f16(float f) {
