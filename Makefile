@@ -83,13 +83,14 @@ valgrind: tests/build/tok-model.bin
 tests/build/tok-model.bin:
 	$(MAKE) test
 
-# Sessions on several threads under ThreadSanitizer (OpenMP off: libgomp is not
-# instrumented), on the small model with the real tokenizer that `make test` exports.
+# The library's tests (tests/test_api.c: sessions on several threads among them) under
+# ThreadSanitizer, OpenMP off (libgomp is not instrumented), on the small model with the
+# real tokenizer that `make test` exports.
 TSAN_CC ?= $(shell command -v clang >/dev/null 2>&1 && echo clang || echo $(CC))
 tsan: tests/build/tok-model.bin
 	$(TSAN_CC) $(WARN) -O1 -g -fsanitize=thread -DGEMMA3_NO_MAIN -pthread -I. -o tests/build/test_api-tsan \
 	  tests/test_api.c gemma3.c $(LDLIBS) $(WRAP_ALLOC)
-	TSAN_OPTIONS=halt_on_error=1 tests/build/test_api-tsan tests/build/tok-model.bin --threads
+	TSAN_OPTIONS=halt_on_error=1 tests/build/test_api-tsan tests/build/tok-model.bin
 
 debug:
 	$(CC) $(WARN) -O0 -g $(OMPFLAGS) -o gemma3 gemma3.c $(LDLIBS)

@@ -3,8 +3,8 @@
  * open_memory against open_file, the caller's arena (no allocation after creation), rewind,
  * generation that stops early, chat turns, sessions on several threads.
  *
- *   test_api TOK_MODEL.bin             all of it (test_all runs this; make test builds it)
- *   test_api TOK_MODEL.bin --threads   only the threads (make tsan)
+ *   test_api TOK_MODEL.bin             all of it (test_all runs it; make tsan, under TSan)
+ *   test_api TOK_MODEL.bin --threads   only the sessions on threads
  *
  * TOK_MODEL.bin is tests/build/tok-model.bin: a small random model with the real Gemma 3
  * tokenizer (262,145 tokens) and a 262,144-row embedding table. It is linked with
