@@ -1577,7 +1577,7 @@ int gemma3_tokenize(const gemma3_model *model, const char *text, size_t len, int
         free(all);
         return fail(err, GEMMA3_E_TOKEN, "%s", msg);
     }
-    memcpy(ids, all, (size_t)(n < capacity ? n : capacity) * sizeof(int));
+    if (capacity) memcpy(ids, all, (size_t)(n < capacity ? n : capacity) * sizeof(int));
     free(all);
     return n;
 }
