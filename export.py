@@ -635,7 +635,8 @@ class GGUFReader:
                 return list(struct.unpack(f"<{n}{fmt}", raw))
             if etype == GGUF_STRING:
                 if n > (self.size - self.pos) // 8:  # every string takes at least its 8-byte length
-                    raise ExportError(f"{self.path}: {what} claims {n} strings, more than the file can hold")
+                    raise ExportError(f"{self.path}: truncated or corrupt GGUF: {what} claims {n} strings, "
+                                      "more than the file can hold")
                 return [self.string(f"{what}[{i}]") for i in range(n)]
             raise ExportError(f"{self.path}: {what} is an array of unsupported element type {etype}")
         raise ExportError(f"{self.path}: {what} has unknown value type {vtype}")
@@ -666,8 +667,8 @@ def read_gguf(path):
         n_kv = r.u64("metadata count")
         # each metadata entry takes at least 13 bytes, each tensor entry at least 24
         if n_kv > (size - r.pos) // 13 or n_tensors > (size - r.pos) // 24:
-            raise ExportError(f"{path}: the header claims {n_kv} metadata entries and {n_tensors} tensors, "
-                              f"more than a {size}-byte file can hold")
+            raise ExportError(f"{path}: truncated or corrupt GGUF: the header claims {n_kv} metadata entries and "
+                              f"{n_tensors} tensors, more than a {size}-byte file can hold")
         meta = {}
         for i in range(n_kv):
             key = r.string(f"metadata key {i}")
