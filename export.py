@@ -467,7 +467,11 @@ def write_model(src, out_path, dtype_name, quiet):
     show = not quiet and sys.stderr.isatty()  # a \r progress line only makes sense on a terminal
     last = 0.0
     try:
-        with open(tmp_path, "wb", buffering=0) as raw:
+        try:
+            raw = open(tmp_path, "wb", buffering=0)
+        except OSError as e:
+            raise ExportError(f"cannot write {out_path}: {e.strerror}")
+        with raw:
             f = ChunkedWriter(raw)
             f.write(header)
             f.write(bytes(cfg["is_global"]))
@@ -909,8 +913,11 @@ class Dequantizer:
         binary = build_with_make("tools/gguf_dequant", "it dequantizes GGUF tensors", quiet)
         self.proc = subprocess.Popen([binary, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
-        self.proc.stdin.write("".join(jobs).encode())
-        self.proc.stdin.close()
+        try:
+            self.proc.stdin.write("".join(jobs).encode())
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it stopped at once; read() reports its error line
 
     def read(self, nbytes, name):
         while nbytes > 0:
@@ -1029,6 +1036,9 @@ def main():
             export(args.src, args.out, args.dtype, args.quiet)
     except ExportError as e:
         print(f"export.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # cannot write the output (no such directory, disk full, ...)
+        print(f"export.py: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("export.py: interrupted", file=sys.stderr)
