@@ -754,7 +754,7 @@ def gguf_per_layer(meta, key, default, path):
     return gguf_meta(meta, key, int, default, path)
 
 
-def gguf_config(path, meta, n_vocab_rows):
+def gguf_config(path, meta, tensors):
     """The header fields from the gemma3.* metadata. Where a key is absent, the value
     llama.cpp assumes (src/llama-model.cpp, LLM_ARCH_GEMMA3)."""
     arch = gguf_meta(meta, "general.architecture", str, None, path)
@@ -775,7 +775,9 @@ def gguf_config(path, meta, n_vocab_rows):
         raise ExportError(f"{path}: attention.value_length differs from key_length; Gemma 3 has one head_dim")
     cfg = {
         "hidden_size": dim,
-        "intermediate_size": gguf_per_layer(meta, A + "feed_forward_length", None, path),
+        # without the key: the rows of the first gate matrix
+        "intermediate_size": gguf_per_layer(meta, A + "feed_forward_length",
+                                            tensors.get("blk.0.ffn_gate.weight", (0, [0, None]))[1][-1], path),
         "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
@@ -847,7 +849,9 @@ def gguf_tokenizer(path, meta):
         return b"", {}
     model = gguf_meta(meta, "tokenizer.ggml.model", str, "llama", path)
     if model != "llama":
-        raise ExportError(f"{path}: tokenizer.ggml.model is {model!r}; only SentencePiece ('llama'), Gemma's, is supported")
+        print(f"export.py: warning: tokenizer.ggml.model is {model!r}, not SentencePiece ('llama', Gemma's): "
+              "the export has no tokenizer (--logits works, -p and --encode do not)", file=sys.stderr)
+        return b"", {}
     n = len(tokens)
     scores = gguf_meta(meta, "tokenizer.ggml.scores", list, [0.0] * n, path)
     ttypes = gguf_meta(meta, "tokenizer.ggml.token_type", list, [1] * n, path)
@@ -945,7 +949,7 @@ def load_gguf(path, dtype_name, quiet):
     if len(emb) != 2:
         raise ExportError(f"{path}: tensor token_embd.weight has dimensions {emb}, expected [hidden, vocab]")
     vocab = emb[1]  # the converter may cut unused rows: the tensor is the truth
-    cfg = gguf_config(path, meta, vocab)
+    cfg = gguf_config(path, meta, tensors)
     D, F, H, KV, hd = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                          "num_key_value_heads", "head_dim"))
 

@@ -427,6 +427,19 @@ def main():
         h, _ = read_model(os.path.join(W, "27b-shape.bin"))
         header_checks(h, {"qpas": 16.0, "head_dim": 32, "is_global": [1 if i % 3 == 2 else 0 for i in range(62)]},
                       "62 blocks: query_pre_attn_scalar = n_embd / n_head = 16; sliding_window_pattern 3")
+    g = os.path.join(W, "noffn.gguf")
+    make_gguf(g, T.Q8_0, kv={"gemma3.feed_forward_length": None}, seed=8)
+    rc, _, err = export(g, os.path.join(W, "noffn.bin"), "--dtype", "f32")
+    if check(rc == 0, "no feed_forward_length key: export", err.strip()):
+        h, _ = read_model(os.path.join(W, "noffn.bin"))
+        header_checks(h, {"ffn": F}, "no feed_forward_length key: the gate matrix's rows")
+    g = os.path.join(W, "gpt2tok.gguf")
+    make_gguf(g, T.Q8_0, tokenizer=False, kv={"tokenizer.ggml.model": ("str", "gpt2"),
+                                            "tokenizer.ggml.tokens": ("array", ["a", "b", "ab"])}, seed=8)
+    rc, _, err = export(g, os.path.join(W, "gpt2tok.bin"), "--dtype", "f32")
+    if check(rc == 0 and "warning" in err, "a non-SentencePiece tokenizer: exported with a warning", err.strip()):
+        h, _ = read_model(os.path.join(W, "gpt2tok.bin"))
+        check(h["tokenizer"] == b"", "a non-SentencePiece tokenizer: no tokenizer section")
     g = os.path.join(W, "noswa.gguf")
     make_gguf(g, T.Q8_0, kv={"gemma3.attention.sliding_window": None}, seed=8)
     rc, _, err = export(g, os.path.join(W, "noswa.bin"), "--dtype", "f32")
