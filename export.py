@@ -595,7 +595,8 @@ GGUF_SKIP_PREFIXES = ("v.", "mm.")  # the vision tower and projector Ollama keep
 
 
 class GGUFReader:
-    """A cursor over the mapped file: each read checks that the bytes are there."""
+    """A cursor over the mapped file: each read checks that the bytes are there. (Slices
+    of an mmap are bytes, copies: nothing keeps the mapping open after an error.)"""
 
     def __init__(self, path, buf):
         self.path, self.buf, self.pos, self.size = path, buf, 0, len(buf)
@@ -621,7 +622,7 @@ class GGUFReader:
         n = self.u64(what + " length")
         raw = self.take(n, what)
         try:
-            return bytes(raw).decode("utf-8")
+            return raw.decode("utf-8")
         except UnicodeDecodeError:
             raise ExportError(f"{self.path}: {what} at byte {self.pos - n} is not valid UTF-8")
 
@@ -658,9 +659,8 @@ def read_gguf(path):
         if size < 4 or f.read(4) != GGUF_MAGIC:
             raise ExportError(f"{path} is not a GGUF file (bad magic) nor a Hugging Face directory")
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    view = memoryview(buf)
     try:
-        r = GGUFReader(path, view)
+        r = GGUFReader(path, buf)
         r.take(4, "magic")
         version = r.u32("version")
         if version in (2 << 24, 3 << 24):
@@ -720,7 +720,6 @@ def read_gguf(path):
             t[2], t[3] = data_start + offset, nbytes
         return version, meta, {n: tuple(t) for n, t in tensors.items()}
     finally:
-        view.release()
         buf.close()
 
 

@@ -537,6 +537,31 @@ def main():
     expect_error("yarn rope scaling", g, "'yarn'")
     expect_error("bad, quantized export too", os.path.join(W, "untied.gguf"), "untied", "--dtype", "q8_0")
 
+    # random corruption of the header, metadata and tensor table: an ExportError (one line)
+    # or a clean load, never another exception (in-process, 400 files)
+    code = ("import random, sys, traceback, export as E\n"
+            f"src = open({good!r}, 'rb').read()\n"
+            f"first, tmp = {first_data}, {os.path.join(W, 'fuzz.gguf')!r}\n"
+            "rnd = random.Random(7)\n"
+            "counts = [0, 0]\n"
+            "for it in range(400):\n"
+            "    b = bytearray(src)\n"
+            "    for _ in range(rnd.choice([1, 2, 4])):\n"
+            "        b[rnd.randrange(first)] = rnd.choice([0, 1, 0x7f, 0x80, 0xff, rnd.randrange(256)])\n"
+            "    if rnd.random() < 0.2: b = b[:rnd.randrange(len(b))]\n"
+            "    open(tmp, 'wb').write(b)\n"
+            "    try:\n"
+            "        E.load(tmp, 'f32', True).close()\n"
+            "        counts[0] += 1\n"
+            "    except E.ExportError:\n"
+            "        counts[1] += 1\n"
+            "    except Exception:\n"
+            "        print(f'iteration {it}:', traceback.format_exc().splitlines()[-1]); sys.exit(1)\n"
+            "print(f'{counts[0]} loaded, {counts[1]} refused')\n")
+    rc, out, err = run(PY, "-c", code)
+    check(rc == 0, f"400 randomly corrupted headers: refused with an ExportError or loaded ({out.decode().strip()})",
+          (out.decode() + err).strip()[-300:])
+
     # 5. Ctrl-C part-way: no output, no temporary file, no traceback (in-process, deterministic)
     code = ("import sys, export\n"
             "n = [0]\n"
