@@ -519,14 +519,21 @@ def export(src_path, out_path, dtype_name, quiet=False):
     write_model(load(src_path, dtype_name, quiet), out_path, dtype_name, quiet)
 
 
-def build_with_make(target, why, quiet):
-    """Build one of the project's binaries (gemma3, tools/gguf_dequant) if it is missing."""
+def build_with_make(target, why, quiet, refresh=False):
+    """Build one of the project's binaries (gemma3, tools/gguf_dequant) if it is missing;
+    refresh: also when its source is newer (make decides; the old binary is used if make
+    is not there)."""
     here = os.path.dirname(os.path.abspath(__file__))
     binary = os.path.join(here, target)
-    if not os.access(binary, os.X_OK):
-        if not quiet:
+    exists = os.access(binary, os.X_OK)
+    if not exists or refresh:
+        if not exists and not quiet:
             print(f"building {target} ({why}) ...", file=sys.stderr)
-        if subprocess.run(["make", "-C", here, target], stdout=subprocess.DEVNULL).returncode != 0:
+        try:
+            ok = subprocess.run(["make", "-s", "-C", here, target], stdout=subprocess.DEVNULL).returncode == 0
+        except OSError:
+            ok = False
+        if not ok and not (exists and os.access(binary, os.X_OK)):
             raise ExportError(f"{why}: could not build {target}; run make {target} in {here}")
     return binary
 
@@ -913,7 +920,7 @@ class Dequantizer:
     values come back on its stdout, tensor after tensor, read in pieces of 4 MiB."""
 
     def __init__(self, path, jobs, quiet):
-        binary = build_with_make("tools/gguf_dequant", "it dequantizes GGUF tensors", quiet)
+        binary = build_with_make("tools/gguf_dequant", "it dequantizes GGUF tensors", quiet, refresh=True)
         self.proc = subprocess.Popen([binary, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
         try:
@@ -1006,7 +1013,8 @@ def load_gguf(path, dtype_name, quiet):
     if not quiet:
         general = {k: meta[k][1] for k in ("general.name", "general.size_label", "general.finetune") if k in meta}
         types = sorted({GGML_TYPES[tensors[g][0]][0] for _, _, g in wanted})
-        print(f"{os.path.basename(path)}: GGUF v{version}, {' '.join(str(v) for v in general.values())}, "
+        name = " ".join(str(v) for v in general.values())
+        print(f"{os.path.basename(path)}: GGUF v{version}, {name + ', ' if name else ''}"
               f"tensor types {', '.join(types)}", file=sys.stderr)
         if cfg["num_hidden_layers"] in (34, 48, 62) and cfg["rope_factor"] == 1.0:
             print("note: no rope.scaling metadata; Gemma 3 4B/12B/27B use linear scaling 8 on global layers, "
