@@ -956,8 +956,7 @@ def load_gguf(path, dtype_name, quiet):
         raise ExportError(f"{path}: tensor token_embd.weight has dimensions {emb}, expected [hidden, vocab]")
     vocab = emb[1]  # the converter may cut unused rows: the tensor is the truth
     cfg = gguf_config(path, meta, tensors)
-    D, F, H, KV, hd = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                         "num_key_value_heads", "head_dim"))
+    D = cfg["hidden_size"]
 
     # Our names and HF shapes, GGUF names. GGUF lists dimensions fastest-first (ne0 =
     # columns): HF [rows, cols] is GGUF [cols, rows].
@@ -982,9 +981,7 @@ def load_gguf(path, dtype_name, quiet):
     # table), so output.weight is accepted only when it is the same table, byte for byte.
     if "output.weight" in tensors:
         out, embt = tensors["output.weight"], tensors["token_embd.weight"]
-        with open(path, "rb") as f:
-            same = out[0] == embt[0] and out[1] == embt[1] and read_range(f, out[2], out[3]) == read_range(f, embt[2], embt[3])
-        if not same:
+        if not (out[0] == embt[0] and out[1] == embt[1] and same_bytes(path, out[2], embt[2], out[3])):
             raise ExportError(f"{path}: output.weight differs from token_embd.weight (an untied classifier); "
                               "the gemma3.c format ties the classifier to the embedding")
 
@@ -1022,9 +1019,17 @@ def load_gguf(path, dtype_name, quiet):
     return Source(cfg, vocab, tok_bytes, special, tensors_out, close=deq.close)
 
 
-def read_range(f, offset, n):
-    f.seek(offset)
-    return f.read(n)
+def same_bytes(path, a, b, n):
+    """Whether the n bytes at offsets a and b of the file are equal (read 16 MiB at a time)."""
+    with open(path, "rb") as f:
+        for pos in range(0, n, 16 << 20):
+            k = min(16 << 20, n - pos)
+            f.seek(a + pos)
+            x = f.read(k)
+            f.seek(b + pos)
+            if x != f.read(k):
+                return False
+    return True
 
 
 def main():

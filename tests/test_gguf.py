@@ -166,7 +166,7 @@ def make_gguf(path, qtype=T.Q8_0, *, version=3, vocab=512, layers=L, dim=D, ffn=
     if output:
         names.append(("output.weight", [vocab, dim]))
     names += list(extra_tensors)
-    written = {}
+    written, emb = {}, None  # emb: token_embd's data, for an output.weight that repeats it
     for name, shape in names:
         if name in drop:
             continue
@@ -510,7 +510,6 @@ def main():
                  "truncated")
     # tensor data offset past the end, and not aligned: patch the last tensor's offset field
     last = r.tensors[-1]
-    info_end = first_data  # the table ends before the (aligned) data start; find the offset field by its value
     with open(good, "rb") as f:
         head = f.read(first_data)
     pos = head.rfind(struct.pack("<Q", int(last.data_offset) - first_data))
