@@ -977,13 +977,14 @@ def load_gguf(path, dtype_name, quiet):
     for ours, shape, g in wanted:
         if tensors[g][1] != shape[::-1]:
             raise ExportError(f"{path}: tensor {g} has dimensions {tensors[g][1]}, expected {shape[::-1]}")
-    # An untied classifier: gemma3.c's format has none (the classifier is the embedding
-    # table), so output.weight is accepted only when it is the same table, byte for byte.
+    # An untied classifier: output.weight becomes lm_head.weight, unless it is the embedding
+    # table again, byte for byte (then the file stays tied, and half the size).
     if "output.weight" in tensors:
         out, embt = tensors["output.weight"], tensors["token_embd.weight"]
-        if not (out[0] == embt[0] and out[1] == embt[1] and same_bytes(path, out[2], embt[2], out[3])):
-            raise ExportError(f"{path}: output.weight differs from token_embd.weight (an untied classifier); "
-                              "the gemma3.c format ties the classifier to the embedding")
+        if out[1] != emb:
+            raise ExportError(f"{path}: tensor output.weight has dimensions {out[1]}, expected {emb}")
+        if not (out[0] == embt[0] and same_bytes(path, out[2], embt[2], out[3])):
+            wanted.append(("lm_head.weight", [vocab, D], "output.weight"))
 
     tok_bytes, special = gguf_tokenizer(path, meta)
     # Where the vocabulary does not name them, the ids tokenizer.ggml.* gives, then Gemma 3's.

@@ -236,12 +236,12 @@ def reference_values(gguf_path):
     """{our name: float32 array} from gguf-py: dequantize, and norms minus 1 in float32."""
     out = {}
     for t in GGUFReader(gguf_path).tensors:
-        if t.name == "output.weight":
-            continue
         v = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(-1)
         if len(t.shape) == 1:
             v = v - np.float32(1)
-        out[our_name(t.name)] = v
+        out["lm_head.weight" if t.name == "output.weight" else our_name(t.name)] = v
+    if "lm_head.weight" in out and bits_equal(out["lm_head.weight"], out["embed_tokens.weight"]):
+        del out["lm_head.weight"]  # the same table again: the export stays tied
     return out
 
 
@@ -388,9 +388,31 @@ def main():
     export(g2, os.path.join(W, "v2-tied.bin"), "--dtype", "f32")
     check(open(os.path.join(W, "v2.bin"), "rb").read() == open(os.path.join(W, "v2-tied.bin"), "rb").read(),
           "same model with and without an identical output.weight: identical exports")
+    # an untied classifier: output.weight becomes lm_head.weight, and gemma3 uses it
     g = os.path.join(W, "untied.gguf")
-    make_gguf(g, T.Q8_0, output="other")
-    expect_error("output.weight different from token_embd (untied)", g, "untied")
+    make_gguf(g, T.Q8_0, output="other", sane=True, seed=12)
+    ub = os.path.join(W, "untied.bin")
+    rc, _, err = export(g, ub, "--dtype", "f32")
+    if check(rc == 0, "output.weight different from token_embd (untied): export", err.strip()):
+        compare_export(g, ub, "untied: f32 export bit-identical, lm_head.weight included")
+        h, t = read_model(ub)
+        check("lm_head.weight" in t and len(t) == 3 + 13 * L, "untied: the file has lm_head.weight")
+        with open(os.path.join(W, "untied-ids.txt"), "w") as f:
+            f.write("2 300 301 302 5\n")
+        rc, _, err = run("./gemma3", ub, "--logits", os.path.join(W, "untied-ids.txt"), os.path.join(W, "untied.f32"),
+                         "--dump-hidden", os.path.join(W, "untied-hidden.f32"))
+        if check(rc == 0, "untied: ./gemma3 --logits --dump-hidden", err.strip()):
+            lg = np.fromfile(os.path.join(W, "untied.f32"), "<f4").reshape(5, -1)
+            hid = np.fromfile(os.path.join(W, "untied-hidden.f32"), "<f4").reshape(5, L + 1, D)[:, L].astype(np.float64)
+            w = np.frombuffer(t["norm.weight"][2], "<f4").astype(np.float64)
+            x = hid / np.sqrt(np.mean(hid * hid, axis=1, keepdims=True) + h["eps"]) * (1 + w)
+            head = np.frombuffer(t["lm_head.weight"][2], "<f4").reshape(-1, D).astype(np.float64)
+            emb = np.frombuffer(t["embed_tokens.weight"][2], "<f4").reshape(-1, D).astype(np.float64)
+            err_head, err_emb = np.abs(lg - x @ head.T).max(), np.abs(lg - x @ emb.T).max()
+            scale = np.abs(lg).max()
+            check(err_head <= 1e-4 * scale and err_emb > 1e-2 * scale,
+                  f"untied: logits are final_norm(h) . lm_head (max|diff| {err_head:.2g} of {scale:.3g}), "
+                  f"not the embedding's ({err_emb:.2g})")
 
     # Ollama's keys (per-layer pattern flags, rope.local.freq_base), rope scaling, and
     # llama.cpp's defaults for absent keys
@@ -534,7 +556,9 @@ def main():
     expect_error("soft-capping", g, "soft-capping")
     make_gguf(g, T.Q8_0, kv={"gemma3.rope.scaling.type": ("str", "yarn"), "gemma3.rope.scaling.factor": ("f32", 4.0)})
     expect_error("yarn rope scaling", g, "'yarn'")
-    expect_error("bad, quantized export too", os.path.join(W, "untied.gguf"), "untied", "--dtype", "q8_0")
+    rc, _, err = export(os.path.join(W, "untied.gguf"), os.path.join(W, "untied-q8_0.bin"), "--dtype", "q8_0")
+    check(rc == 0 and "lm_head.weight" in read_model(os.path.join(W, "untied-q8_0.bin"))[1],
+          "untied, q8_0 export: lm_head.weight quantized too", err.strip())
 
     # random corruption of the header, metadata and tensor table: an ExportError (one line)
     # or a clean load, never another exception (in-process, 400 files)
