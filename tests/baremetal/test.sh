@@ -32,14 +32,11 @@ if [ ${#need[@]} -gt 0 ]; then
         >"$W/apt.log" 2>&1 || { nok "install ${need[*]} (see $W/apt.log)"; finish; }
 fi
 
-# The image: code and read-only data (the model among them) in the first 64 MiB of the
-# board's RAM, at 0x80000000 where qemu starts it; data, heap and a 1 MiB stack in the next
-# 128 MiB (-m 256M).
+# The image's memory map: tests/baremetal/firmware.ld.
 CC=riscv64-unknown-elf-gcc
 CFLAGS=(--specs=picolibc.specs --oslib=semihost -march=rv64gc -mabi=lp64d -mcmodel=medany -std=c99 -O2
         -Wall -Wextra -DGEMMA3_NO_MAIN -DGEMMA3_NO_MMAP -I. -I"$W")
-LDFLAGS=(-Wl,--defsym=__flash=0x80000000 -Wl,--defsym=__flash_size=0x4000000 -Wl,--defsym=__ram=0x84000000
-         -Wl,--defsym=__ram_size=0x8000000 -Wl,--defsym=__stack_size=0x100000)
+LDFLAGS=(-T tests/baremetal/firmware.ld)
 QEMU=(timeout 300 qemu-system-riscv64 -machine virt -m 256M -display none -monitor none -serial none -bios none
       -semihosting-config enable=on,target=native)
 firmware() { # NAME MODEL_FILE EXTRA_CFLAGS...: build $W/NAME.elf
@@ -48,8 +45,8 @@ firmware() { # NAME MODEL_FILE EXTRA_CFLAGS...: build $W/NAME.elf
     "$CC" "${CFLAGS[@]}" "$@" -DMODEL_FILE="\"$model\"" -o "$W/$name.elf" tests/baremetal/firmware.c \
         tests/baremetal/model.S gemma3.c "${LDFLAGS[@]}" -lm >"$W/$name-build.log" 2>&1
 }
-run_firmware() { # NAME: run $W/NAME.elf in $W, output to $W/NAME.out
-    (cd "$W" && "${QEMU[@]}" -kernel "$1.elf" >"$1.out" 2>"$1.err")
+run_firmware() { # NAME: run $W/NAME.elf in $W; its console (semihosting: qemu's stderr) to $W/NAME.out
+    (cd "$W" && "${QEMU[@]}" -kernel "$1.elf" >"$1.out" 2>&1)
 }
 
 make -s gemma3 >/dev/null || { nok "host build"; finish; }
@@ -65,7 +62,7 @@ rm -f "$W/logits.f32"
 if firmware logits "$PWD/$W/tiny-f32.bin" -DLOGITS; then ok "firmware builds (riscv64, picolibc, logits mode)"
 else nok "firmware builds: $(head -5 "$W/logits-build.log")"; finish; fi
 if run_firmware logits; then ok "firmware runs under qemu-system-riscv64 and exits 0: $(head -1 "$W/logits.out")"
-else nok "firmware run: $(cat "$W/logits.out" "$W/logits.err" | head -5)"; fi
+else nok "firmware run: $(head -5 "$W/logits.out")"; fi
 python3 - "$W/logits.f32" "$W/host.f32" "$W/host-plain.f32" <<'EOF'
 import struct, sys
 def load(p):
@@ -106,15 +103,17 @@ fi
 ./gemma3 "$W/tok-model.bin" -p "$PROMPT" -n $STEPS -t 0 >"$W/host-text.out" 2>/dev/null || { nok "host generation"; finish; }
 if firmware text "$PWD/$W/tok-model.bin" -DPROMPT="\"$PROMPT\"" -DSTEPS=$STEPS; then ok "firmware builds (prompt mode, real tokenizer)"
 else nok "firmware builds: $(head -5 "$W/text-build.log")"; finish; fi
-run_firmware text || nok "firmware run: $(cat "$W/text.out" "$W/text.err" | head -5)"
+run_firmware text || nok "firmware run: $(head -5 "$W/text.out")"
 head -n 1 "$W/text.out" >"$W/fw-text.out"
 if cmp -s "$W/fw-text.out" "$W/host-text.out"; then ok "greedy text from the firmware is the host's: $(head -c 80 "$W/host-text.out")"
 else nok "greedy text differs: firmware '$(head -c 80 "$W/fw-text.out")', host '$(head -c 80 "$W/host-text.out")'"; fi
 
 # ---- 3. the RAM the images used
 for name in logits text; do
-    size=$(riscv64-unknown-elf-size -A "$W/$name.elf" | awk '$1 == ".data" || $1 == ".bss" || $1 == ".tdata" || $1 == ".tbss" { s += $2 } END { print s + 0 }')
-    model=$(riscv64-unknown-elf-size -A "$W/$name.elf" | awk '$1 == ".rodata" { print $2 }')
-    echo "# $name image: static RAM (.data + .bss) $size bytes; read-only data (the model in it) $model bytes; $(grep 'RAM:' "$W/$name.out" | sed 's/^firmware: //')"
+    static=$(riscv64-unknown-elf-size -A "$W/$name.elf" | awk '$1 == ".data" || $1 == ".bss" || $1 == ".tdata" || $1 == ".tbss" { s += $2 } END { print s + 0 }')
+    text=$(riscv64-unknown-elf-size -A "$W/$name.elf" | awk '$1 == ".text" || $1 == ".init" { s += $2 } END { print s + 0 }')
+    model=$(wc -c <"$W/$([ $name = logits ] && echo tiny-f32 || echo tok-model).bin" | tr -d ' ')
+    echo "# $name image: code and read-only data $text bytes (the model file $model of them, in flash or ROM);" \
+        "static RAM (.data + .bss) $static bytes; $(grep 'RAM:' "$W/$name.out" | sed 's/^firmware: RAM: //')"
 done
 finish
