@@ -1,4 +1,5 @@
-# gemma3.c — build, test, run.  `make` builds ./gemma3; `make test` runs the test suite.
+# gemma3.c — build, test, run.  `make` builds ./gemma3; `make lib` the library (gemma3.h);
+# `make test` runs the test suite.
 CC ?= cc
 OMP ?= 1
 # -O3: gcc (12) vectorises loops such as attention's weighted sum of values only from -O3
@@ -16,7 +17,7 @@ ifeq ($(OMP),1)
 endif
 LDLIBS = -lm
 
-.PHONY: all test clean debug asan valgrind test-cross bench bench-tokenizer
+.PHONY: all test clean debug asan valgrind test-cross bench bench-tokenizer lib tsan
 
 all: gemma3
 
@@ -28,13 +29,32 @@ gemma3: gemma3.c tokenizer.c kernels_x86.c
 # and a fused multiply-add rounds once where numpy rounds twice.
 tools/gguf_dequant: tools/gguf_dequant.c
 	$(CC) $(WARN) -O2 -ffp-contract=off -o $@ tools/gguf_dequant.c
+# The library: gemma3.c without its command line (-DGEMMA3_NO_MAIN); the API is gemma3.h.
+# Programs link libgemma3.a with -lm (and -fopenmp when it was built with OpenMP).
+lib: libgemma3.a libgemma3.so
+
+libgemma3.a: gemma3.c gemma3.h tokenizer.c kernels_x86.c
+	$(CC) $(WARN) $(CFLAGS) $(MARCH) $(OMPFLAGS) -DGEMMA3_NO_MAIN -c -o gemma3-lib.o gemma3.c
+	$(AR) rcs $@ gemma3-lib.o
+
+libgemma3.so: gemma3.c gemma3.h tokenizer.c kernels_x86.c
+	$(CC) $(WARN) $(CFLAGS) $(MARCH) $(OMPFLAGS) -DGEMMA3_NO_MAIN -fPIC -shared -o $@ gemma3.c $(LDLIBS)
+
+# The example that embeds the library, and the library's own tests: separate translation
+# units that see only gemma3.h. test_api counts the library's allocations (--wrap).
+examples/chat: examples/chat.c gemma3.h libgemma3.a
+	$(CC) $(WARN) $(CFLAGS) -I. -o $@ examples/chat.c libgemma3.a $(OMPFLAGS) $(LDLIBS)
+
+WRAP_ALLOC = -Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc
+test_api: tests/test_api.c gemma3.h libgemma3.a
+	$(CC) $(WARN) $(CFLAGS) -I. -pthread -o $@ tests/test_api.c libgemma3.a $(OMPFLAGS) $(LDLIBS) $(WRAP_ALLOC)
 
 test_all: test_all.c gemma3.c tokenizer.c kernels_x86.c $(wildcard tests/*.c)
 	$(CC) $(WARN) -Wno-unused-function $(CFLAGS) $(MARCH) $(OMPFLAGS) -o $@ test_all.c $(LDLIBS)
 
 # The whole suite: exports the fixtures, compares logits, tokenizer, bad inputs.
 # Ends with "N passed, N failed".
-test: gemma3 test_all
+test: gemma3 test_all test_api examples/chat
 	./test_all
 
 # Same fixture logits on aarch64, i686 and big-endian s390x under qemu-user (installs
@@ -68,9 +88,17 @@ valgrind: tests/build/tok-model.bin
 tests/build/tok-model.bin:
 	$(MAKE) test
 
+# Sessions on several threads under ThreadSanitizer (OpenMP off: libgomp is not
+# instrumented), on the small model with the real tokenizer that `make test` exports.
+TSAN_CC ?= $(shell command -v clang >/dev/null 2>&1 && echo clang || echo $(CC))
+tsan: tests/build/tok-model.bin
+	$(TSAN_CC) $(WARN) -O1 -g -fsanitize=thread -DGEMMA3_NO_MAIN -pthread -I. -o tests/build/test_api-tsan \
+	  tests/test_api.c gemma3.c $(LDLIBS) $(WRAP_ALLOC)
+	TSAN_OPTIONS=halt_on_error=1 tests/build/test_api-tsan tests/build/tok-model.bin --threads
+
 debug:
 	$(CC) $(WARN) -O0 -g $(OMPFLAGS) -o gemma3 gemma3.c $(LDLIBS)
 
 clean:
-	rm -f gemma3 test_all tools/gguf_dequant
+	rm -f gemma3 test_all test_api examples/chat libgemma3.a libgemma3.so gemma3-lib.o tools/gguf_dequant
 	rm -rf tests/build

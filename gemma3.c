@@ -8,8 +8,9 @@
  *   1. model file: Config, Weights, loading and validation
  *   2. neural-net blocks: rmsnorm, matmul, rope, attention, gelu, forward
  *   3. sampler
- *   4. generation, logits dump, chat, quantizing
- *   5. the file system: reading model files; the command line
+ *   4. generation and chat
+ *   5. the library: the functions of gemma3.h (and reading model files)
+ *   6. the command line, on the library (not built with -DGEMMA3_NO_MAIN or -DTESTING)
  *
  * Policy: this file is the reference. It is plain portable C99 with no intrinsics and no
  * processor-specific code, so that it reads top to bottom and runs anywhere. The only
@@ -20,7 +21,8 @@
  * which say whether they did the work, and the plain loops here run otherwise. The tests
  * hold every kernel to these loops.
  *
- * Dependencies: libc, libm, optionally OpenMP. Build: make. Usage: ./gemma3 --help.
+ * Dependencies: libc, libm, optionally OpenMP. Build: make (the program), make lib (the
+ * library: libgemma3.a, libgemma3.so; API in gemma3.h). Usage: ./gemma3 --help.
  */
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
 #define _POSIX_C_SOURCE 200809L
@@ -68,6 +70,7 @@ static int max_threads(void) { return 1; }
 #define TEAM_SIZE() 1
 #endif
 
+#include "gemma3.h"
 #include "tokenizer.c"
 
 #define GEMMA3_FORMAT_VERSION 2 /* 2: q8_0/q4_0 rows keep their scales ahead of the quants */
@@ -160,9 +163,10 @@ typedef struct {
     Weights weights;
     Tokenizer tokenizer;
     int has_tokenizer;
-    unsigned char *data;   /* the whole file (mmap'd or read into memory) */
+    unsigned char *data;   /* the whole file (mmap'd, read into memory, or the caller's bytes) */
     size_t size;
     int mapped;            /* 1 if data came from mmap */
+    int owns_data;         /* 1 if data was allocated here (free it); 0 for the caller's bytes */
 } Model;
 
 /* Little-endian readers: the file is little-endian on every host. */
@@ -347,7 +351,7 @@ static int read_header(Model *m, const char *path, char *err, size_t errsize) {
         if (t > 1) { set_err(err, errsize, "%s: layer %d has unknown attention type %u", path, l, t); return -1; }
         c->is_global[l] = t;
     }
-    if (c->bos_id >= c->vocab_size || c->eos_id >= c->vocab_size) {
+    if (u[9] >= u[0] || u[10] >= u[0]) { /* unsigned: an id with the top bit set is not small */
         set_err(err, errsize, "%s: special token ids out of range", path);
         return -1;
     }
@@ -417,27 +421,36 @@ static int load_weights(Model *m, int untied, char *err, size_t errsize) {
     return 0;
 }
 
-/* Load and validate a model file. On failure: -1 and a one-line message in err. */
-static int load_model(Model *m, const char *path, char *err, size_t errsize) {
+/* Validate the model in m->data[0..m->size) and build the model from it; `name` names it
+ * in messages. On failure: -1 and a one-line message in err (the caller frees m). */
+static int open_model_bytes(Model *m, const char *name, char *err, size_t errsize) {
     int untied;
-    memset(m, 0, sizeof(*m));
-    if (read_file_bytes(m, path, err, errsize) != 0) return -1;
-    if (read_header(m, path, err, errsize) || check_directory(m, path, &untied, err, errsize)) goto fail;
-    if (host_is_big_endian()) swap_tensors_to_native(m);
-    if (load_weights(m, untied, err, errsize)) goto fail;
+    if (m->size < GEMMA3_HEADER_SIZE) {
+        set_err(err, errsize, "%s: file too short (%zu bytes) to be a gemma3.c model", name, m->size);
+        return -1;
+    }
+    if (read_header(m, name, err, errsize) || check_directory(m, name, &untied, err, errsize)) return -1;
+    if (host_is_big_endian()) swap_tensors_to_native(m); /* (m->data is writable there: ours) */
+    if (load_weights(m, untied, err, errsize)) return -1;
     uint64_t tok_off = rd_u64(m->data + 96), tok_size = rd_u64(m->data + 104);
     if (tok_off) {
         char terr[200];
         if (tokenizer_init(&m->tokenizer, m->data + tok_off, (size_t)tok_size, terr, sizeof terr) != 0) {
-            set_err(err, errsize, "%s: bad tokenizer section: %s", path, terr);
-            goto fail;
+            set_err(err, errsize, "%s: bad tokenizer section: %s", name, terr);
+            return -1;
         }
         m->has_tokenizer = 1;
     }
     return 0;
-fail:
-    free_model(m);
-    return -1;
+}
+
+/* Load and validate a model file. On failure: a one-line message in err, and -1 if the
+ * file could not be read, -2 if it is not a valid model. */
+static int load_model(Model *m, const char *path, char *err, size_t errsize) {
+    memset(m, 0, sizeof(*m));
+    int rc = read_file_bytes(m, path, err, errsize) != 0 ? -1 : open_model_bytes(m, path, err, errsize) != 0 ? -2 : 0;
+    if (rc) free_model(m);
+    return rc;
 }
 
 static void free_model(Model *m) {
@@ -446,9 +459,8 @@ static void free_model(Model *m) {
     free(m->config.is_global);
 #ifndef GEMMA3_NO_MMAP
     if (m->mapped) munmap(m->data, m->size);
-    else
 #endif
-        free(m->data);
+    if (m->owns_data) free(m->data);
     memset(m, 0, sizeof(*m));
 }
 
@@ -490,10 +502,9 @@ typedef struct {
     int *cache_len;       /* (n_layers) */
     float **key_cache;    /* (n_layers) -> (cache_len, n_kv_heads * head_dim) */
     float **value_cache;  /* (n_layers) -> (cache_len, n_kv_heads * head_dim) */
-    void *arena;          /* the one allocation that holds all the buffers and caches above */
+    void *arena;          /* the one allocation that holds all the buffers and caches above
+                             (NULL: they are in a block the caller owns) */
 } RunState;
-
-static void free_run_state(RunState *s);
 
 /* The optional fast kernels (kernels_x86.c, included at the end of this file where the
  * compiler targets them). kernels_setup gives the bytes of scratch they need (0: there are
@@ -518,8 +529,9 @@ static void *carve(Carve *cv, size_t count, size_t size) {
     return p;
 }
 
-static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch, int all_logits, char *err,
-                           size_t errsize) {
+/* Lay out the run state's buffers and caches in the block at base (64-byte aligned), or,
+ * with base NULL, only add up their size: the bytes it returns. */
+static size_t run_state_layout(RunState *s, const Config *c, int ctx, int max_batch, int all_logits, unsigned char *base) {
     memset(s, 0, sizeof(*s));
     if (max_batch > ctx) max_batch = ctx;
     s->ctx = ctx;
@@ -530,53 +542,37 @@ static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch,
     size_t Q = (size_t)c->n_heads * c->head_dim, KV = (size_t)c->n_kv_heads * c->head_dim;
     size_t widest = F > Q ? F : Q;
     if (D > widest) widest = D;
-    s->cache_len = calloc((size_t)c->n_layers, sizeof(int));
-    s->key_cache = calloc((size_t)c->n_layers, sizeof(float *));
-    s->value_cache = calloc((size_t)c->n_layers, sizeof(float *));
-    int ok = s->cache_len && s->key_cache && s->value_cache;
-    for (int l = 0; ok && l < c->n_layers; l++) {
-        int ring = c->window + max_batch - 1;
-        s->cache_len[l] = (!c->is_global[l] && ring < ctx) ? ring : ctx;
-    }
-    /* The buffers and caches, carved from one allocation: a first pass adds up the size. */
     size_t kernel_bytes = kernels_setup(NULL, c, max_batch, s->threads);
-    Carve cv = {NULL, 0};
-    for (int pass = 0; ok && pass < 2; pass++) {
-        if (pass == 1) {
-            s->arena = calloc(cv.used + 63, 1);
-            if (!(ok = s->arena != NULL)) break;
-            cv.base = (unsigned char *)s->arena + (64 - (uintptr_t)s->arena % 64) % 64;
-            cv.used = 0;
-        }
-        s->x = carve(&cv, B * D, sizeof(float));
-        s->xb = carve(&cv, B * D, sizeof(float));
-        s->xb2 = carve(&cv, B * D, sizeof(float));
-        s->q = carve(&cv, B * Q, sizeof(float));
-        s->k = carve(&cv, B * KV, sizeof(float));
-        s->v = carve(&cv, B * KV, sizeof(float));
-        s->att_out = carve(&cv, B * Q, sizeof(float));
-        s->att = carve(&cv, (size_t)s->threads * c->n_heads * (size_t)ctx, sizeof(float));
-        s->hb = carve(&cv, B * F, sizeof(float));
-        s->hb2 = carve(&cv, B * F, sizeof(float));
-        s->logits = carve(&cv, (all_logits ? B : 1) * (size_t)c->vocab_size, sizeof(float));
-        s->xq = carve(&cv, B * widest, 1);
-        s->xq_scale = carve(&cv, B * (widest / 32 + 1), sizeof(float));
-        s->xq_sum = carve(&cv, B * (widest / 32 + 1), sizeof(int32_t));
-        s->kernels = kernel_bytes ? carve(&cv, kernel_bytes, 1) : NULL;
-        s->rope_cos = carve(&cv, 2 * B * half, sizeof(float));
-        s->rope_sin = carve(&cv, 2 * B * half, sizeof(float));
-        s->inv_freq_local = carve(&cv, half, sizeof(float));
-        s->inv_freq_global = carve(&cv, half, sizeof(float));
-        for (int l = 0; l < c->n_layers; l++) {
-            s->key_cache[l] = carve(&cv, (size_t)s->cache_len[l] * KV, sizeof(float));
-            s->value_cache[l] = carve(&cv, (size_t)s->cache_len[l] * KV, sizeof(float));
-        }
+    Carve cv = {base, 0};
+    s->cache_len = carve(&cv, (size_t)c->n_layers, sizeof(int));
+    s->key_cache = carve(&cv, (size_t)c->n_layers, sizeof(float *));
+    s->value_cache = carve(&cv, (size_t)c->n_layers, sizeof(float *));
+    s->x = carve(&cv, B * D, sizeof(float));
+    s->xb = carve(&cv, B * D, sizeof(float));
+    s->xb2 = carve(&cv, B * D, sizeof(float));
+    s->q = carve(&cv, B * Q, sizeof(float));
+    s->k = carve(&cv, B * KV, sizeof(float));
+    s->v = carve(&cv, B * KV, sizeof(float));
+    s->att_out = carve(&cv, B * Q, sizeof(float));
+    s->att = carve(&cv, (size_t)s->threads * c->n_heads * (size_t)ctx, sizeof(float));
+    s->hb = carve(&cv, B * F, sizeof(float));
+    s->hb2 = carve(&cv, B * F, sizeof(float));
+    s->logits = carve(&cv, (all_logits ? B : 1) * (size_t)c->vocab_size, sizeof(float));
+    s->xq = carve(&cv, B * widest, 1);
+    s->xq_scale = carve(&cv, B * (widest / 32 + 1), sizeof(float));
+    s->xq_sum = carve(&cv, B * (widest / 32 + 1), sizeof(int32_t));
+    s->kernels = kernel_bytes ? carve(&cv, kernel_bytes, 1) : NULL;
+    s->rope_cos = carve(&cv, 2 * B * half, sizeof(float));
+    s->rope_sin = carve(&cv, 2 * B * half, sizeof(float));
+    s->inv_freq_local = carve(&cv, half, sizeof(float));
+    s->inv_freq_global = carve(&cv, half, sizeof(float));
+    for (int l = 0; l < c->n_layers; l++) {
+        /* sliding layers: a ring of window + max_batch - 1 positions (see RunState) */
+        int ring = c->window + max_batch - 1, len = (!c->is_global[l] && ring < ctx) ? ring : ctx;
+        float *kc = carve(&cv, (size_t)len * KV, sizeof(float)), *vc = carve(&cv, (size_t)len * KV, sizeof(float));
+        if (base) s->cache_len[l] = len, s->key_cache[l] = kc, s->value_cache[l] = vc;
     }
-    if (!ok) {
-        set_err(err, errsize, "out of memory for a %d-token context (try a smaller -c)", ctx);
-        free_run_state(s);
-        return -1;
-    }
+    if (!base) return cv.used;
     if (s->kernels) kernels_setup(s->kernels, c, max_batch, s->threads);
     /* RoPE frequencies, computed once in float32 as the reference does:
      * inv_freq[i] = 1 / base^(2i / head_dim); linear scaling divides the global ones. */
@@ -585,13 +581,19 @@ static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch,
         s->inv_freq_local[i] = 1.0f / powf(c->rope_local_theta, e);
         s->inv_freq_global[i] = 1.0f / powf(c->rope_theta, e) / c->rope_factor;
     }
-    return 0;
+    return cv.used;
 }
 
-static void free_run_state(RunState *s) {
-    free(s->arena);
-    free(s->key_cache); free(s->value_cache); free(s->cache_len);
-    memset(s, 0, sizeof(*s));
+/* Bytes of memory a run state needs (build_run_state_in's block, 64-byte aligned). */
+static size_t run_state_bytes(const Config *c, int ctx, int max_batch, int all_logits) {
+    RunState sizing;
+    return run_state_layout(&sizing, c, ctx, max_batch, all_logits, NULL);
+}
+
+/* A run state in the caller's block of run_state_bytes() bytes at mem (64-byte aligned). */
+static void build_run_state_in(RunState *s, const Config *c, int ctx, int max_batch, int all_logits, void *mem) {
+    memset(mem, 0, run_state_bytes(c, ctx, max_batch, all_logits));
+    run_state_layout(s, c, ctx, max_batch, all_logits, mem);
 }
 
 /* Gemma's RMSNorm: x / sqrt(mean(x^2) + eps) * (1 + w). Checkpoints store w, not 1 + w. */
@@ -1117,19 +1119,22 @@ typedef struct {
     ProbIndex *cand;   /* (vocab_size) candidate buffer, allocated once */
 } Sampler;
 
-static int build_sampler(Sampler *sp, int vocab_size, float temperature, int top_k, float top_p, float min_p,
-                         uint64_t seed) {
-    sp->vocab_size = vocab_size;
+static void set_sampler(Sampler *sp, float temperature, int top_k, float top_p, float min_p, uint64_t seed) {
     sp->temperature = temperature;
     sp->top_k = top_k;
     sp->top_p = top_p;
     sp->min_p = min_p;
     sp->rng = seed ? seed : 0x9E3779B97F4A7C15ull; /* xorshift state must not be 0 */
-    sp->cand = malloc((size_t)vocab_size * sizeof(ProbIndex));
-    return sp->cand ? 0 : -1;
 }
 
-static void free_sampler(Sampler *sp) { free(sp->cand); sp->cand = NULL; }
+/* cand: vocab_size candidates of the caller's, or NULL to allocate them (free_sampler). */
+static int build_sampler_in(Sampler *sp, int vocab_size, float temperature, int top_k, float top_p, float min_p,
+                            uint64_t seed, ProbIndex *cand) {
+    sp->vocab_size = vocab_size;
+    set_sampler(sp, temperature, top_k, top_p, min_p, seed);
+    sp->cand = cand;
+    return sp->cand ? 0 : -1;
+}
 
 static float random_f32(uint64_t *state) { /* uniform in [0, 1) */
     *state ^= *state >> 12;
@@ -1230,9 +1235,658 @@ static int sample(Sampler *sp, float *logits) {
     return sp->cand[keep - 1].id; /* rounding fell off the end */
 }
 
+
 /* ------------------------------------------------------------------------- */
-/* 4. generation, logits dump, chat                                           */
+/* 4. generation and chat                                                     */
 /* ------------------------------------------------------------------------- */
+
+static int is_stop_token(const Config *c, int id) { return id == c->eos_id || id == c->eot_id; }
+
+/* Token ids enter the model here (fed, or from the tokenizer): each must have a row in the
+ * embedding table. A tokenizer can hold ids beyond it (Gemma 3 1B's tokenizer has 262,145
+ * tokens, its table 262,144 rows: "<image_soft_token>" is 262,144). 0, or -1 and a message
+ * naming the first bad id (and its piece, where the tokenizer has one). */
+static int check_ids(const Model *m, const int *ids, int n, char *err, size_t errsize) {
+    int V = m->config.vocab_size;
+    for (int i = 0; i < n; i++) {
+        if (ids[i] >= 0 && ids[i] < V) continue;
+        size_t pl = 0;
+        const unsigned char *p = NULL;
+        if (m->has_tokenizer && ids[i] >= 0 && ids[i] < m->tokenizer.n_tokens) p = tok_piece(&m->tokenizer, ids[i], &pl);
+        set_err(err, errsize, "token %d%s%.*s%s (at %d) is outside the model's vocabulary [0, %d): its embedding "
+                "table has no row for it", ids[i], p ? " '" : "", (int)(pl < 64 ? pl : 64), p ? (const char *)p : "",
+                p ? "'" : "", i, V);
+        return -1;
+    }
+    return 0;
+}
+
+/* Where generated tokens go: the caller's function, with each token's text. */
+typedef struct {
+    gemma3_piece_fn fn; /* NULL: nowhere */
+    void *user;
+    char *buf;          /* room for one token's text (tokenstream_max bytes); NULL without a tokenizer */
+    size_t cap;
+} Emit;
+
+/* A chat: the conversation so far, and the ids in the KV cache (positions 0..n_hist).
+ * Every turn renders the whole conversation with the Gemma 3 chat template, tokenizes
+ * it, and feeds only what the cache does not hold yet, so a turn costs its own tokens,
+ * while the model sees exactly what HF's apply_chat_template would give it. A session's
+ * hist is every id it was fed, chat or not (gemma3_rewind re-feeds from it). */
+typedef struct {
+    ChatMessage *msgs; /* role/content strings are owned (malloc'd) */
+    int n_msgs, cap_msgs;
+    int *hist;         /* (ctx) ids in the KV cache, in position order */
+    int n_hist;
+    int own_hist;      /* 1: hist is the chat's own allocation (free_chat frees it); 0: a session's */
+    int prompt_len;    /* ids of the last rendered prompt (before the model's reply) */
+    int fed;           /* of those, how many the last turn had to run (the rest were cached) */
+} Chat;
+
+static void free_chat(Chat *ch) {
+    for (int i = 0; i < ch->n_msgs; i++) {
+        free((char *)ch->msgs[i].role);
+        free((char *)ch->msgs[i].content);
+    }
+    free(ch->msgs);
+    if (ch->own_hist) free(ch->hist);
+    memset(ch, 0, sizeof(*ch));
+}
+
+static char *dup_bytes(const char *p, size_t n) {
+    char *d = malloc(n + 1);
+    if (d) { memcpy(d, p, n); d[n] = 0; }
+    return d;
+}
+
+static int chat_push(Chat *ch, const char *role, const char *content, size_t len) {
+    if (ch->n_msgs == ch->cap_msgs) {
+        int cap = ch->cap_msgs ? 2 * ch->cap_msgs : 8;
+        ChatMessage *grown = realloc(ch->msgs, (size_t)cap * sizeof(ChatMessage));
+        if (!grown) return -1;
+        ch->msgs = grown;
+        ch->cap_msgs = cap;
+    }
+    char *r = dup_bytes(role, strlen(role)), *c = dup_bytes(content, len);
+    if (!r || !c) { free(r); free(c); return -1; }
+    ch->msgs[ch->n_msgs].role = r;
+    ch->msgs[ch->n_msgs].content = c;
+    ch->n_msgs++;
+    return 0;
+}
+
+static void chat_pop(Chat *ch) {
+    ch->n_msgs--;
+    free((char *)ch->msgs[ch->n_msgs].role);
+    free((char *)ch->msgs[ch->n_msgs].content);
+}
+
+/* Can the cache, which holds positions 0..n_hist-1, go back to `keep` and take new tokens
+ * from there? That needs the keys of positions keep - window + 1 .. keep - 1 still in each
+ * sliding ring, i.e. not yet overwritten by positions up to n_hist - 1. If not, the ids
+ * must be fed again from 0. */
+static int cache_holds(const Config *c, const RunState *s, int n_hist, int keep) {
+    for (int l = 0; l < c->n_layers; l++) {
+        int oldest = keep - c->window + 1 > 0 ? keep - c->window + 1 : 0;
+        if (n_hist > s->cache_len[l] && oldest + s->cache_len[l] <= n_hist - 1) return 0;
+    }
+    return 1;
+}
+
+/* Sample up to `steps` tokens from *logits, feeding each back at the end of ch->hist, and
+ * give each to `out`. Stops at <eos>/<end_of_turn> (neither given nor fed), after a token
+ * whose call returns nonzero, or when the context is full: that token is given, not fed,
+ * and *full is set. *logits ends as the logits after the last token fed, or NULL when the
+ * last sample consumed them. Returns the number of tokens given. */
+static int generate_tokens(const Model *m, RunState *s, Sampler *sp, Chat *ch, float **logits, int steps,
+                           const Emit *out, int *full) {
+    TokenStream ts = {{0}, 0};
+    int given = 0, stop = 0;
+    *full = 0;
+    while (given < steps && !stop && *logits) {
+        int next = sample(sp, *logits);
+        *logits = NULL;
+        if (is_stop_token(&m->config, next)) break;
+        given++;
+        if (out && out->fn) {
+            size_t len = out->buf ? tokenstream_piece(&m->tokenizer, &ts, next, out->buf, out->cap) : 0;
+            stop = out->fn(out->buf ? out->buf : "", len, next, out->user);
+        }
+        if (ch->n_hist >= s->ctx) { *full = 1; break; }
+        ch->hist[ch->n_hist] = next;
+        *logits = forward(m, s, next, ch->n_hist);
+        ch->n_hist++;
+    }
+    if (out && out->fn && out->buf) { /* the bytes of an unfinished character, as U+FFFD */
+        size_t len = tokenstream_end(&m->tokenizer, &ts, out->buf, out->cap);
+        if (len) out->fn(out->buf, len, -1, out->user);
+    }
+    return given;
+}
+
+/* What a tokenizer message means, as a library error code. */
+static int text_error_code(const char *err) { return strstr(err, "out of memory") ? GEMMA3_E_NOMEM : GEMMA3_E_TEXT; }
+
+enum { CHAT_OK = 0, CHAT_FULL = GEMMA3_E_CONTEXT };
+
+/* One exchange: add the user's message, feed the new prompt ids, stream the model's reply
+ * to `out` (if not NULL) and add it to the conversation. CHAT_OK, or a GEMMA3_E_* code
+ * with a message: the message is then not added and the cache is left as it was, except
+ * CHAT_FULL after part of a reply (the context filled up while generating it), which
+ * keeps that part as the reply. */
+static int chat_turn(const Model *m, RunState *s, Sampler *sp, Chat *ch, const char *user, size_t len, int steps,
+                     const Emit *out, char *err, size_t errsize) {
+    const Config *c = &m->config;
+    if (chat_push(ch, "user", user, len) != 0) { set_err(err, errsize, "out of memory"); return GEMMA3_E_NOMEM; }
+    char *text = chat_render(ch->msgs, ch->n_msgs, 1, err, errsize);
+    int *ids = NULL, n = text ? tokenizer_encode(&m->tokenizer, text, strlen(text), &ids, err, errsize) : -1;
+    free(text);
+    if (n < 0) { chat_pop(ch); return text_error_code(err); }
+    if (check_ids(m, ids, n, err, errsize) != 0) { free(ids); chat_pop(ch); return GEMMA3_E_TOKEN; }
+    if (n >= s->ctx) {
+        set_err(err, errsize, "the conversation is %d tokens with this message, the context holds %d", n, s->ctx);
+        free(ids);
+        chat_pop(ch);
+        return CHAT_FULL;
+    }
+    /* Reuse the cache for the longest common prefix, if the sliding rings still hold what
+     * it needs; otherwise start over (rare: it needs a reply that tokenizes differently
+     * when rendered as text). */
+    int keep = 0;
+    while (keep < ch->n_hist && keep < n && ch->hist[keep] == ids[keep]) keep++;
+    if (keep == n) keep = n - 1; /* need fresh logits for the last id */
+    if (!cache_holds(c, s, ch->n_hist, keep)) keep = 0;
+    float *logits = forward_tokens(m, s, ids + keep, n - keep, keep);
+    memcpy(ch->hist, ids, (size_t)n * sizeof(int));
+    ch->n_hist = ch->prompt_len = n;
+    ch->fed = n - keep;
+    free(ids);
+
+    /* the model's reply: sampled ids go into the cache as they are generated */
+    int full, rc = CHAT_OK;
+    generate_tokens(m, s, sp, ch, &logits, steps, out, &full);
+    if (full) {
+        set_err(err, errsize, "the context of %d tokens is full", s->ctx);
+        rc = CHAT_FULL;
+    }
+    size_t reply_len;
+    char *reply = tokenizer_decode(&m->tokenizer, ch->hist + ch->prompt_len, ch->n_hist - ch->prompt_len, &reply_len,
+                                   err, errsize);
+    if (!reply) return GEMMA3_E_TOKEN; /* an id the tokenizer has no piece for (4B+: 262,145..262,207) */
+    if (chat_push(ch, "assistant", reply, reply_len) != 0) {
+        free(reply);
+        set_err(err, errsize, "out of memory");
+        return GEMMA3_E_NOMEM;
+    }
+    free(reply);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------- */
+/* 5. the library: gemma3.h's functions                                       */
+/* ------------------------------------------------------------------------- */
+
+/* Every failure of the library goes out through here: a code, and a message if the caller
+ * gave somewhere to put it. */
+static int fail(gemma3_error *e, int code, const char *fmt, ...) {
+    if (e) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(e->message, sizeof e->message, fmt, ap);
+        va_end(ap);
+        e->code = code;
+    }
+    return code;
+}
+
+struct gemma3_model {
+    Model m;
+};
+
+struct gemma3_session {
+    const Model *model;
+    RunState state;   /* the KV cache and activations */
+    Sampler sampler;
+    Chat chat;        /* the conversation, and chat.hist[0..n_hist): every id in the KV cache */
+    float *logits;    /* after the last fed token; NULL when there are none (consumed by a sample) */
+    char *piece;      /* room for one streamed token's text (NULL without a tokenizer) */
+    size_t piece_cap;
+    char *system;     /* the system prompt (a copy), or NULL */
+    void *own;        /* the block this session allocated; NULL: it lives in the caller's arena */
+};
+
+/* Get the file's bytes: mmap where we can (pages load on demand and are shared),
+ * otherwise malloc + fread, which is all a bare-metal port needs to replace. */
+static int read_file_bytes(Model *m, const char *path, char *err, size_t errsize) {
+#ifndef GEMMA3_NO_MMAP
+    if (!host_is_big_endian()) {
+        int fd = open(path, O_RDONLY);
+        struct stat st;
+        if (fd < 0) { set_err(err, errsize, "cannot open %s: %s", path, strerror(errno)); return -1; }
+        if (fstat(fd, &st) != 0) {
+            set_err(err, errsize, "cannot stat %s: %s", path, strerror(errno));
+            close(fd);
+            return -1;
+        }
+        if (!S_ISREG(st.st_mode)) {
+            set_err(err, errsize, "%s is not a regular file", path);
+            close(fd);
+            return -1;
+        }
+        if ((uintmax_t)st.st_size > (uintmax_t)SIZE_MAX) {
+            set_err(err, errsize, "%s is too large for this 32-bit build", path);
+            close(fd);
+            return -1;
+        }
+        m->size = (size_t)st.st_size;
+        if (m->size < GEMMA3_HEADER_SIZE) {
+            set_err(err, errsize, "%s: file too short (%zu bytes) to be a gemma3.c model", path, m->size);
+            close(fd);
+            return -1;
+        }
+        void *p = mmap(NULL, m->size, PROT_READ, MAP_PRIVATE, fd, 0);
+        close(fd);
+        if (p == MAP_FAILED) { set_err(err, errsize, "cannot mmap %s: %s", path, strerror(errno)); return -1; }
+        m->data = p;
+        m->mapped = 1;
+#ifdef MADV_HUGEPAGE
+        /* Linux: ask for 2 MiB pages. Decode streams every weight once per token, and
+         * with 4 KiB pages that is a TLB miss every 4 KiB. It helps when the pages are
+         * read from disk; pages already cached stay as they were (why the writers write
+         * in aligned 4 MiB pieces). Filesystems without large folios ignore it. */
+        (void)madvise(p, m->size, MADV_HUGEPAGE);
+#endif
+        return 0;
+    }
+#endif
+    /* Fallback, and always on big-endian hosts, where tensors are byte-swapped in place. */
+    FILE *f = fopen(path, "rb");
+    if (!f) { set_err(err, errsize, "cannot open %s: %s", path, strerror(errno)); return -1; }
+    if (fseek(f, 0, SEEK_END) != 0) { set_err(err, errsize, "cannot seek in %s", path); fclose(f); return -1; }
+    long end = ftell(f); /* plain C: a long, so at most 2 GiB on 32-bit hosts */
+    if (end < 0) {
+        set_err(err, errsize, "cannot determine the size of %s (over 2 GiB on a 32-bit build?)", path);
+        fclose(f);
+        return -1;
+    }
+    if (end < GEMMA3_HEADER_SIZE) {
+        set_err(err, errsize, "%s: file too short (%ld bytes) to be a gemma3.c model", path, end);
+        fclose(f);
+        return -1;
+    }
+    rewind(f);
+    m->size = (size_t)end;
+    m->data = malloc(m->size);
+    m->owns_data = 1;
+    if (!m->data) { set_err(err, errsize, "out of memory reading %s (%zu bytes)", path, m->size); fclose(f); return -1; }
+    if (fread(m->data, 1, m->size, f) != m->size) {
+        set_err(err, errsize, "read error on %s", path);
+        fclose(f);
+        return -1;
+    }
+    fclose(f);
+    m->mapped = 0;
+    return 0;
+}
+
+int gemma3_open_file(const char *path, gemma3_model **model, gemma3_error *err) {
+    char msg[256];
+    int rc;
+    if (!path || !model) return fail(err, GEMMA3_E_ARG, "gemma3_open_file: NULL path or model");
+    *model = NULL;
+    gemma3_model *g = calloc(1, sizeof(*g));
+    if (!g) return fail(err, GEMMA3_E_NOMEM, "out of memory");
+    if ((rc = load_model(&g->m, path, msg, sizeof msg)) != 0) {
+        free(g);
+        int code = strstr(msg, "out of memory") ? GEMMA3_E_NOMEM
+                   : rc == -1 && !strstr(msg, "too short") ? GEMMA3_E_IO : GEMMA3_E_FORMAT;
+        return fail(err, code, "%s", msg);
+    }
+    *model = g;
+    return 0;
+}
+
+int gemma3_open_memory(const void *data, size_t size, gemma3_model **model, gemma3_error *err) {
+    char msg[256];
+    if (!data || !model) return fail(err, GEMMA3_E_ARG, "gemma3_open_memory: NULL data or model");
+    *model = NULL;
+    if ((uintptr_t)data % 4 != 0) return fail(err, GEMMA3_E_ARG, "gemma3_open_memory: the bytes must be 4-byte aligned");
+    gemma3_model *g = calloc(1, sizeof(*g));
+    if (!g) return fail(err, GEMMA3_E_NOMEM, "out of memory");
+    g->m.data = (unsigned char *)(uintptr_t)data; /* read only, unless copied below */
+    g->m.size = size;
+    if (host_is_big_endian() && size >= GEMMA3_HEADER_SIZE) { /* tensors are swapped in place: a copy of ours */
+        if (!(g->m.data = malloc(size))) { free(g); return fail(err, GEMMA3_E_NOMEM, "out of memory (%zu bytes)", size); }
+        memcpy(g->m.data, data, size);
+        g->m.owns_data = 1;
+    }
+    if (open_model_bytes(&g->m, "the model in memory", msg, sizeof msg) != 0) {
+        free_model(&g->m);
+        free(g);
+        return fail(err, strstr(msg, "out of memory") ? GEMMA3_E_NOMEM : GEMMA3_E_FORMAT, "%s", msg);
+    }
+    *model = g;
+    return 0;
+}
+
+void gemma3_close(gemma3_model *model) {
+    if (!model) return;
+    free_model(&model->m);
+    free(model);
+}
+
+gemma3_config gemma3_model_config(const gemma3_model *model) {
+    gemma3_config k;
+    memset(&k, 0, sizeof k);
+    if (!model) return k;
+    const Config *c = &model->m.config;
+    k.vocab_size = c->vocab_size, k.dim = c->dim, k.hidden_dim = c->hidden_dim, k.n_layers = c->n_layers;
+    k.n_heads = c->n_heads, k.n_kv_heads = c->n_kv_heads, k.head_dim = c->head_dim, k.sliding_window = c->window;
+    k.max_context = c->max_seq_len;
+    k.bos_id = c->bos_id, k.eos_id = c->eos_id, k.eot_id = c->eot_id, k.sot_id = c->sot_id;
+    k.has_tokenizer = model->m.has_tokenizer;
+    k.max_piece_bytes = model->m.has_tokenizer ? (int)tokenstream_max(&model->m.tokenizer) : 0;
+    return k;
+}
+
+/* ---- tokenizer ---- */
+
+static int no_tokenizer(gemma3_error *err) {
+    return fail(err, GEMMA3_E_TOKENIZER, "the model file has no tokenizer (export it from a directory with "
+                "tokenizer.json)");
+}
+
+int gemma3_tokenize(const gemma3_model *model, const char *text, size_t len, int *ids, int capacity,
+                    gemma3_error *err) {
+    char msg[256];
+    int *all;
+    if (!model || (len && !text) || capacity < 0 || (capacity && !ids))
+        return fail(err, GEMMA3_E_ARG, "gemma3_tokenize: NULL model, text or ids, or capacity < 0");
+    if (!model->m.has_tokenizer) return no_tokenizer(err);
+    int n = tokenizer_encode(&model->m.tokenizer, text, len, &all, msg, sizeof msg);
+    if (n < 0) return fail(err, text_error_code(msg), "%s", msg);
+    if (check_ids(&model->m, all, n, msg, sizeof msg) != 0) {
+        free(all);
+        return fail(err, GEMMA3_E_TOKEN, "%s", msg);
+    }
+    memcpy(ids, all, (size_t)(n < capacity ? n : capacity) * sizeof(int));
+    free(all);
+    return n;
+}
+
+int gemma3_detokenize(const gemma3_model *model, const int *ids, int n, char *text, size_t capacity,
+                      gemma3_error *err) {
+    char msg[256];
+    size_t len;
+    if (!model || n < 0 || (n && !ids) || (capacity && !text))
+        return fail(err, GEMMA3_E_ARG, "gemma3_detokenize: NULL model, ids or text, or n < 0");
+    if (!model->m.has_tokenizer) return no_tokenizer(err);
+    if (check_ids(&model->m, ids, n, msg, sizeof msg) != 0) return fail(err, GEMMA3_E_TOKEN, "%s", msg);
+    char *out = tokenizer_decode(&model->m.tokenizer, ids, n, &len, msg, sizeof msg);
+    if (!out) return fail(err, strstr(msg, "out of memory") ? GEMMA3_E_NOMEM : GEMMA3_E_TOKEN, "%s", msg);
+    if (len > INT_MAX) { free(out); return fail(err, GEMMA3_E_ARG, "gemma3_detokenize: the text is over 2 GB"); }
+    if (capacity) {
+        size_t k = len < capacity - 1 ? len : capacity - 1;
+        memcpy(text, out, k);
+        text[k] = 0;
+    }
+    free(out);
+    return (int)len;
+}
+
+int gemma3_stream_put(const gemma3_model *model, gemma3_stream *stream, int id, char *out, size_t capacity) {
+    if (!model || !stream || (capacity && !out)) return GEMMA3_E_ARG;
+    if (!model->m.has_tokenizer || id < 0 || id >= model->m.config.vocab_size) return 0;
+    TokenStream ts;
+    memcpy(ts.pending, stream->pending, sizeof ts.pending);
+    ts.npending = stream->npending;
+    size_t len = tokenstream_piece(&model->m.tokenizer, &ts, id, out, capacity);
+    memcpy(stream->pending, ts.pending, sizeof ts.pending);
+    stream->npending = ts.npending;
+    return (int)len;
+}
+
+int gemma3_stream_flush(const gemma3_model *model, gemma3_stream *stream, char *out, size_t capacity) {
+    if (!model || !stream || (capacity && !out)) return GEMMA3_E_ARG;
+    if (!model->m.has_tokenizer) return 0;
+    TokenStream ts;
+    memcpy(ts.pending, stream->pending, sizeof ts.pending);
+    ts.npending = stream->npending;
+    size_t len = tokenstream_end(&model->m.tokenizer, &ts, out, capacity);
+    stream->npending = ts.npending;
+    return (int)len;
+}
+
+int gemma3_chat_render(const gemma3_message *msgs, int n, int add_generation_prompt, char *text, size_t capacity,
+                       gemma3_error *err) {
+    char msg[256];
+    if (!msgs || n <= 0 || (capacity && !text)) return fail(err, GEMMA3_E_ARG, "gemma3_chat_render: no messages");
+    ChatMessage *cm = malloc((size_t)n * sizeof(ChatMessage));
+    if (!cm) return fail(err, GEMMA3_E_NOMEM, "out of memory");
+    for (int i = 0; i < n; i++) cm[i].role = msgs[i].role, cm[i].content = msgs[i].content;
+    char *out = chat_render(cm, n, add_generation_prompt, msg, sizeof msg);
+    free(cm);
+    if (!out) return fail(err, text_error_code(msg), "%s", msg);
+    size_t len = strlen(out);
+    if (len > INT_MAX) { free(out); return fail(err, GEMMA3_E_ARG, "gemma3_chat_render: the text is over 2 GB"); }
+    if (capacity) {
+        size_t k = len < capacity - 1 ? len : capacity - 1;
+        memcpy(text, out, k);
+        text[k] = 0;
+    }
+    free(out);
+    return (int)len;
+}
+
+/* ---- sessions ---- */
+
+gemma3_options gemma3_default_options(void) {
+    gemma3_options o;
+    memset(&o, 0, sizeof o);
+    o.temperature = 1.0f, o.top_k = 64, o.top_p = 0.95f;
+    return o;
+}
+
+static int check_sampling(const gemma3_options *o, gemma3_error *err) {
+    if (!(o->temperature >= 0.0f) || o->top_k < 0 || !(o->top_p >= 0.0f && o->top_p <= 1.0f) ||
+        !(o->min_p >= 0.0f && o->min_p <= 1.0f))
+        return fail(err, GEMMA3_E_ARG, "sampling options out of range (temperature >= 0, top_k >= 0, top_p and "
+                    "min_p in [0, 1])");
+    return 0;
+}
+
+/* The session's context for these options, or a negative error. */
+static int session_context(const Model *m, const gemma3_options *o, gemma3_error *err) {
+    int max = m->config.max_seq_len, ctx = o->context ? o->context : max < 8192 ? max : 8192;
+    if (ctx < 1 || ctx > max)
+        return fail(err, GEMMA3_E_ARG, "context %d is not in [1, %d] (the model's max_position_embeddings)", ctx, max);
+    return ctx;
+}
+
+/* Lay a session out in the block at base (64-byte aligned), or with base NULL only add up
+ * its size: the session, its run state, the sampler's candidates, the token history, a
+ * piece buffer, the system prompt. */
+static size_t session_layout(gemma3_session **out, const Model *m, const gemma3_options *o, int ctx,
+                             unsigned char *base) {
+    const Config *c = &m->config;
+    size_t piece_cap = m->has_tokenizer ? tokenstream_max(&m->tokenizer) : 0;
+    size_t sys_len = o->system_prompt ? strlen(o->system_prompt) + 1 : 0;
+    Carve cv = {base, 0};
+    gemma3_session *S = carve(&cv, 1, sizeof(gemma3_session));
+    void *rs = carve(&cv, run_state_bytes(c, ctx, PREFILL_BATCH, 0), 1);
+    ProbIndex *cand = carve(&cv, (size_t)c->vocab_size, sizeof(ProbIndex));
+    int *hist = carve(&cv, (size_t)ctx, sizeof(int));
+    char *piece = carve(&cv, piece_cap, 1);
+    char *sys = carve(&cv, sys_len, 1);
+    if (!base) return cv.used;
+    memset(S, 0, sizeof(*S));
+    S->model = m;
+    build_run_state_in(&S->state, c, ctx, PREFILL_BATCH, 0, rs);
+    build_sampler_in(&S->sampler, c->vocab_size, o->temperature, o->top_k, o->top_p, o->min_p, o->seed, cand);
+    S->chat.hist = hist;
+    S->piece = piece_cap ? piece : NULL;
+    S->piece_cap = piece_cap;
+    if (sys_len) S->system = memcpy(sys, o->system_prompt, sys_len);
+    *out = S;
+    return cv.used;
+}
+
+int64_t gemma3_session_bytes(const gemma3_model *model, const gemma3_options *options, gemma3_error *err) {
+    gemma3_options o = options ? *options : gemma3_default_options();
+    if (!model) return fail(err, GEMMA3_E_ARG, "gemma3_session_bytes: NULL model");
+    int ctx = session_context(&model->m, &o, err);
+    if (ctx < 0) return ctx;
+    return (int64_t)session_layout(NULL, &model->m, &o, ctx, NULL) + 63; /* + 63: any alignment */
+}
+
+int gemma3_session_new(const gemma3_model *model, const gemma3_options *options, gemma3_session **session,
+                       gemma3_error *err) {
+    gemma3_options o = options ? *options : gemma3_default_options();
+    if (!model || !session) return fail(err, GEMMA3_E_ARG, "gemma3_session_new: NULL model or session");
+    *session = NULL;
+    int ctx = session_context(&model->m, &o, err);
+    if (ctx < 0) return ctx;
+    if (check_sampling(&o, err)) return GEMMA3_E_ARG;
+    size_t need = session_layout(NULL, &model->m, &o, ctx, NULL) + 63;
+    unsigned char *block = o.arena;
+    void *own = NULL;
+    if (block && o.arena_size < need)
+        return fail(err, GEMMA3_E_ARENA, "the arena has %zu bytes, a session of %d tokens needs %zu", o.arena_size,
+                    ctx, need);
+    if (!block && !(block = own = malloc(need)))
+        return fail(err, GEMMA3_E_NOMEM, "out of memory for a %d-token context (%zu bytes)", ctx, need);
+    session_layout(session, &model->m, &o, ctx, block + (64 - (uintptr_t)block % 64) % 64);
+    (*session)->own = own;
+    return 0;
+}
+
+void gemma3_session_free(gemma3_session *session) {
+    if (!session) return;
+    void *own = session->own;
+    free_chat(&session->chat); /* the messages (hist is in the block) */
+    free(own);
+}
+
+int gemma3_set_sampling(gemma3_session *session, const gemma3_options *options, gemma3_error *err) {
+    if (!session || !options) return fail(err, GEMMA3_E_ARG, "gemma3_set_sampling: NULL session or options");
+    if (check_sampling(options, err)) return GEMMA3_E_ARG;
+    set_sampler(&session->sampler, options->temperature, options->top_k, options->top_p, options->min_p, options->seed);
+    return 0;
+}
+
+/* The checks of gemma3_feed and gemma3_feed_logits: 0, or the error. */
+static int check_feed(gemma3_session *S, const int *ids, int n, gemma3_error *err) {
+    char msg[256];
+    if (!S || n < 0 || (n && !ids)) return fail(err, GEMMA3_E_ARG, "feed: NULL session or ids, or n < 0");
+    if (check_ids(S->model, ids, n, msg, sizeof msg) != 0) return fail(err, GEMMA3_E_TOKEN, "%s", msg);
+    if (n > S->state.ctx - S->chat.n_hist)
+        return fail(err, GEMMA3_E_CONTEXT, "%d more tokens do not fit: %d of the context's %d are used", n,
+                    S->chat.n_hist, S->state.ctx);
+    return 0;
+}
+
+int gemma3_feed(gemma3_session *session, const int *ids, int n, gemma3_error *err) {
+    gemma3_session *S = session;
+    int rc = check_feed(S, ids, n, err);
+    if (rc || n == 0) return rc ? rc : S->chat.n_hist;
+    memcpy(S->chat.hist + S->chat.n_hist, ids, (size_t)n * sizeof(int));
+    S->logits = forward_tokens(S->model, &S->state, ids, n, S->chat.n_hist);
+    S->chat.n_hist += n;
+    return S->chat.n_hist;
+}
+
+int gemma3_feed_logits(gemma3_session *session, const int *ids, int n, float *logits, float *hidden,
+                       gemma3_error *err) {
+    gemma3_session *S = session;
+    int rc = check_feed(S, ids, n, err);
+    if (rc || n == 0) return rc ? rc : S->chat.n_hist;
+    if (!logits) return fail(err, GEMMA3_E_ARG, "gemma3_feed_logits: NULL logits");
+    const Config *c = &S->model->config;
+    RunState *s = &S->state;
+    size_t V = (size_t)c->vocab_size, H = (size_t)(c->n_layers + 1) * c->dim;
+    /* The batches write their logits straight into the caller's rows; the hidden states
+     * are those of a batch's last token, so with them the batches are single tokens. */
+    float *own_logits = s->logits;
+    int step = hidden ? 1 : s->max_batch, pos = S->chat.n_hist;
+    s->all_logits = 1;
+    for (int done = 0; done < n; done += step) {
+        int nb = n - done < step ? n - done : step;
+        s->logits = logits + (size_t)done * V;
+        s->hidden_dump = hidden ? hidden + (size_t)done * H : NULL;
+        forward_batch(S->model, s, ids + done, nb, pos + done, 1);
+    }
+    s->all_logits = 0;
+    s->logits = own_logits;
+    s->hidden_dump = NULL;
+    memcpy(own_logits, logits + (size_t)(n - 1) * V, V * sizeof(float));
+    memcpy(S->chat.hist + pos, ids, (size_t)n * sizeof(int));
+    S->chat.n_hist += n;
+    S->logits = own_logits;
+    return S->chat.n_hist;
+}
+
+const float *gemma3_logits(gemma3_session *session, gemma3_error *err) {
+    if (!session) { fail(err, GEMMA3_E_ARG, "gemma3_logits: NULL session"); return NULL; }
+    if (!session->logits) fail(err, GEMMA3_E_STATE, "no logits: feed a token first (a sample consumes them)");
+    return session->logits;
+}
+
+int gemma3_sample(gemma3_session *session, gemma3_error *err) {
+    if (!session) return fail(err, GEMMA3_E_ARG, "gemma3_sample: NULL session");
+    if (!session->logits) return fail(err, GEMMA3_E_STATE, "no logits to sample: feed a token first");
+    int id = sample(&session->sampler, session->logits);
+    session->logits = NULL;
+    return id;
+}
+
+int gemma3_position(const gemma3_session *session) { return session ? session->chat.n_hist : 0; }
+
+int gemma3_context(const gemma3_session *session) { return session ? session->state.ctx : 0; }
+
+int gemma3_rewind(gemma3_session *session, int pos, gemma3_error *err) {
+    gemma3_session *S = session;
+    if (!S || pos < 0 || pos > S->chat.n_hist)
+        return fail(err, GEMMA3_E_ARG, "gemma3_rewind: position %d is not in [0, %d]", pos, S ? S->chat.n_hist : 0);
+    /* keep the cache up to pos - 1 and feed the token at pos - 1 again for its logits */
+    int keep = pos > 0 ? pos - 1 : 0;
+    if (!cache_holds(&S->model->config, &S->state, S->chat.n_hist, keep)) keep = 0;
+    S->chat.n_hist = pos;
+    S->logits = pos > keep ? forward_tokens(S->model, &S->state, S->chat.hist + keep, pos - keep, keep) : NULL;
+    return pos;
+}
+
+int gemma3_generate(gemma3_session *session, int max_tokens, gemma3_piece_fn callback, void *user,
+                    gemma3_error *err) {
+    gemma3_session *S = session;
+    int full;
+    if (!S || max_tokens < 0) return fail(err, GEMMA3_E_ARG, "gemma3_generate: NULL session or max_tokens < 0");
+    if (!S->logits) return fail(err, GEMMA3_E_STATE, "no logits to generate from: feed a prompt first");
+    Emit out = {callback, user, S->piece, S->piece_cap};
+    return generate_tokens(S->model, &S->state, &S->sampler, &S->chat, &S->logits, max_tokens, &out, &full);
+}
+
+int gemma3_chat_turn(gemma3_session *session, const char *user_text, size_t len, int max_tokens,
+                     gemma3_piece_fn callback, void *user, gemma3_error *err) {
+    gemma3_session *S = session;
+    char msg[256];
+    if (!S || (len && !user_text) || max_tokens < 0)
+        return fail(err, GEMMA3_E_ARG, "gemma3_chat_turn: NULL session or text, or max_tokens < 0");
+    if (!S->model->has_tokenizer) return no_tokenizer(err);
+    if (S->system && S->chat.n_msgs == 0 && chat_push(&S->chat, "system", S->system, strlen(S->system)) != 0)
+        return fail(err, GEMMA3_E_NOMEM, "out of memory");
+    Emit out = {callback, user, S->piece, S->piece_cap};
+    int rc = chat_turn(S->model, &S->state, &S->sampler, &S->chat, user_text ? user_text : "", len, max_tokens, &out,
+                       msg, sizeof msg);
+    S->logits = NULL; /* (the turn's last logits were consumed or not kept) */
+    if (rc != CHAT_OK) return fail(err, rc, "%s", msg);
+    return S->chat.n_hist - S->chat.prompt_len;
+}
+
+/* ------------------------------------------------------------------------- */
+/* 6. the command line: the gemma3 program, on the library above              */
+/* ------------------------------------------------------------------------- */
+#ifndef GEMMA3_NO_MAIN
 
 static int isatty_stderr(void) {
 #ifndef GEMMA3_NO_MMAP
@@ -1241,8 +1895,6 @@ static int isatty_stderr(void) {
     return 0;
 #endif
 }
-
-static int is_stop_token(const Config *c, int id) { return id == c->eos_id || id == c->eot_id; }
 
 /* Read whitespace-separated token ids from a stream (`name` for messages); every id must
  * be < vocab_size. The --logits file and --decode's stdin both come through here. */
@@ -1305,10 +1957,15 @@ static double log_sum_exp(const float *x, int n) {
     return max + log(z);
 }
 
+/* Negative log-likelihood of `target` under `logits` (log-softmax in double). */
+static double token_nll(const float *logits, int V, int target) { return log_sum_exp(logits, V) - logits[target]; }
+
 /* Print the `top` most likely next tokens after position `pos` (for --top): what an
  * engine author diffs against. */
-static void print_top(const Model *m, const float *logits, int pos, int input_id, int top, ProbIndex *buf, FILE *out) {
-    int V = m->config.vocab_size;
+static void print_top(const gemma3_model *m, const float *logits, int pos, int input_id, int top, ProbIndex *buf,
+                      FILE *out) {
+    gemma3_config c = gemma3_model_config(m);
+    int V = c.vocab_size;
     double lse = log_sum_exp(logits, V);
     int n = select_top_k(buf, logits, V, top); /* by logit: same order as by probability */
     qsort(buf, (size_t)n, sizeof(ProbIndex), cmp_prob_desc);
@@ -1316,89 +1973,49 @@ static void print_top(const Model *m, const float *logits, int pos, int input_id
     for (int r = 0; r < n; r++) {
         int id = buf[r].id;
         fprintf(out, "  %2d  %7d  %12.6f  %.6e  ", r + 1, id, logits[id], exp((double)logits[id] - lse));
-        if (m->has_tokenizer) { /* the piece, quoted, with control bytes escaped */
-            size_t len;
-            char err[64];
-            char *piece = tokenizer_decode(&m->tokenizer, &id, 1, &len, err, sizeof err);
+        if (c.has_tokenizer) { /* the piece, quoted, with control bytes escaped */
+            char small[256], *piece = small;
+            int len = gemma3_detokenize(m, &id, 1, small, sizeof small, NULL);
+            if (len >= (int)sizeof small && !(piece = malloc((size_t)len + 1))) len = 0;
+            if (piece != small) gemma3_detokenize(m, &id, 1, piece, (size_t)len + 1, NULL);
             fputc('"', out);
-            for (size_t i = 0; piece && i < len; i++) {
+            for (int i = 0; i < len; i++) {
                 unsigned char ch = (unsigned char)piece[i];
                 if (ch == '"' || ch == '\\') fprintf(out, "\\%c", ch);
                 else if (ch < 0x20 || ch == 0x7f) fprintf(out, "\\x%02x", ch);
                 else fputc(ch, out);
             }
             fputc('"', out);
-            free(piece);
+            if (piece != small) free(piece);
         }
         fputc('\n', out);
     }
 }
 
-/* --logits: run the ids through the model in batches, as a prompt is (the state must have
- * all_logits set), and write the logits of every position, row-major [T][vocab]. Optionally also the top-N table
- * (to `top_out`) and the hidden state after every layer, [T][n_layers + 1][dim]. */
-static int dump_logits(const Model *m, RunState *s, const int *ids, int n, const char *out_path, int top,
-                       FILE *top_out, const char *hidden_path, char *err, size_t errsize) {
-    const Config *c = &m->config;
-    FILE *f = fopen(out_path, "wb"), *fh = NULL;
-    if (!f) { set_err(err, errsize, "cannot write %s: %s", out_path, strerror(errno)); return -1; }
-    int rc = 0;
-    ProbIndex *buf = top > 0 ? malloc((size_t)top * sizeof(ProbIndex)) : NULL;
-    if (hidden_path) {
-        fh = fopen(hidden_path, "wb");
-        s->hidden_dump = malloc((size_t)(c->n_layers + 1) * c->dim * sizeof(float));
-        if (!fh || !s->hidden_dump) {
-            set_err(err, errsize, "cannot write %s: %s", hidden_path, fh ? "out of memory" : strerror(errno));
-            rc = -1;
-        }
-    }
-    if (top > 0 && !buf) { set_err(err, errsize, "out of memory"); rc = -1; }
-    if (hidden_path && s->max_batch != 1) { set_err(err, errsize, "--dump-hidden needs a batch of 1"); rc = -1; }
-    for (int done = 0; rc == 0 && done < n; done += s->max_batch) {
-        int nb = n - done < s->max_batch ? n - done : s->max_batch;
-        float *logits = forward_batch(m, s, ids + done, nb, done, 1); /* all_logits: nb rows */
-        if (fh && write_f32_le(fh, s->hidden_dump, (c->n_layers + 1) * c->dim) != 0) {
-            set_err(err, errsize, "write error on %s", hidden_path);
-            rc = -1;
-        }
-        for (int t = 0; rc == 0 && t < nb; t++) {
-            const float *row = logits + (size_t)t * c->vocab_size;
-            if (top > 0) print_top(m, row, done + t, ids[done + t], top, buf, top_out);
-            if (write_f32_le(f, row, c->vocab_size) != 0) {
-                set_err(err, errsize, "write error on %s", out_path);
-                rc = -1;
-            }
-        }
-    }
-    free(buf);
-    free(s->hidden_dump);
-    s->hidden_dump = NULL;
-    if (fh && fclose(fh) != 0 && rc == 0) { set_err(err, errsize, "write error on %s", hidden_path); rc = -1; }
-    if (fclose(f) != 0 && rc == 0) { set_err(err, errsize, "write error on %s", out_path); rc = -1; }
-    return rc;
-}
-
-/* Negative log-likelihood of `target` under `logits` (log-softmax in double). */
-static double token_nll(const float *logits, int V, int target) { return log_sum_exp(logits, V) - logits[target]; }
-
-/* --perplexity: score every token of ids[1..n) given the ones before it. A text longer
- * than the context is scored in windows of `ctx` tokens that each start with <bos> and
- * overlap by half, so every token after the first window is scored with at least ctx/2
- * tokens of history. Returns the mean NLL; per-token NLLs go to nll_out[0..n-1). */
-static double perplexity(const Model *m, RunState *s, const int *ids, int n, double *nll_out) {
-    int ctx = s->ctx, V = m->config.vocab_size;
+/* --perplexity: score every token of ids[1..n) given the ones before it, `chunk` tokens
+ * at a time (logits: chunk x vocab floats). A text longer than the session's context is
+ * scored in windows of that many tokens that each start with <bos> and overlap by half,
+ * so every token after the first window is scored with at least context/2 tokens of
+ * history. The mean NLL goes to *mean, per-token NLLs to nll_out[0..n-1) (if not NULL). */
+static int perplexity(gemma3_session *s, const gemma3_model *m, const int *ids, int n, int chunk, double *mean,
+                      double *nll_out, gemma3_error *err) {
+    gemma3_config c = gemma3_model_config(m);
+    int ctx = gemma3_context(s), V = c.vocab_size, rc = 0;
     int scored = 0; /* ids[1..scored] have been scored */
     double total = 0.0;
     int *window = malloc((size_t)ctx * sizeof(int));
-    if (!window) return NAN;
-    for (int start = 0; scored < n - 1; start += ctx / 2 > 0 ? ctx / 2 : 1) {
+    float *logits = malloc((size_t)chunk * V * sizeof(float));
+    if (!window || !logits) rc = fail(err, GEMMA3_E_NOMEM, "out of memory");
+    for (int start = 0; rc == 0 && scored < n - 1; start += ctx / 2 > 0 ? ctx / 2 : 1) {
         /* the window: <bos>, then ids[start + 1 ..], at most ctx tokens */
         int len = n - start < ctx ? n - start : ctx;
-        window[0] = m->config.bos_id;
+        window[0] = c.bos_id;
         memcpy(window + 1, ids + start + 1, (size_t)(len - 1) * sizeof(int));
-        for (int done = 0; done < len - 1; done += s->max_batch) {
-            int nb = len - 1 - done < s->max_batch ? len - 1 - done : s->max_batch;
-            const float *logits = forward_batch(m, s, window + done, nb, done, 1); /* all_logits */
+        gemma3_rewind(s, 0, NULL);
+        for (int done = 0; rc == 0 && done < len - 1; done += chunk) {
+            int nb = len - 1 - done < chunk ? len - 1 - done : chunk;
+            if ((rc = gemma3_feed_logits(s, window + done, nb, logits, NULL, err)) < 0) break;
+            rc = 0;
             for (int t = 0; t < nb; t++) {
                 int target = start + done + t + 1; /* index in ids of the token predicted here */
                 if (target <= scored) continue;     /* already scored with more history */
@@ -1410,154 +2027,8 @@ static double perplexity(const Model *m, RunState *s, const int *ids, int n, dou
         }
     }
     free(window);
-    return total / (n - 1);
-}
-
-/* Feed `n` prompt ids from position 0, then sample up to `steps` new tokens, stopping at
- * <eos>/<end_of_turn> or the end of the context. New ids go to out_ids (if not NULL) and,
- * decoded, to `out` (if not NULL). Returns the number of tokens generated. */
-static int generate_ids(const Model *m, RunState *s, Sampler *sp, const int *prompt, int n, int steps,
-                        int *out_ids, FILE *out, double *prefill_s, double *decode_s) {
-    double t0 = now_seconds();
-    float *logits = forward_tokens(m, s, prompt, n, 0); /* the prompt, in batches */
-    double t1 = now_seconds();
-    TokenStream ts = {{0}, 0};
-    int generated = 0;
-    for (int pos = n; generated < steps; pos++) {
-        int next = sample(sp, logits);
-        if (is_stop_token(&m->config, next)) break;
-        if (out_ids) out_ids[generated] = next;
-        generated++;
-        if (out && m->has_tokenizer) {
-            tokenstream_put(&m->tokenizer, &ts, next, out);
-            fflush(out);
-        }
-        if (pos >= s->ctx) break; /* no room to feed it back */
-        if (generated < steps) logits = forward(m, s, next, pos);
-    }
-    if (out && m->has_tokenizer) tokenstream_flush(&m->tokenizer, &ts, out);
-    if (prefill_s) *prefill_s = t1 - t0;
-    if (decode_s) *decode_s = now_seconds() - t1;
-    return generated;
-}
-
-/* A chat: the conversation so far, and the ids in the KV cache (positions 0..n_hist).
- * Every turn renders the whole conversation with the Gemma 3 chat template, tokenizes
- * it, and feeds only what the cache does not hold yet, so a turn costs its own tokens,
- * while the model sees exactly what HF's apply_chat_template would give it. */
-typedef struct {
-    ChatMessage *msgs; /* role/content strings are owned (malloc'd) */
-    int n_msgs, cap_msgs;
-    int *hist;         /* (ctx) ids in the KV cache, in position order */
-    int n_hist;
-    int prompt_len;    /* ids of the last rendered prompt (before the model's reply) */
-    int fed;           /* of those, how many the last turn had to run (the rest were cached) */
-} Chat;
-
-static void free_chat(Chat *ch) {
-    for (int i = 0; i < ch->n_msgs; i++) {
-        free((char *)ch->msgs[i].role);
-        free((char *)ch->msgs[i].content);
-    }
-    free(ch->msgs);
-    free(ch->hist);
-    memset(ch, 0, sizeof(*ch));
-}
-
-static char *dup_bytes(const char *p, size_t n) {
-    char *d = malloc(n + 1);
-    if (d) { memcpy(d, p, n); d[n] = 0; }
-    return d;
-}
-
-static int chat_push(Chat *ch, const char *role, const char *content, size_t len) {
-    if (ch->n_msgs == ch->cap_msgs) {
-        int cap = ch->cap_msgs ? 2 * ch->cap_msgs : 8;
-        ChatMessage *grown = realloc(ch->msgs, (size_t)cap * sizeof(ChatMessage));
-        if (!grown) return -1;
-        ch->msgs = grown;
-        ch->cap_msgs = cap;
-    }
-    char *r = dup_bytes(role, strlen(role)), *c = dup_bytes(content, len);
-    if (!r || !c) { free(r); free(c); return -1; }
-    ch->msgs[ch->n_msgs].role = r;
-    ch->msgs[ch->n_msgs].content = c;
-    ch->n_msgs++;
-    return 0;
-}
-
-static void chat_pop(Chat *ch) {
-    ch->n_msgs--;
-    free((char *)ch->msgs[ch->n_msgs].role);
-    free((char *)ch->msgs[ch->n_msgs].content);
-}
-
-static int build_chat(Chat *ch, int ctx, const char *system) {
-    memset(ch, 0, sizeof(*ch));
-    ch->hist = malloc((size_t)ctx * sizeof(int));
-    if (!ch->hist) return -1;
-    if (system && chat_push(ch, "system", system, strlen(system)) != 0) return -1;
-    return 0;
-}
-
-enum { CHAT_OK = 0, CHAT_ERROR = -1, CHAT_FULL = -2 };
-
-/* One exchange: add the user's message, feed the new prompt ids, stream the model's reply
- * to `out` (if not NULL) and add it to the conversation. CHAT_FULL when the context is
- * used up: the message is then not added and the cache is left as it was. */
-static int chat_turn(const Model *m, RunState *s, Sampler *sp, Chat *ch, const char *user, size_t len, int steps,
-                     FILE *out, char *err, size_t errsize) {
-    const Config *c = &m->config;
-    if (chat_push(ch, "user", user, len) != 0) { set_err(err, errsize, "out of memory"); return CHAT_ERROR; }
-    char *text = chat_render(ch->msgs, ch->n_msgs, 1, err, errsize);
-    int *ids = NULL, n = text ? tokenizer_encode(&m->tokenizer, text, strlen(text), &ids, err, errsize) : -1;
-    free(text);
-    if (n < 0) { chat_pop(ch); return CHAT_ERROR; }
-    if (n >= s->ctx) {
-        set_err(err, errsize, "the conversation is %d tokens with this message, the context holds %d (-c)", n, s->ctx);
-        free(ids);
-        chat_pop(ch);
-        return CHAT_FULL;
-    }
-    /* Reuse the cache for the longest common prefix. Rewinding to `keep` needs the keys of
-     * positions keep - window + 1 .. keep - 1 still in each sliding ring, i.e. not yet
-     * overwritten by positions up to n_hist - 1; otherwise start over (rare: it needs a
-     * reply that tokenizes differently when rendered as text). */
-    int keep = 0;
-    while (keep < ch->n_hist && keep < n && ch->hist[keep] == ids[keep]) keep++;
-    if (keep == n) keep = n - 1; /* need fresh logits for the last id */
-    for (int l = 0; l < c->n_layers; l++) {
-        int oldest = keep - c->window + 1 > 0 ? keep - c->window + 1 : 0;
-        if (ch->n_hist > s->cache_len[l] && oldest + s->cache_len[l] <= ch->n_hist - 1) keep = 0;
-    }
-    float *logits = forward_tokens(m, s, ids + keep, n - keep, keep);
-    memcpy(ch->hist, ids, (size_t)n * sizeof(int));
-    ch->n_hist = ch->prompt_len = n;
-    ch->fed = n - keep;
-    free(ids);
-
-    /* the model's reply: sampled ids go into the cache as they are generated */
-    TokenStream ts = {{0}, 0};
-    int rc = CHAT_OK;
-    for (int i = 0; i < steps; i++) {
-        int next = sample(sp, logits);
-        if (is_stop_token(c, next)) break;
-        if (out) { tokenstream_put(&m->tokenizer, &ts, next, out); fflush(out); }
-        if (ch->n_hist >= s->ctx) {
-            set_err(err, errsize, "the context of %d tokens is full (-c)", s->ctx);
-            rc = CHAT_FULL;
-            break;
-        }
-        ch->hist[ch->n_hist] = next;
-        logits = forward(m, s, next, ch->n_hist);
-        ch->n_hist++;
-    }
-    if (out) tokenstream_flush(&m->tokenizer, &ts, out);
-    size_t reply_len;
-    char *reply = tokenizer_decode(&m->tokenizer, ch->hist + ch->prompt_len, ch->n_hist - ch->prompt_len, &reply_len,
-                                   err, errsize);
-    if (!reply || chat_push(ch, "assistant", reply, reply_len) != 0) { free(reply); return CHAT_ERROR; }
-    free(reply);
+    free(logits);
+    *mean = total / (n - 1);
     return rc;
 }
 
@@ -1730,84 +2201,6 @@ static char *read_line(FILE *in, size_t *len) {
     return buf;
 }
 
-/* ------------------------------------------------------------------------- */
-/* 5. the file system: model files, and the command line                      */
-/* ------------------------------------------------------------------------- */
-
-/* Get the file's bytes: mmap where we can (pages load on demand and are shared),
- * otherwise malloc + fread, which is all a bare-metal port needs to replace. */
-static int read_file_bytes(Model *m, const char *path, char *err, size_t errsize) {
-#ifndef GEMMA3_NO_MMAP
-    if (!host_is_big_endian()) {
-        int fd = open(path, O_RDONLY);
-        struct stat st;
-        if (fd < 0) { set_err(err, errsize, "cannot open %s: %s", path, strerror(errno)); return -1; }
-        if (fstat(fd, &st) != 0) {
-            set_err(err, errsize, "cannot stat %s: %s", path, strerror(errno));
-            close(fd);
-            return -1;
-        }
-        if (!S_ISREG(st.st_mode)) {
-            set_err(err, errsize, "%s is not a regular file", path);
-            close(fd);
-            return -1;
-        }
-        if ((uintmax_t)st.st_size > (uintmax_t)SIZE_MAX) {
-            set_err(err, errsize, "%s is too large for this 32-bit build", path);
-            close(fd);
-            return -1;
-        }
-        m->size = (size_t)st.st_size;
-        if (m->size < GEMMA3_HEADER_SIZE) {
-            set_err(err, errsize, "%s: file too short (%zu bytes) to be a gemma3.c model", path, m->size);
-            close(fd);
-            return -1;
-        }
-        void *p = mmap(NULL, m->size, PROT_READ, MAP_PRIVATE, fd, 0);
-        close(fd);
-        if (p == MAP_FAILED) { set_err(err, errsize, "cannot mmap %s: %s", path, strerror(errno)); return -1; }
-        m->data = p;
-        m->mapped = 1;
-#ifdef MADV_HUGEPAGE
-        /* Linux: ask for 2 MiB pages. Decode streams every weight once per token, and
-         * with 4 KiB pages that is a TLB miss every 4 KiB. It helps when the pages are
-         * read from disk; pages already cached stay as they were (why the writers write
-         * in aligned 4 MiB pieces). Filesystems without large folios ignore it. */
-        (void)madvise(p, m->size, MADV_HUGEPAGE);
-#endif
-        return 0;
-    }
-#endif
-    /* Fallback, and always on big-endian hosts, where tensors are byte-swapped in place. */
-    FILE *f = fopen(path, "rb");
-    if (!f) { set_err(err, errsize, "cannot open %s: %s", path, strerror(errno)); return -1; }
-    if (fseek(f, 0, SEEK_END) != 0) { set_err(err, errsize, "cannot seek in %s", path); fclose(f); return -1; }
-    long end = ftell(f); /* plain C: a long, so at most 2 GiB on 32-bit hosts */
-    if (end < 0) {
-        set_err(err, errsize, "cannot determine the size of %s (over 2 GiB on a 32-bit build?)", path);
-        fclose(f);
-        return -1;
-    }
-    if (end < GEMMA3_HEADER_SIZE) {
-        set_err(err, errsize, "%s: file too short (%ld bytes) to be a gemma3.c model", path, end);
-        fclose(f);
-        return -1;
-    }
-    rewind(f);
-    m->size = (size_t)end;
-    m->data = malloc(m->size);
-    if (!m->data) { set_err(err, errsize, "out of memory reading %s (%zu bytes)", path, m->size); fclose(f); return -1; }
-    if (fread(m->data, 1, m->size, f) != m->size) {
-        set_err(err, errsize, "read error on %s", path);
-        fclose(f);
-        return -1;
-    }
-    fclose(f);
-    m->mapped = 0;
-    return 0;
-}
-
-#ifndef TESTING
 
 static void usage(FILE *f) {
     fprintf(f,
@@ -1976,33 +2369,53 @@ static void parse_args(Options *o, int argc, char **argv) {
 }
 
 /* The context to size the caches for: -c, else min(max_position_embeddings, 8192). */
-static int context_length(const Options *o, const Config *c) {
-    int ctx = o->ctx ? o->ctx : c->max_seq_len < 8192 ? c->max_seq_len : 8192;
-    if (ctx > c->max_seq_len) die("context %d exceeds the model's max_position_embeddings %d", ctx, c->max_seq_len);
+static int context_length(const Options *o, const gemma3_config *c) {
+    int ctx = o->ctx ? o->ctx : c->max_context < 8192 ? c->max_context : 8192;
+    if (ctx > c->max_context) die("context %d exceeds the model's max_position_embeddings %d", ctx, c->max_context);
     return ctx;
 }
 
+/* A session of `ctx` tokens with the command line's sampler. */
+static gemma3_session *new_session(const gemma3_model *m, const Options *o, int ctx) {
+    gemma3_options opt = gemma3_default_options();
+    gemma3_session *s;
+    gemma3_error e;
+    opt.context = ctx;
+    opt.temperature = o->temperature, opt.top_k = o->top_k, opt.top_p = o->top_p, opt.min_p = o->min_p;
+    opt.seed = o->seed;
+    opt.system_prompt = o->system_prompt;
+    if (gemma3_session_new(m, &opt, &s, &e) != 0) die("%s", e.message);
+    return s;
+}
+
 /* <bos> and then the ids of text. */
-static int *encode_with_bos(const Model *m, const char *what, const char *text, size_t len, int *n_out) {
-    char err[512];
-    int *text_ids, n_text = tokenizer_encode(&m->tokenizer, text, len, &text_ids, err, sizeof err);
-    if (n_text < 0) die("%s: %s", what, err);
-    int *ids = malloc((size_t)(n_text + 1) * sizeof(int));
+static int *encode_with_bos(const gemma3_model *m, const char *what, const char *text, size_t len, int *n_out) {
+    gemma3_error e;
+    int *ids = malloc((len + 2) * sizeof(int)); /* a token covers at least one byte */
     if (!ids) die("out of memory");
-    ids[0] = m->config.bos_id;
-    memcpy(ids + 1, text_ids, (size_t)n_text * sizeof(int));
-    free(text_ids);
-    *n_out = n_text + 1;
+    int n = gemma3_tokenize(m, text, len, ids + 1, (int)(len + 1), &e);
+    if (n < 0) die("%s: %s", what, e.message);
+    ids[0] = gemma3_model_config(m).bos_id;
+    *n_out = n + 1;
     return ids;
 }
 
-static int run_encode(const Model *m) {
-    char err[512];
+/* The generated text goes to stdout as it comes. */
+static int print_piece(const char *piece, size_t len, int id, void *user) {
+    (void)id, (void)user;
+    fwrite(piece, 1, len, stdout);
+    fflush(stdout);
+    return 0;
+}
+
+static int run_encode(const gemma3_model *m) {
+    gemma3_error e;
     size_t len;
     char *text = read_all(stdin, &len);
-    if (!text) die("out of memory reading stdin");
-    int *ids, n = tokenizer_encode(&m->tokenizer, text, len, &ids, err, sizeof err);
-    if (n < 0) die("%s", err);
+    int *ids = text ? malloc((len + 1) * sizeof(int)) : NULL;
+    if (!ids) die("out of memory reading stdin");
+    int n = gemma3_tokenize(m, text, len, ids, (int)(len + 1), &e);
+    if (n < 0) die("%s", e.message);
     for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
     printf("\n");
     free(ids);
@@ -2010,68 +2423,99 @@ static int run_encode(const Model *m) {
     return 0;
 }
 
-static int run_decode(const Model *m) {
+static int run_decode(const gemma3_model *m) {
     char err[512];
+    gemma3_error e;
     int *ids, n;
-    size_t len;
-    if (read_id_stream(stdin, "--decode", m->config.vocab_size, &ids, &n, err, sizeof err) != 0) die("%s", err);
-    char *text = tokenizer_decode(&m->tokenizer, ids, n, &len, err, sizeof err);
-    if (!text) die("%s", err);
-    fwrite(text, 1, len, stdout);
+    if (read_id_stream(stdin, "--decode", gemma3_model_config(m).vocab_size, &ids, &n, err, sizeof err) != 0)
+        die("%s", err);
+    int len = gemma3_detokenize(m, ids, n, NULL, 0, &e);
+    char *text = len >= 0 ? malloc((size_t)len + 1) : NULL;
+    if (len < 0) die("%s", e.message);
+    if (!text) die("out of memory");
+    gemma3_detokenize(m, ids, n, text, (size_t)len + 1, &e);
+    fwrite(text, 1, (size_t)len, stdout);
     free(text);
     free(ids);
     return 0;
 }
 
-static int run_logits(const Model *m, const Options *o) {
+/* --logits: the ids through the model in batches, as a prompt is; the logits of every
+ * position to a file, row-major [T][vocab]. Optionally also the top-N table (stdout) and
+ * the hidden state after every layer, [T][n_layers + 1][dim]. */
+static int run_logits(const gemma3_model *m, const Options *o) {
     char err[512];
+    gemma3_error e;
+    gemma3_config c = gemma3_model_config(m);
     int *ids, n;
-    RunState state;
-    if (read_token_file(o->logits_in, m->config.vocab_size, &ids, &n, err, sizeof err) != 0) die("%s", err);
+    if (read_token_file(o->logits_in, c.vocab_size, &ids, &n, err, sizeof err) != 0) die("%s", err);
     Options sized = *o;
     if (!sized.ctx) sized.ctx = n; /* --logits: the context is the file's tokens */
-    int ctx = context_length(&sized, &m->config);
+    int ctx = context_length(&sized, &c);
     if (n > ctx) die("%s has %d tokens, more than the context of %d (-c)", o->logits_in, n, ctx);
-    if (build_run_state(&state, &m->config, ctx, o->hidden_out ? 1 : PREFILL_BATCH, 1, err, sizeof err) != 0) die("%s", err);
-    if (dump_logits(m, &state, ids, n, o->logits_out, o->top_n, stdout, o->hidden_out, err, sizeof err) != 0) die("%s", err);
+    gemma3_session *s = new_session(m, o, ctx);
+    FILE *f = fopen(o->logits_out, "wb"), *fh = NULL;
+    if (!f) die("cannot write %s: %s", o->logits_out, strerror(errno));
+    if (o->hidden_out && !(fh = fopen(o->hidden_out, "wb"))) die("cannot write %s: %s", o->hidden_out, strerror(errno));
+    size_t V = (size_t)c.vocab_size, H = (size_t)(c.n_layers + 1) * c.dim;
+    int chunk = PREFILL_BATCH;
+    float *logits = malloc((size_t)chunk * V * sizeof(float)), *hidden = fh ? malloc((size_t)chunk * H * sizeof(float)) : NULL;
+    ProbIndex *buf = o->top_n ? malloc((size_t)o->top_n * sizeof(ProbIndex)) : NULL;
+    if (!logits || (fh && !hidden) || (o->top_n && !buf)) die("out of memory");
+    for (int done = 0; done < n; done += chunk) {
+        int nb = n - done < chunk ? n - done : chunk;
+        if (gemma3_feed_logits(s, ids + done, nb, logits, hidden, &e) < 0) die("%s", e.message);
+        if (fh && write_f32_le(fh, hidden, (int)(nb * H)) != 0) die("write error on %s", o->hidden_out);
+        for (int t = 0; t < nb; t++) {
+            const float *row = logits + (size_t)t * V;
+            if (o->top_n) print_top(m, row, done + t, ids[done + t], o->top_n, buf, stdout);
+            if (write_f32_le(f, row, (int)V) != 0) die("write error on %s", o->logits_out);
+        }
+    }
+    if (fh && fclose(fh) != 0) die("write error on %s", o->hidden_out);
+    if (fclose(f) != 0) die("write error on %s", o->logits_out);
+    free(buf);
+    free(hidden);
+    free(logits);
     free(ids);
-    free_run_state(&state);
+    gemma3_session_free(s);
     return 0;
 }
 
-static int run_perplexity(const Model *m, const Options *o) {
-    char err[512];
+static int run_perplexity(const gemma3_model *m, const Options *o) {
+    gemma3_error e;
+    gemma3_config c = gemma3_model_config(m);
     size_t len;
-    int n, ctx = context_length(o, &m->config);
+    int n, ctx = context_length(o, &c);
     char *text = read_text_file("text file", o->ppl_path, &len);
     int *ids = encode_with_bos(m, o->ppl_path, text, len, &n);
     free(text);
     if (n < 2) die("%s has no tokens to score", o->ppl_path);
     if (ctx < 2) die("--perplexity needs a context of at least 2 tokens");
     if (ctx > n) ctx = n;
-    double *nll = malloc((size_t)n * sizeof(double));
-    RunState state;
+    double *nll = malloc((size_t)n * sizeof(double)), mean, worst = 0.0;
     if (!nll) die("out of memory");
-    if (build_run_state(&state, &m->config, ctx, PREFILL_BATCH, 1, err, sizeof err) != 0) die("%s", err);
-    double t0 = now_seconds(), mean = perplexity(m, &state, ids, n, nll), worst = 0.0;
+    gemma3_session *s = new_session(m, o, ctx);
+    double t0 = now_seconds();
+    if (perplexity(s, m, ids, n, PREFILL_BATCH, &mean, nll, &e) != 0) die("%s", e.message);
     for (int i = 0; i < n - 1; i++) worst = nll[i] > worst ? nll[i] : worst;
     printf("%s: %d tokens scored (windows of %d), mean NLL %.6f nats/token, perplexity %.4f, worst token NLL %.3f\n",
            o->ppl_path, n - 1, ctx, mean, exp(mean), worst);
     fprintf(stderr, "scored in %.1f s\n", now_seconds() - t0);
     free(ids);
     free(nll);
-    free_run_state(&state);
+    gemma3_session_free(s);
     return 0;
 }
 
-/* --chat: one user message per line of stdin (or the one message of -p / -f). */
-static int run_chat(const Model *m, const Options *o, Sampler *sampler) {
-    char err[512];
-    int ctx = context_length(o, &m->config), status = 0, interactive = 0;
-    RunState state;
-    Chat chat;
-    if (build_run_state(&state, &m->config, ctx, PREFILL_BATCH, 0, err, sizeof err) != 0) die("%s", err);
-    if (build_chat(&chat, ctx, o->system_prompt) != 0) die("out of memory");
+/* --chat: one user message per line of stdin (or the one message of -p / -f). A message
+ * the model cannot take (invalid UTF-8, a token it has no embedding for) is refused with
+ * one line on stderr and the conversation goes on without it (exit status 1 at the end). */
+static int run_chat(const gemma3_model *m, const Options *o) {
+    gemma3_error e;
+    gemma3_config c = gemma3_model_config(m);
+    int status = 0, interactive = 0;
+    gemma3_session *s = new_session(m, o, context_length(o, &c));
 #ifndef GEMMA3_NO_MMAP
     interactive = isatty(0) && !o->prompt; /* POSIX builds: show a prompt on a terminal */
 #endif
@@ -2085,76 +2529,92 @@ static int run_chat(const Model *m, const Options *o, Sampler *sampler) {
             if (!(line = read_line(stdin, &len))) break; /* end of input (Ctrl-D) */
         }
         if (!line) die("out of memory");
-        int rc = chat_turn(m, &state, sampler, &chat, line, len, o->steps, stdout, err, sizeof err);
+        int rc = gemma3_chat_turn(s, line, len, o->steps, print_piece, NULL, &e);
         free(line);
-        printf("\n");
-        fflush(stdout);
-        if (rc == CHAT_FULL) {
-            fprintf(stderr, "gemma3: %s; the conversation ends here (start again with a larger -c)\n", err);
+        if (rc == GEMMA3_E_CONTEXT) {
+            printf("\n");
+            fflush(stdout);
+            fprintf(stderr, "gemma3: %s (-c); the conversation ends here (start again with a larger -c)\n", e.message);
             status = 2;
             break;
         }
-        if (rc != CHAT_OK) die("%s", err);
+        if (rc < 0 && (o->prompt || (rc != GEMMA3_E_TOKEN && rc != GEMMA3_E_TEXT))) die("%s", e.message);
+        if (rc < 0) { /* refused: the conversation is as it was */
+            fprintf(stderr, "gemma3: error: %s (message refused)\n", e.message);
+            status = 1;
+            continue;
+        }
+        printf("\n");
+        fflush(stdout);
         if (o->prompt) break;
     }
-    free_chat(&chat);
-    free_run_state(&state);
+    gemma3_session_free(s);
     return status;
 }
 
 /* -p / -f: <bos>, the prompt, then up to -n sampled tokens, streamed to stdout. */
-static int run_generate(const Model *m, const Options *o, Sampler *sampler) {
-    char err[512];
-    int n, ctx = context_length(o, &m->config);
+static int run_generate(const gemma3_model *m, const Options *o) {
+    gemma3_error e;
+    gemma3_config c = gemma3_model_config(m);
+    int n, ctx = context_length(o, &c);
     int *ids = encode_with_bos(m, "prompt", o->prompt, o->prompt_len, &n);
     if (n >= ctx) die("the prompt is %d tokens, the context only %d (raise -c)", n, ctx);
-    RunState state;
-    if (build_run_state(&state, &m->config, ctx, PREFILL_BATCH, 0, err, sizeof err) != 0) die("%s", err);
-    double prefill_s, decode_s;
-    int generated = generate_ids(m, &state, sampler, ids, n, o->steps, NULL, stdout, &prefill_s, &decode_s);
+    gemma3_session *s = new_session(m, o, ctx);
+    double t0 = now_seconds();
+    if (gemma3_feed(s, ids, n, &e) < 0) die("%s", e.message);
+    double t1 = now_seconds();
+    int generated = gemma3_generate(s, o->steps, print_piece, NULL, &e);
+    if (generated < 0) die("%s", e.message);
+    double prefill_s = t1 - t0, decode_s = now_seconds() - t1;
     printf("\n");
     fprintf(stderr, "prompt %d tokens, %.1f tok/s; generated %d tokens, %.1f tok/s\n", n,
             n / (prefill_s > 0 ? prefill_s : 1e-9), generated, generated / (decode_s > 0 ? decode_s : 1e-9));
     if (n + generated >= ctx) fprintf(stderr, "gemma3: note: stopped at the end of the %d-token context (-c)\n", ctx);
     free(ids);
-    free_run_state(&state);
+    gemma3_session_free(s);
     return 0;
 }
 
+/* --quantize works on the model file itself (not a library call). */
+static int run_quantize(const Options *o) {
+    char err[512];
+    Model model;
+    if (load_model(&model, o->model_path, err, sizeof err) != 0) die("%s", err);
+    int dtype = !strcmp(o->quant_type, "q8_0") ? DT_Q8_0 : DT_Q4_0;
+    if (quantize_model(&model, o->quant_out, dtype, err, sizeof err) != 0) die("%s", err);
+    free_model(&model);
+    return 0;
+}
+
+#ifndef TESTING
 int main(int argc, char **argv) {
     Options o;
-    Model model;
-    Sampler sampler;
-    char err[512];
+    gemma3_model *model;
+    gemma3_error e;
     int status;
     parse_args(&o, argc, argv);
-    if (load_model(&model, o.model_path, err, sizeof err) != 0) die("%s", err);
-    if (o.quant_type) {
-        int dtype = !strcmp(o.quant_type, "q8_0") ? DT_Q8_0 : DT_Q4_0;
-        if (quantize_model(&model, o.quant_out, dtype, err, sizeof err) != 0) die("%s", err);
-        free_model(&model);
-        return 0;
-    }
-    if (!o.logits_in && !model.has_tokenizer)
+    if (o.quant_type) return run_quantize(&o);
+    if (gemma3_open_file(o.model_path, &model, &e) != 0) die("%s", e.message);
+    if (!o.logits_in && !gemma3_model_config(model).has_tokenizer)
         die("%s has no tokenizer (export it from a directory with tokenizer.json); --logits works without one", o.model_path);
-    if (build_sampler(&sampler, model.config.vocab_size, o.temperature, o.top_k, o.top_p, o.min_p, o.seed) != 0)
-        die("out of memory");
-    if (o.encode) status = run_encode(&model);
-    else if (o.decode) status = run_decode(&model);
-    else if (o.logits_in) status = run_logits(&model, &o);
-    else if (o.ppl_path) status = run_perplexity(&model, &o);
-    else if (o.chat) status = run_chat(&model, &o, &sampler);
-    else status = run_generate(&model, &o, &sampler);
+    if (o.encode) status = run_encode(model);
+    else if (o.decode) status = run_decode(model);
+    else if (o.logits_in) status = run_logits(model, &o);
+    else if (o.ppl_path) status = run_perplexity(model, &o);
+    else if (o.chat) status = run_chat(model, &o);
+    else status = run_generate(model, &o);
     free(o.prompt_file_text);
-    free_sampler(&sampler);
-    free_model(&model);
+    gemma3_close(model);
     return status;
 }
 #endif /* TESTING */
+#endif /* GEMMA3_NO_MAIN */
+
+
 
 
 /* ------------------------------------------------------------------------- */
-/* 6. optional fast kernels                                                   */
+/* 7. optional fast kernels                                                   */
 /* ------------------------------------------------------------------------- */
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && defined(__GNUC__) && !defined(GEMMA3_NO_SIMD)
 #include "kernels_x86.c"

@@ -28,6 +28,46 @@ static int g_pass, g_fail, g_skip;
 
 #include "tests/tokenizer_tests.c"
 
+/* The allocating forms of the run state, sampler and chat that the tests build (the
+ * library carves them from one block: gemma3_session_new). */
+/* A run state in memory of its own (free_run_state frees it). */
+static int build_run_state(RunState *s, const Config *c, int ctx, int max_batch, int all_logits, char *err,
+                           size_t errsize) {
+    size_t bytes = run_state_bytes(c, ctx, max_batch, all_logits);
+    void *arena = calloc(bytes + 63, 1);
+    if (!arena) {
+        memset(s, 0, sizeof(*s));
+        set_err(err, errsize, "out of memory for a %d-token context (try a smaller -c)", ctx);
+        return -1;
+    }
+    run_state_layout(s, c, ctx, max_batch, all_logits, (unsigned char *)arena + (64 - (uintptr_t)arena % 64) % 64);
+    s->arena = arena;
+    return 0;
+}
+
+static void free_run_state(RunState *s) {
+    free(s->arena);
+    memset(s, 0, sizeof(*s));
+}
+
+static int build_sampler(Sampler *sp, int vocab_size, float temperature, int top_k, float top_p, float min_p,
+                         uint64_t seed) {
+    return build_sampler_in(sp, vocab_size, temperature, top_k, top_p, min_p, seed,
+                            malloc((size_t)vocab_size * sizeof(ProbIndex)));
+}
+
+static void free_sampler(Sampler *sp) { free(sp->cand); sp->cand = NULL; }
+
+static int build_chat(Chat *ch, int ctx, const char *system) {
+    memset(ch, 0, sizeof(*ch));
+    ch->hist = malloc((size_t)ctx * sizeof(int));
+    if (!ch->hist) return -1;
+    ch->own_hist = 1;
+    if (system && chat_push(ch, "system", system, strlen(system)) != 0) return -1;
+    return 0;
+}
+
+
 #define BUILD "tests/build"
 #define TINY "tests/fixtures/tiny"
 
@@ -123,19 +163,28 @@ static int argmax_rows_equal(const float *a, const float *b, int rows, int V) {
     return same;
 }
 
-/* Greedy continuation of ids[0..n) for `steps` tokens, through generate_ids(). */
+/* gemma3_generate's callback: the ids, into the array at user. */
+static int keep_ids(const char *piece, size_t len, int id, void *user) {
+    (void)piece, (void)len;
+    if (id >= 0) { int **next = user; *(*next)++ = id; }
+    return 0;
+}
+
+/* Greedy continuation of ids[0..n) for `steps` tokens, through the library's session. */
 static int greedy_ids(const char *bin, const int *ids, int n, int steps, int *out) {
-    Model m;
-    RunState s;
-    Sampler sp;
-    char err[512];
-    if (load_model(&m, bin, err, sizeof err) != 0) { printf("  %s\n", err); return -1; }
-    if (build_run_state(&s, &m.config, n + steps, PREFILL_BATCH, 0, err, sizeof err) != 0) { free_model(&m); return -1; }
-    build_sampler(&sp, m.config.vocab_size, 0.0f, 0, 1.0f, 0.0f, 1);
-    int got = generate_ids(&m, &s, &sp, ids, n, steps, out, NULL, NULL, NULL);
-    free_sampler(&sp);
-    free_run_state(&s);
-    free_model(&m);
+    gemma3_model *m;
+    gemma3_session *s;
+    gemma3_error e;
+    gemma3_options o = gemma3_default_options();
+    o.context = n + steps, o.temperature = 0.0f, o.top_k = 0, o.top_p = 1.0f, o.seed = 1;
+    int got = -1;
+    if (gemma3_open_file(bin, &m, &e) != 0) { printf("  %s\n", e.message); return -1; }
+    if (gemma3_session_new(m, &o, &s, &e) == 0) {
+        if (gemma3_feed(s, ids, n, &e) >= 0) got = gemma3_generate(s, steps, keep_ids, &out, &e);
+        gemma3_session_free(s);
+    }
+    if (got < 0) printf("  %s\n", e.message);
+    gemma3_close(m);
     return got;
 }
 
@@ -460,15 +509,26 @@ static void test_toolkit(void) {
     double expect = 0;
     for (int t = 0; t + 1 < n; t++) expect += token_nll(logits + (size_t)t * V, V, ids[t + 1]);
     expect /= n - 1;
-    build_run_state(&s, c, n, 7, 1, err, sizeof err); /* batches of 7: not a divisor of anything */
     double *nll_full = malloc((size_t)n * sizeof(double)), *nll_win = malloc((size_t)n * sizeof(double));
-    double got = perplexity(&m, &s, ids, n, nll_full);
-    free_run_state(&s);
+    double got = NAN, win = NAN;
+    gemma3_model *gm;
+    gemma3_session *ps;
+    gemma3_options po = gemma3_default_options();
+    if (gemma3_open_file(bin, &gm, NULL) == 0) {
+        po.context = n;
+        if (gemma3_session_new(gm, &po, &ps, NULL) == 0) { /* batches of 7: not a divisor of anything */
+            perplexity(ps, gm, ids, n, 7, &got, nll_full, NULL);
+            gemma3_session_free(ps);
+        }
+        po.context = 16; /* in windows of 16 (overlapping by 8) */
+        if (gemma3_session_new(gm, &po, &ps, NULL) == 0) {
+            perplexity(ps, gm, ids, n, 16, &win, nll_win, NULL);
+            gemma3_session_free(ps);
+        }
+        gemma3_close(gm);
+    }
     CHECK(fabs(got - expect) < 1e-9 * fabs(expect), "perplexity mean NLL %.9f != %.9f from the logits", got, expect);
-    /* in windows of 16 (overlapping by 8): the first window's scores are unchanged, all finite */
-    build_run_state(&s, c, 16, 16, 1, err, sizeof err);
-    double win = perplexity(&m, &s, ids, n, nll_win);
-    free_run_state(&s);
+    /* the first window's scores are unchanged, all finite */
     int same_first = 1;
     for (int t = 0; t < 15; t++) same_first &= nll_win[t] == nll_full[t];
     CHECK(same_first && isfinite(win) && win > 0, "windowed perplexity: first window differs or not finite (%g)", win);
@@ -1010,6 +1070,46 @@ static void test_tokenizer_and_chat(void) {
     expect_error("--chat on a model without tokenizer", "no tokenizer", "./gemma3 %s --chat < /dev/null", BUILD "/tiny-f32.bin");
 }
 
+/* The library as a product links it (gemma3.h, libgemma3.a): tests/test_api.c, the
+ * example against the command line, and ids past the embedding table refused everywhere. */
+static void test_library(void) {
+    printf("library: tests/test_api.c, examples/chat.c (separate programs on gemma3.h and libgemma3.a)\n");
+    if (run("test -f " TOKMODEL) != 0) { skip("library tests (no tokenizer model)"); return; }
+    int rc = run("./test_api " TOKMODEL " > " BUILD "/test_api.log 2>&1; rc=$?; grep FAIL " BUILD "/test_api.log; "
+                 "tail -1 " BUILD "/test_api.log; exit $rc");
+    int passed = 0, failed = 1;
+    const char *log = last_log(), *summary = strstr(log, " passed, ");
+    while (summary > log && summary[-1] >= '0' && summary[-1] <= '9') summary--;
+    if (summary) sscanf(summary, "%d passed, %d failed", &passed, &failed);
+    printf("  ./test_api (output in " BUILD "/test_api.log): %d passed, %d failed\n", passed, failed);
+    if (failed) printf("%s", log);
+    g_pass += passed, g_fail += failed;
+    CHECK(rc == 0 && passed > 0, "test_api exited with %d", rc);
+    /* examples/chat (gemma3_chat_turn) prints what the command line's --chat prints */
+    CHECK(run("printf 'Hi\\nTell me more\\nAnd in French?\\n' > " BUILD "/chat-in.txt && "
+              "./examples/chat " TOKMODEL " 7 8 < " BUILD "/chat-in.txt > " BUILD "/chat-ex.txt && "
+              "./gemma3 " TOKMODEL " --chat -s 7 -n 8 < " BUILD "/chat-in.txt > " BUILD "/chat-cli.txt && "
+              "cmp " BUILD "/chat-ex.txt " BUILD "/chat-cli.txt && test $(wc -l < " BUILD "/chat-ex.txt) -eq 3") == 0,
+          "examples/chat differs from gemma3 --chat with the same seed: %s", last_log());
+    printf("  examples/chat == gemma3 --chat -s 7, 3 turns\n");
+    /* "<image_soft_token>" is id 262144 of the tokenizer, past this model's 262144 rows */
+    expect_error("-p with '<image_soft_token>'", "<image_soft_token>", "./gemma3 %s -p 'See <image_soft_token>' -n 2", TOKMODEL);
+    expect_error("--chat -p with '<image_soft_token>'", "<image_soft_token>", "./gemma3 %s --chat -p 'See <image_soft_token>' -n 2", TOKMODEL);
+    expect_error("--perplexity with '<image_soft_token>'", "<image_soft_token>",
+                 "printf 'a <image_soft_token> b' > %s/ppl-bad.txt && ./gemma3 %s --perplexity %s/ppl-bad.txt", BUILD, TOKMODEL, BUILD);
+    expect_error("--logits with id 262144", "262144", "echo 2 262144 > %s/ids-bad.txt && ./gemma3 %s --logits %s/ids-bad.txt %s/bad.f32",
+                 BUILD, TOKMODEL, BUILD, BUILD);
+    /* in --chat a refused message is one line on stderr, and the conversation goes on as if
+     * it had not been sent (exit status 1 at the end) */
+    rc = run("printf 'Hi\\nSee <image_soft_token>\\nTell me more\\n' | ./gemma3 " TOKMODEL " --chat -s 3 -n 6 > "
+             BUILD "/chat-refused.txt 2> " BUILD "/chat-refused.err");
+    int same = run("printf 'Hi\\nTell me more\\n' | ./gemma3 " TOKMODEL " --chat -s 3 -n 6 > " BUILD "/chat-kept.txt && "
+                   "cmp " BUILD "/chat-refused.txt " BUILD "/chat-kept.txt && grep -q image_soft_token " BUILD
+                   "/chat-refused.err && test $(wc -l < " BUILD "/chat-refused.err) -eq 1") == 0;
+    CHECK(rc == 1 && same, "--chat: a refused message should leave the conversation as it was (exit %d)", rc);
+    printf("  --chat refuses a message with '<image_soft_token>' (one line, exit 1) and goes on as without it\n");
+}
+
 /* Write a copy of `src` with `len` bytes at `off` replaced (len 0: truncate at off). */
 static int write_patched(const char *src, const char *dst, long off, const void *bytes, size_t len) {
     FILE *f = fopen(src, "rb");
@@ -1114,6 +1214,7 @@ int main(void) {
     test_bad_inputs();
     test_own_checkpoints();
     test_tokenizer_and_chat();
+    test_library();
     test_run_sh();
     test_gguf();
     int ci = getenv("CI") && strcmp(getenv("CI"), "") && strcmp(getenv("CI"), "false");

@@ -59,6 +59,7 @@ typedef struct Tokenizer {
     int n_tokens;            /* vocab entries incl. added tokens (262,145) */
     int n_merges;            /* BPE merges; merge rank = index */
     int n_added;             /* added tokens (6,415) */
+    size_t max_piece;        /* bytes of the longest piece */
     uint32_t *offs;          /* [n_tokens+1] piece i = blob[offs[i] .. offs[i+1]) */
     unsigned char *blob;     /* all pieces, raw UTF-8 with "▁" kept */
     unsigned char *type;     /* [n_tokens] TOKTYPE_* */
@@ -315,6 +316,8 @@ static int tok_load_pieces(Tokenizer *t, const unsigned char *p_offs, const unsi
         }
     }
     /* trailing padding is ignored */
+    for (i = 0; i < n_tokens; i++)
+        if (t->offs[i + 1] - t->offs[i] > t->max_piece) t->max_piece = t->offs[i + 1] - t->offs[i];
     t->blob = (unsigned char *)malloc((size_t)t->offs[n_tokens] + 1);
     if (!t->blob) return tok_oom(err, errsize);
     memcpy(t->blob, p_blob, t->offs[n_tokens]);
@@ -859,61 +862,78 @@ typedef struct {
     int npending;
 } TokenStream;
 
-static void tokenstream_flush(const Tokenizer *t, TokenStream *s, FILE *out);
-
-static void tok_write_fffd(int count, FILE *out)
+/* The most bytes tokenstream_piece writes for one id: an unfinished character given up
+ * (at most 4 bytes, each as U+FFFD) and then the longest piece. */
+static size_t tokenstream_max(const Tokenizer *t)
 {
-    while (count-- > 0) fputs("\xEF\xBF\xBD", out);
+    return 12 + t->max_piece;
 }
 
-/* Feed one id. Whole characters are written; bytes of byte-fallback tokens
- * wait in s->pending until they complete a character. A byte run that can no
- * longer become valid UTF-8 is written as one U+FFFD per byte (as HF Rust
- * does for an invalid run; only a valid prefix already printed cannot be
- * taken back, so a run that goes bad late differs from the batch decode).
- * Out-of-range ids print nothing. */
-static void tokenstream_put(const Tokenizer *t, TokenStream *s, int id, FILE *out)
+/* Writes the U+FFFD of each pending byte to out (which has room); returns the length. */
+static size_t tok_put_fffd(const TokenStream *s, unsigned char *out)
 {
-    size_t pl;
+    int i, n = s->npending > 0 && s->npending <= (int)sizeof s->pending ? s->npending : 0;
+    for (i = 0; i < n; i++) memcpy(out + 3 * i, "\xEF\xBF\xBD", 3);
+    return 3 * (size_t)n;
+}
+
+/* Feed one id; the text it completes goes to out[0..cap), and its length is returned.
+ * Whole characters are written; bytes of byte-fallback tokens wait in s->pending until
+ * they complete a character. A byte run that can no longer become valid UTF-8 is
+ * written as one U+FFFD per byte (as HF Rust does for an invalid run; only a valid prefix
+ * already written cannot be taken back, so a run that goes bad late differs from the
+ * batch decode). Out-of-range ids give nothing. If the text needs more than cap bytes
+ * (tokenstream_max always fits), nothing is written and the stream is unchanged: the
+ * length needed is returned. */
+static size_t tokenstream_piece(const Tokenizer *t, TokenStream *s, int id, char *out, size_t cap)
+{
+    unsigned char *o = (unsigned char *)out;
+    size_t pl, k;
     const unsigned char *p;
     int b;
-    if (id < 0 || id >= t->n_tokens) return;
+    if (id < 0 || id >= t->n_tokens) return 0;
+    if (s->npending < 0 || s->npending >= (int)sizeof s->pending) s->npending = 0; /* corrupt state */
     p = tok_piece(t, id, &pl);
     b = tok_byte_piece(p, pl);
     if (b >= 0) {
+        TokenStream next = *s;
         int r;
-        if (s->npending < 0 || s->npending >= (int)sizeof s->pending) s->npending = 0; /* corrupt state */
-        s->pending[s->npending++] = (unsigned char)b;
-        r = tok_utf8_seq(s->pending, (size_t)s->npending);
-        if (r > 0) {
-            fwrite(s->pending, 1, (size_t)r, out);
-            s->npending = 0;
-        } else if (r < 0) {
-            tok_write_fffd(s->npending, out);
-            s->npending = 0;
+        next.pending[next.npending++] = (unsigned char)b;
+        r = tok_utf8_seq(next.pending, (size_t)next.npending);
+        if (r == 0) { /* a valid prefix: wait for more */
+            *s = next;
+            return 0;
         }
-        return;
+        k = r > 0 ? (size_t)r : 3 * (size_t)next.npending;
+        if (k > cap) return k;
+        if (r > 0) memcpy(o, next.pending, k);
+        else tok_put_fffd(&next, o);
+        s->npending = 0;
+        return k;
     }
-    tokenstream_flush(t, s, out);
-    while (pl > 0) {
-        /* write the stretches between "▁"s in one go */
-        size_t j = 0;
-        while (j < pl && !(p[j] == 0xE2 && j + 2 < pl && p[j + 1] == 0x96 && p[j + 2] == 0x81)) j++;
-        if (j > 0) fwrite(p, 1, j, out);
-        if (j == pl) break;
-        fputc(' ', out);
-        p += j + 3;
-        pl -= j + 3;
+    /* a normal piece: the pending bytes given up, then the piece with "▁" as " " */
+    k = 3 * (size_t)s->npending;
+    {
+        size_t i, need = k;
+        for (i = 0; i < pl; i++, need++)
+            if (p[i] == 0xE2 && i + 2 < pl && p[i + 1] == 0x96 && p[i + 2] == 0x81) i += 2;
+        if (need > cap) return need;
     }
+    tok_put_fffd(s, o);
+    s->npending = 0;
+    return k + tok_copy_unblock(o + k, p, pl);
 }
 
-/* End of stream (or before printing something else): an unfinished
- * character becomes U+FFFD per byte, as in a batch decode. */
-static void tokenstream_flush(const Tokenizer *t, TokenStream *s, FILE *out)
+/* End of stream (or before printing something else): an unfinished character becomes
+ * U+FFFD per byte, as in a batch decode. Returns the length; as above if cap is short. */
+static size_t tokenstream_end(const Tokenizer *t, TokenStream *s, char *out, size_t cap)
 {
+    size_t k = s->npending > 0 && s->npending <= (int)sizeof s->pending ? 3 * (size_t)s->npending : 0;
     (void)t;
-    if (s->npending > 0 && s->npending <= (int)sizeof s->pending) tok_write_fffd(s->npending, out);
+    if (k > cap) return k;
+    tok_put_fffd(s, (unsigned char *)out);
     s->npending = 0;
+    return k;
 }
 
 /* ============================================================================

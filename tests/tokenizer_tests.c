@@ -637,6 +637,26 @@ static size_t tt_stream_read(FILE *f, char *buf, size_t size)
     return n;
 }
 
+/* The streaming decoder writing to a FILE, on top of tokenizer.c's buffer form. */
+static void tokenstream_put(const Tokenizer *t, TokenStream *s, int id, FILE *out)
+{
+    char buf[64];
+    size_t n = tokenstream_piece(t, s, id, buf, sizeof buf);
+    if (n <= sizeof buf) {
+        fwrite(buf, 1, n, out);
+    } else {
+        char *big = (char *)malloc(n);
+        if (big) fwrite(big, 1, tokenstream_piece(t, s, id, big, n), out);
+        free(big);
+    }
+}
+
+static void tokenstream_flush(const Tokenizer *t, TokenStream *s, FILE *out)
+{
+    char buf[32];
+    fwrite(buf, 1, tokenstream_end(t, s, buf, sizeof buf), out);
+}
+
 static void tt_stream(const Tokenizer *t)
 {
     /* U+20000 has no piece: bytes F0 A0 80 80 = ids 478 398 366 366 */
