@@ -17,7 +17,7 @@ ifeq ($(OMP),1)
 endif
 LDLIBS = -lm
 
-.PHONY: all test clean debug asan valgrind test-cross bench bench-tokenizer lib tsan
+.PHONY: all test clean debug asan valgrind test-cross test-baremetal bench bench-tokenizer lib tsan
 
 all: gemma3
 
@@ -61,6 +61,12 @@ test: gemma3 test_all test_api examples/chat
 # Debian's cross compilers and qemu-user on first use), plus the no-mmap build.
 test-cross:
 	bash tests/cross.sh
+
+# The library on a machine with no OS: a riscv64 firmware image (picolibc, the model linked
+# in) under qemu-system-riscv64, its logits and greedy text against the host's (installs
+# Debian's bare-metal toolchain and qemu on first use). Ends with "N passed, N failed".
+test-baremetal:
+	bash tests/baremetal/test.sh
 
 # Speed: a random checkpoint of the real 1B shape in every format (not a test).
 bench: gemma3
