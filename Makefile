@@ -17,12 +17,18 @@ ifeq ($(OMP),1)
 endif
 LDLIBS = -lm
 
-.PHONY: all test clean debug asan valgrind test-cross bench bench-tokenizer lib tsan
+.PHONY: all test clean debug asan valgrind test-cross test-baremetal bench bench-tokenizer lib tsan
 
 all: gemma3
 
 gemma3: gemma3.c tokenizer.c kernels_x86.c
 	$(CC) $(WARN) $(CFLAGS) $(MARCH) $(OMPFLAGS) -o $@ gemma3.c $(LDLIBS)
+
+# GGUF import: export.py runs this to dequantize a GGUF's tensors (built on first use).
+# -ffp-contract=off: its float32 results must equal gguf-py's numpy ones bit for bit,
+# and a fused multiply-add rounds once where numpy rounds twice.
+tools/gguf_dequant: tools/gguf_dequant.c
+	$(CC) $(WARN) -O2 -ffp-contract=off -o $@ tools/gguf_dequant.c
 
 # The library: gemma3.c without its command line (-DGEMMA3_NO_MAIN); the API is gemma3.h.
 # Programs link libgemma3.a with -lm (and -fopenmp when it was built with OpenMP).
@@ -56,6 +62,12 @@ test: gemma3 test_all test_api examples/chat
 # Debian's cross compilers and qemu-user on first use), plus the no-mmap build.
 test-cross:
 	bash tests/cross.sh
+
+# The library on a machine with no OS: a riscv64 firmware image (picolibc, the model linked
+# in) under qemu-system-riscv64, its logits and greedy text against the host's (installs
+# Debian's bare-metal toolchain and qemu on first use). Ends with "N passed, N failed".
+test-baremetal:
+	bash tests/baremetal/test.sh
 
 # Speed: a random checkpoint of the real 1B shape in every format (not a test).
 bench: gemma3
@@ -96,5 +108,5 @@ debug:
 	$(CC) $(WARN) -O0 -g $(OMPFLAGS) -o gemma3 gemma3.c $(LDLIBS)
 
 clean:
-	rm -f gemma3 test_all test_api examples/chat libgemma3.a libgemma3.so gemma3-lib.o
+	rm -f gemma3 test_all test_api examples/chat libgemma3.a libgemma3.so gemma3-lib.o tools/gguf_dequant
 	rm -rf tests/build

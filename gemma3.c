@@ -487,7 +487,9 @@ typedef struct {
     int8_t *xq;       /* (max_batch, widest) a quantized matmul's x as int8 blocks of 32 */
     float *xq_scale;  /* (max_batch, widest / 32) their scales */
     int32_t *xq_sum;  /* (max_batch, widest / 32) their sums (q4_0's -8 offset) */
-    int threads;      /* threads a forward pass runs on (each has its own rows of att) */
+    int threads;      /* most threads a forward pass runs on (each has its own rows of att) */
+    double team_secs[2]; /* a decode pass's time, smoothed: on all the threads, on one (pick_team) */
+    int passes;       /* decode passes so far */
     void *kernels;    /* the optional fast kernels' scratch (kernels_x86.c); NULL without them */
     float *rope_cos, *rope_sin; /* (2, max_batch, head_dim/2) local then global tables of the batch */
     float *inv_freq_local, *inv_freq_global; /* (head_dim/2) RoPE frequencies per layer type */
@@ -1011,6 +1013,34 @@ static void decoder_layer(const Config *c, const LayerWeights *L, RunState *s, i
     for (int t = 0; t < n; t++) add_normed(s->x + (size_t)t * D, s->xb2 + (size_t)t * D, L->post_ffn_norm, D, c->norm_eps);
 }
 
+static double now_seconds(void) {
+#if defined(CLOCK_MONOTONIC)
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+#else
+    return (double)clock() / CLOCKS_PER_SEC; /* no POSIX clock: CPU time will do */
+#endif
+}
+
+/* How many threads the next pass runs on. A step of a layer ends when all the threads are
+ * done with it, so when other programs keep the cores busy and a thread is off its core,
+ * the others wait for it: decode on two busy cores ran several times slower on 2 threads
+ * than on 1 (tools/bench_load.sh). So decode times its passes on all the threads and on
+ * one, and runs on whichever is faster: its second pass tries one thread, and every
+ * 128th the other team size, to notice a change (at a cost under 1 % when the cores are
+ * free). The results do not depend on it: every row and head is computed alike. */
+static int pick_team(RunState *s, int decode) {
+    int best = s->team_secs[1] > 0 && s->team_secs[1] < s->team_secs[0] ? 1 : s->threads;
+    if (!decode || s->threads == 1) return best;
+    return ++s->passes % 128 == 2 ? (best == 1 ? s->threads : 1) : best;
+}
+
+static void time_team(RunState *s, int team, double secs) {
+    double *avg = &s->team_secs[team == s->threads ? 0 : 1];
+    *avg = *avg > 0 ? 0.75 * *avg + 0.25 * secs : secs;
+}
+
 /* Run n tokens (n <= max_batch) at positions pos0 .. pos0 + n - 1 through the model.
  * Returns the logits: of the last token, or of all n (rows of vocab_size) if all_logits;
  * NULL with classify 0, which skips the classifier (a prompt's batches but the last: their
@@ -1035,7 +1065,9 @@ static float *forward_batch(const Model *m, RunState *s, const int *tokens, int 
     /* The threads start once here and run the layers together (see PARALLEL_TEAM): a start
      * per step would cost more than a wait at the end of one, and a 1B step has 157 steps. */
     const int first = s->all_logits ? 0 : n - 1; /* the tokens whose logits are wanted */
-    PARALLEL_TEAM(s->threads) {
+    const int team = pick_team(s, n == 1);
+    const double start = now_seconds();
+    PARALLEL_TEAM(team) {
         for (int l = 0; l < c->n_layers; l++) {
             decoder_layer(c, &w->layers[l], s, l, n, pos0);
             if (s->hidden_dump) {
@@ -1050,6 +1082,7 @@ static float *forward_batch(const Model *m, RunState *s, const int *tokens, int 
             matmul(s->logits, s->xb + (size_t)first * D, n - first, &w->classifier, s);
         }
     }
+    if (n == 1) time_team(s, team, now_seconds() - start);
     return classify ? s->logits : NULL;
 }
 
@@ -1860,16 +1893,6 @@ static int isatty_stderr(void) {
     return isatty(2); /* POSIX builds: progress lines only on a terminal */
 #else
     return 0;
-#endif
-}
-
-static double now_seconds(void) {
-#if defined(CLOCK_MONOTONIC)
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-#else
-    return (double)clock() / CLOCKS_PER_SEC; /* no POSIX clock: CPU time will do */
 #endif
 }
 

@@ -161,7 +161,7 @@ probe() {
         p_code="${next%% *}"
         next="${next#* }"
         if [ "$rc" -ne 0 ] || [ "$p_code" = 000 ]; then
-            die "cannot reach $HF_ENDPOINT ($(tail -n 1 "$tmp/curl.err" 2>/dev/null)); check the network, or HF_ENDPOINT"
+            die "cannot reach $HF_ENDPOINT ($(tail -n 1 "$tmp/curl.err" 2>/dev/null)); check the network or HF_ENDPOINT, or run a model you already have: ./run.sh HF_DIR or ./run.sh MODEL.bin"
         fi
         # x-linked-size: the size of an LFS file, sent with the hub's redirect to its CDN
         p_size=$(tr -d '\r' <"$h" | awk '{ k = tolower($1) }
@@ -259,7 +259,8 @@ download() { # REPO DIR
     mkdir -p "$dir" || die "cannot create $dir"
     say "download: $HF_ENDPOINT/$repo -> $dir${token:+ (with the token from $token_from)}"
     tmp=$(mktemp -d "${TMPDIR:-/tmp}/run_sh.XXXXXX") || die "mktemp failed"
-    trap 'rm -rf "$tmp"' EXIT
+    # a download that fails before its first file leaves no empty folder behind
+    trap 'rm -rf "$tmp"; rmdir "$dir" "$GEMMA3_HOME" 2>/dev/null' EXIT
     trap 'echo >&2; say "interrupted; run ./run.sh again to resume the download"; exit 130' INT TERM
     fetch "$repo" config.json "$dir"
     fetch "$repo" tokenizer.json "$dir"
@@ -279,9 +280,26 @@ download() { # REPO DIR
 }
 
 # ---------------------------------------------------------------- 3. export
+# whole_bin FILE: a complete gemma3.c model file: the GM3C magic, and the file size that its
+# header gives (u64 little-endian at byte 8) is its size. (A file cut short by an old,
+# interrupted export is not.)
+whole_bin() {
+    local f="$1" b i want=0 have
+    [ -f "$f" ] && [ "$(head -c 4 "$f" 2>/dev/null)" = GM3C ] || return 1
+    b=($(od -An -v -t u1 -j 8 -N 8 "$f")) || return 1
+    [ "${#b[@]}" -eq 8 ] || return 1
+    for i in 7 6 5 4 3 2 1 0; do want=$((want * 256 + b[i])); done
+    have=$(wc -c <"$f" | tr -d ' ')
+    [ "$want" = "$have" ]
+}
+
 export_model() { # HF_DIR OUT.bin
     local src="$1" out="$2" choices
-    if [ -f "$out" ]; then say "export: $out already there, skipped"; return 0; fi
+    if whole_bin "$out"; then say "export: $out already there, skipped"; return 0; fi
+    if [ -e "$out" ]; then
+        say "export: $out is not a whole model file (cut short by an interrupted export?): exporting it again"
+        rm -f "$out" || die "cannot remove $out"
+    fi
     need python3 "export.py needs Python 3 (standard library only)"
     choices=$(python3 "$here/export.py" --help 2>/dev/null | sed -n 's/.*--dtype {\([^}]*\)}.*/\1/p' | head -n 1)
     if [ -n "$choices" ] && [[ ",$choices," != *",$DTYPE,"* ]]; then
@@ -335,7 +353,7 @@ else
     name="${repo##*/}"
     dir="$GEMMA3_HOME/$name"
     bin="$GEMMA3_HOME/$name-$DTYPE.bin"
-    if [ ! -f "$bin" ] && ! complete "$dir" && [ -z "$token" ]; then
+    if ! whole_bin "$bin" && ! complete "$dir" && [ -z "$token" ]; then
         if [ "$repo" != "$MODEL" ] && [ -z "${HF_REPO:-}" ]; then
             say "no Hugging Face token (HF_TOKEN is unset and there is no $token_file): $MODEL is gated," \
                 "so downloading $repo, an ungated re-upload of the same weights (HF_REPO=org/name picks another;" \
@@ -345,7 +363,7 @@ else
                 "(fine for public repos; gated ones need a token)"
         fi
     fi
-    if [ -f "$bin" ]; then
+    if whole_bin "$bin"; then
         say "download: $bin already exported, skipped"
     else
         download "$repo" "$dir"

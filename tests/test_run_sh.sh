@@ -363,5 +363,18 @@ check "a missing repo (404) fails with one error line" \
 R down MODEL=org/name GEMMA3_HOME="$W/g3down" HF_ENDPOINT="http://127.0.0.1:$closed" -- -- -t 0
 check "an unreachable hub fails with one error line" \
     bash -c '[ "$1" -ne 0 ] && [ "$(grep -c "error:.*cannot reach" "$2")" -eq 1 ]' _ "$rc" "$W/down.err"
+check "... which names ./run.sh HF_DIR and ./run.sh MODEL.bin" \
+    bash -c 'grep "error:.*cannot reach" "$1" | grep -q "./run.sh HF_DIR" && grep -q "./run.sh MODEL.bin" "$1"' _ "$W/down.err"
+check "... and leaves no empty folder behind" test ! -e "$W/g3down"
+
+# ------------------------------------------------------------------ an export cut short
+# (as an interrupted export of an older export.py left it): run.sh exports it again
+head -c 100000 "$G3/name-q8_0.bin" >"$G3/name-bf16.bin"
+R cut MODEL=org/name DTYPE=bf16 -- -- -t 0 -n 4
+check "a model file cut short is exported again, not skipped" \
+    bash -c '[ "$1" -eq 0 ] && grep -q "not a whole model file" "$2" && ! grep -q "already there, skipped" <(grep "export:" "$2" | grep bf16)' \
+    _ "$rc" "$W/cut.err"
+check "... and is whole afterwards (the header's size is the file's)" \
+    bash -c '[ "$(head -c 4 "$1")" = GM3C ] && [ "$(wc -c <"$1")" -gt 100000 ]' _ "$G3/name-bf16.bin"
 
 finish
