@@ -12,11 +12,16 @@ absent: local RoPE base 10000 (`rope.freq_base_swa`), a global layer every 6th
 on the file format (RoPE, masks, softmax, GELU) come from tests/ref_forward.py, which
 reproduces gemma_pytorch's golden logits.
 
+    python3 tests/ref_gguf.py --self-check
     python3 tests/ref_gguf.py MODEL.gguf --info
     python3 tests/ref_gguf.py MODEL.gguf --tokens IDS.txt --out LOGITS.f32
         [--dump-hidden HIDDEN.f32] [--compare OTHER.f32 [--tol 1e-4]]
         [--compare-hidden OTHER_HIDDEN.f32]
 
+  --self-check    writes tests/fixtures/tiny (the checkpoint whose golden logits come from
+                  gemma_pytorch) as a GGUF the way llama.cpp's converter does (norms + 1, GGUF
+                  names), runs it, and compares with the golden logits (bound 1e-5 of the
+                  largest); the fixture's query_pre_attn_scalar (24, not head_dim) is set by hand
   --tokens FILE   whitespace-separated ids (include <bos> yourself), positions 0..T-1
   --out FILE      float32 logits, row-major [T][vocab] (the layout of gemma3 --logits)
   --dump-hidden   the residual stream after the embedding and after each layer,
@@ -204,9 +209,72 @@ def compare_hidden(ours, path):
         print(f"  hidden after {name:>9}: max|diff| / max|x| = {rel:.2g}")
 
 
+HF_TO_GGUF = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def self_check():
+    """The golden fixture through a GGUF written with gguf-py; true if it matches."""
+    import tempfile
+    import ref_forward
+    fixture = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tiny")
+    hf = ref_forward.load_text_weights(fixture)
+    c = ref_forward.load_config(fixture, hf["embed_tokens.weight"].shape[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "tiny.gguf")
+        wr = gguf.GGUFWriter(path, "gemma3")
+        wr.add_context_length(c["max_position_embeddings"])
+        wr.add_embedding_length(c["hidden_size"])
+        wr.add_block_count(c["num_hidden_layers"])
+        wr.add_feed_forward_length(c["intermediate_size"])
+        wr.add_head_count(c["num_attention_heads"])
+        wr.add_head_count_kv(c["num_key_value_heads"])
+        wr.add_key_length(c["head_dim"])
+        wr.add_value_length(c["head_dim"])
+        wr.add_layer_norm_rms_eps(c["rms_norm_eps"])
+        wr.add_rope_freq_base(c["rope_theta"])
+        wr.add_sliding_window(c["sliding_window"])
+        for name, arr in hf.items():
+            if name == "embed_tokens.weight":
+                gname = "token_embd.weight"
+            elif name == "norm.weight":
+                gname = "output_norm.weight"
+            else:                                  # layers.N.<module>.weight
+                parts = name.split(".")
+                gname = f"blk.{parts[1]}.{HF_TO_GGUF['.'.join(parts[2:-1])]}.weight"
+            if name.endswith("norm.weight"):
+                arr = arr + F32(1.0)
+            wr.add_tensor(gname, arr.astype(F32))
+        wr.write_header_to_file()
+        wr.write_kv_data_to_file()
+        wr.write_tensors_to_file()
+        wr.close()
+        cfg, w, _ = load_gguf(path)
+    cfg["attn_scale"] = float(c["query_pre_attn_scalar"]) ** -0.5
+    with open(os.path.join(fixture, "tokens.txt")) as f:
+        tokens = [int(t) for t in f.read().split()]
+    logits = forward(tokens, cfg, w)
+    golden = np.fromfile(os.path.join(fixture, "logits.f32"), dtype="<f4").reshape(logits.shape)
+    worst = float(np.abs(logits - golden).max())
+    scale = float(np.abs(golden).max())
+    equal = int(np.sum(logits.argmax(-1) == golden.argmax(-1)))
+    ok = worst <= 1e-5 * scale and equal == len(tokens)
+    print(f"self-check: fixtures/tiny as GGUF vs gemma_pytorch: max|diff| {worst:.3g} = "
+          f"{worst / scale:.2g} of max|logit|, argmax equal {equal}/{len(tokens)}: "
+          f"{'ok' if ok else 'FAIL'}")
+    return ok
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("gguf_file")
+    ap.add_argument("gguf_file", nargs="?")
+    ap.add_argument("--self-check", action="store_true")
     ap.add_argument("--info", action="store_true")
     ap.add_argument("--tokens")
     ap.add_argument("--out")
@@ -215,6 +283,10 @@ def main(argv=None):
     ap.add_argument("--compare-hidden")
     ap.add_argument("--tol", type=float, default=1e-4)
     args = ap.parse_args(argv)
+    if args.self_check:
+        return 0 if self_check() else 1
+    if not args.gguf_file:
+        ap.error("a GGUF file is needed")
 
     cfg, w, general = load_gguf(args.gguf_file)
     if args.info:

