@@ -23,6 +23,12 @@ all: gemma3
 gemma3: gemma3.c tokenizer.c
 	$(CC) $(WARN) $(CFLAGS) $(MARCH) $(OMPFLAGS) -o $@ gemma3.c $(LDLIBS)
 
+# GGUF import: export.py runs this to dequantize a GGUF's tensors (built on first use).
+# -ffp-contract=off: its float32 results must equal gguf-py's numpy ones bit for bit,
+# and a fused multiply-add rounds once where numpy rounds twice.
+tools/gguf_dequant: tools/gguf_dequant.c
+	$(CC) $(WARN) -O2 -ffp-contract=off -o $@ tools/gguf_dequant.c
+
 test_all: test_all.c gemma3.c tokenizer.c $(wildcard tests/*.c)
 	$(CC) $(WARN) -Wno-unused-function $(CFLAGS) $(MARCH) $(OMPFLAGS) -o $@ test_all.c $(LDLIBS)
 
@@ -72,5 +78,5 @@ debug:
 	$(CC) $(WARN) -O0 -g $(OMPFLAGS) -o gemma3 gemma3.c $(LDLIBS)
 
 clean:
-	rm -f gemma3 test_all
+	rm -f gemma3 test_all tools/gguf_dequant
 	rm -rf tests/build
