@@ -5,7 +5,7 @@ Not a test (no pass/fail bound): llama.cpp multiplies quantized weights by activ
 quantizes too (Q8 blocks), so its logits differ from an exact float32 forward by more than
 gemma3.c's do. This prints, per position, whether llama.cpp's top-1 token is gemma3.c's, and
 the largest logit difference; then, per layer, how far llama.cpp's residual stream is from
-gemma3.c's (`--dump-hidden`), and the first layer where it departs by more than 1 %. With
+gemma3.c's (`--dump-hidden`), where it first exceeds 1 % and which layer adds the most. With
 --ref it also runs tests/ref_gguf.py's numpy forward, a third opinion on both.
 
 Needs llama-cpp-python (builds llama.cpp from source: minutes to an hour) and numpy, e.g.
@@ -145,7 +145,15 @@ def main():
               f"{np.median(diff):.4g}")
         return top_a, top_b, diff
 
+    def perplexity(logits):
+        x = logits[:-1].astype(np.float64)
+        m = x.max(-1)
+        lse = m + np.log(np.exp(x - m[:, None]).sum(-1))
+        return float(np.exp(np.mean(lse - x[np.arange(T - 1), ids[1:]])))
+
     top_l, top_g, diff = agreement("llama.cpp vs gemma3.c f32", theirs, ours)
+    print(f"perplexity of these {T - 1} next tokens: gemma3.c f32 {perplexity(ours):.4f}, "
+          f"llama.cpp {perplexity(theirs):.4f}")
     pieces = lambda t: llm.detokenize([int(t)]).decode(errors="replace")   # noqa: E731
     print("  pos  token            gemma3.c top-1   llama.cpp top-1  max|diff|")
     for i in range(T):
@@ -158,16 +166,23 @@ def main():
     n_layers = h.shape[1] - 1
     names = ["inp_scaled"] + [f"l_out-{i}" for i in range(n_layers)]
     if all(n in hidden for n in names):
-        print("residual stream, llama.cpp vs gemma3.c: max|diff| / max|x| over all positions")
-        departed = None
+        print("residual stream, llama.cpp vs gemma3.c, over all positions and dimensions:")
+        print("                   max|diff|/max|x|  rms(diff)/rms(x)      max|x|")
+        departed, jump, prev = None, (0.0, None), 0.0
         for k, name in enumerate(names):
             a, b = hidden[name], h[:, k]
-            rel = float(np.abs(a.astype(np.float64) - b).max() / np.abs(b).max())
+            d = a.astype(np.float64) - b
+            rel = float(np.abs(d).max() / np.abs(b).max())
+            rms = float(np.sqrt(np.mean(d * d) / np.mean(b.astype(np.float64) ** 2)))
             label = "embedding" if k == 0 else f"layer {k - 1}"
-            print(f"  after {label:>9}: {rel:.3g}")
-            if departed is None and rel > 1e-2:
+            print(f"  after {label:>9}: {rel:16.3g}  {rms:16.3g}  {np.abs(b).max():10.4g}")
+            if departed is None and rms > 1e-2:
                 departed = label
-        print(f"first departure by more than 1 %: {departed or 'none'}")
+            if rms - prev > jump[0]:
+                jump = (rms - prev, label)
+            prev = rms
+        print(f"rms difference first above 1 %: after {departed or 'no layer'}; "
+              f"largest rise in one step: {jump[0]:.3g}, {jump[1]}")
     else:
         print(f"residual stream: llama.cpp's callback gave {sorted(hidden)[:4]}...; not compared")
 
