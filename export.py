@@ -467,7 +467,11 @@ def write_model(src, out_path, dtype_name, quiet):
     show = not quiet and sys.stderr.isatty()  # a \r progress line only makes sense on a terminal
     last = 0.0
     try:
-        with open(tmp_path, "wb", buffering=0) as raw:
+        try:
+            raw = open(tmp_path, "wb", buffering=0)
+        except OSError as e:
+            raise ExportError(f"cannot write {out_path}: {e.strerror}")
+        with raw:
             f = ChunkedWriter(raw)
             f.write(header)
             f.write(bytes(cfg["is_global"]))
@@ -515,14 +519,21 @@ def export(src_path, out_path, dtype_name, quiet=False):
     write_model(load(src_path, dtype_name, quiet), out_path, dtype_name, quiet)
 
 
-def build_with_make(target, why, quiet):
-    """Build one of the project's binaries (gemma3, tools/gguf_dequant) if it is missing."""
+def build_with_make(target, why, quiet, refresh=False):
+    """Build one of the project's binaries (gemma3, tools/gguf_dequant) if it is missing;
+    refresh: also when its source is newer (make decides; the old binary is used if make
+    is not there)."""
     here = os.path.dirname(os.path.abspath(__file__))
     binary = os.path.join(here, target)
-    if not os.access(binary, os.X_OK):
-        if not quiet:
+    exists = os.access(binary, os.X_OK)
+    if not exists or refresh:
+        if not exists and not quiet:
             print(f"building {target} ({why}) ...", file=sys.stderr)
-        if subprocess.run(["make", "-C", here, target], stdout=subprocess.DEVNULL).returncode != 0:
+        try:
+            ok = subprocess.run(["make", "-s", "-C", here, target], stdout=subprocess.DEVNULL).returncode == 0
+        except OSError:
+            ok = False
+        if not ok and not (exists and os.access(binary, os.X_OK)):
             raise ExportError(f"{why}: could not build {target}; run make {target} in {here}")
     return binary
 
@@ -591,7 +602,8 @@ GGUF_SKIP_PREFIXES = ("v.", "mm.")  # the vision tower and projector Ollama keep
 
 
 class GGUFReader:
-    """A cursor over the mapped file: each read checks that the bytes are there."""
+    """A cursor over the mapped file: each read checks that the bytes are there. (Slices
+    of an mmap are bytes, copies: nothing keeps the mapping open after an error.)"""
 
     def __init__(self, path, buf):
         self.path, self.buf, self.pos, self.size = path, buf, 0, len(buf)
@@ -617,7 +629,7 @@ class GGUFReader:
         n = self.u64(what + " length")
         raw = self.take(n, what)
         try:
-            return bytes(raw).decode("utf-8")
+            return raw.decode("utf-8")
         except UnicodeDecodeError:
             raise ExportError(f"{self.path}: {what} at byte {self.pos - n} is not valid UTF-8")
 
@@ -635,7 +647,8 @@ class GGUFReader:
                 return list(struct.unpack(f"<{n}{fmt}", raw))
             if etype == GGUF_STRING:
                 if n > (self.size - self.pos) // 8:  # every string takes at least its 8-byte length
-                    raise ExportError(f"{self.path}: {what} claims {n} strings, more than the file can hold")
+                    raise ExportError(f"{self.path}: truncated or corrupt GGUF: {what} claims {n} strings, "
+                                      "more than the file can hold")
                 return [self.string(f"{what}[{i}]") for i in range(n)]
             raise ExportError(f"{self.path}: {what} is an array of unsupported element type {etype}")
         raise ExportError(f"{self.path}: {what} has unknown value type {vtype}")
@@ -653,9 +666,8 @@ def read_gguf(path):
         if size < 4 or f.read(4) != GGUF_MAGIC:
             raise ExportError(f"{path} is not a GGUF file (bad magic) nor a Hugging Face directory")
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    view = memoryview(buf)
     try:
-        r = GGUFReader(path, view)
+        r = GGUFReader(path, buf)
         r.take(4, "magic")
         version = r.u32("version")
         if version in (2 << 24, 3 << 24):
@@ -666,8 +678,8 @@ def read_gguf(path):
         n_kv = r.u64("metadata count")
         # each metadata entry takes at least 13 bytes, each tensor entry at least 24
         if n_kv > (size - r.pos) // 13 or n_tensors > (size - r.pos) // 24:
-            raise ExportError(f"{path}: the header claims {n_kv} metadata entries and {n_tensors} tensors, "
-                              f"more than a {size}-byte file can hold")
+            raise ExportError(f"{path}: truncated or corrupt GGUF: the header claims {n_kv} metadata entries and "
+                              f"{n_tensors} tensors, more than a {size}-byte file can hold")
         meta = {}
         for i in range(n_kv):
             key = r.string(f"metadata key {i}")
@@ -715,7 +727,6 @@ def read_gguf(path):
             t[2], t[3] = data_start + offset, nbytes
         return version, meta, {n: tuple(t) for n, t in tensors.items()}
     finally:
-        view.release()
         buf.close()
 
 
@@ -749,7 +760,7 @@ def gguf_per_layer(meta, key, default, path):
     return gguf_meta(meta, key, int, default, path)
 
 
-def gguf_config(path, meta, n_vocab_rows):
+def gguf_config(path, meta, tensors):
     """The header fields from the gemma3.* metadata. Where a key is absent, the value
     llama.cpp assumes (src/llama-model.cpp, LLM_ARCH_GEMMA3)."""
     arch = gguf_meta(meta, "general.architecture", str, None, path)
@@ -770,7 +781,9 @@ def gguf_config(path, meta, n_vocab_rows):
         raise ExportError(f"{path}: attention.value_length differs from key_length; Gemma 3 has one head_dim")
     cfg = {
         "hidden_size": dim,
-        "intermediate_size": gguf_per_layer(meta, A + "feed_forward_length", None, path),
+        # without the key: the rows of the first gate matrix
+        "intermediate_size": gguf_per_layer(meta, A + "feed_forward_length",
+                                            tensors.get("blk.0.ffn_gate.weight", (0, [0, None]))[1][-1], path),
         "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
@@ -842,7 +855,9 @@ def gguf_tokenizer(path, meta):
         return b"", {}
     model = gguf_meta(meta, "tokenizer.ggml.model", str, "llama", path)
     if model != "llama":
-        raise ExportError(f"{path}: tokenizer.ggml.model is {model!r}; only SentencePiece ('llama'), Gemma's, is supported")
+        print(f"export.py: warning: tokenizer.ggml.model is {model!r}, not SentencePiece ('llama', Gemma's): "
+              "the export has no tokenizer (--logits works, -p and --encode do not)", file=sys.stderr)
+        return b"", {}
     n = len(tokens)
     scores = gguf_meta(meta, "tokenizer.ggml.scores", list, [0.0] * n, path)
     ttypes = gguf_meta(meta, "tokenizer.ggml.token_type", list, [1] * n, path)
@@ -905,11 +920,14 @@ class Dequantizer:
     values come back on its stdout, tensor after tensor, read in pieces of 4 MiB."""
 
     def __init__(self, path, jobs, quiet):
-        binary = build_with_make("tools/gguf_dequant", "it dequantizes GGUF tensors", quiet)
+        binary = build_with_make("tools/gguf_dequant", "it dequantizes GGUF tensors", quiet, refresh=True)
         self.proc = subprocess.Popen([binary, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
-        self.proc.stdin.write("".join(jobs).encode())
-        self.proc.stdin.close()
+        try:
+            self.proc.stdin.write("".join(jobs).encode())
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it stopped at once; read() reports its error line
 
     def read(self, nbytes, name):
         while nbytes > 0:
@@ -937,9 +955,8 @@ def load_gguf(path, dtype_name, quiet):
     if len(emb) != 2:
         raise ExportError(f"{path}: tensor token_embd.weight has dimensions {emb}, expected [hidden, vocab]")
     vocab = emb[1]  # the converter may cut unused rows: the tensor is the truth
-    cfg = gguf_config(path, meta, vocab)
-    D, F, H, KV, hd = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                         "num_key_value_heads", "head_dim"))
+    cfg = gguf_config(path, meta, tensors)
+    D = cfg["hidden_size"]
 
     # Our names and HF shapes, GGUF names. GGUF lists dimensions fastest-first (ne0 =
     # columns): HF [rows, cols] is GGUF [cols, rows].
@@ -964,9 +981,7 @@ def load_gguf(path, dtype_name, quiet):
     # table), so output.weight is accepted only when it is the same table, byte for byte.
     if "output.weight" in tensors:
         out, embt = tensors["output.weight"], tensors["token_embd.weight"]
-        with open(path, "rb") as f:
-            same = out[0] == embt[0] and out[1] == embt[1] and read_range(f, out[2], out[3]) == read_range(f, embt[2], embt[3])
-        if not same:
+        if not (out[0] == embt[0] and out[1] == embt[1] and same_bytes(path, out[2], embt[2], out[3])):
             raise ExportError(f"{path}: output.weight differs from token_embd.weight (an untied classifier); "
                               "the gemma3.c format ties the classifier to the embedding")
 
@@ -995,7 +1010,8 @@ def load_gguf(path, dtype_name, quiet):
     if not quiet:
         general = {k: meta[k][1] for k in ("general.name", "general.size_label", "general.finetune") if k in meta}
         types = sorted({GGML_TYPES[tensors[g][0]][0] for _, _, g in wanted})
-        print(f"{os.path.basename(path)}: GGUF v{version}, {' '.join(str(v) for v in general.values())}, "
+        name = " ".join(str(v) for v in general.values())
+        print(f"{os.path.basename(path)}: GGUF v{version}, {name + ', ' if name else ''}"
               f"tensor types {', '.join(types)}", file=sys.stderr)
         if cfg["num_hidden_layers"] in (34, 48, 62) and cfg["rope_factor"] == 1.0:
             print("note: no rope.scaling metadata; Gemma 3 4B/12B/27B use linear scaling 8 on global layers, "
@@ -1003,9 +1019,17 @@ def load_gguf(path, dtype_name, quiet):
     return Source(cfg, vocab, tok_bytes, special, tensors_out, close=deq.close)
 
 
-def read_range(f, offset, n):
-    f.seek(offset)
-    return f.read(n)
+def same_bytes(path, a, b, n):
+    """Whether the n bytes at offsets a and b of the file are equal (read 16 MiB at a time)."""
+    with open(path, "rb") as f:
+        for pos in range(0, n, 16 << 20):
+            k = min(16 << 20, n - pos)
+            f.seek(a + pos)
+            x = f.read(k)
+            f.seek(b + pos)
+            if x != f.read(k):
+                return False
+    return True
 
 
 def main():
@@ -1028,6 +1052,9 @@ def main():
             export(args.src, args.out, args.dtype, args.quiet)
     except ExportError as e:
         print(f"export.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # cannot write the output (no such directory, disk full, ...)
+        print(f"export.py: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("export.py: interrupted", file=sys.stderr)

@@ -839,6 +839,17 @@ static void test_run_sh(void) {
     CHECK(rc == 0, "tests/test_run_sh.sh failed");
 }
 
+/* GGUF import (export.py MODEL.gguf) against gguf-py: tests/test_gguf.sh, which prints one
+ * line per check; here it counts as one test (skipped if its venv cannot be made). */
+static void test_gguf(void) {
+    printf("GGUF import: synthetic files of every type vs gguf.quants.dequantize, bad files\n");
+    int rc = run("bash tests/test_gguf.sh > " BUILD "/gguf.log 2>&1; rc=$?; grep '^not ok\\|^# cannot' " BUILD "/gguf.log; "
+                 "tail -1 " BUILD "/gguf.log | sed 's/^/    GGUF checks: /'; exit $rc");
+    printf("  tests/test_gguf.sh (full output in " BUILD "/gguf.log):\n%s", last_log());
+    if (rc == 2) skip("GGUF tests (no venv with gguf and numpy: bash tests/install_deps.sh)");
+    else CHECK(rc == 0, "tests/test_gguf.sh failed");
+}
+
 #define TOKMODEL BUILD "/tok-model.bin"
 
 /* Run one chat turn and check that the cache holds exactly the template rendering of the
@@ -1086,6 +1097,7 @@ int main(void) {
     test_own_checkpoints();
     test_tokenizer_and_chat();
     test_run_sh();
+    test_gguf();
     int ci = getenv("CI") && strcmp(getenv("CI"), "") && strcmp(getenv("CI"), "false");
     if (ci && g_skip) {
         printf("CI=true: %d skipped tests count as failures\n", g_skip);

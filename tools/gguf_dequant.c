@@ -14,7 +14,9 @@
  * float32 operations in the same order, half floats widen as numpy does
  * (subnormals exact, inf and NaN payloads kept), and the build turns off
  * multiply-add contraction (-ffp-contract=off in the Makefile), since a fused
- * d * q - m rounds once where numpy rounds twice. Block layouts are those of
+ * d * q - m rounds once where numpy rounds twice. (For the same reason a 32-bit x86
+ * build needs SSE arithmetic, -msse2 -mfpmath=sse: x87 keeps d * q in an 80-bit
+ * register instead of rounding it to float32 before the subtraction.) Block layouts are those of
  * llama.cpp's ggml/src/ggml-common.h; every multi-byte field is read byte by
  * byte as little-endian, so the tool works on big-endian hosts too.
  *
