@@ -10,12 +10,11 @@
 #   4. greedy completions of factual prompts name the answer (f32)
 #   5. perplexity of the whole passage in every format, as a table, against loose bounds
 #
-# Installs the pinned Python packages it needs (gguf, numpy) with `python3 -m pip`.
+# The reference needs the pinned gguf and numpy: tests/test_gguf.sh's venv, or python3 + pip.
 # Work files go to tests/build/real/. Ends with "N passed, N failed"; exit status 1 on failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-PY=${PYTHON:-python3}
 GGUF_PIN=gguf==0.19.0
 NUMPY_PIN=numpy==2.4.6
 PASSAGE=tests/real/pride-and-prejudice-ch1.txt
@@ -35,6 +34,16 @@ finish() {
 stop() { bad "$*"; finish; }   # a step everything after depends on failed
 
 # --- 0. Python packages ---------------------------------------------------------------
+# tests/ref_gguf.py needs the pinned gguf-py and numpy: the venv that tests/test_gguf.sh makes
+# (tests/data/venv-gguf), or else python3 itself, with pip. export.py runs with plain python3.
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  if bash tests/test_gguf.sh --setup > /dev/null 2>&1; then
+    PY=tests/data/venv-gguf/bin/python
+  else
+    PY=python3
+  fi
+fi
 if ! $PY -c "import gguf, numpy, importlib.metadata as m; \
 assert m.version('gguf') == '${GGUF_PIN#*==}' and numpy.__version__ == '${NUMPY_PIN#*==}'" 2>/dev/null; then
   echo "installing $GGUF_PIN $NUMPY_PIN for $($PY -c 'import sys; print(sys.executable)')"
@@ -59,7 +68,7 @@ sed 's/^/      /' "$B/info.txt"
 make -s gemma3 || stop "make gemma3"
 for dt in f32 bf16 q8_0 q4_0; do
   t0=$(date +%s.%N)
-  if $PY export.py "$MODEL" "$B/real-$dt.bin" --dtype "$dt" > "$B/export-$dt.log" 2>&1; then
+  if python3 export.py "$MODEL" "$B/real-$dt.bin" --dtype "$dt" > "$B/export-$dt.log" 2>&1; then
     secs=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
     ok "export --dtype $dt: ${secs} s, $(du -m "$B/real-$dt.bin" | cut -f1) MB"
   else
