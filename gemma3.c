@@ -29,6 +29,7 @@
 #define _DEFAULT_SOURCE /* glibc: also declare MADV_HUGEPAGE (used where it exists) */
 #endif
 #define _FILE_OFFSET_BITS 64 /* 32-bit hosts: stat and map files over 2 GiB */
+#include <ctype.h>
 #include <errno.h>
 #include <math.h>
 #include <stdarg.h>
@@ -225,9 +226,10 @@ static const void *find_tensor(Model *m, const char *name, int rows, int cols, i
             return NULL;
         }
         uint64_t need = (uint64_t)rows * row_bytes((int)dtype, cols > 0 ? cols : 1);
-        if (nbytes != need || off % 64 != 0 || off > m->size || nbytes > m->size - off) {
-            set_err(err, errsize, "tensor %s: bad offset/size (%llu + %llu in a %zu-byte file)", name,
-                    (unsigned long long)off, (unsigned long long)nbytes, m->size);
+        uint64_t data_start = rd_u64(h + 112) + (uint64_t)n * GEMMA3_DIR_ENTRY_SIZE; /* tensors follow the directory */
+        if (nbytes != need || off % 64 != 0 || off < data_start || off > m->size || nbytes > m->size - off) {
+            set_err(err, errsize, "tensor %s: bad offset/size (%llu + %llu in a %zu-byte file whose tensors start at %llu)",
+                    name, (unsigned long long)off, (unsigned long long)nbytes, m->size, (unsigned long long)data_start);
             return NULL;
         }
         if (dtype_out) *dtype_out = (int)dtype;
@@ -372,7 +374,13 @@ static int check_directory(const Model *m, const char *path, int *untied, char *
     for (uint32_t i = 0; i < n_tensors; i++) {
         const char *name = (const char *)dir + (size_t)i * GEMMA3_DIR_ENTRY_SIZE;
         if (!known_tensor_name(name, c->n_layers)) {
-            set_err(err, errsize, "%s: unknown tensor '%.64s' in the model file", path, name);
+            char shown[64 * 4 + 1]; /* the name as printable ASCII: other bytes as \xNN */
+            size_t k = 0;
+            for (int j = 0; j < 64 && name[j]; j++) {
+                unsigned char b = (unsigned char)name[j];
+                k += (size_t)snprintf(shown + k, sizeof shown - k, b >= 0x20 && b < 0x7f ? "%c" : "\\x%02x", b);
+            }
+            set_err(err, errsize, "%s: unknown tensor '%s' in the model file", path, shown);
             return -1;
         }
         *untied |= !strcmp(name, "lm_head.weight");
@@ -824,18 +832,18 @@ static void rope_angles(float *cos_out, float *sin_out, const float *inv_freq, i
 /* e^v in plain arithmetic that the compiler vectorises (a loop that calls libm's expf
  * makes one call per element, and GELU and softmax call it for every value). v = n ln2 + r, with n an integer and |r| <= ln2/2; e^r from its Taylor
  * series to r^7 (the rest is under 2^-27 of it); 2^n written straight into the exponent
- * bits. v is clamped to [-87, 88], where 2^n stays a normal float. The tests hold it to
- * 2 ulp of expf over that range. */
+ * bits. v is clamped to [-87, 88], where 2^n stays a normal float, and a NaN stays NaN
+ * (without converting it to an integer). The tests hold it to 2 ulp of expf over that range. */
 static float exp_vec(float v) {
-    v = v < -87.0f ? -87.0f : v > 88.0f ? 88.0f : v;
-    float n = round_even(v * 1.44269504f);    /* v / ln2, to the nearest integer */
-    float r = v - n * 0.693145751953125f;     /* ln2 in two parts: this one times n is exact */
+    float x = v < -87.0f ? -87.0f : v > 88.0f ? 88.0f : v == v ? v : 0.0f; /* a NaN: 0 here, NaN out */
+    float n = round_even(x * 1.44269504f);    /* x / ln2, to the nearest integer */
+    float r = x - n * 0.693145751953125f;     /* ln2 in two parts: this one times n is exact */
     r = r - n * 1.428606765330187e-6f;
     float p = 1.0f + r * (1.0f + r * (1.0f / 2 + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));
     int32_t bits = ((int32_t)n + 127) * (1 << 23);
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    return v == v ? p * scale : v;
 }
 
 /* The index of the largest of x[0..n) (the first, if several; NaNs are passed over).
@@ -1900,13 +1908,32 @@ static int isatty_stderr(void) {
  * be < vocab_size. The --logits file and --decode's stdin both come through here. */
 static int read_id_stream(FILE *f, const char *name, int vocab_size, int **ids_out, int *n_out, char *err,
                           size_t errsize) {
-    int cap = 256, n = 0, *ids = malloc((size_t)cap * sizeof(int));
-    char word[64];
-    while (ids && fscanf(f, "%63s", word) == 1) {
-        char *end;
-        errno = 0;
-        long v = strtol(word, &end, 10);
-        if (*end || errno || v < 0 || v >= vocab_size) {
+    int cap = 256, n = 0, *ids = malloc((size_t)cap * sizeof(int)), ch = 0;
+    while (ids && ch != EOF) {
+        /* one word: decimal digits, ended by white space or the end; anything else is refused
+         * (a NUL or a letter inside an id must not pass as part of a number): named by the
+         * word where it is printable, else by its byte */
+        long v = 0;
+        int digits = 0;
+        char word[24]; /* its first digits, for the message */
+        while ((ch = fgetc(f)) != EOF && isspace(ch)) {}
+        int bad = 0; /* a byte that is not a digit: the first that is not printable, else 1 */
+        for (; ch != EOF && !isspace(ch); ch = fgetc(f)) {
+            if ((ch < '0' || ch > '9') && !bad) bad = ch > 0x20 && ch < 0x7f ? 1 : 0x100 | ch;
+            if (!bad && v < vocab_size) v = 10 * v + (ch - '0'); /* v stops growing once it is out of range */
+            if (digits < (int)sizeof word - 4) word[digits] = (char)ch, word[digits + 1] = 0;
+            else memcpy(word + sizeof word - 4, "...", 4);
+            digits++;
+            if (bad > 1) break;
+        }
+        if (bad > 1) {
+            set_err(err, errsize, "%s: token %d holds the byte 0x%02x, not a token id in [0, %d)", name, n + 1, bad & 0xff,
+                    vocab_size);
+            free(ids);
+            return -1;
+        }
+        if (digits == 0) break;
+        if (bad || v >= vocab_size) {
             set_err(err, errsize, "%s: token %d is '%s', not a token id in [0, %d)", name, n + 1, word, vocab_size);
             free(ids);
             return -1;
@@ -1919,6 +1946,7 @@ static int read_id_stream(FILE *f, const char *name, int vocab_size, int **ids_o
         ids[n++] = (int)v;
     }
     if (!ids) { set_err(err, errsize, "out of memory reading %s", name); return -1; }
+    if (ferror(f)) { set_err(err, errsize, "read error on %s", name); free(ids); return -1; }
     *ids_out = ids;
     *n_out = n;
     return 0;

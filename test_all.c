@@ -590,6 +590,9 @@ static void test_kernels(void) {
     printf("exp_vec vs expf on [-87, 88]: at most %d ulp apart; gelu_tanh on [-10.9, 11] vs double: rel. error %.2g\n",
            worst_ulp, worst_gelu);
     CHECK(worst_ulp <= 2, "exp_vec is %d ulp from expf", worst_ulp);
+    /* a NaN (from NaN weights) stays NaN, and is never converted to an integer (undefined) */
+    CHECK(isnan(exp_vec(NAN)) && isnan(gelu_tanh(NAN)) && exp_vec(-INFINITY) == exp_vec(-87.0f) &&
+              exp_vec(INFINITY) == exp_vec(88.0f), "exp_vec of NaN / +-inf");
     /* where the result is tiny, e^(2u) carries the rounding of u in float: about 1e-5 */
     CHECK(worst_gelu < 1e-4, "gelu_tanh has relative error %g", worst_gelu);
     int max_level = 0;
@@ -1158,6 +1161,9 @@ static void test_bad_inputs(void) {
     write_patched(good, BUILD "/bad-short.bin", 10, NULL, 0);
     unsigned char bos_top[4] = {2, 0, 0, 0x80}; /* bos_id 0x80000002: negative as an int */
     write_patched(good, BUILD "/bad-bos.bin", 16 + 4 * 9, bos_top, 4);
+    const unsigned char into_header[8] = {64}; /* a tensor "at byte 64": inside the header */
+    write_patched(good, BUILD "/bad-tensor-in-header.bin", 128 + 8 + 88, into_header, 8);
+    write_patched(good, BUILD "/bad-tensor-newline.bin", 128 + 8 + 3, "\n", 1); /* a raw byte from the file */
     const char *logits = " --logits " TINY "/tokens.txt " BUILD "/bad.f32";
     expect_error("truncated model file", "truncated", "./gemma3 %s%s", BUILD "/bad-truncated.bin", logits);
     expect_error("file shorter than a header", "too short", "./gemma3 %s%s", BUILD "/bad-short.bin", logits);
@@ -1166,6 +1172,22 @@ static void test_bad_inputs(void) {
     expect_error("unknown tensor name", "unknown tensor 'embXd_tokens.weight'", "./gemma3 %s%s", BUILD "/bad-tensor-name.bin", logits);
     expect_error("tensor offset past the end", "offset", "./gemma3 %s%s", BUILD "/bad-tensor-offset.bin", logits);
     expect_error("bos id with the top bit set", "special token ids", "./gemma3 %s%s", BUILD "/bad-bos.bin", logits);
+    expect_error("tensor offset inside the header", "bad offset", "./gemma3 %s%s", BUILD "/bad-tensor-in-header.bin", logits);
+    expect_error("a newline in a tensor name is shown escaped", "unknown tensor 'emb\\x0ad_tokens.weight'", "./gemma3 %s%s",
+                 BUILD "/bad-tensor-newline.bin", logits);
+    { /* id files: a NUL byte, binary bytes, a 70-digit number are refused, not read as ids */
+        FILE *f = fopen(BUILD "/ids-binary.txt", "wb");
+        if (f) { fwrite("\x00\x01\xff\xfe", 1, 4, f); fclose(f); }
+        f = fopen(BUILD "/ids-nul.txt", "wb");
+        if (f) { fwrite("2 3\x00 5", 1, 6, f); fclose(f); }
+        f = fopen(BUILD "/ids-long.txt", "wb");
+        if (f) { fprintf(f, "2 1234567890123456789012345678901234567890123456789012345678901234567890\n"); fclose(f); }
+    }
+    expect_error("id file of binary bytes", "byte 0x00", "./gemma3 %s --logits %s %s", good, BUILD "/ids-binary.txt", BUILD "/bad.f32");
+    expect_error("id file with a NUL byte", "token 2 holds the byte 0x00", "./gemma3 %s --logits %s %s", good, BUILD "/ids-nul.txt",
+                 BUILD "/bad.f32");
+    expect_error("id file with a 70-digit number", "token 2 is '12345678901234567890...'", "./gemma3 %s --logits %s %s", good,
+                 BUILD "/ids-long.txt", BUILD "/bad.f32");
     expect_error("unreadable model path", "cannot open", "./gemma3 %s%s", BUILD "/no-such-file.bin", logits);
     expect_error("model path is a directory", "not a regular file", "./gemma3 %s%s", BUILD, logits);
 
