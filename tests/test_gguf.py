@@ -552,6 +552,10 @@ def main():
     expect_error("unknown tensor", g, "unknown tensor 'blk.0.attn_extra.weight'")
     make_gguf(g, T.Q8_0, kv={"gemma3.embedding_length": None})
     expect_error("missing metadata", g, "missing metadata gemma3.embedding_length")
+    make_gguf(g, T.Q8_0, kv={"gemma3.attention.layer_norm_rms_epsilon": ("f32", float("nan"))})
+    expect_error("NaN epsilon", g, "gemma3.attention.layer_norm_rms_epsilon is nan, not a finite number")
+    make_gguf(g, T.Q8_0, kv={"gemma3.rope.freq_base": ("f32", 0.0)})
+    expect_error("zero RoPE base", g, "gemma3.rope.freq_base 0.0 is out of range")
     make_gguf(g, T.Q8_0, kv={"gemma3.final_logit_softcapping": ("f32", 30.0)})
     expect_error("soft-capping", g, "soft-capping")
     make_gguf(g, T.Q8_0, kv={"gemma3.rope.scaling.type": ("str", "yarn"), "gemma3.rope.scaling.factor": ("f32", 4.0)})
@@ -559,6 +563,9 @@ def main():
     rc, _, err = export(os.path.join(W, "untied.gguf"), os.path.join(W, "untied-q8_0.bin"), "--dtype", "q8_0")
     check(rc == 0 and "lm_head.weight" in read_model(os.path.join(W, "untied-q8_0.bin"))[1],
           "untied, q8_0 export: lm_head.weight quantized too", err.strip())
+    rc, _, err = run(PY, "export.py", good, os.path.join(W, "again-q8_0.bin"), "--dtype", "q8_0")
+    check(rc == 0 and "is already quantized (Q8_0)" in err and "tmp" not in err,
+          "q8_0 export of a Q8_0 file: says it is already quantized, no .tmp names in the log", err.strip())
 
     # random corruption of the header, metadata and tensor table: an ExportError (one line)
     # or a clean load, never another exception (in-process, 400 files)
