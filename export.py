@@ -347,9 +347,13 @@ def shard_names(hf_dir):
     files = set()
     for name, fn in wmap.items():
         if not (isinstance(fn, str) and fn and fn not in (".", "..") and os.path.basename(fn) == fn
-                and "/" not in fn and "\\" not in fn and "\0" not in fn):
+                and "/" not in fn and "\\" not in fn and "\0" not in fn and fn.isprintable()
+                and fn.encode("utf-8", "replace").decode("utf-8") == fn):  # no lone surrogates
             raise ExportError(f"{index}: weight_map gives {short(name)} the shard {short(fn)}, "
                               f"not a file name inside {hf_dir}")
+        if len(fn) > 255:
+            raise ExportError(f"{index}: weight_map gives {short(name)} a shard name of {len(fn)} characters "
+                              f"({short(fn)}), longer than a file name can be")
         files.add(fn)
     return sorted(files)
 
@@ -548,8 +552,10 @@ class Source:
         self.sot = special.get("<start_of_turn>") if special.get("<start_of_turn>") is not None else 105
         if not 1 <= vocab <= MAX_DIM:
             raise ExportError(f"the embedding table has {vocab} rows (1 to {MAX_DIM} allowed)")
-        if self.bos >= vocab or self.eos >= vocab:  # as gemma3's loader requires
-            raise ExportError(f"bos / eos token id ({self.bos} / {self.eos}) out of range for a vocabulary of {vocab}")
+        for what, v, hi in (("bos", self.bos, vocab), ("eos", self.eos, vocab),  # as gemma3's loader requires
+                            ("end-of-turn", self.eot, MAX_DIM), ("start-of-turn", self.sot, MAX_DIM)):
+            if not is_int(v) or not 0 <= v < hi:
+                raise ExportError(f"{what} token id {short(v)} out of range (0 to {hi - 1}; vocabulary of {vocab})")
 
 
 def load_hf(hf_dir, dtype_name, quant=None):
@@ -557,6 +563,13 @@ def load_hf(hf_dir, dtype_name, quant=None):
     if quant:
         check_quantizable(cfg, quant, os.path.join(hf_dir, "config.json"))
     found = find_tensors(hf_dir)
+    n_layers = cfg["num_hidden_layers"]
+    if len(found) < 2 + 13 * n_layers:  # too few tensors for the layer count: say so before listing them all
+        names = (n for i in range(-1, n_layers + 1) for n in
+                 (["embed_tokens.weight"] if i < 0 else ["norm.weight"] if i == n_layers else
+                  [f"layers.{i}.{t}" for t, _ in LAYER_TENSORS]))
+        raise ExportError(f"missing tensor {next((n for n in names if n not in found), '?')!r} (num_hidden_layers "
+                          f"{n_layers} needs {2 + 13 * n_layers} tensors, the checkpoint has {len(found)})")
     wanted = expected_tensors(cfg)
     wanted_names = {n for n, _ in wanted}
     for name in found:
@@ -1217,6 +1230,13 @@ def plan_gguf(path, dtype_name, quiet, quant=None):
 
     # Our names and HF shapes, GGUF names. GGUF lists dimensions fastest-first (ne0 =
     # columns): HF [rows, cols] is GGUF [cols, rows].
+    n_layers = cfg["num_hidden_layers"]
+    if len(tensors) < 2 + 13 * n_layers:  # too few tensors for block_count: say so before listing them all
+        names = (n for i in range(-1, n_layers + 1) for n in
+                 (["token_embd.weight"] if i < 0 else ["output_norm.weight"] if i == n_layers else
+                  [f"blk.{i}.{g}.weight" for g in GGUF_LAYER_NAMES]))
+        raise ExportError(f"{path}: missing tensor {next((n for n in names if n not in tensors), '?')} (block_count "
+                          f"{n_layers} needs {2 + 13 * n_layers} tensors, the file has {len(tensors)})")
     wanted = [("embed_tokens.weight", [vocab, D], "token_embd.weight")]
     for i in range(cfg["num_hidden_layers"]):
         hf = dict(LAYER_TENSORS)
@@ -1248,9 +1268,10 @@ def plan_gguf(path, dtype_name, quiet, quant=None):
     for piece, key in (("<bos>", "bos_token_id"), ("<eos>", "eos_token_id"), ("<end_of_turn>", "eot_token_id")):
         if special.get(piece) is None and f"tokenizer.ggml.{key}" in meta:
             special[piece] = gguf_meta(meta, f"tokenizer.ggml.{key}", int, None, path)
-    if special.get("<bos>") is not None and special["<bos>"] >= vocab or \
-            special.get("<eos>") is not None and special["<eos>"] >= vocab:
-        raise ExportError(f"{path}: bos / eos token id out of range for a vocabulary of {vocab}")
+    if any(special.get(p) is not None and not 0 <= special[p] < (vocab if p in ("<bos>", "<eos>") else MAX_DIM)
+           for p in ("<bos>", "<eos>", "<end_of_turn>")):
+        raise ExportError(f"{path}: bos / eos / end-of-turn token id out of range for a vocabulary of {vocab} "
+                          f"({', '.join(f'{p} {special.get(p)}' for p in ('<bos>', '<eos>', '<end_of_turn>'))})")
 
     out_dtype = DTYPE_CODES[dtype_name]
     jobs, plan = [], []
