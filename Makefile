@@ -16,7 +16,7 @@ ifeq ($(OMP),1)
 endif
 LDLIBS = -lm
 
-.PHONY: all test clean debug asan valgrind test-cross bench bench-tokenizer
+.PHONY: all test clean debug asan valgrind test-cross bench bench-tokenizer fuzz-export
 
 all: gemma3
 
@@ -36,6 +36,12 @@ test_all: test_all.c gemma3.c tokenizer.c kernels_x86.c $(wildcard tests/*.c)
 # Ends with "N passed, N failed".
 test: gemma3 test_all
 	./test_all
+
+# export.py's readers (config.json, safetensors header, index, GGUF) under a mutation
+# fuzzer for FUZZ_SECONDS; a finding is saved in tests/build/fuzz/ and fails the target.
+FUZZ_SECONDS ?= 600
+fuzz-export:
+	python3 tests/fuzz_export.py --seconds $(FUZZ_SECONDS)
 
 # Same fixture logits on aarch64, i686 and big-endian s390x under qemu-user (installs
 # Debian's cross compilers and qemu-user on first use), plus the no-mmap build.

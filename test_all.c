@@ -1125,11 +1125,17 @@ static void test_bad_inputs(void) {
         {"index without weight_map", "index '{}'", "no weight_map", ""},
         {"index shard outside the dir", "index '{\"weight_map\": {\"a\": \"../../../etc/passwd\"}}'",
          "the shard '../../../etc/passwd', not a file name inside", ""},
+        /* found by tests/fuzz_export.py */
+        {"index shard a lone surrogate", "index '{\"weight_map\": {\"a\": \"\\ud800\"}}'", "not a file name inside", ""},
+        {"index shard name of 300 characters", "index '{\"weight_map\": {\"a\": \"%0300d\"}}'", "longer than a file name", ""},
+        {"layer count past the tensors", "config num_hidden_layers 65536", "num_hidden_layers 65536 needs 851970 tensors", ""},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         char what[128];
         snprintf(what, sizeof what, "export: %s", bad[i][0]);
-        run("rm -f " BUILD "/bad-export.bin " BUILD "/.bad-export.bin.*; %s %s", mut, bad[i][1]);
+        char mutation[512];
+        snprintf(mutation, sizeof mutation, bad[i][1], 0); /* %0300d: a name of 300 zeros */
+        run("rm -f " BUILD "/bad-export.bin " BUILD "/.bad-export.bin.*; %s %s", mut, mutation);
         expect_error(what, bad[i][2], "ulimit -v 2000000; timeout 30 %s %s", exp, bad[i][3]);
         CHECK(run("test ! -e " BUILD "/bad-export.bin && ! ls -A " BUILD " | grep -q '^\\.bad-export'") == 0,
               "%s: an output or temporary file is left", what);

@@ -139,7 +139,7 @@ def make_gguf(path, qtype=T.Q8_0, *, version=3, vocab=512, layers=L, dim=D, ffn=
         "gemma3.attention.sliding_window": ("u32", 16),
     }
     meta.update(kv or {})
-    add = {"u32": w.add_uint32, "f32": w.add_float32, "str": w.add_string, "array": w.add_array}
+    add = {"u32": w.add_uint32, "i32": w.add_int32, "f32": w.add_float32, "str": w.add_string, "array": w.add_array}
     for k, v in meta.items():
         if v is not None:
             add[v[0]](k, v[1])
@@ -556,6 +556,8 @@ def main():
     expect_error("NaN epsilon", g, "gemma3.attention.layer_norm_rms_epsilon is nan, not a finite number")
     make_gguf(g, T.Q8_0, kv={"gemma3.rope.freq_base": ("f32", 0.0)})
     expect_error("zero RoPE base", g, "gemma3.rope.freq_base 0.0 is out of range")
+    make_gguf(g, T.Q8_0, tokenizer=False, kv={"tokenizer.ggml.bos_token_id": ("i32", -2 ** 31)})
+    expect_error("negative bos id (found by tests/fuzz_export.py)", g, "<bos> -2147483648")
     make_gguf(g, T.Q8_0, kv={"gemma3.final_logit_softcapping": ("f32", 30.0)})
     expect_error("soft-capping", g, "soft-capping")
     make_gguf(g, T.Q8_0, kv={"gemma3.rope.scaling.type": ("str", "yarn"), "gemma3.rope.scaling.factor": ("f32", 4.0)})
