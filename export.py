@@ -117,6 +117,12 @@ def short(v, n=60):
     return r if len(r) <= n else r[:n - 3] + "..."
 
 
+def label(s, n=80):
+    """A name from the input (a GGUF key or tensor name), for a message: as it is if it is
+    short and printable, else its repr cut short."""
+    return s if len(s) <= n and s.isprintable() else short(s, n)
+
+
 def read_json(path, what, limit):
     """A JSON file of at most `limit` bytes, parsed; every failure an ExportError."""
     try:
@@ -124,7 +130,7 @@ def read_json(path, what, limit):
             size = os.fstat(f.fileno()).st_size
             if size > limit:
                 raise ExportError(f"{path} is {size} bytes, more than a {what} can plausibly be ({limit})")
-            raw = f.read(limit + 1)
+            raw = f.read()
     except OSError as e:
         raise ExportError(f"cannot read {path}: {e.strerror}")
     return parse_json(raw, path)
@@ -935,21 +941,22 @@ def read_gguf(path):
         meta = {}
         for i in range(n_kv):
             key = r.string(f"metadata key {i}")
-            vtype = r.u32(f"type of {key}")
+            vtype = r.u32(f"type of {label(key)}")
             if key in meta:
-                raise ExportError(f"{path}: metadata key {key!r} appears twice")
-            meta[key] = (vtype, r.value(vtype, key))
+                raise ExportError(f"{path}: metadata key {short(key)} appears twice")
+            meta[key] = (vtype, r.value(vtype, label(key)))
         tensors = {}
         for i in range(n_tensors):
             name = r.string(f"tensor {i} name")
-            n_dims = r.u32(f"tensor {name} dimension count")
+            tn = label(name)
+            n_dims = r.u32(f"tensor {tn} dimension count")
             if not 1 <= n_dims <= 4:
-                raise ExportError(f"{path}: tensor {name} has {n_dims} dimensions (1 to 4 allowed)")
-            dims = [r.u64(f"tensor {name} dimensions") for _ in range(n_dims)]
-            ttype = r.u32(f"tensor {name} type")
-            offset = r.u64(f"tensor {name} offset")
+                raise ExportError(f"{path}: tensor {tn} has {n_dims} dimensions (1 to 4 allowed)")
+            dims = [r.u64(f"tensor {tn} dimensions") for _ in range(n_dims)]
+            ttype = r.u32(f"tensor {tn} type")
+            offset = r.u64(f"tensor {tn} offset")
             if name in tensors:
-                raise ExportError(f"{path}: tensor {name!r} appears twice")
+                raise ExportError(f"{path}: tensor {short(name)} appears twice")
             tensors[name] = [ttype, dims, offset, None]
         align = gguf_meta(meta, "general.alignment", int, GGUF_DEFAULT_ALIGNMENT, path)
         if align <= 0 or align & (align - 1):
@@ -957,6 +964,7 @@ def read_gguf(path):
         data_start = pad_to(r.pos, align)
         for name, t in tensors.items():
             ttype, dims, offset, _ = t
+            tn = label(name)
             count = 1
             for d in dims:
                 count *= d
@@ -965,16 +973,16 @@ def read_gguf(path):
                     t[2] = t[3] = None  # a vision tensor we skip: its type does not matter
                     continue
                 tname = GGML_OTHER_TYPES.get(ttype, f"number {ttype}")
-                raise ExportError(f"{path}: tensor {name} has type {tname}, which export.py cannot read "
+                raise ExportError(f"{path}: tensor {tn} has type {tname}, which export.py cannot read "
                                   f"(supported: {', '.join(n for n, _, _ in GGML_TYPES.values())})")
             tname, block_values, block_bytes = GGML_TYPES[ttype]
             if count == 0 or dims[0] % block_values:
-                raise ExportError(f"{path}: tensor {name} has dimensions {dims}, not whole {tname} blocks of {block_values}")
+                raise ExportError(f"{path}: tensor {tn} has dimensions {dims}, not whole {tname} blocks of {block_values}")
             nbytes = count // block_values * block_bytes
             if offset % align:
-                raise ExportError(f"{path}: tensor {name} data offset {offset} is not a multiple of the alignment {align}")
+                raise ExportError(f"{path}: tensor {tn} data offset {offset} is not a multiple of the alignment {align}")
             if data_start + offset + nbytes > size:
-                raise ExportError(f"{path}: tensor {name} data ({nbytes} bytes at {data_start + offset}) lies past the "
+                raise ExportError(f"{path}: tensor {tn} data ({nbytes} bytes at {data_start + offset}) lies past the "
                                   f"end of the file ({size} bytes)")
             t[2], t[3] = data_start + offset, nbytes
         return version, meta, {n: tuple(t) for n, t in tensors.items()}
@@ -1007,7 +1015,7 @@ def gguf_per_layer(meta, key, default, path):
     if key in meta and meta[key][0] == GGUF_ARRAY:
         vals = meta[key][1]
         if not vals or any(not isinstance(v, int) or isinstance(v, bool) for v in vals) or len(set(vals)) != 1:
-            raise ExportError(f"{path}: {key} varies per layer ({vals[:8]}...); gemma3.c needs one value")
+            raise ExportError(f"{path}: {key} varies per layer ({short(vals[:8])}); gemma3.c needs one value")
         return vals[0]
     return gguf_meta(meta, key, int, default, path)
 
@@ -1246,7 +1254,7 @@ def plan_gguf(path, dtype_name, quiet, quant=None):
     known = {g for _, _, g in wanted} | {"output.weight"}
     for name in tensors:
         if name not in known and not name.startswith(GGUF_SKIP_PREFIXES):
-            raise ExportError(f"{path}: unknown tensor {name!r} (not part of a gemma3 text model with "
+            raise ExportError(f"{path}: unknown tensor {short(name)} (not part of a gemma3 text model with "
                               f"{cfg['num_hidden_layers']} blocks)")
     missing = [g for _, _, g in wanted if g not in tensors]
     if missing:

@@ -7,7 +7,8 @@
 Two targets, each from the seed files in tests/fuzz/:
 - hf: a checkpoint directory (config.json, model.safetensors, sometimes
   model.safetensors.index.json) with one or two of its files mutated, exported whole
-  (load_hf, every tensor read and converted, write_model into a scratch directory).
+  (load_hf, every tensor read and converted, write_model into a scratch directory);
+  sometimes with a tokenizer.json, mutated too.
 - gguf: a GGUF file mutated, read as far as export.py goes before its tensors are
   dequantized (plan_gguf: header, metadata, tensor table, config, tokenizer), then the
   file written with zero tensors.
@@ -159,6 +160,30 @@ def tiny_gguf():
     return gguf_bytes(meta, tensors, bytes(data))
 
 
+def tiny_tokenizer():
+    vocab = {p: i for i, p in enumerate(GGUF_TOKENS)}
+    return {"version": "1.0", "added_tokens": [{"id": i, "content": GGUF_TOKENS[i], "special": True} for i in range(6)],
+            "model": {"type": "BPE", "byte_fallback": True, "vocab": vocab,
+                      "merges": ["a b", ["\u2581", "a"], "\u2581a b", "b a", "ab ab"]}}
+
+
+def tiny_gguf_untied():
+    """The tiny GGUF with an output.weight of its own, a vision tensor of a type export.py
+    does not read, the sliding pattern as a period and Ollama's RoPE key."""
+    b = tiny_gguf()
+    version, kv, tl, data, align = parse_gguf(b)
+    kv = [x for x in kv if x[0] not in ("gemma3.attention.sliding_window_pattern", "gemma3.rope.freq_base")]
+    kv += [("gemma3.attention.sliding_window_pattern", 4, 2), ("gemma3.rope.global.freq_base", 6, 1e6),
+           ("gemma3.rope.local.freq_base", 6, 1e4), ("tokenizer.ggml.eot_token_id", 4, 5)]
+    emb = next(t for t in tl if t[0] == "token_embd.weight")
+    data = bytearray(data)
+    data += b"\0" * (E.pad_to(len(data), align) - len(data))
+    tl.append(("output.weight", emb[1], 8, len(data)))  # Q8_0: 34 bytes per 32 values
+    data += bytes([0x00, 0x3c] + [1] * 32) * (emb[1][0] * emb[1][1] // 32)
+    tl.append(("v.patch_embd.weight", [32, 4], 16, 0))  # IQ2_XXS, skipped with the vision tower
+    return gguf_bytes(kv, tl, bytes(data), version, align)
+
+
 def make_seeds():
     mm_text = dict(TINY, layer_types=["sliding_attention", "full_attention"],
                    rope_scaling={"rope_type": "linear", "factor": 8.0})
@@ -178,12 +203,16 @@ def make_seeds():
             json.dump(cfg, f, indent=1)
         with open(os.path.join(d, "header.json"), "w") as f:
             json.dump(header, f, separators=(",", ":"))
+        with open(os.path.join(d, "tokenizer.json"), "w") as f:
+            json.dump(tiny_tokenizer(), f, separators=(",", ":"))
         with open(os.path.join(d, "index.json"), "w") as f:
             json.dump({"metadata": {"total_size": 0}, "weight_map": {n: "model.safetensors" for n, _ in tensors}}, f,
                       separators=(",", ":"))
     os.makedirs(os.path.join(SEEDS, "gguf"), exist_ok=True)
     with open(os.path.join(SEEDS, "gguf", "tiny.gguf"), "wb") as f:
         f.write(tiny_gguf())
+    with open(os.path.join(SEEDS, "gguf", "tiny-untied.gguf"), "wb") as f:
+        f.write(tiny_gguf_untied())
     print(f"seeds written under {SEEDS}")
 
 
@@ -206,7 +235,7 @@ JSON_VALUES = [None, True, False, 0, 1, -1, 2, 3, 6, 7, 16, 31, 32, 33, 100, 1 <
                "/etc/passwd", ".", "..", "a/b", "a\nb", "\ud800", [], {}, [1], [0, 0], [0, 1 << 40], ["0", "128"],
                [1, 2, 3], [-1, 4], [[1]], {"rope_type": "linear", "factor": 8}, {"type": "linear"},
                {"rope_type": "default"}, {"dtype": "BF16", "shape": [1], "data_offsets": [0, 2]}, {"weight_map": {}}]
-JSON_KEYS = list(TINY) + ["text_config", "layer_types", "hidden_act", "tie_word_embeddings", "weight_map",
+JSON_KEYS = list(TINY) + ["model", "vocab", "merges", "added_tokens", "id", "content", "special", "text_config", "layer_types", "hidden_act", "tie_word_embeddings", "weight_map",
                           "dtype", "shape", "data_offsets", "__metadata__", "rope_type", "type", "factor",
                           "model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight",
                           "model.layers.9.mlp.up_proj.weight", "vision_tower.x", "language_model.model.norm.weight"]
@@ -441,7 +470,7 @@ def build_safetensors(header_text, rnd):
 
 
 def run_hf(work, case, rnd):
-    config, header, index = case
+    config, header, index, tokenizer = case
     d = os.path.join(work, "ckpt")
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
@@ -449,9 +478,10 @@ def run_hf(work, case, rnd):
         f.write(config)
     with open(os.path.join(d, "model.safetensors"), "wb") as f:
         f.write(build_safetensors(header, rnd))
-    if index is not None:
-        with open(os.path.join(d, "model.safetensors.index.json"), "wb") as f:
-            f.write(index)
+    for name, data in (("model.safetensors.index.json", index), ("tokenizer.json", tokenizer)):
+        if data is not None:
+            with open(os.path.join(d, name), "wb") as f:
+                f.write(data)
     dtype = rnd.choice(["bf16", "f32"])
     quant = rnd.choice([None, None, "q8_0", "q4_0"])
     src = E.load_hf(d, dtype, quant)
@@ -511,7 +541,7 @@ def save_finding(target, case, n, what, tb):
     base = os.path.join(FINDINGS, f"{target}-{n}")
     if target == "hf":
         os.makedirs(base, exist_ok=True)
-        for name, data in zip(("config.json", "header.json", "index.json"), case):
+        for name, data in zip(HF_PARTS, case):
             if data is not None:
                 with open(os.path.join(base, name), "wb") as f:
                     f.write(data)
@@ -526,14 +556,16 @@ def save_finding(target, case, n, what, tb):
 # ----------------------------------------------------------------------------
 # the loop
 
+HF_PARTS = ("config.json", "header.json", "index.json", "tokenizer.json")
+
+
 def load_seeds():
     hf = []
     for fam in sorted(os.listdir(SEEDS)):
         d = os.path.join(SEEDS, fam)
         if fam.startswith("hf-"):
-            parts = [open(os.path.join(d, n), "rb").read() for n in ("config.json", "header.json", "index.json")]
-            hf.append((parts[0], parts[1], None))
-            hf.append(tuple(parts))
+            config, header, index, tokenizer = [open(os.path.join(d, n), "rb").read() for n in HF_PARTS]
+            hf += [(config, header, None, None), (config, header, index, None), (config, header, None, tokenizer)]
     gguf = [open(os.path.join(SEEDS, "gguf", n), "rb").read() for n in sorted(os.listdir(os.path.join(SEEDS, "gguf")))]
     return {"hf": hf, "gguf": gguf}
 
@@ -546,9 +578,9 @@ def mutate(target, rnd, case, corpus):
                 return m
         return mutate_bytes(rnd, case, corpus)
     parts = list(case)
-    for i in rnd.sample(range(3), rnd.choice([1, 1, 1, 2])):
+    for i in rnd.sample(range(len(HF_PARTS)), rnd.choice([1, 1, 1, 2])):
         if parts[i] is None:
-            parts[i] = rnd.choice(corpus)[i] or b'{"weight_map": {}}'
+            parts[i] = rnd.choice(corpus)[i] if rnd.random() < 0.5 else None
             continue
         m = mutate_json(rnd, parts[i]) if rnd.random() < 0.6 else None
         parts[i] = m if m is not None else mutate_bytes(rnd, parts[i], [c[i] for c in corpus if c[i]])
