@@ -1169,12 +1169,20 @@ def derive_merges(pieces, vocab, scores, ttypes):
     SentencePiece stores them (llama.cpp's converter writes -1000 for them instead).
     On Gemma 3 this reproduces tokenizer.json's 514,906 merges in order."""
     cands = []
+    # Only the lengths some piece has can be a left part's: a piece of a million characters
+    # then costs as little as a short one (trying every split would take minutes).
+    lengths = sorted({len(p) for p in pieces})
+    has_length = set(lengths)
     for i, p in enumerate(pieces):
         if len(p) < 2:
             continue
         score = 0.0 if ttypes[i] in (3, 4) else float(scores[i])
         local = []
-        for k in range(1, len(p)):
+        for k in lengths:
+            if k >= len(p):
+                break
+            if k == 0 or len(p) - k not in has_length:
+                continue
             left, right = p[:k], p[k:]
             if left in vocab and right in vocab:
                 local.append((vocab[left], vocab[right]))
