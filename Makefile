@@ -17,7 +17,7 @@ ifeq ($(OMP),1)
 endif
 LDLIBS = -lm
 
-.PHONY: all test test-real clean debug asan valgrind test-cross test-baremetal bench bench-tokenizer lib tsan
+.PHONY: all test test-real clean debug asan valgrind test-cross test-baremetal bench bench-tokenizer lib tsan fuzz-export
 
 all: gemma3
 
@@ -63,6 +63,12 @@ test: gemma3 test_all test_api examples/chat
 # completions, perplexity per format. Ends with "N passed, N failed".
 test-real: gemma3
 	bash tests/test_real.sh
+
+# export.py's readers (config.json, safetensors header, index, GGUF) under a mutation
+# fuzzer for FUZZ_SECONDS; a finding is saved in tests/build/fuzz/ and fails the target.
+FUZZ_SECONDS ?= 600
+fuzz-export:
+	python3 tests/fuzz_export.py --seconds $(FUZZ_SECONDS)
 
 # Same fixture logits on aarch64, i686 and big-endian s390x under qemu-user (installs
 # Debian's cross compilers and qemu-user on first use), plus the no-mmap build.

@@ -31,6 +31,7 @@ directory and renamed at the end: a failed or interrupted export leaves no OUT.b
 """
 import argparse
 import json
+import math
 import mmap
 import os
 import re
@@ -103,22 +104,127 @@ class ExportError(Exception):
     """A problem with the input checkpoint: reported as one line, exit code 1."""
 
 
+def error_line(e):
+    """The one line main() prints for an ExportError: control characters (a newline in a
+    tensor name read from the file, say) escaped, so the message stays one line."""
+    msg = str(e)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
+
+
+def short(v, n=60):
+    """A value from the input, for a message: its repr, cut to n characters."""
+    r = repr(v)
+    return r if len(r) <= n else r[:n - 3] + "..."
+
+
+def label(s, n=80):
+    """A name from the input (a GGUF key or tensor name), for a message: as it is if it is
+    short and printable, else its repr cut short."""
+    return s if len(s) <= n and s.isprintable() else short(s, n)
+
+
+def read_json(path, what, limit):
+    """A JSON file of at most `limit` bytes, parsed; every failure an ExportError."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise ExportError(f"{path} is {size} bytes, more than a {what} can plausibly be ({limit})")
+            raw = f.read()
+    except OSError as e:
+        raise ExportError(f"cannot read {path}: {e.strerror}")
+    return parse_json(raw, path)
+
+
+def parse_json(raw, path):
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, 5000-digit integers, deep nesting
+        raise ExportError(f"{path} is not valid JSON: {short(str(e), 120)[1:-1]}")
+
+
 # ----------------------------------------------------------------------------
 # config.json
 
+# The header's sizes (FORMAT.md): what gemma3's read_header accepts, 1 to 2^24, except the
+# layer count, kept to 2^16 here (export.py makes 13 tensor entries per layer).
+MAX_DIM = 1 << 24
+MAX_LAYERS = 1 << 16
+QK = 32  # q8_0 / q4_0 block: every matrix row is whole blocks
+
+
+def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_config(cfg, where, names=None):
+    """Every hyper-parameter the header holds, checked once, where the data enters (from
+    config.json or GGUF metadata), against what gemma3's loader accepts: a message naming
+    the key instead of gemma3's "header field 8 has implausible value 0" later. `names`:
+    the source's own key names (GGUF), by ours."""
+    names = names or {}
+
+    def key(k):
+        return names.get(k, k)
+
+    for k, hi in (("hidden_size", MAX_DIM), ("intermediate_size", MAX_DIM), ("num_hidden_layers", MAX_LAYERS),
+                  ("num_attention_heads", MAX_DIM), ("num_key_value_heads", MAX_DIM), ("head_dim", MAX_DIM),
+                  ("sliding_window", MAX_DIM), ("max_position_embeddings", MAX_DIM)):
+        v = cfg[k]
+        if not is_int(v):
+            raise ExportError(f"{where}: {key(k)} is {short(v)}, not an integer")
+        if not 1 <= v <= hi:
+            raise ExportError(f"{where}: {key(k)} {v} is out of range (1 to {hi})")
+    if not is_int(cfg["bos_token_id"]) or not 0 <= cfg["bos_token_id"] < MAX_DIM:
+        raise ExportError(f"{where}: {key('bos_token_id')} is {short(cfg['bos_token_id'])}, not a token id")
+    if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
+        raise ExportError(f"{where}: {key('num_attention_heads')} {cfg['num_attention_heads']} is not a multiple of "
+                          f"{key('num_key_value_heads')} {cfg['num_key_value_heads']}")
+    if cfg["head_dim"] % 2:
+        raise ExportError(f"{where}: {key('head_dim')} {cfg['head_dim']} is odd (RoPE rotates pairs of dimensions)")
+    if cfg["num_attention_heads"] * cfg["head_dim"] > MAX_DIM:
+        raise ExportError(f"{where}: {key('num_attention_heads')} x {key('head_dim')} = "
+                          f"{cfg['num_attention_heads'] * cfg['head_dim']} is out of range (at most {MAX_DIM})")
+    # The header's floats: finite, and still positive (eps: not negative) as float32.
+    for k, lowest in (("rms_norm_eps", 0.0), ("rope_theta", None), ("rope_local_base_freq", None),
+                      ("query_pre_attn_scalar", None), ("rope_factor", None)):
+        v = cfg[k]
+        if not is_number(v):
+            raise ExportError(f"{where}: {key(k)} is {short(v)}, not a finite number")
+        try:
+            v32 = struct.unpack("<f", struct.pack("<f", v))[0]
+        except OverflowError:
+            v32 = math.inf
+        if not (math.isfinite(v32) and (v32 >= lowest if lowest is not None else v32 > 0)):
+            raise ExportError(f"{where}: {key(k)} {v} is out of range "
+                              f"({'not negative' if lowest is not None else 'positive'}, within float32)")
+
+
+def check_quantizable(cfg, qtype, where):
+    """q8_0 / q4_0 cut every matrix row into blocks of 32: the rows are hidden_size,
+    intermediate_size and heads x head_dim wide (gemma3 --quantize refuses the rest)."""
+    for k, v in (("hidden_size", cfg["hidden_size"]), ("intermediate_size", cfg["intermediate_size"]),
+                 ("num_attention_heads x head_dim", cfg["num_attention_heads"] * cfg["head_dim"])):
+        if v % QK:
+            raise ExportError(f"{where}: {k} {v} is not a multiple of {QK}, which {qtype} needs "
+                              f"(rows in blocks of {QK}); export f32 or bf16")
+
+
 def read_config(hf_dir):
     path = os.path.join(hf_dir, "config.json")
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            raw = json.load(f)
-    except OSError as e:
-        raise ExportError(f"cannot read {path}: {e.strerror}")
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{path} is not valid JSON: {e}")
+    raw = read_json(path, "config.json", 1 << 20)
+    if not isinstance(raw, dict):
+        raise ExportError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     # Multimodal checkpoints (Gemma3ForConditionalGeneration) nest the text model's config.
     text = raw.get("text_config", raw)
     if text is None:
         text = {}
+    if not isinstance(text, dict):
+        raise ExportError(f"{path}: text_config is {short(text)}, not an object")
     cfg = dict(TEXT_CONFIG_DEFAULTS)
     cfg.update({k: v for k, v in text.items() if v is not None or k in ("rope_scaling",)})
     # Older transformers name the activation hidden_act.
@@ -126,46 +232,49 @@ def read_config(hf_dir):
         cfg["hidden_activation"] = text["hidden_act"]
 
     if cfg["hidden_activation"] not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise ExportError(f"unsupported hidden_activation {cfg['hidden_activation']!r} (Gemma 3 uses gelu_pytorch_tanh)")
-    if cfg["attention_bias"]:
-        raise ExportError("attention_bias=true is not Gemma 3 and is not supported")
+        raise ExportError(f"unsupported hidden_activation {short(cfg['hidden_activation'])} (Gemma 3 uses gelu_pytorch_tanh)")
+    if cfg["attention_bias"] is not False:
+        raise ExportError(f"attention_bias={short(cfg['attention_bias'])} is not Gemma 3 and is not supported")
     for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
         if cfg[cap] is not None:
-            raise ExportError(f"{cap}={cfg[cap]} is set, but Gemma 3 has no soft-capping; refusing to guess")
-    if not raw.get("tie_word_embeddings", cfg["tie_word_embeddings"]):
-        raise ExportError("tie_word_embeddings=false: Gemma 3 ties the classifier to the embedding")
-
-    n_layers = int(cfg["num_hidden_layers"])
-    if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
-        raise ExportError("num_attention_heads must be a multiple of num_key_value_heads")
-
-    # Per-layer attention type: the newer layer_types list wins over the pattern rule.
-    if cfg["layer_types"] is not None:
-        kinds = {"sliding_attention": 0, "full_attention": 1}
-        if len(cfg["layer_types"]) != n_layers:
-            raise ExportError(f"layer_types has {len(cfg['layer_types'])} entries, num_hidden_layers is {n_layers}")
-        try:
-            cfg["is_global"] = [kinds[t] for t in cfg["layer_types"]]
-        except KeyError as e:
-            raise ExportError(f"unknown layer type {e.args[0]!r} in layer_types")
-    else:
-        pattern = int(cfg["sliding_window_pattern"])
-        if pattern <= 0:
-            raise ExportError(f"sliding_window_pattern must be positive, got {pattern}")
-        cfg["is_global"] = [1 if (i + 1) % pattern == 0 else 0 for i in range(n_layers)]
+            raise ExportError(f"{cap}={short(cfg[cap])} is set, but Gemma 3 has no soft-capping; refusing to guess")
+    if raw.get("tie_word_embeddings", cfg["tie_word_embeddings"]) is not True:
+        raise ExportError(f"tie_word_embeddings={short(raw.get('tie_word_embeddings'))}: Gemma 3 ties the classifier to the embedding")
 
     # RoPE scaling: Gemma 3 4B+ use linear scaling (factor 8), on global layers only.
     rs = cfg["rope_scaling"]
     if rs is None:
         cfg["rope_factor"] = 1.0
+    elif not isinstance(rs, dict):
+        raise ExportError(f"{path}: rope_scaling is {short(rs)}, not an object or null")
     else:
         kind = rs.get("rope_type", rs.get("type"))
         if kind == "default":
             cfg["rope_factor"] = 1.0
         elif kind == "linear":
-            cfg["rope_factor"] = float(rs["factor"])
+            cfg["rope_factor"] = rs.get("factor")
         else:
-            raise ExportError(f"unsupported rope_scaling type {kind!r} (only 'linear' is Gemma 3)")
+            raise ExportError(f"unsupported rope_scaling type {short(kind)} (only 'linear' is Gemma 3)")
+    names = {"rope_factor": "rope_scaling.factor"}
+    check_config(cfg, path, names)
+    n_layers = cfg["num_hidden_layers"]
+
+    # Per-layer attention type: the newer layer_types list wins over the pattern rule.
+    if cfg["layer_types"] is not None:
+        kinds = {"sliding_attention": 0, "full_attention": 1}
+        if not isinstance(cfg["layer_types"], list):
+            raise ExportError(f"{path}: layer_types is {short(cfg['layer_types'])}, not a list")
+        if len(cfg["layer_types"]) != n_layers:
+            raise ExportError(f"layer_types has {len(cfg['layer_types'])} entries, num_hidden_layers is {n_layers}")
+        for t in cfg["layer_types"]:
+            if not isinstance(t, str) or t not in kinds:
+                raise ExportError(f"unknown layer type {short(t)} in layer_types")
+        cfg["is_global"] = [kinds[t] for t in cfg["layer_types"]]
+    else:
+        pattern = cfg["sliding_window_pattern"]
+        if not is_int(pattern) or not 1 <= pattern <= MAX_LAYERS:
+            raise ExportError(f"{path}: sliding_window_pattern is {short(pattern)}, not a positive integer")
+        cfg["is_global"] = [1 if (i + 1) % pattern == 0 else 0 for i in range(n_layers)]
     return cfg
 
 
@@ -173,52 +282,92 @@ def read_config(hf_dir):
 # safetensors reading (header parse + byte ranges; no third-party code)
 
 ST_DTYPES = {"F32": 4, "BF16": 2, "F16": 2}
+ST_HEADER_LIMIT = 100_000_000  # the safetensors library's own limit on the JSON header
 
 
 def read_safetensors_header(path):
+    """{name: where its bytes are} from a safetensors file's header, every field checked:
+    types, sizes, and that each tensor's bytes lie inside the file and overlap no other's."""
     try:
         f = open(path, "rb")
     except OSError as e:
         raise ExportError(f"cannot open {path}: {e.strerror}")
     with f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ExportError(f"{path}: truncated safetensors file")
-        n = struct.unpack("<Q", head)[0]
-        size = os.fstat(f.fileno()).st_size
-        if n > size - 8:
-            raise ExportError(f"{path}: safetensors header length {n} exceeds the file")
         try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ExportError(f"{path}: bad safetensors header: {e}")
+            head = f.read(8)
+            if len(head) != 8:
+                raise ExportError(f"{path}: truncated safetensors file")
+            n = struct.unpack("<Q", head)[0]
+            size = os.fstat(f.fileno()).st_size
+            if n > size - 8 or n > ST_HEADER_LIMIT:
+                raise ExportError(f"{path}: safetensors header length {n} exceeds the file or the format's limit")
+            raw = f.read(n)
+        except OSError as e:  # a directory named like a shard, an I/O error
+            raise ExportError(f"cannot read {path}: {e.strerror}")
+    header = parse_json(raw, f"{path}: safetensors header")
+    if not isinstance(header, dict):
+        raise ExportError(f"{path}: the safetensors header is {type(header).__name__}, not an object")
     header.pop("__metadata__", None)
-    tensors = {}
+    tensors, spans = {}, []
     for name, info in header.items():
+        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list)
+                and all(is_int(d) and d >= 0 for d in info["shape"]) and isinstance(info.get("data_offsets"), list)
+                and len(info["data_offsets"]) == 2 and all(is_int(o) and o >= 0 for o in info["data_offsets"])):
+            raise ExportError(f"{path}: tensor {short(name)} has a malformed entry {short(info)} "
+                              "(wanted dtype, shape of integers, data_offsets [start, end])")
         dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
         if dtype not in ST_DTYPES:
-            raise ExportError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+            hint = " (a quantized checkpoint: export.py reads F32, BF16 and F16 ones)" if dtype in ST_QUANTIZED else ""
+            raise ExportError(f"{path}: tensor {short(name)} has unsupported dtype {short(dtype)}{hint}")
+        if len(shape) > 4:
+            raise ExportError(f"{path}: tensor {short(name)} has {len(shape)} dimensions")
         count = 1
         for d in shape:
             count *= d
         if end - start != count * ST_DTYPES[dtype] or 8 + n + end > size:
-            raise ExportError(f"{path}: tensor {name} has inconsistent size or lies past the end of the file")
+            raise ExportError(f"{path}: tensor {short(name)} has inconsistent size or lies past the end of the file")
         tensors[name] = {"file": path, "dtype": dtype, "shape": shape, "offset": 8 + n + start, "nbytes": end - start}
+        spans.append((start, end, name))
+    spans.sort()
+    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise ExportError(f"{path}: tensors {short(a)} and {short(b)} overlap (data_offsets lie)")
     return tensors
+
+
+ST_QUANTIZED = {"I8", "U8", "I4", "U4", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"}
+
+
+def shard_names(hf_dir):
+    """The safetensors files of a checkpoint: model.safetensors, or the shards its index
+    lists, each a plain file name in hf_dir (never a path that leads out of it)."""
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        if os.path.exists(os.path.join(hf_dir, "model.safetensors")):
+            return ["model.safetensors"]
+        raise ExportError(f"no model.safetensors or model.safetensors.index.json in {hf_dir}")
+    idx = read_json(index, "safetensors index", 64 << 20)
+    wmap = idx.get("weight_map") if isinstance(idx, dict) else None
+    if not isinstance(wmap, dict):
+        raise ExportError(f"{index}: no weight_map object (the tensor -> shard file map)")
+    files = set()
+    for name, fn in wmap.items():
+        if not (isinstance(fn, str) and fn and fn not in (".", "..") and os.path.basename(fn) == fn
+                and "/" not in fn and "\\" not in fn and "\0" not in fn and fn.isprintable()
+                and fn.encode("utf-8", "replace").decode("utf-8") == fn):  # no lone surrogates
+            raise ExportError(f"{index}: weight_map gives {short(name)} the shard {short(fn)}, "
+                              f"not a file name inside {hf_dir}")
+        if len(fn) > 255:
+            raise ExportError(f"{index}: weight_map gives {short(name)} a shard name of {len(fn)} characters "
+                              f"({short(fn)}), longer than a file name can be")
+        files.add(fn)
+    return sorted(files)
 
 
 def find_tensors(hf_dir):
     """Map canonical name (prefix stripped) -> where its bytes are, over all shards."""
-    index = os.path.join(hf_dir, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index, "r", encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(hf_dir, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise ExportError(f"no model.safetensors or model.safetensors.index.json in {hf_dir}")
     found = {}
-    for fn in files:
+    for fn in shard_names(hf_dir):
         for name, info in read_safetensors_header(os.path.join(hf_dir, fn)).items():
             if name.startswith(SKIP_PREFIXES) or name == "lm_head.weight":
                 continue  # vision half; lm_head is a copy of the tied embedding
@@ -227,9 +376,9 @@ def find_tensors(hf_dir):
                     canon = name[len(p):]
                     break
             else:
-                raise ExportError(f"unknown tensor {name!r} in {fn}")
+                raise ExportError(f"unknown tensor {short(name)} in {fn}")
             if canon in found:
-                raise ExportError(f"tensor {canon!r} appears twice")
+                raise ExportError(f"tensor {short(canon)} appears twice")
             found[canon] = info
     return found
 
@@ -291,27 +440,38 @@ BYTE_PIECE = re.compile(r"^<0x[0-9A-F]{2}>$")
 
 
 def pack_tokenizer(path):
-    with open(path, "r", encoding="utf-8") as f:
-        tok = json.load(f)
-    model = tok.get("model", {})
-    if model.get("type") != "BPE":
-        raise ExportError(f"{path}: expected a BPE tokenizer, got {model.get('type')!r}")
-    vocab = model["vocab"]
+    tok = read_json(path, "tokenizer.json", 1 << 30)
+    model = tok.get("model") if isinstance(tok, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        raise ExportError(f"{path}: expected a BPE tokenizer, got {short(model.get('type') if isinstance(model, dict) else model)}")
+    vocab, merges_in, added_in = model.get("vocab"), model.get("merges", []), tok.get("added_tokens") or []
+    if not (isinstance(vocab, dict) and vocab and all(is_int(i) and 0 <= i < MAX_DIM for i in vocab.values())):
+        raise ExportError(f"{path}: model.vocab is not an object of piece: id (ids 0 to {MAX_DIM - 1})")
+    if not (isinstance(added_in, list) and all(isinstance(a, dict) and is_int(a.get("id")) and 0 <= a["id"] < MAX_DIM
+                                               and isinstance(a.get("content"), str) for a in added_in)):
+        raise ExportError(f"{path}: added_tokens is not a list of {{id, content}} objects")
+    if not isinstance(merges_in, list):
+        raise ExportError(f"{path}: model.merges is not a list")
     pieces = {i: p for p, i in vocab.items()}
     types = {i: (1 if BYTE_PIECE.match(p) else 0) for p, i in vocab.items()}
     added = []
-    for a in tok.get("added_tokens", []):
+    for a in added_in:
         pieces[a["id"]] = a["content"]
         types[a["id"]] = 3 if a.get("special") else 2
         added.append(a["id"])
 
     merges = []
-    for m in model["merges"]:
-        a, b = m if isinstance(m, list) else m.split(" ", 1)
+    for m in merges_in:
+        if isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m):
+            a, b = m
+        elif isinstance(m, str) and " " in m:
+            a, b = m.split(" ", 1)
+        else:
+            raise ExportError(f"{path}: merge {short(m)} is neither \"left right\" nor [left, right]")
         try:
             merges.append((vocab[a], vocab[b], vocab[a + b]))
         except KeyError as e:
-            raise ExportError(f"{path}: merge {a!r} + {b!r} uses a piece not in the vocab ({e})")
+            raise ExportError(f"{path}: merge {short(a)} + {short(b)} uses a piece not in the vocab ({short(e.args[0])})")
     return tokenizer_section(pieces, types, added, merges)
 
 
@@ -323,7 +483,10 @@ def tokenizer_section(pieces, types, added, merges):
     blob = bytearray()
     offsets = [0]
     for i in range(n_tokens):
-        blob += pieces.get(i, "").encode("utf-8")
+        try:
+            blob += pieces.get(i, "").encode("utf-8")
+        except UnicodeEncodeError:
+            raise ExportError(f"token {i} {short(pieces[i])} is not valid UTF-8 (a lone surrogate)")
         offsets.append(len(blob))
     out = bytearray(struct.pack("<4I", n_tokens, len(merges), len(added), 0))
     out += struct.pack(f"<{n_tokens + 1}I", *offsets)
@@ -393,27 +556,42 @@ class Source:
         self.eos = special.get("<eos>") if special.get("<eos>") is not None else 1
         self.eot = special.get("<end_of_turn>") if special.get("<end_of_turn>") is not None else 106
         self.sot = special.get("<start_of_turn>") if special.get("<start_of_turn>") is not None else 105
+        if not 1 <= vocab <= MAX_DIM:
+            raise ExportError(f"the embedding table has {vocab} rows (1 to {MAX_DIM} allowed)")
+        for what, v, hi in (("bos", self.bos, vocab), ("eos", self.eos, vocab),  # as gemma3's loader requires
+                            ("end-of-turn", self.eot, MAX_DIM), ("start-of-turn", self.sot, MAX_DIM)):
+            if not is_int(v) or not 0 <= v < hi:
+                raise ExportError(f"{what} token id {short(v)} out of range (0 to {hi - 1}; vocabulary of {vocab})")
 
 
-def load_hf(hf_dir, dtype_name):
+def load_hf(hf_dir, dtype_name, quant=None):
     cfg = read_config(hf_dir)
+    if quant:
+        check_quantizable(cfg, quant, os.path.join(hf_dir, "config.json"))
     found = find_tensors(hf_dir)
+    n_layers = cfg["num_hidden_layers"]
+    if len(found) < 2 + 13 * n_layers:  # too few tensors for the layer count: say so before listing them all
+        names = (n for i in range(-1, n_layers + 1) for n in
+                 (["embed_tokens.weight"] if i < 0 else ["norm.weight"] if i == n_layers else
+                  [f"layers.{i}.{t}" for t, _ in LAYER_TENSORS]))
+        raise ExportError(f"missing tensor {next((n for n in names if n not in found), '?')!r} (num_hidden_layers "
+                          f"{n_layers} needs {2 + 13 * n_layers} tensors, the checkpoint has {len(found)})")
     wanted = expected_tensors(cfg)
     wanted_names = {n for n, _ in wanted}
     for name in found:
         if name not in wanted_names:
-            raise ExportError(f"unknown tensor {name!r} (not part of a Gemma 3 text model with {cfg['num_hidden_layers']} layers)")
+            raise ExportError(f"unknown tensor {short(name)} (not part of a Gemma 3 text model with {cfg['num_hidden_layers']} layers)")
     missing = [n for n, _ in wanted if n not in found]
     if missing:
         raise ExportError(f"missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
     emb = found["embed_tokens.weight"]["shape"]
     if len(emb) != 2 or emb[1] != cfg["hidden_size"]:
-        raise ExportError(f"embed_tokens.weight has shape {emb}, expected [vocab, {cfg['hidden_size']}]")
+        raise ExportError(f"embed_tokens.weight has shape {short(emb)}, expected [vocab, {cfg['hidden_size']}]")
     vocab = emb[0]  # 262,144 for 270M/1B, 262,208 for 4B+: the tensor is the truth
     for name, shape in wanted[1:]:
         if found[name]["shape"] != shape:
-            raise ExportError(f"tensor {name!r} has shape {found[name]['shape']}, expected {shape}")
+            raise ExportError(f"tensor {name!r} has shape {short(found[name]['shape'])}, expected {shape}")
 
     tok_path = os.path.join(hf_dir, "tokenizer.json")
     tok_bytes, special = (pack_tokenizer(tok_path) if os.path.exists(tok_path) else (b"", {}))
@@ -432,7 +610,9 @@ def load_hf(hf_dir, dtype_name):
     return Source(cfg, vocab, tok_bytes, special, tensors)
 
 
-def write_model(src, out_path, dtype_name, quiet):
+def write_model(src, out_path, dtype_name, quiet, label=None):
+    """Write src as a model file at out_path (through a temporary name). label: what the
+    log calls it instead of "wrote OUT_PATH" (an intermediate file)."""
     cfg, tensors = src.cfg, src.tensors
     n_layers = cfg["num_hidden_layers"]
     layer_types_off = HEADER_SIZE
@@ -502,21 +682,44 @@ def write_model(src, out_path, dtype_name, quiet):
             print(file=sys.stderr)
         raise
     if not quiet:
-        print(f"{chr(13) if show else ''}wrote {out_path}: {file_size / 1e6:.1f} MB, {len(tensors)} tensors, vocab {src.vocab}, "
+        print(f"{chr(13) if show else ''}{label or 'wrote ' + out_path}: {file_size / 1e6:.1f} MB, {len(tensors)} tensors, vocab {src.vocab}, "
               f"{n_layers} layers ({sum(cfg['is_global'])} global), dtype {dtype_name}, "
               f"tokenizer {'yes' if src.tok_bytes else 'no'}, {time.time() - t0:.1f} s", file=sys.stderr)
 
 
-def load(path, dtype_name, quiet):
+def load(path, dtype_name, quiet, quant=None):
+    """The checkpoint at path as a Source; quant (q8_0, q4_0): the type it is going to be
+    quantized to after, checked against the config before any work."""
     if os.path.isdir(path):
-        return load_hf(path, dtype_name)
+        return load_hf(path, dtype_name, quant)
     if os.path.exists(path):
-        return load_gguf(path, dtype_name, quiet)
+        return load_gguf(path, dtype_name, quiet, quant)
     raise ExportError(f"cannot read {path}: no such file or directory")
 
 
-def export(src_path, out_path, dtype_name, quiet=False):
-    write_model(load(src_path, dtype_name, quiet), out_path, dtype_name, quiet)
+def export(src_path, out_path, dtype_name, quiet=False, quant=None, label=None):
+    write_model(load(src_path, dtype_name, quiet, quant), out_path, dtype_name, quiet, label)
+
+
+def check_output(src_path, out_path):
+    """Before any work: the output is a file name we can create, and not the input."""
+    if os.path.isdir(out_path):
+        raise ExportError(f"{out_path} is a directory: give the output file's name, e.g. {os.path.join(out_path, 'gemma3.bin')}")
+    if os.path.exists(out_path):
+        try:
+            inputs = [os.path.join(src_path, n) for n in os.listdir(src_path)] if os.path.isdir(src_path) else [src_path]
+            for i in inputs:
+                if os.path.samefile(i, out_path):
+                    raise ExportError(f"{out_path} is the input {i}: refusing to overwrite it")
+        except OSError:
+            pass  # unreadable input: load() says so
+    d = os.path.dirname(os.path.abspath(out_path))
+    probe = os.path.join(d, f".{os.path.basename(out_path)}.{os.getpid()}.probe")
+    try:
+        open(probe, "xb").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ExportError(f"cannot write {out_path}: {e.strerror}")
 
 
 def build_with_make(target, why, quiet, refresh=False):
@@ -540,27 +743,78 @@ def build_with_make(target, why, quiet, refresh=False):
 
 def export_quantized(src_path, out_path, dtype_name, quiet):
     """q8_0 / q4_0: export losslessly, then let the C engine quantize (fast, no numpy)."""
-    engine = build_with_make("gemma3", "it does the quantization", quiet)
+    t0 = time.time()
     if os.path.isdir(src_path):
+        check_quantizable(read_config(src_path), dtype_name, os.path.join(src_path, "config.json"))
         lossless = "bf16" if all(t["dtype"] == "BF16" for t in find_tensors(src_path).values()) else "f32"
     else:
         lossless = "f32"  # a GGUF's dequantized values are float32; bf16 would round them
+    engine = build_with_make("gemma3", "it does the quantization", quiet)
     stem = os.path.join(os.path.dirname(os.path.abspath(out_path)), f".{os.path.basename(out_path)}.{os.getpid()}")
     tmp, qtmp = f"{stem}.{lossless}.tmp", f"{stem}.{dtype_name}.tmp"
     try:
-        export(src_path, tmp, lossless, quiet)
-        if not quiet:
-            print(f"quantizing to {dtype_name} ...", file=sys.stderr)
-        r = subprocess.run([engine, tmp, "--quantize", dtype_name, qtmp], stderr=subprocess.PIPE, text=True)
-        if r.returncode != 0:
-            raise ExportError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "gemma3 --quantize failed")
+        export(src_path, tmp, lossless, quiet, quant=dtype_name, label=f"step 1 of 2, {lossless} export")
+        quantize_file(engine, tmp, qtmp, dtype_name, out_path, lossless, quiet)
         os.replace(qtmp, out_path)
     finally:
         for t in (tmp, qtmp):
             if os.path.exists(t):
                 os.remove(t)
     if not quiet:
-        print(f"wrote {out_path}: {os.path.getsize(out_path) / 1e6:.1f} MB, dtype {dtype_name}", file=sys.stderr)
+        print(f"wrote {out_path}: {os.path.getsize(out_path) / 1e6:.1f} MB, dtype {dtype_name}, "
+              f"{time.time() - t0:.1f} s", file=sys.stderr)
+
+
+def quantized_size(path, dtype_name):
+    """The size gemma3 --quantize gives the model file at path: its layout (FORMAT.md)
+    with every matrix row as n/32 blocks of 34 (q8_0) or 18 (q4_0) bytes."""
+    with open(path, "rb") as f:
+        head = f.read(HEADER_SIZE)
+        n, dir_off = struct.unpack_from("<I", head, 88)[0], struct.unpack_from("<Q", head, 112)[0]
+        f.seek(dir_off)
+        directory = f.read(n * DIR_ENTRY_SIZE)
+    pos = pad_to(dir_off + n * DIR_ENTRY_SIZE)
+    for i in range(n):
+        ndim, rows, cols = struct.unpack_from("<3I", directory, i * DIR_ENTRY_SIZE + 68)
+        nbytes = struct.unpack_from("<Q", directory, i * DIR_ENTRY_SIZE + 96)[0]
+        if ndim == 2:
+            nbytes = rows * (cols // QK) * (34 if dtype_name == "q8_0" else 18)
+        pos = pad_to(pos + nbytes)
+    return pos
+
+
+def quantize_file(engine, tmp, qtmp, dtype_name, out_path, lossless, quiet):
+    """gemma3 TMP --quantize DTYPE QTMP, with a progress line of our own on a terminal
+    (gemma3's shows only on its terminal, and its stderr is ours to read): the share of
+    the output written so far. Its error line, if any, names the files the user knows."""
+    show = not quiet and sys.stderr.isatty()
+    total = quantized_size(tmp, dtype_name)
+    if not quiet and not show:
+        print(f"step 2 of 2, quantizing to {dtype_name} ...", file=sys.stderr)
+    proc = subprocess.Popen([engine, tmp, "--quantize", dtype_name, qtmp], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        while True:
+            try:
+                _, err = proc.communicate(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if show and os.path.exists(qtmp):
+                    done = os.path.getsize(qtmp)
+                    print(f"\r  step 2 of 2, quantizing to {dtype_name}  {100.0 * min(done, total) / total:5.1f}%  "
+                          f"{done / 1e6:9.1f} MB", end="", file=sys.stderr, flush=True)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if show:
+        print(f"\r  step 2 of 2, quantizing to {dtype_name}  100.0%  {total / 1e6:9.1f} MB", file=sys.stderr)
+    if proc.returncode != 0:
+        lines = err.decode(errors="replace").strip().splitlines()
+        msg = lines[-1] if lines else f"gemma3 --quantize failed (exit status {proc.returncode})"
+        if msg.startswith("gemma3: error: "):
+            msg = "gemma3 --quantize: " + msg[len("gemma3: error: "):]
+        raise ExportError(msg.replace(qtmp, out_path).replace(tmp, f"the {lossless} export"))
 
 
 # ----------------------------------------------------------------------------
@@ -663,7 +917,11 @@ def read_gguf(path):
         raise ExportError(f"cannot open {path}: {e.strerror}")
     with f:
         size = os.fstat(f.fileno()).st_size
-        if size < 4 or f.read(4) != GGUF_MAGIC:
+        magic = f.read(4)
+        if magic == MAGIC:
+            raise ExportError(f"{path} is already a gemma3.c model file: export.py reads Hugging Face directories and "
+                              f"GGUF files (to quantize it: ./gemma3 {path} --quantize q8_0|q4_0 OUT.bin)")
+        if size < 4 or magic != GGUF_MAGIC:
             raise ExportError(f"{path} is not a GGUF file (bad magic) nor a Hugging Face directory")
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
@@ -683,21 +941,22 @@ def read_gguf(path):
         meta = {}
         for i in range(n_kv):
             key = r.string(f"metadata key {i}")
-            vtype = r.u32(f"type of {key}")
+            vtype = r.u32(f"type of {label(key)}")
             if key in meta:
-                raise ExportError(f"{path}: metadata key {key!r} appears twice")
-            meta[key] = (vtype, r.value(vtype, key))
+                raise ExportError(f"{path}: metadata key {short(key)} appears twice")
+            meta[key] = (vtype, r.value(vtype, label(key)))
         tensors = {}
         for i in range(n_tensors):
             name = r.string(f"tensor {i} name")
-            n_dims = r.u32(f"tensor {name} dimension count")
+            tn = label(name)
+            n_dims = r.u32(f"tensor {tn} dimension count")
             if not 1 <= n_dims <= 4:
-                raise ExportError(f"{path}: tensor {name} has {n_dims} dimensions (1 to 4 allowed)")
-            dims = [r.u64(f"tensor {name} dimensions") for _ in range(n_dims)]
-            ttype = r.u32(f"tensor {name} type")
-            offset = r.u64(f"tensor {name} offset")
+                raise ExportError(f"{path}: tensor {tn} has {n_dims} dimensions (1 to 4 allowed)")
+            dims = [r.u64(f"tensor {tn} dimensions") for _ in range(n_dims)]
+            ttype = r.u32(f"tensor {tn} type")
+            offset = r.u64(f"tensor {tn} offset")
             if name in tensors:
-                raise ExportError(f"{path}: tensor {name!r} appears twice")
+                raise ExportError(f"{path}: tensor {short(name)} appears twice")
             tensors[name] = [ttype, dims, offset, None]
         align = gguf_meta(meta, "general.alignment", int, GGUF_DEFAULT_ALIGNMENT, path)
         if align <= 0 or align & (align - 1):
@@ -705,6 +964,7 @@ def read_gguf(path):
         data_start = pad_to(r.pos, align)
         for name, t in tensors.items():
             ttype, dims, offset, _ = t
+            tn = label(name)
             count = 1
             for d in dims:
                 count *= d
@@ -713,16 +973,16 @@ def read_gguf(path):
                     t[2] = t[3] = None  # a vision tensor we skip: its type does not matter
                     continue
                 tname = GGML_OTHER_TYPES.get(ttype, f"number {ttype}")
-                raise ExportError(f"{path}: tensor {name} has type {tname}, which export.py cannot read "
+                raise ExportError(f"{path}: tensor {tn} has type {tname}, which export.py cannot read "
                                   f"(supported: {', '.join(n for n, _, _ in GGML_TYPES.values())})")
             tname, block_values, block_bytes = GGML_TYPES[ttype]
             if count == 0 or dims[0] % block_values:
-                raise ExportError(f"{path}: tensor {name} has dimensions {dims}, not whole {tname} blocks of {block_values}")
+                raise ExportError(f"{path}: tensor {tn} has dimensions {dims}, not whole {tname} blocks of {block_values}")
             nbytes = count // block_values * block_bytes
             if offset % align:
-                raise ExportError(f"{path}: tensor {name} data offset {offset} is not a multiple of the alignment {align}")
+                raise ExportError(f"{path}: tensor {tn} data offset {offset} is not a multiple of the alignment {align}")
             if data_start + offset + nbytes > size:
-                raise ExportError(f"{path}: tensor {name} data ({nbytes} bytes at {data_start + offset}) lies past the "
+                raise ExportError(f"{path}: tensor {tn} data ({nbytes} bytes at {data_start + offset}) lies past the "
                                   f"end of the file ({size} bytes)")
             t[2], t[3] = data_start + offset, nbytes
         return version, meta, {n: tuple(t) for n, t in tensors.items()}
@@ -755,7 +1015,7 @@ def gguf_per_layer(meta, key, default, path):
     if key in meta and meta[key][0] == GGUF_ARRAY:
         vals = meta[key][1]
         if not vals or any(not isinstance(v, int) or isinstance(v, bool) for v in vals) or len(set(vals)) != 1:
-            raise ExportError(f"{path}: {key} varies per layer ({vals[:8]}...); gemma3.c needs one value")
+            raise ExportError(f"{path}: {key} varies per layer ({short(vals[:8])}); gemma3.c needs one value")
         return vals[0]
     return gguf_meta(meta, key, int, default, path)
 
@@ -844,7 +1104,20 @@ def gguf_config(path, meta, tensors):
                    ("key_length", head_dim), ("sliding_window", window)):
         if not 0 < v < 1 << 24:
             raise ExportError(f"{path}: implausible {key} {v}")
+    check_config(cfg, path, GGUF_KEYS)
     return cfg
+
+
+# Our config keys, as gguf_config's messages name them.
+GGUF_KEYS = {
+    "hidden_size": "gemma3.embedding_length", "intermediate_size": "gemma3.feed_forward_length",
+    "num_hidden_layers": "gemma3.block_count", "num_attention_heads": "gemma3.attention.head_count",
+    "num_key_value_heads": "gemma3.attention.head_count_kv", "head_dim": "gemma3.attention.key_length",
+    "sliding_window": "gemma3.attention.sliding_window", "max_position_embeddings": "gemma3.context_length",
+    "rms_norm_eps": "gemma3.attention.layer_norm_rms_epsilon", "rope_theta": "gemma3.rope.freq_base",
+    "rope_local_base_freq": "gemma3.rope.local.freq_base", "rope_factor": "gemma3.rope.scaling.factor",
+    "query_pre_attn_scalar": "the attention scale (from gemma3.attention.key_length)", "bos_token_id": "bos_token_id",
+}
 
 
 def gguf_tokenizer(path, meta):
@@ -896,12 +1169,20 @@ def derive_merges(pieces, vocab, scores, ttypes):
     SentencePiece stores them (llama.cpp's converter writes -1000 for them instead).
     On Gemma 3 this reproduces tokenizer.json's 514,906 merges in order."""
     cands = []
+    # Only the lengths some piece has can be a left part's: a piece of a million characters
+    # then costs as little as a short one (trying every split would take minutes).
+    lengths = sorted({len(p) for p in pieces})
+    has_length = set(lengths)
     for i, p in enumerate(pieces):
         if len(p) < 2:
             continue
         score = 0.0 if ttypes[i] in (3, 4) else float(scores[i])
         local = []
-        for k in range(1, len(p)):
+        for k in lengths:
+            if k >= len(p):
+                break
+            if k == 0 or len(p) - k not in has_length:
+                continue
             left, right = p[:k], p[k:]
             if left in vocab and right in vocab:
                 local.append((vocab[left], vocab[right]))
@@ -947,7 +1228,10 @@ class Dequantizer:
         self.proc.stderr.close()
 
 
-def load_gguf(path, dtype_name, quiet):
+def plan_gguf(path, dtype_name, quiet, quant=None):
+    """Everything load_gguf learns from the file before its tensors are read: (config,
+    vocab size, tokenizer section, special ids, dequantizer jobs, the output tensors as
+    (name, HF shape, dtype, bytes, GGUF name)). Every value is checked here."""
     version, meta, tensors = read_gguf(path)
     if "token_embd.weight" not in tensors:
         raise ExportError(f"{path}: missing tensor token_embd.weight")
@@ -956,10 +1240,19 @@ def load_gguf(path, dtype_name, quiet):
         raise ExportError(f"{path}: tensor token_embd.weight has dimensions {emb}, expected [hidden, vocab]")
     vocab = emb[1]  # the converter may cut unused rows: the tensor is the truth
     cfg = gguf_config(path, meta, tensors)
+    if quant:
+        check_quantizable(cfg, quant, path)
     D = cfg["hidden_size"]
 
     # Our names and HF shapes, GGUF names. GGUF lists dimensions fastest-first (ne0 =
     # columns): HF [rows, cols] is GGUF [cols, rows].
+    n_layers = cfg["num_hidden_layers"]
+    if len(tensors) < 2 + 13 * n_layers:  # too few tensors for block_count: say so before listing them all
+        names = (n for i in range(-1, n_layers + 1) for n in
+                 (["token_embd.weight"] if i < 0 else ["output_norm.weight"] if i == n_layers else
+                  [f"blk.{i}.{g}.weight" for g in GGUF_LAYER_NAMES]))
+        raise ExportError(f"{path}: missing tensor {next((n for n in names if n not in tensors), '?')} (block_count "
+                          f"{n_layers} needs {2 + 13 * n_layers} tensors, the file has {len(tensors)})")
     wanted = [("embed_tokens.weight", [vocab, D], "token_embd.weight")]
     for i in range(cfg["num_hidden_layers"]):
         hf = dict(LAYER_TENSORS)
@@ -969,7 +1262,7 @@ def load_gguf(path, dtype_name, quiet):
     known = {g for _, _, g in wanted} | {"output.weight"}
     for name in tensors:
         if name not in known and not name.startswith(GGUF_SKIP_PREFIXES):
-            raise ExportError(f"{path}: unknown tensor {name!r} (not part of a gemma3 text model with "
+            raise ExportError(f"{path}: unknown tensor {short(name)} (not part of a gemma3 text model with "
                               f"{cfg['num_hidden_layers']} blocks)")
     missing = [g for _, _, g in wanted if g not in tensors]
     if missing:
@@ -991,9 +1284,10 @@ def load_gguf(path, dtype_name, quiet):
     for piece, key in (("<bos>", "bos_token_id"), ("<eos>", "eos_token_id"), ("<end_of_turn>", "eot_token_id")):
         if special.get(piece) is None and f"tokenizer.ggml.{key}" in meta:
             special[piece] = gguf_meta(meta, f"tokenizer.ggml.{key}", int, None, path)
-    if special.get("<bos>") is not None and special["<bos>"] >= vocab or \
-            special.get("<eos>") is not None and special["<eos>"] >= vocab:
-        raise ExportError(f"{path}: bos / eos token id out of range for a vocabulary of {vocab}")
+    if any(special.get(p) is not None and not 0 <= special[p] < (vocab if p in ("<bos>", "<eos>") else MAX_DIM)
+           for p in ("<bos>", "<eos>", "<end_of_turn>")):
+        raise ExportError(f"{path}: bos / eos / end-of-turn token id out of range for a vocabulary of {vocab} "
+                          f"({', '.join(f'{p} {special.get(p)}' for p in ('<bos>', '<eos>', '<end_of_turn>'))})")
 
     out_dtype = DTYPE_CODES[dtype_name]
     jobs, plan = [], []
@@ -1006,8 +1300,6 @@ def load_gguf(path, dtype_name, quiet):
         norm = len(shape) == 1  # stored as 1 + w
         jobs.append(f"{offset} {ttype} {count} {'bf16' if dt == DTYPE_BF16 else 'f32'} {1 if norm else 0}\n")
         plan.append((ours, shape, dt, count * ELEM_SIZE[dt], g))
-    deq = Dequantizer(path, jobs, quiet)
-    tensors_out = [(ours, shape, dt, nb, lambda nb=nb, g=g: deq.read(nb, g)) for ours, shape, dt, nb, g in plan]
     if not quiet:
         general = {k: meta[k][1] for k in ("general.name", "general.size_label", "general.finetune") if k in meta}
         types = sorted({GGML_TYPES[tensors[g][0]][0] for _, _, g in wanted})
@@ -1017,7 +1309,24 @@ def load_gguf(path, dtype_name, quiet):
         if cfg["num_hidden_layers"] in (34, 48, 62) and cfg["rope_factor"] == 1.0:
             print("note: no rope.scaling metadata; Gemma 3 4B/12B/27B use linear scaling 8 on global layers, "
                   "but like llama.cpp this export uses none", file=sys.stderr)
-    return Source(cfg, vocab, tok_bytes, special, tensors_out, close=deq.close)
+        quantized = sorted({GGML_TYPES[tensors[g][0]][0] for _, shape, g in wanted if len(shape) == 2}
+                           - {"F32", "F16", "BF16"})
+        if quant and quantized:
+            print(f"note: {os.path.basename(path)} is already quantized ({', '.join(quantized)}): {quant} quantizes "
+                  f"its dequantized values again, and the errors add up; --dtype f32 keeps the file's own values",
+                  file=sys.stderr)
+    return cfg, vocab, tok_bytes, special, jobs, plan
+
+
+def load_gguf(path, dtype_name, quiet, quant=None):
+    cfg, vocab, tok_bytes, special, jobs, plan = plan_gguf(path, dtype_name, quiet, quant)
+    deq = Dequantizer(path, jobs, quiet)
+    tensors_out = [(ours, shape, dt, nb, lambda nb=nb, g=g: deq.read(nb, g)) for ours, shape, dt, nb, g in plan]
+    try:
+        return Source(cfg, vocab, tok_bytes, special, tensors_out, close=deq.close)
+    except BaseException:
+        deq.close()
+        raise
 
 
 def same_bytes(path, a, b, n):
@@ -1047,12 +1356,16 @@ def main():
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     args = ap.parse_args()
     try:
+        check_output(args.src, args.out)
         if args.dtype in ("q8_0", "q4_0"):
             export_quantized(args.src, args.out, args.dtype, args.quiet)
         else:
             export(args.src, args.out, args.dtype, args.quiet)
     except ExportError as e:
-        print(f"export.py: error: {e}", file=sys.stderr)
+        print(f"export.py: error: {error_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    except MemoryError:
+        print("export.py: error: out of memory", file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # cannot write the output (no such directory, disk full, ...)
         print(f"export.py: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)

@@ -1224,6 +1224,67 @@ static void test_bad_inputs(void) {
     run("%s config final_logit_softcapping 30.0", mut);
     expect_error("export: soft-capping set", "soft-capping", "%s", exp);
     expect_error("export: no checkpoint dir", "cannot read", "python3 export.py %s/nowhere %s/x.bin", BUILD, BUILD);
+
+    /* export.py's malformed inputs: each refused before any work (a bounded time and
+     * memory), one line naming the key or field, exit 1, no output or temporary file */
+    static const char *const bad[][4] = { /* what, mutation, needle, extra option */
+        {"config is a list", "rawconfig '[1, 2]'", "expected a JSON object, got list", ""},
+        {"text_config is a list", "config text_config '[1]'", "text_config is [1], not an object", ""},
+        {"float layer count", "config num_hidden_layers 7.0", "num_hidden_layers is 7.0, not an integer", ""},
+        {"1e9 layers", "config num_hidden_layers 1e9", "num_hidden_layers is 1000000000.0, not an integer", ""},
+        {"10**9 layers", "config num_hidden_layers 1000000000", "num_hidden_layers 1000000000 is out of range", ""},
+        {"zero kv heads", "config num_key_value_heads 0", "num_key_value_heads 0 is out of range", ""},
+        {"heads not a multiple of kv heads", "config num_key_value_heads 3", "is not a multiple of num_key_value_heads 3", ""},
+        {"odd head_dim", "config head_dim 31", "head_dim 31 is odd", ""},
+        {"string eps", "config rms_norm_eps '\"1e-6\"'", "rms_norm_eps is '1e-6', not a finite number", ""},
+        {"string rope_scaling", "config rope_scaling '\"linear\"'", "rope_scaling is 'linear', not an object", ""},
+        {"string rope factor", "config rope_scaling '{\"rope_type\": \"linear\", \"factor\": \"8\"}'",
+         "rope_scaling.factor is '8'", ""},
+        {"rope_theta past float32", "config rope_theta 1e50", "rope_theta 1e+50 is out of range", ""},
+        {"hidden 100 for q8_0", "config hidden_size 100", "hidden_size 100 is not a multiple of 32, which q8_0 needs",
+         "--dtype q8_0"},
+        {"safetensors header a list", "header '[1, 2]'", "the safetensors header is list", ""},
+        {"string data_offsets", "entry model.norm.weight data_offsets '[\"0\", \"128\"]'", "malformed entry", ""},
+        {"lying (overlapping) data_offsets",
+         "alias model.layers.1.input_layernorm.weight model.layers.0.input_layernorm.weight", "overlap", ""},
+        {"index without weight_map", "index '{}'", "no weight_map", ""},
+        {"index shard outside the dir", "index '{\"weight_map\": {\"a\": \"../../../etc/passwd\"}}'",
+         "the shard '../../../etc/passwd', not a file name inside", ""},
+        /* found by tests/fuzz_export.py */
+        {"index shard a lone surrogate", "index '{\"weight_map\": {\"a\": \"\\ud800\"}}'", "not a file name inside", ""},
+        {"index shard name of 300 characters", "index '{\"weight_map\": {\"a\": \"%0300d\"}}'", "longer than a file name", ""},
+        {"layer count past the tensors", "config num_hidden_layers 65536", "num_hidden_layers 65536 needs 851970 tensors", ""},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char what[128];
+        snprintf(what, sizeof what, "export: %s", bad[i][0]);
+        char mutation[512];
+        snprintf(mutation, sizeof mutation, bad[i][1], 0); /* %0300d: a name of 300 zeros */
+        run("rm -f " BUILD "/bad-export.bin " BUILD "/.bad-export.bin.*; %s %s", mut, mutation);
+        expect_error(what, bad[i][2], "ulimit -v 2000000; timeout 30 %s %s", exp, bad[i][3]);
+        CHECK(run("test ! -e " BUILD "/bad-export.bin && ! ls -A " BUILD " | grep -q '^\\.bad-export'") == 0,
+              "%s: an output or temporary file is left", what);
+    }
+    run("%s drop model.norm.weight && cp " TINY "/model.safetensors " BUILD "/bad-hf/", mut);
+    expect_error("export: output is the input", "refusing to overwrite",
+                 "python3 export.py %s/bad-hf %s/bad-hf/model.safetensors -q", BUILD, BUILD);
+    CHECK(run("cmp -s " TINY "/model.safetensors " BUILD "/bad-hf/model.safetensors") == 0, "export: the input was overwritten");
+    expect_error("export: output is a directory", BUILD " is a directory", "python3 export.py %s %s -q", TINY, BUILD);
+    expect_error("export: unwritable output (q8_0)", "cannot write " BUILD "/last.log/x.bin: Not a directory",
+                 "python3 export.py %s %s/last.log/x.bin --dtype q8_0 -q", TINY, BUILD);
+    expect_error("export: a gemma3.c file as input", "already a gemma3.c model file",
+                 "python3 export.py %s/tiny-q8_0.bin %s/x.bin --dtype q4_0", BUILD, BUILD);
+
+    /* export.py --dtype q8_0's log: the quantizing step's own progress on a terminal
+     * (gemma3's is swallowed, its stderr being a pipe), and never the internal .tmp names */
+    CHECK(run("python3 export.py " TINY " " BUILD "/qlog.bin --dtype q8_0 2> " BUILD "/qlog.txt") == 0 &&
+          run("! grep -q tmp " BUILD "/qlog.txt && grep -q 'quantizing to q8_0' " BUILD "/qlog.txt && "
+              "grep -q 'wrote " BUILD "/qlog.bin' " BUILD "/qlog.txt") == 0,
+          "export q8_0 log: a quantizing step, no .tmp names");
+    CHECK(run("python3 -c 'import pty; pty.spawn([\"python3\", \"export.py\", \"" TINY "\", \"" BUILD "/qtty.bin\", "
+              "\"--dtype\", \"q4_0\"])' > " BUILD "/qtty.txt && grep -Eq 'quantizing to q4_0 +[0-9.]+%%' " BUILD "/qtty.txt && "
+              "! grep -q tmp " BUILD "/qtty.txt") == 0,
+          "export q4_0 on a terminal: the quantizing step shows its progress");
 }
 
 int main(void) {

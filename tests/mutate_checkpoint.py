@@ -6,6 +6,11 @@ bad-input tests. Standard library only.
     python3 tests/mutate_checkpoint.py SRC_DIR DST_DIR add TENSOR       # add an unknown 1-D tensor
     python3 tests/mutate_checkpoint.py SRC_DIR DST_DIR reshape TENSOR   # declare a wrong shape
     python3 tests/mutate_checkpoint.py SRC_DIR DST_DIR config KEY JSON  # set a config.json key
+    python3 tests/mutate_checkpoint.py SRC_DIR DST_DIR rawconfig TEXT   # config.json is TEXT
+    python3 tests/mutate_checkpoint.py SRC_DIR DST_DIR header TEXT      # the safetensors header is TEXT
+    python3 tests/mutate_checkpoint.py SRC_DIR DST_DIR entry TENSOR FIELD JSON  # set a field of a tensor's header entry
+    python3 tests/mutate_checkpoint.py SRC_DIR DST_DIR alias TENSOR OTHER   # TENSOR's data_offsets are OTHER's
+    python3 tests/mutate_checkpoint.py SRC_DIR DST_DIR index TEXT       # add model.safetensors.index.json, TEXT
 """
 import json
 import os
@@ -26,12 +31,26 @@ def main():
         with open(path, "w") as f:
             json.dump(cfg, f)
         return
+    if op in ("rawconfig", "index"):
+        fn = "config.json" if op == "rawconfig" else "model.safetensors.index.json"
+        with open(os.path.join(dst, fn), "w") as f:
+            f.write(name)
+        return
     path = os.path.join(dst, "model.safetensors")
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(n))
         data = f.read()
-    if op == "drop":
+    if op == "header":
+        raw = name.encode()
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw + data)
+        return
+    if op == "entry":
+        header[name][sys.argv[5]] = json.loads(sys.argv[6])
+    elif op == "alias":
+        header[name]["data_offsets"] = header[sys.argv[5]]["data_offsets"]
+    elif op == "drop":
         del header[name]
     elif op == "add":
         header[name] = {"dtype": "F32", "shape": [1], "data_offsets": [len(data), len(data) + 4]}

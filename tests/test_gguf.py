@@ -139,7 +139,7 @@ def make_gguf(path, qtype=T.Q8_0, *, version=3, vocab=512, layers=L, dim=D, ffn=
         "gemma3.attention.sliding_window": ("u32", 16),
     }
     meta.update(kv or {})
-    add = {"u32": w.add_uint32, "f32": w.add_float32, "str": w.add_string, "array": w.add_array}
+    add = {"u32": w.add_uint32, "i32": w.add_int32, "f32": w.add_float32, "str": w.add_string, "array": w.add_array}
     for k, v in meta.items():
         if v is not None:
             add[v[0]](k, v[1])
@@ -552,6 +552,16 @@ def main():
     expect_error("unknown tensor", g, "unknown tensor 'blk.0.attn_extra.weight'")
     make_gguf(g, T.Q8_0, kv={"gemma3.embedding_length": None})
     expect_error("missing metadata", g, "missing metadata gemma3.embedding_length")
+    make_gguf(g, T.Q8_0, kv={"gemma3.attention.layer_norm_rms_epsilon": ("f32", float("nan"))})
+    expect_error("NaN epsilon", g, "gemma3.attention.layer_norm_rms_epsilon is nan, not a finite number")
+    make_gguf(g, T.Q8_0, kv={"gemma3.rope.freq_base": ("f32", 0.0)})
+    expect_error("zero RoPE base", g, "gemma3.rope.freq_base 0.0 is out of range")
+    make_gguf(g, T.Q8_0, extra_tensors=[("blk.0." + "x" * 2000, [32, 256])])
+    expect_error("a tensor name of 2000 characters (found by tests/fuzz_export.py)", g, "unknown tensor 'blk.0.xxxx")
+    rc, _, err = export(g, os.path.join(W, "bad.bin"))
+    check(len(err) < 300, "a tensor name of 2000 characters: the message quotes it cut short", f"{len(err)} characters")
+    make_gguf(g, T.Q8_0, tokenizer=False, kv={"tokenizer.ggml.bos_token_id": ("i32", -2 ** 31)})
+    expect_error("negative bos id (found by tests/fuzz_export.py)", g, "<bos> -2147483648")
     make_gguf(g, T.Q8_0, kv={"gemma3.final_logit_softcapping": ("f32", 30.0)})
     expect_error("soft-capping", g, "soft-capping")
     make_gguf(g, T.Q8_0, kv={"gemma3.rope.scaling.type": ("str", "yarn"), "gemma3.rope.scaling.factor": ("f32", 4.0)})
@@ -559,6 +569,9 @@ def main():
     rc, _, err = export(os.path.join(W, "untied.gguf"), os.path.join(W, "untied-q8_0.bin"), "--dtype", "q8_0")
     check(rc == 0 and "lm_head.weight" in read_model(os.path.join(W, "untied-q8_0.bin"))[1],
           "untied, q8_0 export: lm_head.weight quantized too", err.strip())
+    rc, _, err = run(PY, "export.py", good, os.path.join(W, "again-q8_0.bin"), "--dtype", "q8_0")
+    check(rc == 0 and "is already quantized (Q8_0)" in err and "tmp" not in err,
+          "q8_0 export of a Q8_0 file: says it is already quantized, no .tmp names in the log", err.strip())
 
     # random corruption of the header, metadata and tensor table: an ExportError (one line)
     # or a clean load, never another exception (in-process, 400 files)
@@ -584,6 +597,17 @@ def main():
     rc, out, err = run(PY, "-c", code)
     check(rc == 0, f"400 randomly corrupted headers: refused with an ExportError or loaded ({out.decode().strip()})",
           (out.decode() + err).strip()[-300:])
+
+    # a token of 300,000 characters: the merges derived at once (every split of it took 20 s)
+    code = ("import export, time\n"
+            "p = ['a', 'b', 'ab', 'a' * 300000]\n"
+            "t = time.time()\n"
+            "m = export.derive_merges(p, {x: i for i, x in enumerate(p)}, [0.0] * 4, [1] * 4)\n"
+            "print(m == [(0, 1, 2)], round(time.time() - t, 2))\n")
+    rc, out, err = run(PY, "-c", code)
+    ok, secs = (out.decode().split() + ["", ""])[:2]
+    check(rc == 0 and ok == "True" and float(secs or 99) < 2, "a token of 300,000 characters: merges derived in under 2 s "
+          "(every split was tried: quadratic in its length)", f"{out.decode().strip()} {err.strip()[-200:]}")
 
     # 5. Ctrl-C part-way: no output, no temporary file, no traceback (in-process, deterministic)
     code = ("import sys, export\n"
