@@ -1025,11 +1025,15 @@ static char *chat_render(const ChatMessage *msgs, int n, int add_generation_prom
         first = 1;
     }
     for (i = first; i < n; i++) {
-        int is_user = strcmp(msgs[i].role, "user") == 0;
+        int is_user = strcmp(msgs[i].role, "user") == 0, shown = 0;
         if (is_user != ((i - first) % 2 == 0)) {
+            /* the role is the caller's text: named up to its first control character, so
+             * the message stays one line */
+            while (shown < 40 && (unsigned char)msgs[i].role[shown] >= 0x20 && msgs[i].role[shown] != 0x7F) shown++;
             tok_errf(err, errsize,
                      "chat: conversation roles must alternate user/assistant/user/... after an optional "
-                     "system message (message %d is \"%s\")", i, msgs[i].role);
+                     "system message (message %d is \"%.*s\"%s)", i, shown, msgs[i].role,
+                     msgs[i].role[shown] ? "..." : "");
             return NULL;
         }
     }
