@@ -17,7 +17,7 @@ ifeq ($(OMP),1)
 endif
 LDLIBS = -lm
 
-.PHONY: all test clean debug asan valgrind test-cross test-baremetal bench bench-tokenizer lib tsan
+.PHONY: all test clean debug asan valgrind test-cross test-baremetal bench bench-tokenizer lib tsan fuzz
 
 all: gemma3
 
@@ -56,6 +56,14 @@ test_all: test_all.c gemma3.c tokenizer.c kernels_x86.c $(wildcard tests/*.c)
 # Ends with "N passed, N failed".
 test: gemma3 test_all test_api examples/chat
 	./test_all
+
+# The C fuzzers (libFuzzer + ASan + UBSan; installs Debian's clang if missing): the model
+# loader, the tokenizer (real vocabulary), tokenizer sections, the chat template, each for
+# FUZZ_SECONDS, one at a time. One line each (executions, findings); fails on a finding,
+# which is saved in tests/build/fuzz/. tests/fuzz/run.sh says the rest.
+FUZZ_SECONDS ?= 600
+fuzz:
+	bash tests/fuzz/run.sh $(FUZZ_SECONDS)
 
 # Same fixture logits on aarch64, i686 and big-endian s390x under qemu-user (installs
 # Debian's cross compilers and qemu-user on first use), plus the no-mmap build.

@@ -907,6 +907,16 @@ static void test_fuzz_loader(void) {
     free(bad);
 }
 
+/* The libFuzzer harnesses' committed inputs (seeds and tests/fuzz/regress/: what the
+ * fuzzers found, each fixed) run once through the same checks, without libFuzzer
+ * (tests/fuzz/run.sh --replay, built with this compiler); here it counts as one test. */
+static void test_fuzz_replay(void) {
+    printf("fuzz: the harnesses' seeds and past findings, replayed\n");
+    int rc = run("bash tests/fuzz/run.sh --replay");
+    printf("%s", last_log());
+    CHECK(rc == 0, "tests/fuzz/run.sh --replay failed");
+}
+
 /* run.sh end to end against fake Hugging Face hubs on 127.0.0.1 (tests/test_run_sh.sh,
  * which prints one line per check); here it counts as one test. */
 static void test_run_sh(void) {
@@ -1215,6 +1225,7 @@ int main(void) {
     test_own_checkpoints();
     test_tokenizer_and_chat();
     test_library();
+    test_fuzz_replay();
     test_run_sh();
     test_gguf();
     int ci = getenv("CI") && strcmp(getenv("CI"), "") && strcmp(getenv("CI"), "false");
