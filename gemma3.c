@@ -192,6 +192,18 @@ static void set_err(char *err, size_t errsize, const char *fmt, ...) {
     va_end(ap);
 }
 
+/* s[0..n) (up to a NUL) for a one-line message: printable ASCII as is, any other byte as
+ * \xNN, so a file's bytes cannot put a newline or a terminal escape in a message. out must
+ * hold 4 * n + 1 bytes. */
+static const char *printable(const unsigned char *s, size_t n, char *out) {
+    char *o = out;
+    for (size_t i = 0; i < n && s[i]; i++)
+        if (s[i] >= 0x20 && s[i] < 0x7F) *o++ = (char)s[i];
+        else o += sprintf(o, "\\x%02X", s[i]);
+    *o = 0;
+    return out;
+}
+
 /* The file's bytes into m->data and m->size (mmap where there is one: section 5). */
 static int read_file_bytes(Model *m, const char *path, char *err, size_t errsize);
 
@@ -372,7 +384,9 @@ static int check_directory(const Model *m, const char *path, int *untied, char *
     for (uint32_t i = 0; i < n_tensors; i++) {
         const char *name = (const char *)dir + (size_t)i * GEMMA3_DIR_ENTRY_SIZE;
         if (!known_tensor_name(name, c->n_layers)) {
-            set_err(err, errsize, "%s: unknown tensor '%.64s' in the model file", path, name);
+            char shown[4 * 64 + 1];
+            set_err(err, errsize, "%s: unknown tensor '%s' in the model file", path,
+                    printable((const unsigned char *)name, 64, shown));
             return -1;
         }
         *untied |= !strcmp(name, "lm_head.weight");
@@ -648,13 +662,14 @@ static void quantize_activations(int8_t *xq, float *scale, int32_t *sums, const 
         float amax = 0.0f;
         for (int i = 0; i < QK; i++) {
             float a = fabsf(x[b * QK + i]);
-            amax = a > amax ? a : amax;
+            amax = a > amax || a != a ? a : amax; /* a NaN stays: the block's scale is NaN */
         }
         float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
         scale[b] = d;
         int32_t sum = 0;
         for (int i = 0; i < QK; i++) {
-            xq[b * QK + i] = (int8_t)round_even(x[b * QK + i] * inv); /* |x * inv| <= 127 */
+            float q = round_even(x[b * QK + i] * inv); /* |x * inv| <= 127, or NaN (NaN or inf in x) */
+            xq[b * QK + i] = (int8_t)(q == q ? q : 0.0f);
             sum += xq[b * QK + i];
         }
         sums[b] = sum;
@@ -832,7 +847,9 @@ static float exp_vec(float v) {
     float r = v - n * 0.693145751953125f;     /* ln2 in two parts: this one times n is exact */
     r = r - n * 1.428606765330187e-6f;
     float p = 1.0f + r * (1.0f + r * (1.0f / 2 + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));
-    int32_t bits = ((int32_t)n + 127) * (1 << 23);
+    /* (a NaN v stays NaN through p; its n must not reach the int conversion, which is
+     * undefined for NaN: from NaN weights, say) */
+    int32_t bits = ((int32_t)(n == n ? n : 0.0f) + 127) * (1 << 23);
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
@@ -1232,7 +1249,9 @@ static int sample(Sampler *sp, float *logits) {
         acc += sp->cand[i].p;
         if (r < acc) return sp->cand[i].id;
     }
-    return sp->cand[keep - 1].id; /* rounding fell off the end */
+    /* rounding fell off the end; no candidate at all only if the probabilities are NaN
+     * (NaN weights): then the first token, as greedy argmax gives */
+    return keep > 0 ? sp->cand[keep - 1].id : 0;
 }
 
 
@@ -1253,9 +1272,10 @@ static int check_ids(const Model *m, const int *ids, int n, char *err, size_t er
         size_t pl = 0;
         const unsigned char *p = NULL;
         if (m->has_tokenizer && ids[i] >= 0 && ids[i] < m->tokenizer.n_tokens) p = tok_piece(&m->tokenizer, ids[i], &pl);
-        set_err(err, errsize, "token %d%s%.*s%s (at %d) is outside the model's vocabulary [0, %d): its embedding "
-                "table has no row for it", ids[i], p ? " '" : "", (int)(pl < 64 ? pl : 64), p ? (const char *)p : "",
-                p ? "'" : "", i, V);
+        char shown[4 * 64 + 1] = "";
+        if (p) printable(p, pl < 64 ? pl : 64, shown);
+        set_err(err, errsize, "token %d%s%s%s (at %d) is outside the model's vocabulary [0, %d): its embedding "
+                "table has no row for it", ids[i], p ? " '" : "", shown, p ? "'" : "", i, V);
         return -1;
     }
     return 0;

@@ -450,6 +450,18 @@ static void test_sampler(void) {
     }
     CHECK(ok, "top-k 5 sampled outside the 5 largest logits");
     free_sampler(&sp);
+    /* NaN logits (NaN weights; found by fuzz_loader): every setting gives a token id, and
+     * top-p without top-k, which then has no candidate at all, read the one before them */
+    int nan_ok = 1;
+    for (int k = 0; k < 2; k++) {
+        static float nans[64];
+        for (int i = 0; i < 64; i++) nans[i] = NAN;
+        build_sampler(&sp, 64, 1.0f, k ? 3 : 0, 0.9f, 0.0f, 7);
+        int id = sample(&sp, nans);
+        nan_ok &= id >= 0 && id < 64;
+        free_sampler(&sp);
+    }
+    CHECK(nan_ok, "NaN logits: sampled id out of range");
 }
 
 /* The reference toolkit: --top, --dump-hidden and perplexity, checked against the logits. */
@@ -590,6 +602,7 @@ static void test_kernels(void) {
     printf("exp_vec vs expf on [-87, 88]: at most %d ulp apart; gelu_tanh on [-10.9, 11] vs double: rel. error %.2g\n",
            worst_ulp, worst_gelu);
     CHECK(worst_ulp <= 2, "exp_vec is %d ulp from expf", worst_ulp);
+    CHECK(isnan(exp_vec(NAN)), "exp_vec(NaN) is not NaN"); /* (and, under UBSan, no NaN-to-int conversion) */
     /* where the result is tiny, e^(2u) carries the rounding of u in float: about 1e-5 */
     CHECK(worst_gelu < 1e-4, "gelu_tanh has relative error %g", worst_gelu);
     int max_level = 0;

@@ -101,6 +101,7 @@ for h in $harnesses; do
     seeddirs=""
     for d in "tests/fuzz/$h" "tests/fuzz/regress/$h" "$B/seeds-$h"; do [ -d "$d" ] && seeddirs="$seeddirs $d"; done
     rm -f "$B/$h"-crash-* "$B/$h"-leak-* "$B/$h"-timeout-* "$B/$h"-oom-* "$B/$h"-slow-unit-*
+    start=$SECONDS
     # shellcheck disable=SC2086
     "$B/fuzz_$h" -max_total_time="$secs" -max_len="$(maxlen $h)" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 \
         -artifact_prefix="$B/$h-" "$B/corpus-$h" $seeddirs > "$B/$h.log" 2>&1
@@ -109,7 +110,7 @@ for h in $harnesses; do
     findings=$(ls "$B/$h"-crash-* "$B/$h"-leak-* "$B/$h"-timeout-* "$B/$h"-oom-* 2> /dev/null)
     n=$(echo -n "$findings" | grep -c . || true)
     if [ "$status" != 0 ] && [ "$n" = 0 ]; then n=1; findings="(exit $status, see $B/$h.log)"; fi
-    echo "fuzz $h: ${execs:-?} executions in $secs s, $n findings $(echo $findings)"
+    echo "fuzz $h: ${execs:-?} executions in $((SECONDS - start)) s, $n findings $(echo $findings)"
     [ "$n" = 0 ] || { grep -m3 -E 'ERROR|SUMMARY|fuzz_' "$B/$h.log" | sed 's/^/    /'; found=1; }
 done
 exit $found
