@@ -343,7 +343,8 @@ static int read_header(Model *m, const char *path, char *err, size_t errsize) {
     c->rope_theta = rd_f32(h + 76);
     c->rope_local_theta = rd_f32(h + 80);
     c->rope_factor = rd_f32(h + 84);
-    if (c->n_heads % c->n_kv_heads != 0 || c->head_dim % 2 != 0 || !(c->query_pre_attn_scalar > 0) ||
+    if (c->n_heads % c->n_kv_heads != 0 || c->head_dim % 2 != 0 || (uint64_t)u[4] * u[6] > (1u << 24) ||
+        !(c->query_pre_attn_scalar > 0) ||
         !(c->norm_eps >= 0) || !(c->rope_theta > 0) || !(c->rope_local_theta > 0) || !(c->rope_factor > 0)) {
         set_err(err, errsize, "%s: inconsistent hyper-parameters in header", path);
         return -1;

@@ -69,8 +69,12 @@ if [ "${1:-}" = --replay ]; then
         if [ "$h" = tokenizer ] && [ ! -s "$B/tokenizer.sec" ]; then
             [ -s tests/data/tokenizer.json ] && seeds tokenizer || { echo "  replay $h: skipped (no tests/data/tokenizer.json)"; continue; }
         fi
-        # shellcheck disable=SC2046
-        if ! $CC -std=c99 -O1 -g -DGEMMA3_NO_MAIN -o "$B/replay_$h" $(sources $h) tests/fuzz/replay.c -lm > "$B/replay_$h.log" 2>&1; then
+        # with ASan + UBSan where the compiler has them (a finding may be undefined behaviour only)
+        san="-fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all"
+        echo 'int main(void) { return 0; }' > "$B/san.c"
+        $CC $san -o "$B/san" "$B/san.c" > /dev/null 2>&1 && "$B/san" || san=
+        # shellcheck disable=SC2046,SC2086
+        if ! $CC -std=c99 -O1 -g $san -DGEMMA3_NO_MAIN -o "$B/replay_$h" $(sources $h) tests/fuzz/replay.c -lm > "$B/replay_$h.log" 2>&1; then
             echo "  replay $h: build failed"; cat "$B/replay_$h.log"; rc=1; continue
         fi
         # shellcheck disable=SC2086
