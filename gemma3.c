@@ -1387,7 +1387,9 @@ static int generate_tokens(const Model *m, RunState *s, Sampler *sp, Chat *ch, f
 }
 
 /* What a tokenizer message means, as a library error code. */
-static int text_error_code(const char *err) { return strstr(err, "out of memory") ? GEMMA3_E_NOMEM : GEMMA3_E_TEXT; }
+static int text_error_code(const char *err) { /* (the whole message: a role's text may say "out of memory") */
+    return !strcmp(err, "tokenizer: out of memory") || !strcmp(err, "chat: out of memory") ? GEMMA3_E_NOMEM : GEMMA3_E_TEXT;
+}
 
 enum { CHAT_OK = 0, CHAT_FULL = GEMMA3_E_CONTEXT };
 

@@ -442,6 +442,13 @@ static int tok_load_added(Tokenizer *t, const unsigned char *p_added, char *err,
             tok_errf(err, errsize, "tokenizer: added token id %lu has an empty piece", (unsigned long)id);
             return -1;
         }
+        /* encode matches added tokens byte by byte on valid UTF-8 text: only a piece that is
+         * whole characters matches at character boundaries (one that starts with a
+         * continuation byte would split a character, and BPE would loop on the half) */
+        if (!tok_utf8_valid(t->blob + t->offs[id], t->offs[id + 1] - t->offs[id], NULL)) {
+            tok_errf(err, errsize, "tokenizer: added token id %lu is not valid UTF-8", (unsigned long)id);
+            return -1;
+        }
         trie_nodes += t->offs[id + 1] - t->offs[id];
     }
     t->trie = (TokTrieNode *)malloc(trie_nodes * sizeof *t->trie);
