@@ -17,7 +17,7 @@ ifeq ($(OMP),1)
 endif
 LDLIBS = -lm
 
-.PHONY: all test test-real clean debug asan valgrind test-cross test-baremetal bench bench-tokenizer lib tsan fuzz-export
+.PHONY: all test test-real clean debug asan valgrind test-cross test-baremetal bench bench-tokenizer lib tsan fuzz fuzz-export
 
 all: gemma3
 
@@ -69,6 +69,13 @@ test-real: gemma3
 FUZZ_SECONDS ?= 600
 fuzz-export:
 	python3 tests/fuzz_export.py --seconds $(FUZZ_SECONDS)
+
+# The C fuzzers (libFuzzer + ASan + UBSan; installs Debian's clang if missing): the model
+# loader, the tokenizer (real vocabulary), tokenizer sections, the chat template, each for
+# FUZZ_SECONDS, one at a time. One line each (executions, findings); fails on a finding,
+# which is saved in tests/build/fuzz/. tests/fuzz/run.sh says the rest.
+fuzz:
+	bash tests/fuzz/run.sh $(FUZZ_SECONDS)
 
 # Same fixture logits on aarch64, i686 and big-endian s390x under qemu-user (installs
 # Debian's cross compilers and qemu-user on first use), plus the no-mmap build.

@@ -193,6 +193,18 @@ static void set_err(char *err, size_t errsize, const char *fmt, ...) {
     va_end(ap);
 }
 
+/* s[0..n) (up to a NUL) for a one-line message: printable ASCII as is, any other byte as
+ * \xNN, so a file's bytes cannot put a newline or a terminal escape in a message. out must
+ * hold 4 * n + 1 bytes. */
+static const char *printable(const unsigned char *s, size_t n, char *out) {
+    char *o = out;
+    for (size_t i = 0; i < n && s[i]; i++)
+        if (s[i] >= 0x20 && s[i] < 0x7F) *o++ = (char)s[i];
+        else o += sprintf(o, "\\x%02X", s[i]);
+    *o = 0;
+    return out;
+}
+
 /* The file's bytes into m->data and m->size (mmap where there is one: section 5). */
 static int read_file_bytes(Model *m, const char *path, char *err, size_t errsize);
 
@@ -333,7 +345,8 @@ static int read_header(Model *m, const char *path, char *err, size_t errsize) {
     c->rope_theta = rd_f32(h + 76);
     c->rope_local_theta = rd_f32(h + 80);
     c->rope_factor = rd_f32(h + 84);
-    if (c->n_heads % c->n_kv_heads != 0 || c->head_dim % 2 != 0 || !(c->query_pre_attn_scalar > 0) ||
+    if (c->n_heads % c->n_kv_heads != 0 || c->head_dim % 2 != 0 || (uint64_t)u[4] * u[6] > (1u << 24) ||
+        !(c->query_pre_attn_scalar > 0) ||
         !(c->norm_eps >= 0) || !(c->rope_theta > 0) || !(c->rope_local_theta > 0) || !(c->rope_factor > 0)) {
         set_err(err, errsize, "%s: inconsistent hyper-parameters in header", path);
         return -1;
@@ -374,13 +387,9 @@ static int check_directory(const Model *m, const char *path, int *untied, char *
     for (uint32_t i = 0; i < n_tensors; i++) {
         const char *name = (const char *)dir + (size_t)i * GEMMA3_DIR_ENTRY_SIZE;
         if (!known_tensor_name(name, c->n_layers)) {
-            char shown[64 * 4 + 1]; /* the name as printable ASCII: other bytes as \xNN */
-            size_t k = 0;
-            for (int j = 0; j < 64 && name[j]; j++) {
-                unsigned char b = (unsigned char)name[j];
-                k += (size_t)snprintf(shown + k, sizeof shown - k, b >= 0x20 && b < 0x7f ? "%c" : "\\x%02x", b);
-            }
-            set_err(err, errsize, "%s: unknown tensor '%s' in the model file", path, shown);
+            char shown[4 * 64 + 1];
+            set_err(err, errsize, "%s: unknown tensor '%s' in the model file", path,
+                    printable((const unsigned char *)name, 64, shown));
             return -1;
         }
         *untied |= !strcmp(name, "lm_head.weight");
@@ -656,13 +665,14 @@ static void quantize_activations(int8_t *xq, float *scale, int32_t *sums, const 
         float amax = 0.0f;
         for (int i = 0; i < QK; i++) {
             float a = fabsf(x[b * QK + i]);
-            amax = a > amax ? a : amax;
+            amax = a > amax || a != a ? a : amax; /* a NaN stays: the block's scale is NaN */
         }
         float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
         scale[b] = d;
         int32_t sum = 0;
         for (int i = 0; i < QK; i++) {
-            xq[b * QK + i] = (int8_t)round_even(x[b * QK + i] * inv); /* |x * inv| <= 127 */
+            float q = round_even(x[b * QK + i] * inv); /* |x * inv| <= 127, or NaN (NaN or inf in x) */
+            xq[b * QK + i] = (int8_t)(q == q ? q : 0.0f);
             sum += xq[b * QK + i];
         }
         sums[b] = sum;
@@ -1240,7 +1250,9 @@ static int sample(Sampler *sp, float *logits) {
         acc += sp->cand[i].p;
         if (r < acc) return sp->cand[i].id;
     }
-    return sp->cand[keep - 1].id; /* rounding fell off the end */
+    /* rounding fell off the end; no candidate at all only if the probabilities are NaN
+     * (NaN weights): then the first token, as greedy argmax gives */
+    return keep > 0 ? sp->cand[keep - 1].id : 0;
 }
 
 
@@ -1261,9 +1273,10 @@ static int check_ids(const Model *m, const int *ids, int n, char *err, size_t er
         size_t pl = 0;
         const unsigned char *p = NULL;
         if (m->has_tokenizer && ids[i] >= 0 && ids[i] < m->tokenizer.n_tokens) p = tok_piece(&m->tokenizer, ids[i], &pl);
-        set_err(err, errsize, "token %d%s%.*s%s (at %d) is outside the model's vocabulary [0, %d): its embedding "
-                "table has no row for it", ids[i], p ? " '" : "", (int)(pl < 64 ? pl : 64), p ? (const char *)p : "",
-                p ? "'" : "", i, V);
+        char shown[4 * 64 + 1] = "";
+        if (p) printable(p, pl < 64 ? pl : 64, shown);
+        set_err(err, errsize, "token %d%s%s%s (at %d) is outside the model's vocabulary [0, %d): its embedding "
+                "table has no row for it", ids[i], p ? " '" : "", shown, p ? "'" : "", i, V);
         return -1;
     }
     return 0;
@@ -1374,7 +1387,9 @@ static int generate_tokens(const Model *m, RunState *s, Sampler *sp, Chat *ch, f
 }
 
 /* What a tokenizer message means, as a library error code. */
-static int text_error_code(const char *err) { return strstr(err, "out of memory") ? GEMMA3_E_NOMEM : GEMMA3_E_TEXT; }
+static int text_error_code(const char *err) { /* (the whole message: a role's text may say "out of memory") */
+    return !strcmp(err, "tokenizer: out of memory") || !strcmp(err, "chat: out of memory") ? GEMMA3_E_NOMEM : GEMMA3_E_TEXT;
+}
 
 enum { CHAT_OK = 0, CHAT_FULL = GEMMA3_E_CONTEXT };
 

@@ -450,6 +450,18 @@ static void test_sampler(void) {
     }
     CHECK(ok, "top-k 5 sampled outside the 5 largest logits");
     free_sampler(&sp);
+    /* NaN logits (NaN weights; found by fuzz_loader): every setting gives a token id, and
+     * top-p without top-k, which then has no candidate at all, read the one before them */
+    int nan_ok = 1;
+    for (int k = 0; k < 2; k++) {
+        static float nans[64];
+        for (int i = 0; i < 64; i++) nans[i] = NAN;
+        build_sampler(&sp, 64, 1.0f, k ? 3 : 0, 0.9f, 0.0f, 7);
+        int id = sample(&sp, nans);
+        nan_ok &= id >= 0 && id < 64;
+        free_sampler(&sp);
+    }
+    CHECK(nan_ok, "NaN logits: sampled id out of range");
 }
 
 /* The reference toolkit: --top, --dump-hidden and perplexity, checked against the logits. */
@@ -910,6 +922,16 @@ static void test_fuzz_loader(void) {
     free(bad);
 }
 
+/* The libFuzzer harnesses' committed inputs (seeds and tests/fuzz/regress/: what the
+ * fuzzers found, each fixed) run once through the same checks, without libFuzzer
+ * (tests/fuzz/run.sh --replay, built with this compiler); here it counts as one test. */
+static void test_fuzz_replay(void) {
+    printf("fuzz: the harnesses' seeds and past findings, replayed\n");
+    int rc = run("bash tests/fuzz/run.sh --replay");
+    printf("%s", last_log());
+    CHECK(rc == 0, "tests/fuzz/run.sh --replay failed");
+}
+
 /* run.sh end to end against fake Hugging Face hubs on 127.0.0.1 (tests/test_run_sh.sh,
  * which prints one line per check); here it counts as one test. */
 static void test_run_sh(void) {
@@ -1173,7 +1195,7 @@ static void test_bad_inputs(void) {
     expect_error("tensor offset past the end", "offset", "./gemma3 %s%s", BUILD "/bad-tensor-offset.bin", logits);
     expect_error("bos id with the top bit set", "special token ids", "./gemma3 %s%s", BUILD "/bad-bos.bin", logits);
     expect_error("tensor offset inside the header", "bad offset", "./gemma3 %s%s", BUILD "/bad-tensor-in-header.bin", logits);
-    expect_error("a newline in a tensor name is shown escaped", "unknown tensor 'emb\\x0ad_tokens.weight'", "./gemma3 %s%s",
+    expect_error("a newline in a tensor name is shown escaped", "unknown tensor 'emb\\x0Ad_tokens.weight'", "./gemma3 %s%s",
                  BUILD "/bad-tensor-newline.bin", logits);
     { /* id files: a NUL byte, binary bytes, a 70-digit number are refused, not read as ids */
         FILE *f = fopen(BUILD "/ids-binary.txt", "wb");
@@ -1301,6 +1323,7 @@ int main(void) {
     test_own_checkpoints();
     test_tokenizer_and_chat();
     test_library();
+    test_fuzz_replay();
     test_run_sh();
     test_gguf();
     int ci = getenv("CI") && strcmp(getenv("CI"), "") && strcmp(getenv("CI"), "false");

@@ -442,6 +442,13 @@ static int tok_load_added(Tokenizer *t, const unsigned char *p_added, char *err,
             tok_errf(err, errsize, "tokenizer: added token id %lu has an empty piece", (unsigned long)id);
             return -1;
         }
+        /* encode matches added tokens byte by byte on valid UTF-8 text: only a piece that is
+         * whole characters matches at character boundaries (one that starts with a
+         * continuation byte would split a character, and BPE would loop on the half) */
+        if (!tok_utf8_valid(t->blob + t->offs[id], t->offs[id + 1] - t->offs[id], NULL)) {
+            tok_errf(err, errsize, "tokenizer: added token id %lu is not valid UTF-8", (unsigned long)id);
+            return -1;
+        }
         trie_nodes += t->offs[id + 1] - t->offs[id];
     }
     t->trie = (TokTrieNode *)malloc(trie_nodes * sizeof *t->trie);
@@ -1025,11 +1032,15 @@ static char *chat_render(const ChatMessage *msgs, int n, int add_generation_prom
         first = 1;
     }
     for (i = first; i < n; i++) {
-        int is_user = strcmp(msgs[i].role, "user") == 0;
+        int is_user = strcmp(msgs[i].role, "user") == 0, shown = 0;
         if (is_user != ((i - first) % 2 == 0)) {
+            /* the role is the caller's text: named up to its first control character, so
+             * the message stays one line */
+            while (shown < 40 && (unsigned char)msgs[i].role[shown] >= 0x20 && msgs[i].role[shown] != 0x7F) shown++;
             tok_errf(err, errsize,
                      "chat: conversation roles must alternate user/assistant/user/... after an optional "
-                     "system message (message %d is \"%s\")", i, msgs[i].role);
+                     "system message (message %d is \"%.*s\"%s)", i, shown, msgs[i].role,
+                     msgs[i].role[shown] ? "..." : "");
             return NULL;
         }
     }
