@@ -28,6 +28,11 @@ made by the C engine itself (`gemma3 --quantize`, built with make if needed) fro
 intermediate bf16 export (f32 if any source tensor is not bf16, and always for GGUF),
 so they need no numpy. The output is written under a temporary name in the same
 directory and renamed at the end: a failed or interrupted export leaves no OUT.bin.
+
+Every value read from the input is checked where it enters (check_config for the
+hyper-parameters, against what gemma3's loader accepts; the safetensors, index, GGUF and
+tokenizer readers for their own fields): a bad input is one line naming the key or field,
+exit status 1, before any work. tests/fuzz_export.py fuzzes these readers.
 """
 import argparse
 import json

@@ -106,12 +106,12 @@ def gguf_bytes(meta, tensors, data, version=3, align=32):
         et, vals = v
         return struct.pack("<IQ", et, len(vals)) + b"".join(value(et, x) for x in vals)
 
-    out = bytearray(b"GGUF" + struct.pack("<IQQ", version, len(tensors), len(meta)))
+    u32, u64 = (lambda x: struct.pack("<I", x % (1 << 32))), (lambda x: struct.pack("<Q", x % (1 << 64)))
+    out = bytearray(b"GGUF" + u32(version) + u64(len(tensors)) + u64(len(meta)))
     for k, t, v in meta:
-        out += string(k) + struct.pack("<I", t) + value(t, v)
+        out += string(k) + u32(t) + value(t, v)
     for name, dims, t, off in tensors:
-        out += string(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
-        out += struct.pack("<IQ", t, off)
+        out += string(name) + u32(len(dims)) + b"".join(u64(d) for d in dims) + u32(t) + u64(off)
     out += b"\0" * (E.pad_to(len(out), align) - len(out))
     return bytes(out + data)
 
