@@ -804,8 +804,9 @@ def quantize_file(engine, tmp, qtmp, dtype_name, out_path, lossless, quiet):
                 _, err = proc.communicate(timeout=0.2)
                 break
             except subprocess.TimeoutExpired:
-                if show and os.path.exists(qtmp):
-                    done = os.path.getsize(qtmp)
+                part = qtmp + ".partial"  # gemma3 writes there, and renames it when whole
+                if show and os.path.exists(part):
+                    done = os.path.getsize(part)
                     print(f"\r  step 2 of 2, quantizing to {dtype_name}  {100.0 * min(done, total) / total:5.1f}%  "
                           f"{done / 1e6:9.1f} MB", end="", file=sys.stderr, flush=True)
     finally:
@@ -819,7 +820,8 @@ def quantize_file(engine, tmp, qtmp, dtype_name, out_path, lossless, quiet):
         msg = lines[-1] if lines else f"gemma3 --quantize failed (exit status {proc.returncode})"
         if msg.startswith("gemma3: error: "):
             msg = "gemma3 --quantize: " + msg[len("gemma3: error: "):]
-        raise ExportError(msg.replace(qtmp, out_path).replace(tmp, f"the {lossless} export"))
+        raise ExportError(msg.replace(qtmp + ".partial", out_path).replace(qtmp, out_path)
+                          .replace(tmp, f"the {lossless} export"))
 
 
 # ----------------------------------------------------------------------------

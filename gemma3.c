@@ -2355,6 +2355,16 @@ typedef struct {
     uint64_t seed;
 } Options;
 
+/* Whether paths a and b name the same file (b need not exist yet): writing an output over
+ * the model would truncate it while it is read. */
+static int same_file(const char *a, const char *b) {
+#ifndef GEMMA3_NO_MMAP
+    struct stat sa, sb;
+    if (stat(a, &sa) == 0 && stat(b, &sb) == 0) return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+#endif
+    return strcmp(a, b) == 0;
+}
+
 static int takes_value(const char *opt) {
     static const char *const with_value[] = {"-p", "-f", "-n", "-t", "-k", "--top-p", "--min-p", "-s", "-c", "--system",
                                               "--top", "--dump-hidden", "--perplexity", NULL};
@@ -2412,6 +2422,10 @@ static void parse_args(Options *o, int argc, char **argv) {
         die("nothing to do: give -p PROMPT, -f FILE, --chat, --logits, --perplexity, --encode, --decode or --quantize (see --help)");
     if ((o->top_n || o->hidden_out) && !o->logits_in) die("--top and --dump-hidden go with --logits");
     if (o->system_prompt && !o->chat) die("--system goes with --chat");
+    const char *outputs[] = {o->quant_out, o->logits_out, o->hidden_out};
+    for (int i = 0; i < 3; i++)
+        if (outputs[i] && same_file(o->model_path, outputs[i]))
+            die("%s is the model file itself: give the output another name", outputs[i]);
 }
 
 /* The context to size the caches for: -c, else min(max_position_embeddings, 8192). */
@@ -2572,7 +2586,11 @@ static int run_chat(const gemma3_model *m, const Options *o) {
             line = dup_bytes(o->prompt, len);
         } else {
             if (interactive) { fprintf(stderr, "> "); fflush(stderr); }
-            if (!(line = read_line(stdin, &len))) break; /* end of input (Ctrl-D) */
+            if (!(line = read_line(stdin, &len))) { /* end of input (Ctrl-D) */
+                if (interactive) fputc('\n', stderr);
+                break;
+            }
+            if (len == 0) { free(line); continue; } /* an empty line is no message */
         }
         if (!line) die("out of memory");
         int rc = gemma3_chat_turn(s, line, len, o->steps, print_piece, NULL, &e);
@@ -2626,8 +2644,26 @@ static int run_quantize(const Options *o) {
     char err[512];
     Model model;
     if (load_model(&model, o->model_path, err, sizeof err) != 0) die("%s", err);
-    int dtype = !strcmp(o->quant_type, "q8_0") ? DT_Q8_0 : DT_Q4_0;
-    if (quantize_model(&model, o->quant_out, dtype, err, sizeof err) != 0) die("%s", err);
+    int dtype = !strcmp(o->quant_type, "q8_0") ? DT_Q8_0 : DT_Q4_0, from = model.weights.embed.dtype;
+    if (from == DT_Q8_0 || from == DT_Q4_0)
+        fprintf(stderr, "gemma3: note: %s is already %s: its quantized values are quantized again (export from the "
+                "original checkpoint for the best %s)\n", o->model_path, from == DT_Q8_0 ? "q8_0" : "q4_0", o->quant_type);
+    /* written under a temporary name and renamed when whole: an interrupted or failed run
+     * leaves no partial file under the name */
+    size_t len = strlen(o->quant_out);
+    char *tmp = malloc(len + 9);
+    if (!tmp) die("out of memory");
+    memcpy(tmp, o->quant_out, len);
+    memcpy(tmp + len, ".partial", 9);
+    if (quantize_model(&model, tmp, dtype, err, sizeof err) != 0) {
+        remove(tmp);
+        die("%s", err);
+    }
+    if (rename(tmp, o->quant_out) != 0) {
+        remove(tmp);
+        die("cannot write %s: %s", o->quant_out, strerror(errno));
+    }
+    free(tmp);
     free_model(&model);
     return 0;
 }
@@ -2651,6 +2687,7 @@ int main(int argc, char **argv) {
     else status = run_generate(model, &o);
     free(o.prompt_file_text);
     gemma3_close(model);
+    if (fflush(stdout) != 0 || ferror(stdout)) die("write error on stdout: %s", strerror(errno));
     return status;
 }
 #endif /* TESTING */

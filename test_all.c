@@ -1091,6 +1091,10 @@ static void test_tokenizer_and_chat(void) {
     CHECK(run("printf 'Hi\\nTell me more\\n' | ./gemma3 " TOKMODEL " --chat -t 0 -n 5 --system 'Be brief.' > " BUILD "/chat.txt") == 0,
           "--chat scripted session: %s", last_log());
     CHECK(run("test $(wc -l < " BUILD "/chat.txt) -ge 2") == 0, "--chat printed fewer than 2 replies");
+    /* empty lines are no messages: the same conversation with blank lines around it */
+    CHECK(run("printf '\\nHi\\n\\n\\nTell me more\\n\\n' | ./gemma3 " TOKMODEL " --chat -t 0 -n 5 --system 'Be brief.' > " BUILD
+              "/chat-blank.txt && cmp -s " BUILD "/chat.txt " BUILD "/chat-blank.txt") == 0,
+          "--chat sends empty lines to the model: %s", last_log());
     CHECK(run("./gemma3 " TOKMODEL " --chat -p 'Hi' -t 0 -n 5 < /dev/null > " BUILD "/chat1.txt") == 0, "--chat -p: %s", last_log());
     expect_error("--chat on a model without tokenizer", "no tokenizer", "./gemma3 %s --chat < /dev/null", BUILD "/tiny-f32.bin");
 }
@@ -1222,6 +1226,28 @@ static void test_bad_inputs(void) {
     expect_error("token id >= vocab", "512", "./gemma3 %s --logits %s %s", good, BUILD "/bad-ids.txt", BUILD "/bad.f32");
     expect_error("non-numeric token", "x3", "./gemma3 %s --logits %s %s", good, BUILD "/bad-word.txt", BUILD "/bad.f32");
     expect_error("unreadable token file", "cannot open", "./gemma3 %s --logits %s %s", good, BUILD "/none.txt", BUILD "/bad.f32");
+    /* an output that is the model itself (or a link to it) is refused, and the model stays whole */
+    CHECK(run("cp %s " BUILD "/self.bin && ln -sf self.bin " BUILD "/self-link.bin", good) == 0, "copy the model");
+    expect_error("--quantize onto the model", "is the model file itself", "./gemma3 %s --quantize q8_0 %s", BUILD "/self.bin",
+                 BUILD "/self.bin");
+    expect_error("--quantize onto a link to the model", "is the model file itself", "./gemma3 %s --quantize q8_0 %s",
+                 BUILD "/self.bin", BUILD "/self-link.bin");
+    expect_error("--logits onto the model", "is the model file itself", "./gemma3 %s --logits %s %s", BUILD "/self.bin",
+                 TINY "/tokens.txt", BUILD "/self-link.bin");
+    expect_error("--dump-hidden onto the model", "is the model file itself", "./gemma3 %s --logits %s %s --dump-hidden %s",
+                 BUILD "/self.bin", TINY "/tokens.txt", BUILD "/bad.f32", BUILD "/self.bin");
+    CHECK(run("cmp -s %s " BUILD "/self.bin", good) == 0, "the model is unchanged after the refused outputs");
+    /* --quantize writes OUT.partial and renames it; of a quantized file it says so */
+    CHECK(run("./gemma3 " BUILD "/self.bin --quantize q8_0 " BUILD "/self-q8.bin && ./gemma3 " BUILD "/self-q8.bin --quantize q4_0 "
+              BUILD "/self-q4.bin 2> " BUILD "/requant.err && grep -q 'already q8_0' " BUILD "/requant.err && test ! -e " BUILD
+              "/self-q4.bin.partial && test -s " BUILD "/self-q4.bin") == 0,
+          "--quantize of a q8_0 file: a note, the output whole, no .partial left: %s", last_log());
+    /* output that cannot be written (a full disk) is an error, not exit 0 */
+    expect_error("stdout on a full disk (--encode)", "write error on stdout", "echo hello | ./gemma3 %s --encode > /dev/full", TOKMODEL);
+    expect_error("stdout on a full disk (--chat)", "write error on stdout", "./gemma3 %s --chat -p hello -n 4 -s 1 > /dev/full",
+                 TOKMODEL);
+    CHECK(run("./gemma3 %s -p hello -n 4 -s 1 > /dev/full 2> " BUILD "/full.err; test $? -eq 1 && grep -q 'write error on stdout' "
+              BUILD "/full.err", TOKMODEL) == 0, "stdout on a full disk (-p): exit 1 and the error: %s", last_log());
     expect_error("unwritable output", "cannot write", "./gemma3 %s --logits %s %s", good, TINY "/tokens.txt", BUILD "/no/dir/out.f32");
     expect_error("tokens longer than -c", "context", "./gemma3 %s -c 8 --logits %s %s", good, TINY "/tokens.txt", BUILD "/bad.f32");
     expect_error("unknown option", "unknown option", "./gemma3 %s --frobnicate", good);
