@@ -671,8 +671,10 @@ static void quantize_activations(int8_t *xq, float *scale, int32_t *sums, const 
         scale[b] = d;
         int32_t sum = 0;
         for (int i = 0; i < QK; i++) {
-            float q = round_even(x[b * QK + i] * inv); /* |x * inv| <= 127, or NaN (NaN or inf in x) */
-            xq[b * QK + i] = (int8_t)(q == q ? q : 0.0f);
+            /* |x * inv| <= 127, except: NaN (NaN or inf in x), and +-inf where 1 / d overflows
+             * (a block of subnormals): those must not reach the int8 conversion (undefined) */
+            float q = round_even(x[b * QK + i] * inv);
+            xq[b * QK + i] = (int8_t)(q >= -127.0f && q <= 127.0f ? q : q > 0.0f ? 127.0f : q < 0.0f ? -127.0f : 0.0f);
             sum += xq[b * QK + i];
         }
         sums[b] = sum;
