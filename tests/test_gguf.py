@@ -636,6 +636,7 @@ def main():
     if real:
         real_vocab(*real)
     print(f"{passed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
 
 
 def real_vocab(gguf_path, tokenizer_json):
