@@ -570,7 +570,7 @@ def main():
     check(rc == 0 and "lm_head.weight" in read_model(os.path.join(W, "untied-q8_0.bin"))[1],
           "untied, q8_0 export: lm_head.weight quantized too", err.strip())
     rc, _, err = run(PY, "export.py", good, os.path.join(W, "again-q8_0.bin"), "--dtype", "q8_0")
-    check(rc == 0 and "is already quantized (Q8_0)" in err and "tmp" not in err,
+    check(rc == 0 and "is already quantized (Q8_0)" in err and ".tmp" not in err,
           "q8_0 export of a Q8_0 file: says it is already quantized, no .tmp names in the log", err.strip())
 
     # random corruption of the header, metadata and tensor table: an ExportError (one line)
