@@ -1326,12 +1326,12 @@ static void test_bad_inputs(void) {
     /* export.py --dtype q8_0's log: the quantizing step's own progress on a terminal
      * (gemma3's is swallowed, its stderr being a pipe), and never the internal .tmp names */
     CHECK(run("python3 export.py " TINY " " BUILD "/qlog.bin --dtype q8_0 2> " BUILD "/qlog.txt") == 0 &&
-          run("! grep -q tmp " BUILD "/qlog.txt && grep -q 'quantizing to q8_0' " BUILD "/qlog.txt && "
+          run("! grep -q [.]tmp " BUILD "/qlog.txt && grep -q 'quantizing to q8_0' " BUILD "/qlog.txt && "
               "grep -q 'wrote " BUILD "/qlog.bin' " BUILD "/qlog.txt") == 0,
           "export q8_0 log: a quantizing step, no .tmp names");
     CHECK(run("python3 -c 'import pty; pty.spawn([\"python3\", \"export.py\", \"" TINY "\", \"" BUILD "/qtty.bin\", "
               "\"--dtype\", \"q4_0\"])' > " BUILD "/qtty.txt && grep -Eq 'quantizing to q4_0 +[0-9.]+%%' " BUILD "/qtty.txt && "
-              "! grep -q tmp " BUILD "/qtty.txt") == 0,
+              "! grep -q [.]tmp " BUILD "/qtty.txt") == 0,
           "export q4_0 on a terminal: the quantizing step shows its progress");
 }
 
