@@ -842,20 +842,26 @@ static void rope_angles(float *cos_out, float *sin_out, const float *inv_freq, i
 }
 
 /* e^v in plain arithmetic that the compiler vectorises (a loop that calls libm's expf
- * makes one call per element, and GELU and softmax call it for every value). v = n ln2 + r, with n an integer and |r| <= ln2/2; e^r from its Taylor
- * series to r^7 (the rest is under 2^-27 of it); 2^n written straight into the exponent
- * bits. v is clamped to [-87, 88], where 2^n stays a normal float, and a NaN stays NaN
- * (without converting it to an integer). The tests hold it to 2 ulp of expf over that range. */
+ * makes one call per element, and GELU and softmax call it for every value).
+ * v = n ln2 + r, with n an integer and |r| <= ln2/2; e^r from its Taylor series to r^7
+ * (the rest is under 2^-27 of it); 2^n written straight into the exponent bits. v is
+ * clamped to [-87, 88], where 2^n stays a normal float, and a NaN stays NaN. The tests
+ * hold it to 2 ulp of expf over that range. */
 static float exp_vec(float v) {
-    float x = v < -87.0f ? -87.0f : v > 88.0f ? 88.0f : v == v ? v : 0.0f; /* a NaN: 0 here, NaN out */
-    float n = round_even(x * 1.44269504f);    /* x / ln2, to the nearest integer */
-    float r = x - n * 0.693145751953125f;     /* ln2 in two parts: this one times n is exact */
+    v = v < -87.0f ? -87.0f : v > 88.0f ? 88.0f : v;
+    float n = round_even(v * 1.44269504f);    /* v / ln2, to the nearest integer */
+    float r = v - n * 0.693145751953125f;     /* ln2 in two parts: this one times n is exact */
     r = r - n * 1.428606765330187e-6f;
     float p = 1.0f + r * (1.0f + r * (1.0f / 2 + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));
-    int32_t bits = ((int32_t)n + 127) * (1 << 23);
+    /* n's integer from the low bits of n + 1.5 * 2^23, in unsigned arithmetic: no float-to-int
+     * conversion, which would be undefined for a NaN (a NaN v gives a NaN p, and so out) */
+    float big = n + 12582912.0f;
+    uint32_t k, bits;
+    memcpy(&k, &big, sizeof k);
+    bits = (k - 0x4B400000u + 127u) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return v == v ? p * scale : v;
+    return p * scale;
 }
 
 /* The index of the largest of x[0..n) (the first, if several; NaNs are passed over).
