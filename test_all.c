@@ -1091,6 +1091,12 @@ static void test_tokenizer_and_chat(void) {
     CHECK(run("printf 'Hi\\nTell me more\\n' | ./gemma3 " TOKMODEL " --chat -t 0 -n 5 --system 'Be brief.' > " BUILD "/chat.txt") == 0,
           "--chat scripted session: %s", last_log());
     CHECK(run("test $(wc -l < " BUILD "/chat.txt) -ge 2") == 0, "--chat printed fewer than 2 replies");
+    /* output that cannot be written (a full disk) is an error, not exit 0 */
+    expect_error("stdout on a full disk (--encode)", "write error on stdout", "echo hello | ./gemma3 %s --encode > /dev/full", TOKMODEL);
+    expect_error("stdout on a full disk (--chat)", "write error on stdout", "./gemma3 %s --chat -p hello -n 4 -s 1 > /dev/full",
+                 TOKMODEL);
+    CHECK(run("./gemma3 %s -p hello -n 4 -s 1 > /dev/full 2> " BUILD "/full.err; test $? -eq 1 && grep -q 'write error on stdout' "
+              BUILD "/full.err", TOKMODEL) == 0, "stdout on a full disk (-p): exit 1 and the error: %s", last_log());
     /* empty lines are no messages: the same conversation with blank lines around it */
     CHECK(run("printf '\\nHi\\n\\n\\nTell me more\\n\\n' | ./gemma3 " TOKMODEL " --chat -t 0 -n 5 --system 'Be brief.' > " BUILD
               "/chat-blank.txt && cmp -s " BUILD "/chat.txt " BUILD "/chat-blank.txt") == 0,
@@ -1242,12 +1248,6 @@ static void test_bad_inputs(void) {
               BUILD "/self-q4.bin 2> " BUILD "/requant.err && grep -q 'already q8_0' " BUILD "/requant.err && test ! -e " BUILD
               "/self-q4.bin.partial && test -s " BUILD "/self-q4.bin") == 0,
           "--quantize of a q8_0 file: a note, the output whole, no .partial left: %s", last_log());
-    /* output that cannot be written (a full disk) is an error, not exit 0 */
-    expect_error("stdout on a full disk (--encode)", "write error on stdout", "echo hello | ./gemma3 %s --encode > /dev/full", TOKMODEL);
-    expect_error("stdout on a full disk (--chat)", "write error on stdout", "./gemma3 %s --chat -p hello -n 4 -s 1 > /dev/full",
-                 TOKMODEL);
-    CHECK(run("./gemma3 %s -p hello -n 4 -s 1 > /dev/full 2> " BUILD "/full.err; test $? -eq 1 && grep -q 'write error on stdout' "
-              BUILD "/full.err", TOKMODEL) == 0, "stdout on a full disk (-p): exit 1 and the error: %s", last_log());
     expect_error("unwritable output", "cannot write", "./gemma3 %s --logits %s %s", good, TINY "/tokens.txt", BUILD "/no/dir/out.f32");
     expect_error("tokens longer than -c", "context", "./gemma3 %s -c 8 --logits %s %s", good, TINY "/tokens.txt", BUILD "/bad.f32");
     expect_error("unknown option", "unknown option", "./gemma3 %s --frobnicate", good);
