@@ -486,11 +486,11 @@ static void free_model(Model *m) {
 /* ------------------------------------------------------------------------- */
 
 /* Everything the forward pass needs, allocated once; nothing is allocated per token.
- * forward() takes up to max_batch tokens at a time: a prompt is processed as a matrix,
+ * forward_batch() takes up to max_batch tokens at a time: a prompt is processed as a matrix,
  * so each weight row is read once per batch instead of once per token. */
 typedef struct {
     int ctx;          /* context length the caches were sized for (-c) */
-    int max_batch;    /* most tokens per forward() call */
+    int max_batch;    /* most tokens per forward_batch() call */
     int all_logits;   /* 1: logits of every token of a batch (for --logits); 0: the last only */
     float *x;         /* (max_batch, dim) the residual stream */
     float *xb;        /* (max_batch, dim) normed input of a sub-block */
@@ -507,6 +507,8 @@ typedef struct {
     int threads;      /* most threads a forward pass runs on (each has its own rows of att) */
     double team_secs[2]; /* a decode pass's time, smoothed: on all the threads, on one (pick_team) */
     int passes;       /* decode passes so far */
+    int probed;       /* the pass that last tried one thread while all were best (0: none yet) */
+    int slow;         /* 1: the last decode pass on all the threads took 1.5 times their average */
     void *kernels;    /* the optional fast kernels' scratch (kernels_x86.c); NULL without them */
     float *rope_cos, *rope_sin; /* (2, max_batch, head_dim/2) local then global tables of the batch */
     float *inv_freq_local, *inv_freq_global; /* (head_dim/2) RoPE frequencies per layer type */
@@ -1052,18 +1054,26 @@ static double now_seconds(void) {
 /* How many threads the next pass runs on. A step of a layer ends when all the threads are
  * done with it, so when other programs keep the cores busy and a thread is off its core,
  * the others wait for it: decode on two busy cores ran several times slower on 2 threads
- * than on 1 (tools/bench_load.sh). So decode times its passes on all the threads and on
- * one, and runs on whichever is faster: its second pass tries one thread, and every
- * 128th the other team size, to notice a change (at a cost under 1 % when the cores are
- * free). The results do not depend on it: every row and head is computed alike. */
+ * than on 1 (tools/bench_load.sh). So decode times its passes on each team size it runs
+ * and keeps to the faster. It tries one thread after a pass on all of them that was
+ * unusually slow (at most every 16th pass: free cores seldom pay for a try), and while on
+ * one thread it tries all of them every 64th pass, to notice that the cores are free again.
+ * The results do not depend on it: every row and head is computed alike. */
 static int pick_team(RunState *s, int decode) {
-    int best = s->team_secs[1] > 0 && s->team_secs[1] < s->team_secs[0] ? 1 : s->threads;
-    if (!decode || s->threads == 1) return best;
-    return ++s->passes % 128 == 2 ? (best == 1 ? s->threads : 1) : best;
+    const int all = s->threads;
+    int best = s->team_secs[1] > 0 && s->team_secs[1] < s->team_secs[0] ? 1 : all;
+    if (!decode || all == 1) return best;
+    s->passes++;
+    if (best == all && s->slow && (s->probed == 0 || s->passes - s->probed >= 16)) {
+        s->probed = s->passes;
+        return 1;
+    }
+    return best == 1 && s->passes % 64 == 0 ? all : best;
 }
 
 static void time_team(RunState *s, int team, double secs) {
     double *avg = &s->team_secs[team == s->threads ? 0 : 1];
+    if (team == s->threads) s->slow = *avg > 0 && secs > 1.5 * *avg;
     *avg = *avg > 0 ? 0.75 * *avg + 0.25 * secs : secs;
 }
 
@@ -1122,9 +1132,6 @@ static float *forward_tokens(const Model *m, RunState *s, const int *ids, int n,
     }
     return logits;
 }
-
-/* One token: the decode step. */
-static float *forward(const Model *m, RunState *s, int token, int pos) { return forward_batch(m, s, &token, 1, pos, 1); }
 
 /* ------------------------------------------------------------------------- */
 /* 3. sampler                                                                 */
@@ -1298,7 +1305,7 @@ typedef struct {
     size_t cap;
 } Emit;
 
-/* A chat: the conversation so far, and the ids in the KV cache (positions 0..n_hist).
+/* A chat: the conversation so far, and its ids (positions 0..n_hist).
  * Every turn renders the whole conversation with the Gemma 3 chat template, tokenizes
  * it, and feeds only what the cache does not hold yet, so a turn costs its own tokens,
  * while the model sees exactly what HF's apply_chat_template would give it. A session's
@@ -1306,8 +1313,9 @@ typedef struct {
 typedef struct {
     ChatMessage *msgs; /* role/content strings are owned (malloc'd) */
     int n_msgs, cap_msgs;
-    int *hist;         /* (ctx) ids in the KV cache, in position order */
+    int *hist;         /* (ctx) the conversation's ids, in position order */
     int n_hist;
+    int n_cached;      /* hist[0..n_cached) are in the KV cache; a last sampled id may not be yet */
     int own_hist;      /* 1: hist is the chat's own allocation (free_chat frees it); 0: a session's */
     int prompt_len;    /* ids of the last rendered prompt (before the model's reply) */
     int fed;           /* of those, how many the last turn had to run (the rest were cached) */
@@ -1363,17 +1371,28 @@ static int cache_holds(const Config *c, const RunState *s, int n_hist, int keep)
     return 1;
 }
 
-/* Sample up to `steps` tokens from *logits, feeding each back at the end of ch->hist, and
- * give each to `out`. Stops at <eos>/<end_of_turn> (neither given nor fed), after a token
- * whose call returns nonzero, or when the context is full: that token is given, not fed,
- * and *full is set. *logits ends as the logits after the last token fed, or NULL when the
- * last sample consumed them. Returns the number of tokens given. */
+/* Feed the ids of ch->hist that the KV cache does not hold yet; returns their logits.
+ * (Generation leaves its last sampled id unfed, so a run that ends there does not pay a
+ * forward pass for logits no one reads: whoever goes on feeds it first.) */
+static float *feed_pending(const Model *m, RunState *s, Chat *ch) {
+    float *logits = forward_tokens(m, s, ch->hist + ch->n_cached, ch->n_hist - ch->n_cached, ch->n_cached);
+    ch->n_cached = ch->n_hist;
+    return logits;
+}
+
+/* Sample up to `steps` tokens from *logits, adding each to the end of ch->hist (fed before
+ * the next sample, so the last one stays pending), and give each to `out`. Stops at
+ * <eos>/<end_of_turn> (neither given nor added), after a token whose call returns nonzero,
+ * or when the context is full: that token is given, not added, and *full is set. *logits
+ * ends NULL (consumed). Returns the number of tokens given. */
 static int generate_tokens(const Model *m, RunState *s, Sampler *sp, Chat *ch, float **logits, int steps,
                            const Emit *out, int *full) {
     TokenStream ts = {{0}, 0};
     int given = 0, stop = 0;
     *full = 0;
-    while (given < steps && !stop && *logits) {
+    while (given < steps && !stop) {
+        if (ch->n_cached < ch->n_hist) *logits = feed_pending(m, s, ch);
+        if (!*logits) break;
         int next = sample(sp, *logits);
         *logits = NULL;
         if (is_stop_token(&m->config, next)) break;
@@ -1383,9 +1402,7 @@ static int generate_tokens(const Model *m, RunState *s, Sampler *sp, Chat *ch, f
             stop = out->fn(out->buf ? out->buf : "", len, next, out->user);
         }
         if (ch->n_hist >= s->ctx) { *full = 1; break; }
-        ch->hist[ch->n_hist] = next;
-        *logits = forward(m, s, next, ch->n_hist);
-        ch->n_hist++;
+        ch->hist[ch->n_hist++] = next; /* fed at the top of the next round, if there is one */
     }
     if (out && out->fn && out->buf) { /* the bytes of an unfinished character, as U+FFFD */
         size_t len = tokenstream_end(&m->tokenizer, &ts, out->buf, out->cap);
@@ -1425,12 +1442,12 @@ static int chat_turn(const Model *m, RunState *s, Sampler *sp, Chat *ch, const c
      * it needs; otherwise start over (rare: it needs a reply that tokenizes differently
      * when rendered as text). */
     int keep = 0;
-    while (keep < ch->n_hist && keep < n && ch->hist[keep] == ids[keep]) keep++;
+    while (keep < ch->n_cached && keep < n && ch->hist[keep] == ids[keep]) keep++;
     if (keep == n) keep = n - 1; /* need fresh logits for the last id */
-    if (!cache_holds(c, s, ch->n_hist, keep)) keep = 0;
+    if (!cache_holds(c, s, ch->n_cached, keep)) keep = 0;
     float *logits = forward_tokens(m, s, ids + keep, n - keep, keep);
     memcpy(ch->hist, ids, (size_t)n * sizeof(int));
-    ch->n_hist = ch->prompt_len = n;
+    ch->n_hist = ch->n_cached = ch->prompt_len = n;
     ch->fed = n - keep;
     free(ids);
 
@@ -1479,8 +1496,9 @@ struct gemma3_session {
     const Model *model;
     RunState state;   /* the KV cache and activations */
     Sampler sampler;
-    Chat chat;        /* the conversation, and chat.hist[0..n_hist): every id in the KV cache */
+    Chat chat;        /* the conversation, and chat.hist[0..n_hist): every id fed, or pending */
     float *logits;    /* after the last fed token; NULL when there are none (consumed by a sample) */
+    int owed;         /* 1: gemma3_generate left its last token pending, and its logits are owed */
     char *piece;      /* room for one streamed token's text (NULL without a tokenizer) */
     size_t piece_cap;
     char *system;     /* the system prompt (a copy), or NULL */
@@ -1817,13 +1835,21 @@ static int check_feed(gemma3_session *S, const int *ids, int n, gemma3_error *er
     return 0;
 }
 
+/* The session's logits, computing those a gemma3_generate owes (see feed_pending). */
+static float *session_logits(gemma3_session *S) {
+    if (S->owed) S->logits = feed_pending(S->model, &S->state, &S->chat);
+    S->owed = 0;
+    return S->logits;
+}
+
 int gemma3_feed(gemma3_session *session, const int *ids, int n, gemma3_error *err) {
     gemma3_session *S = session;
     int rc = check_feed(S, ids, n, err);
     if (rc || n == 0) return rc ? rc : S->chat.n_hist;
-    memcpy(S->chat.hist + S->chat.n_hist, ids, (size_t)n * sizeof(int));
-    S->logits = forward_tokens(S->model, &S->state, ids, n, S->chat.n_hist);
+    memcpy(S->chat.hist + S->chat.n_hist, ids, (size_t)n * sizeof(int)); /* after any pending id */
     S->chat.n_hist += n;
+    S->logits = feed_pending(S->model, &S->state, &S->chat);
+    S->owed = 0;
     return S->chat.n_hist;
 }
 
@@ -1835,6 +1861,7 @@ int gemma3_feed_logits(gemma3_session *session, const int *ids, int n, float *lo
     if (!logits) return fail(err, GEMMA3_E_ARG, "gemma3_feed_logits: NULL logits");
     const Config *c = &S->model->config;
     RunState *s = &S->state;
+    feed_pending(S->model, s, &S->chat);
     size_t V = (size_t)c->vocab_size, H = (size_t)(c->n_layers + 1) * c->dim;
     /* The batches write their logits straight into the caller's rows; the hidden states
      * are those of a batch's last token, so with them the batches are single tokens. */
@@ -1852,20 +1879,21 @@ int gemma3_feed_logits(gemma3_session *session, const int *ids, int n, float *lo
     s->hidden_dump = NULL;
     memcpy(own_logits, logits + (size_t)(n - 1) * V, V * sizeof(float));
     memcpy(S->chat.hist + pos, ids, (size_t)n * sizeof(int));
-    S->chat.n_hist += n;
+    S->chat.n_hist = S->chat.n_cached = pos + n;
     S->logits = own_logits;
+    S->owed = 0;
     return S->chat.n_hist;
 }
 
 const float *gemma3_logits(gemma3_session *session, gemma3_error *err) {
     if (!session) { fail(err, GEMMA3_E_ARG, "gemma3_logits: NULL session"); return NULL; }
-    if (!session->logits) fail(err, GEMMA3_E_STATE, "no logits: feed a token first (a sample consumes them)");
+    if (!session_logits(session)) fail(err, GEMMA3_E_STATE, "no logits: feed a token first (a sample consumes them)");
     return session->logits;
 }
 
 int gemma3_sample(gemma3_session *session, gemma3_error *err) {
     if (!session) return fail(err, GEMMA3_E_ARG, "gemma3_sample: NULL session");
-    if (!session->logits) return fail(err, GEMMA3_E_STATE, "no logits to sample: feed a token first");
+    if (!session_logits(session)) return fail(err, GEMMA3_E_STATE, "no logits to sample: feed a token first");
     int id = sample(&session->sampler, session->logits);
     session->logits = NULL;
     return id;
@@ -1881,9 +1909,12 @@ int gemma3_rewind(gemma3_session *session, int pos, gemma3_error *err) {
         return fail(err, GEMMA3_E_ARG, "gemma3_rewind: position %d is not in [0, %d]", pos, S ? S->chat.n_hist : 0);
     /* keep the cache up to pos - 1 and feed the token at pos - 1 again for its logits */
     int keep = pos > 0 ? pos - 1 : 0;
-    if (!cache_holds(&S->model->config, &S->state, S->chat.n_hist, keep)) keep = 0;
+    if (keep > S->chat.n_cached) keep = S->chat.n_cached;
+    if (!cache_holds(&S->model->config, &S->state, S->chat.n_cached, keep)) keep = 0;
     S->chat.n_hist = pos;
-    S->logits = pos > keep ? forward_tokens(S->model, &S->state, S->chat.hist + keep, pos - keep, keep) : NULL;
+    S->chat.n_cached = keep;
+    S->logits = feed_pending(S->model, &S->state, &S->chat);
+    S->owed = 0;
     return pos;
 }
 
@@ -1892,9 +1923,11 @@ int gemma3_generate(gemma3_session *session, int max_tokens, gemma3_piece_fn cal
     gemma3_session *S = session;
     int full;
     if (!S || max_tokens < 0) return fail(err, GEMMA3_E_ARG, "gemma3_generate: NULL session or max_tokens < 0");
-    if (!S->logits) return fail(err, GEMMA3_E_STATE, "no logits to generate from: feed a prompt first");
+    if (!session_logits(S)) return fail(err, GEMMA3_E_STATE, "no logits to generate from: feed a prompt first");
     Emit out = {callback, user, S->piece, S->piece_cap};
-    return generate_tokens(S->model, &S->state, &S->sampler, &S->chat, &S->logits, max_tokens, &out, &full);
+    int given = generate_tokens(S->model, &S->state, &S->sampler, &S->chat, &S->logits, max_tokens, &out, &full);
+    S->owed = S->chat.n_cached < S->chat.n_hist;
+    return given;
 }
 
 int gemma3_chat_turn(gemma3_session *session, const char *user_text, size_t len, int max_tokens,
@@ -1909,7 +1942,8 @@ int gemma3_chat_turn(gemma3_session *session, const char *user_text, size_t len,
     Emit out = {callback, user, S->piece, S->piece_cap};
     int rc = chat_turn(S->model, &S->state, &S->sampler, &S->chat, user_text ? user_text : "", len, max_tokens, &out,
                        msg, sizeof msg);
-    S->logits = NULL; /* (the turn's last logits were consumed or not kept) */
+    S->logits = NULL; /* (the turn's last logits were consumed or not kept; a pending id is fed by what comes next) */
+    S->owed = 0;
     if (rc != CHAT_OK) return fail(err, rc, "%s", msg);
     return S->chat.n_hist - S->chat.prompt_len;
 }

@@ -225,7 +225,8 @@ int gemma3_rewind(gemma3_session *session, int pos, gemma3_error *err);
  * text ends inside a character, one last call with id -1 gives its bytes as U+FFFD. */
 typedef int (*gemma3_piece_fn)(const char *piece, size_t len, int id, void *user);
 
-/* Sample up to max_tokens tokens from the logits, feeding each back. Stops at <eos> or
+/* Sample up to max_tokens tokens from the logits, feeding each back (the last one when the
+ * session next needs it: a run that ends here pays no forward pass for it). Stops at <eos> or
  * <end_of_turn> (neither delivered nor fed; the logits are then consumed), after a token
  * whose callback returns nonzero, or when the context is full (the token that did not fit
  * is delivered, not fed; the position then equals gemma3_context). Returns the number of

@@ -128,7 +128,7 @@ static int *read_ids(const char *path, int *n) {
     return ids;
 }
 
-/* Logits of every position of `ids`, through forward() one token at a time (the decode
+/* Logits of every position of `ids`, through forward_batch() one token at a time (the decode
  * path; the CLI's --logits goes through the batched prompt path, and the two must agree). */
 static float *model_logits(const char *bin, const int *ids, int n, int *vocab) {
     Model m;
@@ -138,7 +138,7 @@ static float *model_logits(const char *bin, const int *ids, int n, int *vocab) {
     if (build_run_state(&s, &m.config, n, 1, 0, err, sizeof err) != 0) { printf("  %s\n", err); free_model(&m); return NULL; }
     int V = m.config.vocab_size;
     float *out = malloc((size_t)n * V * sizeof(float));
-    for (int t = 0; out && t < n; t++) memcpy(out + (size_t)t * V, forward(&m, &s, ids[t], t), (size_t)V * sizeof(float));
+    for (int t = 0; out && t < n; t++) memcpy(out + (size_t)t * V, forward_batch(&m, &s, ids + t, 1, t, 1), (size_t)V * sizeof(float));
     free_run_state(&s);
     free_model(&m);
     *vocab = V;

@@ -328,6 +328,32 @@ static void test_memory_and_arena(const gemma3_model *file_model, const unsigned
     CHECK(k == 3 && stop.n == 3 && gemma3_position(s) == 23 && !memcmp(stop.ids, g1.ids, 3 * sizeof(int)),
           "early stop: %d tokens, position %d (wanted 3, 23)", k, gemma3_position(s));
     printf("  a callback that stops after 3 tokens: %d delivered, position %d\n", k, gemma3_position(s));
+    /* generation in pieces: 4 then 6 tokens == 10 at once; the logits after the 4 (and a feed
+     * after them) == those of a session fed the prompt and the 4 ids */
+    Collect p1, p2;
+    memset(&p1, 0, sizeof p1);
+    memset(&p2, 0, sizeof p2);
+    gemma3_rewind(s, 20, &e);
+    int k4 = gemma3_generate(s, 4, collect, &p1, &e);
+    int pos4 = gemma3_position(s);
+    gemma3_rewind(a, 0, &e);
+    gemma3_feed(a, long_ids, 20, &e);
+    gemma3_feed(a, g1.ids, 4, &e);
+    const float *after4 = gemma3_logits(s, &e), *fed4 = gemma3_logits(a, &e);
+    int same4 = after4 && fed4 && !memcmp(after4, fed4, (size_t)c.vocab_size * sizeof(float));
+    int k6 = gemma3_generate(s, 6, collect, &p2, &e);
+    CHECK(k4 == 4 && pos4 == 24 && k6 == 6 && same4 && !memcmp(p1.ids, g1.ids, 4 * sizeof(int)) &&
+              !memcmp(p2.ids, g1.ids + 4, 6 * sizeof(int)),
+          "generate 4 then 6 differs from 10 at once (%d, %d, position %d, logits %s)", k4, k6, pos4,
+          same4 ? "same" : "differ");
+    gemma3_rewind(s, 20, &e);
+    gemma3_generate(s, 4, NULL, NULL, &e);
+    gemma3_feed(s, long_ids + 100, 3, &e);
+    gemma3_feed(a, long_ids + 100, 3, &e);
+    const float *xs = gemma3_logits(s, &e), *xa = gemma3_logits(a, &e);
+    CHECK(gemma3_position(s) == 27 && xs && xa && !memcmp(xs, xa, (size_t)c.vocab_size * sizeof(float)),
+          "a feed after a generate differs from feeding the same ids");
+    printf("  generate 4 then 6 == 10 at once; logits and a feed after it == a session fed the same ids\n");
     gemma3_session_free(a);
     gemma3_session_free(s);
 
