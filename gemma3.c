@@ -32,6 +32,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -308,24 +309,24 @@ static int read_header(Model *m, const char *path, char *err, size_t errsize) {
     Config *c = &m->config;
     if (memcmp(h, "GM3C", 4) != 0) {
         set_err(err, errsize, "%s is not a gemma3.c model file (bad magic; make one with export.py)", path);
-        return -1;
+        return GEMMA3_E_FORMAT;
     }
     if (rd_u32(h + 4) != GEMMA3_FORMAT_VERSION) {
         set_err(err, errsize, "%s has format version %u, this gemma3 reads version %d (re-export with export.py)",
                 path, rd_u32(h + 4), GEMMA3_FORMAT_VERSION);
-        return -1;
+        return GEMMA3_E_FORMAT;
     }
     if (rd_u64(h + 8) != (uint64_t)m->size) {
         set_err(err, errsize, "%s is %zu bytes but its header says %llu (truncated or corrupt file)", path,
                 m->size, (unsigned long long)rd_u64(h + 8));
-        return -1;
+        return GEMMA3_E_FORMAT;
     }
     uint32_t u[13];
     for (int i = 0; i < 13; i++) u[i] = rd_u32(h + 16 + 4 * i);
     for (int i = 0; i < 9; i++)
         if (u[i] == 0 || u[i] > (1u << 24)) {
             set_err(err, errsize, "%s: header field %d has implausible value %u", path, i, u[i]);
-            return -1;
+            return GEMMA3_E_FORMAT;
         }
     c->vocab_size = (int)u[0];
     c->dim = (int)u[1];
@@ -349,7 +350,7 @@ static int read_header(Model *m, const char *path, char *err, size_t errsize) {
         !(c->query_pre_attn_scalar > 0) ||
         !(c->norm_eps >= 0) || !(c->rope_theta > 0) || !(c->rope_local_theta > 0) || !(c->rope_factor > 0)) {
         set_err(err, errsize, "%s: inconsistent hyper-parameters in header", path);
-        return -1;
+        return GEMMA3_E_FORMAT;
     }
     uint64_t tok_off = rd_u64(h + 96), tok_size = rd_u64(h + 104), dir_off = rd_u64(h + 112);
     uint32_t n_tensors = rd_u32(h + 88);
@@ -357,18 +358,19 @@ static int read_header(Model *m, const char *path, char *err, size_t errsize) {
         (uint64_t)n_tensors * GEMMA3_DIR_ENTRY_SIZE > m->size - dir_off ||
         (tok_off && (tok_off > m->size || tok_size > m->size - tok_off))) {
         set_err(err, errsize, "%s: section offsets lie outside the file (corrupt header)", path);
-        return -1;
+        return GEMMA3_E_FORMAT;
     }
     c->is_global = malloc((size_t)c->n_layers);
-    if (!c->is_global) { set_err(err, errsize, "out of memory"); return -1; }
+    if (!c->is_global) { set_err(err, errsize, "out of memory"); return GEMMA3_E_NOMEM; }
     for (int l = 0; l < c->n_layers; l++) {
         unsigned char t = h[GEMMA3_HEADER_SIZE + l];
-        if (t > 1) { set_err(err, errsize, "%s: layer %d has unknown attention type %u", path, l, t); return -1; }
+        if (t > 1) { set_err(err, errsize, "%s: layer %d has unknown attention type %u", path, l, t); return GEMMA3_E_FORMAT; }
         c->is_global[l] = t;
     }
-    if (u[9] >= u[0] || u[10] >= u[0]) { /* unsigned: an id with the top bit set is not small */
-        set_err(err, errsize, "%s: special token ids out of range", path);
-        return -1;
+    if (u[9] >= u[0] || u[10] >= u[0] || u[11] >= u[0] || u[12] >= u[0]) { /* unsigned: no top bit */
+        set_err(err, errsize, "%s: special token ids out of range (<bos> %u, <eos> %u, <end_of_turn> %u, "
+                "<start_of_turn> %u; the vocabulary has %u)", path, u[9], u[10], u[11], u[12], u[0]);
+        return GEMMA3_E_FORMAT;
     }
 
     return 0;
@@ -390,7 +392,7 @@ static int check_directory(const Model *m, const char *path, int *untied, char *
             char shown[4 * 64 + 1];
             set_err(err, errsize, "%s: unknown tensor '%s' in the model file", path,
                     printable((const unsigned char *)name, 64, shown));
-            return -1;
+            return GEMMA3_E_FORMAT;
         }
         *untied |= !strcmp(name, "lm_head.weight");
     }
@@ -398,7 +400,7 @@ static int check_directory(const Model *m, const char *path, int *untied, char *
     if (n_tensors != expected) {
         set_err(err, errsize, "%s: %u tensors in the file, a %d-layer Gemma 3 has %u (unknown or missing tensors)",
                 path, n_tensors, c->n_layers, expected);
-        return -1;
+        return GEMMA3_E_FORMAT;
     }
     return 0;
 }
@@ -408,12 +410,12 @@ static int load_weights(Model *m, int untied, char *err, size_t errsize) {
     const Config *c = &m->config;
     Weights *w = &m->weights;
     int D = c->dim, Q = c->n_heads * c->head_dim, KV = c->n_kv_heads * c->head_dim, F = c->hidden_dim;
-    if (load_matrix(m, &w->embed, "embed_tokens.weight", c->vocab_size, D, err, errsize)) return -1;
-    if (load_norm(m, &w->final_norm, "norm.weight", D, err, errsize)) return -1;
+    if (load_matrix(m, &w->embed, "embed_tokens.weight", c->vocab_size, D, err, errsize)) return GEMMA3_E_FORMAT;
+    if (load_norm(m, &w->final_norm, "norm.weight", D, err, errsize)) return GEMMA3_E_FORMAT;
     w->classifier = w->embed;
-    if (untied && load_matrix(m, &w->classifier, "lm_head.weight", c->vocab_size, D, err, errsize)) return -1;
+    if (untied && load_matrix(m, &w->classifier, "lm_head.weight", c->vocab_size, D, err, errsize)) return GEMMA3_E_FORMAT;
     w->layers = calloc((size_t)c->n_layers, sizeof(LayerWeights));
-    if (!w->layers) { set_err(err, errsize, "out of memory"); return -1; }
+    if (!w->layers) { set_err(err, errsize, "out of memory"); return GEMMA3_E_NOMEM; }
     for (int l = 0; l < c->n_layers; l++) {
         LayerWeights *L = &w->layers[l];
         char name[64];
@@ -431,7 +433,7 @@ static int load_weights(Model *m, int untied, char *err, size_t errsize) {
             load_matrix(m, &L->w_gate, NAME("mlp.gate_proj.weight"), F, D, err, errsize) ||
             load_matrix(m, &L->w_up, NAME("mlp.up_proj.weight"), F, D, err, errsize) ||
             load_matrix(m, &L->w_down, NAME("mlp.down_proj.weight"), D, F, err, errsize))
-            return -1;
+            return GEMMA3_E_FORMAT;
 #undef NAME
     }
 
@@ -439,33 +441,37 @@ static int load_weights(Model *m, int untied, char *err, size_t errsize) {
 }
 
 /* Validate the model in m->data[0..m->size) and build the model from it; `name` names it
- * in messages. On failure: -1 and a one-line message in err (the caller frees m). */
+ * in messages. On failure: GEMMA3_E_FORMAT or GEMMA3_E_NOMEM and a one-line message in err
+ * (the caller frees m). */
 static int open_model_bytes(Model *m, const char *name, char *err, size_t errsize) {
-    int untied;
+    int untied, rc;
     if (m->size < GEMMA3_HEADER_SIZE) {
         set_err(err, errsize, "%s: file too short (%zu bytes) to be a gemma3.c model", name, m->size);
-        return -1;
+        return GEMMA3_E_FORMAT;
     }
-    if (read_header(m, name, err, errsize) || check_directory(m, name, &untied, err, errsize)) return -1;
+    if ((rc = read_header(m, name, err, errsize)) || (rc = check_directory(m, name, &untied, err, errsize))) return rc;
     if (host_is_big_endian()) swap_tensors_to_native(m); /* (m->data is writable there: ours) */
-    if (load_weights(m, untied, err, errsize)) return -1;
+    if ((rc = load_weights(m, untied, err, errsize))) return rc;
     uint64_t tok_off = rd_u64(m->data + 96), tok_size = rd_u64(m->data + 104);
     if (tok_off) {
         char terr[200];
-        if (tokenizer_init(&m->tokenizer, m->data + tok_off, (size_t)tok_size, terr, sizeof terr) != 0) {
-            set_err(err, errsize, "%s: bad tokenizer section: %s", name, terr);
-            return -1;
+        if ((rc = tokenizer_init(&m->tokenizer, m->data + tok_off, (size_t)tok_size, terr, sizeof terr)) != 0) {
+            if (rc == TOK_NOMEM) set_err(err, errsize, "out of memory for the tokenizer's tables");
+            else set_err(err, errsize, "%s: bad tokenizer section: %s", name, terr);
+            return rc == TOK_NOMEM ? GEMMA3_E_NOMEM : GEMMA3_E_FORMAT;
         }
         m->has_tokenizer = 1;
     }
     return 0;
 }
 
-/* Load and validate a model file. On failure: a one-line message in err, and -1 if the
- * file could not be read, -2 if it is not a valid model. */
+/* Load and validate a model file. On failure: a one-line message in err, and
+ * GEMMA3_E_IO (the file cannot be read), GEMMA3_E_FORMAT (not a valid model) or
+ * GEMMA3_E_NOMEM. */
 static int load_model(Model *m, const char *path, char *err, size_t errsize) {
     memset(m, 0, sizeof(*m));
-    int rc = read_file_bytes(m, path, err, errsize) != 0 ? -1 : open_model_bytes(m, path, err, errsize) != 0 ? -2 : 0;
+    int rc = read_file_bytes(m, path, err, errsize);
+    if (rc == 0) rc = open_model_bytes(m, path, err, errsize);
     if (rc) free_model(m);
     return rc;
 }
@@ -889,8 +895,9 @@ static int argmax(const float *x, int n) {
 }
 
 /* softmax in place, in loops that vectorise: exp_vec, not libm's expf (a call per
- * element), and the sum in 16 partial sums added in a fixed order. */
-static void softmax(float *x, int n) {
+ * element), and the sum in 16 partial sums added in a fixed order. Returns the sum, which
+ * is NaN or infinite if any x is NaN or +infinity. */
+static float softmax(float *x, int n) {
     float max = x[argmax(x, n)], part[16] = {0}, sum = 0.0f;
     int i = 0;
     for (; i + 16 <= n; i += 16)
@@ -905,6 +912,18 @@ static void softmax(float *x, int n) {
     for (int k = 0; k < 8; k++) part[k] += part[k + 8];
     sum += ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
     for (i = 0; i < n; i++) x[i] /= sum;
+    return sum;
+}
+
+/* 1 if no x is NaN or infinite: x * 0 is 0 for every other float, so the sum stays 0. */
+static int all_finite(const float *x, size_t n) {
+    float part[16] = {0}, sum = 0.0f;
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int k = 0; k < 16; k++) part[k] += x[i + k] * 0.0f;
+    for (; i < n; i++) sum += x[i] * 0.0f;
+    for (int k = 0; k < 16; k++) sum += part[k];
+    return sum == 0.0f;
 }
 
 /* GELU, tanh approximation (HF hidden_activation "gelu_pytorch_tanh"): 0.5 x (1 + tanh(u)) with
@@ -1231,12 +1250,18 @@ static int argmax_parallel(const float *x, int n) {
 }
 
 /* Sample the next token from logits (which are overwritten with probabilities).
- * Order, as in HF generate: temperature, softmax, top-k, top-p, min-p, draw. */
+ * Order, as in HF generate: temperature, softmax, top-k, top-p, min-p, draw. Returns -1
+ * for logits no token can be drawn from: the largest is NaN or infinite (greedy), or the
+ * softmax sum is (sampling), as NaN or infinity in the weights gives. */
 static int sample(Sampler *sp, float *logits) {
     int V = sp->vocab_size;
-    if (sp->temperature <= 0.0f) return argmax_parallel(logits, V);
+    if (sp->temperature <= 0.0f) {
+        int id = argmax_parallel(logits, V);
+        return isfinite(logits[id]) ? id : -1;
+    }
     for (int i = 0; i < V; i++) logits[i] /= sp->temperature;
-    softmax(logits, V);
+    float sum = softmax(logits, V);
+    if (!isfinite(sum) || !(sum > 0.0f)) return -1;
     float pmax = logits[argmax(logits, V)];
 
     int n;
@@ -1265,9 +1290,7 @@ static int sample(Sampler *sp, float *logits) {
         acc += sp->cand[i].p;
         if (r < acc) return sp->cand[i].id;
     }
-    /* rounding fell off the end; no candidate at all only if the probabilities are NaN
-     * (NaN weights): then the first token, as greedy argmax gives */
-    return keep > 0 ? sp->cand[keep - 1].id : 0;
+    return sp->cand[keep > 0 ? keep - 1 : 0].id; /* rounding fell off the end */
 }
 
 
@@ -1383,25 +1406,27 @@ static float *feed_pending(const Model *m, RunState *s, Chat *ch) {
 /* Sample up to `steps` tokens from *logits, adding each to the end of ch->hist (fed before
  * the next sample, so the last one stays pending), and give each to `out`. Stops at
  * <eos>/<end_of_turn> (neither given nor added), after a token whose call returns nonzero,
- * or when the context is full: that token is given, not added, and *full is set. *logits
- * ends NULL (consumed). Returns the number of tokens given. */
+ * when the context is full (that token is given, not added; *status GEMMA3_E_CONTEXT), or
+ * at logits that are not numbers (*status GEMMA3_E_NUMERIC). *logits ends NULL (consumed).
+ * Returns the number of tokens given. */
 static int generate_tokens(const Model *m, RunState *s, Sampler *sp, Chat *ch, float **logits, int steps,
-                           const Emit *out, int *full) {
+                           const Emit *out, int *status) {
     TokenStream ts = {{0}, 0};
     int given = 0, stop = 0;
-    *full = 0;
+    *status = 0;
     while (given < steps && !stop) {
         if (ch->n_cached < ch->n_hist) *logits = feed_pending(m, s, ch);
         if (!*logits) break;
         int next = sample(sp, *logits);
         *logits = NULL;
+        if (next < 0) { *status = GEMMA3_E_NUMERIC; break; }
         if (is_stop_token(&m->config, next)) break;
         given++;
         if (out && out->fn) {
             size_t len = out->buf ? tokenstream_piece(&m->tokenizer, &ts, next, out->buf, out->cap) : 0;
             stop = out->fn(out->buf ? out->buf : "", len, next, out->user);
         }
-        if (ch->n_hist >= s->ctx) { *full = 1; break; }
+        if (ch->n_hist >= s->ctx) { *status = GEMMA3_E_CONTEXT; break; }
         ch->hist[ch->n_hist++] = next; /* fed at the top of the next round, if there is one */
     }
     if (out && out->fn && out->buf) { /* the bytes of an unfinished character, as U+FFFD */
@@ -1411,12 +1436,11 @@ static int generate_tokens(const Model *m, RunState *s, Sampler *sp, Chat *ch, f
     return given;
 }
 
-/* What a tokenizer message means, as a library error code. */
-static int text_error_code(const char *err) { /* (the whole message: a role's text may say "out of memory") */
-    return !strcmp(err, "tokenizer: out of memory") || !strcmp(err, "chat: out of memory") ? GEMMA3_E_NOMEM : GEMMA3_E_TEXT;
-}
+/* A tokenizer failure (TOK_BAD, TOK_NOMEM) as a library error code: `bad` for TOK_BAD. */
+static int tok_error_code(int rc, int bad) { return rc == TOK_NOMEM ? GEMMA3_E_NOMEM : bad; }
 
 enum { CHAT_OK = 0, CHAT_FULL = GEMMA3_E_CONTEXT };
+#define NOT_NUMBERS "the logits are NaN or infinite: the model's weights hold such values, or overflow"
 
 /* One exchange: add the user's message, feed the new prompt ids, stream the model's reply
  * to `out` (if not NULL) and add it to the conversation. CHAT_OK, or a GEMMA3_E_* code
@@ -1427,10 +1451,11 @@ static int chat_turn(const Model *m, RunState *s, Sampler *sp, Chat *ch, const c
                      const Emit *out, char *err, size_t errsize) {
     const Config *c = &m->config;
     if (chat_push(ch, "user", user, len) != 0) { set_err(err, errsize, "out of memory"); return GEMMA3_E_NOMEM; }
-    char *text = chat_render(ch->msgs, ch->n_msgs, 1, err, errsize);
-    int *ids = NULL, n = text ? tokenizer_encode(&m->tokenizer, text, strlen(text), &ids, err, errsize) : -1;
+    char *text;
+    int *ids = NULL, n = chat_render(ch->msgs, ch->n_msgs, 1, &text, err, errsize);
+    if (n == 0) n = tokenizer_encode(&m->tokenizer, text, strlen(text), &ids, err, errsize);
     free(text);
-    if (n < 0) { chat_pop(ch); return text_error_code(err); }
+    if (n < 0) { chat_pop(ch); return tok_error_code(n, GEMMA3_E_TEXT); }
     if (check_ids(m, ids, n, err, errsize) != 0) { free(ids); chat_pop(ch); return GEMMA3_E_TOKEN; }
     if (n >= s->ctx) {
         set_err(err, errsize, "the conversation is %d tokens with this message, the context holds %d", n, s->ctx);
@@ -1452,16 +1477,15 @@ static int chat_turn(const Model *m, RunState *s, Sampler *sp, Chat *ch, const c
     free(ids);
 
     /* the model's reply: sampled ids go into the cache as they are generated */
-    int full, rc = CHAT_OK;
-    generate_tokens(m, s, sp, ch, &logits, steps, out, &full);
-    if (full) {
-        set_err(err, errsize, "the context of %d tokens is full", s->ctx);
-        rc = CHAT_FULL;
-    }
+    int rc;
+    generate_tokens(m, s, sp, ch, &logits, steps, out, &rc);
+    if (rc == CHAT_FULL) set_err(err, errsize, "the context of %d tokens is full", s->ctx);
+    if (rc == GEMMA3_E_NUMERIC) set_err(err, errsize, "%s", NOT_NUMBERS);
     size_t reply_len;
-    char *reply = tokenizer_decode(&m->tokenizer, ch->hist + ch->prompt_len, ch->n_hist - ch->prompt_len, &reply_len,
-                                   err, errsize);
-    if (!reply) return GEMMA3_E_TOKEN; /* an id the tokenizer has no piece for (4B+: 262,145..262,207) */
+    char *reply;
+    int drc = tokenizer_decode(&m->tokenizer, ch->hist + ch->prompt_len, ch->n_hist - ch->prompt_len, &reply,
+                               &reply_len, err, errsize);
+    if (drc) return tok_error_code(drc, GEMMA3_E_TOKEN); /* an id with no piece (4B+: 262,145..262,207) */
     if (chat_push(ch, "assistant", reply, reply_len) != 0) {
         free(reply);
         set_err(err, errsize, "out of memory");
@@ -1512,31 +1536,31 @@ static int read_file_bytes(Model *m, const char *path, char *err, size_t errsize
     if (!host_is_big_endian()) {
         int fd = open(path, O_RDONLY);
         struct stat st;
-        if (fd < 0) { set_err(err, errsize, "cannot open %s: %s", path, strerror(errno)); return -1; }
+        if (fd < 0) { set_err(err, errsize, "cannot open %s: %s", path, strerror(errno)); return GEMMA3_E_IO; }
         if (fstat(fd, &st) != 0) {
             set_err(err, errsize, "cannot stat %s: %s", path, strerror(errno));
             close(fd);
-            return -1;
+            return GEMMA3_E_IO;
         }
         if (!S_ISREG(st.st_mode)) {
             set_err(err, errsize, "%s is not a regular file", path);
             close(fd);
-            return -1;
+            return GEMMA3_E_IO;
         }
         if ((uintmax_t)st.st_size > (uintmax_t)SIZE_MAX) {
             set_err(err, errsize, "%s is too large for this 32-bit build", path);
             close(fd);
-            return -1;
+            return GEMMA3_E_IO;
         }
         m->size = (size_t)st.st_size;
         if (m->size < GEMMA3_HEADER_SIZE) {
             set_err(err, errsize, "%s: file too short (%zu bytes) to be a gemma3.c model", path, m->size);
             close(fd);
-            return -1;
+            return GEMMA3_E_FORMAT;
         }
         void *p = mmap(NULL, m->size, PROT_READ, MAP_PRIVATE, fd, 0);
         close(fd);
-        if (p == MAP_FAILED) { set_err(err, errsize, "cannot mmap %s: %s", path, strerror(errno)); return -1; }
+        if (p == MAP_FAILED) { set_err(err, errsize, "cannot mmap %s: %s", path, strerror(errno)); return GEMMA3_E_IO; }
         m->data = p;
         m->mapped = 1;
 #ifdef MADV_HUGEPAGE
@@ -1551,28 +1575,28 @@ static int read_file_bytes(Model *m, const char *path, char *err, size_t errsize
 #endif
     /* Fallback, and always on big-endian hosts, where tensors are byte-swapped in place. */
     FILE *f = fopen(path, "rb");
-    if (!f) { set_err(err, errsize, "cannot open %s: %s", path, strerror(errno)); return -1; }
-    if (fseek(f, 0, SEEK_END) != 0) { set_err(err, errsize, "cannot seek in %s", path); fclose(f); return -1; }
+    if (!f) { set_err(err, errsize, "cannot open %s: %s", path, strerror(errno)); return GEMMA3_E_IO; }
+    if (fseek(f, 0, SEEK_END) != 0) { set_err(err, errsize, "cannot seek in %s", path); fclose(f); return GEMMA3_E_IO; }
     long end = ftell(f); /* plain C: a long, so at most 2 GiB on 32-bit hosts */
     if (end < 0) {
         set_err(err, errsize, "cannot determine the size of %s (over 2 GiB on a 32-bit build?)", path);
         fclose(f);
-        return -1;
+        return GEMMA3_E_IO;
     }
     if (end < GEMMA3_HEADER_SIZE) {
         set_err(err, errsize, "%s: file too short (%ld bytes) to be a gemma3.c model", path, end);
         fclose(f);
-        return -1;
+        return GEMMA3_E_FORMAT;
     }
     rewind(f);
     m->size = (size_t)end;
     m->data = malloc(m->size);
     m->owns_data = 1;
-    if (!m->data) { set_err(err, errsize, "out of memory reading %s (%zu bytes)", path, m->size); fclose(f); return -1; }
+    if (!m->data) { set_err(err, errsize, "out of memory reading %s (%zu bytes)", path, m->size); fclose(f); return GEMMA3_E_NOMEM; }
     if (fread(m->data, 1, m->size, f) != m->size) {
         set_err(err, errsize, "read error on %s", path);
         fclose(f);
-        return -1;
+        return GEMMA3_E_IO;
     }
     fclose(f);
     m->mapped = 0;
@@ -1588,9 +1612,7 @@ int gemma3_open_file(const char *path, gemma3_model **model, gemma3_error *err) 
     if (!g) return fail(err, GEMMA3_E_NOMEM, "out of memory");
     if ((rc = load_model(&g->m, path, msg, sizeof msg)) != 0) {
         free(g);
-        int code = strstr(msg, "out of memory") ? GEMMA3_E_NOMEM
-                   : rc == -1 && !strstr(msg, "too short") ? GEMMA3_E_IO : GEMMA3_E_FORMAT;
-        return fail(err, code, "%s", msg);
+        return fail(err, rc, "%s", msg);
     }
     *model = g;
     return 0;
@@ -1610,10 +1632,11 @@ int gemma3_open_memory(const void *data, size_t size, gemma3_model **model, gemm
         memcpy(g->m.data, data, size);
         g->m.owns_data = 1;
     }
-    if (open_model_bytes(&g->m, "the model in memory", msg, sizeof msg) != 0) {
+    int rc = open_model_bytes(&g->m, "the model in memory", msg, sizeof msg);
+    if (rc != 0) {
         free_model(&g->m);
         free(g);
-        return fail(err, strstr(msg, "out of memory") ? GEMMA3_E_NOMEM : GEMMA3_E_FORMAT, "%s", msg);
+        return fail(err, rc, "%s", msg);
     }
     *model = g;
     return 0;
@@ -1654,7 +1677,7 @@ int gemma3_tokenize(const gemma3_model *model, const char *text, size_t len, int
         return fail(err, GEMMA3_E_ARG, "gemma3_tokenize: NULL model, text or ids, or capacity < 0");
     if (!model->m.has_tokenizer) return no_tokenizer(err);
     int n = tokenizer_encode(&model->m.tokenizer, text, len, &all, msg, sizeof msg);
-    if (n < 0) return fail(err, text_error_code(msg), "%s", msg);
+    if (n < 0) return fail(err, tok_error_code(n, GEMMA3_E_TEXT), "%s", msg);
     if (check_ids(&model->m, all, n, msg, sizeof msg) != 0) {
         free(all);
         return fail(err, GEMMA3_E_TOKEN, "%s", msg);
@@ -1672,8 +1695,9 @@ int gemma3_detokenize(const gemma3_model *model, const int *ids, int n, char *te
         return fail(err, GEMMA3_E_ARG, "gemma3_detokenize: NULL model, ids or text, or n < 0");
     if (!model->m.has_tokenizer) return no_tokenizer(err);
     if (check_ids(&model->m, ids, n, msg, sizeof msg) != 0) return fail(err, GEMMA3_E_TOKEN, "%s", msg);
-    char *out = tokenizer_decode(&model->m.tokenizer, ids, n, &len, msg, sizeof msg);
-    if (!out) return fail(err, strstr(msg, "out of memory") ? GEMMA3_E_NOMEM : GEMMA3_E_TOKEN, "%s", msg);
+    char *out;
+    int rc = tokenizer_decode(&model->m.tokenizer, ids, n, &out, &len, msg, sizeof msg);
+    if (rc) return fail(err, tok_error_code(rc, GEMMA3_E_TOKEN), "%s", msg);
     if (len > INT_MAX) { free(out); return fail(err, GEMMA3_E_ARG, "gemma3_detokenize: the text is over 2 GB"); }
     if (capacity) {
         size_t k = len < capacity - 1 ? len : capacity - 1;
@@ -1714,9 +1738,10 @@ int gemma3_chat_render(const gemma3_message *msgs, int n, int add_generation_pro
     ChatMessage *cm = malloc((size_t)n * sizeof(ChatMessage));
     if (!cm) return fail(err, GEMMA3_E_NOMEM, "out of memory");
     for (int i = 0; i < n; i++) cm[i].role = msgs[i].role, cm[i].content = msgs[i].content;
-    char *out = chat_render(cm, n, add_generation_prompt, msg, sizeof msg);
+    char *out;
+    int rc = chat_render(cm, n, add_generation_prompt, &out, msg, sizeof msg);
     free(cm);
-    if (!out) return fail(err, text_error_code(msg), "%s", msg);
+    if (rc) return fail(err, tok_error_code(rc, GEMMA3_E_TEXT), "%s", msg);
     size_t len = strlen(out);
     if (len > INT_MAX) { free(out); return fail(err, GEMMA3_E_ARG, "gemma3_chat_render: the text is over 2 GB"); }
     if (capacity) {
@@ -1882,6 +1907,7 @@ int gemma3_feed_logits(gemma3_session *session, const int *ids, int n, float *lo
     S->chat.n_hist = S->chat.n_cached = pos + n;
     S->logits = own_logits;
     S->owed = 0;
+    if (!all_finite(logits, (size_t)n * V)) return fail(err, GEMMA3_E_NUMERIC, "%s", NOT_NUMBERS);
     return S->chat.n_hist;
 }
 
@@ -1896,7 +1922,7 @@ int gemma3_sample(gemma3_session *session, gemma3_error *err) {
     if (!session_logits(session)) return fail(err, GEMMA3_E_STATE, "no logits to sample: feed a token first");
     int id = sample(&session->sampler, session->logits);
     session->logits = NULL;
-    return id;
+    return id < 0 ? fail(err, GEMMA3_E_NUMERIC, "%s", NOT_NUMBERS) : id;
 }
 
 int gemma3_position(const gemma3_session *session) { return session ? session->chat.n_hist : 0; }
@@ -1921,13 +1947,13 @@ int gemma3_rewind(gemma3_session *session, int pos, gemma3_error *err) {
 int gemma3_generate(gemma3_session *session, int max_tokens, gemma3_piece_fn callback, void *user,
                     gemma3_error *err) {
     gemma3_session *S = session;
-    int full;
+    int status;
     if (!S || max_tokens < 0) return fail(err, GEMMA3_E_ARG, "gemma3_generate: NULL session or max_tokens < 0");
     if (!session_logits(S)) return fail(err, GEMMA3_E_STATE, "no logits to generate from: feed a prompt first");
     Emit out = {callback, user, S->piece, S->piece_cap};
-    int given = generate_tokens(S->model, &S->state, &S->sampler, &S->chat, &S->logits, max_tokens, &out, &full);
+    int given = generate_tokens(S->model, &S->state, &S->sampler, &S->chat, &S->logits, max_tokens, &out, &status);
     S->owed = S->chat.n_cached < S->chat.n_hist;
-    return given;
+    return status == GEMMA3_E_NUMERIC ? fail(err, status, "%s", NOT_NUMBERS) : given;
 }
 
 int gemma3_chat_turn(gemma3_session *session, const char *user_text, size_t len, int max_tokens,
@@ -2313,8 +2339,8 @@ static void usage(FILE *f) {
         "  --encode             read UTF-8 text on stdin, print its token ids (no <bos>) on one line\n"
         "  --decode             read token ids on stdin, print the text\n"
         "  --chat               interactive multi-turn chat with the Gemma 3 chat template, one user\n"
-        "                       message per line of stdin, Ctrl-D to end; with -p or -f: answer that\n"
-        "                       one message and exit\n"
+        "                       message per line of stdin, Ctrl-D to end, Ctrl-C to stop a reply;\n"
+        "                       with -p or -f: answer that one message and exit\n"
         "  --system TEXT        (--chat) system prompt, folded into the first user turn\n"
         "\n"
         "options:\n"
@@ -2331,6 +2357,10 @@ static void usage(FILE *f) {
         "threads: set OMP_NUM_THREADS. Model files are made by export.py (see README.md).\n");
 }
 
+/* Output files are written under NAME.partial and renamed when whole, so that a failed or
+ * interrupted run leaves nothing under NAME; die removes the .partial files of this run. */
+static char *g_partial[2];
+
 static void die(const char *fmt, ...) {
     va_list ap;
     fprintf(stderr, "gemma3: error: ");
@@ -2338,6 +2368,8 @@ static void die(const char *fmt, ...) {
     vfprintf(stderr, fmt, ap);
     va_end(ap);
     fputc('\n', stderr);
+    for (int i = 0; i < 2; i++)
+        if (g_partial[i]) remove(g_partial[i]);
     exit(1);
 }
 
@@ -2470,6 +2502,27 @@ static void parse_args(Options *o, int argc, char **argv) {
             die("%s is the model file itself: give the output another name", outputs[i]);
 }
 
+/* The name output `slot` (0 or 1) is written under until it is whole: path.partial. */
+static const char *partial_name(int slot, const char *path, const char *model_path) {
+    size_t len = strlen(path);
+    if (!(g_partial[slot] = malloc(len + 9))) die("out of memory");
+    memcpy(g_partial[slot], path, len);
+    memcpy(g_partial[slot] + len, ".partial", 9);
+    if (same_file(model_path, g_partial[slot])) {
+        free(g_partial[slot]);
+        g_partial[slot] = NULL;
+        die("%s.partial, where %s is written first, is the model file itself: give the output another name", path, path);
+    }
+    return g_partial[slot];
+}
+
+/* The output is whole: give it its name. */
+static void keep_output(int slot, const char *path) {
+    if (rename(g_partial[slot], path) != 0) die("cannot write %s: %s", path, strerror(errno));
+    free(g_partial[slot]);
+    g_partial[slot] = NULL;
+}
+
 /* The context to size the caches for: -c, else min(max_position_embeddings, 8192). */
 static int context_length(const Options *o, const gemma3_config *c) {
     int ctx = o->ctx ? o->ctx : c->max_context < 8192 ? c->max_context : 8192;
@@ -2508,6 +2561,21 @@ static int print_piece(const char *piece, size_t len, int id, void *user) {
     fwrite(piece, 1, len, stdout);
     fflush(stdout);
     return 0;
+}
+
+/* Ctrl-C during a chat reply stops the reply, which joins the conversation as far as it
+ * got, and the chat goes on; at the prompt, or a second time, it ends the program (unless
+ * SIGINT was ignored when gemma3 started, as for a background job: then it stays so). */
+static volatile sig_atomic_t g_interrupted;
+
+static void on_interrupt(int sig) {
+    g_interrupted = 1;
+    signal(sig, SIG_DFL);
+}
+
+static int chat_piece(const char *piece, size_t len, int id, void *user) {
+    print_piece(piece, len, id, user);
+    return g_interrupted; /* nonzero: the reply stops after this token */
 }
 
 static int run_encode(const gemma3_model *m) {
@@ -2556,9 +2624,10 @@ static int run_logits(const gemma3_model *m, const Options *o) {
     int ctx = context_length(&sized, &c);
     if (n > ctx) die("%s has %d tokens, more than the context of %d (-c)", o->logits_in, n, ctx);
     gemma3_session *s = new_session(m, o, ctx);
-    FILE *f = fopen(o->logits_out, "wb"), *fh = NULL;
+    FILE *f = fopen(partial_name(0, o->logits_out, o->model_path), "wb"), *fh = NULL;
     if (!f) die("cannot write %s: %s", o->logits_out, strerror(errno));
-    if (o->hidden_out && !(fh = fopen(o->hidden_out, "wb"))) die("cannot write %s: %s", o->hidden_out, strerror(errno));
+    if (o->hidden_out && !(fh = fopen(partial_name(1, o->hidden_out, o->model_path), "wb")))
+        die("cannot write %s: %s", o->hidden_out, strerror(errno));
     size_t V = (size_t)c.vocab_size, H = (size_t)(c.n_layers + 1) * c.dim;
     int chunk = PREFILL_BATCH;
     float *logits = malloc((size_t)chunk * V * sizeof(float)), *hidden = fh ? malloc((size_t)chunk * H * sizeof(float)) : NULL;
@@ -2576,6 +2645,8 @@ static int run_logits(const gemma3_model *m, const Options *o) {
     }
     if (fh && fclose(fh) != 0) die("write error on %s", o->hidden_out);
     if (fclose(f) != 0) die("write error on %s", o->logits_out);
+    if (fh) keep_output(1, o->hidden_out);
+    keep_output(0, o->logits_out);
     free(buf);
     free(hidden);
     free(logits);
@@ -2621,6 +2692,8 @@ static int run_chat(const gemma3_model *m, const Options *o) {
 #ifndef GEMMA3_NO_MMAP
     interactive = isatty(0) && !o->prompt; /* POSIX builds: show a prompt on a terminal */
 #endif
+    void (*inherited)(int) = signal(SIGINT, SIG_IGN);
+    signal(SIGINT, inherited);
     for (;;) {
         size_t len = o->prompt_len;
         char *line;
@@ -2635,8 +2708,12 @@ static int run_chat(const gemma3_model *m, const Options *o) {
             if (len == 0) { free(line); continue; } /* an empty line is no message */
         }
         if (!line) die("out of memory");
-        int rc = gemma3_chat_turn(s, line, len, o->steps, print_piece, NULL, &e);
+        g_interrupted = 0;
+        if (inherited != SIG_IGN) signal(SIGINT, on_interrupt);
+        int rc = gemma3_chat_turn(s, line, len, o->steps, chat_piece, NULL, &e);
+        if (inherited != SIG_IGN) signal(SIGINT, inherited);
         free(line);
+        if (g_interrupted && rc >= 0) fprintf(stderr, " [stopped]");
         if (rc == GEMMA3_E_CONTEXT) {
             printf("\n");
             fflush(stdout);
@@ -2690,22 +2767,9 @@ static int run_quantize(const Options *o) {
     if (from == DT_Q8_0 || from == DT_Q4_0)
         fprintf(stderr, "gemma3: note: %s is already %s: its quantized values are quantized again (export from the "
                 "original checkpoint for the best %s)\n", o->model_path, from == DT_Q8_0 ? "q8_0" : "q4_0", o->quant_type);
-    /* written under a temporary name and renamed when whole: an interrupted or failed run
-     * leaves no partial file under the name */
-    size_t len = strlen(o->quant_out);
-    char *tmp = malloc(len + 9);
-    if (!tmp) die("out of memory");
-    memcpy(tmp, o->quant_out, len);
-    memcpy(tmp + len, ".partial", 9);
-    if (quantize_model(&model, tmp, dtype, err, sizeof err) != 0) {
-        remove(tmp);
+    if (quantize_model(&model, partial_name(0, o->quant_out, o->model_path), dtype, err, sizeof err) != 0)
         die("%s", err);
-    }
-    if (rename(tmp, o->quant_out) != 0) {
-        remove(tmp);
-        die("cannot write %s: %s", o->quant_out, strerror(errno));
-    }
-    free(tmp);
+    keep_output(0, o->quant_out);
     free_model(&model);
     return 0;
 }

@@ -54,7 +54,8 @@ enum {
     GEMMA3_E_TOKENIZER = -7, /* the model file has no tokenizer */
     GEMMA3_E_CONTEXT = -8,   /* the session's context is full */
     GEMMA3_E_ARENA = -9,     /* the caller's arena is too small */
-    GEMMA3_E_STATE = -10     /* no logits to read or sample: nothing fed since the last sample */
+    GEMMA3_E_STATE = -10,    /* no logits to read or sample: nothing fed since the last sample */
+    GEMMA3_E_NUMERIC = -11   /* the logits are NaN or infinite (such values in the weights) */
 };
 
 typedef struct {
@@ -194,7 +195,8 @@ int gemma3_feed(gemma3_session *session, const int *ids, int n, gemma3_error *er
  * logits[n][vocab_size], and, if hidden is not NULL, the residual stream after the
  * embedding and after each layer to hidden[n][n_layers + 1][dim] (for debugging). The
  * logits are those gemma3_feed gives, to the bit. Errors: those of gemma3_feed;
- * GEMMA3_E_ARG for NULL logits. */
+ * GEMMA3_E_ARG for NULL logits; GEMMA3_E_NUMERIC if a logit is NaN or infinite (the ids
+ * are fed and the logits written all the same). */
 int gemma3_feed_logits(gemma3_session *session, const int *ids, int n, float *logits, float *hidden,
                        gemma3_error *err);
 
@@ -205,7 +207,8 @@ const float *gemma3_logits(gemma3_session *session, gemma3_error *err);
 
 /* Sample the next token from the logits with the session's sampler (this consumes them:
  * feed the token, or another, before the next sample). Returns the id, or GEMMA3_E_STATE,
- * GEMMA3_E_ARG. The token is not fed. */
+ * GEMMA3_E_ARG, GEMMA3_E_NUMERIC (the largest logit, or with temperature > 0 any, is NaN
+ * or infinite). The token is not fed. */
 int gemma3_sample(gemma3_session *session, gemma3_error *err);
 
 /* Tokens in the KV cache: the position the next fed token takes. */
@@ -231,7 +234,8 @@ typedef int (*gemma3_piece_fn)(const char *piece, size_t len, int id, void *user
  * whose callback returns nonzero, or when the context is full (the token that did not fit
  * is delivered, not fed; the position then equals gemma3_context). Returns the number of
  * tokens delivered. Errors: GEMMA3_E_ARG, GEMMA3_E_STATE (no logits: feed a prompt
- * first). callback may be NULL; pieces are empty for a model without a tokenizer. */
+ * first), GEMMA3_E_NUMERIC (as gemma3_sample; what was delivered before stays fed).
+ * callback may be NULL; pieces are empty for a model without a tokenizer. */
 int gemma3_generate(gemma3_session *session, int max_tokens, gemma3_piece_fn callback, void *user,
                     gemma3_error *err);
 
@@ -243,7 +247,8 @@ int gemma3_generate(gemma3_session *session, int max_tokens, gemma3_piece_fn cal
  * GEMMA3_E_TOKEN (the message holds an added token the model has no embedding for),
  * GEMMA3_E_NOMEM, GEMMA3_E_CONTEXT: in each of these the message is refused and the
  * conversation and cache are as they were; except GEMMA3_E_CONTEXT after part of a reply
- * (the context filled while generating): that part is kept as the reply. Afterwards the
+ * (the context filled while generating): that part is kept as the reply, and likewise
+ * with GEMMA3_E_NUMERIC (NaN or infinite logits, as gemma3_sample). Afterwards the
  * session has no logits (GEMMA3_E_STATE). gemma3_feed and gemma3_rewind do not change the
  * conversation: the next turn feeds whatever its rendering needs beyond the common prefix.
  * A new conversation needs a new session. */

@@ -72,6 +72,7 @@ static int build_chat(Chat *ch, int ctx, const char *system) {
 #define TINY "tests/fixtures/tiny"
 
 static void expect_error(const char *what, const char *needle, const char *fmt, ...);
+static int write_poisoned(const char *src, const char *dst, const char *name);
 
 static void skip(const char *what) {
     g_skip++;
@@ -450,18 +451,22 @@ static void test_sampler(void) {
     }
     CHECK(ok, "top-k 5 sampled outside the 5 largest logits");
     free_sampler(&sp);
-    /* NaN logits (NaN weights; found by fuzz_loader): every setting gives a token id, and
-     * top-p without top-k, which then has no candidate at all, read the one before them */
+    /* NaN logits (NaN weights; found by fuzz_loader): -1 in every setting (top-p without
+     * top-k once read before its candidates); greedy skips a NaN beside numbers, sampling
+     * does not (it would weigh the rest by a NaN sum); an infinity is as bad */
     int nan_ok = 1;
-    for (int k = 0; k < 2; k++) {
-        static float nans[64];
+    static float nans[64];
+    for (int k = 0; k < 3; k++) {
         for (int i = 0; i < 64; i++) nans[i] = NAN;
-        build_sampler(&sp, 64, 1.0f, k ? 3 : 0, 0.9f, 0.0f, 7);
-        int id = sample(&sp, nans);
-        nan_ok &= id >= 0 && id < 64;
+        build_sampler(&sp, 64, k == 2 ? 0.0f : 1.0f, k == 1 ? 3 : 0, 0.9f, 0.0f, 7);
+        nan_ok &= sample(&sp, nans) == -1;
+        for (int i = 0; i < 64; i++) nans[i] = i == 9 ? NAN : (float)(i % 5);
+        nan_ok &= sample(&sp, nans) == (k == 2 ? 4 : -1);
+        for (int i = 0; i < 64; i++) nans[i] = i == 9 ? INFINITY : (float)(i % 5);
+        nan_ok &= sample(&sp, nans) == -1;
         free_sampler(&sp);
     }
-    CHECK(nan_ok, "NaN logits: sampled id out of range");
+    CHECK(nan_ok, "NaN or infinite logits: the sampler must return -1 (greedy: skip a NaN)");
 }
 
 /* The reference toolkit: --top, --dump-hidden and perplexity, checked against the logits. */
@@ -963,8 +968,9 @@ static int check_chat_turn(const Model *m, RunState *s, Sampler *sp, Chat *ch, c
     CHECK(rc == CHAT_OK, "chat turn %d: %s", turn, err);
     if (rc != CHAT_OK) return 0;
     /* the rendering of everything before the reply, with the generation prompt */
-    char *text = chat_render(ch->msgs, ch->n_msgs - 1, 1, err, sizeof err);
-    int *ids = NULL, n = text ? tokenizer_encode(&m->tokenizer, text, strlen(text), &ids, err, sizeof err) : -1;
+    char *text;
+    int *ids = NULL, n = chat_render(ch->msgs, ch->n_msgs - 1, 1, &text, err, sizeof err);
+    if (n == 0) n = tokenizer_encode(&m->tokenizer, text, strlen(text), &ids, err, sizeof err);
     int same = n == ch->prompt_len && n <= ch->n_hist;
     for (int i = 0; same && i < n; i++) same = ids[i] == ch->hist[i];
     CHECK(same, "chat turn %d: the ids in the cache are not the template rendering of the conversation", turn);
@@ -1022,7 +1028,8 @@ static void test_tokenizer_and_chat(void) {
         int *ids;
         int n = tokenizer_encode(&m.tokenizer, text, len, &ids, err, sizeof err);
         size_t outlen = 0;
-        char *out = n >= 0 ? tokenizer_decode(&m.tokenizer, ids, n, &outlen, err, sizeof err) : NULL;
+        char *out = NULL;
+        if (n >= 0) tokenizer_decode(&m.tokenizer, ids, n, &out, &outlen, err, sizeof err);
         if (!out || outlen != wlen || memcmp(out, want, wlen) != 0) round_trip_bad++;
         free(out);
         if (n >= 0) free(ids);
@@ -1102,6 +1109,16 @@ static void test_tokenizer_and_chat(void) {
               "/chat-blank.txt && cmp -s " BUILD "/chat.txt " BUILD "/chat-blank.txt") == 0,
           "--chat sends empty lines to the model: %s", last_log());
     CHECK(run("./gemma3 " TOKMODEL " --chat -p 'Hi' -t 0 -n 5 < /dev/null > " BUILD "/chat1.txt") == 0, "--chat -p: %s", last_log());
+    /* Ctrl-C during a reply stops the reply, not the chat */
+    CHECK(run("bash tests/test_chat_interrupt.sh " TOKMODEL) == 0, "Ctrl-C in --chat: %s", last_log());
+    printf("  Ctrl-C during two replies: %s", last_log());
+    /* NaN in the weights: an error naming it, never NaN logits sampled as if they were numbers */
+    CHECK(write_poisoned(TOKMODEL, BUILD "/nan-tok.bin", "layers.1.self_attn.v_proj.weight") == 0, "cannot write nan-tok.bin");
+    expect_error("NaN in the weights (-p, greedy)", "NaN", "./gemma3 %s -p hello -n 4 -t 0", BUILD "/nan-tok.bin");
+    expect_error("NaN in the weights (-p, sampled)", "NaN", "./gemma3 %s -p hello -n 4 -s 1", BUILD "/nan-tok.bin");
+    expect_error("NaN in the weights (--chat)", "NaN", "./gemma3 %s --chat -p hello -n 4", BUILD "/nan-tok.bin");
+    expect_error("NaN in the weights (--perplexity)", "NaN", "./gemma3 %s --perplexity %s", BUILD "/nan-tok.bin",
+                 BUILD "/prompt.txt");
     expect_error("--chat on a model without tokenizer", "no tokenizer", "./gemma3 %s --chat < /dev/null", BUILD "/tiny-f32.bin");
 }
 
@@ -1165,6 +1182,24 @@ static int write_patched(const char *src, const char *dst, long off, const void 
     return 0;
 }
 
+/* A copy of model file src with a NaN as the first value of tensor `name` (of a q8_0 or
+ * q4_0 block: its scale), as a broken checkpoint may hold. */
+static int write_poisoned(const char *src, const char *dst, const char *name) {
+    Model m;
+    char err[512];
+    if (load_model(&m, src, err, sizeof err) != 0) return -1;
+    const unsigned char *dir = m.data + rd_u64(m.data + 112);
+    long at = -1;
+    int dtype = 0;
+    for (uint32_t i = 0; i < rd_u32(m.data + 88); i++, dir += GEMMA3_DIR_ENTRY_SIZE)
+        if (!strcmp((const char *)dir, name)) at = (long)rd_u64(dir + 88), dtype = (int)rd_u32(dir + 64);
+    free_model(&m);
+    static const unsigned char f32_nan[4] = {0, 0, 0xc0, 0x7f}, bf16_nan[2] = {0xc0, 0x7f}, f16_nan[2] = {0, 0x7e};
+    if (at < 0) return -1;
+    return dtype == 0 ? write_patched(src, dst, at, f32_nan, 4)
+                      : write_patched(src, dst, at, dtype == 1 ? bf16_nan : f16_nan, 2);
+}
+
 /* A rejected input: exit status 1 (not a crash), one line on stderr naming the problem. */
 static void expect_error(const char *what, const char *needle, const char *fmt, ...) {
     char cmd[2048];
@@ -1196,6 +1231,9 @@ static void test_bad_inputs(void) {
     const unsigned char into_header[8] = {64}; /* a tensor "at byte 64": inside the header */
     write_patched(good, BUILD "/bad-tensor-in-header.bin", 128 + 8 + 88, into_header, 8);
     write_patched(good, BUILD "/bad-tensor-newline.bin", 128 + 8 + 3, "\n", 1); /* a raw byte from the file */
+    CHECK(write_poisoned(good, BUILD "/nan-f32.bin", "layers.0.mlp.up_proj.weight") == 0, "cannot write nan-f32.bin");
+    unsigned char eot_big[4] = {0, 0, 0, 0x40}; /* <end_of_turn> id 2^30 */
+    write_patched(good, BUILD "/bad-eot.bin", 16 + 4 * 11, eot_big, 4);
     const char *logits = " --logits " TINY "/tokens.txt " BUILD "/bad.f32";
     expect_error("truncated model file", "truncated", "./gemma3 %s%s", BUILD "/bad-truncated.bin", logits);
     expect_error("file shorter than a header", "too short", "./gemma3 %s%s", BUILD "/bad-short.bin", logits);
@@ -1204,6 +1242,11 @@ static void test_bad_inputs(void) {
     expect_error("unknown tensor name", "unknown tensor 'embXd_tokens.weight'", "./gemma3 %s%s", BUILD "/bad-tensor-name.bin", logits);
     expect_error("tensor offset past the end", "offset", "./gemma3 %s%s", BUILD "/bad-tensor-offset.bin", logits);
     expect_error("bos id with the top bit set", "special token ids", "./gemma3 %s%s", BUILD "/bad-bos.bin", logits);
+    expect_error("end-of-turn id past the vocabulary", "special token ids", "./gemma3 %s%s", BUILD "/bad-eot.bin", logits);
+    expect_error("NaN in the weights (--logits)", "NaN", "./gemma3 %s --logits %s %s", BUILD "/nan-f32.bin", TINY "/tokens.txt",
+                 BUILD "/nan.f32");
+    CHECK(run("test ! -e " BUILD "/nan.f32 && test ! -e " BUILD "/nan.f32.partial") == 0,
+          "a failed --logits left its output file behind");
     expect_error("tensor offset inside the header", "bad offset", "./gemma3 %s%s", BUILD "/bad-tensor-in-header.bin", logits);
     expect_error("a newline in a tensor name is shown escaped", "unknown tensor 'emb\\x0Ad_tokens.weight'", "./gemma3 %s%s",
                  BUILD "/bad-tensor-newline.bin", logits);

@@ -292,10 +292,13 @@ static void tok_trie_insert(Tokenizer *t, const unsigned char *s, size_t n, int3
     if (t->trie[node].id < 0) t->trie[node].id = id;
 }
 
+/* The functions that can fail return 0 (or a count), or one of these. */
+enum { TOK_BAD = -1, TOK_NOMEM = -2 };
+
 static int tok_oom(char *err, size_t errsize)
 {
     tok_errf(err, errsize, "tokenizer: out of memory");
-    return -1;
+    return TOK_NOMEM;
 }
 
 /* The pieces: offsets into the string blob (a copy, so the tokenizer does not depend on
@@ -468,6 +471,7 @@ static int tokenizer_init(Tokenizer *t, const unsigned char *sec, size_t size, c
 {
     uint32_t n_tokens, n_merges, n_added, reserved;
     uint64_t need, blob_size;
+    int rc;
     const unsigned char *p_offs, *p_merges, *p_added, *p_type, *p_blob;
 
     memset(t, 0, sizeof *t);
@@ -509,12 +513,11 @@ static int tokenizer_init(Tokenizer *t, const unsigned char *sec, size_t size, c
     t->n_added = (int)n_added;
     t->unk_id = -1;
 
-    if (tok_load_pieces(t, p_offs, p_type, p_blob, blob_size, err, errsize) != 0 ||
-        tok_load_merges(t, p_merges, err, errsize) != 0 || tok_load_added(t, p_added, err, errsize) != 0) {
-        tokenizer_free(t);
-        return -1;
-    }
-    return 0;
+    rc = tok_load_pieces(t, p_offs, p_type, p_blob, blob_size, err, errsize);
+    if (rc == 0) rc = tok_load_merges(t, p_merges, err, errsize);
+    if (rc == 0) rc = tok_load_added(t, p_added, err, errsize);
+    if (rc != 0) tokenizer_free(t);
+    return rc;
 }
 
 /* ============================================================================
@@ -640,10 +643,7 @@ static int tok_bpe_word(const Tokenizer *t, TokWork *w, const unsigned char *s, 
         TokCand *nh;
         if (ns) w->sym = ns;
         nh = ns ? (TokCand *)realloc(w->heap, 3 * n * sizeof *nh) : NULL;
-        if (!nh) {
-            tok_errf(err, errsize, "tokenizer: out of memory");
-            return -1;
-        }
+        if (!nh) return tok_oom(err, errsize);
         w->heap = nh;
         w->cap = n;
     }
@@ -717,11 +717,12 @@ static int tok_bpe_word(const Tokenizer *t, TokWork *w, const unsigned char *s, 
  * Encode: public entry point
  * ========================================================================== */
 
+/* The ids of text[0..len) into *ids (malloc'd): their count, or TOK_BAD / TOK_NOMEM. */
 static int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int **ids, char *err, size_t errsize)
 {
     const unsigned char *s = (const unsigned char *)text;
     size_t i = 0, seg = 0, nout = 0, bad = 0;
-    int *out;
+    int *out, rc;
     TokWork w;
 
     *ids = NULL;
@@ -740,10 +741,7 @@ static int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, in
     }
     /* Each token covers at least one input byte. */
     out = (int *)malloc((len + 1) * sizeof *out);
-    if (!out) {
-        tok_errf(err, errsize, "tokenizer: out of memory");
-        return -1;
-    }
+    if (!out) return tok_oom(err, errsize);
     memset(&w, 0, sizeof w);
 
     /* Added tokens first, on the raw text; the stretches between them are
@@ -756,12 +754,12 @@ static int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, in
             i++;
             continue;
         }
-        if (i > seg && tok_bpe_word(t, &w, s + seg, i - seg, out, &nout, err, errsize) != 0) goto fail;
+        if (i > seg && (rc = tok_bpe_word(t, &w, s + seg, i - seg, out, &nout, err, errsize)) != 0) goto fail;
         out[nout++] = id;
         i += mlen;
         seg = i;
     }
-    if (len > seg && tok_bpe_word(t, &w, s + seg, len - seg, out, &nout, err, errsize) != 0) goto fail;
+    if (len > seg && (rc = tok_bpe_word(t, &w, s + seg, len - seg, out, &nout, err, errsize)) != 0) goto fail;
 
     free(w.sym);
     free(w.heap);
@@ -772,7 +770,7 @@ fail:
     free(w.sym);
     free(w.heap);
     free(out);
-    return -1;
+    return rc;
 }
 
 /* ============================================================================
@@ -810,16 +808,20 @@ static size_t tok_close_byte_run(unsigned char *out, size_t start, size_t end)
     return start + 3 * nb;
 }
 
-static char *tokenizer_decode(const Tokenizer *t, const int *ids, int n, size_t *outlen, char *err, size_t errsize)
+/* The text of ids[0..n) into *text (malloc'd, NUL-terminated; its length in *outlen):
+ * 0, or TOK_BAD / TOK_NOMEM. */
+static int tokenizer_decode(const Tokenizer *t, const int *ids, int n, char **text, size_t *outlen, char *err,
+                            size_t errsize)
 {
     size_t cap = 1, k = 0, run = 0;
     int i, in_run = 0;
     unsigned char *out;
 
+    *text = NULL;
     if (outlen) *outlen = 0;
     if (n < 0 || (n > 0 && !ids)) {
         tok_errf(err, errsize, "tokenizer: bad id array");
-        return NULL;
+        return TOK_BAD;
     }
     /* Output never exceeds the pieces' total length ("▁" shrinks 3 -> 1, a
      * 6-byte <0xNN> piece gives at most 3 bytes), so size it up front. */
@@ -827,15 +829,12 @@ static char *tokenizer_decode(const Tokenizer *t, const int *ids, int n, size_t 
         if (ids[i] < 0 || ids[i] >= t->n_tokens) {
             tok_errf(err, errsize, "tokenizer: token id %d at position %d is out of range [0, %d)", ids[i], i,
                      t->n_tokens);
-            return NULL;
+            return TOK_BAD;
         }
         cap += t->offs[ids[i] + 1] - t->offs[ids[i]];
     }
     out = (unsigned char *)malloc(cap);
-    if (!out) {
-        tok_errf(err, errsize, "tokenizer: out of memory");
-        return NULL;
-    }
+    if (!out) return tok_oom(err, errsize);
     for (i = 0; i < n; i++) {
         size_t pl;
         const unsigned char *p = tok_piece(t, ids[i], &pl);
@@ -857,7 +856,8 @@ static char *tokenizer_decode(const Tokenizer *t, const int *ids, int n, size_t 
     if (in_run) k = tok_close_byte_run(out, run, k);
     out[k] = 0;
     if (outlen) *outlen = k;
-    return (char *)out;
+    *text = (char *)out;
+    return 0;
 }
 
 /* ============================================================================
@@ -997,7 +997,9 @@ static size_t tok_trim(const unsigned char *s, size_t n, size_t *start)
     return b - a;
 }
 
-static char *chat_render(const ChatMessage *msgs, int n, int add_generation_prompt, char *err, size_t errsize)
+/* The conversation msgs[0..n) in the chat template, into *text (malloc'd): 0, or TOK_BAD
+ * (roles out of order, invalid UTF-8) / TOK_NOMEM. */
+static int chat_render(const ChatMessage *msgs, int n, int add_generation_prompt, char **text, char *err, size_t errsize)
 {
     static const char bos[] = "<bos>", sot[] = "<start_of_turn>", eot[] = "<end_of_turn>\n",
                       gen[] = "<start_of_turn>model\n";
@@ -1006,23 +1008,24 @@ static char *chat_render(const ChatMessage *msgs, int n, int add_generation_prom
     int i, first = 0;
     char *out;
 
+    *text = NULL;
     if (n <= 0 || !msgs) {
         tok_errf(err, errsize, "chat: no messages");
-        return NULL;
+        return TOK_BAD;
     }
     cap = sizeof bos + sizeof gen;
     for (i = 0; i < n; i++) {
         size_t rl, cl;
         if (!msgs[i].role || !msgs[i].content) {
             tok_errf(err, errsize, "chat: message %d has no role or no content", i);
-            return NULL;
+            return TOK_BAD;
         }
         rl = strlen(msgs[i].role);
         cl = strlen(msgs[i].content);
         if (!tok_utf8_valid((const unsigned char *)msgs[i].role, rl, &bad) ||
             !tok_utf8_valid((const unsigned char *)msgs[i].content, cl, &bad)) {
             tok_errf(err, errsize, "chat: message %d is not valid UTF-8", i);
-            return NULL;
+            return TOK_BAD;
         }
         /* a system content can be copied twice at most (prefix, never a turn) */
         cap += sizeof sot + rl + 2 + cl + sizeof eot + 4;
@@ -1041,13 +1044,13 @@ static char *chat_render(const ChatMessage *msgs, int n, int add_generation_prom
                      "chat: conversation roles must alternate user/assistant/user/... after an optional "
                      "system message (message %d is \"%.*s\"%s)", i, shown, msgs[i].role,
                      msgs[i].role[shown] ? "..." : "");
-            return NULL;
+            return TOK_BAD;
         }
     }
     out = (char *)malloc(cap);
     if (!out) {
         tok_errf(err, errsize, "chat: out of memory");
-        return NULL;
+        return TOK_NOMEM;
     }
 
 #define CHAT_PUT(p, len) (memcpy(out + k, (p), (len)), k += (len))
@@ -1068,5 +1071,6 @@ static char *chat_render(const ChatMessage *msgs, int n, int add_generation_prom
     if (add_generation_prompt) CHAT_PUT(gen, sizeof gen - 1);
 #undef CHAT_PUT
     out[k] = 0;
-    return out;
+    *text = out;
+    return 0;
 }

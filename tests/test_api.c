@@ -38,17 +38,19 @@ void *__real_calloc(size_t n, size_t size);
 void *__real_realloc(void *p, size_t n);
 static volatile long g_allocs; /* (only read while one thread runs) */
 static volatile int g_counting;
+static volatile long g_fail_in = -1; /* >= 0: that many allocations succeed, the next fails */
+static int refuse(void) { return g_fail_in >= 0 && g_fail_in-- == 0; }
 void *__wrap_malloc(size_t n) {
     if (g_counting) g_allocs++;
-    return __real_malloc(n);
+    return refuse() ? NULL : __real_malloc(n);
 }
 void *__wrap_calloc(size_t n, size_t size) {
     if (g_counting) g_allocs++;
-    return __real_calloc(n, size);
+    return refuse() ? NULL : __real_calloc(n, size);
 }
 void *__wrap_realloc(void *p, size_t n) {
     if (g_counting) g_allocs++;
-    return __real_realloc(p, n);
+    return refuse() ? NULL : __real_realloc(p, n);
 }
 
 /* An error came back as it should: the code, and a one-line message naming the problem. */
@@ -413,6 +415,70 @@ static void test_chat(const gemma3_model *m) {
     gemma3_session_free(s);
 }
 
+/* Out of memory: each call below runs again and again with its 1st, 2nd, ... allocation
+ * failing, until it makes no more; every failure must be GEMMA3_E_NOMEM with a message
+ * (not another code, not a crash; nothing leaked: ASan's leak check in make asan). */
+typedef struct {
+    gemma3_model *m;
+    const unsigned char *bytes;
+    size_t size;
+} OomCtx;
+
+static int oom_call(int which, OomCtx *x, gemma3_error *e) {
+    gemma3_model *m2 = NULL;
+    gemma3_session *s = NULL;
+    gemma3_message msgs[2] = {{"system", "Be brief."}, {"user", "Hello there"}};
+    int ids[64], hello[3] = {2, 9259, 1902}, rc;
+    char text[256];
+    switch (which) {
+    case 0: rc = gemma3_open_file(g_path, &m2, e); break;
+    case 1: rc = gemma3_open_memory(x->bytes, x->size, &m2, e); break;
+    case 2: return gemma3_tokenize(x->m, "Hello <start_of_turn> world", 27, ids, 64, e);
+    case 3: return gemma3_detokenize(x->m, hello, 3, text, sizeof text, e);
+    case 4: return gemma3_chat_render(msgs, 2, 1, text, sizeof text, e);
+    case 5: rc = gemma3_session_new(x->m, NULL, &s, e); break;
+    default: { /* a chat turn, on a session made before the allocations start failing */
+        long fail_in = g_fail_in;
+        gemma3_options o = gemma3_default_options();
+        o.context = 256, o.temperature = 0.0f;
+        g_fail_in = -1;
+        if (gemma3_session_new(x->m, &o, &s, e) != 0) return -100;
+        g_fail_in = fail_in;
+        rc = gemma3_chat_turn(s, "Hello there", 11, 4, NULL, NULL, e);
+    }
+    }
+    gemma3_close(m2);
+    gemma3_session_free(s);
+    return rc;
+}
+
+static void test_out_of_memory(gemma3_model *m, const unsigned char *bytes, size_t size) {
+    static const char *const names[] = {"open_file", "open_memory", "tokenize", "detokenize", "chat_render",
+                                        "session_new", "chat_turn"};
+    OomCtx x = {m, bytes, size};
+    printf("out of memory: every allocation of a call failing in turn\n");
+    for (int which = 0; which < 7; which++) {
+        int k, wrong = 0, rc = 0;
+        gemma3_error e;
+        for (k = 0; k < 10000; k++) {
+            memset(&e, 0, sizeof e);
+            g_fail_in = k;
+            rc = oom_call(which, &x, &e);
+            int failed_one = g_fail_in < 0;
+            g_fail_in = -1;
+            if (!failed_one) break; /* the call made fewer than k + 1 allocations */
+            if (rc < 0 && (rc != GEMMA3_E_NOMEM || e.code != rc || !e.message[0])) {
+                if (!wrong) printf("  %s, allocation %d failing: %d '%s'\n", names[which], k + 1, rc, e.message);
+                wrong++;
+            }
+        }
+        CHECK(wrong == 0 && rc >= 0, "%s: %d failed allocations gave another code than GEMMA3_E_NOMEM (and then %d)",
+              names[which], wrong, rc);
+        printf("  %-12s %4d allocations, each failing -> GEMMA3_E_NOMEM; then %s\n", names[which], k,
+               rc >= 0 ? "success" : "FAILED");
+    }
+}
+
 int main(int argc, char **argv) {
     gemma3_model *m;
     gemma3_error e;
@@ -426,6 +492,7 @@ int main(int argc, char **argv) {
         unsigned char *bytes = read_file(g_path, &size);
         if (!bytes) { printf("cannot read %s\n0 passed, 1 failed\n", g_path); return 1; }
         test_errors(m, bytes, size);
+        test_out_of_memory(m, bytes, size);
         test_memory_and_arena(m, bytes, size);
         test_chat(m);
         test_threads(m);

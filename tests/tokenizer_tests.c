@@ -13,6 +13,19 @@
 /* Failures printed in full per test group; later ones only counted. */
 #define TT_MAX_SHOWN 5
 
+/* tokenizer_decode and chat_render as the checks below use them: the text, or NULL. */
+static char *tt_decode(const Tokenizer *t, const int *ids, int n, size_t *len, char *err, size_t errsize)
+{
+    char *text;
+    return tokenizer_decode(t, ids, n, &text, len, err, errsize) == 0 ? text : NULL;
+}
+
+static char *tt_render(const ChatMessage *m, int n, int gen, char *err, size_t errsize)
+{
+    char *text;
+    return chat_render(m, n, gen, &text, err, errsize) == 0 ? text : NULL;
+}
+
 /* ============================================================================
  * A tiny JSON reader: just what the fixture files use. A cursor walks the
  * text; any syntax error sets ok = 0 and every later call is a no-op, so the
@@ -380,7 +393,7 @@ static void tt_cases(const Tokenizer *t, const char *dir)
         if (ok) {
             char err[256] = "";
             size_t out_len = 0;
-            char *out = tokenizer_decode(t, ids, nids, &out_len, err, sizeof err);
+            char *out = tt_decode(t, ids, nids, &out_len, err, sizeof err);
             if (!out) {
                 snprintf(detail, sizeof detail, "decode failed: %s", err);
                 ok = 0;
@@ -533,7 +546,7 @@ static void tt_chat(const Tokenizer *t, const char *dir)
         ncases++;
         {
             char err[256] = "";
-            char *got = chat_render(msgs, nmsg, gen, err, sizeof err);
+            char *got = tt_render(msgs, nmsg, gen, err, sizeof err);
             if (!got) {
                 snprintf(detail, sizeof detail, "chat_render failed: %s", err);
                 ok = 0;
@@ -571,7 +584,7 @@ static void tt_long_runs(const Tokenizer *t)
 
     memset(text, 'a', N);
     n = tokenizer_encode(t, text, N, &ids, err, sizeof err);
-    back = n > 0 ? tokenizer_decode(t, ids, n, &outlen, err, sizeof err) : NULL;
+    back = n > 0 ? tt_decode(t, ids, n, &outlen, err, sizeof err) : NULL;
     CHECK(n > 0 && n < N && back && outlen == N && memcmp(back, text, N) == 0,
           "tokenizer: 5000 x 'a' does not round-trip (n=%d, %s)", n, err);
     free(ids);
@@ -704,14 +717,14 @@ static void tt_decode_edges(const Tokenizer *t)
     /* an invalid byte run decodes as one U+FFFD per byte (HF Rust) */
     static const int run[3] = { 238 + 0xF0, 238 + 0xA0, 107 };
     int bad = t->n_tokens;
-    char *s = tokenizer_decode(t, run, 3, &len, err, sizeof err);
+    char *s = tt_decode(t, run, 3, &len, err, sizeof err);
     CHECK(s && len == 7 && memcmp(s, "\xEF\xBF\xBD\xEF\xBF\xBD\n", 7) == 0,
           "tokenizer: invalid byte run should decode to 2 x U+FFFD");
     free(s);
-    s = tokenizer_decode(t, &bad, 1, &len, err, sizeof err);
+    s = tt_decode(t, &bad, 1, &len, err, sizeof err);
     CHECK(s == NULL && err[0] != 0, "tokenizer: out-of-range id not rejected by decode");
     free(s);
-    s = tokenizer_decode(t, NULL, 0, &len, err, sizeof err);
+    s = tt_decode(t, NULL, 0, &len, err, sizeof err);
     CHECK(s && len == 0 && s[0] == 0, "tokenizer: decode of no ids should be an empty string");
     free(s);
 }
@@ -724,23 +737,23 @@ static void tt_chat_errors(void)
     m[0].content = "a";
     m[1].role = "user";
     m[1].content = "b";
-    s = chat_render(m, 2, 1, err, sizeof err);
+    s = tt_render(m, 2, 1, err, sizeof err);
     CHECK(s == NULL && err[0], "chat: user, user should be rejected");
     free(s);
     m[0].role = "system";
     m[0].content = "s";
     m[1].role = "assistant";
     m[1].content = "b";
-    s = chat_render(m, 2, 1, err, sizeof err);
+    s = tt_render(m, 2, 1, err, sizeof err);
     CHECK(s == NULL && err[0], "chat: system, assistant should be rejected");
     free(s);
     /* trim uses Unicode whitespace (NBSP, ideographic space), like Python strip */
     m[0].role = "user";
     m[0].content = "\xC2\xA0 x \xE3\x80\x80\n";
-    s = chat_render(m, 1, 0, err, sizeof err);
+    s = tt_render(m, 1, 0, err, sizeof err);
     CHECK(s && strcmp(s, "<bos><start_of_turn>user\nx<end_of_turn>\n") == 0, "chat: Unicode trim / no gen prompt");
     free(s);
-    s = chat_render(m, 0, 1, err, sizeof err);
+    s = tt_render(m, 0, 1, err, sizeof err);
     CHECK(s == NULL && err[0], "chat: no messages should be rejected");
     free(s);
 }
