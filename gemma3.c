@@ -514,7 +514,7 @@ typedef struct {
     double team_secs[2]; /* a decode pass's time, smoothed: on all the threads, on one (pick_team) */
     int passes;       /* decode passes so far */
     int probed;       /* the pass that last tried one thread while all were best (0: none yet) */
-    int slow;         /* 1: the last decode pass on all the threads took 1.5 times their average */
+    int crowded;      /* 1: in the last decode pass on all the threads, other programs had their cores */
     void *kernels;    /* the optional fast kernels' scratch (kernels_x86.c); NULL without them */
     float *rope_cos, *rope_sin; /* (2, max_batch, head_dim/2) local then global tables of the batch */
     float *inv_freq_local, *inv_freq_global; /* (head_dim/2) RoPE frequencies per layer type */
@@ -1074,25 +1074,27 @@ static double now_seconds(void) {
  * done with it, so when other programs keep the cores busy and a thread is off its core,
  * the others wait for it: decode on two busy cores ran several times slower on 2 threads
  * than on 1 (tools/bench_load.sh). So decode times its passes on each team size it runs
- * and keeps to the faster. It tries one thread after a pass on all of them that was
- * unusually slow (at most every 16th pass: free cores seldom pay for a try), and while on
- * one thread it tries all of them every 64th pass, to notice that the cores are free again.
+ * and keeps to the faster. It tries one thread after a pass on all of them whose threads
+ * got under 3/4 of their cores' time (CPU time against wall time: other programs took the
+ * rest), at most every 16th pass, and while on one thread it tries all of them every
+ * 64th pass, to notice that the cores are free again. On free cores it never tries.
  * The results do not depend on it: every row and head is computed alike. */
 static int pick_team(RunState *s, int decode) {
     const int all = s->threads;
     int best = s->team_secs[1] > 0 && s->team_secs[1] < s->team_secs[0] ? 1 : all;
     if (!decode || all == 1) return best;
     s->passes++;
-    if (best == all && s->slow && (s->probed == 0 || s->passes - s->probed >= 16)) {
+    if (best == all && s->crowded && (s->probed == 0 || s->passes - s->probed >= 16)) {
         s->probed = s->passes;
         return 1;
     }
     return best == 1 && s->passes % 64 == 0 ? all : best;
 }
 
-static void time_team(RunState *s, int team, double secs) {
+/* A decode pass took `secs`, and the process `cpu_secs` of CPU time, on `team` threads. */
+static void time_team(RunState *s, int team, double secs, double cpu_secs) {
     double *avg = &s->team_secs[team == s->threads ? 0 : 1];
-    if (team == s->threads) s->slow = *avg > 0 && secs > 1.5 * *avg;
+    if (team == s->threads) s->crowded = cpu_secs < 0.75 * team * secs;
     *avg = *avg > 0 ? 0.75 * *avg + 0.25 * secs : secs;
 }
 
@@ -1121,7 +1123,7 @@ static float *forward_batch(const Model *m, RunState *s, const int *tokens, int 
      * per step would cost more than a wait at the end of one, and a 1B step has 157 steps. */
     const int first = s->all_logits ? 0 : n - 1; /* the tokens whose logits are wanted */
     const int team = pick_team(s, n == 1);
-    const double start = now_seconds();
+    const double start = now_seconds(), cpu_start = (double)clock() / CLOCKS_PER_SEC;
     PARALLEL_TEAM(team) {
         for (int l = 0; l < c->n_layers; l++) {
             decoder_layer(c, &w->layers[l], s, l, n, pos0);
@@ -1137,7 +1139,7 @@ static float *forward_batch(const Model *m, RunState *s, const int *tokens, int 
             matmul(s->logits, s->xb + (size_t)first * D, n - first, &w->classifier, s);
         }
     }
-    if (n == 1) time_team(s, team, now_seconds() - start);
+    if (n == 1) time_team(s, team, now_seconds() - start, (double)clock() / CLOCKS_PER_SEC - cpu_start);
     return classify ? s->logits : NULL;
 }
 
