@@ -21,7 +21,10 @@ stopped() { [ "$(grep -o '\[stopped\]' "$work/err" | wc -l)" -ge "$1" ]; }
 
 set -m # job control: the background gemma3 gets SIGINT, as a foreground program would
 mkfifo "$work/in"
-./gemma3 "$model" --chat -n 100000 -c 2048 -t 1 -k 0 -s 5 < "$work/in" > "$work/out" 2> "$work/err" &
+# gemma3 leaves SIGINT ignored if it starts so (a background job of a script, as this may
+# run in CI): start it with SIGINT at its default, as a terminal would
+python3 -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])' \
+    ./gemma3 "$model" --chat -n 100000 -c 2048 -t 1 -k 0 -s 5 < "$work/in" > "$work/out" 2> "$work/err" &
 pid=$!
 exec 3> "$work/in"
 
