@@ -1060,15 +1060,25 @@ static void decoder_layer(const Config *c, const LayerWeights *L, RunState *s, i
     for (int t = 0; t < n; t++) add_normed(s->x + (size_t)t * D, s->xb2 + (size_t)t * D, L->post_ffn_norm, D, c->norm_eps);
 }
 
-static double now_seconds(void) {
+/* Wall-clock seconds. Without a POSIX clock, CPU time: it does for the command line's
+ * rates, not for pick_team, which then keeps all the threads. */
 #if defined(CLOCK_MONOTONIC)
+#define WALL_CLOCK 1
+#else
+#define WALL_CLOCK 0
+#endif
+static double now_seconds(void) {
+#if WALL_CLOCK
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 #else
-    return (double)clock() / CLOCKS_PER_SEC; /* no POSIX clock: CPU time will do */
+    return (double)clock() / CLOCKS_PER_SEC;
 #endif
 }
+
+/* Seconds of CPU time the process has used, on all its threads. */
+static double cpu_seconds(void) { return (double)clock() / CLOCKS_PER_SEC; }
 
 /* How many threads the next pass runs on. A step of a layer ends when all the threads are
  * done with it, so when other programs keep the cores busy and a thread is off its core,
@@ -1093,6 +1103,7 @@ static int pick_team(RunState *s, int decode) {
 
 /* A decode pass took `secs`, and the process `cpu_secs` of CPU time, on `team` threads. */
 static void time_team(RunState *s, int team, double secs, double cpu_secs) {
+    if (!WALL_CLOCK) return; /* CPU time cannot tell the team sizes apart */
     double *avg = &s->team_secs[team == s->threads ? 0 : 1];
     if (team == s->threads) s->crowded = cpu_secs < 0.75 * team * secs;
     *avg = *avg > 0 ? 0.75 * *avg + 0.25 * secs : secs;
@@ -1123,7 +1134,7 @@ static float *forward_batch(const Model *m, RunState *s, const int *tokens, int 
      * per step would cost more than a wait at the end of one, and a 1B step has 157 steps. */
     const int first = s->all_logits ? 0 : n - 1; /* the tokens whose logits are wanted */
     const int team = pick_team(s, n == 1);
-    const double start = now_seconds(), cpu_start = (double)clock() / CLOCKS_PER_SEC;
+    const double start = now_seconds(), cpu_start = cpu_seconds();
     PARALLEL_TEAM(team) {
         for (int l = 0; l < c->n_layers; l++) {
             decoder_layer(c, &w->layers[l], s, l, n, pos0);
@@ -1139,7 +1150,7 @@ static float *forward_batch(const Model *m, RunState *s, const int *tokens, int 
             matmul(s->logits, s->xb + (size_t)first * D, n - first, &w->classifier, s);
         }
     }
-    if (n == 1) time_team(s, team, now_seconds() - start, (double)clock() / CLOCKS_PER_SEC - cpu_start);
+    if (n == 1) time_team(s, team, now_seconds() - start, cpu_seconds() - cpu_start);
     return classify ? s->logits : NULL;
 }
 
@@ -1472,11 +1483,12 @@ static int chat_turn(const Model *m, RunState *s, Sampler *sp, Chat *ch, const c
     while (keep < ch->n_cached && keep < n && ch->hist[keep] == ids[keep]) keep++;
     if (keep == n) keep = n - 1; /* need fresh logits for the last id */
     if (!cache_holds(c, s, ch->n_cached, keep)) keep = 0;
-    float *logits = forward_tokens(m, s, ids + keep, n - keep, keep);
     memcpy(ch->hist, ids, (size_t)n * sizeof(int));
-    ch->n_hist = ch->n_cached = ch->prompt_len = n;
-    ch->fed = n - keep;
     free(ids);
+    ch->n_hist = ch->prompt_len = n;
+    ch->n_cached = keep;
+    ch->fed = n - keep;
+    float *logits = feed_pending(m, s, ch);
 
     /* the model's reply: sampled ids go into the cache as they are generated */
     int rc;
