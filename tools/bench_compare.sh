@@ -11,8 +11,12 @@
 # Rates are gemma3's own timers ("prompt N tokens, X tok/s; generated M tokens, Y tok/s"
 # on stderr), which leave out process start and loading. Decode is greedy; on a random
 # model that stops early, the run is repeated sampled with a fixed seed.
+# On a virtual machine, a run during which the hypervisor gave other guests over 1 % of
+# the CPU time the run had (/proc/stat "steal", against wall time x CPUs) is "disturbed":
+# its threads lost their cores mid-step and it ran several percent slow. The medians are
+# of the calm runs where each binary has at least 3 (the table says how many), else of all.
 set -euo pipefail
-[ $# -ge 3 ] || { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[ $# -ge 3 ] || { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 A=$1 B=$2
 shift 2
 ROUNDS=${ROUNDS:-5} DECODE=${DECODE:-64} PREFILL_TOKENS=${PREFILL_TOKENS:-512}
@@ -22,19 +26,37 @@ trap 'rm -rf "$work"' EXIT
 cd "$(dirname "$0")/.."
 # A prompt of about PREFILL_TOKENS tokens: README.md's prose (about 4 characters a token).
 tr -s ' \n' ' ' <README.md | head -c $((PREFILL_TOKENS * 4)) > "$work/long.txt" || true  # (head closes the pipe early)
+cpus=$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
 
-# rate BIN MODEL WHICH ARGS...: the prompt (WHICH=1) or generation (2) rate of one run
+# steal: the hypervisor's steal ticks since boot (all CPUs; 0 where there is no such figure)
+steal() { awk '/^cpu / { s = $9 } END { print s + 0 }' /proc/stat 2>/dev/null || echo 0; }
+ticks=$(getconf CLK_TCK 2>/dev/null || echo 100)
+
+# rate BIN MODEL WHICH ARGS...: prints "RATE CALM" for one run: the prompt (WHICH=1) or
+# generation (2) rate, and 1 if the run was not disturbed (0 if it was)
 rate() {
-    local bin=$1 model=$2 which=$3
+    local bin=$1 model=$2 which=$3 s0 s1 t0 t1
     shift 3
+    s0=$(steal); t0=$(date +%s.%N)
     "$bin" "$model" "$@" 2>"$work/err" >/dev/null || { cat "$work/err" >&2; return 1; }
+    s1=$(steal); t1=$(date +%s.%N)
     sed -n 's/^prompt \([0-9]*\) tokens, \([0-9.]*\) tok\/s; generated \([0-9]*\) tokens, \([0-9.]*\) tok\/s$/\1 \2 \3 \4/p' "$work/err" |
-        awk -v w="$which" -v want="$DECODE" '{ if (w == 1) print $2; else if ($3 + 0 >= want) print $4; else print "short" }'
+        awk -v w="$which" -v want="$DECODE" -v st=$((s1 - s0)) -v wall="$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" \
+            -v cpus="$cpus" -v hz="$ticks" \
+            '{ calm = st / hz <= 0.01 * wall * cpus; if (w == 1) print $2, calm; else if ($3 + 0 >= want) print $4, calm; else print "short" }'
 }
 
-median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+# median FILE: the median rate of the calm runs in FILE ("RATE CALM" lines) if they are at
+# least 3, else of all; then how many runs were calm
+median() {
+    awk '$2 == 1 { c[++nc] = $1 } { a[++na] = $1 } END {
+        if (nc >= 3) { for (i = 1; i <= nc; i++) v[i] = c[i]; n = nc } else { for (i = 1; i <= na; i++) v[i] = a[i]; n = na }
+        for (i = 2; i <= n; i++) { x = v[i]; for (j = i - 1; j >= 1 && v[j] > x; j--) v[j + 1] = v[j]; v[j + 1] = x }
+        printf "%s %d\n", (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2, nc }' "$1"
+}
 
-printf '| model | A prefill | B prefill | B / A | A decode | B decode | B / A |\n|---|---|---|---|---|---|---|\n'
+printf '| model | A prefill | B prefill | B / A | A decode | B decode | B / A | calm runs of %d: prefill A, B; decode A, B |\n' "$ROUNDS"
+printf '|---|---|---|---|---|---|---|---|\n'
 for model in "$@"; do
     dec=(-p "The history of" -n "$DECODE" -t 0)
     if [ "$(rate "$A" "$model" 2 "${dec[@]}")" = short ]; then dec=(-p "The history of" -n "$DECODE" -t 1 -s 1); fi
@@ -47,9 +69,10 @@ for model in "$@"; do
         echo "bench_compare: $(basename "$model") round $r/$ROUNDS" >&2
     done
     if grep -q short "$work/da" "$work/db"; then echo "bench_compare: $model: generation stopped early" >&2; exit 1; fi
-    pa=$(median <"$work/pa") pb=$(median <"$work/pb") da=$(median <"$work/da") db=$(median <"$work/db")
-    awk -v m="$(basename "$model")" -v pa="$pa" -v pb="$pb" -v da="$da" -v db="$db" \
-        'BEGIN { printf "| %s | %.1f | %.1f | %.3f | %.2f | %.2f | %.3f |\n", m, pa, pb, pb / pa, da, db, db / da }'
+    read -r pa npa < <(median "$work/pa"); read -r pb npb < <(median "$work/pb")
+    read -r da nda < <(median "$work/da"); read -r db ndb < <(median "$work/db")
+    awk -v m="$(basename "$model")" -v pa="$pa" -v pb="$pb" -v da="$da" -v db="$db" -v n="$npa, $npb; $nda, $ndb" \
+        'BEGIN { printf "| %s | %.1f | %.1f | %.3f | %.2f | %.2f | %.3f | %s |\n", m, pa, pb, pb / pa, da, db, db / da, n }'
 done
 echo
-echo "A = $A, B = $B; medians of $ROUNDS alternated runs each; prefill: a $(wc -c <"$work/long.txt")-character prompt; decode: $DECODE tokens; threads: ${OMP_NUM_THREADS:-all}."
+echo "A = $A, B = $B; medians of $ROUNDS alternated runs each (of the calm ones where each binary has 3); prefill: a $(wc -c <"$work/long.txt")-character prompt; decode: $DECODE tokens; threads: ${OMP_NUM_THREADS:-all}."
