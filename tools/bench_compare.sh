@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Speed of two gemma3 binaries side by side on the same model files: runs them in turns
-# (A, B, A, B, ...) so that both see the same machine state, and prints each one's median
+# (A B, B A, A B, ...) so that both see the same machine state, and prints each one's median
 # prefill and decode rates per file and the ratio B / A. For checking that a change keeps
 # the speed (e.g. A built from the previous commit in a git worktree). Not a test.
 #
@@ -13,10 +13,13 @@
 # model that stops early, the run is repeated sampled with a fixed seed.
 # On a virtual machine, a run during which the hypervisor gave other guests over 1 % of
 # the CPU time the run had (/proc/stat "steal", against wall time x CPUs) is "disturbed":
-# its threads lost their cores mid-step and it ran several percent slow. The medians are
-# of the calm runs where each binary has at least 3 (the table says how many), else of all.
+# its threads lost their cores mid-step and it ran several percent slow. The rates are
+# medians of the calm runs where each binary has at least 3 (the table says how many),
+# else of all; B / A is the median of the rounds' own ratios (B's run over the A run beside
+# it, rounds with both runs calm where there are 3), which drift in the machine's
+# speed between rounds moves less than a ratio of medians.
 set -euo pipefail
-[ $# -ge 3 ] || { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[ $# -ge 3 ] || { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 A=$1 B=$2
 shift 2
 ROUNDS=${ROUNDS:-5} DECODE=${DECODE:-64} PREFILL_TOKENS=${PREFILL_TOKENS:-512}
@@ -55,6 +58,15 @@ median() {
         printf "%s %d\n", (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2, nc }' "$1"
 }
 
+# ratio FILE_A FILE_B: the median of B's rate over A's, round by round, over the rounds
+# whose two runs were calm if they are at least 3, else over all rounds
+ratio() {
+    paste -d ' ' "$1" "$2" | awk '{ r = $3 / $1; a[++na] = r; if ($2 == 1 && $4 == 1) c[++nc] = r } END {
+        if (nc >= 3) { for (i = 1; i <= nc; i++) v[i] = c[i]; n = nc } else { for (i = 1; i <= na; i++) v[i] = a[i]; n = na }
+        for (i = 2; i <= n; i++) { x = v[i]; for (j = i - 1; j >= 1 && v[j] > x; j--) v[j + 1] = v[j]; v[j + 1] = x }
+        printf "%.3f\n", (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2 }'
+}
+
 printf '| model | A prefill | B prefill | B / A | A decode | B decode | B / A | calm runs of %d: prefill A, B; decode A, B |\n' "$ROUNDS"
 printf '|---|---|---|---|---|---|---|---|\n'
 for model in "$@"; do
@@ -62,17 +74,23 @@ for model in "$@"; do
     if [ "$(rate "$A" "$model" 2 "${dec[@]}")" = short ]; then dec=(-p "The history of" -n "$DECODE" -t 1 -s 1); fi
     : >"$work/pa"; : >"$work/pb"; : >"$work/da"; : >"$work/db"
     for r in $(seq "$ROUNDS"); do
-        rate "$A" "$model" 1 -f "$work/long.txt" -n 0 >>"$work/pa"
-        rate "$B" "$model" 1 -f "$work/long.txt" -n 0 >>"$work/pb"
-        rate "$A" "$model" 2 "${dec[@]}" >>"$work/da"
-        rate "$B" "$model" 2 "${dec[@]}" >>"$work/db"
+        order=(A B); [ $((r % 2)) -eq 0 ] && order=(B A) # A B, B A, ...: neither always goes first
+        for x in "${order[@]}"; do
+            bin=$A; [ "$x" = B ] && bin=$B
+            rate "$bin" "$model" 1 -f "$work/long.txt" -n 0 >>"$work/p${x,,}"
+        done
+        for x in "${order[@]}"; do
+            bin=$A; [ "$x" = B ] && bin=$B
+            rate "$bin" "$model" 2 "${dec[@]}" >>"$work/d${x,,}"
+        done
         echo "bench_compare: $(basename "$model") round $r/$ROUNDS" >&2
     done
     if grep -q short "$work/da" "$work/db"; then echo "bench_compare: $model: generation stopped early" >&2; exit 1; fi
     read -r pa npa < <(median "$work/pa"); read -r pb npb < <(median "$work/pb")
     read -r da nda < <(median "$work/da"); read -r db ndb < <(median "$work/db")
     awk -v m="$(basename "$model")" -v pa="$pa" -v pb="$pb" -v da="$da" -v db="$db" -v n="$npa, $npb; $nda, $ndb" \
-        'BEGIN { printf "| %s | %.1f | %.1f | %.3f | %.2f | %.2f | %.3f | %s |\n", m, pa, pb, pb / pa, da, db, db / da, n }'
+        -v rp="$(ratio "$work/pa" "$work/pb")" -v rd="$(ratio "$work/da" "$work/db")" \
+        'BEGIN { printf "| %s | %.1f | %.1f | %s | %.2f | %.2f | %s | %s |\n", m, pa, pb, rp, da, db, rd, n }'
 done
 echo
-echo "A = $A, B = $B; medians of $ROUNDS alternated runs each (of the calm ones where each binary has 3); prefill: a $(wc -c <"$work/long.txt")-character prompt; decode: $DECODE tokens; threads: ${OMP_NUM_THREADS:-all}."
+echo "A = $A, B = $B; $ROUNDS rounds of alternated runs: rates are medians (of the calm runs where each binary has 3), B / A the median of the rounds' ratios (of the calm rounds where there are 3); prefill: a $(wc -c <"$work/long.txt")-character prompt; decode: $DECODE tokens; threads: ${OMP_NUM_THREADS:-all}."
