@@ -29,6 +29,7 @@ trap 'rm -rf "$work"' EXIT
 cd "$(dirname "$0")/.."
 # A prompt of about PREFILL_TOKENS tokens: README.md's prose (about 4 characters a token).
 tr -s ' \n' ' ' <README.md | head -c $((PREFILL_TOKENS * 4)) > "$work/long.txt" || true  # (head closes the pipe early)
+[ -s "$work/long.txt" ] || { echo "bench_compare: no README.md beside tools/ for the prompt" >&2; exit 2; }
 cpus=$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
 
 # steal: the hypervisor's steal ticks since boot (all CPUs; 0 where there is no such figure)
