@@ -206,8 +206,9 @@ static const char *printable(const unsigned char *s, size_t n, char *out) {
     return out;
 }
 
-/* The file's bytes into m->data and m->size (mmap where there is one: section 5). */
+/* The file's bytes into m->data and m->size, and back (mmap where there is one: section 5). */
 static int read_file_bytes(Model *m, const char *path, char *err, size_t errsize);
+static void release_file_bytes(Model *m);
 
 /* Find tensor `name` in the directory, check its dtype/shape/bounds, return its data. */
 static const void *find_tensor(Model *m, const char *name, int rows, int cols, int *dtype_out,
@@ -480,10 +481,7 @@ static void free_model(Model *m) {
     if (m->has_tokenizer) tokenizer_free(&m->tokenizer);
     free(m->weights.layers);
     free(m->config.is_global);
-#ifndef GEMMA3_NO_MMAP
-    if (m->mapped) munmap(m->data, m->size);
-#endif
-    if (m->owns_data) free(m->data);
+    release_file_bytes(m);
     memset(m, 0, sizeof(*m));
 }
 
@@ -1615,6 +1613,14 @@ static int read_file_bytes(Model *m, const char *path, char *err, size_t errsize
     fclose(f);
     m->mapped = 0;
     return 0;
+}
+
+/* Give back what read_file_bytes took (bytes the caller gave stay the caller's). */
+static void release_file_bytes(Model *m) {
+#ifndef GEMMA3_NO_MMAP
+    if (m->mapped) munmap(m->data, m->size);
+#endif
+    if (m->owns_data) free(m->data);
 }
 
 int gemma3_open_file(const char *path, gemma3_model **model, gemma3_error *err) {
