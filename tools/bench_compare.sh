@@ -50,8 +50,8 @@ rate() {
             '{ calm = st / hz <= 0.01 * wall * cpus; if (w == 1) print $2, calm; else if ($3 + 0 >= want) print $4, calm; else print "short" }'
 }
 
-# median FILE: the median rate of the calm runs in FILE ("RATE CALM" lines) if they are at
-# least 3, else of all; then how many runs were calm
+# median FILE: the median value of the calm lines in FILE ("VALUE CALM" lines; - for
+# stdin) if they are at least 3, else of all; then how many lines were calm
 median() {
     awk '$2 == 1 { c[++nc] = $1 } { a[++na] = $1 } END {
         if (nc >= 3) { for (i = 1; i <= nc; i++) v[i] = c[i]; n = nc } else { for (i = 1; i <= na; i++) v[i] = a[i]; n = na }
@@ -59,13 +59,10 @@ median() {
         printf "%s %d\n", (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2, nc }' "$1"
 }
 
-# ratio FILE_A FILE_B: the median of B's rate over A's, round by round, over the rounds
-# whose two runs were calm if they are at least 3, else over all rounds
+# ratio FILE_A FILE_B: the median of B's rate over A's, round by round (a round is calm
+# when both its runs are), as median takes it
 ratio() {
-    paste -d ' ' "$1" "$2" | awk '{ r = $3 / $1; a[++na] = r; if ($2 == 1 && $4 == 1) c[++nc] = r } END {
-        if (nc >= 3) { for (i = 1; i <= nc; i++) v[i] = c[i]; n = nc } else { for (i = 1; i <= na; i++) v[i] = a[i]; n = na }
-        for (i = 2; i <= n; i++) { x = v[i]; for (j = i - 1; j >= 1 && v[j] > x; j--) v[j + 1] = v[j]; v[j + 1] = x }
-        printf "%.3f\n", (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2 }'
+    paste -d ' ' "$1" "$2" | awk '{ print $3 / $1, ($2 == 1 && $4 == 1) }' | median - | awk '{ printf "%.3f\n", $1 }'
 }
 
 printf '| model | A prefill | B prefill | B / A | A decode | B decode | B / A | calm runs of %d: prefill A, B; decode A, B |\n' "$ROUNDS"
