@@ -308,6 +308,11 @@ static int known_tensor_name(const char *name, int n_layers) {
 static int read_header(Model *m, const char *path, char *err, size_t errsize) {
     const unsigned char *h = m->data;
     Config *c = &m->config;
+    if (memcmp(h, "GGUF", 4) == 0) {
+        set_err(err, errsize, "%s is a GGUF file: convert it first with python3 export.py %s OUT.bin --dtype q8_0", path,
+                path);
+        return GEMMA3_E_FORMAT;
+    }
     if (memcmp(h, "GM3C", 4) != 0) {
         set_err(err, errsize, "%s is not a gemma3.c model file (bad magic; make one with export.py)", path);
         return GEMMA3_E_FORMAT;
@@ -1842,6 +1847,9 @@ int gemma3_session_new(const gemma3_model *model, const gemma3_options *options,
     int ctx = session_context(&model->m, &o, err);
     if (ctx < 0) return ctx;
     if (check_sampling(&o, err)) return GEMMA3_E_ARG;
+    size_t bad; /* refused here, not as "message 0" of every turn */
+    if (o.system_prompt && !tok_utf8_valid((const unsigned char *)o.system_prompt, strlen(o.system_prompt), &bad))
+        return fail(err, GEMMA3_E_TEXT, "the system prompt is not valid UTF-8 (byte %zu)", bad);
     size_t need = session_layout(NULL, &model->m, &o, ctx, NULL) + 63;
     unsigned char *block = o.arena;
     void *own = NULL;
@@ -2190,29 +2198,50 @@ static void wr_u16(unsigned char *p, uint16_t v) { p[0] = (unsigned char)v; p[1]
 static void wr_u32(unsigned char *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i)); }
 static void wr_u64(unsigned char *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i)); }
 
-/* One row of floats to q8_0: per block of 32, d = max|x| / 127 and q = round(x / d); the
- * row's n/32 scales go first, then its quants. */
-static void quantize_row_q8_0(unsigned char *out, const float *x, int n) {
+/* A block scale too large for a half: the largest half, 65504, with the sign that maps the
+ * value of largest magnitude to the negative quants (which reach one step further), as long
+ * as the quants still reach the block's values at that scale (a Q8_0 GGUF's -128 does). */
+#define HALF_MAX_BITS 0x7bff
+#define HALF_MAX 65504.0f
+
+/* One row of finite floats to q8_0: per block of 32, d = max|x| / 127 and q = round(x / d);
+ * the row's n/32 scales go first, then its quants. Returns the first block whose values are
+ * out of q8_0's reach (|x| from 128.5 x 65504 = 8.42e6 on), or -1. */
+static int quantize_row_q8_0(unsigned char *out, const float *x, int n) {
     int8_t *q = (int8_t *)(out + 2 * (n / QK));
     for (int b = 0; b < n / QK; b++) {
-        float amax = 0.0f;
+        float amax = 0.0f, max = 0.0f;
         for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[b * QK + i]));
-        float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-        wr_u16(out + 2 * b, f32_to_f16(d));
-        for (int i = 0; i < QK; i++) q[b * QK + i] = (int8_t)lrintf(x[b * QK + i] * inv);
+        for (int i = 0; i < QK; i++) if (fabsf(x[b * QK + i]) == amax) max = x[b * QK + i];
+        float d = amax / 127.0f;
+        uint16_t h = f32_to_f16(d);
+        if ((h & 0x7c00) == 0x7c00) h = max > 0.0f ? 0x8000 | HALF_MAX_BITS : HALF_MAX_BITS, d = max > 0.0f ? -HALF_MAX : HALF_MAX;
+        float inv = d != 0.0f ? 1.0f / d : 0.0f;
+        wr_u16(out + 2 * b, h);
+        for (int i = 0; i < QK; i++) {
+            long v = lrintf(x[b * QK + i] * inv);
+            if (v < -128 || v > 127) return b;
+            q[b * QK + i] = (int8_t)v;
+        }
     }
+    return -1;
 }
 
-/* One row of floats to q4_0: per block of 32, the value of largest magnitude maps to -8
- * exactly, d = that value / -8, nibble = clamp(round(x / d) + 8, 0, 15); weights i and
- * i + 16 share byte i (low, high nibble). The row's scales first, then its nibbles. */
-static void quantize_row_q4_0(unsigned char *out, const float *x, int n) {
+/* One row of finite floats to q4_0: per block of 32, the value of largest magnitude maps to
+ * -8 exactly, d = that value / -8, nibble = clamp(round(x / d) + 8, 0, 15); weights i and
+ * i + 16 share byte i (low, high nibble). The row's scales first, then its nibbles. Returns
+ * the first block whose values are out of q4_0's reach (|x| from 8.5 x 65504 = 5.57e5 on), or -1. */
+static int quantize_row_q4_0(unsigned char *out, const float *x, int n) {
     unsigned char *q = out + 2 * (n / QK);
     for (int b = 0; b < n / QK; b++, q += QK / 2) {
         float max = 0.0f;
         for (int i = 0; i < QK; i++) if (fabsf(x[b * QK + i]) > fabsf(max)) max = x[b * QK + i];
-        float d = max / -8.0f, inv = d != 0.0f ? 1.0f / d : 0.0f;
-        wr_u16(out + 2 * b, f32_to_f16(d));
+        float d = max / -8.0f;
+        uint16_t h = f32_to_f16(d);
+        if ((h & 0x7c00) == 0x7c00) h = (uint16_t)(HALF_MAX_BITS | (h & 0x8000)), d = h & 0x8000 ? -HALF_MAX : HALF_MAX;
+        float inv = d != 0.0f ? 1.0f / d : 0.0f;
+        if (lrintf(max * inv) < -8) return b;
+        wr_u16(out + 2 * b, h);
         for (int i = 0; i < QK / 2; i++) {
             int lo = (int)lrintf(x[b * QK + i] * inv) + 8, hi = (int)lrintf(x[b * QK + i + QK / 2] * inv) + 8;
             lo = lo < 0 ? 0 : lo > 15 ? 15 : lo;
@@ -2220,6 +2249,33 @@ static void quantize_row_q4_0(unsigned char *out, const float *x, int n) {
             q[i] = (unsigned char)(lo | hi << 4);
         }
     }
+    return -1;
+}
+
+/* Why row r of tensor `name` (r -1: a vector) cannot be quantized, into err (0 if it can): a value that is
+ * not a number (it would turn into zeros or an infinite scale unnoticed), or a block out
+ * of the type's reach (`block`, from quantize_row_*: its scale would be an infinite half,
+ * and every run of the file would fail). */
+static int unquantizable_row(const char *name, const float *row, int cols, int r, int block, const char *type,
+                             char *err, size_t errsize) {
+    if (!all_finite(row, (size_t)cols)) {
+        int i = 0;
+        while (isfinite(row[i])) i++;
+        char where[48] = "";
+        if (r >= 0) snprintf(where, sizeof where, " (row %d, column %d)", r, i);
+        set_err(err, errsize, "%.64s: element %llu%s is %s: refusing to quantize a broken tensor", name,
+                (unsigned long long)(r > 0 ? r : 0) * (unsigned long long)cols + (unsigned long long)i, where,
+                isnan(row[i]) ? "NaN" : "infinite");
+        return -1;
+    }
+    if (block >= 0) {
+        float amax = 0.0f;
+        for (int i = block * QK; i < (block + 1) * QK; i++) amax = fmaxf(amax, fabsf(row[i]));
+        set_err(err, errsize, "%.64s: row %d holds %g, out of %s's reach (a half scale: |w| up to %s); "
+                "keep this model in bf16 or f32", name, r, amax, type, type[1] == '8' ? "8.42e6" : "5.57e5");
+        return -1;
+    }
+    return 0;
 }
 
 /* --quantize: write a copy of model file `m` whose matrices are q8_0 or q4_0 (norms stay
@@ -2277,6 +2333,8 @@ static int quantize_model(const Model *m, const char *out_path, int dtype, char 
         uint64_t off = rd_u64(e + 88);
         for (; written < off; written++) if (fputc(0, f) == EOF) goto write_fail; /* alignment */
         if (rd_u32(e + 68) == 1) { /* a norm: stays f32 (in memory it is host order) */
+            if (unquantizable_row((const char *)e, (const float *)src, (int)rd_u32(e + 72), -1, -1, "", err, errsize))
+                goto fail;
             if (write_f32_le(f, (const float *)src, (int)rd_u32(e + 72)) != 0) goto write_fail;
             written += rd_u64(e + 96);
             continue;
@@ -2290,8 +2348,12 @@ static int quantize_model(const Model *m, const char *out_path, int dtype, char 
         if (!qrow) { set_err(err, errsize, "out of memory"); goto fail; }
         for (int r = 0; r < W->rows; r++) {
             matrix_row(row, W, r);
-            if (dtype == DT_Q8_0) quantize_row_q8_0(qrow, row, W->cols);
-            else quantize_row_q4_0(qrow, row, W->cols);
+            int block = !all_finite(row, (size_t)W->cols) ? -1
+                        : dtype == DT_Q8_0 ? quantize_row_q8_0(qrow, row, W->cols) : quantize_row_q4_0(qrow, row, W->cols);
+            if (unquantizable_row(name, row, W->cols, r, block, dtype == DT_Q8_0 ? "q8_0" : "q4_0", err, errsize)) {
+                free(qrow);
+                goto fail;
+            }
             if (fwrite(qrow, 1, rb, f) != rb) { free(qrow); goto write_fail; }
             written += rb;
         }
@@ -2355,7 +2417,8 @@ static void usage(FILE *f) {
         "                       tokens overlapping by half\n"
         "  --quantize q8_0|q4_0 OUT.bin\n"
         "                       write a copy of MODEL.bin with int8 / int4 matrices in blocks of 32\n"
-        "                       (export.py --dtype q8_0|q4_0 runs this for you)\n"
+        "                       (export.py --dtype q8_0|q4_0 runs this for you); refuses NaN or\n"
+        "                       infinite weights and |w| past a block's reach (8.4e6 / 5.6e5)\n"
         "  --encode             read UTF-8 text on stdin, print its token ids (no <bos>) on one line\n"
         "  --decode             read token ids on stdin, print the text\n"
         "  --chat               interactive multi-turn chat with the Gemma 3 chat template, one user\n"

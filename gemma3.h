@@ -174,7 +174,8 @@ int64_t gemma3_session_bytes(const gemma3_model *model, const gemma3_options *op
 /* Create a session on `model`: its own KV cache, position 0, sampler. options NULL means
  * the defaults. With options->arena, everything is carved from it (arena_size must be at
  * least gemma3_session_bytes; any alignment) and nothing is allocated, now or later, by
- * the calls listed at the top. Errors: GEMMA3_E_ARG, GEMMA3_E_ARENA, GEMMA3_E_NOMEM. */
+ * the calls listed at the top. Errors: GEMMA3_E_ARG, GEMMA3_E_ARENA, GEMMA3_E_NOMEM,
+ * GEMMA3_E_TEXT (a system prompt that is not valid UTF-8). */
 int gemma3_session_new(const gemma3_model *model, const gemma3_options *options, gemma3_session **session,
                        gemma3_error *err);
 

@@ -21,7 +21,8 @@ an interrupted download resumes where it stopped when run again.
   ./run.sh DIR                  export a downloaded Hugging Face directory (config.json,
                                 tokenizer.json, *.safetensors) to DIR-DTYPE.bin next to it
                                 (into GEMMA3_HOME when that folder is read-only), then chat
-  ./run.sh MODEL.bin            chat with an already exported model file
+  ./run.sh MODEL.bin            chat with an already exported model file (a GGUF file:
+                                convert it first with python3 export.py MODEL.gguf OUT.bin)
   ./run.sh -- -t 0.7 -n 512     options after -- go to gemma3 (./gemma3 --help lists them;
                                 --system TEXT sets a system prompt)
 
@@ -327,6 +328,10 @@ if [ -n "$path" ]; then
         export_model "$src" "$bin"
     elif [ -f "$path" ]; then
         magic="$(head -c 4 "$path" 2>/dev/null || true)"
+        if [ "$magic" = GGUF ]; then # until gemma3 runs GGUF files itself
+            out="${path%.gguf}-$DTYPE.bin"
+            die "$path is a GGUF file: convert it first with python3 export.py $path $out --dtype $DTYPE, then ./run.sh $out"
+        fi
         [ "$magic" = GM3C ] ||
             die "$path is not a gemma3.c model file (no GM3C magic): give an exported .bin or a Hugging Face directory"
         bin="$path"

@@ -857,7 +857,18 @@ static void test_quantized(void) {
               dt == DT_Q8_0 ? "q8_0" : "q4_0", wq_err);
     }
     free_run_state(&s);
-
+    /* a block out of reach of a half scale is reported, not written as infinity; up to
+     * there the largest half is its scale (a Q8_0 GGUF's quant -128 at scale 65504 fits) */
+    for (int i = 0; i < COLS; i++) w[i] = i == 100 ? 8.5e6f : 1.0f;
+    CHECK(quantize_row_q8_0(q, w, COLS) == 100 / QK && quantize_row_q4_0(q, w + 128, 128) == -1,
+          "q8_0: the block with 8.5e6 is out of reach, and only that block");
+    w[100] = -128.0f * 65504.0f, w[130] = 5.5e5f, w[200] = -5.6e5f;
+    CHECK(quantize_row_q8_0(q, w, COLS) == -1 && rd_u16(q + 2 * (100 / QK)) == 0x7bff &&
+          ((int8_t *)(q + 2 * COLS / QK))[100] == -128, "q8_0: -128 x 65504 is stored exactly");
+    w[100] = 128.0f * 65504.0f;
+    CHECK(quantize_row_q8_0(q, w, COLS) == -1 && rd_u16(q + 2 * (100 / QK)) == 0xfbff &&
+          ((int8_t *)(q + 2 * COLS / QK))[100] == -128, "q8_0: +128 x 65504 is stored exactly, at scale -65504");
+    CHECK(quantize_row_q4_0(q, w + 128, 128) == (200 - 128) / QK, "q4_0: 5.5e5 is in reach, 5.6e5 is not");
     /* whole models: the golden fixture, and a wider random model against its f32 export */
     CHECK(run("python3 export.py " TINY " " BUILD "/tiny-q8_0.bin --dtype q8_0 -q") == 0, "export q8_0: %s", last_log());
     CHECK(run("python3 export.py " TINY " " BUILD "/tiny-q4_0.bin --dtype q4_0 -q") == 0, "export q4_0: %s", last_log());
@@ -1151,6 +1162,8 @@ static void test_library(void) {
                  "printf 'a <image_soft_token> b' > %s/ppl-bad.txt && ./gemma3 %s --perplexity %s/ppl-bad.txt", BUILD, TOKMODEL, BUILD);
     expect_error("--logits with id 262144", "262144", "echo 2 262144 > %s/ids-bad.txt && ./gemma3 %s --logits %s/ids-bad.txt %s/bad.f32",
                  BUILD, TOKMODEL, BUILD, BUILD);
+    expect_error("--system of invalid UTF-8", "the system prompt is not valid UTF-8 (byte 3)",
+                 "echo Hi | ./gemma3 %s --chat -n 2 --system \"$(printf 'Be \\342\\200 brief')\"", TOKMODEL);
     /* in --chat a refused message is one line on stderr, and the conversation goes on as if
      * it had not been sent (exit status 1 at the end) */
     rc = run("printf 'Hi\\nSee <image_soft_token>\\nTell me more\\n' | ./gemma3 " TOKMODEL " --chat -s 3 -n 6 > "
@@ -1200,6 +1213,22 @@ static int write_poisoned(const char *src, const char *dst, const char *name) {
                       : write_patched(src, dst, at, dtype == 1 ? bf16_nan : f16_nan, 2);
 }
 
+/* A copy of the f32 model file src with element `index` of tensor `name` set to v. */
+static int write_f32_value(const char *src, const char *dst, const char *name, long index, float v) {
+    Model m;
+    char err[512];
+    if (load_model(&m, src, err, sizeof err) != 0) return -1;
+    const unsigned char *dir = m.data + rd_u64(m.data + 112);
+    long at = -1;
+    for (uint32_t i = 0; i < rd_u32(m.data + 88); i++, dir += GEMMA3_DIR_ENTRY_SIZE)
+        if (!strcmp((const char *)dir, name) && rd_u32(dir + 64) == DT_F32) at = (long)rd_u64(dir + 88) + 4 * index;
+    free_model(&m);
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    unsigned char le[4] = {(unsigned char)u, (unsigned char)(u >> 8), (unsigned char)(u >> 16), (unsigned char)(u >> 24)};
+    return at < 0 ? -1 : write_patched(src, dst, at, le, 4);
+}
+
 /* A rejected input: exit status 1 (not a crash), one line on stderr naming the problem. */
 static void expect_error(const char *what, const char *needle, const char *fmt, ...) {
     char cmd[2048];
@@ -1221,7 +1250,8 @@ static void test_bad_inputs(void) {
     const char *good = BUILD "/tiny-f32.bin";
     unsigned char v1[4] = {1, 0, 0, 0}, junk[8] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0};
     write_patched(good, BUILD "/bad-truncated.bin", 100000, NULL, 0);
-    write_patched(good, BUILD "/bad-magic.bin", 0, "GGUF", 4);
+    write_patched(good, BUILD "/bad-magic.bin", 0, "GM3X", 4);
+    write_patched(good, BUILD "/bad-gguf.bin", 0, "GGUF", 4);
     write_patched(good, BUILD "/bad-version.bin", 4, v1, 4); /* an old file */
     write_patched(good, BUILD "/bad-tensor-name.bin", 128 + 8 + 3, "X", 1); /* first directory entry's name */
     write_patched(good, BUILD "/bad-tensor-offset.bin", 128 + 8 + 88, junk, 8);
@@ -1238,6 +1268,8 @@ static void test_bad_inputs(void) {
     expect_error("truncated model file", "truncated", "./gemma3 %s%s", BUILD "/bad-truncated.bin", logits);
     expect_error("file shorter than a header", "too short", "./gemma3 %s%s", BUILD "/bad-short.bin", logits);
     expect_error("wrong magic", "magic", "./gemma3 %s%s", BUILD "/bad-magic.bin", logits);
+    expect_error("a GGUF file", "bad-gguf.bin is a GGUF file: convert it first with python3 export.py " BUILD "/bad-gguf.bin OUT.bin",
+                 "./gemma3 %s%s", BUILD "/bad-gguf.bin", logits);
     expect_error("old format version", "version 1", "./gemma3 %s%s", BUILD "/bad-version.bin", logits);
     expect_error("unknown tensor name", "unknown tensor 'embXd_tokens.weight'", "./gemma3 %s%s", BUILD "/bad-tensor-name.bin", logits);
     expect_error("tensor offset past the end", "offset", "./gemma3 %s%s", BUILD "/bad-tensor-offset.bin", logits);
@@ -1247,6 +1279,36 @@ static void test_bad_inputs(void) {
                  BUILD "/nan.f32");
     CHECK(run("test ! -e " BUILD "/nan.f32 && test ! -e " BUILD "/nan.f32.partial") == 0,
           "a failed --logits left its output file behind");
+    /* --quantize refuses what it cannot represent (NaN became zeros, a huge block an
+     * infinite scale), naming the tensor and the element, and leaves no output behind */
+    const char *up = "layers.0.mlp.up_proj.weight";
+    CHECK(write_f32_value(good, BUILD "/q-nan.bin", up, 77, NAN) == 0 &&
+          write_f32_value(good, BUILD "/q-inf.bin", "norm.weight", 5, -INFINITY) == 0 &&
+          write_f32_value(good, BUILD "/q-big8.bin", up, 40, 9e6f) == 0 &&
+          write_f32_value(good, BUILD "/q-big4.bin", up, 40, 6e5f) == 0 &&
+          write_poisoned(BUILD "/tiny-bf16.bin", BUILD "/q-nan-bf16.bin", up) == 0 &&
+          write_poisoned(BUILD "/tiny-q8_0.bin", BUILD "/q-nan-q8.bin", up) == 0, "cannot write the unquantizable models");
+    static const char *const unquantizable[][4] = { /* what, model, type, needle */
+        {"--quantize: a NaN weight (f32)", "q-nan", "q8_0", "layers.0.mlp.up_proj.weight: element 77 (row 1, column 13) is NaN"},
+        {"--quantize: a NaN weight (bf16)", "q-nan-bf16", "q4_0", "layers.0.mlp.up_proj.weight: element 0 (row 0, column 0) is NaN"},
+        {"--quantize: an infinite norm weight", "q-inf", "q8_0", "norm.weight: element 5 is infinite"},
+        {"--quantize q8_0: a block scale past a half", "q-big8", "q8_0", "row 0 holds 9e+06, out of q8_0's reach"},
+        {"--quantize q4_0: a block scale past a half", "q-big4", "q4_0", "row 0 holds 600000, out of q4_0's reach"},
+    };
+    for (size_t i = 0; i < sizeof unquantizable / sizeof unquantizable[0]; i++) {
+        run("rm -f " BUILD "/q-out.bin");
+        expect_error(unquantizable[i][0], unquantizable[i][3], "./gemma3 " BUILD "/%s.bin --quantize %s " BUILD "/q-out.bin",
+                     unquantizable[i][1], unquantizable[i][2]);
+        CHECK(run("test ! -e " BUILD "/q-out.bin && test ! -e " BUILD "/q-out.bin.partial") == 0, "%s: an output is left",
+              unquantizable[i][0]);
+    }
+    CHECK(run("./gemma3 " BUILD "/q-big4.bin --quantize q8_0 " BUILD "/q-out.bin") == 0, "6e5 fits a q8_0 block scale: %s",
+          last_log());
+    /* a q8_0 file's NaN scale (its note about quantizing again is a line of its own) */
+    CHECK(run("rm -f " BUILD "/q-out.bin; ./gemma3 " BUILD "/q-nan-q8.bin --quantize q4_0 " BUILD "/q-out.bin") == 1 &&
+          strstr(last_log(), "error: layers.0.mlp.up_proj.weight: element 0 (row 0, column 0) is NaN") &&
+          run("test ! -e " BUILD "/q-out.bin && test ! -e " BUILD "/q-out.bin.partial") == 0,
+          "--quantize of a q8_0 file with a NaN scale: %s", last_log());
     expect_error("tensor offset inside the header", "bad offset", "./gemma3 %s%s", BUILD "/bad-tensor-in-header.bin", logits);
     expect_error("a newline in a tensor name is shown escaped", "unknown tensor 'emb\\x0Ad_tokens.weight'", "./gemma3 %s%s",
                  BUILD "/bad-tensor-newline.bin", logits);

@@ -166,8 +166,11 @@ static void test_errors(const gemma3_model *m, const unsigned char *bytes, size_
     expect("open_memory, misaligned", gemma3_open_memory(bytes + 1, size - 1, &bad, &e), &e, GEMMA3_E_ARG, "aligned");
     unsigned char *copy = malloc(size);
     memcpy(copy, bytes, size);
-    memcpy(copy, "GGUF", 4);
+    memcpy(copy, "GM3X", 4);
     expect("open_memory, bad magic", gemma3_open_memory(copy, size, &bad, &e), &e, GEMMA3_E_FORMAT, "magic");
+    memcpy(copy, "GGUF", 4);
+    expect("open_memory of a GGUF", gemma3_open_memory(copy, size, &bad, &e), &e, GEMMA3_E_FORMAT,
+           "is a GGUF file: convert it first with python3 export.py");
     memcpy(copy, bytes, size);
     copy[16 + 4 * 9 + 3] = 0x80; /* bos_id with its top bit set */
     expect("open_memory, bos id 0x80000002", gemma3_open_memory(copy, size, &bad, &e), &e, GEMMA3_E_FORMAT, "special");
@@ -177,6 +180,10 @@ static void test_errors(const gemma3_model *m, const unsigned char *bytes, size_
     expect("session_new(NULL model)", gemma3_session_new(NULL, NULL, &s, &e), &e, GEMMA3_E_ARG, NULL);
     gemma3_options o = sampling(1.0f, 1, c.max_context + 1);
     expect("session with a context over the maximum", gemma3_session_new(m, &o, &s, &e), &e, GEMMA3_E_ARG, "context");
+    o = sampling(1.0f, 1, 64);
+    o.system_prompt = "caf\xc3"; /* cut inside a character */
+    expect("session with a system prompt of invalid UTF-8", gemma3_session_new(m, &o, &s, &e), &e, GEMMA3_E_TEXT,
+           "the system prompt is not valid UTF-8 (byte 3)");
     o = sampling(-1.0f, 1, 64);
     expect("session with temperature -1", gemma3_session_new(m, &o, &s, &e), &e, GEMMA3_E_ARG, "temperature");
     CHECK(gemma3_session_bytes(NULL, NULL, &e) == GEMMA3_E_ARG, "session_bytes(NULL)");

@@ -341,6 +341,11 @@ R dir2 -- "$W/local/ckpt/" -- -t 0 -n 4
 check "./run.sh HF_DIR again skips the export" bash -c '[ "$1" -eq 0 ] && grep -q "export: .*already there, skipped" "$2"' _ "$rc" "$W/dir2.err"
 R notbin -- "$single/config.json"
 check "./run.sh NOT_A_MODEL_FILE fails with one error line" bash -c '[ "$1" -ne 0 ] && [ "$(grep -c "error:.*GM3C" "$2")" -eq 1 ]' _ "$rc" "$W/notbin.err"
+printf 'GGUF\003\000\000\000' > "$W/model.gguf"
+R gguf -- "$W/model.gguf"
+check "./run.sh MODEL.gguf names export.py in one error line" bash -c '[ "$1" -ne 0 ] && [ "$(wc -l < "$2")" -eq 1 ] &&
+    grep -q "model.gguf is a GGUF file: convert it first with python3 export.py .*model.gguf .*model-q8_0.bin --dtype q8_0" "$2"' \
+    _ "$rc" "$W/gguf.err"
 R nopath -- "$W/nonexistent"
 check "./run.sh MISSING_PATH fails" bash -c '[ "$1" -ne 0 ] && grep -q "no such file" "$2"' _ "$rc" "$W/nopath.err"
 
