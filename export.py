@@ -556,17 +556,30 @@ class Source:
 
     def __init__(self, cfg, vocab, tok_bytes, special, tensors, close=lambda: None):
         self.cfg, self.vocab, self.tok_bytes, self.tensors, self.close = cfg, vocab, tok_bytes, tensors, close
-        # Fall back to Gemma 3's fixed ids when the tokenizer does not name them.
-        self.bos = special.get("<bos>") if special.get("<bos>") is not None else int(cfg["bos_token_id"])
-        self.eos = special.get("<eos>") if special.get("<eos>") is not None else 1
-        self.eot = special.get("<end_of_turn>") if special.get("<end_of_turn>") is not None else 106
-        self.sot = special.get("<start_of_turn>") if special.get("<start_of_turn>") is not None else 105
-        if not 1 <= vocab <= MAX_DIM:
-            raise ExportError(f"the embedding table has {vocab} rows (1 to {MAX_DIM} allowed)")
-        for what, v, hi in (("bos", self.bos, vocab), ("eos", self.eos, vocab),  # as gemma3's loader requires
-                            ("end-of-turn", self.eot, MAX_DIM), ("start-of-turn", self.sot, MAX_DIM)):
-            if not is_int(v) or not 0 <= v < hi:
-                raise ExportError(f"{what} token id {short(v)} out of range (0 to {hi - 1}; vocabulary of {vocab})")
+        self.bos, self.eos, self.eot, self.sot = special_ids(special, cfg, vocab)
+
+
+# The header's special ids, where the tokenizer does not name them: Gemma 3's.
+GEMMA3_IDS = {"<eos>": 1, "<end_of_turn>": 106, "<start_of_turn>": 105}
+
+
+def special_ids(special, cfg, vocab):
+    """The ids of <bos>, <eos>, <end_of_turn> and <start_of_turn> the header holds: the
+    tokenizer's (special), else config's bos_token_id and Gemma 3's fixed ids. Checked as
+    gemma3's read_header checks them (the one place export.py mirrors it): the vocabulary
+    (embedding rows) is 1 to 2^24, and every id lies below it."""
+    if not 1 <= vocab <= MAX_DIM:
+        raise ExportError(f"the embedding table has {vocab} rows (1 to {MAX_DIM} allowed)")
+    ids = []
+    for piece in ("<bos>", "<eos>", "<end_of_turn>", "<start_of_turn>"):
+        v, origin = special.get(piece), "the tokenizer's"
+        if v is None:
+            v, origin = (cfg["bos_token_id"], "config's") if piece == "<bos>" else (GEMMA3_IDS[piece], "Gemma 3's")
+        if not is_int(v) or not 0 <= v < vocab:
+            raise ExportError(f"{piece} token id {short(v)} ({origin}) is out of range for a vocabulary of {vocab} "
+                              f"(gemma3 needs every special id from 0 to {vocab - 1})")
+        ids.append(v)
+    return ids
 
 
 def load_hf(hf_dir, dtype_name, quant=None):
@@ -1143,8 +1156,13 @@ def gguf_tokenizer(path, meta):
     ttypes = gguf_meta(meta, "tokenizer.ggml.token_type", list, [1] * n, path)
     if len(scores) != n or len(ttypes) != n:
         raise ExportError(f"{path}: tokenizer.ggml.scores / token_type have {len(scores)} / {len(ttypes)} entries, tokens {n}")
-    if not all(isinstance(t, str) for t in tokens):
-        raise ExportError(f"{path}: tokenizer.ggml.tokens is not an array of strings")
+    # Each array of the type its entries are used as (a file may hold any type in any array).
+    for key, arr, ok, what in (("tokens", tokens, lambda v: isinstance(v, str), "a string"),
+                               ("scores", scores, is_number, "a finite number"),
+                               ("token_type", ttypes, is_int, "an integer")):
+        bad = next((i for i, v in enumerate(arr) if not ok(v)), None)
+        if bad is not None:
+            raise ExportError(f"{path}: tokenizer.ggml.{key}[{bad}] is {short(arr[bad])}, not {what}")
     # The pieces as tokenizer.json spells them: SentencePiece's space is U+2581 (llama.cpp's
     # converter writes the added runs of spaces, ids 138..167 in Gemma 3, with plain spaces).
     pieces = [t.replace(" ", "\u2581") for t in tokens]
@@ -1291,10 +1309,7 @@ def plan_gguf(path, dtype_name, quiet, quant=None):
     for piece, key in (("<bos>", "bos_token_id"), ("<eos>", "eos_token_id"), ("<end_of_turn>", "eot_token_id")):
         if special.get(piece) is None and f"tokenizer.ggml.{key}" in meta:
             special[piece] = gguf_meta(meta, f"tokenizer.ggml.{key}", int, None, path)
-    if any(special.get(p) is not None and not 0 <= special[p] < (vocab if p in ("<bos>", "<eos>") else MAX_DIM)
-           for p in ("<bos>", "<eos>", "<end_of_turn>")):
-        raise ExportError(f"{path}: bos / eos / end-of-turn token id out of range for a vocabulary of {vocab} "
-                          f"({', '.join(f'{p} {special.get(p)}' for p in ('<bos>', '<eos>', '<end_of_turn>'))})")
+    special_ids(special, cfg, vocab)  # before any work
 
     out_dtype = DTYPE_CODES[dtype_name]
     jobs, plan = [], []
