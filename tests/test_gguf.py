@@ -622,7 +622,7 @@ def main():
             "export.main()\n")
     rc, _, err = run(PY, "-c", code)
     left = [f for f in os.listdir(W) if f.startswith(".intr.bin") or f == "intr.bin"]
-    check(rc == 130 and err.strip() == "export.py: interrupted" and not left,
+    check(rc == 130 and err.strip() == "export.py: interrupted by SIGINT" and not left,
           "Ctrl-C during an export: exit 130, one line, no output or temporary file", f"rc {rc} {err.strip()!r} {left}")
 
     # 6. the real vocabulary
