@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Export a Gemma 3 checkpoint (Hugging Face directory or GGUF file) to the flat gemma3.c model file.
 
-    python3 export.py HF_DIR OUT.bin [--dtype f32|bf16|q8_0|q4_0]
-    python3 export.py MODEL.gguf OUT.bin [--dtype f32|bf16|q8_0|q4_0]
+    python3 export.py HF_DIR OUT.bin [--dtype f32|bf16|q8_0|q4_0] [--force]
+    python3 export.py MODEL.gguf OUT.bin [--dtype f32|bf16|q8_0|q4_0] [--force]
 
 HF_DIR holds config.json, model.safetensors (or model-*-of-*.safetensors plus
 model.safetensors.index.json) and, optionally, tokenizer.json. Both the text-only
@@ -26,8 +26,11 @@ Standard library only. Tensors are streamed one at a time, so memory stays at th
 of the largest tensor, whatever the model size. The quantized types (q8_0, q4_0) are
 made by the C engine itself (`gemma3 --quantize`, built with make if needed) from an
 intermediate bf16 export (f32 if any source tensor is not bf16, and always for GGUF),
-so they need no numpy. The output is written under a temporary name in the same
-directory and renamed at the end: a failed or interrupted export leaves no OUT.bin.
+so they need no numpy. The output is written under a temporary name beside it and
+renamed at the end (see class Output): a failed or interrupted export (SIGINT, SIGTERM,
+SIGHUP: exit 128 + signal) leaves neither OUT.bin nor a temporary file. Inputs, the
+program's own files and files that are not gemma3.c models (unless --force) are never
+replaced.
 
 Every value read from the input is checked where it enters (check_config for the
 hyper-parameters, against what gemma3's loader accepts; the safetensors, index, GGUF and
@@ -35,11 +38,14 @@ tokenizer readers for their own fields): a bad input is one line naming the key 
 exit status 1, before any work. tests/fuzz_export.py fuzzes these readers.
 """
 import argparse
+import fcntl
 import json
 import math
 import mmap
 import os
 import re
+import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -556,17 +562,30 @@ class Source:
 
     def __init__(self, cfg, vocab, tok_bytes, special, tensors, close=lambda: None):
         self.cfg, self.vocab, self.tok_bytes, self.tensors, self.close = cfg, vocab, tok_bytes, tensors, close
-        # Fall back to Gemma 3's fixed ids when the tokenizer does not name them.
-        self.bos = special.get("<bos>") if special.get("<bos>") is not None else int(cfg["bos_token_id"])
-        self.eos = special.get("<eos>") if special.get("<eos>") is not None else 1
-        self.eot = special.get("<end_of_turn>") if special.get("<end_of_turn>") is not None else 106
-        self.sot = special.get("<start_of_turn>") if special.get("<start_of_turn>") is not None else 105
-        if not 1 <= vocab <= MAX_DIM:
-            raise ExportError(f"the embedding table has {vocab} rows (1 to {MAX_DIM} allowed)")
-        for what, v, hi in (("bos", self.bos, vocab), ("eos", self.eos, vocab),  # as gemma3's loader requires
-                            ("end-of-turn", self.eot, MAX_DIM), ("start-of-turn", self.sot, MAX_DIM)):
-            if not is_int(v) or not 0 <= v < hi:
-                raise ExportError(f"{what} token id {short(v)} out of range (0 to {hi - 1}; vocabulary of {vocab})")
+        self.bos, self.eos, self.eot, self.sot = special_ids(special, cfg, vocab)
+
+
+# The header's special ids, where the tokenizer does not name them: Gemma 3's.
+GEMMA3_IDS = {"<eos>": 1, "<end_of_turn>": 106, "<start_of_turn>": 105}
+
+
+def special_ids(special, cfg, vocab):
+    """The ids of <bos>, <eos>, <end_of_turn> and <start_of_turn> the header holds: the
+    tokenizer's (special), else config's bos_token_id and Gemma 3's fixed ids. Checked as
+    gemma3's read_header checks them (the one place export.py mirrors it): the vocabulary
+    (embedding rows) is 1 to 2^24, and every id lies below it."""
+    if not 1 <= vocab <= MAX_DIM:
+        raise ExportError(f"the embedding table has {vocab} rows (1 to {MAX_DIM} allowed)")
+    ids = []
+    for piece in ("<bos>", "<eos>", "<end_of_turn>", "<start_of_turn>"):
+        v, origin = special.get(piece), "the tokenizer's"
+        if v is None:
+            v, origin = (cfg["bos_token_id"], "config's") if piece == "<bos>" else (GEMMA3_IDS[piece], "Gemma 3's")
+        if not is_int(v) or not 0 <= v < vocab:
+            raise ExportError(f"{piece} token id {short(v)} ({origin}) is out of range for a vocabulary of {vocab} "
+                              f"(gemma3 needs every special id from 0 to {vocab - 1})")
+        ids.append(v)
+    return ids
 
 
 def load_hf(hf_dir, dtype_name, quant=None):
@@ -615,9 +634,11 @@ def load_hf(hf_dir, dtype_name, quant=None):
     return Source(cfg, vocab, tok_bytes, special, tensors)
 
 
-def write_model(src, out_path, dtype_name, quiet, label=None):
-    """Write src as a model file at out_path (through a temporary name). label: what the
-    log calls it instead of "wrote OUT_PATH" (an intermediate file)."""
+def write_model(src, raw, out_name, dtype_name, quiet, label=None):
+    """Write src as a model file into raw (a binary file open for writing, unbuffered: the
+    temporary file, or the FIFO or device the user named), in order. out_name: what the log
+    calls it ("wrote OUT_NAME"); label: what it says instead (an intermediate file). Closes
+    src, also on an error."""
     cfg, tensors = src.cfg, src.tensors
     n_layers = cfg["num_hidden_layers"]
     layer_types_off = HEADER_SIZE
@@ -643,51 +664,40 @@ def write_model(src, out_path, dtype_name, quiet, label=None):
         len(tensors), 0, tok_off if src.tok_bytes else 0, len(src.tok_bytes), dir_off, 0)
     assert len(header) == HEADER_SIZE
 
-    # A temporary name in the same directory, renamed at the end: an error or Ctrl-C
-    # part-way leaves no OUT.bin (and removes the temporary file).
-    tmp_path = os.path.join(os.path.dirname(os.path.abspath(out_path)), f".{os.path.basename(out_path)}.{os.getpid()}.tmp")
     t0 = time.time()
     total = sum(t[3] for t in tensors)
     done = 0
     show = not quiet and sys.stderr.isatty()  # a \r progress line only makes sense on a terminal
     last = 0.0
     try:
-        try:
-            raw = open(tmp_path, "wb", buffering=0)
-        except OSError as e:
-            raise ExportError(f"cannot write {out_path}: {e.strerror}")
-        with raw:
-            f = ChunkedWriter(raw)
-            f.write(header)
-            f.write(bytes(cfg["is_global"]))
-            f.write(b"\0" * (tok_off - f.pos))
-            f.write(src.tok_bytes)
-            f.write(b"\0" * (dir_off - f.pos))
-            f.write(directory)
-            for (name, shape, dt, nbytes, chunks), off in zip(tensors, offsets):
-                f.write(b"\0" * (off - f.pos))
-                for data in chunks():
-                    f.write(data)
-                    done += len(data)
-                    if show and (time.time() - last > 0.2 or done == total):
-                        last = time.time()
-                        pct = 100.0 * done / total
-                        print(f"\r  {pct:5.1f}%  {done / 1e6:9.1f} MB  {name:<48}", end="", file=sys.stderr, flush=True)
-                if f.pos != off + nbytes:
-                    raise ExportError(f"tensor {name!r}: got {f.pos - off} bytes, expected {nbytes}")
-            f.write(b"\0" * (file_size - f.pos))
-            f.close()
-        src.close()
-        os.replace(tmp_path, out_path)
+        f = ChunkedWriter(raw)
+        f.write(header)
+        f.write(bytes(cfg["is_global"]))
+        f.write(b"\0" * (tok_off - f.pos))
+        f.write(src.tok_bytes)
+        f.write(b"\0" * (dir_off - f.pos))
+        f.write(directory)
+        for (name, shape, dt, nbytes, chunks), off in zip(tensors, offsets):
+            f.write(b"\0" * (off - f.pos))
+            for data in chunks():
+                f.write(data)
+                done += len(data)
+                if show and (time.time() - last > 0.2 or done == total):
+                    last = time.time()
+                    pct = 100.0 * done / total
+                    print(f"\r  {pct:5.1f}%  {done / 1e6:9.1f} MB  {name:<48}", end="", file=sys.stderr, flush=True)
+            if f.pos != off + nbytes:
+                raise ExportError(f"tensor {name!r}: got {f.pos - off} bytes, expected {nbytes}")
+        f.write(b"\0" * (file_size - f.pos))
+        f.close()
     except BaseException:
-        src.close()
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
         if show:
             print(file=sys.stderr)
         raise
+    finally:
+        src.close()
     if not quiet:
-        print(f"{chr(13) if show else ''}{label or 'wrote ' + out_path}: {file_size / 1e6:.1f} MB, {len(tensors)} tensors, vocab {src.vocab}, "
+        print(f"{chr(13) if show else ''}{label or 'wrote ' + out_name}: {file_size / 1e6:.1f} MB, {len(tensors)} tensors, vocab {src.vocab}, "
               f"{n_layers} layers ({sum(cfg['is_global'])} global), dtype {dtype_name}, "
               f"tokenizer {'yes' if src.tok_bytes else 'no'}, {time.time() - t0:.1f} s", file=sys.stderr)
 
@@ -702,29 +712,193 @@ def load(path, dtype_name, quiet, quant=None):
     raise ExportError(f"cannot read {path}: no such file or directory")
 
 
-def export(src_path, out_path, dtype_name, quiet=False, quant=None, label=None):
-    write_model(load(src_path, dtype_name, quiet, quant), out_path, dtype_name, quiet, label)
+# ----------------------------------------------------------------------------
+# the output: where it goes, and never what the user did not ask to replace
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# The program's own files: an output there would replace the program.
+PROGRAM_FILES = (os.path.abspath(__file__), os.path.join(HERE, "gemma3"), os.path.join(HERE, "tools", "gguf_dequant"))
+TEMP_SUFFIX = ".gemma3-export.tmp"
 
 
-def check_output(src_path, out_path):
-    """Before any work: the output is a file name we can create, and not the input."""
-    if os.path.isdir(out_path):
-        raise ExportError(f"{out_path} is a directory: give the output file's name, e.g. {os.path.join(out_path, 'gemma3.bin')}")
-    if os.path.exists(out_path):
+class Output:
+    """The output file the user named, resolved (a symlink: its target, the link stays):
+    - a regular file, or a name that does not exist yet: the export goes to a temporary
+      file beside it, `.NAME.gemma3-export.tmp`, renamed over NAME when whole. A q8_0 /
+      q4_0 export quantizes that file into `.NAME.gemma3-export.q.tmp` (gemma3 --quantize
+      writes it as `... .q.tmp.partial` and renames it), which becomes NAME. The names are
+      fixed for the output: what a killed run leaves, the next run to the same output
+      removes. The temporary file is locked (flock) while a run uses it, so a second run
+      to the same output meanwhile is refused instead of mixing its files with the first's.
+    - a FIFO or a character device: written directly, in order; never replaced.
+    Anything else (a directory, a block device, a socket) is refused."""
+
+    def __init__(self, name, target, stream, quant):
+        self.name, self.target, self.stream = name, target, stream
+        d, base = os.path.split(target)
+        self.tmp = os.path.join(d, f".{base}{TEMP_SUFFIX}")
+        self.qtmp = os.path.join(d, f".{base}{TEMP_SUFFIX[:-4]}.q.tmp")
+        self.fd = None  # the locked temporary file
+
+    def temporaries(self):
+        return [] if self.stream else [self.tmp, self.qtmp, self.qtmp + ".partial"]
+
+    def begin(self):
+        """Take the temporary file (locked), removing what an earlier run left."""
+        if self.stream:
+            return
+        while True:
+            try:
+                fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                raise ExportError(f"cannot write {self.name}: {e.strerror}")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise ExportError(f"another export.py is writing {self.name} now (it holds {self.tmp})")
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.tmp))
+            except OSError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the file was renamed or removed between our open and our lock: again
+        self.fd = fd
+        for t in self.temporaries()[1:]:
+            remove_if_there(t)
+        os.ftruncate(fd, 0)
+
+    def open_stream(self):
+        """The file to write into: the temporary one, or the FIFO or device itself."""
+        if self.stream:
+            try:
+                return open(self.target, "wb", buffering=0)
+            except OSError as e:
+                raise ExportError(f"cannot write {self.name}: {e.strerror}")
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        return open(self.fd, "wb", buffering=0, closefd=False)
+
+    def finish(self, whole=None):
+        """Put the finished file (whole: the temporary file, unless given) in place, with the
+        signals that interrupt an export held back: a renamed output is a finished one."""
+        if self.stream:
+            return
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            inputs = [os.path.join(src_path, n) for n in os.listdir(src_path)] if os.path.isdir(src_path) else [src_path]
-            for i in inputs:
-                if os.path.samefile(i, out_path):
-                    raise ExportError(f"{out_path} is the input {i}: refusing to overwrite it")
-        except OSError:
-            pass  # unreadable input: load() says so
-    d = os.path.dirname(os.path.abspath(out_path))
-    probe = os.path.join(d, f".{os.path.basename(out_path)}.{os.getpid()}.probe")
+            os.replace(whole or self.tmp, self.target)
+            self.abort()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    def abort(self):
+        """Remove every temporary file (ours: we hold the lock) and let the lock go."""
+        if self.fd is None:
+            return
+        for t in self.temporaries():
+            remove_if_there(t)
+        os.close(self.fd)
+        self.fd = None
+
+
+def remove_if_there(path):
     try:
-        open(probe, "xb").close()
-        os.remove(probe)
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def check_output(src_path, out_path, force, quant):
+    """Before any work: where the output goes (an Output), refused with one line if it is a
+    directory, a block device or socket, one of the inputs, the program itself, or an
+    existing file that is not a gemma3.c model (unless force)."""
+    try:
+        st = os.stat(out_path)  # the target of a symlink
+    except FileNotFoundError:
+        st = None  # a new name (or a symlink to one)
     except OSError as e:
         raise ExportError(f"cannot write {out_path}: {e.strerror}")
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise ExportError(f"{out_path} is a directory: give the output file's name, e.g. {os.path.join(out_path, 'gemma3.bin')}")
+    target = os.path.realpath(out_path)
+    stream = st is not None and (stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode))
+    if st is not None and not stream and not stat.S_ISREG(st.st_mode):
+        kind = "block device" if stat.S_ISBLK(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "special file"
+        raise ExportError(f"{out_path} is a {kind}: export.py writes regular files, FIFOs and character devices")
+    if stream and quant:
+        raise ExportError(f"{out_path} is a {'FIFO' if stat.S_ISFIFO(st.st_mode) else 'character device'}: a {quant} export "
+                          "needs a regular file (gemma3 --quantize writes beside it); export to a file and copy it")
+    out = Output(out_path, target, stream, quant)
+    try:
+        inputs = [os.path.join(src_path, n) for n in os.listdir(src_path)] if os.path.isdir(src_path) else [src_path]
+    except OSError:
+        inputs = []  # unreadable input: load() says so
+    for path in out.temporaries() + [target]:
+        for what, files in (("the input {}", inputs), ("{}, one of export.py's own program files", PROGRAM_FILES)):
+            for i in files:
+                if os.path.realpath(i) == path or (os.path.exists(path) and same_file(i, path)):
+                    what = what.format(i)
+                    raise ExportError(f"{out_path} is {what}: refusing to overwrite it" if path == target else
+                                      f"{out_path}'s temporary file {path} would be {what}: refusing to overwrite it")
+    if st is not None and stat.S_ISREG(st.st_mode) and st.st_size > 0 and not force:
+        try:
+            with open(target, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise ExportError(f"cannot read {out_path} to see whether it is a gemma3.c model file: {e.strerror} "
+                              "(--force replaces it)")
+        if magic != MAGIC:
+            raise ExportError(f"{out_path} exists and is not a gemma3.c model file (no GM3C magic): refusing to replace "
+                              "it (--force replaces it)")
+    return out
+
+
+def same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------
+# interruption: SIGINT, SIGTERM and SIGHUP stop the export, its temporary files removed
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(BaseException):
+    """One of STOP_SIGNALS arrived: unwinds like KeyboardInterrupt, through every cleanup."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def on_stop_signal(signum, frame):
+    for s in STOP_SIGNALS:  # the first one stops the export; the cleanup runs undisturbed
+        if signal.getsignal(s) is on_stop_signal:
+            signal.signal(s, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def catch_stop_signals():
+    for s in STOP_SIGNALS:
+        if signal.getsignal(s) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+            signal.signal(s, on_stop_signal)
+
+
+def export(src_path, out, dtype_name, quiet=False):
+    """f32 / bf16: the checkpoint written straight into the output (its temporary file, or
+    the FIFO or device), then put in place."""
+    src = load(src_path, dtype_name, quiet)
+    try:
+        raw = out.open_stream()
+    except BaseException:
+        src.close()
+        raise
+    with raw:
+        write_model(src, raw, out.name, dtype_name, quiet)
+    out.finish()
 
 
 def build_with_make(target, why, quiet, refresh=False):
@@ -746,8 +920,9 @@ def build_with_make(target, why, quiet, refresh=False):
     return binary
 
 
-def export_quantized(src_path, out_path, dtype_name, quiet):
-    """q8_0 / q4_0: export losslessly, then let the C engine quantize (fast, no numpy)."""
+def export_quantized(src_path, out, dtype_name, quiet):
+    """q8_0 / q4_0: export losslessly into the temporary file, then let the C engine
+    quantize it (fast, no numpy) into the second one, which becomes the output."""
     t0 = time.time()
     if os.path.isdir(src_path):
         check_quantizable(read_config(src_path), dtype_name, os.path.join(src_path, "config.json"))
@@ -755,18 +930,18 @@ def export_quantized(src_path, out_path, dtype_name, quiet):
     else:
         lossless = "f32"  # a GGUF's dequantized values are float32; bf16 would round them
     engine = build_with_make("gemma3", "it does the quantization", quiet)
-    stem = os.path.join(os.path.dirname(os.path.abspath(out_path)), f".{os.path.basename(out_path)}.{os.getpid()}")
-    tmp, qtmp = f"{stem}.{lossless}.tmp", f"{stem}.{dtype_name}.tmp"
+    src = load(src_path, lossless, quiet, dtype_name)
     try:
-        export(src_path, tmp, lossless, quiet, quant=dtype_name, label=f"step 1 of 2, {lossless} export")
-        quantize_file(engine, tmp, qtmp, dtype_name, out_path, lossless, quiet)
-        os.replace(qtmp, out_path)
-    finally:
-        for t in (tmp, qtmp):
-            if os.path.exists(t):
-                os.remove(t)
+        raw = out.open_stream()
+    except BaseException:
+        src.close()
+        raise
+    with raw:
+        write_model(src, raw, out.name, lossless, quiet, label=f"step 1 of 2, {lossless} export")
+    quantize_file(engine, out.tmp, out.qtmp, dtype_name, out.name, lossless, quiet)
+    out.finish(out.qtmp)
     if not quiet:
-        print(f"wrote {out_path}: {os.path.getsize(out_path) / 1e6:.1f} MB, dtype {dtype_name}, "
+        print(f"wrote {out.name}: {os.path.getsize(out.target) / 1e6:.1f} MB, dtype {dtype_name}, "
               f"{time.time() - t0:.1f} s", file=sys.stderr)
 
 
@@ -1143,8 +1318,13 @@ def gguf_tokenizer(path, meta):
     ttypes = gguf_meta(meta, "tokenizer.ggml.token_type", list, [1] * n, path)
     if len(scores) != n or len(ttypes) != n:
         raise ExportError(f"{path}: tokenizer.ggml.scores / token_type have {len(scores)} / {len(ttypes)} entries, tokens {n}")
-    if not all(isinstance(t, str) for t in tokens):
-        raise ExportError(f"{path}: tokenizer.ggml.tokens is not an array of strings")
+    # Each array of the type its entries are used as (a file may hold any type in any array).
+    for key, arr, ok, what in (("tokens", tokens, lambda v: isinstance(v, str), "a string"),
+                               ("scores", scores, is_number, "a finite number"),
+                               ("token_type", ttypes, is_int, "an integer")):
+        bad = next((i for i, v in enumerate(arr) if not ok(v)), None)
+        if bad is not None:
+            raise ExportError(f"{path}: tokenizer.ggml.{key}[{bad}] is {short(arr[bad])}, not {what}")
     # The pieces as tokenizer.json spells them: SentencePiece's space is U+2581 (llama.cpp's
     # converter writes the added runs of spaces, ids 138..167 in Gemma 3, with plain spaces).
     pieces = [t.replace(" ", "\u2581") for t in tokens]
@@ -1291,10 +1471,7 @@ def plan_gguf(path, dtype_name, quiet, quant=None):
     for piece, key in (("<bos>", "bos_token_id"), ("<eos>", "eos_token_id"), ("<end_of_turn>", "eot_token_id")):
         if special.get(piece) is None and f"tokenizer.ggml.{key}" in meta:
             special[piece] = gguf_meta(meta, f"tokenizer.ggml.{key}", int, None, path)
-    if any(special.get(p) is not None and not 0 <= special[p] < (vocab if p in ("<bos>", "<eos>") else MAX_DIM)
-           for p in ("<bos>", "<eos>", "<end_of_turn>")):
-        raise ExportError(f"{path}: bos / eos / end-of-turn token id out of range for a vocabulary of {vocab} "
-                          f"({', '.join(f'{p} {special.get(p)}' for p in ('<bos>', '<eos>', '<end_of_turn>'))})")
+    special_ids(special, cfg, vocab)  # before any work
 
     out_dtype = DTYPE_CODES[dtype_name]
     jobs, plan = [], []
@@ -1361,25 +1538,37 @@ def main():
                          "int8 / int4 in blocks of 32 with a half-precision scale, made by gemma3 --quantize. "
                          "From a GGUF, f32 keeps the dequantized values exactly")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    ap.add_argument("--force", action="store_true",
+                    help="replace OUT even if it exists and is not a gemma3.c model file (without it, such a file "
+                         "is refused; an input or export.py's own files are refused always)")
     args = ap.parse_args()
+    catch_stop_signals()
+    out = None
+    quant = args.dtype if args.dtype in ("q8_0", "q4_0") else None
     try:
-        check_output(args.src, args.out)
-        if args.dtype in ("q8_0", "q4_0"):
-            export_quantized(args.src, args.out, args.dtype, args.quiet)
-        else:
-            export(args.src, args.out, args.dtype, args.quiet)
+        try:
+            out = check_output(args.src, args.out, args.force, quant)
+            out.begin()
+            if quant:
+                export_quantized(args.src, out, args.dtype, args.quiet)
+            else:
+                export(args.src, out, args.dtype, args.quiet)
+        finally:
+            if out is not None:
+                out.abort()  # (nothing left to do after finish)
     except ExportError as e:
         print(f"export.py: error: {error_line(e)}", file=sys.stderr)
         sys.exit(1)
     except MemoryError:
         print("export.py: error: out of memory", file=sys.stderr)
         sys.exit(1)
-    except OSError as e:  # cannot write the output (no such directory, disk full, ...)
+    except OSError as e:  # cannot write the output (no such directory, disk full, a FIFO's reader gone, ...)
         print(f"export.py: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("export.py: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except (KeyboardInterrupt, Interrupted) as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(f"export.py: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

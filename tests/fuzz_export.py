@@ -469,6 +469,13 @@ def build_safetensors(header_text, rnd):
     return struct.pack("<Q", n % (1 << 64)) + header_text + b"\0" * end
 
 
+def write(src, work, dtype):
+    """write_model into a scratch file."""
+    path = os.path.join(work, "out.bin")
+    with open(path, "wb", buffering=0) as raw:
+        E.write_model(src, raw, path, dtype, True)
+
+
 def run_hf(work, case, rnd):
     config, header, index, tokenizer = case
     d = os.path.join(work, "ckpt")
@@ -485,7 +492,7 @@ def run_hf(work, case, rnd):
     dtype = rnd.choice(["bf16", "f32"])
     quant = rnd.choice([None, None, "q8_0", "q4_0"])
     src = E.load_hf(d, dtype, quant)
-    E.write_model(src, os.path.join(work, "out.bin"), dtype, True)
+    write(src, work, dtype)
 
 
 def run_gguf(work, case, rnd):
@@ -497,7 +504,7 @@ def run_gguf(work, case, rnd):
                                                             rnd.choice([None, "q8_0", "q4_0"]))
     if sum(p[3] for p in plan) <= 64 << 20:  # the header and directory as write_model packs them
         tensors = [(ours, shape, dt, nb, lambda nb=nb: iter([bytes(nb)])) for ours, shape, dt, nb, g in plan]
-        E.write_model(E.Source(cfg, vocab, tok_bytes, special, tensors), os.path.join(work, "out.bin"), dtype, True)
+        write(E.Source(cfg, vocab, tok_bytes, special, tensors), work, dtype)
 
 
 def on_alarm(signum, frame):
