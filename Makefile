@@ -27,7 +27,7 @@ gemma3: gemma3.c tokenizer.c kernels_x86.c
 # GGUF import: export.py runs this to dequantize a GGUF's tensors (built on first use).
 # -ffp-contract=off: its float32 results must equal gguf-py's numpy ones bit for bit,
 # and a fused multiply-add rounds once where numpy rounds twice.
-tools/gguf_dequant: tools/gguf_dequant.c gguf_blocks.c
+tools/gguf_dequant: tools/gguf_dequant.c gguf_blocks.c gguf_tables.c
 	$(CC) $(WARN) -O2 -ffp-contract=off -o $@ tools/gguf_dequant.c
 
 # The library: gemma3.c without its command line (-DGEMMA3_NO_MAIN); the API is gemma3.h.

@@ -14,10 +14,11 @@ all little-endian.
 
 MODEL.gguf is a GGUF file (version 2 or 3) of architecture gemma3, as llama.cpp's
 converter and Ollama write them (Ollama keeps them as ~/.ollama/models/blobs/sha256-*).
-Its tensors may be F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K,
-Q6_K, IQ4_NL or IQ4_XS: tools/gguf_dequant (C, built with make when needed) turns them
-into exactly the float32 values of gguf-py's gguf.quants.dequantize; --dtype f32 keeps
-those, the other types convert from them. The norms, stored as 1 + w, become w again;
+Its tensors may be of any type gguf-py dequantizes (F32, F16, BF16, Q4_0 ... Q8_0, Q2_K ...
+Q6_K, IQ1_S ... IQ4_XS, TQ1_0, TQ2_0, MXFP4, NVFP4), each tensor its own:
+tools/gguf_dequant (C, built with make when needed) turns them into exactly the float32
+values of gguf-py's gguf.quants.dequantize; --dtype f32 keeps those, the other types
+convert from them. The norms, stored as 1 + w, become w again;
 the tokenizer is rebuilt from tokenizer.ggml.* (BPE merges derived from the
 SentencePiece scores, as Hugging Face derives tokenizer.json's). Vision tensors (v.*,
 mm.*) are skipped.
@@ -1016,14 +1017,15 @@ GGUF_FLOAT_TYPES = {6, 12}
 GGML_TYPES = {
     0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
     7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
-    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 20: ("IQ4_NL", 32, 18),
-    23: ("IQ4_XS", 256, 136), 30: ("BF16", 1, 2),
+    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 16: ("IQ2_XXS", 256, 66),
+    17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18),
+    21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136), 29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17),
+    40: ("NVFP4", 64, 36),
 }
 GGML_OTHER_TYPES = {
-    4: "Q4_2", 5: "Q4_3", 9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
-    21: "IQ3_S", 22: "IQ2_S", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
-    31: "Q4_0_4_4", 32: "Q4_0_4_8", 33: "Q4_0_8_8", 34: "TQ1_0", 35: "TQ2_0", 36: "IQ4_NL_4_4",
-    37: "IQ4_NL_4_8", 38: "IQ4_NL_8_8", 39: "MXFP4",
+    4: "Q4_2", 5: "Q4_3", 9: "Q8_1", 15: "Q8_K", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
+    31: "Q4_0_4_4", 32: "Q4_0_4_8", 33: "Q4_0_8_8", 36: "IQ4_NL_4_4", 37: "IQ4_NL_4_8", 38: "IQ4_NL_8_8",
 }
 
 # GGUF tensor names (llama.cpp's converter, Ollama) -> ours (HF names, prefix stripped).

@@ -6,7 +6,8 @@
  * (-ffp-contract=off; C99 mode in gcc, explicit in clang) gives its values bit for bit.
  * Half floats widen as numpy does (subnormals exact, inf and NaN payloads kept). Block
  * layouts are those of llama.cpp's ggml/src/ggml-common.h; every multi-byte field is read
- * byte by byte as little-endian, so the decoders work on any host.
+ * byte by byte as little-endian, so the decoders work on any host. The value tables
+ * (IQ4_NL's and FP4's values, the i-quant grids) are data, in gguf_tables.c.
  *
  * The table ggml_types maps a ggml type number (enum ggml_type in ggml.h) to its name,
  * values and bytes per block, and decoder. Shared by tools/gguf_dequant.c (export.py's
@@ -44,9 +45,9 @@ static float gguf_f16(const unsigned char *p) {
     return gguf_bits_to_f32(sign | (uint32_t)e << 23 | (man & 0x03ffu) << 13);
 }
 
-/* The 16 values of IQ4_NL and IQ4_XS (kvalues_iq4nl in ggml-common.h). */
-static const int8_t gguf_kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
-                                              1,    13,   25,  38,  53,  69,  89,  113};
+/* The value tables (IQ4_NL's and MXFP4's values, the i-quant grids): data only, written
+ * from gguf-py's by tools/gguf_tables.py, kept apart because the grids are 4,608 entries. */
+#include "gguf_tables.c"
 
 /* ---- one function per block type: b = the block's bytes, y = its values ---- */
 
@@ -238,6 +239,222 @@ static void dq_iq4_xs(const unsigned char *b, float *y) {
     }
 }
 
+/* ---- the i-quants: values are points of a fixed grid (gguf_tables.c), times a scale ---- */
+
+/* Coordinate j of point idx of a grid whose points hold 2-bit codes (IQ1, IQ2). */
+static float gguf_grid2(const uint16_t *grid, const float *coords, unsigned idx, int j) {
+    return coords[(grid[idx] >> (2 * j)) & 3];
+}
+/* Coordinate j of point idx of a grid whose points hold 4-bit codes (IQ3). */
+static float gguf_grid4(const uint16_t *grid, const float *coords, unsigned idx, int j) {
+    return coords[(grid[idx] >> (4 * j)) & 15];
+}
+/* The 8 signs of 8 values from a 7-bit index: its 7 bits, and an eighth that makes the
+ * number of minus signs even (ksigns_iq2xs in ggml-common.h). Bit j set: value j negative. */
+static unsigned gguf_ksigns(unsigned i) {
+    unsigned odd = 0;
+    for (int k = 0; k < 7; k++) odd ^= (i >> k) & 1;
+    return i | odd << 7;
+}
+/* +1 or -1 from sign bit j of s, to multiply by, as gguf-py does. (On a NaN scale the
+ * NaN's sign bit is left open: IEEE does not define it, and compilers and numpy differ.) */
+static float gguf_sign(unsigned s, int j) { return (s >> j) & 1 ? -1.0f : 1.0f; }
+
+/* IQ2_XXS, 66 bytes: half d; then per 32 values 8 bytes: four grid indices (bytes 0..3,
+ * each a point of gguf_iq2xxs_grid: 8 values) and a u32 holding four 7-bit sign indices
+ * (bits 7k..7k+6, for the values of index k) and a scale s (bits 28..31).
+ * y = d * (0.5 + s) * 0.25 * grid * sign. */
+static void dq_iq2_xxs(const unsigned char *b, float *y) {
+    float d = gguf_f16(b);
+    for (int g = 0; g < 8; g++, y += 32) {
+        const unsigned char *q = b + 2 + 8 * g;
+        uint32_t aux = gguf_rd32(q + 4);
+        float db = d * (0.5f + (float)(aux >> 28)) * 0.25f;
+        for (int k = 0; k < 4; k++) {
+            unsigned signs = gguf_ksigns((aux >> (7 * k)) & 127);
+            for (int j = 0; j < 8; j++)
+                y[8 * k + j] = db * gguf_grid2(gguf_iq2xxs_grid, gguf_iq2_coords, q[k], j) * gguf_sign(signs, j);
+        }
+    }
+}
+
+/* IQ2_XS, 74 bytes: half d; 32 u16, one per 8 values: grid index (bits 0..8, a point of
+ * gguf_iq2xs_grid) and 7-bit sign index (bits 9..15); scales[8], a nibble s per 16 values
+ * (low nibble first). y = d * (0.5 + s) * 0.25 * grid * sign. */
+static void dq_iq2_xs(const unsigned char *b, float *y) {
+    float d = gguf_f16(b);
+    const unsigned char *sc = b + 66;
+    for (int k = 0; k < 32; k++, y += 8) {
+        unsigned q = gguf_rd16(b + 2 + 2 * k), signs = gguf_ksigns(q >> 9);
+        int s = (sc[k / 4] >> (4 * (k / 2 % 2))) & 15;
+        float db = d * (0.5f + (float)s) * 0.25f;
+        for (int j = 0; j < 8; j++) y[j] = db * gguf_grid2(gguf_iq2xs_grid, gguf_iq2_coords, q & 511, j) * gguf_sign(signs, j);
+    }
+}
+
+/* IQ2_S, 82 bytes: half d; qs[32], the low 8 bits of a grid index per 8 values (a point of
+ * gguf_iq2s_grid); signs[32], one bit per value (bit j of signs[k]: value 8k + j); qh[8],
+ * the high 2 bits of index k at bits 2(k % 4) of qh[k / 4]; scales[8], a nibble s per 16
+ * values. y = d * (0.5 + s) * 0.25 * grid * sign. */
+static void dq_iq2_s(const unsigned char *b, float *y) {
+    float d = gguf_f16(b);
+    const unsigned char *qs = b + 2, *signs = b + 34, *qh = b + 66, *sc = b + 74;
+    for (int k = 0; k < 32; k++, y += 8) {
+        unsigned idx = qs[k] | ((qh[k / 4] >> (2 * (k % 4))) & 3u) << 8;
+        int s = (sc[k / 4] >> (4 * (k / 2 % 2))) & 15;
+        float db = d * (0.5f + (float)s) * 0.25f;
+        for (int j = 0; j < 8; j++) y[j] = db * gguf_grid2(gguf_iq2s_grid, gguf_iq2_coords, idx, j) * gguf_sign(signs[k], j);
+    }
+}
+
+/* IQ3_XXS, 98 bytes: half d; qs[64], a grid index per 4 values (a point of
+ * gguf_iq3xxs_grid); then a u32 per 32 values: four 7-bit sign indices (bits 7k..7k+6,
+ * for its values 8k .. 8k + 7) and a scale s (bits 28..31).
+ * y = d * (0.5 + s) * 0.5 * grid * sign. */
+static void dq_iq3_xxs(const unsigned char *b, float *y) {
+    float d = gguf_f16(b);
+    const unsigned char *qs = b + 2;
+    for (int g = 0; g < 8; g++, y += 32) {
+        uint32_t aux = gguf_rd32(b + 66 + 4 * g);
+        float db = d * (0.5f + (float)(aux >> 28)) * 0.5f;
+        for (int k = 0; k < 4; k++) {
+            unsigned signs = gguf_ksigns((aux >> (7 * k)) & 127);
+            for (int j = 0; j < 8; j++)
+                y[8 * k + j] = db * gguf_grid4(gguf_iq3xxs_grid, gguf_iq3xxs_coords, qs[8 * g + 2 * k + j / 4], j % 4) *
+                               gguf_sign(signs, j);
+        }
+    }
+}
+
+/* IQ3_S, 110 bytes: half d; qs[64], the low 8 bits of a grid index per 4 values (a point
+ * of gguf_iq3s_grid); qh[8], the ninth bit of index k at bit k % 8 of qh[k / 8];
+ * signs[32], one bit per value (value v: bit v % 8 of signs[v / 8]); scales[4], a nibble
+ * s per 32 values. y = d * (1 + 2s) * grid * sign. */
+static void dq_iq3_s(const unsigned char *b, float *y) {
+    float d = gguf_f16(b);
+    const unsigned char *qs = b + 2, *qh = b + 66, *signs = b + 74, *sc = b + 106;
+    for (int v = 0; v < QK_K; v++) {
+        int k = v / 4;
+        unsigned idx = qs[k] | ((qh[k / 8] >> (k % 8)) & 1u) << 8;
+        int s = (sc[v / 64] >> (4 * (v / 32 % 2))) & 15;
+        float db = d * (float)(1 + 2 * s);
+        y[v] = db * gguf_grid4(gguf_iq3s_grid, gguf_iq3s_coords, idx, v % 4) * gguf_sign(signs[v / 8], v % 8);
+    }
+}
+
+/* IQ1_S and IQ1_M values sit off the grid's -1/0/+1 points by +-1/8. */
+#define GGUF_IQ1_DELTA 0.125f
+
+/* IQ1_S, 50 bytes: half d; qs[32], the low 8 bits of a grid index per 8 values (a point
+ * of gguf_iq1s_grid); then a u16 per 32 values: the high 3 bits of its four indices
+ * (bits 3k..3k+2), a scale s (bits 12..14) and the sign of delta (bit 15: minus).
+ * y = d * (2s + 1) * (grid + delta). */
+static void dq_iq1_s(const unsigned char *b, float *y) {
+    float d = gguf_f16(b);
+    const unsigned char *qs = b + 2;
+    for (int g = 0; g < 8; g++) {
+        unsigned qh = gguf_rd16(b + 34 + 2 * g);
+        float dl = d * (float)(2 * ((qh >> 12) & 7) + 1);
+        float delta = qh & 0x8000 ? -GGUF_IQ1_DELTA : GGUF_IQ1_DELTA;
+        for (int k = 0; k < 4; k++, y += 8) {
+            unsigned idx = qs[4 * g + k] | ((qh >> (3 * k)) & 7) << 8;
+            for (int j = 0; j < 8; j++) y[j] = dl * (gguf_grid2(gguf_iq1s_grid, gguf_iq1_coords, idx, j) + delta);
+        }
+    }
+}
+
+/* IQ1_M, 56 bytes: qs[32], the low 8 bits of a grid index per 8 values (gguf_iq1s_grid);
+ * qh[16], a nibble per 8 values (low nibble first): the high 3 bits of the index, and bit 3
+ * the sign of delta (set: minus); scales: four u16 holding a 3-bit scale s per 16 values
+ * (scale i at bits 3(i % 4) of word i / 4) and, in their top nibbles (word 0 lowest), the
+ * half d. y = d * (2s + 1) * (grid + delta). */
+static void dq_iq1_m(const unsigned char *b, float *y) {
+    const unsigned char *qs = b, *qh = b + 32;
+    unsigned sc[4];
+    for (int w = 0; w < 4; w++) sc[w] = gguf_rd16(b + 48 + 2 * w);
+    unsigned char dh[2];
+    unsigned dbits = sc[0] >> 12 | (sc[1] >> 8 & 0x00f0) | (sc[2] >> 4 & 0x0f00) | (sc[3] & 0xf000);
+    dh[0] = (unsigned char)(dbits & 0xff);
+    dh[1] = (unsigned char)(dbits >> 8);
+    float d = gguf_f16(dh);
+    for (int k = 0; k < 32; k++, y += 8) {
+        int i = k / 2; /* the scale's index: one per 16 values */
+        float dl = d * (float)(2 * ((sc[i / 4] >> (3 * (i % 4))) & 7) + 1);
+        unsigned nib = (qh[k / 2] >> (4 * (k % 2))) & 15;
+        unsigned idx = qs[k] | (nib & 7) << 8;
+        float delta = nib & 8 ? -GGUF_IQ1_DELTA : GGUF_IQ1_DELTA;
+        for (int j = 0; j < 8; j++) y[j] = dl * (gguf_grid2(gguf_iq1s_grid, gguf_iq1_coords, idx, j) + delta);
+    }
+}
+
+/* ---- ternary and FP4 types ---- */
+
+/* TQ1_0, 54 bytes: qs[48]; qh[4]; half d. Each byte holds base-3 digits (5 in qs, 4 in
+ * qh), stored as ceil(number * 256 / 243) so that digit n of byte q is the top bits of
+ * (uint8)(q * 3^n) * 3. Value 32n + j: digit n of qs[j] (j < 32); 160 + 16n + j: digit n
+ * of qs[32 + j] (j < 16); 240 + 4n + j: digit n of qh[j]. y = d * (digit - 1). */
+static void dq_tq1_0(const unsigned char *b, float *y) {
+    static const unsigned char pow3[5] = {1, 3, 9, 27, 81};
+    float d = gguf_f16(b + 52);
+    for (int i = 0; i < QK_K; i++) {
+        int q, n;
+        if (i < 160) q = b[i % 32], n = i / 32;
+        else if (i < 240) q = b[32 + (i - 160) % 16], n = (i - 160) / 16;
+        else q = b[48 + (i - 240) % 4], n = (i - 240) / 4;
+        unsigned char t = (unsigned char)(q * pow3[n]);
+        y[i] = d * (float)(((t * 3) >> 8) - 1);
+    }
+}
+
+/* TQ2_0, 66 bytes: qs[64], 2 bits per value; half d. Value 128h + 32n + l is bits
+ * 2n..2n+1 of qs[32h + l]. y = d * (q - 1). */
+static void dq_tq2_0(const unsigned char *b, float *y) {
+    float d = gguf_f16(b + 64);
+    for (int i = 0; i < QK_K; i++) {
+        int h = i / 128, n = (i % 128) / 32, l = i % 32;
+        y[i] = d * (float)(((b[32 * h + l] >> (2 * n)) & 3) - 1);
+    }
+}
+
+/* MXFP4's E8M0 block scale, halved (the FP4 values are doubled): 2^(e - 128), built from
+ * its bits (ggml_e8m0_to_fp32_half): e < 2 gives a subnormal float, e = 255 is 2^127. */
+static float gguf_e8m0_half(unsigned e) {
+    return gguf_bits_to_f32(e < 2 ? 0x00200000u << e : (e - 1) << 23);
+}
+
+/* MXFP4, 17 bytes: E8M0 exponent e; qs[16], FP4 codes: value j the low nibble of qs[j],
+ * value 16 + j the high one. y = 2^(e - 128) * kvalues_mxfp4[code]. */
+static void dq_mxfp4(const unsigned char *b, float *y) {
+    float d = gguf_e8m0_half(b[0]);
+    for (int j = 0; j < QK / 2; j++) {
+        y[j] = d * (float)gguf_kvalues_mxfp4[b[1 + j] & 0x0f];
+        y[j + QK / 2] = d * (float)gguf_kvalues_mxfp4[b[1 + j] >> 4];
+    }
+}
+
+/* NVFP4's unsigned E4M3 scale (4 exponent bits e, bias 7, 3 mantissa bits m; bit 7
+ * ignored), halved: (1 + m/8) * 2^(e - 7), built from its float32 bits; e = 0 is
+ * subnormal, m * 2^-9; 0x00 and 0x7f give 0. Every step is exact in float32. */
+static float gguf_ue4m3_half(unsigned x) {
+    unsigned e = (x >> 3) & 15, m = x & 7;
+    if (x == 0 || x == 0x7f) return 0.0f;
+    float v = e == 0 ? (float)m / 512.0f : gguf_bits_to_f32((e + 120) << 23 | m << 20);
+    return v * 0.5f;
+}
+
+/* NVFP4, 36 bytes, 64 values: four UE4M3 scales d_s (one per 16 values); qs[32], FP4
+ * codes as MXFP4's: value 16s + j is the low nibble of qs[8s + j] (j < 8), value
+ * 16s + 8 + j its high nibble. y = d_s * kvalues_mxfp4[code]. */
+static void dq_nvfp4(const unsigned char *b, float *y) {
+    for (int s = 0; s < 4; s++, y += 16) {
+        float d = gguf_ue4m3_half(b[s]);
+        for (int j = 0; j < 8; j++) {
+            y[j] = d * (float)gguf_kvalues_mxfp4[b[4 + 8 * s + j] & 0x0f];
+            y[j + 8] = d * (float)gguf_kvalues_mxfp4[b[4 + 8 * s + j] >> 4];
+        }
+    }
+}
+
 /* ggml type numbers (enum ggml_type in ggml.h), block sizes in values and bytes. */
 typedef struct {
     int type;
@@ -253,8 +470,13 @@ static const GGMLType ggml_types[] = {
     {8, "Q8_0", QK, 34, dq_q8_0},      {10, "Q2_K", QK_K, 84, dq_q2_k},
     {11, "Q3_K", QK_K, 110, dq_q3_k},  {12, "Q4_K", QK_K, 144, dq_q4_k},
     {13, "Q5_K", QK_K, 176, dq_q5_k},  {14, "Q6_K", QK_K, 210, dq_q6_k},
-    {20, "IQ4_NL", QK, 18, dq_iq4_nl}, {23, "IQ4_XS", QK_K, 136, dq_iq4_xs},
-    {30, "BF16", 1, 2, dq_bf16},
+    {16, "IQ2_XXS", QK_K, 66, dq_iq2_xxs}, {17, "IQ2_XS", QK_K, 74, dq_iq2_xs},
+    {18, "IQ3_XXS", QK_K, 98, dq_iq3_xxs}, {19, "IQ1_S", QK_K, 50, dq_iq1_s},
+    {20, "IQ4_NL", QK, 18, dq_iq4_nl},     {21, "IQ3_S", QK_K, 110, dq_iq3_s},
+    {22, "IQ2_S", QK_K, 82, dq_iq2_s},     {23, "IQ4_XS", QK_K, 136, dq_iq4_xs},
+    {29, "IQ1_M", QK_K, 56, dq_iq1_m},     {30, "BF16", 1, 2, dq_bf16},
+    {34, "TQ1_0", QK_K, 54, dq_tq1_0},     {35, "TQ2_0", QK_K, 66, dq_tq2_0},
+    {39, "MXFP4", QK, 17, dq_mxfp4},       {40, "NVFP4", 64, 36, dq_nvfp4},
 };
 
 /* The type with ggml number `type`, or NULL when it is not one of the above. */

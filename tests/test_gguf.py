@@ -59,14 +59,22 @@ def export(src, out, *extra):
 # synthetic GGUF files
 
 D, F, H, KV, HD, L = 256, 512, 2, 1, 128, 3  # K-quant rows must be multiples of 256
+# the i-quants, ternary and FP4 types: grids and sign tables (gguf_tables.c) besides scales
+GRID_TYPES = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M, T.TQ1_0, T.TQ2_0, T.MXFP4,
+              T.NVFP4]
 QUANT_TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K,
-               T.Q6_K, T.IQ4_NL, T.IQ4_XS]
+               T.Q6_K, T.IQ4_NL, T.IQ4_XS] + GRID_TYPES
 # Byte offsets of the half-precision fields (d, dmin, m) in each block (ggml-common.h).
+# IQ1_M's d is spread over four nibbles (iq1m_finite_d); MXFP4 and NVFP4 have no half.
 HALF_FIELDS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0], T.Q2_K: [80, 82],
-               T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208], T.IQ4_NL: [0], T.IQ4_XS: [0]}
+               T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208], T.IQ4_NL: [0], T.IQ4_XS: [0],
+               T.IQ2_XXS: [0], T.IQ2_XS: [0], T.IQ2_S: [0], T.IQ3_XXS: [0], T.IQ3_S: [0], T.IQ1_S: [0],
+               T.IQ1_M: [], T.TQ1_0: [52], T.TQ2_0: [64], T.MXFP4: [], T.NVFP4: [], T.Q8_K: []}
 BLOCK = {T.Q4_0: (32, 18), T.Q4_1: (32, 20), T.Q5_0: (32, 22), T.Q5_1: (32, 24), T.Q8_0: (32, 34),
          T.Q2_K: (256, 84), T.Q3_K: (256, 110), T.Q4_K: (256, 144), T.Q5_K: (256, 176), T.Q6_K: (256, 210),
-         T.IQ4_NL: (32, 18), T.IQ4_XS: (256, 136), T.IQ2_XXS: (256, 66)}
+         T.IQ4_NL: (32, 18), T.IQ4_XS: (256, 136), T.IQ2_XXS: (256, 66), T.IQ2_XS: (256, 74), T.IQ2_S: (256, 82),
+         T.IQ3_XXS: (256, 98), T.IQ3_S: (256, 110), T.IQ1_S: (256, 50), T.IQ1_M: (256, 56), T.TQ1_0: (256, 54),
+         T.TQ2_0: (256, 66), T.MXFP4: (32, 17), T.NVFP4: (64, 36), T.Q8_K: (256, 292)}
 
 
 def finite_halves(rng, n):
@@ -93,9 +101,73 @@ def tensor_data(rng, qtype, rows, cols, all_patterns=False, sane=False):
     bv, bb = BLOCK[qtype]
     nb = rows * cols // bv
     raw = rng.integers(0, 256, (nb, bb), dtype=np.uint32).astype(np.uint8)
-    for off in HALF_FIELDS.get(qtype, [0]):
+    for off in HALF_FIELDS[qtype]:
         raw[:, off:off + 2] = finite_halves(rng, nb).view(np.uint8).reshape(nb, 2)
+    if qtype == T.IQ1_M:
+        iq1m_finite_d(raw, finite_halves(rng, nb))
+    if all_patterns and qtype in GRID_TYPES:
+        every_entry(raw, qtype)
     return raw.reshape(rows, cols // bv * bb), None
+
+
+def iq1m_finite_d(raw, h):
+    """IQ1_M blocks: put the half d = h in the top nibbles of the four scale words (bytes
+    49, 51, 53, 55: d's bits 0-3, 4-7, 8-11, 12-15)."""
+    for k in range(4):
+        nib = ((h >> (4 * k)) & 0xF).astype(np.uint8)
+        raw[:, 49 + 2 * k] = (raw[:, 49 + 2 * k] & 0x0F) | (nib << 4)
+
+
+def every_entry(raw, qtype):
+    """Overwrite the index fields of the blocks raw (n, bytes) so that, in order, they use
+    every grid point, every 7-bit sign index, every scale and delta sign (IQ1), every byte
+    value (TQ1_0, TQ2_0), every E8M0 exponent and FP4 code (MXFP4), every E4M3 scale (NVFP4).
+    Layouts from ggml-common.h; the values then come from gguf-py's grids and tables."""
+    n = raw.shape[0]
+    i = np.arange(n).reshape(n, 1)
+    if qtype in (T.IQ2_XXS, T.IQ3_XXS):  # a u32 per 32 values: 4 sign indices, scale in bits 28-31
+        m = (i * 8 + np.arange(8)).astype(np.uint32)  # group number
+        aux = sum(((4 * m + k) % 128) << (7 * k) for k in range(4)) | (m % 16) << 28
+        if qtype == T.IQ2_XXS:  # per group: 4 grid index bytes, then aux
+            for g in range(8):
+                raw[:, 2 + 8 * g:6 + 8 * g] = (4 * m[:, g:g + 1] + np.arange(4)) % 256
+                raw[:, 6 + 8 * g:10 + 8 * g] = aux[:, g:g + 1].astype("<u4").view(np.uint8)
+        else:  # qs[64] (a grid index per 4 values), then the 8 aux words
+            raw[:, 2:66] = (i * 64 + np.arange(64)) % 256
+            raw[:, 66:98] = aux.astype("<u4").view(np.uint8)
+    elif qtype == T.IQ2_XS:  # 32 u16: grid index bits 0-8, sign index bits 9-15
+        m = i * 32 + np.arange(32)
+        raw[:, 2:66] = ((m % 512) | ((m // 3) % 128) << 9).astype("<u2").view(np.uint8)
+        raw[:, 66:74] = (i * 8 + np.arange(8)) % 256  # every pair of 4-bit scales
+    elif qtype == T.IQ2_S:  # qs[32] low 8 bits, qh[8] high 2 bits (4 indices a byte)
+        m = (i * 32 + np.arange(32)) % 1024
+        raw[:, 2:34] = m & 255
+        raw[:, 66:74] = sum((m[:, k::4] >> 8) << (2 * k) for k in range(4))
+        raw[:, 74:82] = (i * 8 + np.arange(8)) % 256
+    elif qtype == T.IQ3_S:  # qs[64] low 8 bits, qh[8] the ninth bit (8 indices a byte)
+        m = (i * 64 + np.arange(64)) % 512
+        raw[:, 2:66] = m & 255
+        raw[:, 66:74] = sum((m[:, k::8] >> 8) << k for k in range(8))
+        raw[:, 106:110] = (i * 4 + np.arange(4)) % 256
+    elif qtype == T.IQ1_S:  # qs[32] low 8 bits; a u16 per 32 values: 4 x 3 high bits, scale, delta sign
+        m = (i * 32 + np.arange(32)) % 2048
+        raw[:, 2:34] = m & 255
+        g = i * 8 + np.arange(8)
+        qh = sum((m[:, k::4] >> 8) << (3 * k) for k in range(4)) | (g % 8) << 12 | ((g // 8) % 2) << 15
+        raw[:, 34:50] = qh.astype("<u2").view(np.uint8)
+    elif qtype == T.IQ1_M:  # qs[32] low 8 bits; qh[16]: a nibble per index, 3 high bits and the delta sign
+        m = (i * 32 + np.arange(32)) % 2048
+        raw[:, 0:32] = m & 255
+        nib = (m >> 8) | ((i * 32 + np.arange(32)) // 3 % 2) << 3
+        raw[:, 32:48] = nib[:, 0::2] | nib[:, 1::2] << 4
+    elif qtype in (T.TQ1_0, T.TQ2_0):  # every byte value in every position
+        w = 52 if qtype == T.TQ1_0 else 64
+        raw[:, :w] = (i * 7 + np.arange(w)) % 256
+    elif qtype == T.MXFP4:  # e = every exponent 0..255; every code
+        raw[:, 0] = np.arange(n) % 256
+        raw[:, 1:17] = (i * 16 + np.arange(16)) % 256
+    elif qtype == T.NVFP4:  # every scale byte
+        raw[:, 0:4] = (i * 4 + np.arange(4)) % 256
 
 
 def small_vocab(n):
@@ -236,7 +308,8 @@ def reference_values(gguf_path):
     """{our name: float32 array} from gguf-py: dequantize, and norms minus 1 in float32."""
     out = {}
     for t in GGUFReader(gguf_path).tensors:
-        v = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(-1)
+        with np.errstate(over="ignore"):  # MXFP4: 2^127 * 6 is inf, in C as in numpy
+            v = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(-1)
         if len(t.shape) == 1:
             v = v - np.float32(1)
         out["lm_head.weight" if t.name == "output.weight" else our_name(t.name)] = v
@@ -361,14 +434,37 @@ def main():
     if len(sys.argv) == 4 and sys.argv[1] == "--real":
         real = (sys.argv[2], sys.argv[3])
 
-    # 1. every type, GGUF v3 (and F16 with every bit pattern, norms in F16 too)
+    # 1. every type, GGUF v3 (and F16 with every bit pattern, norms in F16 too; the grid
+    # types with every grid point, sign index and scale in token_embd, random blocks elsewhere)
     for q in QUANT_TYPES:
         g = os.path.join(W, f"t-{q.name}.gguf")
         b = os.path.join(W, f"t-{q.name}.bin")
-        make_gguf(g, q, all_patterns=q in (T.F16, T.BF16), norm_type=T.F16 if q == T.F16 else T.F32, seed=int(q) + 7)
+        every = q in (T.F16, T.BF16) or q in GRID_TYPES
+        make_gguf(g, q, all_patterns=every, norm_type=T.F16 if q == T.F16 else T.F32, seed=int(q) + 7)
         rc, _, err = export(g, b, "--dtype", "f32")
         if check(rc == 0, f"{q.name}: export", err.strip()):
-            compare_export(g, b, f"{q.name}: f32 export bit-identical to gguf.quants.dequantize")
+            compare_export(g, b, f"{q.name}: f32 export bit-identical to gguf.quants.dequantize"
+                           + (" (every grid entry, sign and scale)" if q in GRID_TYPES else ""))
+    # the grid types in GGUF v2 too, other random blocks
+    for q in GRID_TYPES:
+        g = os.path.join(W, f"t2-{q.name}.gguf")
+        make_gguf(g, q, version=2, seed=int(q) + 70)
+        rc, _, err = export(g, os.path.join(W, f"t2-{q.name}.bin"), "--dtype", "f32")
+        if check(rc == 0, f"{q.name}, GGUF v2: export", err.strip()):
+            compare_export(g, os.path.join(W, f"t2-{q.name}.bin"), f"{q.name}, GGUF v2: f32 export bit-identical")
+    # a file mixing types per tensor, as llama.cpp's IQ2_M / IQ3_XS / Q4_K_L recipes do
+    g = os.path.join(W, "mixed.gguf")
+    mix = {"token_embd.weight": T.Q8_0, "blk.0.attn_q.weight": T.IQ2_S, "blk.0.attn_k.weight": T.IQ3_S,
+           "blk.0.attn_v.weight": T.Q4_K, "blk.0.ffn_down.weight": T.IQ3_XXS, "blk.1.ffn_gate.weight": T.IQ1_M,
+           "blk.1.ffn_up.weight": T.IQ2_XXS, "blk.2.attn_output.weight": T.Q6_K, "blk.2.ffn_up.weight": T.MXFP4}
+    make_gguf(g, T.IQ2_XS, types=mix, seed=21)
+    rc, _, err = export(g, os.path.join(W, "mixed.bin"), "--dtype", "f32")
+    if check(rc == 0, "a file mixing types per tensor (IQ2_XS, IQ2_S, IQ3_S, Q4_K, ...): export", err.strip()):
+        compare_export(g, os.path.join(W, "mixed.bin"), "mixed types: f32 export bit-identical")
+    # the value tables in gguf_tables.c are what tools/gguf_tables.py writes from gguf-py
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gguf_tables.py")], stdout=subprocess.PIPE)
+    with open(os.path.join(ROOT, "gguf_tables.c"), "rb") as f:
+        check(r.returncode == 0 and r.stdout == f.read(), "gguf_tables.c is what tools/gguf_tables.py writes from gguf-py")
 
     # 2. the header from the metadata; GGUF v2; untied but identical output
     g = os.path.join(W, "v2.gguf")
@@ -542,8 +638,22 @@ def main():
     g = os.path.join(W, "b.gguf")
     make_gguf(g, T.Q8_0, arch="llama")
     expect_error("another architecture", g, "'llama' is not gemma3")
-    make_gguf(g, T.Q8_0, types={"blk.1.attn_q.weight": T.IQ2_XXS})
-    expect_error("unsupported type", g, "blk.1.attn_q.weight has type IQ2_XXS")
+    make_gguf(g, T.Q8_0, types={"blk.1.attn_q.weight": T.Q8_K})
+    expect_error("unsupported type", g, "blk.1.attn_q.weight has type Q8_K")
+    # i-quant tensors: data cut short, and a row that is not whole blocks
+    for q in (T.IQ1_S, T.IQ2_XXS, T.IQ3_S, T.TQ1_0, T.MXFP4):
+        src = os.path.join(W, f"t-{q.name}.gguf")
+        rq = GGUFReader(src)
+        last = max((t for t in rq.tensors if t.tensor_type == q), key=lambda t: int(t.data_offset))
+        cut = int(last.data_offset) + int(last.n_bytes) // 2
+        expect_error(f"{q.name} tensor {last.name} cut in the middle", corrupt(src, os.path.join(W, "b.gguf"), truncate=cut),
+                     f"tensor {last.name} data")
+    src = os.path.join(W, "t-IQ2_XS.gguf")
+    with open(src, "rb") as f:
+        head = f.read(min(int(t.data_offset) for t in GGUFReader(src).tensors))
+    pos = head.find(b"blk.0.attn_k.weight") + len("blk.0.attn_k.weight") + 4  # after the name and n_dims
+    expect_error("IQ2_XS rows of 128 values (blocks are 256)", corrupt(src, os.path.join(W, "b.gguf"),
+                 [(pos, struct.pack("<QQ", 128, 2 * KV * HD))]), "not whole IQ2_XS blocks of 256")
     make_gguf(g, T.Q8_0, drop=("blk.2.ffn_up.weight",))
     expect_error("missing tensor", g, "missing tensor blk.2.ffn_up.weight")
     make_gguf(g, T.Q8_0, shapes={"blk.0.attn_k.weight": [256, 256]})
