@@ -352,7 +352,7 @@ def signals():
     with open(hook, "w") as f:
         f.write(HOOK)
     g = os.path.join(W, "sig.gguf")
-    make_gguf(g, T.Q4_K, layers=2, seed=4)
+    make_gguf(g, T.Q8_0, layers=2, seed=4, sane=True)  # values q8_0 can hold
     tok = hf_dir("hf-sig", {"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 4, "b": 5, "ab": 6}, "merges": ["a b"]},
                             "added_tokens": [{"id": 1, "content": "<eos>", "special": True}]})
     out = os.path.join(d, "m.bin")
