@@ -30,6 +30,11 @@ gemma3: gemma3.c tokenizer.c kernels_x86.c
 tools/gguf_dequant: tools/gguf_dequant.c gguf_blocks.c gguf_tables.c
 	$(CC) $(WARN) -O2 -ffp-contract=off -o $@ tools/gguf_dequant.c
 
+# MLX import: export.py runs this to unpack an MLX checkpoint's quantized matrices (built
+# on first use). -ffp-contract=off: scale * q + bias rounds twice in mlx, once when fused.
+tools/mlx_dequant: tools/mlx_dequant.c
+	$(CC) $(WARN) -O2 -ffp-contract=off -o $@ tools/mlx_dequant.c
+
 # The library: gemma3.c without its command line (-DGEMMA3_NO_MAIN); the API is gemma3.h.
 # Programs link libgemma3.a with -lm (and -fopenmp when it was built with OpenMP).
 lib: libgemma3.a libgemma3.so
@@ -127,5 +132,5 @@ debug:
 	$(CC) $(WARN) -O0 -g $(OMPFLAGS) -o gemma3 gemma3.c $(LDLIBS)
 
 clean:
-	rm -f gemma3 test_all test_api examples/chat libgemma3.a libgemma3.so gemma3-lib.o tools/gguf_dequant
+	rm -f gemma3 test_all test_api examples/chat libgemma3.a libgemma3.so gemma3-lib.o tools/gguf_dequant tools/mlx_dequant
 	rm -rf tests/build

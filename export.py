@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Export a Gemma 3 checkpoint (Hugging Face directory or GGUF file) to the flat gemma3.c model file.
+"""Export a Gemma 3 checkpoint (Hugging Face or MLX directory, or GGUF file) to the flat gemma3.c model file.
 
-    python3 export.py HF_DIR OUT.bin [--dtype f32|bf16|q8_0|q4_0] [--force]
+    python3 export.py HF_DIR|MLX_DIR OUT.bin [--dtype f32|bf16|q8_0|q4_0] [--force]
     python3 export.py MODEL.gguf OUT.bin [--dtype f32|bf16|q8_0|q4_0] [--force]
 
 HF_DIR holds config.json, model.safetensors (or model-*-of-*.safetensors plus
@@ -11,6 +11,13 @@ layout (Gemma3ForCausalLM: 270M, 1B) and the multimodal one
 vision tensors are skipped. The output format is described in FORMAT.md: a header with
 every hyper-parameter, the tokenizer, a tensor directory, then 64-byte aligned tensors,
 all little-endian.
+
+MLX_DIR is a directory as Apple's `mlx_lm convert` writes it: an HF_DIR whose config.json
+may name a `quantization` (mode affine, 1 to 8 bits but 7, groups of 32, 64 or 128, and
+per-module entries, as mlx_lm's mixed recipes write), with each quantized matrix (the
+embedding too) a packed uint32 `weight` beside its `scales` and `biases`.
+tools/mlx_dequant (C, built with make when needed) unpacks them to scale * q + bias in
+float32, the values MLX's quantized matmul computes with; --dtype f32 keeps those.
 
 MODEL.gguf is a GGUF file (version 2 or 3) of architecture gemma3, as llama.cpp's
 converter and Ollama write them (Ollama keeps them as ~/.ollama/models/blobs/sha256-*).
@@ -293,7 +300,9 @@ def read_config(hf_dir):
 # ----------------------------------------------------------------------------
 # safetensors reading (header parse + byte ranges; no third-party code)
 
-ST_DTYPES = {"F32": 4, "BF16": 2, "F16": 2}
+# F32, BF16, F16 tensors; U32: an MLX checkpoint's packed quantized matrices
+ST_DTYPES = {"F32": 4, "BF16": 2, "F16": 2, "U32": 4}
+ST_FLOATS = ("F32", "BF16", "F16")
 ST_HEADER_LIMIT = 100_000_000  # the safetensors library's own limit on the JSON header
 
 
@@ -329,7 +338,8 @@ def read_safetensors_header(path):
                               "(wanted dtype, shape of integers, data_offsets [start, end])")
         dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
         if dtype not in ST_DTYPES:
-            hint = " (a quantized checkpoint: export.py reads F32, BF16 and F16 ones)" if dtype in ST_QUANTIZED else ""
+            hint = (" (a quantized checkpoint: export.py reads F32, BF16 and F16 ones, and MLX's packed U32 ones)"
+                    if dtype in ST_QUANTIZED else "")
             raise ExportError(f"{path}: tensor {short(name)} has unsupported dtype {short(dtype)}{hint}")
         if len(shape) > 4:
             raise ExportError(f"{path}: tensor {short(name)} has {len(shape)} dimensions")
@@ -376,12 +386,17 @@ def shard_names(hf_dir):
     return sorted(files)
 
 
+# A stored classifier (plain, or packed by MLX, whose multimodal layout keeps it under
+# language_model.): a copy of the tied embedding, skipped.
+LM_HEAD_NAMES = {f"{p}lm_head.{t}" for p in ("", "language_model.") for t in ("weight", "scales", "biases")}
+
+
 def find_tensors(hf_dir):
     """Map canonical name (prefix stripped) -> where its bytes are, over all shards."""
     found = {}
     for fn in shard_names(hf_dir):
         for name, info in read_safetensors_header(os.path.join(hf_dir, fn)).items():
-            if name.startswith(SKIP_PREFIXES) or name == "lm_head.weight":
+            if name.startswith(SKIP_PREFIXES) or name in LM_HEAD_NAMES:
                 continue  # vision half; lm_head is a copy of the tied embedding
             for p in TEXT_PREFIXES:
                 if name.startswith(p):
@@ -589,11 +604,12 @@ def special_ids(special, cfg, vocab):
     return ids
 
 
-def load_hf(hf_dir, dtype_name, quant=None):
+def load_hf(hf_dir, dtype_name, quant=None, quiet=True):
     cfg = read_config(hf_dir)
     if quant:
         check_quantizable(cfg, quant, os.path.join(hf_dir, "config.json"))
     found = find_tensors(hf_dir)
+    mlx_matrices(hf_dir, cfg, found)  # MLX's packed matrices: their scales and biases leave found
     n_layers = cfg["num_hidden_layers"]
     if len(found) < 2 + 13 * n_layers:  # too few tensors for the layer count: say so before listing them all
         names = (n for i in range(-1, n_layers + 1) for n in
@@ -623,6 +639,11 @@ def load_hf(hf_dir, dtype_name, quant=None):
 
     # Output dtype per tensor: norms (1-D) always stay f32; matrices take --dtype.
     out_dtype = DTYPE_CODES[dtype_name]
+    # MLX's packed matrices: tools/mlx_dequant unpacks them all, in file order.
+    packed = [found[n] for n, _ in wanted if "mlx" in found[n]]
+    files = sorted({i["file"] for w in packed for i in (w, w["mlx"][2], w["mlx"][3])})
+    jobs = [mlx_job(w, out_dtype, files) for w in packed]
+    deq = MlxDequantizer(files, jobs, quiet) if jobs else None
     tensors = []
     for name, _ in wanted:
         info = found[name]
@@ -630,9 +651,17 @@ def load_hf(hf_dir, dtype_name, quant=None):
         count = 1
         for d in info["shape"]:
             count *= d
-        tensors.append((name, list(info["shape"]), dt, count * ELEM_SIZE[dt],
-                        lambda info=info, dt=dt: iter([convert(read_tensor_bytes(info), info["dtype"], dt)])))
-    return Source(cfg, vocab, tok_bytes, special, tensors)
+        if "mlx" in info:
+            read = lambda nb=count * ELEM_SIZE[dt], name=name: deq.read(nb, name)
+        else:
+            read = lambda info=info, dt=dt: iter([convert(read_tensor_bytes(info), info["dtype"], dt)])
+        tensors.append((name, list(info["shape"]), dt, count * ELEM_SIZE[dt], read))
+    try:
+        return Source(cfg, vocab, tok_bytes, special, tensors, close=deq.close if deq else lambda: None)
+    except BaseException:
+        if deq:
+            deq.close()
+        raise
 
 
 def write_model(src, raw, out_name, dtype_name, quiet, label=None):
@@ -707,7 +736,7 @@ def load(path, dtype_name, quiet, quant=None):
     """The checkpoint at path as a Source; quant (q8_0, q4_0): the type it is going to be
     quantized to after, checked against the config before any work."""
     if os.path.isdir(path):
-        return load_hf(path, dtype_name, quant)
+        return load_hf(path, dtype_name, quant, quiet)
     if os.path.exists(path):
         return load_gguf(path, dtype_name, quiet, quant)
     raise ExportError(f"cannot read {path}: no such file or directory")
@@ -1528,17 +1557,180 @@ def same_bytes(path, a, b, n):
     return True
 
 
+# ----------------------------------------------------------------------------
+# MLX checkpoints (what `mlx_lm convert -q` writes): a Hugging Face directory whose
+# quantized matrices are each a packed uint32 `weight` with `scales` and `biases`
+
+# mlx.core.quantize's mode "affine": the bits per value and the values per scale it offers.
+MLX_BITS = (1, 2, 3, 4, 5, 6, 8)
+MLX_GROUP_SIZES = (32, 64, 128)
+MLX_OTHER_MODES = ("mxfp4", "nvfp4", "mxfp8")
+MLX_PARAM_KEYS = ("group_size", "bits", "mode")
+
+
+def mlx_params(q, where, default=None):
+    """(bits, group_size) from a quantization object of config.json: the top-level one,
+    or a module's entry, whose absent keys are the top level's (default)."""
+    mode = q.get("mode", "affine")
+    if mode != "affine":
+        if mode in MLX_OTHER_MODES:
+            raise ExportError(f"{where}.mode {mode!r} is not supported (export.py reads MLX's 'affine' mode)")
+        raise ExportError(f"{where}.mode {short(mode)} is unknown (MLX's modes: affine, {', '.join(MLX_OTHER_MODES)})")
+    bits = q.get("bits", default[0] if default else None)
+    group = q.get("group_size", default[1] if default else None)
+    if not (is_int(bits) and bits in MLX_BITS):
+        raise ExportError(f"{where}.bits {short(bits)} is not one of MLX's affine widths "
+                          f"({', '.join(map(str, MLX_BITS))})")
+    if not (is_int(group) and group in MLX_GROUP_SIZES):
+        raise ExportError(f"{where}.group_size {short(group)} is not one of MLX's affine group sizes "
+                          f"({', '.join(map(str, MLX_GROUP_SIZES))})")
+    return bits, group
+
+
+def mlx_quantization(hf_dir):
+    """How config.json says the matrices are quantized, as mlx_lm writes it: `quantization`
+    (copied to `quantization_config`; mlx_lm also looks in text_config) holds group_size,
+    bits and mode for every matrix, plus entries by module name (the tensor's name without
+    .weight) that override them or, false, leave that module unquantized (mlx_lm's mixed
+    recipes). Returns ((bits, group_size), {canonical module name: (bits, group_size) or
+    None}), or (None, {}) when the config names no quantization."""
+    path = os.path.join(hf_dir, "config.json")
+    raw = read_json(path, "config.json", 1 << 20)
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+    q = key = None
+    for obj, prefix in ((raw, ""), (text, "text_config.")):
+        for k in ("quantization", "quantization_config"):
+            if obj.get(k) is not None and q is None:
+                q, key = obj[k], prefix + k
+    if q is None:
+        return None, {}
+    where = f"{path}: {key}"
+    if not isinstance(q, dict):
+        raise ExportError(f"{where} is {short(q)}, not an object")
+    if "quant_method" in q:  # Hugging Face's (GPTQ, AWQ, bitsandbytes, fp8, ...), not MLX's
+        raise ExportError(f"{where}.quant_method {short(q['quant_method'])} is not supported (export.py reads "
+                          "unquantized checkpoints and MLX's affine quantization)")
+    default = mlx_params(q, where)
+    modules = {}
+    for name, entry in q.items():
+        if name in MLX_PARAM_KEYS:
+            continue
+        if name.startswith(SKIP_PREFIXES) or name in ("lm_head", "language_model.lm_head"):
+            continue  # the vision half's modules and the tied classifier's: skipped like their tensors
+        canon = next((name[len(p):] for p in TEXT_PREFIXES if name.startswith(p)), None)
+        if canon is None:
+            raise ExportError(f"{where} names {short(name)}, which is not a module of the text model")
+        if entry is False:
+            modules[canon] = None
+        elif entry is True:
+            modules[canon] = default
+        elif isinstance(entry, dict):
+            modules[canon] = mlx_params(entry, f"{where}.{label(name)}", default)
+        else:
+            raise ExportError(f"{where}.{label(name)} is {short(entry)}, not an object, true or false")
+    return default, modules
+
+
+def mlx_matrices(hf_dir, cfg, found):
+    """Match an MLX checkpoint's packed matrices with its config.json: each module with
+    .scales is quantized, with the bits and group size its config entry (or the top
+    level) gives. Its .scales and .biases leave `found`, and its .weight gets the
+    logical [rows, cols] shape and an "mlx" entry (bits, group size, scales, biases) for
+    load_hf. Every shape, type and claim is checked here, before any work."""
+    path = os.path.join(hf_dir, "config.json")
+    default, modules = mlx_quantization(hf_dir)
+    cols = {"embed_tokens": cfg["hidden_size"]}  # the embedding's rows (vocab) are its tensor's
+    rows = {"embed_tokens": None}
+    for i in range(cfg["num_hidden_layers"]):
+        for name, shape in LAYER_TENSORS:
+            if len(shape(cfg)) == 2:
+                m = f"layers.{i}.{name[:-len('.weight')]}"
+                rows[m], cols[m] = shape(cfg)
+    for m in modules:
+        if m not in cols:
+            raise ExportError(f"{path}: quantization names {short(m)}, which is not a matrix of the text model")
+    n_packed = 0
+    for m in cols:
+        w, sc, bi = (found.get(f"{m}.{t}") for t in ("weight", "scales", "biases"))
+        entry = modules.get(m, default)
+        if sc is None and bi is None:
+            if w is not None and w["dtype"] not in ST_FLOATS:
+                raise ExportError(f"tensor {m}.weight is packed ({w['dtype']}) but there is no {m}.scales")
+            if m in modules and entry is not None and w is not None:
+                raise ExportError(f"{path}: quantization gives {m} {entry[0]} bits in groups of {entry[1]}, "
+                                  f"but {m}.weight is {w['dtype']} with no scales")
+            continue  # a float matrix (mlx_lm leaves those whose rows the groups do not divide)
+        if default is None:
+            raise ExportError(f"tensor {m}.scales: {m} is quantized, but {path} has no quantization "
+                              "(mlx_lm writes its bits and group_size there)")
+        if entry is None:
+            raise ExportError(f"{path}: quantization marks {m} unquantized, but it has {m}.scales")
+        for t, info in (("weight", w), ("scales", sc), ("biases", bi)):
+            if info is None:
+                raise ExportError(f"missing tensor {m}.{t} (an MLX affine matrix is weight, scales and biases)")
+        bits, group = entry
+        r, c = rows[m] if rows[m] is not None else (w["shape"] or [0])[0], cols[m]
+        if c % group:
+            raise ExportError(f"{path}: quantization group_size {group} does not divide the rows of {m} ({c} values)")
+        if w["dtype"] != "U32" or w["shape"] != [r, c * bits // 32]:
+            raise ExportError(f"tensor {m}.weight is {w['dtype']} {short(w['shape'])}, expected U32 "
+                              f"[{r}, {c * bits // 32}] ({r} rows of {c} {bits}-bit values packed in 32-bit words)")
+        for t, info in (("scales", sc), ("biases", bi)):
+            if info["dtype"] not in ST_FLOATS or info["shape"] != [r, c // group]:
+                raise ExportError(f"tensor {m}.{t} is {info['dtype']} {short(info['shape'])}, expected a float "
+                                  f"type and [{r}, {c // group}] (one per group of {group} values)")
+        found[f"{m}.weight"] = dict(w, shape=[r, c], mlx=(bits, group, sc, bi))
+        del found[f"{m}.scales"], found[f"{m}.biases"]
+        n_packed += 1
+    if default is not None and not n_packed:
+        raise ExportError(f"{path}: quantization says the matrices are {default[0]}-bit in groups of {default[1]}, "
+                          "but no tensor is quantized (none has .scales)")
+    for name, info in found.items():
+        if info["dtype"] not in ST_FLOATS and "mlx" not in info:
+            raise ExportError(f"tensor {short(name)} has dtype {info['dtype']}, which only the packed weight of "
+                              "an MLX matrix (with scales and biases) has")
+
+
+MLX_JOB_TYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
+
+
+class MlxDequantizer(Dequantizer):
+    """tools/mlx_dequant run once for the whole checkpoint, like gguf_dequant: the packed
+    matrices' jobs go to its stdin, their values come back on its stdout in that order."""
+
+    def __init__(self, files, jobs, quiet):
+        binary = build_with_make("tools/mlx_dequant", "it unpacks MLX's quantized matrices", quiet, refresh=True)
+        self.proc = subprocess.Popen([binary, *files], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        try:
+            self.proc.stdin.write("".join(jobs).encode())
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it stopped at once; read() reports its error line
+
+
+def mlx_job(info, dt, files):
+    """The tools/mlx_dequant job line of a packed matrix (files: the shard paths, by index)."""
+    bits, group, sc, bi = info["mlx"]
+    index = {f: i for i, f in enumerate(files)}
+    rows, cols = info["shape"]
+    return (f"{index[info['file']]} {info['offset']} {index[sc['file']]} {sc['offset']} {MLX_JOB_TYPES[sc['dtype']]} "
+            f"{index[bi['file']]} {bi['offset']} {MLX_JOB_TYPES[bi['dtype']]} {rows} {cols} {bits} {group} "
+            f"{'bf16' if dt == DTYPE_BF16 else 'f32'}\n")
+
+
 def main():
-    ap = argparse.ArgumentParser(description="Export a Gemma 3 checkpoint (Hugging Face directory or GGUF file) "
-                                             "to a gemma3.c model file.")
-    ap.add_argument("src", metavar="HF_DIR|MODEL.gguf",
-                    help="directory with config.json, *.safetensors and (optionally) tokenizer.json; "
-                         "or a GGUF file of architecture gemma3 (llama.cpp, Ollama)")
+    ap = argparse.ArgumentParser(description="Export a Gemma 3 checkpoint (Hugging Face or MLX directory, or GGUF "
+                                             "file) to a gemma3.c model file.")
+    ap.add_argument("src", metavar="HF_DIR|MLX_DIR|MODEL.gguf",
+                    help="directory with config.json, *.safetensors and (optionally) tokenizer.json, as Hugging Face "
+                         "or mlx_lm (quantized or not) write it; or a GGUF file of architecture gemma3 (llama.cpp, "
+                         "Ollama)")
     ap.add_argument("out", help="output model file, e.g. gemma3-1b.bin")
     ap.add_argument("--dtype", choices=sorted(DTYPE_CODES) + ["q4_0", "q8_0"], default="bf16",
                     help="weight type of the matrices (norms stay f32); default bf16. q8_0 / q4_0: "
                          "int8 / int4 in blocks of 32 with a half-precision scale, made by gemma3 --quantize. "
-                         "From a GGUF, f32 keeps the dequantized values exactly")
+                         "From a GGUF or a quantized MLX checkpoint, f32 keeps the dequantized values exactly")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     ap.add_argument("--force", action="store_true",
                     help="replace OUT even if it exists and is not a gemma3.c model file (without it, such a file "

@@ -958,6 +958,45 @@ static void test_run_sh(void) {
     CHECK(rc == 0, "tests/test_run_sh.sh failed");
 }
 
+/* MLX import (export.py MLX_DIR): the checkpoints mlx_lm quantized in tests/fixtures/mlx
+ * (tools/make_mlx_fixtures.py; its README says how), exported to f32, against a float32
+ * numpy forward over the weights mx.dequantize gives in float32; a q8_0 export of each
+ * against the same logits; then the bad checkpoints of tests/test_mlx.py (its checks are
+ * added to the total). */
+#define MLX_FIX "tests/fixtures/mlx"
+static void test_mlx(void) {
+    printf("MLX import: checkpoints quantized by mlx_lm (tests/fixtures/mlx), bad checkpoints\n");
+    static const char *const fixtures[] = {"q1-g64-gqa", "q2-g128-wide", "q3-g32-gqa", "q4-g64-mqa",
+                                           "q5-g32-mqa", "q6-g64-mqa-mm", "q8-g32-gqa-mm",
+                                           "mixed_3_6-g64-gqa-mm", "mixed_4_6-g32-mqa"};
+    for (size_t i = 0; i < sizeof fixtures / sizeof fixtures[0]; i++) {
+        char dir[128], bin[128], qbin[128], toks[160], ref[160], greedy[160], what[160];
+        snprintf(dir, sizeof dir, MLX_FIX "/%s", fixtures[i]);
+        snprintf(bin, sizeof bin, BUILD "/mlx-%s-f32.bin", fixtures[i]);
+        snprintf(qbin, sizeof qbin, BUILD "/mlx-%s-q8_0.bin", fixtures[i]);
+        snprintf(toks, sizeof toks, "%s/tokens.txt", dir);
+        snprintf(ref, sizeof ref, "%s/logits.f32", dir);
+        snprintf(greedy, sizeof greedy, "%s/greedy.txt", dir);
+        CHECK(run("python3 export.py %s %s --dtype f32 -q", dir, bin) == 0, "%s: export f32: %s", fixtures[i], last_log());
+        snprintf(what, sizeof what, "mlx %s f32", fixtures[i]);
+        check_logits(what, bin, toks, ref, 1e-4);
+        check_greedy(what, bin, toks, greedy);
+        CHECK(run("python3 export.py %s %s --dtype q8_0 -q", dir, qbin) == 0, "%s: export q8_0: %s", fixtures[i], last_log());
+        snprintf(what, sizeof what, "mlx %s q8_0", fixtures[i]);
+        check_quantized(what, qbin, toks, ref, 0.05, 0.8);
+    }
+    int rc = run("python3 tests/test_mlx.py > " BUILD "/mlx.log 2>&1; rc=$?; grep '^not ok' " BUILD "/mlx.log; "
+                 "tail -1 " BUILD "/mlx.log; exit $rc");
+    int passed = 0, failed = 1;
+    const char *log = last_log(), *summary = strstr(log, " passed, ");
+    while (summary > log && summary[-1] >= '0' && summary[-1] <= '9') summary--;
+    if (summary) sscanf(summary, "%d passed, %d failed", &passed, &failed);
+    printf("  tests/test_mlx.py, bad checkpoints (output in " BUILD "/mlx.log): %d passed, %d failed\n", passed, failed);
+    if (failed) printf("%s", log);
+    g_pass += passed, g_fail += failed;
+    CHECK(rc == 0 && passed > 0, "tests/test_mlx.py exited with %d", rc);
+}
+
 /* GGUF import (export.py MODEL.gguf) against gguf-py: tests/test_gguf.sh, which prints one
  * line per check; here it counts as one test (skipped if its venv cannot be made). */
 static void test_gguf(void) {
@@ -1456,6 +1495,7 @@ int main(void) {
     test_library();
     test_fuzz_replay();
     test_run_sh();
+    test_mlx();
     test_gguf();
     int ci = getenv("CI") && strcmp(getenv("CI"), "") && strcmp(getenv("CI"), "false");
     if (ci && g_skip) {

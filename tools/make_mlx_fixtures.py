@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""Make the MLX fixtures in tests/fixtures/mlx/ (run by hand, not in CI).
+
+    python3 -m venv /work/venv-mlx
+    /work/venv-mlx/bin/pip install 'mlx[cpu]==0.32.4' mlx-lm==0.32.2
+    /work/venv-mlx/bin/python tools/make_mlx_fixtures.py [--out tests/fixtures/mlx] [NAME ...]
+
+Each fixture is a small random Gemma 3 checkpoint (tools/make_checkpoint.py, Hugging Face
+layout, bf16) quantized by mlx_lm's own converter (mlx_lm.convert.convert, what
+`mlx_lm.convert -q` runs), with:
+
+  config.json, model.safetensors, model.safetensors.index.json   as mlx_lm wrote them
+  tokens.txt    token ids (<bos> first)
+  logits.f32    float32 logits of every position, row-major [T][vocab], from
+                tests/ref_forward.py (the project's independent numpy forward) over the
+                weights mx.dequantize gives in float32 (scales and biases upcast to
+                float32 first: the values MLX's quantized matmul computes with)
+  greedy.txt    the 8 tokens a greedy decode appends
+
+The tokenizer files mlx_lm copies are dropped (a copy of the real Gemma 3 tokenizer.json,
+33 MB, which the converter needs to run). tests/fixtures/mlx/README.md lists the fixtures.
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TOKENIZER = os.path.join(ROOT, "tests", "data", "tokenizer.json")
+N_TOKENS, N_GREEDY = 10, 8
+
+# Shapes (make_checkpoint.py arguments): vocab 256 and hidden 64 keep a fixture near 50 KB.
+# MQA: one kv head; GQA: two kv heads for four query heads. WIDE has rows of 128 values,
+# for groups of 128 (its down_proj rows are 32 wide: mlx_lm leaves it unquantized, bf16).
+MQA = "--vocab 256 --hidden 64 --inter 64 --layers 2 --heads 2 --kv-heads 1 --head-dim 32 --window 4 --pattern 2"
+GQA = "--vocab 256 --hidden 64 --inter 64 --layers 2 --heads 4 --kv-heads 2 --head-dim 16 --window 4 --pattern 2"
+WIDE = "--vocab 256 --hidden 128 --inter 32 --layers 2 --heads 2 --kv-heads 1 --head-dim 64 --window 4 --pattern 2"
+# name: (shape, layout, bits, group size, mlx_lm quant predicate, dtype of the float tensors
+# and of the scales and biases). "mm": the multimodal layout (Gemma3ForConditionalGeneration).
+FIXTURES = {
+    "q4-g64-mqa": (MQA, "flat", 4, 64, None, "bfloat16"),
+    "q8-g32-gqa-mm": (GQA, "nested", 8, 32, None, "bfloat16"),
+    "q3-g32-gqa": (GQA, "flat", 3, 32, None, "float32"),
+    "q6-g64-mqa-mm": (MQA, "nested", 6, 64, None, "float16"),
+    "q5-g32-mqa": (MQA, "flat", 5, 32, None, "bfloat16"),
+    "q2-g128-wide": (WIDE, "flat", 2, 128, None, "bfloat16"),
+    "mixed_3_6-g64-gqa-mm": (GQA, "nested", 3, 64, "mixed_3_6", "bfloat16"),
+    "mixed_4_6-g32-mqa": (MQA, "flat", 4, 32, "mixed_4_6", "bfloat16"),
+    "q1-g64-gqa": (GQA, "flat", 1, 64, None, "bfloat16"),
+}
+
+
+def sh(*cmd):
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+
+def make_hf(work, shape, layout, seed):
+    """A random bf16 checkpoint in Hugging Face layout, with the real tokenizer (mlx_lm's
+    loader needs one). The multimodal layout's top-level vocab_size is the text model's
+    (mlx_lm's gemma3 model takes the embedding's rows from it, default 262208)."""
+    hf = os.path.join(work, "hf")
+    sh(sys.executable, os.path.join(HERE, "make_checkpoint.py"), hf, *shape.split(), "--layout", layout,
+       "--seed", str(seed), "--tokenizer", TOKENIZER)
+    if layout != "flat":
+        path = os.path.join(hf, "config.json")
+        with open(path) as f:
+            cfg = json.load(f)
+        cfg["vocab_size"] = cfg["text_config"]["vocab_size"]
+        with open(path, "w") as f:
+            json.dump(cfg, f, indent=2)
+    return hf
+
+
+def quantize(hf, out, bits, group, recipe, dtype):
+    from mlx_lm.convert import convert
+    convert(hf, out, quantize=True, q_bits=bits, q_group_size=group, quant_predicate=recipe, dtype=dtype)
+    keep = {"config.json", "model.safetensors", "model.safetensors.index.json"}
+    for name in os.listdir(out):
+        if name not in keep:
+            os.remove(os.path.join(out, name))
+
+
+def dequantized_checkpoint(mlx_dir, dst):
+    """The float32 Hugging Face checkpoint whose every matrix is mx.dequantize of the
+    packed one with its scales and biases upcast to float32 (so scale * q + bias is
+    computed in float32, as mlx's quantized matmul does: mx.dequantize on bf16 scales
+    would round the values to bf16)."""
+    import mlx.core as mx
+    with open(os.path.join(mlx_dir, "config.json")) as f:
+        cfg = json.load(f)
+    q = cfg["quantization"]
+    w = mx.load(os.path.join(mlx_dir, "model.safetensors"))
+    out = {}
+    for name, arr in w.items():
+        if name.endswith((".scales", ".biases")):
+            continue
+        module = name[:-len(".weight")]
+        if name.endswith(".weight") and module + ".scales" in w:
+            p = q.get(module, q)
+            assert p.get("mode", "affine") == "affine"
+            arr = mx.dequantize(arr, w[module + ".scales"].astype(mx.float32), w[module + ".biases"].astype(mx.float32),
+                                group_size=p["group_size"], bits=p["bits"])
+        out[name] = arr.astype(mx.float32)
+    os.makedirs(dst)
+    mx.save_safetensors(os.path.join(dst, "model.safetensors"), out)
+    cfg.pop("quantization")
+    cfg.pop("quantization_config", None)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+def make_fixture(name, out_root, seed):
+    shape, layout, bits, group, recipe, dtype = FIXTURES[name]
+    out = os.path.join(out_root, name)
+    shutil.rmtree(out, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as work:
+        hf = make_hf(work, shape, layout, seed)
+        quantize(hf, out, bits, group, recipe, dtype)
+        deq = os.path.join(work, "deq")
+        dequantized_checkpoint(out, deq)
+        vocab = int(shape.split("--vocab ")[1].split()[0])
+        rng = random.Random(seed)
+        tokens = [2] + [rng.randrange(vocab) for _ in range(N_TOKENS - 1)]
+        with open(os.path.join(out, "tokens.txt"), "w") as f:
+            f.write(" ".join(map(str, tokens)) + "\n")
+        sh(sys.executable, os.path.join(ROOT, "tests", "ref_forward.py"), deq, "--tokens",
+           os.path.join(out, "tokens.txt"), "--out", os.path.join(out, "logits.f32"), "--greedy", str(N_GREEDY),
+           "--greedy-out", os.path.join(out, "greedy.txt"))
+        mlx_diff = mlx_forward_diff(out, tokens)
+        n_same, n_matrices, export_diff = export_vs_mlx(out, deq, work)
+    size = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out))
+    print(f"{name}: {size} bytes; export.py f32 vs mx.dequantize: {n_same} of {n_matrices} matrices bit-identical, "
+          f"max|diff| {export_diff:.3g}; mlx_lm's own forward (float32) vs logits.f32: max|diff| {mlx_diff:.3g}",
+          file=sys.stderr)
+
+
+def export_vs_mlx(mlx_dir, deq, work):
+    """export.py --dtype f32 of the fixture against the float32 dequantized checkpoint,
+    matrix by matrix: (how many are bit-identical, how many, the largest difference)."""
+    import struct
+    import numpy as np
+    import mlx.core as mx
+    out = os.path.join(work, "export.bin")
+    sh(sys.executable, os.path.join(ROOT, "export.py"), mlx_dir, out, "--dtype", "f32", "-q")
+    with open(out, "rb") as f:
+        blob = f.read()
+    n_tensors, dir_off = struct.unpack_from("<I", blob, 88)[0], struct.unpack_from("<Q", blob, 112)[0]
+    ref = {k.split("model.", 2)[-1]: np.array(v)  # without model. / language_model.model.
+           for k, v in mx.load(os.path.join(deq, "model.safetensors")).items()}
+    same, count, worst = 0, 0, 0.0
+    for i in range(n_tensors):
+        e = dir_off + 104 * i
+        name = blob[e:e + 64].rstrip(b"\0").decode()
+        ndim, rows, cols = struct.unpack_from("<3I", blob, e + 68)
+        off, nbytes = struct.unpack_from("<QQ", blob, e + 88)
+        if ndim != 2:
+            continue
+        got = np.frombuffer(blob, dtype="<f4", count=rows * cols, offset=off).reshape(rows, cols)
+        want = ref[name]
+        same += bool((got.view(np.uint32) == want.view(np.uint32)).all())
+        count += 1
+        worst = max(worst, float(np.abs(got - want).max()))
+    return same, count, worst
+
+
+def mlx_forward_diff(mlx_dir, tokens):
+    """A cross-check of the reference: mlx_lm's own Gemma 3 forward on the quantized
+    checkpoint, every float (scales, biases, norms) cast to float32, against logits.f32:
+    the largest difference. (mlx_lm rounds the embedding scale sqrt(hidden) to bf16; for
+    hidden 64 it is 8, exact.)"""
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_map
+    from mlx_lm.utils import load_model
+    from pathlib import Path
+    model, _ = load_model(Path(mlx_dir))
+    model.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a,
+                          model.parameters()))
+    cache = model.make_cache()
+    logits = np.array(model(mx.array(tokens)[None], cache=cache)[0].astype(mx.float32))
+    ref = np.fromfile(os.path.join(mlx_dir, "logits.f32"), dtype="<f4").reshape(logits.shape)
+    return float(np.abs(logits - ref).max())
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Make the MLX fixtures (needs mlx and mlx-lm).")
+    ap.add_argument("names", nargs="*", help=f"fixtures to make (default all: {', '.join(FIXTURES)})")
+    ap.add_argument("--out", default=os.path.join(ROOT, "tests", "fixtures", "mlx"))
+    args = ap.parse_args()
+    for name in args.names or FIXTURES:
+        if name not in FIXTURES:
+            sys.exit(f"unknown fixture {name}")
+        make_fixture(name, args.out, seed=list(FIXTURES).index(name) + 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+/* mlx_dequant.c - dequantize the packed matrices of an MLX checkpoint to float32 (or bf16).
+ *
+ *   mlx_dequant FILE0.safetensors [FILE1 ...] < jobs > values
+ *
+ * Each line of stdin is one matrix:
+ *
+ *   W_FILE W_OFF S_FILE S_OFF S_TYPE B_FILE B_OFF B_TYPE ROWS COLS BITS GROUP OUT
+ *
+ * W_*: the packed weight (uint32 words), S_*: the scales, B_*: the biases; *_FILE is the
+ * index of a file among the arguments, *_OFF the absolute byte offset of the tensor's
+ * data in it, *_TYPE bf16, f16 or f32. ROWS x COLS is the matrix's logical shape, BITS
+ * the bits per value, GROUP the values per scale and bias, OUT f32 or bf16. The values
+ * of each job go to stdout row by row, little-endian, nothing between jobs. Errors: one
+ * line on stderr, exit status 1. export.py checks every shape first and drives this.
+ *
+ * The layout is what mlx.core.quantize writes in mode "affine" (mlx 0.32): a row of COLS
+ * values is one little-endian bit stream, value j in bits j*BITS .. j*BITS + BITS - 1
+ * of the row's bytes (so 3-, 5- and 6-bit values straddle the 32-bit words); group g of
+ * the row is values g*GROUP .. g*GROUP + GROUP - 1, with scale s and bias b, and
+ *
+ *   value = s * q + b
+ *
+ * in float32, s and b widened from their stored type first. That is what MLX's
+ * quantized matmul computes with, and bit for bit what mx.dequantize returns when given
+ * float32 scales and biases (mx.dequantize on bf16 ones rounds the result to bf16). The
+ * build turns off multiply-add contraction (-ffp-contract=off in the Makefile): a fused
+ * s * q + b rounds once where mlx rounds twice.
+ *
+ * C99, standard library only; every multi-byte field is read byte by byte as
+ * little-endian, so the tool works on big-endian hosts too. */
+#include <errno.h>
+#include <limits.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_FILES 4096
+
+static const char *progname = "mlx_dequant";
+
+static void die(const char *fmt, const char *arg) {
+    fprintf(stderr, "%s: ", progname);
+    fprintf(stderr, fmt, arg);
+    fputc('\n', stderr);
+    exit(1);
+}
+
+static float bits_to_f32(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static uint32_t f32_to_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+/* IEEE half -> float, exact (subnormal halves become normal floats, inf and NaN kept). */
+static float f16_to_f32(uint32_t h) {
+    uint32_t sign = (h & 0x8000u) << 16, exp = h & 0x7c00u, man = h & 0x03ffu;
+    if (exp == 0x7c00u) return bits_to_f32(sign | 0x7f800000u | man << 13); /* inf, NaN */
+    if (exp != 0) return bits_to_f32(sign | ((exp >> 10) + 112) << 23 | man << 13);
+    if (man == 0) return bits_to_f32(sign); /* +-0 */
+    int e = 113; /* subnormal: shift the mantissa up until its leading 1 is the implicit bit */
+    while (!(man & 0x0400u)) {
+        man <<= 1;
+        e--;
+    }
+    return bits_to_f32(sign | (uint32_t)e << 23 | (man & 0x03ffu) << 13);
+}
+
+/* float32 -> bf16 rounded to nearest even, NaN kept a (quiet) NaN: what export.py does. */
+static uint16_t f32_to_bf16(float f) {
+    uint32_t u = f32_to_bits(f);
+    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+/* The scales' and biases' stored types. */
+typedef enum { T_BF16, T_F16, T_F32 } FloatType;
+
+static int type_size(FloatType t) { return t == T_F32 ? 4 : 2; }
+
+/* One stored float of type t at p, widened to float32 (exactly). */
+static float load_float(const unsigned char *p, FloatType t) {
+    if (t == T_BF16) return bits_to_f32((uint32_t)(p[0] | p[1] << 8) << 16);
+    if (t == T_F16) return f16_to_f32((uint32_t)(p[0] | p[1] << 8));
+    return bits_to_f32((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24);
+}
+
+static int parse_type(const char *s, FloatType *t) {
+    if (!strcmp(s, "bf16")) *t = T_BF16;
+    else if (!strcmp(s, "f16")) *t = T_F16;
+    else if (!strcmp(s, "f32")) *t = T_F32;
+    else return -1;
+    return 0;
+}
+
+/* The files named on the command line, opened once, with their sizes. */
+typedef struct {
+    FILE *f;
+    long long size;
+    const char *path;
+} Input;
+
+/* Read n bytes at offset of in into buf, checking they lie inside the file. */
+static void read_at(const Input *in, long long offset, unsigned char *buf, size_t n) {
+    if (offset < 0 || offset > in->size || (long long)n > in->size - offset)
+        die("tensor data lies past the end of %s (truncated file?)", in->path);
+    if (offset > LONG_MAX || fseek(in->f, (long)offset, SEEK_SET) != 0) die("cannot seek in %s", in->path);
+    if (fread(buf, 1, n, in->f) != n) die("short read from %s (truncated file?)", in->path);
+}
+
+/* Value j of a row packed as a little-endian bit stream of `bits`-bit values. The row
+ * buffer has one spare zero byte, so a value in the last byte may read one past it. */
+static unsigned unpack(const unsigned char *row, long long j, int bits) {
+    long long p = j * bits;
+    unsigned two = (unsigned)row[p >> 3] | (unsigned)row[(p >> 3) + 1] << 8;
+    return (two >> (p & 7)) & ((1u << bits) - 1u);
+}
+
+/* A job's fields, as read from its line. */
+typedef struct {
+    int wfile, sfile, bfile;
+    long long woff, soff, boff;
+    FloatType stype, btype;
+    long long rows, cols;
+    int bits, group, out_bf16;
+} Job;
+
+/* Dequantize one matrix, row after row, to stdout. */
+static void run_job(const Input *inputs, const Job *j) {
+    long long n_groups = j->cols / j->group;
+    size_t wbytes = (size_t)(j->cols * j->bits / 8), sbytes = (size_t)n_groups * (size_t)type_size(j->stype),
+           bbytes = (size_t)n_groups * (size_t)type_size(j->btype);
+    size_t obytes = (size_t)j->cols * (j->out_bf16 ? 2 : 4);
+    unsigned char *w = calloc(wbytes + 1, 1), *s = malloc(sbytes), *b = malloc(bbytes), *out = malloc(obytes);
+    if (!w || !s || !b || !out) die("out of memory for a row of %s", "the matrix");
+    for (long long r = 0; r < j->rows; r++) {
+        read_at(&inputs[j->wfile], j->woff + r * (long long)wbytes, w, wbytes);
+        read_at(&inputs[j->sfile], j->soff + r * (long long)sbytes, s, sbytes);
+        read_at(&inputs[j->bfile], j->boff + r * (long long)bbytes, b, bbytes);
+        for (long long g = 0; g < n_groups; g++) {
+            float scale = load_float(s + g * type_size(j->stype), j->stype);
+            float bias = load_float(b + g * type_size(j->btype), j->btype);
+            for (long long k = g * j->group; k < (g + 1) * j->group; k++) {
+                float q = (float)unpack(w, k, j->bits);
+                float prod = scale * q; /* rounded to float32 before the addition, as mlx does */
+                float y = prod + bias;
+                if (j->out_bf16) {
+                    uint16_t h = f32_to_bf16(y);
+                    out[2 * k] = (unsigned char)(h & 0xff);
+                    out[2 * k + 1] = (unsigned char)(h >> 8);
+                } else {
+                    uint32_t u = f32_to_bits(y);
+                    out[4 * k] = (unsigned char)(u & 0xff);
+                    out[4 * k + 1] = (unsigned char)(u >> 8 & 0xff);
+                    out[4 * k + 2] = (unsigned char)(u >> 16 & 0xff);
+                    out[4 * k + 3] = (unsigned char)(u >> 24);
+                }
+            }
+        }
+        if (fwrite(out, 1, obytes, stdout) != obytes) die("cannot write to stdout (%s)", strerror(errno));
+    }
+    free(w);
+    free(s);
+    free(b);
+    free(out);
+}
+
+/* Parse and check one job line against the files it names. */
+static Job parse_job(const char *line, int n_inputs) {
+    Job j;
+    char st[8], bt[8], out[8];
+    if (sscanf(line, "%d %lld %d %lld %7s %d %lld %7s %lld %lld %d %d %7s", &j.wfile, &j.woff, &j.sfile, &j.soff, st,
+               &j.bfile, &j.boff, bt, &j.rows, &j.cols, &j.bits, &j.group, out) != 13 ||
+        parse_type(st, &j.stype) || parse_type(bt, &j.btype) || (strcmp(out, "f32") && strcmp(out, "bf16")))
+        die("bad job line: %s", line);
+    j.out_bf16 = out[0] == 'b';
+    if (j.wfile < 0 || j.wfile >= n_inputs || j.sfile < 0 || j.sfile >= n_inputs || j.bfile < 0 || j.bfile >= n_inputs)
+        die("job names a file that is not an argument: %s", line);
+    if (j.bits < 1 || j.bits > 8 || j.bits == 7) die("bad job line (bits 1 to 6 or 8): %s", line);
+    if (j.group < 1 || j.rows < 1 || j.cols < 1 || j.cols > (1 << 24) || j.cols % j.group ||
+        j.cols * j.bits % 32)
+        die("bad job line (the groups or the 32-bit words do not divide the row): %s", line);
+    return j;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || argc - 1 > MAX_FILES) {
+        fprintf(stderr, "usage: %s FILE.safetensors... < jobs   (one job a line: W_FILE W_OFF S_FILE S_OFF "
+                        "bf16|f16|f32 B_FILE B_OFF bf16|f16|f32 ROWS COLS BITS GROUP f32|bf16)\n", progname);
+        return 2;
+    }
+    int n_inputs = argc - 1;
+    Input *inputs = calloc((size_t)n_inputs, sizeof *inputs);
+    if (!inputs) die("out of memory for %s", "the file list");
+    for (int i = 0; i < n_inputs; i++) {
+        inputs[i].path = argv[i + 1];
+        inputs[i].f = fopen(argv[i + 1], "rb");
+        if (!inputs[i].f) die("cannot open %s", argv[i + 1]);
+        if (fseek(inputs[i].f, 0, SEEK_END) != 0) die("cannot seek in %s", argv[i + 1]);
+        inputs[i].size = ftell(inputs[i].f);
+        if (inputs[i].size < 0) die("cannot tell the size of %s", argv[i + 1]);
+    }
+    char line[512];
+    while (fgets(line, sizeof line, stdin)) {
+        Job j = parse_job(line, n_inputs);
+        run_job(inputs, &j);
+    }
+    if (fflush(stdout) != 0) die("cannot write to stdout (%s)", strerror(errno));
+    for (int i = 0; i < n_inputs; i++) fclose(inputs[i].f);
+    free(inputs);
+    return 0;
+}
