@@ -39,7 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#ifndef GEMMA3_NO_MMAP
+#if !defined(GEMMA3_NO_MMAP) || !defined(GEMMA3_NO_MAIN) /* mmap; the command line is a POSIX program */
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -2005,21 +2005,26 @@ int gemma3_chat_turn(gemma3_session *session, const char *user_text, size_t len,
 /* ------------------------------------------------------------------------- */
 /* 6. the command line: the gemma3 program, on the library above              */
 /* ------------------------------------------------------------------------- */
+/* A POSIX program (files, links, FIFOs, signals); the library above needs only C99. */
 #ifndef GEMMA3_NO_MAIN
 
-static int isatty_stderr(void) {
-#ifndef GEMMA3_NO_MMAP
-    return isatty(2); /* POSIX builds: progress lines only on a terminal */
-#else
-    return 0;
-#endif
-}
+static int isatty_stderr(void) { return isatty(2); /* progress lines only on a terminal */ }
+
+/* The most bytes one text input may hold: a prompt (-p, -f), a --perplexity text, a --chat
+ * line, --encode's or --decode's stdin, a --logits token file. They are read in pieces and
+ * refused once past it, so that an endless input (a device, a pipe) cannot take all memory. */
+#define TEXT_LIMIT_MIB 64
+#define TEXT_LIMIT ((size_t)TEXT_LIMIT_MIB << 20)
+
+/* fgetc that gives EOF once *count passes TEXT_LIMIT (then *count > TEXT_LIMIT). */
+static int counted_getc(FILE *f, size_t *count) { return ++*count > TEXT_LIMIT ? EOF : fgetc(f); }
 
 /* Read whitespace-separated token ids from a stream (`name` for messages); every id must
  * be < vocab_size. The --logits file and --decode's stdin both come through here. */
 static int read_id_stream(FILE *f, const char *name, int vocab_size, int **ids_out, int *n_out, char *err,
                           size_t errsize) {
     int cap = 256, n = 0, *ids = malloc((size_t)cap * sizeof(int)), ch = 0;
+    size_t bytes = 0;
     while (ids && ch != EOF) {
         /* one word: decimal digits, ended by white space or the end; anything else is refused
          * (a NUL or a letter inside an id must not pass as part of a number): named by the
@@ -2027,9 +2032,9 @@ static int read_id_stream(FILE *f, const char *name, int vocab_size, int **ids_o
         long v = 0;
         int digits = 0;
         char word[24]; /* its first digits, for the message */
-        while ((ch = fgetc(f)) != EOF && isspace(ch)) {}
+        while ((ch = counted_getc(f, &bytes)) != EOF && isspace(ch)) {}
         int bad = 0; /* a byte that is not a digit: the first that is not printable, else 1 */
-        for (; ch != EOF && !isspace(ch); ch = fgetc(f)) {
+        for (; ch != EOF && !isspace(ch); ch = counted_getc(f, &bytes)) {
             if ((ch < '0' || ch > '9') && !bad) bad = ch > 0x20 && ch < 0x7f ? 1 : 0x100 | ch;
             if (!bad && v < vocab_size) v = 10 * v + (ch - '0'); /* v stops growing once it is out of range */
             if (digits < (int)sizeof word - 4) word[digits] = (char)ch, word[digits + 1] = 0;
@@ -2057,7 +2062,12 @@ static int read_id_stream(FILE *f, const char *name, int vocab_size, int **ids_o
         ids[n++] = (int)v;
     }
     if (!ids) { set_err(err, errsize, "out of memory reading %s", name); return -1; }
-    if (ferror(f)) { set_err(err, errsize, "read error on %s", name); free(ids); return -1; }
+    if (ferror(f) || bytes > TEXT_LIMIT) {
+        if (bytes > TEXT_LIMIT) set_err(err, errsize, "%s is larger than %d MiB, the limit for a text input", name, TEXT_LIMIT_MIB);
+        else set_err(err, errsize, "cannot read %s: %s", name, strerror(errno));
+        free(ids);
+        return -1;
+    }
     *ids_out = ids;
     *n_out = n;
     return 0;
@@ -2278,10 +2288,11 @@ static int unquantizable_row(const char *name, const float *row, int cols, int r
     return 0;
 }
 
-/* --quantize: write a copy of model file `m` whose matrices are q8_0 or q4_0 (norms stay
- * f32). Header, layer types and tokenizer are copied byte for byte; the tensor directory
- * gets the new dtypes, sizes and offsets. export.py --dtype q8_0|q4_0 calls this. */
-static int quantize_model(const Model *m, const char *out_path, int dtype, char *err, size_t errsize) {
+/* --quantize: write to f (out_name in messages) a copy of model file `m` whose matrices are
+ * q8_0 or q4_0 (norms stay f32). Header, layer types and tokenizer are copied byte for byte;
+ * the tensor directory gets the new dtypes, sizes and offsets. It writes in order, never
+ * seeking (f may be a pipe). export.py --dtype q8_0|q4_0 calls this. */
+static int quantize_model(const Model *m, FILE *f, const char *out_name, int dtype, char *err, size_t errsize) {
     const unsigned char *h = m->data;
     uint64_t dir_off = rd_u64(h + 112);
     uint32_t n = rd_u32(h + 88);
@@ -2291,18 +2302,10 @@ static int quantize_model(const Model *m, const char *out_path, int dtype, char 
     int widest = c->dim > c->hidden_dim ? c->dim : c->hidden_dim;
     if (c->n_heads * c->head_dim > widest) widest = c->n_heads * c->head_dim;
     float *row = malloc((size_t)widest * sizeof(float));
-    /* Write in whole 4 MiB pieces at 4 MiB offsets (stdio writes a full buffer at once):
-     * Linux then caches the new file in 2 MiB pages where the filesystem can (large
-     * folios), and gemma3 maps it with 2 MiB pages (see read_file_bytes). The buffer is
-     * ours: glibc ignores setvbuf's size when it is to allocate the buffer itself. */
-    size_t obuf_size = (size_t)4 << 20;
-    char *obuf = malloc(obuf_size);
-    FILE *f = fopen(out_path, "wb");
-    if (!dir || !row || !obuf || !f) {
-        set_err(err, errsize, f ? "out of memory" : "cannot write %s: %s", out_path, strerror(errno));
+    if (!dir || !row) {
+        set_err(err, errsize, "out of memory");
         goto fail;
     }
-    setvbuf(f, obuf, _IOFBF, obuf_size);
     memcpy(dir, m->data + dir_off, dir_size);
     /* lay out the tensors: same order, 64-byte aligned */
     uint64_t pos = (dir_off + dir_size + 63) / 64 * 64;
@@ -2364,39 +2367,14 @@ static int quantize_model(const Model *m, const char *out_path, int dtype, char 
     if (isatty_stderr()) fprintf(stderr, "\n");
     free(dir);
     free(row);
-    int closed = fclose(f); /* flushes the buffer: free it only after */
-    free(obuf);
-    if (closed != 0) { set_err(err, errsize, "write error on %s", out_path); return -1; }
     return 0;
 write_fail:
-    set_err(err, errsize, "write error on %s", out_path);
+    set_err(err, errsize, "cannot write %s: %s", out_name, strerror(errno));
 fail:
     free(dir);
     free(row);
-    if (f) fclose(f);
-    free(obuf);
     return -1;
 }
-
-/* Read one line (without its newline) of any length; NULL at end of input. */
-static char *read_line(FILE *in, size_t *len) {
-    size_t cap = 256, n = 0;
-    char *buf = malloc(cap);
-    int ch;
-    while (buf && (ch = fgetc(in)) != EOF && ch != '\n') {
-        if (n + 1 == cap) {
-            char *grown = realloc(buf, cap *= 2);
-            if (!grown) { free(buf); return NULL; }
-            buf = grown;
-        }
-        buf[n++] = (char)ch;
-    }
-    if (!buf || (ch == EOF && n == 0)) { free(buf); return NULL; }
-    buf[n] = 0;
-    *len = n;
-    return buf;
-}
-
 
 static void usage(FILE *f) {
     fprintf(f,
@@ -2437,12 +2415,19 @@ static void usage(FILE *f) {
         "                       --logits: the number of tokens)\n"
         "  -h, --help           this help\n"
         "\n"
+        "files: an output is written as OUT.partial and renamed to OUT when whole (through a\n"
+        "  symlink to its target); a FIFO or character device is written as a stream. Refused:\n"
+        "  an output that is an input or the other output, --quantize over a non-model file.\n"
+        "  Errors, SIGINT, SIGTERM and SIGHUP remove OUT.partial (exit 128 + signal); after a\n"
+        "  SIGKILL the same command run again replaces it. Text inputs (-p, -f, --perplexity,\n"
+        "  a --chat line, stdin, a --logits file): at most 64 MiB each.\n"
+        "\n"
         "threads: set OMP_NUM_THREADS. Model files are made by export.py (see README.md).\n");
 }
 
-/* Output files are written under NAME.partial and renamed when whole, so that a failed or
- * interrupted run leaves nothing under NAME; die removes the .partial files of this run. */
-static char *g_partial[2];
+/* The .partial files this run is writing (see "output files" below): die and the signal
+ * handler remove them. */
+static char *volatile g_partial[2];
 
 static void die(const char *fmt, ...) {
     va_list ap;
@@ -2452,7 +2437,7 @@ static void die(const char *fmt, ...) {
     va_end(ap);
     fputc('\n', stderr);
     for (int i = 0; i < 2; i++)
-        if (g_partial[i]) remove(g_partial[i]);
+        if (g_partial[i]) unlink(g_partial[i]);
     exit(1);
 }
 
@@ -2472,32 +2457,61 @@ static float parse_float(const char *flag, const char *s, float lo, float hi) {
     return (float)v;
 }
 
-/* Read all of a stream into memory (text may contain NUL bytes, so keep the length). */
-static char *read_all(FILE *f, size_t *len) {
-    size_t cap = 4096, n = 0;
+/* All of a stream (`what` in messages), at most TEXT_LIMIT bytes (text may contain NUL
+ * bytes, so keep the length). */
+static char *read_all(FILE *f, const char *what, size_t *len) {
+    size_t cap = 4096, n = 0, got;
     char *buf = malloc(cap);
-    size_t got;
     while (buf && (got = fread(buf + n, 1, cap - n, f)) > 0) {
         n += got;
-        if (n == cap) {
-            char *grown = realloc(buf, cap *= 2);
-            if (!grown) { free(buf); return NULL; }
+        if (n > TEXT_LIMIT) die("%s is larger than %d MiB, the limit for a text input", what, TEXT_LIMIT_MIB);
+        if (n == cap) { /* grow, up to one byte past the limit */
+            cap = cap * 2 > TEXT_LIMIT + 1 ? TEXT_LIMIT + 1 : cap * 2;
+            char *grown = realloc(buf, cap);
+            if (!grown) free(buf);
             buf = grown;
         }
     }
+    if (!buf) die("out of memory reading %s", what);
+    if (ferror(f)) die("cannot read %s: %s", what, strerror(errno));
     *len = n;
     return buf;
 }
 
 /* The bytes of a text file (`what` names it in errors). */
 static char *read_text_file(const char *what, const char *path, size_t *len) {
+    char name[512];
+    snprintf(name, sizeof name, "%s %s", what, path);
     FILE *f = fopen(path, "rb");
-    if (!f) die("cannot open %s %s: %s", what, path, strerror(errno));
-    char *text = read_all(f, len);
-    int bad = ferror(f);
+    if (!f) die("cannot open %s: %s", name, strerror(errno));
+    char *text = read_all(f, name, len);
     fclose(f);
-    if (!text || bad) die("cannot read %s %s", what, path);
     return text;
+}
+
+/* One line of stdin, line `number`, without its newline, into *line (malloc'd) and *len: 1,
+ * or 0 at the end of input. A line past TEXT_LIMIT or a read error ends the program. */
+static int read_line(FILE *in, int number, char **line, size_t *len) {
+    size_t cap = 256, n = 0;
+    char *buf = malloc(cap);
+    int ch = 0;
+    while (buf && (ch = fgetc(in)) != EOF && ch != '\n') {
+        if (n == TEXT_LIMIT) die("stdin: line %d is longer than %d MiB, the limit for a message", number, TEXT_LIMIT_MIB);
+        if (n + 1 == cap) {
+            char *grown = realloc(buf, cap *= 2);
+            if (!grown) free(buf);
+            buf = grown;
+            if (!buf) break;
+        }
+        buf[n++] = (char)ch;
+    }
+    if (!buf) die("out of memory reading line %d of stdin", number);
+    if (ferror(in)) die("cannot read stdin: %s", strerror(errno));
+    if (ch == EOF && n == 0) { free(buf); return 0; }
+    buf[n] = 0;
+    *line = buf;
+    *len = n;
+    return 1;
 }
 
 /* What the command line asked for. */
@@ -2512,14 +2526,200 @@ typedef struct {
     uint64_t seed;
 } Options;
 
-/* Whether paths a and b name the same file (b need not exist yet): writing an output over
- * the model would truncate it while it is read. */
-static int same_file(const char *a, const char *b) {
-#ifndef GEMMA3_NO_MMAP
-    struct stat sa, sb;
-    if (stat(a, &sa) == 0 && stat(b, &sb) == 0) return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
-#endif
-    return strcmp(a, b) == 0;
+/* ---- output files ----
+ * --quantize, --logits and --dump-hidden write where the user pointed and replace nothing
+ * else. A regular file, or a new name, is written as TARGET.partial in its directory and
+ * renamed to TARGET when whole, TARGET being the file a symlink leads to (the link stays a
+ * link). A FIFO or character device is written in place, as a stream. Anything else is
+ * refused, and so is an output that is an input of the run or another output. A run that
+ * fails, or gets SIGINT, SIGTERM or SIGHUP, removes its .partial files (and exits with
+ * status 128 + the signal); one killed outright leaves them, and the same command run
+ * again replaces them. */
+typedef struct {
+    const char *name; /* as given (for messages) */
+    char *target;     /* the file it names: symlinks followed, in a canonical directory */
+    char *partial;    /* target.partial, written first (NULL for a stream) */
+    int exists;       /* the target exists, as st */
+    struct stat st;
+    FILE *f;
+    char *buf;        /* f's buffer */
+} Output;
+
+static Output g_out[2]; /* slot 0: --quantize's or --logits' OUT, 1: --dump-hidden's */
+
+static char *join_path(const char *dir, size_t dir_len, const char *name) {
+    size_t n = strlen(name);
+    char *p = malloc(dir_len + n + 2);
+    if (!p) die("out of memory");
+    memcpy(p, dir, dir_len);
+    p[dir_len] = '/';
+    memcpy(p + dir_len + 1, name, n + 1);
+    return p;
+}
+
+/* The file `path` names, with its symlinks followed, as an absolute path in a canonical
+ * directory; it need not exist. NULL (errno set) when its directory does not exist. */
+static char *output_target(const char *path) {
+    char *p = realpath(path, NULL), link[4096];
+    if (p || errno != ENOENT) return p;
+    if (!(p = dup_bytes(path, strlen(path)))) die("out of memory");
+    struct stat st;
+    for (int hops = 0; lstat(p, &st) == 0 && S_ISLNK(st.st_mode); hops++) { /* a link to nothing yet */
+        ssize_t n = hops < 40 ? readlink(p, link, sizeof link) : -1;
+        if (n < 0 || n == (ssize_t)sizeof link) {
+            errno = hops == 40 ? ELOOP : n < 0 ? errno : ENAMETOOLONG;
+            free(p);
+            return NULL;
+        }
+        link[n] = 0;
+        char *slash = strrchr(p, '/'), *next = link[0] == '/' || !slash ? dup_bytes(link, (size_t)n)
+                                                                          : join_path(p, (size_t)(slash - p), link);
+        free(p);
+        if (!(p = next)) die("out of memory");
+    }
+    char *slash = strrchr(p, '/'), *dir;
+    if (slash) {
+        *slash = 0;
+        dir = realpath(slash == p ? "/" : p, NULL);
+    } else {
+        dir = realpath(".", NULL);
+    }
+    char *target = dir ? join_path(dir, strlen(dir), slash ? slash + 1 : p) : NULL;
+    free(dir);
+    free(p);
+    return target;
+}
+
+/* The checks made before anything is read or written: where output `slot` goes, and
+ * whether it may be written there. */
+static void plan_output(int slot, const char *name, int is_model) {
+    Output *o = &g_out[slot];
+    o->name = name;
+    if (!(o->target = output_target(name))) die("cannot write %s: %s", name, strerror(errno));
+    o->exists = stat(o->target, &o->st) == 0;
+    if (o->exists && S_ISDIR(o->st.st_mode)) die("%s is a directory: give a file name", name);
+    if (o->exists && !S_ISREG(o->st.st_mode) && !S_ISFIFO(o->st.st_mode) && !S_ISCHR(o->st.st_mode))
+        die("%s is not a regular file, FIFO or character device: give a file name", name);
+    if (o->exists && !S_ISREG(o->st.st_mode)) return; /* a stream, written in place */
+    size_t len = strlen(o->target);
+    if (!(o->partial = malloc(len + sizeof ".partial"))) die("out of memory");
+    memcpy(o->partial, o->target, len);
+    memcpy(o->partial + len, ".partial", sizeof ".partial");
+    if (is_model && o->exists) { /* --quantize replaces a model file, nothing else */
+        char magic[4] = {0};
+        FILE *f = fopen(o->target, "rb");
+        if (!f) die("cannot read %s (to see that it is a model file): %s", name, strerror(errno));
+        size_t got = fread(magic, 1, 4, f);
+        fclose(f);
+        if (got != 4 || memcmp(magic, "GM3C", 4) != 0)
+            die("%s exists and is not a gemma3.c model file (no GM3C magic): remove it or give another name", name);
+    }
+}
+
+/* Whether output o is the file at path (a file the run reads). */
+static int is_file(const Output *o, const char *path) {
+    struct stat st;
+    if (o->exists && stat(path, &st) == 0) return o->st.st_dev == st.st_dev && o->st.st_ino == st.st_ino;
+    char *real = realpath(path, NULL);
+    int same = real && !strcmp(real, o->target);
+    free(real);
+    return same;
+}
+
+/* Refuse outputs that are inputs of the run, or each other, or whose .partial is. */
+static void check_outputs(const char *const out_names[2], const char *const inputs[], const char *const input_kinds[],
+                          int quantize) {
+    for (int i = 0; i < 2; i++)
+        if (out_names[i]) plan_output(i, out_names[i], quantize);
+    for (int i = 0; i < 2; i++) {
+        const Output *o = &g_out[i];
+        if (!o->name) continue;
+        for (int k = 0; input_kinds[k]; k++) {
+            if (!inputs[k]) continue;
+            if (is_file(o, inputs[k])) die("%s is the %s itself: give the output another name", o->name, input_kinds[k]);
+            char *real = realpath(inputs[k], NULL);
+            int clash = o->partial && real && !strcmp(real, o->partial);
+            free(real);
+            if (clash)
+                die("%s.partial, where %s is written first, is the %s itself: give the output another name", o->name,
+                    o->name, input_kinds[k]);
+        }
+    }
+    const Output *a = &g_out[0], *b = &g_out[1];
+    if (a->name && b->name) {
+        if (!strcmp(a->target, b->target) || (a->exists && b->exists && a->st.st_dev == b->st.st_dev &&
+                                                a->st.st_ino == b->st.st_ino))
+            die("--logits and --dump-hidden both write %s: give them different names", b->name);
+        for (int i = 0; i < 2; i++) {
+            const Output *o = &g_out[i], *other = &g_out[1 - i];
+            if (o->partial && (!strcmp(o->partial, other->target) || (other->partial && !strcmp(o->partial, other->partial))))
+                die("%s is where %s is written until it is whole: give the outputs other names", other->name, o->name);
+        }
+    }
+}
+
+/* SIGINT, SIGTERM or SIGHUP while outputs are written: remove the .partial files, exit
+ * 128 + the signal (unlink and _exit are async-signal-safe). */
+static void on_fatal_signal(int sig) {
+    for (int i = 0; i < 2; i++)
+        if (g_partial[i]) unlink(g_partial[i]);
+    _exit(128 + sig);
+}
+
+static void catch_fatal_signals(void) {
+    static const int sigs[] = {SIGINT, SIGTERM, SIGHUP};
+    for (int i = 0; i < 3; i++)
+        if (signal(sigs[i], on_fatal_signal) == SIG_IGN) signal(sigs[i], SIG_IGN); /* nohup, background jobs */
+}
+
+/* Open output `slot` for writing: its .partial (a stale one from a killed run is removed
+ * first, and nothing at that name is followed) with the mode of the file it replaces, or
+ * the stream itself. */
+static FILE *open_output(int slot) {
+    Output *o = &g_out[slot];
+    int fd;
+    catch_fatal_signals();
+    if (o->partial) {
+        g_partial[slot] = o->partial;
+        if (unlink(o->partial) != 0 && errno != ENOENT) die("cannot write %s: %s", o->partial, strerror(errno));
+        fd = open(o->partial, O_WRONLY | O_CREAT | O_EXCL, 0666);
+        if (fd >= 0 && o->exists) (void)fchmod(fd, o->st.st_mode & 07777);
+    } else {
+        signal(SIGPIPE, SIG_IGN); /* a reader that goes away is a write error, reported, not a silent death */
+        fd = open(o->target, O_WRONLY);
+    }
+    if (fd < 0 || !(o->f = fdopen(fd, "wb"))) die("cannot write %s: %s", o->name, strerror(errno));
+    /* Write in whole 4 MiB pieces at 4 MiB offsets (stdio writes a full buffer at once):
+     * Linux then caches a new model file in 2 MiB pages where the filesystem can (large
+     * folios), and gemma3 maps it with 2 MiB pages (see read_file_bytes). The buffer is
+     * ours: glibc ignores setvbuf's size when it is to allocate the buffer itself. */
+    size_t size = (size_t)4 << 20;
+    if ((o->buf = malloc(size))) setvbuf(o->f, o->buf, _IOFBF, size);
+    return o->f;
+}
+
+/* A write to output `slot` failed: say why (the .partial files go in die). */
+static void write_failed(int slot) { die("cannot write %s: %s", g_out[slot].name, strerror(errno)); }
+
+/* The outputs are written: flush them all, then give each its name (none is renamed if
+ * another could not be written). */
+static void finish_outputs(void) {
+    for (int i = 0; i < 2; i++) {
+        Output *o = &g_out[i];
+        if (!o->f) continue;
+        int bad = fflush(o->f) != 0 || ferror(o->f);
+        if (fclose(o->f) != 0 || bad) write_failed(i);
+        o->f = NULL;
+        free(o->buf);
+    }
+    for (int i = 0; i < 2; i++) {
+        Output *o = &g_out[i];
+        if (o->partial && rename(o->partial, o->target) != 0) write_failed(i);
+        g_partial[i] = NULL;
+        free(o->partial);
+        free(o->target);
+        memset(o, 0, sizeof *o);
+    }
 }
 
 static int takes_value(const char *opt) {
@@ -2571,7 +2771,8 @@ static void parse_args(Options *o, int argc, char **argv) {
     if (!o->model_path) { usage(stderr); exit(1); }
     if (prompt_file && o->prompt) die("-p and -f both give the prompt: choose one");
     if (prompt_file) o->prompt = o->prompt_file_text = read_text_file("prompt file", prompt_file, &o->prompt_len);
-    else if (o->prompt) o->prompt_len = strlen(o->prompt);
+    else if (o->prompt && (o->prompt_len = strlen(o->prompt)) > TEXT_LIMIT)
+        die("the prompt is larger than %d MiB, the limit for a text input", TEXT_LIMIT_MIB);
     int modes = o->encode + o->decode + o->chat + (o->logits_in != NULL) + (o->prompt != NULL && !o->chat) +
                 (o->ppl_path != NULL) + (o->quant_type != NULL);
     if (modes > 1) die("choose one of -p/-f, --chat, --logits, --perplexity, --encode, --decode, --quantize");
@@ -2579,31 +2780,10 @@ static void parse_args(Options *o, int argc, char **argv) {
         die("nothing to do: give -p PROMPT, -f FILE, --chat, --logits, --perplexity, --encode, --decode or --quantize (see --help)");
     if ((o->top_n || o->hidden_out) && !o->logits_in) die("--top and --dump-hidden go with --logits");
     if (o->system_prompt && !o->chat) die("--system goes with --chat");
-    const char *outputs[] = {o->quant_out, o->logits_out, o->hidden_out};
-    for (int i = 0; i < 3; i++)
-        if (outputs[i] && same_file(o->model_path, outputs[i]))
-            die("%s is the model file itself: give the output another name", outputs[i]);
-}
-
-/* The name output `slot` (0 or 1) is written under until it is whole: path.partial. */
-static const char *partial_name(int slot, const char *path, const char *model_path) {
-    size_t len = strlen(path);
-    if (!(g_partial[slot] = malloc(len + 9))) die("out of memory");
-    memcpy(g_partial[slot], path, len);
-    memcpy(g_partial[slot] + len, ".partial", 9);
-    if (same_file(model_path, g_partial[slot])) {
-        free(g_partial[slot]);
-        g_partial[slot] = NULL;
-        die("%s.partial, where %s is written first, is the model file itself: give the output another name", path, path);
-    }
-    return g_partial[slot];
-}
-
-/* The output is whole: give it its name. */
-static void keep_output(int slot, const char *path) {
-    if (rename(g_partial[slot], path) != 0) die("cannot write %s: %s", path, strerror(errno));
-    free(g_partial[slot]);
-    g_partial[slot] = NULL;
+    const char *outputs[2] = {o->quant_out ? o->quant_out : o->logits_out, o->hidden_out};
+    const char *inputs[] = {o->model_path, o->logits_in, o->ppl_path, NULL};
+    const char *kinds[] = {"model file", "token file", "text file", NULL};
+    check_outputs(outputs, inputs, kinds, o->quant_out != NULL);
 }
 
 /* The context to size the caches for: -c, else min(max_position_embeddings, 8192). */
@@ -2664,9 +2844,9 @@ static int chat_piece(const char *piece, size_t len, int id, void *user) {
 static int run_encode(const gemma3_model *m) {
     gemma3_error e;
     size_t len;
-    char *text = read_all(stdin, &len);
-    int *ids = text ? malloc((len + 1) * sizeof(int)) : NULL;
-    if (!ids) die("out of memory reading stdin");
+    char *text = read_all(stdin, "stdin", &len);
+    int *ids = malloc((len + 1) * sizeof(int));
+    if (!ids) die("out of memory");
     int n = gemma3_tokenize(m, text, len, ids, (int)(len + 1), &e);
     if (n < 0) die("%s", e.message);
     for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
@@ -2680,7 +2860,7 @@ static int run_decode(const gemma3_model *m) {
     char err[512];
     gemma3_error e;
     int *ids, n;
-    if (read_id_stream(stdin, "--decode", gemma3_model_config(m).vocab_size, &ids, &n, err, sizeof err) != 0)
+    if (read_id_stream(stdin, "stdin", gemma3_model_config(m).vocab_size, &ids, &n, err, sizeof err) != 0)
         die("%s", err);
     int len = gemma3_detokenize(m, ids, n, NULL, 0, &e);
     char *text = len >= 0 ? malloc((size_t)len + 1) : NULL;
@@ -2707,10 +2887,7 @@ static int run_logits(const gemma3_model *m, const Options *o) {
     int ctx = context_length(&sized, &c);
     if (n > ctx) die("%s has %d tokens, more than the context of %d (-c)", o->logits_in, n, ctx);
     gemma3_session *s = new_session(m, o, ctx);
-    FILE *f = fopen(partial_name(0, o->logits_out, o->model_path), "wb"), *fh = NULL;
-    if (!f) die("cannot write %s: %s", o->logits_out, strerror(errno));
-    if (o->hidden_out && !(fh = fopen(partial_name(1, o->hidden_out, o->model_path), "wb")))
-        die("cannot write %s: %s", o->hidden_out, strerror(errno));
+    FILE *f = open_output(0), *fh = o->hidden_out ? open_output(1) : NULL;
     size_t V = (size_t)c.vocab_size, H = (size_t)(c.n_layers + 1) * c.dim;
     int chunk = PREFILL_BATCH;
     float *logits = malloc((size_t)chunk * V * sizeof(float)), *hidden = fh ? malloc((size_t)chunk * H * sizeof(float)) : NULL;
@@ -2719,17 +2896,14 @@ static int run_logits(const gemma3_model *m, const Options *o) {
     for (int done = 0; done < n; done += chunk) {
         int nb = n - done < chunk ? n - done : chunk;
         if (gemma3_feed_logits(s, ids + done, nb, logits, hidden, &e) < 0) die("%s", e.message);
-        if (fh && write_f32_le(fh, hidden, (int)(nb * H)) != 0) die("write error on %s", o->hidden_out);
+        if (fh && write_f32_le(fh, hidden, (int)(nb * H)) != 0) write_failed(1);
         for (int t = 0; t < nb; t++) {
             const float *row = logits + (size_t)t * V;
             if (o->top_n) print_top(m, row, done + t, ids[done + t], o->top_n, buf, stdout);
-            if (write_f32_le(f, row, (int)V) != 0) die("write error on %s", o->logits_out);
+            if (write_f32_le(f, row, (int)V) != 0) write_failed(0);
         }
     }
-    if (fh && fclose(fh) != 0) die("write error on %s", o->hidden_out);
-    if (fclose(f) != 0) die("write error on %s", o->logits_out);
-    if (fh) keep_output(1, o->hidden_out);
-    keep_output(0, o->logits_out);
+    finish_outputs();
     free(buf);
     free(hidden);
     free(logits);
@@ -2770,11 +2944,8 @@ static int run_perplexity(const gemma3_model *m, const Options *o) {
 static int run_chat(const gemma3_model *m, const Options *o) {
     gemma3_error e;
     gemma3_config c = gemma3_model_config(m);
-    int status = 0, interactive = 0;
+    int status = 0, number = 0, interactive = isatty(0) && !o->prompt; /* a prompt on a terminal */
     gemma3_session *s = new_session(m, o, context_length(o, &c));
-#ifndef GEMMA3_NO_MMAP
-    interactive = isatty(0) && !o->prompt; /* POSIX builds: show a prompt on a terminal */
-#endif
     void (*inherited)(int) = signal(SIGINT, SIG_IGN);
     signal(SIGINT, inherited);
     for (;;) {
@@ -2784,7 +2955,7 @@ static int run_chat(const gemma3_model *m, const Options *o) {
             line = dup_bytes(o->prompt, len);
         } else {
             if (interactive) { fprintf(stderr, "> "); fflush(stderr); }
-            if (!(line = read_line(stdin, &len))) { /* end of input (Ctrl-D) */
+            if (!read_line(stdin, ++number, &line, &len)) { /* end of input (Ctrl-D) */
                 if (interactive) fputc('\n', stderr);
                 break;
             }
@@ -2850,9 +3021,8 @@ static int run_quantize(const Options *o) {
     if (from == DT_Q8_0 || from == DT_Q4_0)
         fprintf(stderr, "gemma3: note: %s is already %s: its quantized values are quantized again (export from the "
                 "original checkpoint for the best %s)\n", o->model_path, from == DT_Q8_0 ? "q8_0" : "q4_0", o->quant_type);
-    if (quantize_model(&model, partial_name(0, o->quant_out, o->model_path), dtype, err, sizeof err) != 0)
-        die("%s", err);
-    keep_output(0, o->quant_out);
+    if (quantize_model(&model, open_output(0), o->quant_out, dtype, err, sizeof err) != 0) die("%s", err);
+    finish_outputs();
     free_model(&model);
     return 0;
 }

@@ -1214,6 +1214,24 @@ static void test_library(void) {
     printf("  --chat refuses a message with '<image_soft_token>' (one line, exit 1) and goes on as without it\n");
 }
 
+/* What gemma3 writes and reads, on symlinks, FIFOs, signals and endless inputs in a temp
+ * dir: tests/test_cli_files.sh, whose checks are added to the total. */
+static void test_cli_files(void) {
+    printf("command line files: outputs through symlinks and FIFOs, outputs that are inputs, signals, input limits\n");
+    int tok = run("test -f " TOKMODEL) == 0;
+    int rc = run("bash tests/test_cli_files.sh " BUILD "/tiny-f32.bin %s > " BUILD "/cli-files.log 2>&1; rc=$?; "
+                 "grep -A3 '^not ok' " BUILD "/cli-files.log; tail -1 " BUILD "/cli-files.log; exit $rc", tok ? TOKMODEL : "");
+    int passed = 0, failed = 1, skipped = 0;
+    const char *log = last_log(), *summary = strstr(log, " passed, ");
+    while (summary && summary > log && summary[-1] >= '0' && summary[-1] <= '9') summary--;
+    if (summary) sscanf(summary, "%d passed, %d failed, %d skipped", &passed, &failed, &skipped);
+    printf("  tests/test_cli_files.sh (output in " BUILD "/cli-files.log): %d passed, %d failed\n", passed, failed);
+    if (failed) printf("%s", log);
+    g_pass += passed, g_fail += failed;
+    CHECK(rc == 0 && passed > 0, "tests/test_cli_files.sh exited with %d", rc);
+    if (skipped) skip("text input limits (no tokenizer model, or out-of-memory under ASan)");
+}
+
 /* Write a copy of `src` with `len` bytes at `off` replaced (len 0: truncate at off). */
 static int write_patched(const char *src, const char *dst, long off, const void *bytes, size_t len) {
     FILE *f = fopen(src, "rb");
@@ -1493,6 +1511,7 @@ int main(void) {
     test_own_checkpoints();
     test_tokenizer_and_chat();
     test_library();
+    test_cli_files();
     test_fuzz_replay();
     test_run_sh();
     test_mlx();
