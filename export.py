@@ -508,6 +508,8 @@ def pack_tokenizer(path):
     types = {i: (1 if BYTE_PIECE.match(p) else 0) for p, i in vocab.items()}
     added = []
     for a in added_in:
+        if not a["content"]:  # gemma3 matches added tokens in the text: an empty one is refused
+            raise ExportError(f"{path}: added token {a['id']} is empty")
         pieces[a["id"]] = a["content"]
         types[a["id"]] = 3 if a.get("special") else 2
         added.append(a["id"])
@@ -520,10 +522,18 @@ def pack_tokenizer(path):
             a, b = m.split(" ", 1)
         else:
             raise ExportError(f"{path}: merge {short(m)} is neither \"left right\" nor [left, right]")
+        ab = a + b
         try:
-            merges.extend((vocab[a], vocab[b], vocab[a + b]))
+            ia, ib, im = vocab[a], vocab[b], vocab[ab]
         except KeyError as e:
             raise ExportError(f"{path}: merge {short(a)} + {short(b)} uses a piece not in the vocab ({short(e.args[0])})")
+        # as gemma3's loader checks each merge: the ids' pieces are the halves and the whole
+        # (an id given to two pieces, or to an added token, breaks that), none empty
+        if not (a and b and pieces[ia] == a and pieces[ib] == b and pieces[im] == ab):
+            raise ExportError(f"{path}: merge {short(a)} + {short(b)}: the pieces of ids {ia}, {ib}, {im} are "
+                              f"{short(pieces[ia], 30)}, {short(pieces[ib], 30)}, {short(pieces[im], 30)} "
+                              "(an empty part, or an id given to two pieces)")
+        merges.extend((ia, ib, im))
     return tokenizer_section(pieces, types, added, merges)
 
 
@@ -1446,7 +1456,7 @@ def derive_merges(pieces, vocab, scores, ttypes):
     merges = array.array("I")
     g = 0
     while g < len(ranked):
-        h = g
+        h = g + 1
         while h < len(ranked) and ranked[h][0] == ranked[g][0]:
             h += 1
         # inside a group: by left length, then right length (longest first), then id; a

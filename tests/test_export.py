@@ -5,7 +5,8 @@
 
   - special token ids: every id export.py writes is one gemma3's loader accepts (an id the
     loader would reject is refused with one line; the largest id it accepts loads);
-  - tokenizer arrays of the wrong element type: one line, no traceback;
+  - tokenizer arrays of the wrong element type: one line, no traceback; a tokenizer.json
+    the loader would refuse (an empty added token, a merge that does not hold) is refused;
   - the BPE merges derived from a GGUF vocabulary: those of the definition (every split,
     ranked), on random vocabularies; probe vocabularies of long pieces in bounded time and
     memory;
@@ -141,6 +142,21 @@ def special_ids():
             rc, _, err = export(d, b, "--dtype", "f32")
             if check(rc == 0, f"tokenizer.json, <start_of_turn> {sot} in a vocabulary of 512: exported", err.strip()):
                 loads(b, f"<start_of_turn> {sot} of 512")
+
+
+def tokenizer_json():
+    """tokenizer.json sections gemma3's loader would refuse are refused at export."""
+    base = {"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 4, "b": 5, "ab": 6}, "merges": ["a b"]}}
+    for what, tok, needle in (
+            ("an empty added token", dict(base, added_tokens=[{"id": 9, "content": "", "special": True}]),
+             "added token 9 is empty"),
+            ("a merge whose result an added token took", dict(base, added_tokens=[{"id": 6, "content": "<x>"}]),
+             "merge 'a' + 'b': the pieces of ids 4, 5, 6 are 'a', 'b', '<x>'"),
+            ("a merge with an empty part", {"model": {"type": "BPE", "vocab": {"": 3, "b": 5}, "merges": [" b"]}},
+             "merge '' + 'b'"),
+            ("one id for two pieces", {"model": {"type": "BPE", "vocab": {"a": 4, "b": 5, "ab": 6, "x": 4},
+                                                  "merges": ["a b"]}}, "merge 'a' + 'b'")):
+        expect_refused(f"tokenizer.json with {what}", hf_dir("hf-tok", tok), needle)
 
 
 def tokenizer_arrays():
@@ -574,6 +590,7 @@ def main():
     else:
         special_ids()
         tokenizer_arrays()
+        tokenizer_json()
         merges()
         nan_inf()
         outputs()
