@@ -46,6 +46,7 @@ tokenizer readers for their own fields): a bad input is one line naming the key 
 exit status 1, before any work. tests/fuzz_export.py fuzzes these readers.
 """
 import argparse
+import array
 import fcntl
 import json
 import math
@@ -460,6 +461,59 @@ def convert(data, src, dst):
     raise AssertionError((src, dst))
 
 
+def finite_tensor(name, info, dt):
+    """A tensor's bytes converted to dt, refused if a value is a NaN or an infinity (then
+    every logit of the model would be NaN): in the source, or after rounding to bf16."""
+    data = convert(read_tensor_bytes(info), info["dtype"], dt)
+    i = first_nonfinite(data, dt)
+    if i is not None:
+        size = ST_DTYPES[info["dtype"]]
+        raw = read_tensor_bytes(info)[i * size:(i + 1) * size]
+        v = struct.unpack("<" + {"F32": "f", "F16": "e"}.get(info["dtype"], "H"), raw)[0]
+        if info["dtype"] == "BF16":
+            v = struct.unpack("<f", struct.pack("<I", v << 16))[0]
+        what = f"({v:g}) rounds to infinity in bf16" if math.isfinite(v) else \
+            f"is {'NaN' if v != v else '-infinity' if v < 0 else 'infinity'}; a NaN or infinity cannot be exported"
+        raise ExportError(f"tensor {name!r}: value {i} {what}")
+    return data
+
+
+def finite_chunks(name, chunks, dt):
+    """The chunks of a tensor unpacked in C (an MLX matrix), refused at the first NaN or
+    infinity as finite_tensor refuses them (a scale or bias that is one makes them)."""
+    done = 0
+    for chunk in chunks:
+        i = first_nonfinite(chunk, dt)
+        if i is not None:
+            raise ExportError(f"tensor {name!r}: value {done + i} is NaN or infinite (its group's scale or bias is); "
+                              "a NaN or infinity cannot be exported")
+        done += len(chunk) // ELEM_SIZE[dt]
+        yield chunk
+
+
+def bytes_table(pred):
+    return bytes(1 if pred(b) else 0 for b in range(256))
+
+
+# A float32 or bf16 is a NaN or an infinity when its exponent bits are all ones: the high
+# byte's low 7 bits and the next byte's top bit (little-endian).
+EXP_HIGH, EXP_LOW = bytes_table(lambda b: b & 0x7F == 0x7F), bytes_table(lambda b: b & 0x80)
+
+
+def first_nonfinite(data, dt):
+    """The index of the first NaN or infinity among the little-endian dt values in data,
+    or None. At the speed of bytes operations: the high bytes are searched for 0x7F / 0xFF
+    (no real weight has them), and only if found are the exponents compared, as one big
+    integer per byte position."""
+    size = ELEM_SIZE[dt]
+    high = data[size - 1::size]
+    if b"\x7f" not in high and b"\xff" not in high:
+        return None
+    both = (int.from_bytes(high.translate(EXP_HIGH), "little") &
+            int.from_bytes(data[size - 2::size].translate(EXP_LOW), "little"))
+    return ((both & -both).bit_length() - 1) // 8 if both else None
+
+
 # ----------------------------------------------------------------------------
 # tokenizer.json -> tokenizer section (FORMAT.md)
 
@@ -483,11 +537,13 @@ def pack_tokenizer(path):
     types = {i: (1 if BYTE_PIECE.match(p) else 0) for p, i in vocab.items()}
     added = []
     for a in added_in:
+        if not a["content"]:  # gemma3 matches added tokens in the text: an empty one is refused
+            raise ExportError(f"{path}: added token {a['id']} is empty")
         pieces[a["id"]] = a["content"]
         types[a["id"]] = 3 if a.get("special") else 2
         added.append(a["id"])
 
-    merges = []
+    merges = array.array("I")
     for m in merges_in:
         if isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m):
             a, b = m
@@ -495,18 +551,33 @@ def pack_tokenizer(path):
             a, b = m.split(" ", 1)
         else:
             raise ExportError(f"{path}: merge {short(m)} is neither \"left right\" nor [left, right]")
+        ab = a + b
         try:
-            merges.append((vocab[a], vocab[b], vocab[a + b]))
+            ia, ib, im = vocab[a], vocab[b], vocab[ab]
         except KeyError as e:
             raise ExportError(f"{path}: merge {short(a)} + {short(b)} uses a piece not in the vocab ({short(e.args[0])})")
+        # as gemma3's loader checks each merge: the ids' pieces are the halves and the whole
+        # (an id given to two pieces, or to an added token, breaks that), none empty
+        if not (a and b and pieces[ia] == a and pieces[ib] == b and pieces[im] == ab):
+            raise ExportError(f"{path}: merge {short(a)} + {short(b)}: the pieces of ids {ia}, {ib}, {im} are "
+                              f"{short(pieces[ia], 30)}, {short(pieces[ib], 30)}, {short(pieces[im], 30)} "
+                              "(an empty part, or an id given to two pieces)")
+        merges.extend((ia, ib, im))
     return tokenizer_section(pieces, types, added, merges)
+
+
+# What gemma3's tokenizer_init accepts (tokenizer.c): at most 2^26 tokens and 2^27 merges.
+MAX_TOKENS, MAX_MERGES = 1 << 26, 1 << 27
 
 
 def tokenizer_section(pieces, types, added, merges):
     """The tokenizer section (FORMAT.md) from {id: piece}, {id: type}, the added ids and
-    the merges (left id, right id, merged id) in rank order; also the ids of the four
-    pieces the header names (None where absent)."""
+    the merges, an array of (left id, right id, merged id) in rank order; also the ids of
+    the four pieces the header names (None where absent)."""
     n_tokens = max(pieces) + 1
+    if n_tokens > MAX_TOKENS or len(merges) // 3 > MAX_MERGES:
+        raise ExportError(f"the tokenizer has {n_tokens} tokens and {len(merges) // 3} merges; gemma3 reads at most "
+                          f"{MAX_TOKENS} and {MAX_MERGES}")
     blob = bytearray()
     offsets = [0]
     for i in range(n_tokens):
@@ -515,15 +586,18 @@ def tokenizer_section(pieces, types, added, merges):
         except UnicodeEncodeError:
             raise ExportError(f"token {i} {short(pieces[i])} is not valid UTF-8 (a lone surrogate)")
         offsets.append(len(blob))
-    out = bytearray(struct.pack("<4I", n_tokens, len(merges), len(added), 0))
+    if sys.byteorder == "big":
+        merges = array.array("I", merges)
+        merges.byteswap()
+    out = bytearray(struct.pack("<4I", n_tokens, len(merges) // 3, len(added), 0))
     out += struct.pack(f"<{n_tokens + 1}I", *offsets)
-    out += struct.pack(f"<{3 * len(merges)}I", *[x for m in merges for x in m])
+    out += merges  # (a bytes-like object: no copy of its own)
     out += struct.pack(f"<{len(added)}I", *added)
     out += bytes(types.get(i, 0) for i in range(n_tokens))
     out += blob
     ids = {p: i for i, p in pieces.items()}
     special = {name: ids.get(name) for name in ("<bos>", "<eos>", "<end_of_turn>", "<start_of_turn>")}
-    return bytes(out), special
+    return out, special
 
 
 # ----------------------------------------------------------------------------
@@ -652,9 +726,9 @@ def load_hf(hf_dir, dtype_name, quant=None, quiet=True):
         for d in info["shape"]:
             count *= d
         if "mlx" in info:
-            read = lambda nb=count * ELEM_SIZE[dt], name=name: deq.read(nb, name)
+            read = lambda nb=count * ELEM_SIZE[dt], name=name, dt=dt: finite_chunks(name, deq.read(nb, name), dt)
         else:
-            read = lambda info=info, dt=dt: iter([convert(read_tensor_bytes(info), info["dtype"], dt)])
+            read = lambda name=name, info=info, dt=dt: iter([finite_tensor(name, info, dt)])
         tensors.append((name, list(info["shape"]), dt, count * ELEM_SIZE[dt], read))
     try:
         return Source(cfg, vocab, tok_bytes, special, tensors, close=deq.close if deq else lambda: None)
@@ -1383,35 +1457,89 @@ def derive_merges(pieces, vocab, scores, ttypes):
     tokenizer.json's (transformers' generate_merges): every split of every piece into two
     pieces of the vocabulary is a merge, ranked by the piece's score (highest first),
     then by the lengths of the left and right parts in characters (longest first), then
-    by the ids of the left and right parts. Control and user-defined pieces score 0, as
-    SentencePiece stores them (llama.cpp's converter writes -1000 for them instead).
-    On Gemma 3 this reproduces tokenizer.json's 514,906 merges in order."""
-    cands = []
-    # Only the lengths some piece has can be a left part's: a piece of a million characters
-    # then costs as little as a short one (trying every split would take minutes).
-    lengths = sorted({len(p) for p in pieces})
-    has_length = set(lengths)
+    by the piece's id. Control and user-defined pieces score 0, as SentencePiece stores
+    them (llama.cpp's converter writes -1000 for them instead). Returns the merges as one
+    array of (left id, right id, merged id), in rank order. On Gemma 3 this reproduces
+    tokenizer.json's 514,906 merges in order.
+
+    Time and memory grow with the vocabulary's characters (and the sort), whatever its
+    pieces: a split is a prefix of the piece that is a piece and the rest, a suffix that is
+    a piece, and the chains of prefix_parents (over the pieces) and of suffix parents (over
+    them reversed) list exactly those, each link once. No split is cut out and looked up."""
+    strings = [p for p in vocab if p]  # each piece once (vocab holds its lowest id); "" is no part
+    where = {p: u for u, p in enumerate(strings)}
+    ids = [vocab[p] for p in strings]
+    lengths = [len(p) for p in strings]
+    pre = prefix_parents(strings)
+    suf = prefix_parents([p[::-1] for p in strings])
+
+    def splits(u):
+        """The merges of strings[u]: (left length, left id, right id) for every split."""
+        lefts = {}
+        if suf[u] < 0:
+            return []
+        j = pre[u]
+        while j >= 0:
+            lefts[lengths[j]] = ids[j]
+            j = pre[j]
+        out = []
+        n, k = lengths[u], suf[u]
+        while k >= 0 and lefts:
+            left = lefts.get(n - lengths[k])
+            if left is not None:
+                out.append((n - lengths[k], left, ids[k]))
+            k = suf[k]
+        return out
+
+    # pieces by rank: score (highest first), then id; those of one score form a group
+    ranked = []
     for i, p in enumerate(pieces):
-        if len(p) < 2:
+        if len(p) >= 2:
+            ranked.append((-(0.0 if ttypes[i] in (3, 4) else float(scores[i])), i))
+    ranked.sort()
+    merges = array.array("I")
+    g = 0
+    while g < len(ranked):
+        h = g + 1
+        while h < len(ranked) and ranked[h][0] == ranked[g][0]:
+            h += 1
+        # inside a group: by left length, then right length (longest first), then id; a
+        # piece's own splits all differ in left length. Longest pieces first into buckets
+        # by left length gives that order in each bucket.
+        if h == g + 1:  # a score of its own (most pieces): its splits by left length
+            i = ranked[g][1]
+            m = vocab[pieces[i]]
+            for n_left, a, b in reversed(splits(where[pieces[i]])):
+                merges.extend((a, b, m))
+            g = h
             continue
-        score = 0.0 if ttypes[i] in (3, 4) else float(scores[i])
-        local = []
-        for k in lengths:
-            if k >= len(p):
-                break
-            if k == 0 or len(p) - k not in has_length:
-                continue
-            left, right = p[:k], p[k:]
-            if left in vocab and right in vocab:
-                local.append((vocab[left], vocab[right]))
-        if local:
-            local.sort()
-            merged = vocab[p]
-            for a, b in local:
-                cands.append((score, len(pieces[a]), len(pieces[b]), a, b, merged))
-    # stable sort, highest first: ties keep the order above (by piece, then left/right id)
-    cands.sort(key=lambda c: (c[0], c[1], c[2]), reverse=True)
-    return [(a, b, m) for _, _, _, a, b, m in cands]
+        group = sorted((-len(pieces[i]), i) for _, i in ranked[g:h])
+        buckets = {}
+        for _, i in group:
+            m = vocab[pieces[i]]
+            for n_left, a, b in splits(where[pieces[i]]):
+                buckets.setdefault(n_left, array.array("I")).extend((a, b, m))
+        for n_left in sorted(buckets, reverse=True):
+            merges.extend(buckets.pop(n_left))
+        g = h
+    return merges
+
+
+def prefix_parents(strings):
+    """For each string, the index of its longest proper prefix among the (distinct)
+    strings, or -1. Sorted, the strings that are prefixes of the current one are a stack:
+    all that start it, each a prefix of the next (a prefix sorts first, and everything
+    between it and the string starts with it)."""
+    parent = [-1] * len(strings)
+    stack = []
+    for u in sorted(range(len(strings)), key=strings.__getitem__):
+        s = strings[u]
+        while stack and not s.startswith(strings[stack[-1]]):
+            stack.pop()
+        if stack:
+            parent[u] = stack[-1]
+        stack.append(u)
+    return parent
 
 
 class Dequantizer:

@@ -9,12 +9,14 @@ Two targets, each from the seed files in tests/fuzz/:
   model.safetensors.index.json) with one or two of its files mutated, exported whole
   (load_hf, every tensor read and converted, write_model into a scratch directory);
   sometimes with a tokenizer.json, mutated too.
-- gguf: a GGUF file mutated, read as far as export.py goes before its tensors are
-  dequantized (plan_gguf: header, metadata, tensor table, config, tokenizer), then the
-  file written with zero tensors.
+- gguf: a GGUF file mutated and exported whole (plan_gguf: header, metadata, tensor
+  table, config, tokenizer; then tools/gguf_dequant dequantizing every tensor, and
+  write_model into a scratch file).
 Mutations are byte-level (bit flips, interesting integers, cuts, splices, JSON tokens)
 and structure-aware (a JSON value or a GGUF metadata value replaced by one of another
-type or an edge value; a key dropped or added; a tensor's dimensions or type changed).
+type or an edge value; a key dropped or added; a tensor's dimensions or type changed; the
+tokenizer arrays changed together, so that their lengths still agree: an entry's piece,
+score or type, entries inserted or dropped, long pieces appended, an array's element type).
 Inputs that reach export.py lines no earlier input reached join the corpus.
 
 The property: every input either exports or raises ExportError with a one-line message;
@@ -61,8 +63,8 @@ TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num
         "sliding_window_pattern": 2, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": None,
         "max_position_embeddings": 64, "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-06,
         "attention_bias": False, "attn_logit_softcapping": None, "final_logit_softcapping": None, "bos_token_id": 2,
-        "eos_token_id": [1, 106], "vocab_size": 16, "model_type": "gemma3_text"}
-VOCAB = 16
+        "eos_token_id": [1, 106], "vocab_size": 112, "model_type": "gemma3_text"}
+VOCAB = 112  # embedding rows: Gemma 3's <start_of_turn> / <end_of_turn> (105, 106) fit without a tokenizer
 
 
 def tiny_tensors(cfg, prefix):
@@ -133,7 +135,7 @@ def tiny_gguf():
             ("gemma3.attention.sliding_window_pattern", 9, (7, [True])),
             ("gemma3.rope.scaling.type", 8, "linear"), ("gemma3.rope.scaling.factor", 6, 8.0),
             ("tokenizer.ggml.model", 8, "llama"), ("tokenizer.ggml.tokens", 9, (8, GGUF_TOKENS)),
-            ("tokenizer.ggml.scores", 9, (6, [-float(i) for i in range(VOCAB)])),
+            ("tokenizer.ggml.scores", 9, (6, [-float(i) for i in range(len(GGUF_TOKENS))])),
             ("tokenizer.ggml.token_type", 9, (5, [3, 3, 3, 2, 4, 4, 6] + [1] * 9)),
             ("tokenizer.ggml.bos_token_id", 4, 2)]
     names = {ours: g for g, ours in E.GGUF_LAYER_NAMES.items()}
@@ -376,13 +378,68 @@ def parse_gguf(b):
     return version, kv, tl, b[base:], align
 
 
+TOKEN_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+EDGE_PIECES = ["", " ", "\u2581", "a", "ab", "ba", "<0x41>", "<0xZZ>", "<eos>", "<bos>", "<end_of_turn>",
+               "<start_of_turn>", "a\nb", "\ud800", "\u00e9", "\U0001F600", "a" * 1000, "ab" * 3000]
+EDGE_SCORES = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e38, -1e38, 1e-45, -1000.0, 5.0]
+EDGE_TYPES = [0, 1, 2, 3, 4, 5, 6, 7, 255, -1, 1 << 31]
+
+
+def mutate_token_arrays(rnd, kv):
+    """tokenizer.ggml.tokens / scores / token_type changed together, so that their lengths
+    still agree and export.py reads past its length check: an entry's piece, score or type
+    set to an edge value, entries inserted or dropped at the same index in all three, a run
+    of long pieces appended, or one array's element type changed (same length)."""
+    at = {k: i for i, (k, _, _) in enumerate(kv)}
+    if not all(k in at and kv[at[k]][1] == E.GGUF_ARRAY for k in TOKEN_ARRAYS):
+        return
+    arrays = {k: list(kv[at[k]][2][1]) for k in TOKEN_ARRAYS}
+    types = {k: kv[at[k]][2][0] for k in TOKEN_ARRAYS}
+    n = len(arrays["tokenizer.ggml.tokens"])
+    if any(len(v) != n for v in arrays.values()) or n == 0:
+        return
+    toks, scores, ttypes = (arrays[k] for k in TOKEN_ARRAYS)
+    op = rnd.randrange(7)
+    i = rnd.randrange(n)
+    if op == 0:
+        toks[i] = rnd.choice(EDGE_PIECES + [rnd.choice(toks)])
+    elif op == 1:
+        scores[i] = rnd.choice(EDGE_SCORES)
+    elif op == 2:
+        ttypes[i] = rnd.choice(EDGE_TYPES)
+    elif op == 3:  # an entry inserted in all three
+        toks.insert(i, rnd.choice(EDGE_PIECES + toks))
+        scores.insert(i, rnd.choice(EDGE_SCORES + [-float(i)]))
+        ttypes.insert(i, rnd.choice([1, 1, 3, 4, 6]))
+    elif op == 4:  # an entry dropped from all three
+        for a in (toks, scores, ttypes):
+            del a[i]
+    elif op == 5:  # a run of long pieces (every prefix of the next one)
+        k = rnd.choice([10, 100, 300])
+        unit = rnd.choice(["a", "ab", "\u2581"])
+        toks += [unit * j for j in range(1, k + 1)]
+        scores += [rnd.choice([0.0, -float(j)]) for j in range(k)]
+        ttypes += [1] * k
+    else:  # one array of another element type, same length
+        key = rnd.choice(TOKEN_ARRAYS)
+        types[key] = rnd.choice([k for k in (4, 5, 6, 7, 8, 12) if k != types[key]])
+        conv = {8: str, 7: bool, 6: float, 12: float}.get(types[key], lambda v: int(v) if isinstance(v, (int, float)) and
+                                                         math.isfinite(v) else 0)
+        arrays[key] = [conv(v) if not isinstance(v, str) or types[key] == 8 else len(v) for v in arrays[key]]
+    for k in TOKEN_ARRAYS:
+        kv[at[k]] = (k, E.GGUF_ARRAY, (types[k], arrays[k]))
+
+
 def mutate_gguf(rnd, b):
     parsed = parse_gguf(b)
     if parsed is None:
         return None
     version, kv, tl, data, align = parsed
     for _ in range(rnd.choice([1, 1, 2])):
-        op = rnd.randrange(7)
+        op = rnd.randrange(9)
+        if op >= 7:
+            mutate_token_arrays(rnd, kv)
+            continue
         if op == 0 and kv:  # a value of another type, or an edge value
             i = rnd.randrange(len(kv))
             t, v = rnd.choice(GGUF_VALUES)
@@ -496,15 +553,23 @@ def run_hf(work, case, rnd):
 
 
 def run_gguf(work, case, rnd):
+    """The whole export, as load_gguf does it (tools/gguf_dequant dequantizing every
+    tensor), into a scratch file; a file whose tensors would be over 64 MiB is planned only."""
     path = os.path.join(work, "in.gguf")
     with open(path, "wb") as f:
         f.write(case)
     dtype = rnd.choice(["bf16", "f32"])
     cfg, vocab, tok_bytes, special, jobs, plan = E.plan_gguf(path, dtype, rnd.random() < 0.5,
                                                             rnd.choice([None, "q8_0", "q4_0"]))
-    if sum(p[3] for p in plan) <= 64 << 20:  # the header and directory as write_model packs them
-        tensors = [(ours, shape, dt, nb, lambda nb=nb: iter([bytes(nb)])) for ours, shape, dt, nb, g in plan]
-        write(E.Source(cfg, vocab, tok_bytes, special, tensors), work, dtype)
+    if sum(p[3] for p in plan) <= 64 << 20:
+        deq = E.Dequantizer(path, jobs, True)
+        tensors = [(ours, shape, dt, nb, lambda nb=nb, g=g: deq.read(nb, g)) for ours, shape, dt, nb, g in plan]
+        try:
+            src = E.Source(cfg, vocab, tok_bytes, special, tensors, close=deq.close)
+        except BaseException:
+            deq.close()
+            raise
+        write(src, work, dtype)
 
 
 def on_alarm(signum, frame):
@@ -610,6 +675,9 @@ def main():
     if hard == resource.RLIM_INFINITY or hard > MEMORY_BUDGET:
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_BUDGET, hard))
     signal.signal(signal.SIGALRM, on_alarm)
+    # tools/gguf_dequant, built (or found) once: export.py asks make before every file
+    dequant = E.build_with_make("tools/gguf_dequant", "it dequantizes GGUF tensors", True, refresh=True)
+    E.build_with_make = lambda *a, **k: dequant
     targets = ["hf", "gguf"] if args.target == "all" else [args.target]
     corpus = load_seeds()
     cov = Coverage()

@@ -5,7 +5,14 @@
 
   - special token ids: every id export.py writes is one gemma3's loader accepts (an id the
     loader would reject is refused with one line; the largest id it accepts loads);
-  - tokenizer arrays of the wrong element type: one line, no traceback;
+  - tokenizer arrays of the wrong element type: one line, no traceback; a tokenizer.json
+    the loader would refuse (an empty added token, a merge that does not hold) is refused;
+  - the BPE merges derived from a GGUF vocabulary: those of the definition (every split,
+    ranked), on random vocabularies; probe vocabularies of long pieces in bounded time and
+    memory;
+  - a NaN or infinity in a source tensor (safetensors f32 / bf16 / f16, every GGUF type) is
+    refused naming the tensor and the value's index, and so is an f32 value that rounds to
+    infinity in bf16;
   - outputs: a symlink's target is written (the link stays), a FIFO is streamed into, an
     input, the program or a file that is not a gemma3.c model is never replaced (unless
     --force, for the last), two runs to one output do not mix;
@@ -18,6 +25,7 @@ Work files go to tests/build/export/.
 """
 import json
 import os
+import struct
 import shutil
 import signal
 import socket
@@ -30,7 +38,10 @@ import time
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from test_gguf import make_gguf, small_vocab
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+from test_gguf import HALF_FIELDS, QUANT_TYPES, make_gguf, small_vocab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 W = os.path.join(ROOT, "tests", "build", "export")
@@ -133,6 +144,21 @@ def special_ids():
                 loads(b, f"<start_of_turn> {sot} of 512")
 
 
+def tokenizer_json():
+    """tokenizer.json sections gemma3's loader would refuse are refused at export."""
+    base = {"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 4, "b": 5, "ab": 6}, "merges": ["a b"]}}
+    for what, tok, needle in (
+            ("an empty added token", dict(base, added_tokens=[{"id": 9, "content": "", "special": True}]),
+             "added token 9 is empty"),
+            ("a merge whose result an added token took", dict(base, added_tokens=[{"id": 6, "content": "<x>"}]),
+             "merge 'a' + 'b': the pieces of ids 4, 5, 6 are 'a', 'b', '<x>'"),
+            ("a merge with an empty part", {"model": {"type": "BPE", "vocab": {"": 3, "b": 5}, "merges": [" b"]}},
+             "merge '' + 'b'"),
+            ("one id for two pieces", {"model": {"type": "BPE", "vocab": {"a": 4, "b": 5, "ab": 6, "x": 4},
+                                                  "merges": ["a b"]}}, "merge 'a' + 'b'")):
+        expect_refused(f"tokenizer.json with {what}", hf_dir("hf-tok", tok), needle)
+
+
 def tokenizer_arrays():
     """Arrays of the wrong element type, length right: one line naming the array and entry."""
     g = os.path.join(W, "arrays.gguf")
@@ -148,6 +174,143 @@ def tokenizer_arrays():
         kv.update({f"tokenizer.ggml.{k}": ("array", v) for k, v in arrays.items()})
         make_gguf(g, T.F32, layers=1, tokenizer=False, kv=kv, seed=2)
         expect_refused(f"tokenizer.ggml.{key} holding {type(arr[-1]).__name__}s", g, needle)
+
+
+def reference_merges(pieces, scores, ttypes):
+    """The merges by their definition (transformers' generate_merges, as derive_merges's
+    docstring states it): every split of every piece into two pieces, ranked by score
+    (highest first), left length, right length (longest first), then the piece's id."""
+    vocab = {}
+    for i in range(len(pieces) - 1, -1, -1):
+        vocab[pieces[i]] = i
+    cands = []
+    for i, p in enumerate(pieces):
+        score = 0.0 if ttypes[i] in (3, 4) else scores[i]
+        for k in range(1, len(p)):
+            if p[:k] in vocab and p[k:] in vocab:
+                cands.append((-score, -k, -(len(p) - k), i, vocab[p[:k]], vocab[p[k:]], vocab[p]))
+    cands.sort()
+    return [x for c in cands for x in c[4:]]
+
+
+def merges():
+    sys.path.insert(0, ROOT)
+    import export as E
+    rnd = np.random.default_rng(5)
+    same = 0
+    for _ in range(300):
+        n = int(rnd.integers(1, 60))
+        alphabet = "ab\u2581c"[:int(rnd.integers(1, 5))]
+        pieces = ["".join(rnd.choice(list(alphabet), int(rnd.choice([0, 1, 1, 2, 3, 4, 6, 9])))) for _ in range(n)]
+        scores = [float(rnd.choice([0.0, -0.0, -1.0, -2.0, 1.5, -float(i), np.inf, -np.inf])) for i in range(n)]
+        ttypes = [int(rnd.choice([1, 1, 1, 2, 3, 4, 6])) for _ in range(n)]
+        vocab = {}
+        for i in range(n - 1, -1, -1):
+            vocab[pieces[i]] = i
+        same += list(E.derive_merges(pieces, vocab, scores, ttypes)) == reference_merges(pieces, scores, ttypes)
+    check(same == 300, f"derived merges equal the definition's on {same} of 300 random vocabularies "
+          "(duplicates, empty pieces, equal scores, control types)")
+    # probes: runs a, aa, ... (every split a merge: as many merges as characters) and long
+    # random pieces of every length (a split tried at each length took time quadratic in
+    # the characters)
+    for kind, n, secs, mb in (("runs", 2000, 30, 250), ("long", 6000, 10, 250)):
+        code = ("import random, resource, sys, time\n"
+                f"sys.path.insert(0, {ROOT!r})\n"
+                "import export\n"
+                f"n = {n}\n"
+                "rnd = random.Random(0)\n"
+                f"p = ['a' * k for k in range(1, n + 1)] if {kind!r} == 'runs' else "
+                "['a', 'b'] + [''.join(rnd.choice('ab') for _ in range(k)) for k in range(2, n + 1)]\n"
+                "t = time.time()\n"
+                "m = export.derive_merges(p, {x: i for i, x in enumerate(p)}, [0.0] * len(p), [1] * len(p))\n"
+                "print(len(m) // 3, list(m[:3]), round(time.time() - t, 1), "
+                "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
+        rc, out, err = run(sys.executable, "-c", code)
+        f = out.decode().replace("[", "").replace("]", "").replace(",", "").split()
+        chars = sum(range(1, n + 1))
+        want = [n * (n - 1) // 2, n - 2, 0, n - 1] if kind == "runs" else None
+        ok = rc == 0 and len(f) == 6 and float(f[4]) < secs and int(f[5]) < mb and (
+            [int(x) for x in f[:4]] == want if want else int(f[0]) < 10)
+        check(ok, f"probe vocabulary of {kind} ({n} pieces, {chars / 1e6:.1f} M characters): merges derived in under "
+              f"{secs} s and {mb} MB", f"{out.decode().strip()} (merges, first merge, s, MB) {err.strip()[-300:]}")
+
+
+def patch_safetensors(src_dir, dst, tensor, index, raw):
+    """A copy of a checkpoint directory with value `index` of `tensor` replaced by raw bytes."""
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src_dir, dst)
+    path = os.path.join(dst, "model.safetensors")
+    with open(path, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        info = json.loads(f.read(n))[tensor]
+        f.seek(8 + n + info["data_offsets"][0] + index * len(raw))
+        f.write(raw)
+    return dst
+
+
+def nan_inf():
+    """Refused at export time, naming the tensor and the value, for every source type."""
+    ckpt = {}
+    for dt in ("f32", "f16"):
+        ckpt[dt] = os.path.join(W, f"ck-{dt}")
+        rc, _, err = run(sys.executable, "tools/make_checkpoint.py", ckpt[dt], "--preset", "tiny", "--dtype", dt, "--seed", "3")
+        check(rc == 0, f"make a {dt} checkpoint", err.strip()[-300:])
+    ckpt["bf16"] = TINY
+    up = "model.layers.2.mlp.up_proj.weight"
+    for dt, index, raw, word in (("bf16", 7, struct.pack("<H", 0x7FC0), "is NaN"),
+                                 ("bf16", 0, struct.pack("<H", 0xFF80), "is -infinity"),
+                                 ("f32", 5, struct.pack("<f", float("inf")), "is infinity"),
+                                 ("f16", 9, struct.pack("<H", 0x7E00), "is NaN"),
+                                 ("f16", 4095, struct.pack("<H", 0xFC00), "is -infinity")):
+        d = patch_safetensors(ckpt[dt], os.path.join(W, "nan-hf"), up, index, raw)
+        for out_dtype in ("f32", "bf16", "q8_0"):
+            expect_refused(f"value {word[3:]} in a {dt} safetensors, --dtype {out_dtype}", d,
+                           f"tensor 'layers.2.mlp.up_proj.weight': value {index} {word}", "--dtype", out_dtype)
+    d = patch_safetensors(TINY, os.path.join(W, "nan-hf"), "model.norm.weight", 63, struct.pack("<H", 0x7F80))
+    expect_refused("an infinity in a norm", d, "tensor 'norm.weight': value 63 is infinity")
+    d = patch_safetensors(ckpt["f32"], os.path.join(W, "nan-hf"), up, 11, struct.pack("<f", 3.4e38))
+    expect_refused("an f32 value above bf16's range, --dtype bf16", d,
+                   "tensor 'layers.2.mlp.up_proj.weight': value 11 (3.4e+38) rounds to infinity in bf16", "--dtype", "bf16")
+    rc, _, err = export(d, os.path.join(W, "big.bin"), "--dtype", "f32")
+    check(rc == 0, "... which --dtype f32 keeps", err.strip())
+
+    # GGUF: every type, a NaN or infinity in blk.0.ffn_up.weight where the reference has its first
+    g = os.path.join(W, "nan.gguf")
+    for q in QUANT_TYPES:
+        make_gguf(g, T.Q8_0, layers=1, types={"blk.0.ffn_up.weight": q}, seed=int(q) + 20)
+        t = next(t for t in GGUFReader(g).tensors if t.name == "blk.0.ffn_up.weight")
+        off = int(t.data_offset)
+        if q in (T.F32, T.F16, T.BF16):
+            edits = [(off + 37 * {T.F32: 4, T.F16: 2, T.BF16: 2}[q],
+                      {T.F32: struct.pack("<f", float("-inf")), T.F16: struct.pack("<H", 0x7C00),
+                       T.BF16: struct.pack("<H", 0x7FC1)}[q])]
+        else:
+            block = {T.Q2_K: 84, T.Q3_K: 110, T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210, T.IQ4_XS: 136}.get(q)
+            nbytes = block or {T.Q4_0: 18, T.Q4_1: 20, T.Q5_0: 22, T.Q5_1: 24, T.Q8_0: 34, T.IQ4_NL: 18}[q]
+            edits = [(off + 3 * nbytes + HALF_FIELDS[q][0], struct.pack("<H", 0x7E00))]  # block 3's scale a NaN
+        with open(g, "r+b") as f:
+            for pos, raw in edits:
+                f.seek(pos)
+                f.write(raw)
+        t = next(t for t in GGUFReader(g).tensors if t.name == "blk.0.ffn_up.weight")
+        v = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(-1)
+        bad = np.flatnonzero(~np.isfinite(v))
+        if not check(bad.size > 0, f"{q.name}: the reference has a NaN or infinity"):
+            continue
+        i = int(bad[0])
+        word = "NaN" if np.isnan(v[i]) else "-infinity" if v[i] < 0 else "infinity"
+        expect_refused(f"GGUF {q.name}, value {i} {word}", g,
+                       f"tensor blk.0.ffn_up.weight: gguf_dequant: value {i} is {word}", "--dtype",
+                       "bf16" if q in (T.Q4_K, T.F16) else "f32")
+    make_gguf(g, T.F32, layers=1, seed=9)
+    t = next(t for t in GGUFReader(g).tensors if t.name == "blk.0.attn_q.weight")
+    with open(g, "r+b") as f:
+        f.seek(int(t.data_offset) + 4 * 6)
+        f.write(struct.pack("<f", -3.4e38))
+    expect_refused("GGUF F32 above bf16's range, --dtype bf16", g,
+                   "tensor blk.0.attn_q.weight: gguf_dequant: value 6 (-3.4e+38) rounds to infinity in bf16", "--dtype", "bf16")
+    rc, _, err = export(g, os.path.join(W, "big.bin"), "--dtype", "f32")
+    check(rc == 0, "... which --dtype f32 keeps", err.strip())
 
 
 def listing(d):
@@ -427,6 +590,9 @@ def main():
     else:
         special_ids()
         tokenizer_arrays()
+        tokenizer_json()
+        merges()
+        nan_inf()
         outputs()
         signals()
     print(f"{passed} passed, {failed} failed")

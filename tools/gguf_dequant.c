@@ -7,7 +7,9 @@
  * COUNT its number of values, OUT `f32` or `bf16`, SUB1 1 to subtract 1 from
  * every value (the norms, which llama.cpp's converter stores as 1 + w), else 0.
  * The values of each job go to stdout in order, little-endian, nothing between
- * jobs. Errors: one line on stderr, exit status 1. export.py drives this.
+ * jobs. Errors: one line on stderr, exit status 1; a NaN or infinity among the values
+ * (or a value that rounds to infinity in bf16) is one, naming the value's index in its
+ * tensor. export.py drives this.
  *
  * The float32 values are bit for bit those of gguf-py's `gguf.quants.dequantize`
  * (the numpy reference, gguf 0.19.0): the block decoders (../gguf_blocks.c, shared
@@ -50,6 +52,27 @@ static uint16_t f32_to_bf16(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
 }
 
+/* A NaN or infinity among the n values about to be written (first: the index of the first
+ * in the tensor): refused, naming the value, since a model holding one computes NaN
+ * logits. bf16: the rounded values, so a float32 above bf16's range is caught too. */
+static void check_finite(const float *vals, size_t n, int bf16, long long first) {
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u = f32_to_bits(vals[i]);
+        int bad = (u & 0x7f800000u) == 0x7f800000u;
+        if (!bad && bf16 && (f32_to_bf16(vals[i]) & 0x7f80u) == 0x7f80u) {
+            char msg[96];
+            snprintf(msg, sizeof msg, "value %lld (%g) rounds to infinity in bf16", first + (long long)i, (double)vals[i]);
+            die("%s", msg);
+        }
+        if (bad) {
+            char msg[96];
+            snprintf(msg, sizeof msg, "value %lld is %s; a NaN or infinity cannot be exported", first + (long long)i,
+                     (u & 0x007fffffu) ? "NaN" : (u >> 31) ? "-infinity" : "infinity");
+            die("%s", msg);
+        }
+    }
+}
+
 /* Dequantize one tensor: COUNT values of type T at OFFSET in f, to out. */
 static void run_job(FILE *f, long long file_size, long long offset, const GGMLType *t, long long count,
                     int bf16, int sub1, const char *path) {
@@ -64,6 +87,7 @@ static void run_job(FILE *f, long long file_size, long long offset, const GGMLTy
     if (offset > LONG_MAX || fseek(f, (long)offset, SEEK_SET) != 0) die("cannot seek in %s", path);
     int chunk = (int)(sizeof in / (size_t)t->block_bytes);
     if (chunk * t->block_values > CHUNK_BLOCKS * QK_K) chunk = CHUNK_BLOCKS * QK_K / t->block_values;
+    long long done = 0; /* values written so far */
     while (n_blocks > 0) {
         int nb = n_blocks < chunk ? (int)n_blocks : chunk;
         size_t nbytes = (size_t)nb * (size_t)t->block_bytes, nv = (size_t)nb * (size_t)t->block_values;
@@ -72,6 +96,8 @@ static void run_job(FILE *f, long long file_size, long long offset, const GGMLTy
         /* the norms: stored as 1 + w, wanted w; one float32 subtraction */
         if (sub1)
             for (size_t i = 0; i < nv; i++) vals[i] = vals[i] - 1.0f;
+        check_finite(vals, nv, bf16, done);
+        done += (long long)nv;
         size_t outbytes;
         if (bf16) {
             for (size_t i = 0; i < nv; i++) {
