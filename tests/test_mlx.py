@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
-"""MLX import: bf16 and sharded exports, bad checkpoints (test_all.c checks the logits).
+"""MLX import: edge-case values, bf16 and sharded exports, bad checkpoints (test_all.c
+checks the logits).
 
     python3 tests/test_mlx.py
 
-On checkpoints of tests/fixtures/mlx (made by mlx_lm, see its README): the bf16 export
+On checkpoints of tests/fixtures/mlx (made by mlx_lm, see its README): each matrix of
+fixtures/mlx/edges (every code, scales at the formats' edges), swapped into its fixture,
+exports to what mx.dequantize made of it in float32, bit for bit; the bf16 export
 holds the f32 export's matrices rounded to bf16, and the same checkpoint split into two
 shards (each weight in the other shard than its scales) gives the same f32 export. Then
 each bad case copies a fixture (or tests/fixtures/tiny) with one thing broken, runs
@@ -146,8 +149,54 @@ def reshard(src, dst):
         json.dump({"weight_map": weight_map}, f)
 
 
+def read_safetensors(path):
+    """{name: (dtype, shape, raw bytes)} of a safetensors file."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    header.pop("__metadata__", None)
+    return {k: (e["dtype"], e["shape"], data[e["data_offsets"][0]:e["data_offsets"][1]]) for k, e in header.items()}
+
+
+def check_edges():
+    """Each file of fixtures/mlx/edges (tools/make_mlx_fixtures.py) holds one matrix of a
+    fixture with every code and edge-case scales, and what mx.dequantize makes of it in
+    float32: swapped into a copy of the fixture, its f32 export must hold exactly that."""
+    for fn in sorted(os.listdir(os.path.join(FIX, "edges"))):
+        edge = read_safetensors(os.path.join(FIX, "edges", fn))
+        fixture, matrix = {"affine-f16": ("q6-g64-mqa-mm", "layers.0.mlp.up_proj"),
+                           "affine-bf16": ("q4-g64-mqa", "layers.0.mlp.up_proj"),
+                           "mxfp4": ("mxfp4-mqa", "layers.0.mlp.up_proj"),
+                           "nvfp4": ("nvfp4-mqa-mm", "embed_tokens"),
+                           "mxfp8": ("mxfp8-mqa", "layers.0.mlp.up_proj")}[fn[:-len(".safetensors")]]
+        d = copy(os.path.join(FIX, fixture))
+        prefix = quantized_name(d, matrix)
+        path = os.path.join(d, "model.safetensors")
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(n))
+        with open(path, "r+b") as f:
+            for t in ("weight", "scales", "biases"):
+                if t in edge:
+                    e = header[f"{prefix}.{t}"]
+                    assert [e["dtype"], e["shape"]] == list(edge[t][:2]), (fn, t)
+                    f.seek(8 + n + e["data_offsets"][0])
+                    f.write(edge[t][2])
+        out = os.path.join(W, "edges.bin")
+        rc, err = export(d, out, "--dtype", "f32")
+        if not check(rc == 0, f"edges {fn}: export", err):
+            continue
+        got = model_tensors(out)[matrix + ".weight"][1]
+        want = edge["expected"][2]
+        differ = sum(a != b for a, b in zip(struct.iter_unpack("<I", got), struct.iter_unpack("<I", want)))
+        check(len(got) == len(want) and not differ, f"edges {fn}: {len(want) // 4} values bit for bit mx.dequantize's",
+              f"{differ} differ")
+
+
 def main():
     os.makedirs(W, exist_ok=True)
+    check_edges()
 
     # good checkpoints: the bf16 export is the f32 one rounded; shards change nothing
     for name in ("q3-g32-gqa", "nvfp4-mqa-mm"):

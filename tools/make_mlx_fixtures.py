@@ -203,15 +203,77 @@ def mlx_forward_diff(mlx_dir, tokens):
     return float(np.abs(logits - ref).max())
 
 
+# The edge cases of each mode's decoding, one matrix each: every code, and scales (and
+# biases) from the smallest to the largest the format holds whose products stay finite:
+# name: (the fixture whose matrix it replaces, that matrix, mode, bits, group size).
+# nvfp4 takes the embedding: its 512 scales hold each of E4M3's 254 finite codes.
+EDGES = {
+    "affine-f16": ("q6-g64-mqa-mm", "layers.0.mlp.up_proj", "affine", 6, 64),
+    "affine-bf16": ("q4-g64-mqa", "layers.0.mlp.up_proj", "affine", 4, 64),
+    "mxfp4": ("mxfp4-mqa", "layers.0.mlp.up_proj", "mxfp4", 4, 32),
+    "nvfp4": ("nvfp4-mqa-mm", "embed_tokens", "nvfp4", 4, 16),
+    "mxfp8": ("mxfp8-mqa", "layers.0.mlp.up_proj", "mxfp8", 8, 32),
+}
+
+
+def make_edges(out_root):
+    """edges/NAME.safetensors: `weight`, `scales` (and `biases`) of the shapes of one of
+    the fixture's matrices, holding every code and edge-case scales, and
+    `expected`, what mx.dequantize gives for them in float32 (tests/test_mlx.py swaps them
+    into the fixture and compares its f32 export with `expected`, bit for bit)."""
+    import mlx.core as mx
+    import numpy as np
+    os.makedirs(os.path.join(out_root, "edges"), exist_ok=True)
+    for name, (fixture, matrix, mode, bits, group) in EDGES.items():
+        w = mx.load(os.path.join(out_root, fixture, "model.safetensors"))
+        prefix = next(k[:-len(".scales")] for k in w if k.endswith(matrix + ".scales"))
+        scales0 = w[prefix + ".scales"]
+        rows, n_groups = scales0.shape
+        cols = n_groups * group
+        codes = np.arange(rows * cols) % (1 << bits)
+        if mode == "mxfp8":
+            codes[(codes & 0x7f) == 0x7f] = 0  # E4M3 NaN
+        bitstream = ((codes[:, None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(-1)
+        weight = np.packbits(bitstream, bitorder="little").view("<u4").reshape(rows, cols * bits // 32)
+        k = np.arange(rows * n_groups).reshape(rows, n_groups)
+        tensors = {"weight": mx.array(weight)}
+        if mode == "affine":
+            ftype = scales0.dtype
+            if ftype == mx.float16:  # subnormal, smallest normal, max, negatives, zero
+                pool = np.array([5.96e-8, 6.1e-5, 0.0, -1.0, 0.0137, 65504.0 / 63, -3.0e-6, 1.0], np.float32)
+            else:  # bf16: a subnormal (2^-130), the smallest normals, up to 1e30
+                pool = np.array([1.2e-38, -3.4e-30, 0.0, 1.0, -0.0137, 1e30, 9.2e-40, 2.0], np.float32)
+            tensors["scales"] = mx.array(pool[k % len(pool)]).astype(ftype)
+            tensors["biases"] = mx.array(-pool[(k + 3) % len(pool)]).astype(ftype)
+            expected = mx.dequantize(tensors["weight"], tensors["scales"].astype(mx.float32),
+                                     tensors["biases"].astype(mx.float32), group_size=group, bits=bits)
+        else:
+            if mode == "nvfp4":  # E4M3 scales: every finite code (subnormals, negatives, 448)
+                pool = np.array([c for c in range(256) if c & 0x7f != 0x7f], np.uint8)
+            else:  # E8M0 scales: 2^-127 (a subnormal) ... 2^118 (fp8's 448 * 2^118 is finite)
+                pool = np.array([0, 1, 2, 3, 60, 126, 127, 128, 129, 200, 245], np.uint8)
+            tensors["scales"] = mx.array(pool[k % len(pool)])
+            expected = mx.dequantize(tensors["weight"], tensors["scales"], group_size=group, bits=bits, mode=mode,
+                                     dtype=mx.float32)
+        tensors["expected"] = expected.astype(mx.float32)
+        assert np.isfinite(np.array(tensors["expected"])).all(), name
+        mx.save_safetensors(os.path.join(out_root, "edges", name + ".safetensors"), tensors)
+        print(f"edges/{name}: {fixture} {matrix}, {rows} x {cols}, {mode}, {bits} bits, groups of {group}",
+              file=sys.stderr)
+
+
 def main():
     ap = argparse.ArgumentParser(description="Make the MLX fixtures (needs mlx and mlx-lm).")
-    ap.add_argument("names", nargs="*", help=f"fixtures to make (default all: {', '.join(FIXTURES)})")
+    ap.add_argument("names", nargs="*", help=f"fixtures to make (default all: {', '.join(FIXTURES)}, edges)")
     ap.add_argument("--out", default=os.path.join(ROOT, "tests", "fixtures", "mlx"))
     args = ap.parse_args()
-    for name in args.names or FIXTURES:
-        if name not in FIXTURES:
+    for name in args.names or list(FIXTURES) + ["edges"]:
+        if name == "edges":
+            make_edges(args.out)
+        elif name in FIXTURES:
+            make_fixture(name, args.out, seed=list(FIXTURES).index(name) + 1)
+        else:
             sys.exit(f"unknown fixture {name}")
-        make_fixture(name, args.out, seed=list(FIXTURES).index(name) + 1)
 
 
 if __name__ == "__main__":
