@@ -13,11 +13,12 @@ every hyper-parameter, the tokenizer, a tensor directory, then 64-byte aligned t
 all little-endian.
 
 MLX_DIR is a directory as Apple's `mlx_lm convert` writes it: an HF_DIR whose config.json
-may name a `quantization` (mode affine, 1 to 8 bits but 7, groups of 32, 64 or 128, and
-per-module entries, as mlx_lm's mixed recipes write), with each quantized matrix (the
-embedding too) a packed uint32 `weight` beside its `scales` and `biases`.
-tools/mlx_dequant (C, built with make when needed) unpacks them to scale * q + bias in
-float32, the values MLX's quantized matmul computes with; --dtype f32 keeps those.
+may name a `quantization` (mode affine: 1 to 8 bits but 7, groups of 32, 64 or 128; or
+mxfp4, nvfp4, mxfp8; and per-module entries, as mlx_lm's mixed recipes write), with each
+quantized matrix (the embedding too) a packed uint32 `weight` beside its `scales` (and,
+affine, `biases`). tools/mlx_dequant (C, built with make when needed) unpacks them to the
+float32 values MLX's quantized matmul computes with (affine: scale * q + bias in
+float32); --dtype f32 keeps those.
 
 MODEL.gguf is a GGUF file (version 2 or 3) of architecture gemma3, as llama.cpp's
 converter and Ollama write them (Ollama keeps them as ~/.ollama/models/blobs/sha256-*).
@@ -301,8 +302,8 @@ def read_config(hf_dir):
 # ----------------------------------------------------------------------------
 # safetensors reading (header parse + byte ranges; no third-party code)
 
-# F32, BF16, F16 tensors; U32: an MLX checkpoint's packed quantized matrices
-ST_DTYPES = {"F32": 4, "BF16": 2, "F16": 2, "U32": 4}
+# F32, BF16, F16 tensors; U32 and U8: an MLX checkpoint's packed matrices and fp8 scales
+ST_DTYPES = {"F32": 4, "BF16": 2, "F16": 2, "U32": 4, "U8": 1}
 ST_FLOATS = ("F32", "BF16", "F16")
 ST_HEADER_LIMIT = 100_000_000  # the safetensors library's own limit on the JSON header
 
@@ -358,7 +359,7 @@ def read_safetensors_header(path):
     return tensors
 
 
-ST_QUANTIZED = {"I8", "U8", "I4", "U4", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"}
+ST_QUANTIZED = {"I8", "I4", "U4", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"}
 
 
 def shard_names(hf_dir):
@@ -715,7 +716,7 @@ def load_hf(hf_dir, dtype_name, quant=None, quiet=True):
     out_dtype = DTYPE_CODES[dtype_name]
     # MLX's packed matrices: tools/mlx_dequant unpacks them all, in file order.
     packed = [found[n] for n, _ in wanted if "mlx" in found[n]]
-    files = sorted({i["file"] for w in packed for i in (w, w["mlx"][2], w["mlx"][3])})
+    files = sorted({i["file"] for w in packed for i in (w, w["mlx"][3], w["mlx"][4]) if i})
     jobs = [mlx_job(w, out_dtype, files) for w in packed]
     deq = MlxDequantizer(files, jobs, quiet) if jobs else None
     tensors = []
@@ -1687,32 +1688,39 @@ def same_bytes(path, a, b, n):
 
 # ----------------------------------------------------------------------------
 # MLX checkpoints (what `mlx_lm convert -q` writes): a Hugging Face directory whose
-# quantized matrices are each a packed uint32 `weight` with `scales` and `biases`
+# quantized matrices are each a packed uint32 `weight` with `scales` (and, in mode affine,
+# `biases`)
 
-# mlx.core.quantize's mode "affine": the bits per value and the values per scale it offers.
+# mlx.core.quantize's modes: "affine", with the bits per value and values per scale it
+# offers; and the floating-point ones, each with its one width, group size and scale type.
 MLX_BITS = (1, 2, 3, 4, 5, 6, 8)
 MLX_GROUP_SIZES = (32, 64, 128)
-MLX_OTHER_MODES = ("mxfp4", "nvfp4", "mxfp8")
+MLX_FP_MODES = {"mxfp4": (4, 32, "e8m0"), "nvfp4": (4, 16, "e4m3"), "mxfp8": (8, 32, "e8m0")}
 MLX_PARAM_KEYS = ("group_size", "bits", "mode")
 
 
 def mlx_params(q, where, default=None):
-    """(bits, group_size) from a quantization object of config.json: the top-level one,
-    or a module's entry, whose absent keys are the top level's (default)."""
-    mode = q.get("mode", "affine")
+    """(mode, bits, group_size) from a quantization object of config.json: the top-level
+    one, or a module's entry, whose absent keys are the top level's (default)."""
+    mode = q.get("mode", default[0] if default else "affine")
+    if isinstance(mode, str) and mode in MLX_FP_MODES:
+        want = MLX_FP_MODES[mode][:2]
+        bits, group = q.get("bits", want[0]), q.get("group_size", want[1])
+        if (bits, group) != want or not (is_int(bits) and is_int(group)):
+            raise ExportError(f"{where}: mode {mode} packs {want[0]}-bit values in groups of {want[1]}, "
+                              f"not bits {short(bits)}, group_size {short(group)}")
+        return mode, bits, group
     if mode != "affine":
-        if mode in MLX_OTHER_MODES:
-            raise ExportError(f"{where}.mode {mode!r} is not supported (export.py reads MLX's 'affine' mode)")
-        raise ExportError(f"{where}.mode {short(mode)} is unknown (MLX's modes: affine, {', '.join(MLX_OTHER_MODES)})")
-    bits = q.get("bits", default[0] if default else None)
-    group = q.get("group_size", default[1] if default else None)
+        raise ExportError(f"{where}.mode {short(mode)} is unknown (MLX's modes: affine, {', '.join(MLX_FP_MODES)})")
+    bits = q.get("bits", default[1] if default else None)
+    group = q.get("group_size", default[2] if default else None)
     if not (is_int(bits) and bits in MLX_BITS):
         raise ExportError(f"{where}.bits {short(bits)} is not one of MLX's affine widths "
                           f"({', '.join(map(str, MLX_BITS))})")
     if not (is_int(group) and group in MLX_GROUP_SIZES):
         raise ExportError(f"{where}.group_size {short(group)} is not one of MLX's affine group sizes "
                           f"({', '.join(map(str, MLX_GROUP_SIZES))})")
-    return bits, group
+    return mode, bits, group
 
 
 def mlx_quantization(hf_dir):
@@ -1720,8 +1728,8 @@ def mlx_quantization(hf_dir):
     (copied to `quantization_config`; mlx_lm also looks in text_config) holds group_size,
     bits and mode for every matrix, plus entries by module name (the tensor's name without
     .weight) that override them or, false, leave that module unquantized (mlx_lm's mixed
-    recipes). Returns ((bits, group_size), {canonical module name: (bits, group_size) or
-    None}), or (None, {}) when the config names no quantization."""
+    recipes). Returns ((mode, bits, group_size), {canonical module name: (mode, bits,
+    group_size) or None}), or (None, {}) when the config names no quantization."""
     path = os.path.join(hf_dir, "config.json")
     raw = read_json(path, "config.json", 1 << 20)
     text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
@@ -1737,7 +1745,7 @@ def mlx_quantization(hf_dir):
         raise ExportError(f"{where} is {short(q)}, not an object")
     if "quant_method" in q:  # Hugging Face's (GPTQ, AWQ, bitsandbytes, fp8, ...), not MLX's
         raise ExportError(f"{where}.quant_method {short(q['quant_method'])} is not supported (export.py reads "
-                          "unquantized checkpoints and MLX's affine quantization)")
+                          "unquantized checkpoints and MLX's quantization)")
     default = mlx_params(q, where)
     modules = {}
     for name, entry in q.items():
@@ -1761,10 +1769,10 @@ def mlx_quantization(hf_dir):
 
 def mlx_matrices(hf_dir, cfg, found):
     """Match an MLX checkpoint's packed matrices with its config.json: each module with
-    .scales is quantized, with the bits and group size its config entry (or the top
+    .scales is quantized, with the mode, bits and group size its config entry (or the top
     level) gives. Its .scales and .biases leave `found`, and its .weight gets the
-    logical [rows, cols] shape and an "mlx" entry (bits, group size, scales, biases) for
-    load_hf. Every shape, type and claim is checked here, before any work."""
+    logical [rows, cols] shape and an "mlx" entry (mode, bits, group size, scales, biases
+    or None) for load_hf. Every shape, type and claim is checked here, before any work."""
     path = os.path.join(hf_dir, "config.json")
     default, modules = mlx_quantization(hf_dir)
     cols = {"embed_tokens": cfg["hidden_size"]}  # the embedding's rows (vocab) are its tensor's
@@ -1785,7 +1793,7 @@ def mlx_matrices(hf_dir, cfg, found):
             if w is not None and w["dtype"] not in ST_FLOATS:
                 raise ExportError(f"tensor {m}.weight is packed ({w['dtype']}) but there is no {m}.scales")
             if m in modules and entry is not None and w is not None:
-                raise ExportError(f"{path}: quantization gives {m} {entry[0]} bits in groups of {entry[1]}, "
+                raise ExportError(f"{path}: quantization gives {m} {entry[1]} bits in groups of {entry[2]}, "
                                   f"but {m}.weight is {w['dtype']} with no scales")
             continue  # a float matrix (mlx_lm leaves those whose rows the groups do not divide)
         if default is None:
@@ -1793,30 +1801,36 @@ def mlx_matrices(hf_dir, cfg, found):
                               "(mlx_lm writes its bits and group_size there)")
         if entry is None:
             raise ExportError(f"{path}: quantization marks {m} unquantized, but it has {m}.scales")
-        for t, info in (("weight", w), ("scales", sc), ("biases", bi)):
+        mode, bits, group = entry
+        affine = mode == "affine"
+        for t, info in (("weight", w), ("scales", sc), ("biases", bi)) if affine else (("weight", w), ("scales", sc)):
             if info is None:
-                raise ExportError(f"missing tensor {m}.{t} (an MLX affine matrix is weight, scales and biases)")
-        bits, group = entry
+                raise ExportError(f"missing tensor {m}.{t} (an MLX {mode} matrix is weight, scales"
+                                  f"{' and biases' if affine else ''})")
+        if not affine and bi is not None:
+            raise ExportError(f"tensor {m}.biases: quantization mode {mode} has no biases")
         r, c = rows[m] if rows[m] is not None else (w["shape"] or [0])[0], cols[m]
         if c % group:
             raise ExportError(f"{path}: quantization group_size {group} does not divide the rows of {m} ({c} values)")
         if w["dtype"] != "U32" or w["shape"] != [r, c * bits // 32]:
             raise ExportError(f"tensor {m}.weight is {w['dtype']} {short(w['shape'])}, expected U32 "
                               f"[{r}, {c * bits // 32}] ({r} rows of {c} {bits}-bit values packed in 32-bit words)")
-        for t, info in (("scales", sc), ("biases", bi)):
-            if info["dtype"] not in ST_FLOATS or info["shape"] != [r, c // group]:
-                raise ExportError(f"tensor {m}.{t} is {info['dtype']} {short(info['shape'])}, expected a float "
-                                  f"type and [{r}, {c // group}] (one per group of {group} values)")
-        found[f"{m}.weight"] = dict(w, shape=[r, c], mlx=(bits, group, sc, bi))
-        del found[f"{m}.scales"], found[f"{m}.biases"]
+        for t, info in (("scales", sc), ("biases", bi)) if affine else (("scales", sc),):
+            if (info["dtype"] not in ST_FLOATS if affine else info["dtype"] != "U8") or info["shape"] != [r, c // group]:
+                raise ExportError(f"tensor {m}.{t} is {info['dtype']} {short(info['shape'])}, expected "
+                                  f"{'a float type' if affine else 'U8'} and [{r}, {c // group}] (one per group of "
+                                  f"{group} values)")
+        found[f"{m}.weight"] = dict(w, shape=[r, c], mlx=(mode, bits, group, sc, bi))
+        del found[f"{m}.scales"]
+        found.pop(f"{m}.biases", None)
         n_packed += 1
     if default is not None and not n_packed:
-        raise ExportError(f"{path}: quantization says the matrices are {default[0]}-bit in groups of {default[1]}, "
-                          "but no tensor is quantized (none has .scales)")
+        raise ExportError(f"{path}: quantization says the matrices are {default[1]}-bit ({default[0]}) in groups of "
+                          f"{default[2]}, but no tensor is quantized (none has .scales)")
     for name, info in found.items():
         if info["dtype"] not in ST_FLOATS and "mlx" not in info:
-            raise ExportError(f"tensor {short(name)} has dtype {info['dtype']}, which only the packed weight of "
-                              "an MLX matrix (with scales and biases) has")
+            raise ExportError(f"tensor {short(name)} has dtype {info['dtype']}, which only an MLX matrix's packed "
+                              "weight and scales have")
 
 
 MLX_JOB_TYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
@@ -1839,12 +1853,13 @@ class MlxDequantizer(Dequantizer):
 
 def mlx_job(info, dt, files):
     """The tools/mlx_dequant job line of a packed matrix (files: the shard paths, by index)."""
-    bits, group, sc, bi = info["mlx"]
+    mode, bits, group, sc, bi = info["mlx"]
     index = {f: i for i, f in enumerate(files)}
     rows, cols = info["shape"]
-    return (f"{index[info['file']]} {info['offset']} {index[sc['file']]} {sc['offset']} {MLX_JOB_TYPES[sc['dtype']]} "
-            f"{index[bi['file']]} {bi['offset']} {MLX_JOB_TYPES[bi['dtype']]} {rows} {cols} {bits} {group} "
-            f"{'bf16' if dt == DTYPE_BF16 else 'f32'}\n")
+    stype = MLX_JOB_TYPES[sc["dtype"]] if mode == "affine" else MLX_FP_MODES[mode][2]
+    biases = f"{index[bi['file']]} {bi['offset']} {MLX_JOB_TYPES[bi['dtype']]}" if bi else "-1 0 -"
+    return (f"{mode} {rows} {cols} {bits} {group} {'bf16' if dt == DTYPE_BF16 else 'f32'} "
+            f"{index[info['file']]} {info['offset']} {index[sc['file']]} {sc['offset']} {stype} {biases}\n")
 
 
 def main():

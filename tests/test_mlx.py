@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
-"""MLX import: bad checkpoints (test_all.c checks the good ones' logits).
+"""MLX import: edge-case values, bf16 and sharded exports, bad checkpoints (test_all.c
+checks the logits).
 
     python3 tests/test_mlx.py
 
-Each case copies a checkpoint of tests/fixtures/mlx (made by mlx_lm, see its README) or
-tests/fixtures/tiny with one thing broken, runs export.py on it and wants: exit status 1,
-one line on stderr naming the problem, no traceback, no output or temporary file left.
-Standard library only. Prints one line per check ("ok - ..." / "not ok - ...") and ends
+On checkpoints of tests/fixtures/mlx (made by mlx_lm, see its README): each matrix of
+fixtures/mlx/edges (every code, scales at the formats' edges), swapped into its fixture,
+exports to what mx.dequantize made of it in float32, bit for bit; the bf16 export
+holds the f32 export's matrices rounded to bf16, and the same checkpoint split into two
+shards (each weight in the other shard than its scales) gives the same f32 export. Then
+each bad case copies a fixture (or tests/fixtures/tiny) with one thing broken, runs
+export.py on it and wants: exit status 1, one line on stderr naming the problem (printed
+as a "#" line), no traceback, no output or temporary file left. Standard library only. Prints one line per check ("ok - ..." / "not ok - ...") and ends
 with "N passed, N failed".
 """
 import json
@@ -87,8 +92,128 @@ def quantized_name(d, module):
     return next(k[:-len(".scales")] for k in names if k.endswith(module + ".scales"))
 
 
+def export(d, out, *extra):
+    r = subprocess.run(["python3", "export.py", d, out, "-q", *extra], cwd=ROOT, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE)
+    return r.returncode, r.stderr.decode("utf-8", "replace").strip()
+
+
+def model_tensors(path):
+    """{name: (dtype code, raw bytes)} of a gemma3.c model file (FORMAT.md)."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    n, dir_off = struct.unpack_from("<I", blob, 88)[0], struct.unpack_from("<Q", blob, 112)[0]
+    out = {}
+    for i in range(n):
+        e = dir_off + 104 * i
+        name = blob[e:e + 64].rstrip(b"\0").decode()
+        dtype = struct.unpack_from("<I", blob, e + 64)[0]
+        off, nbytes = struct.unpack_from("<QQ", blob, e + 88)
+        out[name] = (dtype, blob[off:off + nbytes])
+    return out
+
+
+def bf16_of(raw):
+    """float32 bytes -> bf16 bytes, rounded to nearest even (no NaNs here)."""
+    words = struct.unpack(f"<{len(raw) // 4}I", raw)
+    return struct.pack(f"<{len(words)}H", *(((w + 0x7FFF + ((w >> 16) & 1)) >> 16) & 0xFFFF for w in words))
+
+
+def reshard(src, dst):
+    """src's model.safetensors split in two shards with an index, each module's weight
+    in the other shard than its scales and biases."""
+    shutil.rmtree(dst, ignore_errors=True)
+    os.makedirs(dst)
+    shutil.copy(os.path.join(src, "config.json"), dst)
+    with open(os.path.join(src, "model.safetensors"), "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    header.pop("__metadata__", None)
+    shards = [{}, {}]
+    for name, e in header.items():
+        shards[0 if name.endswith(".weight") else 1][name] = data[e["data_offsets"][0]:e["data_offsets"][1]]
+    weight_map = {}
+    for i, tensors in enumerate(shards):
+        fn = f"model-0000{i + 1}-of-00002.safetensors"
+        head, blob = {}, b""
+        for name, raw in tensors.items():
+            head[name] = {"dtype": header[name]["dtype"], "shape": header[name]["shape"],
+                          "data_offsets": [len(blob), len(blob) + len(raw)]}
+            blob += raw
+            weight_map[name] = fn
+        raw_head = json.dumps(head).encode()
+        with open(os.path.join(dst, fn), "wb") as f:
+            f.write(struct.pack("<Q", len(raw_head)) + raw_head + blob)
+    with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": weight_map}, f)
+
+
+def read_safetensors(path):
+    """{name: (dtype, shape, raw bytes)} of a safetensors file."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    header.pop("__metadata__", None)
+    return {k: (e["dtype"], e["shape"], data[e["data_offsets"][0]:e["data_offsets"][1]]) for k, e in header.items()}
+
+
+def check_edges():
+    """Each file of fixtures/mlx/edges (tools/make_mlx_fixtures.py) holds one matrix of a
+    fixture with every code and edge-case scales, and what mx.dequantize makes of it in
+    float32: swapped into a copy of the fixture, its f32 export must hold exactly that."""
+    for fn in sorted(os.listdir(os.path.join(FIX, "edges"))):
+        edge = read_safetensors(os.path.join(FIX, "edges", fn))
+        fixture, matrix = {"affine-f16": ("q6-g64-mqa-mm", "layers.0.mlp.up_proj"),
+                           "affine-bf16": ("q4-g64-mqa", "layers.0.mlp.up_proj"),
+                           "mxfp4": ("mxfp4-mqa", "layers.0.mlp.up_proj"),
+                           "nvfp4": ("nvfp4-mqa-mm", "embed_tokens"),
+                           "mxfp8": ("mxfp8-mqa", "layers.0.mlp.up_proj")}[fn[:-len(".safetensors")]]
+        d = copy(os.path.join(FIX, fixture))
+        prefix = quantized_name(d, matrix)
+        path = os.path.join(d, "model.safetensors")
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(n))
+        with open(path, "r+b") as f:
+            for t in ("weight", "scales", "biases"):
+                if t in edge:
+                    e = header[f"{prefix}.{t}"]
+                    assert [e["dtype"], e["shape"]] == list(edge[t][:2]), (fn, t)
+                    f.seek(8 + n + e["data_offsets"][0])
+                    f.write(edge[t][2])
+        out = os.path.join(W, "edges.bin")
+        rc, err = export(d, out, "--dtype", "f32")
+        if not check(rc == 0, f"edges {fn}: export", err):
+            continue
+        got = model_tensors(out)[matrix + ".weight"][1]
+        want = edge["expected"][2]
+        differ = sum(a != b for a, b in zip(struct.iter_unpack("<I", got), struct.iter_unpack("<I", want)))
+        check(len(got) == len(want) and not differ, f"edges {fn}: {len(want) // 4} values bit for bit mx.dequantize's",
+              f"{differ} differ")
+
+
 def main():
     os.makedirs(W, exist_ok=True)
+    check_edges()
+
+    # good checkpoints: the bf16 export is the f32 one rounded; shards change nothing
+    for name in ("q3-g32-gqa", "nvfp4-mqa-mm"):
+        src = os.path.join(FIX, name)
+        f32, bf16, sharded = (os.path.join(W, f"{name}-{t}.bin") for t in ("f32", "bf16", "sharded"))
+        results = [export(src, f32, "--dtype", "f32"), export(src, bf16, "--dtype", "bf16")]
+        reshard(src, os.path.join(W, "sharded"))
+        results.append(export(os.path.join(W, "sharded"), sharded, "--dtype", "f32"))
+        if not check(all(rc == 0 for rc, _ in results), f"{name}: export f32, bf16, sharded f32",
+                     "; ".join(err for _, err in results)):
+            continue
+        a, b = model_tensors(f32), model_tensors(bf16)
+        matrices = [n for n in a if a[n][0] == 0 and len(b[n][1]) * 2 == len(a[n][1])]
+        check(len(matrices) == 15 and all(b[n][1] == bf16_of(a[n][1]) for n in matrices),
+              f"{name}: bf16 export = f32 export rounded to bf16, all 15 matrices")
+        with open(f32, "rb") as fa, open(sharded, "rb") as fb:
+            check(fa.read() == fb.read(), f"{name}: weights and scales in different shards: the same f32 export")
     q4 = os.path.join(FIX, "q4-g64-mqa")  # flat, hidden 64, 4-bit groups of 64
     mixed = os.path.join(FIX, "mixed_3_6-g64-gqa-mm")  # multimodal layout, per-module entries
 
@@ -139,6 +264,28 @@ def main():
     d = copy(q4)
     edit_config(d, lambda c: [c[k].update(mode="fancy") for k in ("quantization", "quantization_config")])
     expect_error("unknown mode", d, "quantization.mode 'fancy' is unknown")
+
+    fp4 = os.path.join(FIX, "mxfp4-mqa")  # mode mxfp4: U8 scales, no biases
+    d = copy(fp4)
+    edit_config(d, lambda c: [c[k].update(bits=8) for k in ("quantization", "quantization_config")])
+    expect_error("mxfp4 with 8 bits", d, "mode mxfp4 packs 4-bit values in groups of 32, not bits 8")
+
+    d = copy(fp4)
+    edit_config(d, lambda c: [c[k].update(mode="nvfp4", group_size=16) for k in ("quantization", "quantization_config")])
+    expect_error("mxfp4 tensors, config says nvfp4", d, "tensor embed_tokens.scales is U8 [256, 1], expected U8 and "
+                 "[256, 2]")
+
+    d = copy(fp4)
+    e = quantized_name(d, "layers.0.mlp.up_proj")
+    def add_biases(h, data):
+        h[e + ".biases"] = {"dtype": "BF16", "shape": [32, 1], "data_offsets": [len(data), len(data) + 64]}
+        return data + bytes(64)
+    edit_header(d, add_biases)
+    expect_error("biases in mode mxfp4", d, "tensor layers.0.mlp.up_proj.biases: quantization mode mxfp4 has no biases")
+
+    d = copy(fp4)
+    edit_header(d, lambda h, data: h[e + ".scales"].update(dtype="BF16", shape=[16, 1]))
+    expect_error("mxfp4 scales not U8", d, "tensor layers.0.mlp.up_proj.scales is BF16 [16, 1], expected U8")
 
     d = copy(q4)
     edit_config(d, lambda c: c.update(quantization_config={"quant_method": "gptq", "bits": 4}, quantization=None))

@@ -39,9 +39,12 @@ N_TOKENS, N_GREEDY = 10, 8
 # for groups of 128 (its down_proj rows are 32 wide: mlx_lm leaves it unquantized, bf16).
 MQA = "--vocab 256 --hidden 64 --inter 64 --layers 2 --heads 2 --kv-heads 1 --head-dim 32 --window 4 --pattern 2"
 GQA = "--vocab 256 --hidden 64 --inter 64 --layers 2 --heads 4 --kv-heads 2 --head-dim 16 --window 4 --pattern 2"
+# SMALL: the floating-point modes' fixtures, hidden 32 (their groups are 16 or 32).
+SMALL = "--vocab 256 --hidden 32 --inter 32 --layers 2 --heads 2 --kv-heads 1 --head-dim 16 --window 4 --pattern 2"
 WIDE = "--vocab 256 --hidden 128 --inter 32 --layers 2 --heads 2 --kv-heads 1 --head-dim 64 --window 4 --pattern 2"
 # name: (shape, layout, bits, group size, mlx_lm quant predicate, dtype of the float tensors
-# and of the scales and biases). "mm": the multimodal layout (Gemma3ForConditionalGeneration).
+# and of the affine scales and biases, mode). "mm": the multimodal layout
+# (Gemma3ForConditionalGeneration). The floating-point modes have one width and group size.
 FIXTURES = {
     "q4-g64-mqa": (MQA, "flat", 4, 64, None, "bfloat16"),
     "q8-g32-gqa-mm": (GQA, "nested", 8, 32, None, "bfloat16"),
@@ -52,6 +55,9 @@ FIXTURES = {
     "mixed_3_6-g64-gqa-mm": (GQA, "nested", 3, 64, "mixed_3_6", "bfloat16"),
     "mixed_4_6-g32-mqa": (MQA, "flat", 4, 32, "mixed_4_6", "bfloat16"),
     "q1-g64-gqa": (GQA, "flat", 1, 64, None, "bfloat16"),
+    "mxfp4-mqa": (SMALL, "flat", None, None, None, "bfloat16", "mxfp4"),
+    "nvfp4-mqa-mm": (SMALL, "nested", None, None, None, "bfloat16", "nvfp4"),
+    "mxfp8-mqa": (SMALL, "flat", None, None, None, "float16", "mxfp8"),
 }
 
 
@@ -76,9 +82,9 @@ def make_hf(work, shape, layout, seed):
     return hf
 
 
-def quantize(hf, out, bits, group, recipe, dtype):
+def quantize(hf, out, bits, group, recipe, dtype, mode):
     from mlx_lm.convert import convert
-    convert(hf, out, quantize=True, q_bits=bits, q_group_size=group, quant_predicate=recipe, dtype=dtype)
+    convert(hf, out, quantize=True, q_bits=bits, q_group_size=group, quant_predicate=recipe, dtype=dtype, q_mode=mode)
     keep = {"config.json", "model.safetensors", "model.safetensors.index.json"}
     for name in os.listdir(out):
         if name not in keep:
@@ -87,9 +93,9 @@ def quantize(hf, out, bits, group, recipe, dtype):
 
 def dequantized_checkpoint(mlx_dir, dst):
     """The float32 Hugging Face checkpoint whose every matrix is mx.dequantize of the
-    packed one with its scales and biases upcast to float32 (so scale * q + bias is
-    computed in float32, as mlx's quantized matmul does: mx.dequantize on bf16 scales
-    would round the values to bf16)."""
+    packed one in float32: in mode affine with its scales and biases upcast to float32
+    first (so scale * q + bias is computed in float32, as mlx's quantized matmul does:
+    mx.dequantize on bf16 scales would round the values to bf16)."""
     import mlx.core as mx
     with open(os.path.join(mlx_dir, "config.json")) as f:
         cfg = json.load(f)
@@ -102,9 +108,12 @@ def dequantized_checkpoint(mlx_dir, dst):
         module = name[:-len(".weight")]
         if name.endswith(".weight") and module + ".scales" in w:
             p = q.get(module, q)
-            assert p.get("mode", "affine") == "affine"
-            arr = mx.dequantize(arr, w[module + ".scales"].astype(mx.float32), w[module + ".biases"].astype(mx.float32),
-                                group_size=p["group_size"], bits=p["bits"])
+            if p.get("mode", "affine") == "affine":
+                arr = mx.dequantize(arr, w[module + ".scales"].astype(mx.float32),
+                                    w[module + ".biases"].astype(mx.float32), group_size=p["group_size"], bits=p["bits"])
+            else:
+                arr = mx.dequantize(arr, w[module + ".scales"], group_size=p["group_size"], bits=p["bits"],
+                                    mode=p["mode"], dtype=mx.float32)
         out[name] = arr.astype(mx.float32)
     os.makedirs(dst)
     mx.save_safetensors(os.path.join(dst, "model.safetensors"), out)
@@ -115,12 +124,12 @@ def dequantized_checkpoint(mlx_dir, dst):
 
 
 def make_fixture(name, out_root, seed):
-    shape, layout, bits, group, recipe, dtype = FIXTURES[name]
+    shape, layout, bits, group, recipe, dtype, mode = (FIXTURES[name] + ("affine",))[:7]
     out = os.path.join(out_root, name)
     shutil.rmtree(out, ignore_errors=True)
     with tempfile.TemporaryDirectory() as work:
         hf = make_hf(work, shape, layout, seed)
-        quantize(hf, out, bits, group, recipe, dtype)
+        quantize(hf, out, bits, group, recipe, dtype, mode)
         deq = os.path.join(work, "deq")
         dequantized_checkpoint(out, deq)
         vocab = int(shape.split("--vocab ")[1].split()[0])
@@ -171,8 +180,11 @@ def export_vs_mlx(mlx_dir, deq, work):
 def mlx_forward_diff(mlx_dir, tokens):
     """A cross-check of the reference: mlx_lm's own Gemma 3 forward on the quantized
     checkpoint, every float (scales, biases, norms) cast to float32, against logits.f32:
-    the largest difference. (mlx_lm rounds the embedding scale sqrt(hidden) to bf16; for
-    hidden 64 it is 8, exact.)"""
+    the largest difference. mlx_lm multiplies the embedding by sqrt(hidden) rounded to
+    bf16 (5.65625 for hidden 32, where gemma_pytorch in float32 and the reference use
+    5.656854); the embeddings it is given here carry the ratio, so that only its rounding
+    (an ulp) remains. (Its embedding lookup in the floating-point modes returns bf16, which
+    would run the whole forward in bf16: the embeddings are float32 here.)"""
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_map
@@ -181,21 +193,87 @@ def mlx_forward_diff(mlx_dir, tokens):
     model, _ = load_model(Path(mlx_dir))
     model.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a,
                           model.parameters()))
-    cache = model.make_cache()
-    logits = np.array(model(mx.array(tokens)[None], cache=cache)[0].astype(mx.float32))
+    inner = model.language_model.model if hasattr(model, "language_model") else model.model
+    root = float(np.float32(inner.args.hidden_size ** 0.5))
+    ratio = root / mx.array(root, mx.bfloat16).astype(mx.float32).item()
+    ids = mx.array(tokens)[None]
+    emb = inner.embed_tokens(ids).astype(mx.float32) * ratio  # the fp modes' lookup gives bf16
+    logits = np.array(model(ids, cache=model.make_cache(), input_embeddings=emb)[0].astype(mx.float32))
     ref = np.fromfile(os.path.join(mlx_dir, "logits.f32"), dtype="<f4").reshape(logits.shape)
     return float(np.abs(logits - ref).max())
 
 
+# The edge cases of each mode's decoding, one matrix each: every code, and scales (and
+# biases) from the smallest to the largest the format holds whose products stay finite:
+# name: (the fixture whose matrix it replaces, that matrix, mode, bits, group size).
+# nvfp4 takes the embedding: its 512 scales hold each of E4M3's 254 finite codes.
+EDGES = {
+    "affine-f16": ("q6-g64-mqa-mm", "layers.0.mlp.up_proj", "affine", 6, 64),
+    "affine-bf16": ("q4-g64-mqa", "layers.0.mlp.up_proj", "affine", 4, 64),
+    "mxfp4": ("mxfp4-mqa", "layers.0.mlp.up_proj", "mxfp4", 4, 32),
+    "nvfp4": ("nvfp4-mqa-mm", "embed_tokens", "nvfp4", 4, 16),
+    "mxfp8": ("mxfp8-mqa", "layers.0.mlp.up_proj", "mxfp8", 8, 32),
+}
+
+
+def make_edges(out_root):
+    """edges/NAME.safetensors: `weight`, `scales` (and `biases`) of the shapes of one of
+    the fixture's matrices, holding every code and edge-case scales, and
+    `expected`, what mx.dequantize gives for them in float32 (tests/test_mlx.py swaps them
+    into the fixture and compares its f32 export with `expected`, bit for bit)."""
+    import mlx.core as mx
+    import numpy as np
+    os.makedirs(os.path.join(out_root, "edges"), exist_ok=True)
+    for name, (fixture, matrix, mode, bits, group) in EDGES.items():
+        w = mx.load(os.path.join(out_root, fixture, "model.safetensors"))
+        prefix = next(k[:-len(".scales")] for k in w if k.endswith(matrix + ".scales"))
+        scales0 = w[prefix + ".scales"]
+        rows, n_groups = scales0.shape
+        cols = n_groups * group
+        codes = np.arange(rows * cols) % (1 << bits)
+        if mode == "mxfp8":
+            codes[(codes & 0x7f) == 0x7f] = 0  # E4M3 NaN
+        bitstream = ((codes[:, None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(-1)
+        weight = np.packbits(bitstream, bitorder="little").view("<u4").reshape(rows, cols * bits // 32)
+        k = np.arange(rows * n_groups).reshape(rows, n_groups)
+        tensors = {"weight": mx.array(weight)}
+        if mode == "affine":
+            ftype = scales0.dtype
+            if ftype == mx.float16:  # subnormal, smallest normal, max, negatives, zero
+                pool = np.array([5.96e-8, 6.1e-5, 0.0, -1.0, 0.0137, 65504.0 / 63, -3.0e-6, 1.0], np.float32)
+            else:  # bf16: a subnormal (2^-130), the smallest normals, up to 1e30
+                pool = np.array([1.2e-38, -3.4e-30, 0.0, 1.0, -0.0137, 1e30, 9.2e-40, 2.0], np.float32)
+            tensors["scales"] = mx.array(pool[k % len(pool)]).astype(ftype)
+            tensors["biases"] = mx.array(-pool[(k + 3) % len(pool)]).astype(ftype)
+            expected = mx.dequantize(tensors["weight"], tensors["scales"].astype(mx.float32),
+                                     tensors["biases"].astype(mx.float32), group_size=group, bits=bits)
+        else:
+            if mode == "nvfp4":  # E4M3 scales: every finite code (subnormals, negatives, 448)
+                pool = np.array([c for c in range(256) if c & 0x7f != 0x7f], np.uint8)
+            else:  # E8M0 scales: 2^-127 (a subnormal) ... 2^118 (fp8's 448 * 2^118 is finite)
+                pool = np.array([0, 1, 2, 3, 60, 126, 127, 128, 129, 200, 245], np.uint8)
+            tensors["scales"] = mx.array(pool[k % len(pool)])
+            expected = mx.dequantize(tensors["weight"], tensors["scales"], group_size=group, bits=bits, mode=mode,
+                                     dtype=mx.float32)
+        tensors["expected"] = expected.astype(mx.float32)
+        assert np.isfinite(np.array(tensors["expected"])).all(), name
+        mx.save_safetensors(os.path.join(out_root, "edges", name + ".safetensors"), tensors)
+        print(f"edges/{name}: {fixture} {matrix}, {rows} x {cols}, {mode}, {bits} bits, groups of {group}",
+              file=sys.stderr)
+
+
 def main():
     ap = argparse.ArgumentParser(description="Make the MLX fixtures (needs mlx and mlx-lm).")
-    ap.add_argument("names", nargs="*", help=f"fixtures to make (default all: {', '.join(FIXTURES)})")
+    ap.add_argument("names", nargs="*", help=f"fixtures to make (default all: {', '.join(FIXTURES)}, edges)")
     ap.add_argument("--out", default=os.path.join(ROOT, "tests", "fixtures", "mlx"))
     args = ap.parse_args()
-    for name in args.names or FIXTURES:
-        if name not in FIXTURES:
+    for name in args.names or list(FIXTURES) + ["edges"]:
+        if name == "edges":
+            make_edges(args.out)
+        elif name in FIXTURES:
+            make_fixture(name, args.out, seed=list(FIXTURES).index(name) + 1)
+        else:
             sys.exit(f"unknown fixture {name}")
-        make_fixture(name, args.out, seed=list(FIXTURES).index(name) + 1)
 
 
 if __name__ == "__main__":
