@@ -676,6 +676,8 @@ def main():
     pos = head.find(b"blk.0.attn_k.weight") + len("blk.0.attn_k.weight") + 4  # after the name and n_dims
     expect_error("IQ2_XS rows of 128 values (blocks are 256)", corrupt(src, os.path.join(W, "b.gguf"),
                  [(pos, struct.pack("<QQ", 128, 2 * KV * HD))]), "not whole IQ2_XS blocks of 256")
+    expect_error("a type number ggml does not have", corrupt(src, os.path.join(W, "b.gguf"),
+                 [(pos + 16, struct.pack("<I", 99))]), "blk.0.attn_k.weight has type number 99")
     make_gguf(g, T.Q8_0, drop=("blk.2.ffn_up.weight",))
     expect_error("missing tensor", g, "missing tensor blk.2.ffn_up.weight")
     make_gguf(g, T.Q8_0, shapes={"blk.0.attn_k.weight": [256, 256]})
