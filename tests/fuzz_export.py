@@ -182,7 +182,7 @@ def tiny_gguf_untied():
     data += b"\0" * (E.pad_to(len(data), align) - len(data))
     tl.append(("output.weight", emb[1], 8, len(data)))  # Q8_0: 34 bytes per 32 values
     data += bytes([0x00, 0x3c] + [1] * 32) * (emb[1][0] * emb[1][1] // 32)
-    tl.append(("v.patch_embd.weight", [32, 4], 16, 0))  # IQ2_XXS, skipped with the vision tower
+    tl.append(("v.patch_embd.weight", [32, 4], 15, 0))  # Q8_K, skipped with the vision tower
     return gguf_bytes(kv, tl, bytes(data), version, align)
 
 
@@ -461,7 +461,7 @@ def mutate_gguf(rnd, b):
             i = rnd.randrange(len(tl))
             n, dims, t, off = tl[i]
             if rnd.random() < 0.5:
-                t = rnd.choice(list(E.GGML_TYPES) + [4, 16, 39, 1000])
+                t = rnd.choice(list(E.GGML_TYPES) + [4, 15, 24, 1000])
             else:
                 off = rnd.choice([0, off + 32, off - 32, off + 1, len(data), 1 << 40])
             tl[i] = (n, dims, t, max(0, off))

@@ -464,6 +464,28 @@ def main():
     rc, _, err = export(g, os.path.join(W, "mixed.bin"), "--dtype", "f32")
     if check(rc == 0, "a file mixing types per tensor (IQ2_XS, IQ2_S, IQ3_S, Q4_K, ...): export", err.strip()):
         compare_export(g, os.path.join(W, "mixed.bin"), "mixed types: f32 export bit-identical")
+    # files written by llama.cpp's own llama-quantize (tests/fixtures/gguf-iq, made by
+    # tools/make_gguf_iq_fixtures.py): values bit for bit, logits against tests/ref_gguf.py's
+    fx = os.path.join(ROOT, "tests", "fixtures", "gguf-iq")
+    seen = set()
+    for f in sorted(n for n in os.listdir(fx) if n.endswith(".gguf")):
+        g, stem = os.path.join(fx, f), f[:-len(".gguf")]
+        b, lg = os.path.join(W, f"lq-{stem}.bin"), os.path.join(W, f"lq-{stem}.f32")
+        seen |= {T(t.tensor_type).name for t in GGUFReader(g).tensors}
+        rc, _, err = export(g, b, "--dtype", "f32")
+        if not check(rc == 0, f"llama-quantize {stem}: export", err.strip()):
+            continue
+        compare_export(g, b, f"llama-quantize {stem}: f32 export bit-identical to gguf.quants.dequantize")
+        rc, _, err = run("./gemma3", b, "--logits", os.path.join(fx, "tokens.txt"), lg)
+        ref = np.fromfile(os.path.join(fx, f"{stem}.logits.f32"), "<f4")
+        got = np.fromfile(lg, "<f4") if rc == 0 else np.zeros(0, np.float32)
+        same = got.size == ref.size and ref.size % 320 == 0
+        rel = float(np.abs(got - ref).max() / np.abs(ref).max()) if same else float("inf")
+        same = same and np.array_equal(got.reshape(-1, 320).argmax(1), ref.reshape(-1, 320).argmax(1))
+        check(rel <= 1e-4 and same, f"llama-quantize {stem}: gemma3 --logits within 1e-4 of max|logit| of "
+              f"tests/ref_gguf.py's ({rel:.1e}), every argmax equal", err.strip())
+    want = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "TQ1_0", "TQ2_0"}
+    check(want <= seen, f"the llama-quantize files hold every type of {sorted(want)}", f"missing {sorted(want - seen)}")
     # the value tables in gguf_tables.c are what tools/gguf_tables.py writes from gguf-py
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gguf_tables.py")], stdout=subprocess.PIPE)
     with open(os.path.join(ROOT, "gguf_tables.c"), "rb") as f:
@@ -657,6 +679,8 @@ def main():
     pos = head.find(b"blk.0.attn_k.weight") + len("blk.0.attn_k.weight") + 4  # after the name and n_dims
     expect_error("IQ2_XS rows of 128 values (blocks are 256)", corrupt(src, os.path.join(W, "b.gguf"),
                  [(pos, struct.pack("<QQ", 128, 2 * KV * HD))]), "not whole IQ2_XS blocks of 256")
+    expect_error("a type number ggml does not have", corrupt(src, os.path.join(W, "b.gguf"),
+                 [(pos + 16, struct.pack("<I", 99))]), "blk.0.attn_k.weight has type number 99")
     make_gguf(g, T.Q8_0, drop=("blk.2.ffn_up.weight",))
     expect_error("missing tensor", g, "missing tensor blk.2.ffn_up.weight")
     make_gguf(g, T.Q8_0, shapes={"blk.0.attn_k.weight": [256, 256]})
