@@ -931,7 +931,7 @@ static size_t kernels_setup(void *mem, const Config *c, int max_batch, int threa
 #define MATMUL_MANY 3 /* most matrices per call */
 static int kernels_matmul(void *kernels, float *const out[], const Matrix *const W[], int count, const float *x, int n) {
     Kernels *ks = kernels;
-    if (!ks) return 0;
+    if (!ks || W[0]->dtype >= DT_GGML) return 0; /* GGUF's blocks: the plain loops */
     const int level = tile_level(ks, W[0]->cols);
     /* A job is R rows of one matrix: a group of 4 in decode, a chunk in a prompt */
     const int R = n > 1 ? CHUNK_ROWS : 4;

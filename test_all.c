@@ -560,6 +560,26 @@ static void test_toolkit(void) {
     free_model(&m);
 }
 
+/* Random blocks of GGUF type t (nblocks of them at p) whose weights are of a model's size:
+ * random bytes, then every half-precision field (scales d, dmin, m) a random +-[0.5, 1) *
+ * `scale` (the sub-block scales stay random bytes). */
+static void random_blocks(unsigned char *p, const GGMLType *t, int nblocks, float scale, uint64_t *seed) {
+    static const struct { int type, off[2]; } halves[] = {
+        {2, {0, -1}}, {3, {0, 2}}, {6, {0, -1}}, {7, {0, 2}}, {8, {0, -1}}, {10, {80, 82}}, {11, {108, -1}},
+        {12, {0, 2}}, {13, {0, 2}}, {14, {208, -1}}, {20, {0, -1}}, {23, {0, -1}}};
+    for (size_t i = 0; i < (size_t)nblocks * t->block_bytes; i++) p[i] = (unsigned char)(random_f32(seed) * 256);
+    for (size_t h = 0; h < sizeof halves / sizeof halves[0]; h++) {
+        if (halves[h].type != t->type) continue;
+        for (int b = 0; b < nblocks; b++)
+            for (int k = 0; k < 2 && halves[h].off[k] >= 0; k++) {
+                float v = (0.5f + 0.5f * random_f32(seed)) * scale * (random_f32(seed) < 0.5f ? -1.0f : 1.0f);
+                wr_u16(p + (size_t)b * t->block_bytes + halves[h].off[k], f32_to_f16(v));
+            }
+    }
+    if (t->type == 1) /* F16: every value a half of the model's size */
+        for (int b = 0; b < nblocks; b++) wr_u16(p + 2 * b, f32_to_f16((random_f32(seed) - 0.5f) * scale));
+}
+
 /* The widest kernels a run state uses (0: the plain loops only), and lowering it. */
 static int kernel_level(const RunState *s) {
 #ifdef GEMMA3_AVX2
@@ -873,6 +893,55 @@ static void test_quantized(void) {
     CHECK(run("./gemma3 " BUILD "/qmed-f32.bin --logits " BUILD "/qmed.tokens " BUILD "/qmed-f32.logits") == 0, "qmed f32 logits");
     check_quantized("random 4-layer d=256 q8_0 vs f32", BUILD "/qmed-q8_0.bin", BUILD "/qmed.tokens", BUILD "/qmed-f32.logits", 0.05, 0.95);
     check_quantized("random 4-layer d=256 q4_0 vs f32", BUILD "/qmed-q4_0.bin", BUILD "/qmed.tokens", BUILD "/qmed-f32.logits", 0.50, 0.80);
+}
+
+/* GGUF's blocks (dtype DT_GGML + t, gguf_blocks.c) in the plain loops: each type's integer
+ * dot against its own decoder (dq_*, bit-identical to gguf-py) times the same int8
+ * activations, in double: only float rounding may differ. F16's float path against the
+ * decoded row in double. And matrix_row (the embedding lookup) gives the decoded values. */
+static void test_gguf_blocks(void) { /* (types without an integer dot, F16, take the float path) */
+    printf("GGUF blocks: integer dots vs their decoded values\n");
+    enum { COLS = 512, ROWS = 6 };
+    static unsigned char w[ROWS * COLS * 2];
+    static float x[COLS], deq[COLS], row[COLS];
+    static int8_t xq[COLS];
+    static float xs[COLS / 32];
+    static int32_t xsum[COLS / 32];
+    uint64_t seed = 31;
+    for (size_t i = 0; i < sizeof ggml_types / sizeof ggml_types[0]; i++) {
+        const GGMLType *t = &ggml_types[i];
+        GGMLDot dot = ggml_dot(t->type);
+        if (t->type == 0 || t->type == 30) continue; /* F32, BF16: stored as DT_F32 / DT_BF16 */
+        size_t rb = (size_t)COLS / t->block_values * t->block_bytes;
+        random_blocks(w, t, ROWS * COLS / t->block_values, 1.0f / 512, &seed);
+        Matrix W = {w, DT_GGML + t->type, ROWS, COLS};
+        double worst = 0, scale = 0;
+        int rows_equal = 1;
+        for (int r = 0; r < ROWS; r++) {
+            for (int k = 0; k < COLS; k++) x[k] = (random_f32(&seed) - 0.5f) * (k % 13 == 0 ? 8.0f : 1.0f);
+            quantize_activations(xq, xs, xsum, x, COLS);
+            for (int b = 0; b < COLS / t->block_values; b++) t->dequant(w + r * rb + (size_t)b * t->block_bytes, deq + b * t->block_values);
+            matrix_row(row, &W, r);
+            rows_equal &= memcmp(row, deq, sizeof row) == 0;
+            double ref = 0;
+            float y;
+            if (dot) {
+                for (int k = 0; k < COLS; k++) ref += (double)deq[k] * ((double)xs[k / 32] * xq[k]);
+                y = dot(w + r * rb, xq, xs, xsum, COLS);
+            } else {
+                for (int k = 0; k < COLS; k++) ref += (double)deq[k] * x[k];
+                y = dot_decoded(t, w + r * rb, x, COLS);
+            }
+            double mag = 0;
+            for (int k = 0; k < COLS; k++) mag += fabs((double)deq[k] * x[k]);
+            worst = fmax(worst, fabs(y - ref) / mag);
+            scale = fmax(scale, fabs(ref));
+        }
+        printf("  %-6s %s: max|diff| %.2g of sum|w x|; matrix_row == decoder: %s\n", t->name,
+               dot ? "int8 dot" : "float  ", worst, rows_equal ? "yes" : "NO");
+        CHECK(scale > 0 && worst <= 1e-5, "%s: dot differs from its decoded weights by %g of sum|w x|", t->name, worst);
+        CHECK(rows_equal, "%s: matrix_row differs from the decoder", t->name);
+    }
 }
 
 /* Bounded random robustness test: corrupted model files must load or be rejected with a
@@ -1387,6 +1456,7 @@ int main(void) {
     test_job_sharing();
     test_toolkit();
     test_quantized();
+    test_gguf_blocks();
     test_fuzz_loader();
     test_bad_inputs();
     test_own_checkpoints();

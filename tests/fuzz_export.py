@@ -482,7 +482,7 @@ def run_hf(work, case, rnd):
         if data is not None:
             with open(os.path.join(d, name), "wb") as f:
                 f.write(data)
-    dtype = rnd.choice(["bf16", "f32"])
+    dtype = rnd.choice(["bf16", "f32", "gguf"])
     quant = rnd.choice([None, None, "q8_0", "q4_0"])
     src = E.load_hf(d, dtype, quant)
     E.write_model(src, os.path.join(work, "out.bin"), dtype, True)
@@ -492,11 +492,11 @@ def run_gguf(work, case, rnd):
     path = os.path.join(work, "in.gguf")
     with open(path, "wb") as f:
         f.write(case)
-    dtype = rnd.choice(["bf16", "f32"])
+    dtype = rnd.choice(["bf16", "f32", "gguf"])
     cfg, vocab, tok_bytes, special, jobs, plan = E.plan_gguf(path, dtype, rnd.random() < 0.5,
                                                             rnd.choice([None, "q8_0", "q4_0"]))
     if sum(p[3] for p in plan) <= 64 << 20:  # the header and directory as write_model packs them
-        tensors = [(ours, shape, dt, nb, lambda nb=nb: iter([bytes(nb)])) for ours, shape, dt, nb, g in plan]
+        tensors = [(ours, shape, dt, nb, lambda nb=nb: iter([bytes(nb)])) for ours, shape, dt, nb, *_ in plan]
         E.write_model(E.Source(cfg, vocab, tok_bytes, special, tensors), os.path.join(work, "out.bin"), dtype, True)
 
 
