@@ -667,7 +667,10 @@ static void test_kernels(void) {
     static unsigned char packed[ROWS * MAXC * 4];
     const int shapes[][2] = {{DT_F32, 288}, {DT_F32, 272}, {DT_F32, 100}, {DT_BF16, 288}, {DT_BF16, 272},
                              {DT_BF16, 40}, {DT_Q8_0, 288}, {DT_Q8_0, 608}, {DT_Q4_0, 288}, {DT_Q4_0, 800},
-                             {DT_Q4_0, 384}, {DT_Q4_0, 416}, {DT_Q8_0, 384}, {DT_Q8_0, 416}, {DT_Q8_0, 768}};
+                             {DT_Q4_0, 384}, {DT_Q4_0, 416}, {DT_Q8_0, 384}, {DT_Q8_0, 416}, {DT_Q8_0, 768},
+                             /* GGUF's blocks: Q8_0, Q5_0, Q4_K, Q5_K, Q6_K; Q4_1 has no SIMD dot (plain loops) */
+                             {DT_GGML + 8, 288}, {DT_GGML + 6, 416}, {DT_GGML + 12, 512}, {DT_GGML + 13, 768},
+                             {DT_GGML + 14, 512}, {DT_GGML + 3, 288}};
     /* blocks of 32: the AVX-512 tiles take q4_0 8 and q8_0 16 blocks a step, so these
      * shapes end in partial steps of every kind (q8_0 384, 416, 768: 12, 13, 8 blocks) */
     const char *names[] = {"f32", "bf16", "q8_0", "q4_0"}, *levels[] = {"plain", "AVX2", "AVX-512"};
@@ -675,6 +678,7 @@ static void test_kernels(void) {
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
         int dt = shapes[i][0], cols = shapes[i][1];
         size_t rb = row_bytes(dt, cols);
+        const char *name = dt >= DT_GGML ? ggml_of(dt)->name : names[dt];
         for (int k = 0; k < ROWS * cols; k++) w[k] = (random_f32(&seed) - 0.5f) * (k % 11 == 0 ? 4.0f : 1.0f);
         for (int k = 0; k < NT * cols; k++) x[k] = random_f32(&seed) - 0.5f;
         for (int r = 0; r < ROWS; r++) {
@@ -684,8 +688,9 @@ static void test_kernels(void) {
             else if (dt == DT_BF16)
                 for (int k = 0; k < cols; k++) { uint32_t u; memcpy(&u, &wr[k], 4); wr_u16(p + 2 * k, (uint16_t)(u >> 16)); }
             else if (dt == DT_Q8_0) quantize_row_q8_0(p, wr, cols);
-            else quantize_row_q4_0(p, wr, cols);
+            else if (dt == DT_Q4_0) quantize_row_q4_0(p, wr, cols);
         }
+        if (dt >= DT_GGML) random_blocks(packed, ggml_of(dt), (int)(ROWS * rb / ggml_of(dt)->block_bytes), 1.0f / 256, &seed);
         if (dt == DT_BF16 && host_is_big_endian()) /* the loader would have swapped them */
             for (int k = 0; k < ROWS * cols; k++) { unsigned char t = packed[2 * k]; packed[2 * k] = packed[2 * k + 1]; packed[2 * k + 1] = t; }
         Matrix W = {packed, dt, ROWS, cols};
@@ -708,10 +713,10 @@ static void test_kernels(void) {
                 same &= memcmp(y1, y + (size_t)t * ROWS, sizeof y1) == 0;
             }
             printf("  %-7s %-5s %3d x %3d, %d tokens: max|diff| %.3g of max %.3g; batch == one by one: %s\n", levels[level],
-                   names[dt], ROWS, cols, NT, worst, scale, same ? "yes" : "NO");
+                   name, ROWS, cols, NT, worst, scale, same ? "yes" : "NO");
             CHECK(scale > 0 && worst <= 1e-5 * scale, "%s %s matmul differs from the plain loops by %g (max %g)", levels[level],
-                  names[dt], worst, scale);
-            CHECK(same, "%s %s: a batch of %d tokens is not bit-identical to one token at a time", levels[level], names[dt], NT);
+                  name, worst, scale);
+            CHECK(same, "%s %s: a batch of %d tokens is not bit-identical to one token at a time", levels[level], name, NT);
         }
         free_run_state(&s);
     }
