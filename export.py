@@ -2,7 +2,7 @@
 """Export a Gemma 3 checkpoint (Hugging Face or MLX directory, or GGUF file) to the flat gemma3.c model file.
 
     python3 export.py HF_DIR|MLX_DIR OUT.bin [--dtype f32|bf16|q8_0|q4_0] [--force]
-    python3 export.py MODEL.gguf OUT.bin [--dtype f32|bf16|q8_0|q4_0] [--force]
+    python3 export.py MODEL.gguf OUT.bin [--dtype f32|bf16|q8_0|q4_0|gguf] [--force]
 
 HF_DIR holds config.json, model.safetensors (or model-*-of-*.safetensors plus
 model.safetensors.index.json) and, optionally, tokenizer.json. Both the text-only
@@ -26,7 +26,8 @@ Its tensors may be of any type gguf-py dequantizes (F32, F16, BF16, Q4_0 ... Q8_
 Q6_K, IQ1_S ... IQ4_XS, TQ1_0, TQ2_0, MXFP4, NVFP4), each tensor its own:
 tools/gguf_dequant (C, built with make when needed) turns them into exactly the float32
 values of gguf-py's gguf.quants.dequantize; --dtype f32 keeps those, the other types
-convert from them. The norms, stored as 1 + w, become w again;
+convert from them, and --dtype gguf copies each matrix's blocks as
+they are (gemma3 multiplies them in their own type; FORMAT.md). The norms, stored as 1 + w, become w again;
 the tokenizer is rebuilt from tokenizer.ggml.* (BPE merges derived from the
 SentencePiece scores, as Hugging Face derives tokenizer.json's). Vision tensors (v.*,
 mm.*) are skipped.
@@ -70,6 +71,9 @@ ALIGN = 64
 DTYPE_F32, DTYPE_BF16 = 0, 1
 DTYPE_CODES = {"f32": DTYPE_F32, "bf16": DTYPE_BF16}
 ELEM_SIZE = {DTYPE_F32: 4, DTYPE_BF16: 2}
+# --dtype gguf keeps a GGUF's blocks: ggml type t becomes dtype DTYPE_GGML + t (FORMAT.md),
+# except F32 and BF16, whose rows are the same bytes as our f32 and bf16.
+DTYPE_GGML = 256
 
 # Defaults of transformers' Gemma3TextConfig: the real 4B/12B/27B config.json files list
 # only a few keys, and every absent key means this value (GEMMA3-NOTES item 13).
@@ -1633,17 +1637,22 @@ def plan_gguf(path, dtype_name, quiet, quant=None):
             special[piece] = gguf_meta(meta, f"tokenizer.ggml.{key}", int, None, path)
     special_ids(special, cfg, vocab)  # before any work
 
-    out_dtype = DTYPE_CODES[dtype_name]
+    keep = dtype_name == "gguf"  # the matrices' own blocks, copied
+    out_dtype = None if keep else DTYPE_CODES[dtype_name]
     jobs, plan = [], []
     for ours, shape, g in wanted:
         ttype, dims, offset, nbytes = tensors[g]
-        dt = out_dtype if len(shape) == 2 else DTYPE_F32
         count = 1
         for d in shape:
             count *= d
+        if keep and len(shape) == 2:
+            dt = {0: DTYPE_F32, 30: DTYPE_BF16}.get(ttype, DTYPE_GGML + ttype)
+            plan.append((ours, shape, dt, nbytes, g, offset))  # rows are whole blocks (read_gguf checked)
+            continue
+        dt = out_dtype if len(shape) == 2 else DTYPE_F32
         norm = len(shape) == 1  # stored as 1 + w
         jobs.append(f"{offset} {ttype} {count} {'bf16' if dt == DTYPE_BF16 else 'f32'} {1 if norm else 0}\n")
-        plan.append((ours, shape, dt, count * ELEM_SIZE[dt], g))
+        plan.append((ours, shape, dt, count * ELEM_SIZE[dt], g, None))
     if not quiet:
         general = {k: meta[k][1] for k in ("general.name", "general.size_label", "general.finetune") if k in meta}
         types = sorted({GGML_TYPES[tensors[g][0]][0] for _, _, g in wanted})
@@ -1662,10 +1671,24 @@ def plan_gguf(path, dtype_name, quiet, quant=None):
     return cfg, vocab, tok_bytes, special, jobs, plan
 
 
+def copy_bytes(path, offset, nbytes):
+    """The nbytes at offset in the file, in pieces of 4 MiB: a kept GGUF tensor."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while nbytes > 0:
+            chunk = f.read(min(nbytes, 4 << 20))
+            if not chunk:
+                raise ExportError(f"{path}: file ended early (truncated while being read?)")
+            nbytes -= len(chunk)
+            yield chunk
+
+
 def load_gguf(path, dtype_name, quiet, quant=None):
     cfg, vocab, tok_bytes, special, jobs, plan = plan_gguf(path, dtype_name, quiet, quant)
     deq = Dequantizer(path, jobs, quiet)
-    tensors_out = [(ours, shape, dt, nb, lambda nb=nb, g=g: deq.read(nb, g)) for ours, shape, dt, nb, g in plan]
+    # the dequantizer's values come in job order: the tensors are written in plan order
+    tensors_out = [(ours, shape, dt, nb, lambda nb=nb, g=g, off=off: copy_bytes(path, off, nb) if off is not None
+                    else deq.read(nb, g)) for ours, shape, dt, nb, g, off in plan]
     try:
         return Source(cfg, vocab, tok_bytes, special, tensors_out, close=deq.close)
     except BaseException:
@@ -1870,10 +1893,11 @@ def main():
                          "or mlx_lm (quantized or not) write it; or a GGUF file of architecture gemma3 (llama.cpp, "
                          "Ollama)")
     ap.add_argument("out", help="output model file, e.g. gemma3-1b.bin")
-    ap.add_argument("--dtype", choices=sorted(DTYPE_CODES) + ["q4_0", "q8_0"], default="bf16",
+    ap.add_argument("--dtype", choices=sorted(DTYPE_CODES) + ["gguf", "q4_0", "q8_0"], default="bf16",
                     help="weight type of the matrices (norms stay f32); default bf16. q8_0 / q4_0: "
                          "int8 / int4 in blocks of 32 with a half-precision scale, made by gemma3 --quantize. "
-                         "From a GGUF or a quantized MLX checkpoint, f32 keeps the dequantized values exactly")
+                         "From a GGUF or a quantized MLX checkpoint, f32 keeps the dequantized values exactly; "
+                         "from a GGUF, gguf keeps each matrix's own blocks (Q4_K, Q6_K, ...) as they are, at the GGUF's size")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     ap.add_argument("--force", action="store_true",
                     help="replace OUT even if it exists and is not a gemma3.c model file (without it, such a file "
@@ -1883,6 +1907,9 @@ def main():
     out = None
     quant = args.dtype if args.dtype in ("q8_0", "q4_0") else None
     try:
+        if args.dtype == "gguf" and os.path.isdir(args.src):
+            raise ExportError(f"--dtype gguf keeps a GGUF file's own blocks; {args.src} is a directory "
+                              f"(choose f32, bf16, q8_0 or q4_0 for a Hugging Face or MLX checkpoint)")
         try:
             out = check_output(args.src, args.out, args.force, quant)
             out.begin()

@@ -74,6 +74,8 @@ static int max_threads(void) { return 1; }
 
 #include "gemma3.h"
 #include "tokenizer.c"
+#define GGUF_BLOCKS_DOTS /* with the integer dot products of its blocks */
+#include "gguf_blocks.c" /* GGUF's block formats (QK, QK_K, decoders, dots): FORMAT.md's dtypes >= 256 */
 
 #define GEMMA3_FORMAT_VERSION 2 /* 2: q8_0/q4_0 rows keep their scales ahead of the quants */
 #define GEMMA3_HEADER_SIZE 128
@@ -106,15 +108,20 @@ typedef struct {
     unsigned char *is_global; /* (n_layers) 1 = global attention, 0 = sliding window */
 } Config;
 
-enum { DT_F32 = 0, DT_BF16 = 1, DT_Q8_0 = 2, DT_Q4_0 = 3 };
+enum { DT_F32 = 0, DT_BF16 = 1, DT_Q8_0 = 2, DT_Q4_0 = 3, DT_GGML = 256 };
 
 /* Quantized weights: rows are cut into blocks of 32 weights, each with its own scale d
  * (an IEEE half, little-endian): q8_0 stores 32 int8 (w = d * q), q4_0 stores 16 bytes
  * of 4-bit values (byte j holds weight j in its low and weight j + 16 in its high
  * nibble; w = d * (nibble - 8)). A row keeps all its scales first, then all its quants:
  * the quants of neighbouring blocks are contiguous (one wide vector load covers several
- * blocks), and so are their scales (one instruction converts 8 or 16 of them). */
-#define QK 32
+ * blocks), and so are their scales (one instruction converts 8 or 16 of them).
+ * (QK, 32, is gguf_blocks.c's.)
+ *
+ * dtype DT_GGML + t: rows of ggml type t's blocks exactly as a GGUF file holds them
+ * (export.py --dtype gguf): gguf_blocks.c decodes them and multiplies them by int8
+ * activations; F16, which has no integer dot there, is decoded and multiplied in float. */
+static const GGMLType *ggml_of(int dtype) { return dtype >= DT_GGML ? ggml_type(dtype - DT_GGML) : NULL; }
 #define Q8_0_BLOCK 34 /* bytes per block: scale + 32 quants */
 #define Q4_0_BLOCK 18 /* bytes per block: scale + 16 bytes of nibbles */
 
@@ -123,7 +130,8 @@ static size_t row_bytes(int dtype, int cols) {
     case DT_F32: return (size_t)cols * 4;
     case DT_BF16: return (size_t)cols * 2;
     case DT_Q8_0: return (size_t)cols / QK * Q8_0_BLOCK;
-    default: return (size_t)cols / QK * Q4_0_BLOCK;
+    case DT_Q4_0: return (size_t)cols / QK * Q4_0_BLOCK;
+    default: { const GGMLType *t = ggml_of(dtype); return (size_t)cols / t->block_values * t->block_bytes; }
     }
 }
 
@@ -227,12 +235,17 @@ static const void *find_tensor(Model *m, const char *name, int rows, int cols, i
             set_err(err, errsize, "tensor %s has shape [%u, %u], expected [%d, %d]", name, d0, d1, rows, cols);
             return NULL;
         }
-        if (dtype > DT_Q4_0) {
+        const GGMLType *gt = dtype > (uint32_t)INT_MAX ? NULL : ggml_of((int)dtype);
+        if (dtype > DT_Q4_0 && !gt) {
             set_err(err, errsize, "tensor %s has unknown dtype %u", name, dtype);
             return NULL;
         }
         if ((dtype == DT_Q8_0 || dtype == DT_Q4_0) && cols % QK != 0) {
             set_err(err, errsize, "tensor %s: quantized rows must be a multiple of %d wide", name, QK);
+            return NULL;
+        }
+        if (gt && (cols <= 0 || cols % gt->block_values != 0)) {
+            set_err(err, errsize, "tensor %s: %s rows must be whole blocks of %d values", name, gt->name, gt->block_values);
             return NULL;
         }
         if (want_ndim == 1 && dtype != DT_F32) {
@@ -272,7 +285,7 @@ static void swap_tensors_to_native(Model *m) {
     for (uint32_t i = 0; i < n; i++) {
         unsigned char *e = dir + (size_t)i * GEMMA3_DIR_ENTRY_SIZE;
         uint32_t dtype = rd_u32(e + 64);
-        if (dtype == DT_Q8_0 || dtype == DT_Q4_0) continue; /* read byte by byte (rd_u16): nothing to swap */
+        if (dtype == DT_Q8_0 || dtype == DT_Q4_0 || dtype >= DT_GGML) continue; /* read byte by byte: nothing to swap */
         size_t width = dtype == DT_F32 ? 4 : 2;
         unsigned char *p = m->data + rd_u64(e + 88), *end = p + rd_u64(e + 96);
         for (; p + width <= end; p += width)
@@ -767,6 +780,18 @@ static void quantize_batch(RunState *s, const float *x, int n, int cols) {
     for (int t = 0; t < n; t++) quantize_token(s, x, t, cols);
 }
 
+/* A row of ggml blocks that has no integer dot (F16): decoded QK_K values at a time and
+ * multiplied in float. */
+static float dot_decoded(const GGMLType *t, const unsigned char *w, const float *x, int n) {
+    float buf[QK_K], sum = 0.0f;
+    for (int j = 0; j < n; j += QK_K) {
+        int len = n - j < QK_K ? n - j : QK_K; /* a multiple of the block's values */
+        for (int k = 0; k < len; k += t->block_values, w += t->block_bytes) t->dequant(w, buf + k);
+        sum += dot_f32(buf, x + j, len);
+    }
+    return sum;
+}
+
 /* out[t] = W x[t] for the n rows of x, with the plain loops: out (n, W.rows), x (n, W.cols).
  * Decode (n = 1) reads every weight byte once per token, so its speed is memory bandwidth;
  * prefill keeps a weight row in cache while it meets all n tokens of the batch. */
@@ -774,28 +799,30 @@ static void matmul_plain(float *out, const float *x, int n, const Matrix *W, Run
     const int rows = W->rows, cols = W->cols, dtype = W->dtype;
     const size_t rb = row_bytes(dtype, cols);
     const unsigned char *base = W->data;
-    if (dtype == DT_Q8_0 || dtype == DT_Q4_0) quantize_batch(s, x, n, cols);
+    const GGMLType *gt = ggml_of(dtype);
+    const GGMLDot gdot = gt ? ggml_dot(gt->type) : NULL; /* a GGUF block type's integer dot */
+    if (dtype == DT_Q8_0 || dtype == DT_Q4_0 || gdot) quantize_batch(s, x, n, cols);
     int i;
     FOR
     for (i = 0; i < rows; i++) {
         const unsigned char *w = base + (size_t)i * rb;
         for (int t = 0; t < n; t++) {
             const float *xt = x + (size_t)t * cols;
+            const int8_t *xq = s->xq + (size_t)t * cols;
+            const float *xs = s->xq_scale + (size_t)t * (cols / QK);
+            const int32_t *xsum = s->xq_sum + (size_t)t * (cols / QK);
             float y;
             switch (dtype) {
             case DT_F32: y = dot_f32((const float *)w, xt, cols); break;
             case DT_BF16: y = dot_bf16((const uint16_t *)w, xt, cols); break;
-            case DT_Q8_0: y = dot_q8_0(w, s->xq + (size_t)t * cols, s->xq_scale + (size_t)t * (cols / QK), cols); break;
-            default: y = dot_q4_0(w, s->xq + (size_t)t * cols, s->xq_scale + (size_t)t * (cols / QK),
-                                  s->xq_sum + (size_t)t * (cols / QK), cols); break;
+            case DT_Q8_0: y = dot_q8_0(w, xq, xs, cols); break;
+            case DT_Q4_0: y = dot_q4_0(w, xq, xs, xsum, cols); break;
+            default: y = gdot ? gdot(w, xq, xs, xsum, cols) : dot_decoded(gt, w, xt, cols); break;
             }
             out[(size_t)t * rows + i] = y;
         }
     }
 }
-
-
-
 
 /* out[i] = W[i] x for `count` matrices that read the same x (q/k/v; gate/up): the fast
  * kernels where the build has them and they take the shape, else the plain loops. All
@@ -820,7 +847,10 @@ static void matrix_row(float *out, const Matrix *W, int row) {
     } else if (W->dtype == DT_Q8_0) { /* n/32 half scales, then the int8 quants */
         const int8_t *q = (const int8_t *)(w + 2 * (n / QK));
         for (int j = 0; j < n; j++) out[j] = f16_to_f32(rd_u16(w + 2 * (j / QK))) * (float)q[j];
-    } else { /* n/32 half scales, then 16 bytes of nibbles per block */
+    } else if (W->dtype >= DT_GGML) { /* GGUF blocks, each decoded */
+        const GGMLType *t = ggml_of(W->dtype);
+        for (int j = 0; j < n; j += t->block_values, w += t->block_bytes) t->dequant(w, out + j);
+    } else { /* q4_0: n/32 half scales, then 16 bytes of nibbles per block */
         const unsigned char *q = w + 2 * (n / QK);
         for (int b = 0; b < n / QK; b++, q += QK / 2) {
             float d = f16_to_f32(rd_u16(w + 2 * b));

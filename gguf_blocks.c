@@ -485,3 +485,246 @@ static const GGMLType *ggml_type(int type) {
         if (ggml_types[i].type == type) return &ggml_types[i];
     return NULL;
 }
+
+/* ------------------------------------------------------------------------- */
+/* Dot products of a row of blocks with int8 activations (the engine's; a file that
+ * includes this one defines GGUF_BLOCKS_DOTS to get them).
+ *
+ * The activations come as gemma3.c's quantize_activations makes them: blocks of 32
+ * values x ~ xs[b] * xq[32 b + i], with xsum[b] the sum of block b's 32 int8 values.
+ * Every weight block here covers whole activation blocks (32 or 256 values), so for
+ * each block of 32 activations a function multiplies the weights' integer codes by xq
+ * in int32 (per group of 16 or 32 weights that share a scale), combines the groups
+ * with their integer (sub-)scales where it can, and only then goes to float: the
+ * block's scales (and mins) times xs[b]. Its result equals the decoded weights (dq_*)
+ * times xs[b] * xq up to float rounding; test_all.c checks that. The SIMD kernels
+ * (kernels_x86.c) compute the same integer sums. n: values in the row, a multiple of
+ * the block's values. F16 has none: the engine decodes it and multiplies in float. */
+#ifdef GGUF_BLOCKS_DOTS
+
+/* sum of a[i] * x[i], i < 16, for 4-bit (or smaller) codes a */
+static int32_t gguf_idot16(const int8_t *a, const int8_t *x) {
+    int32_t s = 0;
+    for (int i = 0; i < 16; i++) s += (int32_t)a[i] * x[i];
+    return s;
+}
+
+/* Q4_0: (d xs) * (sum nibble x - 8 sum x) */
+static float gguf_dot_q4_0(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
+    float sum = 0.0f;
+    for (int b = 0; b < n / QK; b++, w += 18) {
+        const int8_t *x = xq + QK * b;
+        int32_t s = 0;
+        for (int j = 0; j < QK / 2; j++) s += (int32_t)(w[2 + j] & 0x0f) * x[j] + (int32_t)(w[2 + j] >> 4) * x[j + 16];
+        sum += gguf_f16(w) * xs[b] * (float)(s - 8 * xsum[b]);
+    }
+    return sum;
+}
+
+/* Q4_1: xs (d sum nibble x + m sum x) */
+static float gguf_dot_q4_1(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
+    float sum = 0.0f;
+    for (int b = 0; b < n / QK; b++, w += 20) {
+        const int8_t *x = xq + QK * b;
+        int32_t s = 0;
+        for (int j = 0; j < QK / 2; j++) s += (int32_t)(w[4 + j] & 0x0f) * x[j] + (int32_t)(w[4 + j] >> 4) * x[j + 16];
+        sum += xs[b] * (gguf_f16(w) * (float)s + gguf_f16(w + 2) * (float)xsum[b]);
+    }
+    return sum;
+}
+
+/* The 32 five-bit codes of a Q5_0 / Q5_1 block: low nibbles from qs, fifth bits from qh. */
+static void gguf_q5_codes(const unsigned char *qh4, const unsigned char *qs, int8_t *q) {
+    uint32_t qh = gguf_rd32(qh4);
+    for (int j = 0; j < QK / 2; j++) {
+        q[j] = (int8_t)((qs[j] & 0x0f) | ((qh >> j) & 1) << 4);
+        q[j + 16] = (int8_t)((qs[j] >> 4) | ((qh >> (j + 16)) & 1) << 4);
+    }
+}
+
+/* Q5_0: (d xs) * (sum q x - 16 sum x) */
+static float gguf_dot_q5_0(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
+    float sum = 0.0f;
+    for (int b = 0; b < n / QK; b++, w += 22) {
+        int8_t q[QK];
+        gguf_q5_codes(w + 2, w + 6, q);
+        int32_t s = gguf_idot16(q, xq + QK * b) + gguf_idot16(q + 16, xq + QK * b + 16);
+        sum += gguf_f16(w) * xs[b] * (float)(s - 16 * xsum[b]);
+    }
+    return sum;
+}
+
+/* Q5_1: xs (d sum q x + m sum x) */
+static float gguf_dot_q5_1(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
+    float sum = 0.0f;
+    for (int b = 0; b < n / QK; b++, w += 24) {
+        int8_t q[QK];
+        gguf_q5_codes(w + 4, w + 8, q);
+        int32_t s = gguf_idot16(q, xq + QK * b) + gguf_idot16(q + 16, xq + QK * b + 16);
+        sum += xs[b] * (gguf_f16(w) * (float)s + gguf_f16(w + 2) * (float)xsum[b]);
+    }
+    return sum;
+}
+
+/* Q8_0: (d xs) * sum q x */
+static float gguf_dot_q8_0(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
+    float sum = 0.0f;
+    (void)xsum;
+    for (int b = 0; b < n / QK; b++, w += 34) {
+        int32_t s = gguf_idot16((const int8_t *)w + 2, xq + QK * b) + gguf_idot16((const int8_t *)w + 18, xq + QK * b + 16);
+        sum += gguf_f16(w) * xs[b] * (float)s;
+    }
+    return sum;
+}
+
+/* Q2_K: per 32 values, two groups of 16 with 4-bit scale sc and min m:
+ * xs (d (sc0 sum q x + sc1 ...) - dmin (m0 sum x + m1 ...)), sums over each 16. */
+static float gguf_dot_q2_k(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
+    float sum = 0.0f;
+    (void)xsum;
+    for (int s0 = 0; s0 < n / QK_K; s0++, w += 84) {
+        float d = gguf_f16(w + 80), dmin = gguf_f16(w + 82);
+        for (int g = 0; g < 8; g++) { /* values 32g .. 32g + 31: bits 2(g % 4) of qs[32(g / 4) + l] */
+            const int b = 8 * s0 + g;
+            const int8_t *x = xq + QK * b;
+            int8_t q[QK];
+            for (int l = 0; l < QK; l++) q[l] = (int8_t)((w[16 + 32 * (g / 4) + l] >> (2 * (g % 4))) & 3);
+            int32_t sc = 0, mn = 0;
+            for (int h = 0; h < 2; h++) {
+                int32_t sx = 0;
+                for (int l = 0; l < 16; l++) sx += x[16 * h + l];
+                sc += (w[2 * g + h] & 0x0f) * gguf_idot16(q + 16 * h, x + 16 * h);
+                mn += (w[2 * g + h] >> 4) * sx;
+            }
+            sum += xs[b] * (d * (float)sc - dmin * (float)mn);
+        }
+    }
+    return sum;
+}
+
+/* Q3_K: per 16 values a signed 6-bit scale; codes low - (high bit clear ? 4 : 0) in -4..3.
+ * (d xs) * sum over the two groups of scale * sum q x. */
+static float gguf_dot_q3_k(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
+    float sum = 0.0f;
+    (void)xsum;
+    for (int s0 = 0; s0 < n / QK_K; s0++, w += 110) {
+        const unsigned char *hm = w, *qs = w + 32, *sc = w + 96;
+        float d = gguf_f16(w + 108);
+        for (int g = 0; g < 8; g++) {
+            const int b = 8 * s0 + g, h = g / 4, s = g % 4;
+            int8_t q[QK];
+            for (int l = 0; l < QK; l++)
+                q[l] = (int8_t)(((qs[32 * h + l] >> (2 * s)) & 3) - (((hm[l] >> (4 * h + s)) & 1) ? 0 : 4));
+            int32_t acc = 0;
+            for (int k = 0; k < 2; k++) {
+                int j = 2 * g + k;
+                int scale = (((sc[j % 8] >> (4 * (j / 8))) & 0x0f) | ((sc[8 + j % 4] >> (2 * (j / 4))) & 0x03) << 4) - 32;
+                acc += scale * gguf_idot16(q + 16 * k, xq + QK * b + 16 * k);
+            }
+            sum += d * xs[b] * (float)acc;
+        }
+    }
+    return sum;
+}
+
+/* Q4_K / Q5_K: per 32 values a 6-bit scale and min: xs (d sc sum q x - dmin m sum x).
+ * qh: Q5_K's fifth bits (NULL for Q4_K). */
+static float gguf_dot_k4(const unsigned char *w, const unsigned char *qh, const unsigned char *qs, const int8_t *xq,
+                         const float *xs, const int32_t *xsum, int s0) {
+    float d = gguf_f16(w), dmin = gguf_f16(w + 2), sum = 0.0f;
+    for (int g = 0; g < 8; g++) {
+        const int b = 8 * s0 + g;
+        int sc, m;
+        gguf_scale_min_k4(w + 4, g, &sc, &m);
+        int8_t q[QK];
+        for (int l = 0; l < QK; l++)
+            q[l] = (int8_t)(((qs[32 * (g / 2) + l] >> (4 * (g % 2))) & 0x0f) | (qh ? ((qh[l] >> g) & 1) << 4 : 0));
+        int32_t s = gguf_idot16(q, xq + QK * b) + gguf_idot16(q + 16, xq + QK * b + 16);
+        sum += xs[b] * (d * (float)(sc * s) - dmin * (float)(m * xsum[b]));
+    }
+    return sum;
+}
+
+static float gguf_dot_q4_k(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
+    float sum = 0.0f;
+    for (int s0 = 0; s0 < n / QK_K; s0++, w += 144) sum += gguf_dot_k4(w, NULL, w + 16, xq, xs, xsum, s0);
+    return sum;
+}
+
+static float gguf_dot_q5_k(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
+    float sum = 0.0f;
+    for (int s0 = 0; s0 < n / QK_K; s0++, w += 176) sum += gguf_dot_k4(w, w + 16, w + 48, xq, xs, xsum, s0);
+    return sum;
+}
+
+/* Q6_K: per 16 values a signed 8-bit scale; codes q - 32 in -32..31.
+ * (d xs) * (sc0 sum (q - 32) x + sc1 ...). */
+static float gguf_dot_q6_k(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
+    float sum = 0.0f;
+    (void)xsum;
+    for (int s0 = 0; s0 < n / QK_K; s0++, w += 210) {
+        const unsigned char *ql = w, *qh = w + 128;
+        const signed char *sc = (const signed char *)(w + 192);
+        float d = gguf_f16(w + 208);
+        for (int g = 0; g < 8; g++) { /* values 32g + l: r = 32(g % 4) + l of half h = g / 4 */
+            const int b = 8 * s0 + g, h = g / 4;
+            int8_t q[QK];
+            for (int l = 0; l < QK; l++) {
+                int r = 32 * (g % 4) + l;
+                int lo = (ql[64 * h + r % 64] >> (4 * (r / 64))) & 0x0f, hi = (qh[32 * h + r % 32] >> (2 * (r / 32))) & 0x03;
+                q[l] = (int8_t)((lo | hi << 4) - 32);
+            }
+            int32_t acc = sc[2 * g] * gguf_idot16(q, xq + QK * b) + sc[2 * g + 1] * gguf_idot16(q + 16, xq + QK * b + 16);
+            sum += d * xs[b] * (float)acc;
+        }
+    }
+    return sum;
+}
+
+/* IQ4_NL: (d xs) * sum kvalues[nibble] x */
+static float gguf_dot_iq4_nl(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
+    float sum = 0.0f;
+    (void)xsum;
+    for (int b = 0; b < n / QK; b++, w += 18) {
+        const int8_t *x = xq + QK * b;
+        int32_t s = 0;
+        for (int j = 0; j < QK / 2; j++)
+            s += gguf_kvalues_iq4nl[w[2 + j] & 0x0f] * x[j] + gguf_kvalues_iq4nl[w[2 + j] >> 4] * x[j + 16];
+        sum += gguf_f16(w) * xs[b] * (float)s;
+    }
+    return sum;
+}
+
+/* IQ4_XS: per 32 values a 6-bit scale - 32: xs d (scale sum kvalues[nibble] x) */
+static float gguf_dot_iq4_xs(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
+    float sum = 0.0f;
+    (void)xsum;
+    for (int s0 = 0; s0 < n / QK_K; s0++, w += 136) {
+        float d = gguf_f16(w);
+        unsigned scales_h = gguf_rd16(w + 2);
+        for (int g = 0; g < 8; g++) {
+            const int b = 8 * s0 + g;
+            const int8_t *x = xq + QK * b;
+            int ls = (((w[4 + g / 2] >> (4 * (g % 2))) & 0x0f) | (int)((scales_h >> (2 * g)) & 0x03) << 4) - 32;
+            int32_t s = 0;
+            for (int l = 0; l < 16; l++)
+                s += gguf_kvalues_iq4nl[w[8 + 16 * g + l] & 0x0f] * x[l] + gguf_kvalues_iq4nl[w[8 + 16 * g + l] >> 4] * x[l + 16];
+            sum += d * xs[b] * (float)(ls * s);
+        }
+    }
+    return sum;
+}
+
+/* The integer dot of ggml type `type`, or NULL where there is none (decode in float). */
+typedef float (*GGMLDot)(const unsigned char *, const int8_t *, const float *, const int32_t *, int);
+static GGMLDot ggml_dot(int type) {
+    static const struct { int type; GGMLDot dot; } dots[] = {
+        {2, gguf_dot_q4_0},   {3, gguf_dot_q4_1},   {6, gguf_dot_q5_0},   {7, gguf_dot_q5_1},
+        {8, gguf_dot_q8_0},   {10, gguf_dot_q2_k},  {11, gguf_dot_q3_k},  {12, gguf_dot_q4_k},
+        {13, gguf_dot_q5_k},  {14, gguf_dot_q6_k},  {20, gguf_dot_iq4_nl}, {23, gguf_dot_iq4_xs},
+    };
+    for (size_t i = 0; i < sizeof dots / sizeof dots[0]; i++)
+        if (dots[i].type == type) return dots[i].dot;
+    return NULL;
+}
+#endif /* GGUF_BLOCKS_DOTS */

@@ -783,6 +783,142 @@ static void prefetch_stream_starts(const Matrix *const W[], const int first[], i
 }
 #endif /* GEMMA3_AVX512 */
 
+/* ------------------------------------------------------------------------- */
+/* GGUF's blocks (dtype DT_GGML + t; gguf_blocks.c has the plain dots): AVX2 dots of one row
+ * with one token's int8 activations, for the types Q4_K_M / Q5_K_M / Q6_K files are made of.
+ * Each computes the plain dot's integer sums (per group of 32 or 16 weights that share a
+ * scale) and meets the scales in float once per group, in 8 lanes: only the order of the
+ * float additions differs from the plain loops. A signed code c times x goes as |c|
+ * (unsigned) times x with c's sign, so no sum of x is needed for an offset. */
+
+/* 32 signed codes c times 32 int8 x: 8 int32 lanes, lane k the sum over bytes 4k .. 4k + 3 */
+static inline __m256i dot_s8s8(__m256i c, __m256i x) {
+    return dot_u8s8(_mm256_setzero_si256(), _mm256_sign_epi8(c, c), _mm256_sign_epi8(x, c));
+}
+
+/* Byte j of the result is 0x10 where bit j of the 32 bits at p is set, else 0. */
+static inline __m256i bits_to_0x10(const unsigned char *p) {
+    uint32_t bits;
+    memcpy(&bits, p, 4); /* x86 is little-endian: bit j is bit j of the u32 */
+    const __m256i which = _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL, 0x0303030303030303LL);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), which); /* byte j: byte j / 8 of bits */
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(b, bit), bit), _mm256_set1_epi8(0x10));
+}
+
+/* The 32 nibbles of 16 bytes: values 0-15 the low nibbles, 16-31 the high ones. */
+static inline __m256i nibbles32(const unsigned char *q) {
+    __m128i raw = _mm_loadu_si128((const __m128i *)q);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0f));
+}
+
+/* Q8_0, 34 bytes a block: (d xs) * sum q x */
+static float simd_dot_q8_0(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    (void)xsum;
+    for (int b = 0; b < n / QK; b++, w += 34) {
+        __m256i p = dot_s8s8(_mm256_loadu_si256((const __m256i *)(w + 2)), _mm256_loadu_si256((const __m256i *)(xq + QK * b)));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss(rd_u16(w)) * xs[b]), acc);
+    }
+    return hsum8(acc);
+}
+
+/* Q5_0, 22 bytes a block: (d xs) * sum (q - 16) x */
+static float simd_dot_q5_0(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    (void)xsum;
+    for (int b = 0; b < n / QK; b++, w += 22) {
+        __m256i q = _mm256_sub_epi8(_mm256_or_si256(nibbles32(w + 6), bits_to_0x10(w + 2)), _mm256_set1_epi8(16));
+        __m256i p = dot_s8s8(q, _mm256_loadu_si256((const __m256i *)(xq + QK * b)));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss(rd_u16(w)) * xs[b]), acc);
+    }
+    return hsum8(acc);
+}
+
+/* Q4_K (qh NULL) and Q5_K: per 32 values xs (d sc sum q x - dmin m sum x); the mins'
+ * part goes in a float of its own. */
+static inline float simd_dot_k4(const unsigned char *w, int stride, int has_qh, const int8_t *xq, const float *xs,
+                                const int32_t *xsum, int n) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
+    __m256 acc = _mm256_setzero_ps();
+    float mins = 0.0f;
+    for (int s = 0; s < n / QK_K; s++, w += stride) {
+        const float d = _cvtsh_ss(rd_u16(w)), dmin = _cvtsh_ss(rd_u16(w + 2));
+        const unsigned char *qs = w + (has_qh ? 48 : 16);
+        const __m256i qh = has_qh ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            const int b = 8 * s + g;
+            int sc, m;
+            gguf_scale_min_k4(w + 4, g, &sc, &m);
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * (g / 2)));
+            __m256i q = _mm256_and_si256(g % 2 ? _mm256_srli_epi16(raw, 4) : raw, low4);
+            if (has_qh) q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, g), one), 4));
+            __m256i p = dot_u8s8(_mm256_setzero_si256(), q, _mm256_loadu_si256((const __m256i *)(xq + QK * b)));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xs[b] * (d * (float)sc)), acc);
+            mins += xs[b] * (dmin * (float)(m * xsum[b]));
+        }
+    }
+    return hsum8(acc) - mins;
+}
+
+static float simd_dot_q4_k(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
+    return simd_dot_k4(w, 144, 0, xq, xs, xsum, n);
+}
+
+static float simd_dot_q5_k(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
+    return simd_dot_k4(w, 176, 1, xq, xs, xsum, n);
+}
+
+/* Q6_K, 210 bytes per 256 values: (d xs) * (sc0 sum (q - 32) x + sc1 ...), a signed 8-bit
+ * scale per 16 values. Group g (values 32g ..) of half h = g / 4 takes nibble g % 4 / 2 of
+ * ql[64h + 32 (g % 2) ..] and bits 2 (g % 4) of qh[32h ..]. */
+static float simd_dot_q6_k(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f), three = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
+    __m256 acc = _mm256_setzero_ps();
+    (void)xsum;
+    for (int s = 0; s < n / QK_K; s++, w += 210) {
+        const float d = _cvtsh_ss(rd_u16(w + 208));
+        const signed char *sc = (const signed char *)(w + 192);
+        for (int g = 0; g < 8; g++) {
+            const int b = 8 * s + g, h = g / 4, j = g % 4;
+            __m256i lo = _mm256_loadu_si256((const __m256i *)(w + 64 * h + 32 * (j % 2)));
+            lo = _mm256_and_si256(j / 2 ? _mm256_srli_epi16(lo, 4) : lo, low4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)(w + 128 + 32 * h)), 2 * j), three);
+            __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), off);
+            __m256i p = dot_s8s8(q, _mm256_loadu_si256((const __m256i *)(xq + QK * b)));
+            __m256 scale = _mm256_setr_ps(sc[2 * g], sc[2 * g], sc[2 * g], sc[2 * g], sc[2 * g + 1], sc[2 * g + 1],
+                                          sc[2 * g + 1], sc[2 * g + 1]); /* lanes 0-3: values 0-15 */
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(scale, _mm256_set1_ps(d * xs[b])), acc);
+        }
+    }
+    return hsum8(acc);
+}
+
+/* The AVX2 dot of a GGUF block dtype, or NULL (the plain loops then take the matmul). */
+static GGMLDot simd_ggml_dot(int dtype) {
+    switch (dtype - DT_GGML) {
+    case 8: return simd_dot_q8_0;
+    case 6: return simd_dot_q5_0;
+    case 12: return simd_dot_q4_k;
+    case 13: return simd_dot_q5_k;
+    case 14: return simd_dot_q6_k;
+    default: return NULL;
+    }
+}
+
+/* Rows r0 .. r0 + nr - 1 of a GGUF block matrix against all n tokens, a dot each. */
+static void matmul_rows_ggml(float *out, int n, const Matrix *W, const Activations *a, int r0, int nr) {
+    const GGMLDot dot = simd_ggml_dot(W->dtype);
+    const int cols = W->cols, nb = cols / QK;
+    const size_t rb = row_bytes(W->dtype, cols);
+    for (int r = r0; r < r0 + nr; r++) {
+        const unsigned char *w = (const unsigned char *)W->data + (size_t)r * rb;
+        for (int t = 0; t < n; t++)
+            out[(size_t)t * W->rows + r] = dot(w, a->xq + (size_t)t * cols, a->xq_scale + (size_t)t * nb,
+                                               a->xq_sum + (size_t)t * nb, cols);
+    }
+}
+
 /* x is prepared for the tiles in pieces of PIECE columns (a q4_0 AVX-512 group of 8
  * blocks), which the threads share out in a prompt: one token is 5 pieces in a 1152-wide
  * matmul, 27 in a 6912-wide one. */
@@ -829,6 +965,10 @@ static void matmul_job(int g, int n, int R, const int first[], float *const out[
     while (g >= first[i + 1]) i++;
     int gi = g - first[i]; /* the job's number within matrix i */
     int r0 = R * gi, nr = W[i]->rows - r0 < R ? W[i]->rows - r0 : R;
+    if (W[i]->dtype >= DT_GGML) {
+        matmul_rows_ggml(out[i], n, W[i], a, r0, nr);
+        return;
+    }
 #ifdef GEMMA3_AVX512
     if (level == 2 && n == 1 && gi < W[i]->rows / 4) {
         matmul_streams512(out[i], xin, W[i], a, gi); /* the rest (rows % 4) below */
@@ -937,7 +1077,11 @@ static int kernels_matmul(void *kernels, float *const out[], const Matrix *const
     const int R = n > 1 ? CHUNK_ROWS : 4;
     int same = 1, first[MATMUL_MANY + 1] = {0}; /* matrix i has the jobs first[i] .. first[i + 1] - 1 */
     for (int i = 0; i < count; i++) {
-        same &= W[i]->dtype == W[0]->dtype && W[i]->cols == W[0]->cols;
+        /* GGUF block types with a dot here all read x as int8 blocks alone: they mix (q, k
+         * and v of a Q4_K_M file are Q5_0, Q5_0, Q8_0) */
+        int ggml = simd_ggml_dot(W[i]->dtype) && simd_ggml_dot(W[0]->dtype);
+        if (W[i]->dtype >= DT_GGML && !simd_ggml_dot(W[i]->dtype)) return 0; /* the plain loops */
+        same &= (W[i]->dtype == W[0]->dtype || ggml) && W[i]->cols == W[0]->cols;
         first[i + 1] = first[i] + (W[i]->rows + R - 1) / R;
     }
     if (level == 0 || !same) return 0;

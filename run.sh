@@ -21,8 +21,11 @@ an interrupted download resumes where it stopped when run again.
   ./run.sh DIR                  export a downloaded Hugging Face directory (config.json,
                                 tokenizer.json, *.safetensors) to DIR-DTYPE.bin next to it
                                 (into GEMMA3_HOME when that folder is read-only), then chat
-  ./run.sh MODEL.bin            chat with an already exported model file (a GGUF file:
-                                convert it first with python3 export.py MODEL.gguf OUT.bin)
+  ./run.sh MODEL.bin            chat with an already exported model file
+  ./run.sh MODEL.gguf           a GGUF file (llama.cpp, Ollama): exported once with its own
+                                blocks kept (export.py --dtype gguf: Q4_K, Q5_0, ... as they
+                                are, at the GGUF's size) to MODEL-gguf.bin next to it (into
+                                GEMMA3_HOME when that folder is read-only), then chat
   ./run.sh -- -t 0.7 -n 512     options after -- go to gemma3 (./gemma3 --help lists them;
                                 --system TEXT sets a system prompt)
 
@@ -326,6 +329,17 @@ if [ -n "$path" ]; then
         fi
         build
         export_model "$src" "$bin"
+    elif [ -f "$path" ] && [ "$(head -c 4 "$path" 2>/dev/null || true)" = GGUF ]; then
+        # a GGUF: its blocks kept (--dtype gguf, whatever DTYPE says), exported once
+        src="$(cd "$(dirname "$path")" && pwd)/$(basename "$path")"
+        bin="${src%.gguf}-gguf.bin"
+        if [ ! -f "$bin" ] && [ ! -w "$(dirname "$src")" ]; then
+            mkdir -p "$GEMMA3_HOME" || die "cannot create $GEMMA3_HOME"
+            bin="$GEMMA3_HOME/$(basename "${src%.gguf}")-gguf.bin"
+        fi
+        DTYPE=gguf
+        build
+        export_model "$src" "$bin"
     elif [ -f "$path" ]; then
         magic="$(head -c 4 "$path" 2>/dev/null || true)"
         if [ "$magic" = GGUF ]; then # until gemma3 runs GGUF files itself
@@ -333,7 +347,7 @@ if [ -n "$path" ]; then
             die "$path is a GGUF file: convert it first with python3 export.py $path $out --dtype $DTYPE, then ./run.sh $out"
         fi
         [ "$magic" = GM3C ] ||
-            die "$path is not a gemma3.c model file (no GM3C magic): give an exported .bin or a Hugging Face directory"
+            die "$path is not a gemma3.c model file (no GM3C magic): give an exported .bin, a GGUF file or a Hugging Face directory"
         bin="$path"
         build
     else

@@ -560,6 +560,26 @@ static void test_toolkit(void) {
     free_model(&m);
 }
 
+/* Random blocks of GGUF type t (nblocks of them at p) whose weights are of a model's size:
+ * random bytes, then every half-precision field (scales d, dmin, m) a random +-[0.5, 1) *
+ * `scale` (the sub-block scales stay random bytes). */
+static void random_blocks(unsigned char *p, const GGMLType *t, int nblocks, float scale, uint64_t *seed) {
+    static const struct { int type, off[2]; } halves[] = {
+        {2, {0, -1}}, {3, {0, 2}}, {6, {0, -1}}, {7, {0, 2}}, {8, {0, -1}}, {10, {80, 82}}, {11, {108, -1}},
+        {12, {0, 2}}, {13, {0, 2}}, {14, {208, -1}}, {20, {0, -1}}, {23, {0, -1}}};
+    for (size_t i = 0; i < (size_t)nblocks * t->block_bytes; i++) p[i] = (unsigned char)(random_f32(seed) * 256);
+    for (size_t h = 0; h < sizeof halves / sizeof halves[0]; h++) {
+        if (halves[h].type != t->type) continue;
+        for (int b = 0; b < nblocks; b++)
+            for (int k = 0; k < 2 && halves[h].off[k] >= 0; k++) {
+                float v = (0.5f + 0.5f * random_f32(seed)) * scale * (random_f32(seed) < 0.5f ? -1.0f : 1.0f);
+                wr_u16(p + (size_t)b * t->block_bytes + halves[h].off[k], f32_to_f16(v));
+            }
+    }
+    if (t->type == 1) /* F16: every value a half of the model's size */
+        for (int b = 0; b < nblocks; b++) wr_u16(p + 2 * b, f32_to_f16((random_f32(seed) - 0.5f) * scale));
+}
+
 /* The widest kernels a run state uses (0: the plain loops only), and lowering it. */
 static int kernel_level(const RunState *s) {
 #ifdef GEMMA3_AVX2
@@ -647,7 +667,10 @@ static void test_kernels(void) {
     static unsigned char packed[ROWS * MAXC * 4];
     const int shapes[][2] = {{DT_F32, 288}, {DT_F32, 272}, {DT_F32, 100}, {DT_BF16, 288}, {DT_BF16, 272},
                              {DT_BF16, 40}, {DT_Q8_0, 288}, {DT_Q8_0, 608}, {DT_Q4_0, 288}, {DT_Q4_0, 800},
-                             {DT_Q4_0, 384}, {DT_Q4_0, 416}, {DT_Q8_0, 384}, {DT_Q8_0, 416}, {DT_Q8_0, 768}};
+                             {DT_Q4_0, 384}, {DT_Q4_0, 416}, {DT_Q8_0, 384}, {DT_Q8_0, 416}, {DT_Q8_0, 768},
+                             /* GGUF's blocks: Q8_0, Q5_0, Q4_K, Q5_K, Q6_K; Q4_1 has no SIMD dot (plain loops) */
+                             {DT_GGML + 8, 288}, {DT_GGML + 6, 416}, {DT_GGML + 12, 512}, {DT_GGML + 13, 768},
+                             {DT_GGML + 14, 512}, {DT_GGML + 3, 288}};
     /* blocks of 32: the AVX-512 tiles take q4_0 8 and q8_0 16 blocks a step, so these
      * shapes end in partial steps of every kind (q8_0 384, 416, 768: 12, 13, 8 blocks) */
     const char *names[] = {"f32", "bf16", "q8_0", "q4_0"}, *levels[] = {"plain", "AVX2", "AVX-512"};
@@ -655,6 +678,7 @@ static void test_kernels(void) {
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
         int dt = shapes[i][0], cols = shapes[i][1];
         size_t rb = row_bytes(dt, cols);
+        const char *name = dt >= DT_GGML ? ggml_of(dt)->name : names[dt];
         for (int k = 0; k < ROWS * cols; k++) w[k] = (random_f32(&seed) - 0.5f) * (k % 11 == 0 ? 4.0f : 1.0f);
         for (int k = 0; k < NT * cols; k++) x[k] = random_f32(&seed) - 0.5f;
         for (int r = 0; r < ROWS; r++) {
@@ -664,8 +688,9 @@ static void test_kernels(void) {
             else if (dt == DT_BF16)
                 for (int k = 0; k < cols; k++) { uint32_t u; memcpy(&u, &wr[k], 4); wr_u16(p + 2 * k, (uint16_t)(u >> 16)); }
             else if (dt == DT_Q8_0) quantize_row_q8_0(p, wr, cols);
-            else quantize_row_q4_0(p, wr, cols);
+            else if (dt == DT_Q4_0) quantize_row_q4_0(p, wr, cols);
         }
+        if (dt >= DT_GGML) random_blocks(packed, ggml_of(dt), (int)(ROWS * rb / ggml_of(dt)->block_bytes), 1.0f / 256, &seed);
         if (dt == DT_BF16 && host_is_big_endian()) /* the loader would have swapped them */
             for (int k = 0; k < ROWS * cols; k++) { unsigned char t = packed[2 * k]; packed[2 * k] = packed[2 * k + 1]; packed[2 * k + 1] = t; }
         Matrix W = {packed, dt, ROWS, cols};
@@ -688,10 +713,10 @@ static void test_kernels(void) {
                 same &= memcmp(y1, y + (size_t)t * ROWS, sizeof y1) == 0;
             }
             printf("  %-7s %-5s %3d x %3d, %d tokens: max|diff| %.3g of max %.3g; batch == one by one: %s\n", levels[level],
-                   names[dt], ROWS, cols, NT, worst, scale, same ? "yes" : "NO");
+                   name, ROWS, cols, NT, worst, scale, same ? "yes" : "NO");
             CHECK(scale > 0 && worst <= 1e-5 * scale, "%s %s matmul differs from the plain loops by %g (max %g)", levels[level],
-                  names[dt], worst, scale);
-            CHECK(same, "%s %s: a batch of %d tokens is not bit-identical to one token at a time", levels[level], names[dt], NT);
+                  name, worst, scale);
+            CHECK(same, "%s %s: a batch of %d tokens is not bit-identical to one token at a time", levels[level], name, NT);
         }
         free_run_state(&s);
     }
@@ -884,6 +909,55 @@ static void test_quantized(void) {
     CHECK(run("./gemma3 " BUILD "/qmed-f32.bin --logits " BUILD "/qmed.tokens " BUILD "/qmed-f32.logits") == 0, "qmed f32 logits");
     check_quantized("random 4-layer d=256 q8_0 vs f32", BUILD "/qmed-q8_0.bin", BUILD "/qmed.tokens", BUILD "/qmed-f32.logits", 0.05, 0.95);
     check_quantized("random 4-layer d=256 q4_0 vs f32", BUILD "/qmed-q4_0.bin", BUILD "/qmed.tokens", BUILD "/qmed-f32.logits", 0.50, 0.80);
+}
+
+/* GGUF's blocks (dtype DT_GGML + t, gguf_blocks.c) in the plain loops: each type's integer
+ * dot against its own decoder (dq_*, bit-identical to gguf-py) times the same int8
+ * activations, in double: only float rounding may differ. F16's float path against the
+ * decoded row in double. And matrix_row (the embedding lookup) gives the decoded values. */
+static void test_gguf_blocks(void) { /* (types without an integer dot, F16, take the float path) */
+    printf("GGUF blocks: integer dots vs their decoded values\n");
+    enum { COLS = 512, ROWS = 6 };
+    static unsigned char w[ROWS * COLS * 2];
+    static float x[COLS], deq[COLS], row[COLS];
+    static int8_t xq[COLS];
+    static float xs[COLS / 32];
+    static int32_t xsum[COLS / 32];
+    uint64_t seed = 31;
+    for (size_t i = 0; i < sizeof ggml_types / sizeof ggml_types[0]; i++) {
+        const GGMLType *t = &ggml_types[i];
+        GGMLDot dot = ggml_dot(t->type);
+        if (t->type == 0 || t->type == 30) continue; /* F32, BF16: stored as DT_F32 / DT_BF16 */
+        size_t rb = (size_t)COLS / t->block_values * t->block_bytes;
+        random_blocks(w, t, ROWS * COLS / t->block_values, 1.0f / 512, &seed);
+        Matrix W = {w, DT_GGML + t->type, ROWS, COLS};
+        double worst = 0, scale = 0;
+        int rows_equal = 1;
+        for (int r = 0; r < ROWS; r++) {
+            for (int k = 0; k < COLS; k++) x[k] = (random_f32(&seed) - 0.5f) * (k % 13 == 0 ? 8.0f : 1.0f);
+            quantize_activations(xq, xs, xsum, x, COLS);
+            for (int b = 0; b < COLS / t->block_values; b++) t->dequant(w + r * rb + (size_t)b * t->block_bytes, deq + b * t->block_values);
+            matrix_row(row, &W, r);
+            rows_equal &= memcmp(row, deq, sizeof row) == 0;
+            double ref = 0;
+            float y;
+            if (dot) {
+                for (int k = 0; k < COLS; k++) ref += (double)deq[k] * ((double)xs[k / 32] * xq[k]);
+                y = dot(w + r * rb, xq, xs, xsum, COLS);
+            } else {
+                for (int k = 0; k < COLS; k++) ref += (double)deq[k] * x[k];
+                y = dot_decoded(t, w + r * rb, x, COLS);
+            }
+            double mag = 0;
+            for (int k = 0; k < COLS; k++) mag += fabs((double)deq[k] * x[k]);
+            worst = fmax(worst, fabs(y - ref) / mag);
+            scale = fmax(scale, fabs(ref));
+        }
+        printf("  %-6s %s: max|diff| %.2g of sum|w x|; matrix_row == decoder: %s\n", t->name,
+               dot ? "int8 dot" : "float  ", worst, rows_equal ? "yes" : "NO");
+        CHECK(scale > 0 && worst <= 1e-5, "%s: dot differs from its decoded weights by %g of sum|w x|", t->name, worst);
+        CHECK(rows_equal, "%s: matrix_row differs from the decoder", t->name);
+    }
 }
 
 /* Bounded random robustness test: corrupted model files must load or be rejected with a
@@ -1507,6 +1581,7 @@ int main(void) {
     test_job_sharing();
     test_toolkit();
     test_quantized();
+    test_gguf_blocks();
     test_fuzz_loader();
     test_bad_inputs();
     test_own_checkpoints();

@@ -546,7 +546,7 @@ def run_hf(work, case, rnd):
         if data is not None:
             with open(os.path.join(d, name), "wb") as f:
                 f.write(data)
-    dtype = rnd.choice(["bf16", "f32"])
+    dtype = rnd.choice(["bf16", "f32", "gguf"])
     quant = rnd.choice([None, None, "q8_0", "q4_0"])
     src = E.load_hf(d, dtype, quant)
     write(src, work, dtype)
@@ -558,12 +558,13 @@ def run_gguf(work, case, rnd):
     path = os.path.join(work, "in.gguf")
     with open(path, "wb") as f:
         f.write(case)
-    dtype = rnd.choice(["bf16", "f32"])
+    dtype = rnd.choice(["bf16", "f32", "gguf"])
     cfg, vocab, tok_bytes, special, jobs, plan = E.plan_gguf(path, dtype, rnd.random() < 0.5,
                                                             rnd.choice([None, "q8_0", "q4_0"]))
     if sum(p[3] for p in plan) <= 64 << 20:
         deq = E.Dequantizer(path, jobs, True)
-        tensors = [(ours, shape, dt, nb, lambda nb=nb, g=g: deq.read(nb, g)) for ours, shape, dt, nb, g in plan]
+        tensors = [(ours, shape, dt, nb, lambda nb=nb, g=g, off=off: E.copy_bytes(path, off, nb) if off is not None
+                    else deq.read(nb, g)) for ours, shape, dt, nb, g, off in plan]
         try:
             src = E.Source(cfg, vocab, tok_bytes, special, tensors, close=deq.close)
         except BaseException:

@@ -41,7 +41,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-from test_gguf import HALF_FIELDS, QUANT_TYPES, make_gguf, small_vocab
+from test_gguf import BLOCK, HALF_FIELDS, QUANT_TYPES, make_gguf, small_vocab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 W = os.path.join(ROOT, "tests", "build", "export")
@@ -285,9 +285,22 @@ def nan_inf():
                       {T.F32: struct.pack("<f", float("-inf")), T.F16: struct.pack("<H", 0x7C00),
                        T.BF16: struct.pack("<H", 0x7FC1)}[q])]
         else:
-            block = {T.Q2_K: 84, T.Q3_K: 110, T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210, T.IQ4_XS: 136}.get(q)
-            nbytes = block or {T.Q4_0: 18, T.Q4_1: 20, T.Q5_0: 22, T.Q5_1: 24, T.Q8_0: 34, T.IQ4_NL: 18}[q]
-            edits = [(off + 3 * nbytes + HALF_FIELDS[q][0], struct.pack("<H", 0x7E00))]  # block 3's scale a NaN
+            b3 = off + 3 * BLOCK[q][1]  # block 3's scale becomes a NaN (or an infinity)
+            if HALF_FIELDS[q]:
+                edits = [(b3 + HALF_FIELDS[q][0], struct.pack("<H", 0x7E00))]
+            elif q == T.MXFP4:
+                edits = [(b3, bytes([0xFF]))]  # E8M0 255: 2^128, an infinity
+            elif q == T.NVFP4:
+                continue  # its UE4M3 scales are all finite (0x7f reads as 0), its values too
+            elif q == T.IQ1_M:  # the half d in the top nibbles of bytes 49, 51, 53, 55
+                with open(g, "rb") as f:
+                    f.seek(b3 + 49)
+                    sc = f.read(7)
+                edits = [(b3 + 49 + 2 * k, bytes([(sc[2 * k] & 0x0F) | ((0x7E00 >> (4 * k)) & 0xF) << 4]))
+                         for k in range(4)]
+            else:
+                check(False, f"{q.name}: no scale to make a NaN of")
+                continue
         with open(g, "r+b") as f:
             for pos, raw in edits:
                 f.seek(pos)

@@ -3,12 +3,15 @@
 #
 #   0. check tests/ref_gguf.py on the golden fixture written as a GGUF (--self-check)
 #   1. fetch it (tests/fetch_real_model.sh: pinned, sha256 checked, cached outside the tree)
-#   2. export it with export.py to f32, bf16, q8_0 and q4_0 (timed)
+#   2. export it with export.py to f32, bf16, q8_0, q4_0 and gguf (its own blocks, kept; timed):
+#      the kept file is the GGUF's tensor bytes plus the tokenizer section, within 2 %
 #   3. f32 logits of the first LOGIT_TOKENS tokens of tests/real/pride-and-prejudice-ch1.txt
 #      against tests/ref_gguf.py, a numpy float32 forward over the weights that the `gguf`
 #      package dequantizes: max|diff| within 1e-4 of max|logit|, every argmax equal
 #   4. greedy completions of factual prompts name the answer (f32)
+#      the kept file's logits: argmax equal to the f32 export's at >= 98 % of the positions
 #   5. perplexity of the whole passage in every format, as a table, against loose bounds
+#      (the kept file: within 0.5 % of the f32 export's)
 #
 # The reference needs the pinned gguf and numpy: tests/test_gguf.sh's venv, or python3 + pip.
 # Work files go to tests/build/real/. Ends with "N passed, N failed"; exit status 1 on failure.
@@ -66,7 +69,7 @@ sed 's/^/      /' "$B/info.txt"
 
 # --- 2. export --------------------------------------------------------------------------
 make -s gemma3 || stop "make gemma3"
-for dt in f32 bf16 q8_0 q4_0; do
+for dt in f32 bf16 q8_0 q4_0 gguf; do
   t0=$(date +%s.%N)
   if python3 export.py "$MODEL" "$B/real-$dt.bin" --dtype "$dt" > "$B/export-$dt.log" 2>&1; then
     secs=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
@@ -77,6 +80,19 @@ for dt in f32 bf16 q8_0 q4_0; do
   fi
 done
 [ -f "$B/real-f32.bin" ] || stop "no f32 export: nothing else can run"
+if [ -f "$B/real-gguf.bin" ]; then   # the kept blocks: the GGUF's tensor bytes + our tokenizer section
+  if size_line=$($PY - "$MODEL" "$B/real-gguf.bin" <<'EOF'
+import struct, sys
+from gguf import GGUFReader
+tensors = sum(int(t.n_bytes) for t in GGUFReader(sys.argv[1]).tensors)
+with open(sys.argv[2], "rb") as f:
+    head = f.read(128)
+size, tok = struct.unpack_from("<Q", head, 8)[0], struct.unpack_from("<Q", head, 104)[0]
+print(f"{size / 1e6:.1f} MB = {size / (tensors + tok):.4f} x (GGUF tensors {tensors / 1e6:.1f} MB + tokenizer {tok / 1e6:.1f} MB)")
+sys.exit(0 if abs(size / (tensors + tok) - 1) <= 0.02 else 1)
+EOF
+  ); then ok "gguf (kept blocks) size: $size_line"; else bad "gguf (kept blocks) size: $size_line"; fi
+fi
 
 # --- 3. f32 logits against the numpy reference --------------------------------------------
 ./gemma3 "$B/real-f32.bin" --encode < "$PASSAGE" > "$B/passage.ids" 2> "$B/encode.err" \
@@ -102,11 +118,23 @@ if ./gemma3 "$B/real-f32.bin" --logits "$B/ids.txt" "$B/gemma3.f32" > "$B/logits
       > /dev/null 2>&1 && $PY tests/ref_gguf.py "$MODEL" --tokens "$B/ids.txt" \
       --compare-hidden "$B/gemma3-hidden.f32" 2>&1 | head -30
   fi
+  # the kept blocks (int8 activations) against the f32 export: argmax at >= 98 % of the positions
+  if [ -f "$B/real-gguf.bin" ]; then
+    if ./gemma3 "$B/real-gguf.bin" --logits "$B/ids.txt" "$B/kept.f32" > "$B/logits-kept.log" 2>&1 &&
+       agree=$($PY -c "import numpy as np, sys
+a = np.fromfile('$B/gemma3.f32', '<f4').reshape($n_ids, -1); b = np.fromfile('$B/kept.f32', '<f4').reshape($n_ids, -1)
+n = int((a.argmax(1) == b.argmax(1)).sum()); d = float(np.abs(a - b).max() / np.abs(a).max())
+print(f'argmax equal at {n}/$n_ids positions, max|diff| {d:.2%} of max|logit|'); sys.exit(0 if n >= 0.98 * $n_ids else 1)"); then
+      ok "gguf (kept blocks) logits vs the f32 export's: $agree"
+    else
+      cat "$B/logits-kept.log"; bad "gguf (kept blocks) logits vs the f32 export's: ${agree:-no logits}"
+    fi
+  fi
 else
   cat "$B/logits.log"
   bad "./gemma3 --logits on the f32 export"
 fi
-rm -f "$B/gemma3.f32" "$B/gemma3-hidden.f32"      # 1 MB per token
+rm -f "$B/gemma3.f32" "$B/gemma3-hidden.f32" "$B/kept.f32"      # 1 MB per token
 
 # --- 4. greedy completions ----------------------------------------------------------------
 # prompt|a word the continuation must contain. A 270M base model continues text: it knows
@@ -134,7 +162,7 @@ done
 # --- 5. perplexity per format -------------------------------------------------------------
 declare -A PPL
 t0=$SECONDS
-for dt in f32 bf16 q8_0 q4_0; do
+for dt in f32 bf16 q8_0 q4_0 gguf; do
   [ -f "$B/real-$dt.bin" ] || continue
   if ./gemma3 "$B/real-$dt.bin" --perplexity "$PASSAGE" > "$B/ppl-$dt.log" 2>&1; then
     PPL[$dt]=$(grep -o 'perplexity [0-9.]*' "$B/ppl-$dt.log" | cut -d' ' -f2)
@@ -146,7 +174,7 @@ if [ -n "${PPL[f32]:-}" ]; then
   n_tok=$(grep -o '[0-9]* tokens scored' "$B/ppl-f32.log" | cut -d' ' -f1)
   echo "      perplexity of $PASSAGE ($n_tok tokens, one window; $((SECONDS - t0)) s):"
   echo "      format  perplexity  vs f32"
-  for dt in f32 bf16 q8_0 q4_0; do
+  for dt in f32 bf16 q8_0 q4_0 gguf; do
     [ -n "${PPL[$dt]:-}" ] && awk -v d="$dt" -v p="${PPL[$dt]}" -v f="${PPL[f32]}" \
       'BEGIN { printf "      %-6s  %10.4f  %+6.2f %%\n", d, p, 100 * (p / f - 1) }'
   done
@@ -170,6 +198,7 @@ if [ -n "${PPL[f32]:-}" ]; then
   check_ppl bf16 1.01
   check_ppl q8_0 1.02
   check_ppl q4_0 2.5
+  check_ppl gguf 1.005  # the file's own values, times int8 activations
 fi
 
 finish

@@ -339,13 +339,20 @@ check "./run.sh HF_DIR exported HF_DIR-q8_0.bin next to it" is_gm3c "$W/local/ck
 check "./run.sh HF_DIR downloads nothing" hasnt dir "download"
 R dir2 -- "$W/local/ckpt/" -- -t 0 -n 4
 check "./run.sh HF_DIR again skips the export" bash -c '[ "$1" -eq 0 ] && grep -q "export: .*already there, skipped" "$2"' _ "$rc" "$W/dir2.err"
+cp "$root/tests/fuzz/gguf/tiny.gguf" "$W/local/m.gguf" || fatal "setup: cp tiny.gguf failed"
+R gguf -- "$W/local/m.gguf" -- -t 0 -n 4
+check "./run.sh MODEL.gguf exits 0 and chats" bash -c '[ "$1" -eq 0 ] && grep -q "[^[:space:]]" "$2"' _ "$rc" "$W/gguf.out"
+check "./run.sh MODEL.gguf exported MODEL-gguf.bin next to it with --dtype gguf (its blocks kept)" \
+    bash -c '[ "$(head -c 4 "$1")" = GM3C ] && grep -q -- "--dtype gguf" "$2"' _ "$W/local/m-gguf.bin" "$W/gguf.err"
+R gguf2 -- "$W/local/m.gguf" -- -t 0 -n 4
+check "./run.sh MODEL.gguf again skips the export" bash -c '[ "$1" -eq 0 ] && grep -q "export: .*already there, skipped" "$2"' _ "$rc" "$W/gguf2.err"
 R notbin -- "$single/config.json"
 check "./run.sh NOT_A_MODEL_FILE fails with one error line" bash -c '[ "$1" -ne 0 ] && [ "$(grep -c "error:.*GM3C" "$2")" -eq 1 ]' _ "$rc" "$W/notbin.err"
 printf 'GGUF\003\000\000\000' > "$W/model.gguf"
 R gguf -- "$W/model.gguf"
-check "./run.sh MODEL.gguf names export.py in one error line" bash -c '[ "$1" -ne 0 ] && [ "$(wc -l < "$2")" -eq 1 ] &&
-    grep -q "model.gguf is a GGUF file: convert it first with python3 export.py .*model.gguf .*model-q8_0.bin --dtype q8_0" "$2"' \
-    _ "$rc" "$W/gguf.err"
+check "./run.sh BROKEN.gguf fails with export.py's error naming it, no model file" bash -c '[ "$1" -ne 0 ] &&
+    grep -q "export.py: error: .*model.gguf: truncated GGUF" "$2" && ! ls "$3"/model-gguf.bin 2>/dev/null' \
+    _ "$rc" "$W/gguf.err" "$W"
 R nopath -- "$W/nonexistent"
 check "./run.sh MISSING_PATH fails" bash -c '[ "$1" -ne 0 ] && grep -q "no such file" "$2"' _ "$rc" "$W/nopath.err"
 
