@@ -8,7 +8,7 @@ HF_DIR holds config.json, model.safetensors (or model-*-of-*.safetensors plus
 model.safetensors.index.json) and, optionally, tokenizer.json. Both the text-only
 layout (Gemma3ForCausalLM: 270M, 1B) and the multimodal one
 (Gemma3ForConditionalGeneration: 4B, 12B, 27B, config under "text_config") are read;
-vision tensors are skipped. The output format is described in FORMAT.md: a header with
+the latter's SigLIP vision tower and projector are kept (--text-only leaves them out). The output format is described in FORMAT.md: a header with
 every hyper-parameter, the tokenizer, a tensor directory, then 64-byte aligned tensors,
 all little-endian.
 
@@ -35,6 +35,7 @@ tokenizer readers for their own fields): a bad input is one line naming the key 
 exit status 1, before any work. tests/fuzz_export.py fuzzes these readers.
 """
 import argparse
+import array
 import json
 import math
 import mmap
@@ -439,6 +440,186 @@ def convert(data, src, dst):
 
 
 # ----------------------------------------------------------------------------
+# The vision half of Gemma3ForConditionalGeneration (4B, 12B, 27B): the SigLIP tower and
+# the projector, kept in the file under transformers 5's names (FORMAT.md, Vision)
+
+# Where the tower's tensors live, by checkpoint flavour: google/gemma-3-4b-it,
+# transformers 4.52 - 4.57, transformers 5 (longest first: the last is a prefix of the first).
+VISION_PREFIXES = ("model.vision_tower.vision_model.", "vision_tower.vision_model.", "model.vision_tower.",
+                   "vision_tower.")
+PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+VISION_TOWER = "vision_tower."          # the file's names: transformers 5's
+PROJECTOR = "multi_modal_projector."
+
+# Defaults of transformers' SiglipVisionConfig and Gemma3Config for keys a config leaves out.
+VISION_CONFIG_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                          "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 16,
+                          "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh"}
+MM_CONFIG_DEFAULTS = {"mm_tokens_per_image": 256, "image_token_index": 262144, "boi_token_index": 255999,
+                      "eoi_token_index": 256000}
+
+VISION_LAYER_TENSORS = [  # (name inside encoder.layers.N, shape as a function of (hidden, intermediate))
+    ("layer_norm1.weight", lambda h, f: [h]), ("layer_norm1.bias", lambda h, f: [h]),
+    ("self_attn.q_proj.weight", lambda h, f: [h, h]), ("self_attn.q_proj.bias", lambda h, f: [h]),
+    ("self_attn.k_proj.weight", lambda h, f: [h, h]), ("self_attn.k_proj.bias", lambda h, f: [h]),
+    ("self_attn.v_proj.weight", lambda h, f: [h, h]), ("self_attn.v_proj.bias", lambda h, f: [h]),
+    ("self_attn.out_proj.weight", lambda h, f: [h, h]), ("self_attn.out_proj.bias", lambda h, f: [h]),
+    ("layer_norm2.weight", lambda h, f: [h]), ("layer_norm2.bias", lambda h, f: [h]),
+    ("mlp.fc1.weight", lambda h, f: [f, h]), ("mlp.fc1.bias", lambda h, f: [f]),
+    ("mlp.fc2.weight", lambda h, f: [h, f]), ("mlp.fc2.bias", lambda h, f: [h]),
+]
+VISION_SECTION_SIZE = 80
+
+
+def read_vision_config(hf_dir, vocab):
+    """The vision hyper-parameters of a multimodal config.json, or None for a text model."""
+    path = os.path.join(hf_dir, "config.json")
+    raw = read_json(path, "config.json", 1 << 20)
+    if not isinstance(raw, dict) or raw.get("vision_config") is None:
+        return None
+    vision = raw["vision_config"]
+    if not isinstance(vision, dict):
+        raise ExportError(f"{path}: vision_config is {short(vision)}, not an object")
+    vc = dict(VISION_CONFIG_DEFAULTS)
+    vc.update({k: v for k, v in vision.items() if v is not None})
+    for k, d in MM_CONFIG_DEFAULTS.items():
+        vc[k] = raw.get(k, raw.get(k.replace("_index", "_id"), d))
+    if vc["hidden_act"] not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ExportError(f"{path}: vision_config.hidden_act {short(vc['hidden_act'])} is not SigLIP's gelu_pytorch_tanh")
+    ints = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+            "image_size", "patch_size"] + list(MM_CONFIG_DEFAULTS)
+    for k in ints:
+        if not is_int(vc[k]) or not 1 <= vc[k] <= MAX_DIM:
+            raise ExportError(f"{path}: vision setting {k} is {short(vc[k])}, not an integer in 1..{MAX_DIM}")
+    eps = vc["layer_norm_eps"]
+    if not is_number(eps) or not 0 <= eps < 1:
+        raise ExportError(f"{path}: vision_config.layer_norm_eps is {short(eps)}, not a number in [0, 1)")
+    side = vc["image_size"] // vc["patch_size"]
+    pooled = math.isqrt(vc["mm_tokens_per_image"])
+    if (vc["image_size"] % vc["patch_size"] or vc["hidden_size"] % vc["num_attention_heads"] or vc["num_channels"] != 3
+            or pooled * pooled != vc["mm_tokens_per_image"] or side % pooled or side * side > MAX_DIM):
+        raise ExportError(f"{path}: inconsistent vision config (image_size {vc['image_size']} must be whole patches of "
+                          f"{vc['patch_size']}, hidden_size {vc['hidden_size']} whole heads, num_channels 3, "
+                          f"mm_tokens_per_image {vc['mm_tokens_per_image']} a square whose side divides "
+                          f"{side} patches a side)")
+    for k in ("image_token_index", "boi_token_index", "eoi_token_index"):
+        if vc[k] >= vocab:
+            raise ExportError(f"{path}: {k} {vc[k]} is outside the vocabulary of {vocab}")
+    vc["mean"], vc["std"] = read_image_normalization(hf_dir)
+    return vc
+
+
+def read_image_normalization(hf_dir):
+    """image_mean and image_std of preprocessor_config.json (Gemma 3's: 0.5, 0.5 a channel)."""
+    path = os.path.join(hf_dir, "preprocessor_config.json")
+    if not os.path.exists(path):
+        return [0.5] * 3, [0.5] * 3
+    raw = read_json(path, "preprocessor_config.json", 1 << 20)
+    out = []
+    for k in ("image_mean", "image_std"):
+        v = raw.get(k, [0.5] * 3) if isinstance(raw, dict) else None
+        if not (isinstance(v, list) and len(v) == 3 and all(is_number(x) and -1e3 < x < 1e3 for x in v)
+                and (k == "image_mean" or all(x > 0 for x in v))):
+            raise ExportError(f"{path}: {k} is {short(v)}, not three numbers (std > 0)")
+        out.append([float(x) for x in v])
+    return out
+
+
+def find_vision_tensors(hf_dir):
+    """Map the file's name (transformers 5's) -> where the tensor's bytes are, over all shards.
+    The pooling head that transformers 5 adds to the tower (vision_use_head) is not Gemma's."""
+    found = {}
+    for fn in shard_names(hf_dir):
+        for name, info in read_safetensors_header(os.path.join(hf_dir, fn)).items():
+            canon = None
+            for p in VISION_PREFIXES:
+                if name.startswith(p):
+                    canon = VISION_TOWER + name[len(p):]
+                    break
+            for p in PROJECTOR_PREFIXES:
+                if name.startswith(p):
+                    canon = PROJECTOR + name[len(p):]
+            if canon is None or canon.startswith(VISION_TOWER + "head."):
+                continue
+            if canon in found:
+                raise ExportError(f"vision tensor {short(canon)} appears twice")
+            found[canon] = info
+    return found
+
+
+def expected_vision_tensors(vc, text_hidden):
+    """(file name, shape in the checkpoint, shape in the file) of the tower and projector."""
+    h, f, c, p = vc["hidden_size"], vc["intermediate_size"], vc["num_channels"], vc["patch_size"]
+    t = VISION_TOWER
+    out = [(t + "embeddings.patch_embedding.weight", [h, c, p, p], [h, c * p * p]),
+           (t + "embeddings.patch_embedding.bias", [h], [h]),
+           (t + "embeddings.position_embedding.weight", [(vc["image_size"] // p) ** 2, h], None)]
+    for i in range(vc["num_hidden_layers"]):
+        out += [(f"{t}encoder.layers.{i}.{n}", s(h, f), None) for n, s in VISION_LAYER_TENSORS]
+    out += [(t + "post_layernorm.weight", [h], None), (t + "post_layernorm.bias", [h], None),
+            (PROJECTOR + "mm_soft_emb_norm.weight", [h], None),
+            # HF keeps it (vision hidden, text hidden) for x @ w; the file, as every matrix, (out, in)
+            (PROJECTOR + "mm_input_projection_weight", [h, text_hidden], [text_hidden, h])]
+    return [(n, s, s if fs is None else fs) for n, s, fs in out]
+
+
+def transposed(data, rows, cols, elem):
+    """A row-major (rows, cols) matrix of elem-byte values as (cols, rows)."""
+    a = array.array("I" if elem == 4 else "H", data)
+    out = array.array(a.typecode, bytes(len(data)))
+    for j in range(cols):
+        out[j * rows:(j + 1) * rows] = a[j::cols]
+    return out.tobytes()
+
+
+def vision_tensors(hf_dir, vc, text_hidden, out_dtype):
+    """The tower's and projector's tensors as the writer takes them (see Source)."""
+    found = find_vision_tensors(hf_dir)
+    wanted = expected_vision_tensors(vc, text_hidden)
+    names = {n for n, _, _ in wanted}
+    for name in found:
+        if name not in names:
+            raise ExportError(f"unknown vision tensor {short(name)} (not part of a {vc['num_hidden_layers']}-layer "
+                              "SigLIP tower and Gemma 3 projector)")
+    tensors = []
+    for name, shape, file_shape in wanted:
+        info = found.get(name)
+        if info is None:
+            raise ExportError(f"missing vision tensor {name!r} (the config has a vision_config; "
+                              "export --text-only to leave the image path out)")
+        if info["shape"] != shape:
+            raise ExportError(f"vision tensor {name!r} has shape {short(info['shape'])}, expected {shape}")
+        dt = out_dtype if len(file_shape) == 2 else DTYPE_F32
+        flip = name.endswith("mm_input_projection_weight")
+
+        def chunks(info=info, dt=dt, flip=flip, shape=shape):
+            data = convert(read_tensor_bytes(info), info["dtype"], dt)
+            return iter([transposed(data, shape[0], shape[1], ELEM_SIZE[dt]) if flip else data])
+        tensors.append((name, file_shape, dt, math.prod(file_shape) * ELEM_SIZE[dt], chunks))
+    return tensors
+
+
+def vision_section(vc):
+    """The vision section's bytes (FORMAT.md)."""
+    raw = struct.pack("<11I7f2I", vc["image_size"], vc["patch_size"], vc["num_channels"], vc["hidden_size"],
+                      vc["intermediate_size"], vc["num_hidden_layers"], vc["num_attention_heads"],
+                      vc["mm_tokens_per_image"], vc["image_token_index"], vc["boi_token_index"],
+                      vc["eoi_token_index"], float(vc["layer_norm_eps"]), *vc["mean"], *vc["std"], 0, 0)
+    assert len(raw) == VISION_SECTION_SIZE
+    return raw
+
+
+def add_vision(src, hf_dir, dtype_name):
+    """Give src the vision section and tensors of a multimodal checkpoint (nothing for a text one)."""
+    vc = read_vision_config(hf_dir, src.vocab)
+    if vc is None:
+        return src
+    src.tensors = src.tensors + vision_tensors(hf_dir, vc, src.cfg["hidden_size"], DTYPE_CODES[dtype_name])
+    src.vision = vision_section(vc)
+    return src
+
+
+# ----------------------------------------------------------------------------
 # tokenizer.json -> tokenizer section (FORMAT.md)
 
 BYTE_PIECE = re.compile(r"^<0x[0-9A-F]{2}>$")
@@ -556,6 +737,7 @@ class Source:
 
     def __init__(self, cfg, vocab, tok_bytes, special, tensors, close=lambda: None):
         self.cfg, self.vocab, self.tok_bytes, self.tensors, self.close = cfg, vocab, tok_bytes, tensors, close
+        self.vision = b""  # the vision section of a multimodal model (add_vision)
         # Fall back to Gemma 3's fixed ids when the tokenizer does not name them.
         self.bos = special.get("<bos>") if special.get("<bos>") is not None else int(cfg["bos_token_id"])
         self.eos = special.get("<eos>") if special.get("<eos>") is not None else 1
@@ -569,7 +751,7 @@ class Source:
                 raise ExportError(f"{what} token id {short(v)} out of range (0 to {hi - 1}; vocabulary of {vocab})")
 
 
-def load_hf(hf_dir, dtype_name, quant=None):
+def load_hf(hf_dir, dtype_name, quant=None, text_only=False):
     cfg = read_config(hf_dir)
     if quant:
         check_quantizable(cfg, quant, os.path.join(hf_dir, "config.json"))
@@ -612,7 +794,8 @@ def load_hf(hf_dir, dtype_name, quant=None):
             count *= d
         tensors.append((name, list(info["shape"]), dt, count * ELEM_SIZE[dt],
                         lambda info=info, dt=dt: iter([convert(read_tensor_bytes(info), info["dtype"], dt)])))
-    return Source(cfg, vocab, tok_bytes, special, tensors)
+    src = Source(cfg, vocab, tok_bytes, special, tensors)
+    return src if text_only else add_vision(src, hf_dir, dtype_name)
 
 
 def write_model(src, out_path, dtype_name, quiet, label=None):
@@ -621,7 +804,8 @@ def write_model(src, out_path, dtype_name, quiet, label=None):
     cfg, tensors = src.cfg, src.tensors
     n_layers = cfg["num_hidden_layers"]
     layer_types_off = HEADER_SIZE
-    tok_off = pad_to(layer_types_off + n_layers, 8)
+    vision_off = pad_to(layer_types_off + n_layers, 8)
+    tok_off = vision_off + len(src.vision)
     dir_off = pad_to(tok_off + len(src.tok_bytes), 8)
     data_off = pad_to(dir_off + DIR_ENTRY_SIZE * len(tensors))
     directory = bytearray()
@@ -640,7 +824,7 @@ def write_model(src, out_path, dtype_name, quiet, label=None):
         cfg["sliding_window"], cfg["max_position_embeddings"], src.bos, src.eos, src.eot, src.sot,
         float(cfg["query_pre_attn_scalar"]), float(cfg["rms_norm_eps"]), float(cfg["rope_theta"]),
         float(cfg["rope_local_base_freq"]), cfg["rope_factor"],
-        len(tensors), 0, tok_off if src.tok_bytes else 0, len(src.tok_bytes), dir_off, 0)
+        len(tensors), 0, tok_off if src.tok_bytes else 0, len(src.tok_bytes), dir_off, vision_off if src.vision else 0)
     assert len(header) == HEADER_SIZE
 
     # A temporary name in the same directory, renamed at the end: an error or Ctrl-C
@@ -660,7 +844,8 @@ def write_model(src, out_path, dtype_name, quiet, label=None):
             f = ChunkedWriter(raw)
             f.write(header)
             f.write(bytes(cfg["is_global"]))
-            f.write(b"\0" * (tok_off - f.pos))
+            f.write(b"\0" * (vision_off - f.pos))
+            f.write(src.vision)
             f.write(src.tok_bytes)
             f.write(b"\0" * (dir_off - f.pos))
             f.write(directory)
@@ -692,18 +877,18 @@ def write_model(src, out_path, dtype_name, quiet, label=None):
               f"tokenizer {'yes' if src.tok_bytes else 'no'}, {time.time() - t0:.1f} s", file=sys.stderr)
 
 
-def load(path, dtype_name, quiet, quant=None):
+def load(path, dtype_name, quiet, quant=None, text_only=False):
     """The checkpoint at path as a Source; quant (q8_0, q4_0): the type it is going to be
     quantized to after, checked against the config before any work."""
     if os.path.isdir(path):
-        return load_hf(path, dtype_name, quant)
+        return load_hf(path, dtype_name, quant, text_only)
     if os.path.exists(path):
         return load_gguf(path, dtype_name, quiet, quant)
     raise ExportError(f"cannot read {path}: no such file or directory")
 
 
-def export(src_path, out_path, dtype_name, quiet=False, quant=None, label=None):
-    write_model(load(src_path, dtype_name, quiet, quant), out_path, dtype_name, quiet, label)
+def export(src_path, out_path, dtype_name, quiet=False, quant=None, label=None, text_only=False):
+    write_model(load(src_path, dtype_name, quiet, quant, text_only), out_path, dtype_name, quiet, label)
 
 
 def check_output(src_path, out_path):
@@ -746,7 +931,7 @@ def build_with_make(target, why, quiet, refresh=False):
     return binary
 
 
-def export_quantized(src_path, out_path, dtype_name, quiet):
+def export_quantized(src_path, out_path, dtype_name, quiet, text_only=False):
     """q8_0 / q4_0: export losslessly, then let the C engine quantize (fast, no numpy)."""
     t0 = time.time()
     if os.path.isdir(src_path):
@@ -758,7 +943,8 @@ def export_quantized(src_path, out_path, dtype_name, quiet):
     stem = os.path.join(os.path.dirname(os.path.abspath(out_path)), f".{os.path.basename(out_path)}.{os.getpid()}")
     tmp, qtmp = f"{stem}.{lossless}.tmp", f"{stem}.{dtype_name}.tmp"
     try:
-        export(src_path, tmp, lossless, quiet, quant=dtype_name, label=f"step 1 of 2, {lossless} export")
+        export(src_path, tmp, lossless, quiet, quant=dtype_name, label=f"step 1 of 2, {lossless} export",
+               text_only=text_only)
         quantize_file(engine, tmp, qtmp, dtype_name, out_path, lossless, quiet)
         os.replace(qtmp, out_path)
     finally:
@@ -1360,14 +1546,16 @@ def main():
                     help="weight type of the matrices (norms stay f32); default bf16. q8_0 / q4_0: "
                          "int8 / int4 in blocks of 32 with a half-precision scale, made by gemma3 --quantize. "
                          "From a GGUF, f32 keeps the dequantized values exactly")
+    ap.add_argument("--text-only", action="store_true",
+                    help="leave out the vision tower and projector of a multimodal checkpoint")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     args = ap.parse_args()
     try:
         check_output(args.src, args.out)
         if args.dtype in ("q8_0", "q4_0"):
-            export_quantized(args.src, args.out, args.dtype, args.quiet)
+            export_quantized(args.src, args.out, args.dtype, args.quiet, args.text_only)
         else:
-            export(args.src, args.out, args.dtype, args.quiet)
+            export(args.src, args.out, args.dtype, args.quiet, text_only=args.text_only)
     except ExportError as e:
         print(f"export.py: error: {error_line(e)}", file=sys.stderr)
         sys.exit(1)

@@ -104,6 +104,22 @@ typedef struct {
     float rope_local_theta;/* RoPE base on sliding-window layers (rope_local_base_freq) */
     float rope_factor;     /* linear RoPE scaling on global layers (1 = none, 8 for 4B+) */
     unsigned char *is_global; /* (n_layers) 1 = global attention, 0 = sliding window */
+    int has_vision;        /* 1: the file has the image path (4B+), in vision and Weights.vision */
+    struct VisionConfig {  /* the image path's sizes (HF vision_config and Gemma3Config names) */
+        int image_size;    /* image_size: the square every image is resized to (896) */
+        int patch_size;    /* patch_size (14): the tower sees (image_size / patch_size)^2 patches */
+        int channels;      /* num_channels (3) */
+        int dim;           /* hidden_size of the tower (1152) */
+        int hidden_dim;    /* intermediate_size, its MLP width (4304) */
+        int n_layers;      /* num_hidden_layers (27) */
+        int n_heads;       /* num_attention_heads (16; head_dim = dim / n_heads, 72) */
+        int mm_tokens;     /* mm_tokens_per_image (256): soft tokens an image becomes */
+        int image_id, boi_id, eoi_id; /* <image_soft_token>, <start_of_image>, <end_of_image> */
+        float norm_eps;    /* layer_norm_eps: the LayerNorms and the projector's RMSNorm */
+        float mean[3], std[3]; /* pixel normalization: (p / 255 - mean) / std per channel */
+        int side;          /* derived: image_size / patch_size patches a side */
+        int n_patches;     /* derived: side * side */
+    } vision;
 } Config;
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_Q8_0 = 2, DT_Q4_0 = 3 };
@@ -151,12 +167,38 @@ typedef struct {
     Matrix w_down;               /* mlp.down_proj (dim, hidden_dim) */
 } LayerWeights;
 
+/* The vision tower's layers (SigLIP encoder, HF vision_tower.encoder.layers.N.*): pre-norm
+ * LayerNorms with bias, attention and MLP with biases. D = vision.dim, F = vision.hidden_dim. */
+typedef struct {
+    const float *ln1_w, *ln1_b;  /* layer_norm1.weight, .bias (D) */
+    Matrix wq, wk, wv, wo;       /* self_attn.q_proj, k_proj, v_proj, out_proj (D, D) */
+    const float *bq, *bk, *bv, *bo; /* their biases (D) */
+    const float *ln2_w, *ln2_b;  /* layer_norm2.weight, .bias (D) */
+    Matrix fc1;                  /* mlp.fc1 (F, D) */
+    const float *b1;             /* mlp.fc1.bias (F) */
+    Matrix fc2;                  /* mlp.fc2 (D, F) */
+    const float *b2;             /* mlp.fc2.bias (D) */
+} VisionLayerWeights;
+
+/* The tower (HF vision_tower.*) and the projector (multi_modal_projector.*). */
+typedef struct {
+    Matrix patch;          /* embeddings.patch_embedding (D, channels * patch^2): the conv as a matmul */
+    const float *patch_bias; /* embeddings.patch_embedding.bias (D) */
+    Matrix position;       /* embeddings.position_embedding (n_patches, D), learned */
+    VisionLayerWeights *layers; /* (vision.n_layers) */
+    const float *post_norm_w, *post_norm_b; /* post_layernorm (D) */
+    const float *mm_norm;  /* multi_modal_projector.mm_soft_emb_norm (D): RMSNorm x (1 + w) */
+    Matrix mm_proj;        /* multi_modal_projector.mm_input_projection_weight, stored transposed:
+                              (text dim, D) */
+} VisionWeights;
+
 typedef struct {
     Matrix embed;          /* embed_tokens (vocab_size, dim) */
     Matrix classifier;     /* lm_head (vocab_size, dim): the embedding table itself (tied), unless
                               the file has its own lm_head.weight (from a GGUF's output.weight) */
     LayerWeights *layers;  /* (n_layers) */
     const float *final_norm; /* norm.weight (dim) */
+    VisionWeights vision;  /* the image path, if config.has_vision */
 } Weights;
 
 /* The loaded file: the bytes, and what we built from them. */
@@ -377,8 +419,125 @@ static int read_header(Model *m, const char *path, char *err, size_t errsize) {
     return 0;
 }
 
-/* The tensor directory: every entry must name a tensor of a Gemma 3 text model, and all of
- * them must be there. Sets *untied if the file has its own classifier (lm_head.weight). */
+/* The names of the vision tower and projector (16 a layer, 7 more), and how many. */
+static const char *const vision_layer_tensors[] = {
+    "layer_norm1.weight", "layer_norm1.bias", "self_attn.q_proj.weight", "self_attn.q_proj.bias",
+    "self_attn.k_proj.weight", "self_attn.k_proj.bias", "self_attn.v_proj.weight", "self_attn.v_proj.bias",
+    "self_attn.out_proj.weight", "self_attn.out_proj.bias", "layer_norm2.weight", "layer_norm2.bias",
+    "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias", NULL};
+static const char *const vision_other_tensors[] = {
+    "vision_tower.embeddings.patch_embedding.weight", "vision_tower.embeddings.patch_embedding.bias",
+    "vision_tower.embeddings.position_embedding.weight", "vision_tower.post_layernorm.weight",
+    "vision_tower.post_layernorm.bias", "multi_modal_projector.mm_soft_emb_norm.weight",
+    "multi_modal_projector.mm_input_projection_weight", NULL};
+#define VISION_TENSORS(n_layers) (7u + 16u * (uint32_t)(n_layers))
+
+static int known_vision_name(const char *name, int n_layers) {
+    if (memchr(name, 0, 64) == NULL) return 0;
+    for (int i = 0; vision_other_tensors[i]; i++)
+        if (!strcmp(name, vision_other_tensors[i])) return 1;
+    int layer, used = 0;
+    if (sscanf(name, "vision_tower.encoder.layers.%d.%n", &layer, &used) != 1 || used == 0 || layer < 0 ||
+        layer >= n_layers)
+        return 0;
+    for (int i = 0; vision_layer_tensors[i]; i++)
+        if (!strcmp(name + used, vision_layer_tensors[i])) return 1;
+    return 0;
+}
+
+/* The vision section (FORMAT.md), where the header's offset 120 points (0: a text model):
+ * the image path's sizes into c->vision, each checked. */
+static int read_vision_section(Model *m, const char *path, char *err, size_t errsize) {
+    Config *c = &m->config;
+    struct VisionConfig *v = &c->vision;
+    uint64_t off = rd_u64(m->data + 120);
+    if (off == 0) return 0;
+    if (off % 8 != 0 || off > m->size || m->size - off < 80) {
+        set_err(err, errsize, "%s: the vision section lies outside the file (corrupt header)", path);
+        return GEMMA3_E_FORMAT;
+    }
+    const unsigned char *p = m->data + off;
+    uint32_t u[11];
+    for (int i = 0; i < 11; i++) {
+        u[i] = rd_u32(p + 4 * i);
+        if (u[i] == 0 || u[i] > (1u << 24)) {
+            set_err(err, errsize, "%s: vision field %d has implausible value %u", path, i, u[i]);
+            return GEMMA3_E_FORMAT;
+        }
+    }
+    v->image_size = (int)u[0], v->patch_size = (int)u[1], v->channels = (int)u[2], v->dim = (int)u[3];
+    v->hidden_dim = (int)u[4], v->n_layers = (int)u[5], v->n_heads = (int)u[6], v->mm_tokens = (int)u[7];
+    v->image_id = (int)u[8], v->boi_id = (int)u[9], v->eoi_id = (int)u[10];
+    v->norm_eps = rd_f32(p + 44);
+    int ok = v->norm_eps >= 0 && v->norm_eps < 1;
+    for (int i = 0; i < 3; i++) {
+        v->mean[i] = rd_f32(p + 48 + 4 * i), v->std[i] = rd_f32(p + 60 + 4 * i);
+        ok &= fabsf(v->mean[i]) < 1e3f && v->std[i] > 1e-6f && v->std[i] < 1e3f;
+    }
+    v->side = v->image_size / v->patch_size;
+    int pooled = (int)(sqrt((double)v->mm_tokens) + 0.5);
+    if (!ok || v->channels != 3 || v->image_size % v->patch_size != 0 || v->side > 4096 ||
+        v->dim % v->n_heads != 0 || pooled * pooled != v->mm_tokens || v->side % pooled != 0) {
+        set_err(err, errsize, "%s: inconsistent vision parameters (image %d, patch %d, channels %d, hidden %d, "
+                "heads %d, %d tokens an image)", path, v->image_size, v->patch_size, v->channels, v->dim,
+                v->n_heads, v->mm_tokens);
+        return GEMMA3_E_FORMAT;
+    }
+    v->n_patches = v->side * v->side;
+    if (u[8] >= (uint32_t)c->vocab_size || u[9] >= (uint32_t)c->vocab_size || u[10] >= (uint32_t)c->vocab_size) {
+        set_err(err, errsize, "%s: image token ids out of range (image %u, <start_of_image> %u, <end_of_image> %u; "
+                "the vocabulary has %d)", path, u[8], u[9], u[10], c->vocab_size);
+        return GEMMA3_E_FORMAT;
+    }
+    c->has_vision = 1;
+    return 0;
+}
+
+/* The tower's and projector's weights, checked like the text model's. */
+static int load_vision_weights(Model *m, char *err, size_t errsize) {
+    const struct VisionConfig *v = &m->config.vision;
+    VisionWeights *w = &m->weights.vision;
+    const int D = v->dim, F = v->hidden_dim;
+    if (load_matrix(m, &w->patch, "vision_tower.embeddings.patch_embedding.weight", D,
+                    v->channels * v->patch_size * v->patch_size, err, errsize) ||
+        load_norm(m, &w->patch_bias, "vision_tower.embeddings.patch_embedding.bias", D, err, errsize) ||
+        load_matrix(m, &w->position, "vision_tower.embeddings.position_embedding.weight", v->n_patches, D, err, errsize) ||
+        load_norm(m, &w->post_norm_w, "vision_tower.post_layernorm.weight", D, err, errsize) ||
+        load_norm(m, &w->post_norm_b, "vision_tower.post_layernorm.bias", D, err, errsize) ||
+        load_norm(m, &w->mm_norm, "multi_modal_projector.mm_soft_emb_norm.weight", D, err, errsize) ||
+        load_matrix(m, &w->mm_proj, "multi_modal_projector.mm_input_projection_weight", m->config.dim, D, err, errsize))
+        return GEMMA3_E_FORMAT;
+    w->layers = calloc((size_t)v->n_layers, sizeof(VisionLayerWeights));
+    if (!w->layers) { set_err(err, errsize, "out of memory"); return GEMMA3_E_NOMEM; }
+    for (int l = 0; l < v->n_layers; l++) {
+        VisionLayerWeights *L = &w->layers[l];
+        char name[96]; /* (a name over 63 bytes is in no directory: find_tensor says it is missing) */
+#define NAME(s) (snprintf(name, sizeof name, "vision_tower.encoder.layers.%d.%s", l, s), name)
+        if (load_norm(m, &L->ln1_w, NAME("layer_norm1.weight"), D, err, errsize) ||
+            load_norm(m, &L->ln1_b, NAME("layer_norm1.bias"), D, err, errsize) ||
+            load_matrix(m, &L->wq, NAME("self_attn.q_proj.weight"), D, D, err, errsize) ||
+            load_norm(m, &L->bq, NAME("self_attn.q_proj.bias"), D, err, errsize) ||
+            load_matrix(m, &L->wk, NAME("self_attn.k_proj.weight"), D, D, err, errsize) ||
+            load_norm(m, &L->bk, NAME("self_attn.k_proj.bias"), D, err, errsize) ||
+            load_matrix(m, &L->wv, NAME("self_attn.v_proj.weight"), D, D, err, errsize) ||
+            load_norm(m, &L->bv, NAME("self_attn.v_proj.bias"), D, err, errsize) ||
+            load_matrix(m, &L->wo, NAME("self_attn.out_proj.weight"), D, D, err, errsize) ||
+            load_norm(m, &L->bo, NAME("self_attn.out_proj.bias"), D, err, errsize) ||
+            load_norm(m, &L->ln2_w, NAME("layer_norm2.weight"), D, err, errsize) ||
+            load_norm(m, &L->ln2_b, NAME("layer_norm2.bias"), D, err, errsize) ||
+            load_matrix(m, &L->fc1, NAME("mlp.fc1.weight"), F, D, err, errsize) ||
+            load_norm(m, &L->b1, NAME("mlp.fc1.bias"), F, err, errsize) ||
+            load_matrix(m, &L->fc2, NAME("mlp.fc2.weight"), D, F, err, errsize) ||
+            load_norm(m, &L->b2, NAME("mlp.fc2.bias"), D, err, errsize))
+            return GEMMA3_E_FORMAT;
+#undef NAME
+    }
+    return 0;
+}
+
+/* The tensor directory: every entry must name a tensor of a Gemma 3 text model (or of its
+ * image path, if the file has one), and all of them must be there. Sets *untied if the
+ * file has its own classifier (lm_head.weight). */
 static int check_directory(const Model *m, const char *path, int *untied, char *err, size_t errsize) {
     const Config *c = &m->config;
     uint32_t n_tensors = rd_u32(m->data + 88);
@@ -389,7 +548,7 @@ static int check_directory(const Model *m, const char *path, int *untied, char *
     *untied = 0; /* lm_head.weight, the one optional tensor */
     for (uint32_t i = 0; i < n_tensors; i++) {
         const char *name = (const char *)dir + (size_t)i * GEMMA3_DIR_ENTRY_SIZE;
-        if (!known_tensor_name(name, c->n_layers)) {
+        if (!known_tensor_name(name, c->n_layers) && !(c->has_vision && known_vision_name(name, c->vision.n_layers))) {
             char shown[4 * 64 + 1];
             set_err(err, errsize, "%s: unknown tensor '%s' in the model file", path,
                     printable((const unsigned char *)name, 64, shown));
@@ -397,7 +556,8 @@ static int check_directory(const Model *m, const char *path, int *untied, char *
         }
         *untied |= !strcmp(name, "lm_head.weight");
     }
-    uint32_t expected = 2 + (uint32_t)*untied + 13u * (uint32_t)c->n_layers;
+    uint32_t expected = 2 + (uint32_t)*untied + 13u * (uint32_t)c->n_layers +
+                        (c->has_vision ? VISION_TENSORS(c->vision.n_layers) : 0);
     if (n_tensors != expected) {
         set_err(err, errsize, "%s: %u tensors in the file, a %d-layer Gemma 3 has %u (unknown or missing tensors)",
                 path, n_tensors, c->n_layers, expected);
@@ -450,9 +610,12 @@ static int open_model_bytes(Model *m, const char *name, char *err, size_t errsiz
         set_err(err, errsize, "%s: file too short (%zu bytes) to be a gemma3.c model", name, m->size);
         return GEMMA3_E_FORMAT;
     }
-    if ((rc = read_header(m, name, err, errsize)) || (rc = check_directory(m, name, &untied, err, errsize))) return rc;
+    if ((rc = read_header(m, name, err, errsize)) || (rc = read_vision_section(m, name, err, errsize)) ||
+        (rc = check_directory(m, name, &untied, err, errsize)))
+        return rc;
     if (host_is_big_endian()) swap_tensors_to_native(m); /* (m->data is writable there: ours) */
     if ((rc = load_weights(m, untied, err, errsize))) return rc;
+    if (m->config.has_vision && (rc = load_vision_weights(m, err, errsize))) return rc;
     uint64_t tok_off = rd_u64(m->data + 96), tok_size = rd_u64(m->data + 104);
     if (tok_off) {
         char terr[200];
@@ -480,6 +643,7 @@ static int load_model(Model *m, const char *path, char *err, size_t errsize) {
 static void free_model(Model *m) {
     if (m->has_tokenizer) tokenizer_free(&m->tokenizer);
     free(m->weights.layers);
+    free(m->weights.vision.layers);
     free(m->config.is_global);
     release_file_bytes(m);
     memset(m, 0, sizeof(*m));
@@ -2222,6 +2386,26 @@ static void quantize_row_q4_0(unsigned char *out, const float *x, int n) {
     }
 }
 
+/* A matrix of the image path whose rows are not whole blocks of 32 (the 14 x 14 x 3 patch
+ * embedding, SigLIP's 4304-wide fc2) keeps its f32 / bf16 type in a quantized file. */
+static int keeps_type(const unsigned char *entry, uint32_t cols) {
+    return cols % QK != 0 && (!strncmp((const char *)entry, "vision_tower.", 13) ||
+                              !strncmp((const char *)entry, "multi_modal_projector.", 22));
+}
+
+/* Such a matrix, little-endian whatever the host (in memory it is host order). */
+static int write_kept_matrix(FILE *f, const unsigned char *entry, const void *data) {
+    uint64_t count = (uint64_t)rd_u32(entry + 72) * rd_u32(entry + 76);
+    if (rd_u32(entry + 64) == DT_F32) return write_f32_le(f, data, (int)count);
+    const uint16_t *h = data;
+    for (uint64_t i = 0; i < count; i++) {
+        unsigned char b[2];
+        wr_u16(b, h[i]);
+        if (fwrite(b, 1, 2, f) != 2) return -1;
+    }
+    return 0;
+}
+
 /* --quantize: write a copy of model file `m` whose matrices are q8_0 or q4_0 (norms stay
  * f32). Header, layer types and tokenizer are copied byte for byte; the tensor directory
  * gets the new dtypes, sizes and offsets. export.py --dtype q8_0|q4_0 calls this. */
@@ -2231,9 +2415,11 @@ static int quantize_model(const Model *m, const char *out_path, int dtype, char 
     uint32_t n = rd_u32(h + 88);
     size_t dir_size = (size_t)n * GEMMA3_DIR_ENTRY_SIZE;
     unsigned char *dir = malloc(dir_size);
-    const Config *c = &m->config;
-    int widest = c->dim > c->hidden_dim ? c->dim : c->hidden_dim;
-    if (c->n_heads * c->head_dim > widest) widest = c->n_heads * c->head_dim;
+    int widest = 1; /* the longest row of any matrix */
+    for (uint32_t i = 0; i < n; i++) {
+        int cols = (int)rd_u32(m->data + dir_off + (size_t)i * GEMMA3_DIR_ENTRY_SIZE + 76);
+        if (cols > widest) widest = cols;
+    }
     float *row = malloc((size_t)widest * sizeof(float));
     /* Write in whole 4 MiB pieces at 4 MiB offsets (stdio writes a full buffer at once):
      * Linux then caches the new file in 2 MiB pages where the filesystem can (large
@@ -2254,7 +2440,9 @@ static int quantize_model(const Model *m, const char *out_path, int dtype, char 
         unsigned char *e = dir + (size_t)i * GEMMA3_DIR_ENTRY_SIZE;
         uint32_t ndim = rd_u32(e + 68), rows = rd_u32(e + 72), cols = rd_u32(e + 76);
         uint64_t nbytes = rd_u64(e + 96);
-        if (ndim == 2) {
+        if (ndim == 2 && keeps_type(e, cols)) {
+            /* stays as it is */
+        } else if (ndim == 2) {
             if (cols % QK != 0) { set_err(err, errsize, "%.64s: %u columns is not a multiple of %d", (const char *)e, cols, QK); goto fail; }
             wr_u32(e + 64, (uint32_t)dtype);
             nbytes = (uint64_t)rows * row_bytes(dtype, (int)cols);
@@ -2278,6 +2466,11 @@ static int quantize_model(const Model *m, const char *out_path, int dtype, char 
         for (; written < off; written++) if (fputc(0, f) == EOF) goto write_fail; /* alignment */
         if (rd_u32(e + 68) == 1) { /* a norm: stays f32 (in memory it is host order) */
             if (write_f32_le(f, (const float *)src, (int)rd_u32(e + 72)) != 0) goto write_fail;
+            written += rd_u64(e + 96);
+            continue;
+        }
+        if (keeps_type(e, (uint32_t)rd_u32(e + 76))) {
+            if (write_kept_matrix(f, e, src) != 0) goto write_fail;
             written += rd_u64(e + 96);
             continue;
         }

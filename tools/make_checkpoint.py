@@ -22,9 +22,9 @@ Layouts:
   flat        Gemma3ForCausalLM, flat config (model_type gemma3_text), tensors "model.*"
               (like the 1B / 270M releases).
   nested      Gemma3ForConditionalGeneration, config under "text_config" (model_type
-              gemma3), tensors "language_model.model.*" plus a few small fake
-              "vision_tower.vision_model.*" / "multi_modal_projector.*" tensors that an
-              exporter must skip (like the 4B+ releases).
+              gemma3), tensors "language_model.model.*" plus a small SigLIP vision tower
+              "vision_tower.vision_model.*" and projector "multi_modal_projector.*"
+              (like the 4B+ releases; --vision sets its sizes, default 16,4,32,64,1,2,4).
   nested-new  as nested, but tensors "model.language_model.*", "model.vision_tower.*",
               "model.multi_modal_projector.*" (transformers 4.52 - 4.57 naming).
   nested-v5   as nested, but the tower's tensors "vision_tower.*" without "vision_model."
@@ -36,7 +36,8 @@ mm_tokens_per_image) in place of the small fake one, so transformers'
 Gemma3ForConditionalGeneration loads the checkpoint and runs images through it.  Its
 LayerNorm weights are 1 + N(0, 0.12) (a LayerNorm multiplies by w, not 1 + w).
 --image-tokens sets image_token_index, boi_token_index, eoi_token_index (default
-262144, 255999, 256000 as the real checkpoints; a small vocabulary needs others).
+262144, 255999, 256000 as the real checkpoints where the vocabulary holds them, else its
+last three ids).
 
 Determinism: every tensor is generated from its own seed, derived with SHA-256 from
 (--seed, canonical tensor name without any prefix, generator mode), in fixed chunks.
@@ -93,20 +94,8 @@ DTYPES = {  # --dtype -> (safetensors dtype, bytes per element, torch_dtype)
     "f16": ("F16", 2, "float16"),
 }
 
-# Small fake vision tower / projector (canonical names, shapes); skipped by exporters.
-VISION_HIDDEN = 32
-VISION_TENSORS = [
-    ("vision_tower.vision_model.embeddings.patch_embedding.weight", [VISION_HIDDEN, 3, 4, 4]),
-    ("vision_tower.vision_model.embeddings.patch_embedding.bias", [VISION_HIDDEN]),
-    ("vision_tower.vision_model.embeddings.position_embedding.weight", [16, VISION_HIDDEN]),
-    ("vision_tower.vision_model.encoder.layers.0.layer_norm1.weight", [VISION_HIDDEN]),
-    ("vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight",
-     [VISION_HIDDEN, VISION_HIDDEN]),
-    ("vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.bias", [VISION_HIDDEN]),
-    ("vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
-     [2 * VISION_HIDDEN, VISION_HIDDEN]),
-    ("vision_tower.vision_model.post_layernorm.weight", [VISION_HIDDEN]),
-]
+# The vision tower of the nested layouts when --vision does not size it.
+DEFAULT_VISION = [16, 4, 32, 64, 1, 2, 4]
 
 
 # ----------------------------------------------------------------------------
@@ -145,8 +134,6 @@ def text_tensors(a):
 
 def vision_tensors(a):
     """Canonical (name, shape) list of the SigLIP tower (google/gemma-3-4b-it naming)."""
-    if a.vision is None:
-        return VISION_TENSORS
     image, patch, h, inter, layers = a.vision[:5]
     p = "vision_tower.vision_model."
     out = [(p + "embeddings.patch_embedding.weight", [h, 3, patch, patch]),
@@ -165,7 +152,7 @@ def vision_tensors(a):
 
 
 def vision_hidden(a):
-    return VISION_HIDDEN if a.vision is None else a.vision[2]
+    return a.vision[2]
 
 
 def projector_tensors(a):
@@ -365,12 +352,12 @@ def tensor_chunks(canonical, shape, a):
         n *= d
     key = tensor_key(a.seed, canonical, a.fast_random)
     sigma = sigma_of(canonical, shape, a.hidden)
-    if a.vision is not None and canonical == "multi_modal_projector.mm_input_projection_weight":
+    if canonical == "multi_modal_projector.mm_input_projection_weight":
         sigma = 1.0 / math.sqrt(shape[0])  # stored (in, out): x @ w
     gen = fast_chunks if a.fast_random else gauss_chunks
     convert = {"bf16": None, "f32": bf16_to_f32, "f16": bf16_to_f16}[a.dtype]
     for bf in gen(key, n, sigma):
-        if a.vision is not None and is_layernorm_weight(canonical):
+        if is_layernorm_weight(canonical):
             bf = plus_one(bf)
         yield convert(bf) if convert else bf
 
@@ -589,10 +576,7 @@ def make_config(a):
         c["architectures"] = ["Gemma3ForCausalLM"]
         return c
     image_id, boi, eoi = a.image_tokens
-    if a.vision is None:
-        image, patch, vh, vinter, vlayers, vheads, mm_tokens = 16, 4, VISION_HIDDEN, 2 * VISION_HIDDEN, 1, 2, 4
-    else:
-        image, patch, vh, vinter, vlayers, vheads, mm_tokens = a.vision
+    image, patch, vh, vinter, vlayers, vheads, mm_tokens = a.vision
     return {
         "architectures": ["Gemma3ForConditionalGeneration"],
         "boi_token_index": boi,
@@ -665,8 +649,8 @@ def parse_args(argv):
                    help="fast table-driven generator for very large shapes")
     p.add_argument("--vision", type=int_list(7),
                    help="a real SigLIP tower: IMAGE,PATCH,HIDDEN,INTER,LAYERS,HEADS,MM_TOKENS")
-    p.add_argument("--image-tokens", type=int_list(3), default=[262144, 255999, 256000],
-                   help="IMAGE,BOI,EOI token ids (default 262144,255999,256000)")
+    p.add_argument("--image-tokens", type=int_list(3),
+                   help="IMAGE,BOI,EOI token ids (default 262144,255999,256000, or the vocabulary's last three)")
     a = p.parse_args(argv)
 
     explicit = {k for k in PRESETS[a.preset] if getattr(a, k) is not None}
@@ -681,11 +665,15 @@ def parse_args(argv):
         p.error("--heads must be a multiple of --kv-heads")
     if a.qpas <= 0:
         p.error("--qpas must be > 0")
-    if a.vision is not None:
+    if a.vision is not None and a.layout == "flat":
+        p.error("--vision needs a nested layout")
+    if a.layout != "flat":
+        if a.vision is None:
+            a.vision = list(DEFAULT_VISION)
+        if a.image_tokens is None:
+            a.image_tokens = [262144, 255999, 256000] if a.vocab > 262144 else [a.vocab - 1, a.vocab - 3, a.vocab - 2]
         image, patch, h, _, _, heads, mm = a.vision
         side = int(round(math.sqrt(mm)))
-        if a.layout == "flat":
-            p.error("--vision needs a nested layout")
         if min(a.vision) < 1 or image % patch or h % heads or side * side != mm or (image // patch) % side:
             p.error("--vision: image_size must be a multiple of patch_size, hidden of heads, and "
                     "mm_tokens a square whose side divides image_size / patch_size")
