@@ -7,6 +7,7 @@
  *
  *   1. model file: Config, Weights, loading and validation
  *   2. neural-net blocks: rmsnorm, matmul, rope, attention, gelu, forward
+ *   2b. the image path (4B+): resize, the SigLIP vision tower, the projector
  *   3. sampler
  *   4. generation and chat
  *   5. the library: the functions of gemma3.h (and reading model files)
@@ -660,6 +661,7 @@ typedef struct {
     int ctx;          /* context length the caches were sized for (-c) */
     int max_batch;    /* most tokens per forward_batch() call */
     int all_logits;   /* 1: logits of every token of a batch (for --logits); 0: the last only */
+    int image_block;  /* 1: the batch is one image's soft tokens, which see each other both ways */
     float *x;         /* (max_batch, dim) the residual stream */
     float *xb;        /* (max_batch, dim) normed input of a sub-block */
     float *xb2;       /* (max_batch, dim) output of a sub-block */
@@ -1118,10 +1120,12 @@ static void attention(RunState *s, const Config *c, int l, int pos0, int n) {
     FOR /* (each thread has its own rows of scores) */
     for (job = 0; job < n * jobs_per_token; job++) {
         int t = job / jobs_per_token, h0 = job % jobs_per_token * nh, pos = pos0 + t, kvh = h0 / group;
-        /* Sliding layers see keys j with pos - window < j <= pos; global layers all j <= pos. */
+        /* Sliding layers see keys j with pos - window < j <= pos; global layers all j <= pos.
+         * An image's tokens also see the later ones of their image (the batch): as
+         * transformers 5 masks them, AND(sliding window, OR(causal, same image)). */
         int first = c->is_global[l] ? 0 : pos - c->window + 1;
         if (first < 0) first = 0;
-        int span = pos - first + 1;
+        int last = s->image_block ? pos0 + n - 1 : pos, span = last - first + 1;
         const float *q = s->q + (size_t)t * Q + h0 * hd;          /* head h0 + g at q + g * hd */
         float *att = s->att + ((size_t)THREAD_NUM() * c->n_heads + h0) * s->ctx; /* head h0 + g's scores at att + g * ctx */
         const float *kc = s->key_cache[l] + kvh * hd, *vc = s->value_cache[l] + kvh * hd;
@@ -1280,9 +1284,10 @@ static float *forward_batch(const Model *m, RunState *s, const int *tokens, int 
     const Weights *w = &m->weights;
     const int D = c->dim, half = c->head_dim / 2;
 
-    /* token embeddings, scaled by sqrt(hidden_size) computed in float32 */
+    /* token embeddings, scaled by sqrt(hidden_size) computed in float32 (tokens NULL: the
+     * caller has put an image's soft tokens in s->x, which are not scaled) */
     float normalizer = (float)sqrt((double)D);
-    for (int t = 0; t < n; t++) {
+    for (int t = 0; tokens && t < n; t++) {
         float *x = s->x + (size_t)t * D;
         matrix_row(x, &w->embed, tokens[t]);
         for (int i = 0; i < D; i++) x[i] *= normalizer;
@@ -1324,6 +1329,300 @@ static float *forward_tokens(const Model *m, RunState *s, const int *ids, int n,
         int nb = n - done < s->max_batch ? n - done : s->max_batch;
         logits = forward_batch(m, s, ids + done, nb, pos0 + done, done + nb == n);
     }
+    return logits;
+}
+
+/* ------------------------------------------------------------------------- */
+/* 2b. the image path (4B+): resize, the SigLIP vision tower, the projector   */
+/* ------------------------------------------------------------------------- */
+
+/* An image becomes image_size x image_size pixels, cut into patch_size squares: N patches.
+ * The tower (HF SiglipVisionTransformer) embeds each patch (the convolution is a matmul
+ * over the patches' pixels), adds a learned position embedding, and runs num_hidden_layers
+ * pre-norm encoder layers in which every patch attends to every other; a final LayerNorm.
+ * The projector (HF Gemma3MultiModalProjector) averages k x k squares of patches into
+ * mm_tokens_per_image tokens, RMSNorms them (x (1 + w)) and projects them to the text
+ * width. Those soft tokens take the places of the image tokens in the prompt, where they
+ * attend to each other both ways (attention's image_block). Every size is from the file. */
+
+#define VISION_BATCH 256      /* patches a matmul takes at a time (the activations' scratch) */
+#define MAX_IMAGE_SIDE 8192   /* the widest or tallest image gemma3 resizes */
+#define RESIZE_BITS 22        /* fixed-point resize weights, as Pillow's (32 - 8 - 2) */
+
+/* Everything the image path needs, allocated once with the session (vision_state_layout);
+ * D, F the tower's widths, N its patches, S the image size, T mm_tokens_per_image. */
+typedef struct {
+    float *pixels;     /* (3, S, S) the image, resized and normalized */
+    float *x;          /* (N, D) the tower's residual stream; its output at the end */
+    float *xb;         /* (N, max(D, 3 P P)) normed input of a sub-block; the patches at the start */
+    float *q, *k, *v;  /* (N, D) */
+    float *att_out;    /* (N, D) attention output before out_proj */
+    float *hb;         /* (N, F) MLP hidden */
+    float *att;        /* (threads, N) each thread's attention scores */
+    float *pooled;     /* (T, D) the pooled patches */
+    float *soft;       /* (T, text dim) the image's soft tokens */
+    int32_t *coef_x, *coef_y; /* (S, taps) resize weights per output column / row */
+    int *first_x, *first_y;   /* (S) the first input column / row each output one reads */
+    int *taps_x, *taps_y;     /* (S) how many it reads */
+    int64_t *acc;      /* (S, 3) a resized output row, before rounding */
+    unsigned char *row;/* (S, 3) one input row resized across, rounded to 8 bits as Pillow does */
+    int max_taps;      /* room in coef_* per output pixel */
+    RunState mm;       /* only the matmul scratch (xq, kernels) sized for the tower's widths */
+} VisionState;
+
+/* The tower's widths as a Config, for sizing the matmul scratch (kernels_setup reads dim,
+ * hidden_dim, n_heads * head_dim: the widest row a matmul of the image path multiplies). */
+static Config vision_widths(const Config *c) {
+    const struct VisionConfig *v = &c->vision;
+    Config w;
+    memset(&w, 0, sizeof w);
+    int patch = v->channels * v->patch_size * v->patch_size;
+    w.dim = v->dim;
+    w.hidden_dim = v->hidden_dim > patch ? v->hidden_dim : patch;
+    w.n_heads = 1, w.head_dim = v->dim;
+    return w;
+}
+
+/* Most input pixels one output pixel of the resize reads: bilinear's support is one
+ * input pixel either side when enlarging, in / S when shrinking. */
+static int resize_max_taps(int S) { return 2 * ((MAX_IMAGE_SIDE + S - 1) / S) + 3; }
+
+/* Lay out a vision state in the block at base (64-byte aligned), or with base NULL only
+ * add up its size. */
+static size_t vision_state_layout(VisionState *vs, const Config *c, unsigned char *base) {
+    const struct VisionConfig *v = &c->vision;
+    memset(vs, 0, sizeof(*vs));
+    Config w = vision_widths(c);
+    size_t N = (size_t)v->n_patches, D = (size_t)v->dim, F = (size_t)v->hidden_dim, S = (size_t)v->image_size;
+    size_t T = (size_t)v->mm_tokens, widest = (size_t)w.hidden_dim > D ? (size_t)w.hidden_dim : D;
+    size_t patch = (size_t)v->channels * v->patch_size * v->patch_size, B = N < VISION_BATCH ? N : VISION_BATCH;
+    int threads = max_threads();
+    size_t kernel_bytes = kernels_setup(NULL, &w, (int)B, threads);
+    Carve cv = {base, 0};
+    vs->max_taps = resize_max_taps(v->image_size);
+    vs->pixels = carve(&cv, 3 * S * S, sizeof(float));
+    vs->x = carve(&cv, N * D, sizeof(float));
+    vs->xb = carve(&cv, N * (patch > D ? patch : D), sizeof(float));
+    vs->q = carve(&cv, N * D, sizeof(float));
+    vs->k = carve(&cv, N * D, sizeof(float));
+    vs->v = carve(&cv, N * D, sizeof(float));
+    vs->att_out = carve(&cv, N * D, sizeof(float));
+    vs->hb = carve(&cv, N * F, sizeof(float));
+    vs->att = carve(&cv, (size_t)threads * N, sizeof(float));
+    vs->pooled = carve(&cv, T * D, sizeof(float));
+    vs->soft = carve(&cv, T * (size_t)c->dim, sizeof(float));
+    vs->coef_x = carve(&cv, S * (size_t)vs->max_taps, sizeof(int32_t));
+    vs->coef_y = carve(&cv, S * (size_t)vs->max_taps, sizeof(int32_t));
+    vs->first_x = carve(&cv, S, sizeof(int));
+    vs->first_y = carve(&cv, S, sizeof(int));
+    vs->taps_x = carve(&cv, S, sizeof(int));
+    vs->taps_y = carve(&cv, S, sizeof(int));
+    vs->acc = carve(&cv, S * 3, sizeof(int64_t));
+    vs->row = carve(&cv, S * 3, 1);
+    vs->mm.threads = threads;
+    vs->mm.max_batch = (int)B;
+    vs->mm.xq = carve(&cv, B * widest, 1);
+    vs->mm.xq_scale = carve(&cv, B * (widest / 32 + 1), sizeof(float));
+    vs->mm.xq_sum = carve(&cv, B * (widest / 32 + 1), sizeof(int32_t));
+    vs->mm.kernels = kernel_bytes ? carve(&cv, kernel_bytes, 1) : NULL;
+    if (base && vs->mm.kernels) kernels_setup(vs->mm.kernels, &w, (int)B, threads);
+    return cv.used;
+}
+
+static size_t vision_state_bytes(const Config *c) {
+    VisionState sizing;
+    return vision_state_layout(&sizing, c, NULL);
+}
+
+/* ---- resize: as transformers' Gemma3ImageProcessor (torchvision's antialiased bilinear
+ * on 8-bit pixels, which follows Pillow's: separable, across then down, each pass rounded
+ * to 8 bits) ---- */
+
+/* The fixed-point weights by which output pixels 0..out-1 read input pixels 0..in-1:
+ * output i reads taps[i] inputs from first[i], weight coef[i * max_taps + j] / 2^22
+ * (Pillow's precompute_coeffs: a triangle as wide as the scale when shrinking). */
+static void resize_coefficients(int in, int out, int max_taps, int32_t *coef, int *first, int *taps) {
+    double scale = (double)in / out, filterscale = scale < 1.0 ? 1.0 : scale;
+    for (int i = 0; i < out; i++) {
+        double center = (i + 0.5) * scale, sum = 0.0;
+        int lo = (int)(center - filterscale + 0.5), hi = (int)(center + filterscale + 0.5);
+        if (lo < 0) lo = 0;
+        if (hi > in) hi = in;
+        if (hi - lo > max_taps) hi = lo + max_taps; /* (never, for in <= MAX_IMAGE_SIDE) */
+        for (int j = lo; j < hi; j++) {
+            double t = fabs((j - center + 0.5) / filterscale);
+            sum += t < 1.0 ? 1.0 - t : 0.0;
+        }
+        first[i] = lo, taps[i] = hi - lo;
+        for (int j = lo; j < hi; j++) {
+            double t = fabs((j - center + 0.5) / filterscale), k = (t < 1.0 ? 1.0 - t : 0.0) / sum;
+            coef[(size_t)i * max_taps + (j - lo)] = (int32_t)floor(k * (1 << RESIZE_BITS) + 0.5);
+        }
+    }
+}
+
+/* A fixed-point sum back to 8 bits: rounded, clamped to 0..255. */
+static unsigned char clip8(int64_t acc) {
+    int64_t v = (acc + (1 << (RESIZE_BITS - 1))) / (1 << RESIZE_BITS); /* acc >= 0: weights are */
+    return (unsigned char)(v > 255 ? 255 : v);
+}
+
+/* Resize an image (w x h, channels 1 or 3, 8-bit, row by row) to S x S and normalize it
+ * into vs->pixels, (3, S, S): (p - 255 mean) / (255 std), the processor's rescale and
+ * normalize in one step. A gray image is the same in all three channels. Each output row
+ * resizes the input rows it reads across first, so no image-sized buffer is needed. */
+static void resize_image(VisionState *vs, const struct VisionConfig *v, const unsigned char *px, int w, int h, int ch) {
+    const int S = v->image_size, T = vs->max_taps;
+    resize_coefficients(w, S, T, vs->coef_x, vs->first_x, vs->taps_x);
+    resize_coefficients(h, S, T, vs->coef_y, vs->first_y, vs->taps_y);
+    for (int oy = 0; oy < S; oy++) {
+        memset(vs->acc, 0, (size_t)S * 3 * sizeof(int64_t));
+        for (int j = 0; j < vs->taps_y[oy]; j++) {
+            const unsigned char *in = px + (size_t)(vs->first_y[oy] + j) * w * ch;
+            for (int ox = 0; ox < S; ox++) { /* across, rounded to 8 bits */
+                const unsigned char *p = in + (size_t)vs->first_x[ox] * ch;
+                const int32_t *k = vs->coef_x + (size_t)ox * T;
+                for (int c = 0; c < ch; c++) {
+                    int64_t a = 0;
+                    for (int i = 0; i < vs->taps_x[ox]; i++) a += (int64_t)p[(size_t)i * ch + c] * k[i];
+                    vs->row[ox * 3 + c] = clip8(a);
+                }
+            }
+            int64_t wy = vs->coef_y[(size_t)oy * T + j];
+            for (int ox = 0; ox < S; ox++)
+                for (int c = 0; c < ch; c++) vs->acc[ox * 3 + c] += vs->row[ox * 3 + c] * wy;
+        }
+        for (int c = 0; c < 3; c++) {
+            float mean = v->mean[c] * 255.0f, std = v->std[c] * 255.0f;
+            float *out = vs->pixels + ((size_t)c * S + oy) * S;
+            for (int ox = 0; ox < S; ox++) out[ox] = ((float)clip8(vs->acc[ox * 3 + (ch == 1 ? 0 : c)]) - mean) / std;
+        }
+    }
+}
+
+/* ---- the tower and the projector ---- */
+
+/* SigLIP's LayerNorm: (x - mean) / sqrt(var + eps) * w + b, the statistics in double. */
+static void layernorm(float *out, const float *x, const float *w, const float *b, int n, float eps) {
+    double sum = 0.0, sq = 0.0;
+    for (int i = 0; i < n; i++) sum += x[i];
+    double mean = sum / n;
+    for (int i = 0; i < n; i++) sq += (x[i] - mean) * (x[i] - mean);
+    float m = (float)mean, scale = (float)(1.0 / sqrt(sq / n + eps));
+    for (int i = 0; i < n; i++) out[i] = (x[i] - m) * scale * w[i] + b[i];
+}
+
+/* out = x W^T + b for the n rows of x (VISION_BATCH rows a matmul). All threads of the
+ * team call it. */
+static void vision_linear(float *out, const float *x, int n, const Matrix *W, const float *b, RunState *mm) {
+    for (int r = 0; r < n; r += mm->max_batch) {
+        int nb = n - r < mm->max_batch ? n - r : mm->max_batch;
+        matmul(out + (size_t)r * W->rows, x + (size_t)r * W->cols, nb, W, mm);
+    }
+    if (!b) return;
+    FOR
+    for (int t = 0; t < n; t++)
+        for (int i = 0; i < W->rows; i++) out[(size_t)t * W->rows + i] += b[i];
+}
+
+/* Every patch attends to every patch, per head: softmax(q k^T / sqrt(head_dim)) v. */
+static void vision_attention(VisionState *vs, const struct VisionConfig *v) {
+    const int N = v->n_patches, D = v->dim, hd = v->dim / v->n_heads;
+    const float scale = 1.0f / sqrtf((float)hd);
+    int job;
+    FOR
+    for (job = 0; job < N * v->n_heads; job++) {
+        int i = job / v->n_heads, h = job % v->n_heads;
+        float *att = vs->att + (size_t)THREAD_NUM() * N;
+        const float *q = vs->q + (size_t)i * D + h * hd;
+        for (int j = 0; j < N; j++) att[j] = dot_f32(vs->k + (size_t)j * D + h * hd, q, hd) * scale;
+        softmax(att, N);
+        float *restrict out = vs->att_out + (size_t)i * D + h * hd;
+        memset(out, 0, (size_t)hd * sizeof(float));
+        for (int j = 0; j < N; j++) {
+            const float *restrict val = vs->v + (size_t)j * D + h * hd;
+            for (int e = 0; e < hd; e++) out[e] += att[j] * val[e];
+        }
+    }
+}
+
+/* One encoder layer (HF SiglipEncoderLayer) on the N patches in vs->x. */
+static void vision_layer(const struct VisionConfig *v, const VisionLayerWeights *L, VisionState *vs) {
+    const int N = v->n_patches, D = v->dim, F = v->hidden_dim;
+    FOR
+    for (int t = 0; t < N; t++) layernorm(vs->xb + (size_t)t * D, vs->x + (size_t)t * D, L->ln1_w, L->ln1_b, D, v->norm_eps);
+    vision_linear(vs->q, vs->xb, N, &L->wq, L->bq, &vs->mm);
+    vision_linear(vs->k, vs->xb, N, &L->wk, L->bk, &vs->mm);
+    vision_linear(vs->v, vs->xb, N, &L->wv, L->bv, &vs->mm);
+    vision_attention(vs, v);
+    vision_linear(vs->q, vs->att_out, N, &L->wo, L->bo, &vs->mm); /* (q is free again) */
+    FOR
+    for (int t = 0; t < N; t++) {
+        float *x = vs->x + (size_t)t * D;
+        for (int i = 0; i < D; i++) x[i] += vs->q[(size_t)t * D + i];
+        layernorm(vs->xb + (size_t)t * D, x, L->ln2_w, L->ln2_b, D, v->norm_eps);
+    }
+    vision_linear(vs->hb, vs->xb, N, &L->fc1, L->b1, &vs->mm);
+    FOR
+    for (size_t i = 0; i < (size_t)N * F; i++) vs->hb[i] = gelu_tanh(vs->hb[i]);
+    vision_linear(vs->q, vs->hb, N, &L->fc2, L->b2, &vs->mm);
+    FOR
+    for (size_t i = 0; i < (size_t)N * D; i++) vs->x[i] += vs->q[i];
+}
+
+/* The image in vs->pixels through the tower (its output in vs->x, (N, D)) and the
+ * projector (the image's soft tokens in vs->soft, (mm_tokens, text dim)). */
+static void encode_image(const Model *m, VisionState *vs) {
+    const struct VisionConfig *v = &m->config.vision;
+    const VisionWeights *w = &m->weights.vision;
+    const int N = v->n_patches, D = v->dim, P = v->patch_size, S = v->image_size, side = v->side;
+    const int patch = v->channels * P * P, pooled = (int)(sqrt((double)v->mm_tokens) + 0.5), k = side / pooled;
+    PARALLEL_TEAM(vs->mm.threads) {
+        /* patch embedding: each patch's pixels in (channel, y, x) order, times the kernel */
+        FOR
+        for (int p = 0; p < N; p++) {
+            float *row = vs->xb + (size_t)p * patch;
+            int y0 = p / side * P, x0 = p % side * P;
+            for (int c = 0; c < v->channels; c++)
+                for (int y = 0; y < P; y++)
+                    memcpy(row + (c * P + y) * P, vs->pixels + ((size_t)c * S + y0 + y) * S + x0, (size_t)P * sizeof(float));
+        }
+        vision_linear(vs->q, vs->xb, N, &w->patch, w->patch_bias, &vs->mm);
+        FOR
+        for (int p = 0; p < N; p++) { /* + the learned position embedding */
+            float *x = vs->x + (size_t)p * D;
+            matrix_row(x, &w->position, p);
+            for (int i = 0; i < D; i++) x[i] += vs->q[(size_t)p * D + i];
+        }
+        for (int l = 0; l < v->n_layers; l++) vision_layer(v, &w->layers[l], vs);
+        FOR
+        for (int p = 0; p < N; p++) layernorm(vs->x + (size_t)p * D, vs->x + (size_t)p * D, w->post_norm_w, w->post_norm_b, D, v->norm_eps);
+
+        /* projector: k x k average pooling, RMSNorm (1 + w), projection to the text width */
+        FOR
+        for (int t = 0; t < v->mm_tokens; t++) {
+            float *out = vs->pooled + (size_t)t * D;
+            int ty = t / pooled, tx = t % pooled;
+            memset(out, 0, (size_t)D * sizeof(float));
+            for (int dy = 0; dy < k; dy++)
+                for (int dx = 0; dx < k; dx++) {
+                    const float *x = vs->x + ((size_t)(ty * k + dy) * side + tx * k + dx) * D;
+                    for (int i = 0; i < D; i++) out[i] += x[i];
+                }
+            for (int i = 0; i < D; i++) out[i] /= (float)(k * k);
+            rmsnorm(out, out, w->mm_norm, D, v->norm_eps);
+        }
+        vision_linear(vs->soft, vs->pooled, v->mm_tokens, &w->mm_proj, NULL, &vs->mm);
+    }
+}
+
+/* Feed an image's n soft tokens (rows of emb) at positions pos0.. as one block: they see
+ * each other both ways, as transformers masks one image's tokens. n <= s->max_batch. */
+static float *forward_image_tokens(const Model *m, RunState *s, const float *emb, int n, int pos0) {
+    memcpy(s->x, emb, (size_t)n * m->config.dim * sizeof(float));
+    s->image_block = 1;
+    float *logits = forward_batch(m, s, NULL, n, pos0, 1);
+    s->image_block = 0;
     return logits;
 }
 
@@ -1495,6 +1794,19 @@ static int check_ids(const Model *m, const int *ids, int n, char *err, size_t er
     return 0;
 }
 
+/* check_ids for ids fed as text: in a model with the image path, the image token stands
+ * for an image's soft tokens and only gemma3_feed_image (--image) feeds it. */
+static int check_text_ids(const Model *m, const int *ids, int n, char *err, size_t errsize) {
+    if (check_ids(m, ids, n, err, errsize) != 0) return -1;
+    for (int i = 0; m->config.has_vision && i < n; i++)
+        if (ids[i] == m->config.vision.image_id) {
+            set_err(err, errsize, "token %d (at %d) is the image token <image_soft_token>, which stands for an image's "
+                    "soft tokens: give the image instead (--image, gemma3_feed_image)", ids[i], i);
+            return -1;
+        }
+    return 0;
+}
+
 /* Where generated tokens go: the caller's function, with each token's text. */
 typedef struct {
     gemma3_piece_fn fn; /* NULL: nowhere */
@@ -1631,7 +1943,7 @@ static int chat_turn(const Model *m, RunState *s, Sampler *sp, Chat *ch, const c
     if (n == 0) n = tokenizer_encode(&m->tokenizer, text, strlen(text), &ids, err, errsize);
     free(text);
     if (n < 0) { chat_pop(ch); return tok_error_code(n, GEMMA3_E_TEXT); }
-    if (check_ids(m, ids, n, err, errsize) != 0) { free(ids); chat_pop(ch); return GEMMA3_E_TOKEN; }
+    if (check_text_ids(m, ids, n, err, errsize) != 0) { free(ids); chat_pop(ch); return GEMMA3_E_TOKEN; }
     if (n >= s->ctx) {
         set_err(err, errsize, "the conversation is %d tokens with this message, the context holds %d", n, s->ctx);
         free(ids);
@@ -1702,6 +2014,7 @@ struct gemma3_session {
     char *piece;      /* room for one streamed token's text (NULL without a tokenizer) */
     size_t piece_cap;
     char *system;     /* the system prompt (a copy), or NULL */
+    VisionState *vision; /* the image path's activations (options.images), or NULL */
     void *own;        /* the block this session allocated; NULL: it lives in the caller's arena */
 };
 
@@ -1843,6 +2156,10 @@ gemma3_config gemma3_model_config(const gemma3_model *model) {
     k.bos_id = c->bos_id, k.eos_id = c->eos_id, k.eot_id = c->eot_id, k.sot_id = c->sot_id;
     k.has_tokenizer = model->m.has_tokenizer;
     k.max_piece_bytes = model->m.has_tokenizer ? (int)tokenstream_max(&model->m.tokenizer) : 0;
+    if (c->has_vision) {
+        k.image_tokens = c->vision.mm_tokens, k.image_size = c->vision.image_size;
+        k.image_id = c->vision.image_id, k.boi_id = c->vision.boi_id, k.eoi_id = c->vision.eoi_id;
+    }
     return k;
 }
 
@@ -1970,9 +2287,14 @@ static size_t session_layout(gemma3_session **out, const Model *m, const gemma3_
     const Config *c = &m->config;
     size_t piece_cap = m->has_tokenizer ? tokenstream_max(&m->tokenizer) : 0;
     size_t sys_len = o->system_prompt ? strlen(o->system_prompt) + 1 : 0;
+    /* with images a batch takes a whole image: its tokens attend to each other */
+    int images = o->images && c->has_vision, batch = images && c->vision.mm_tokens > PREFILL_BATCH ? c->vision.mm_tokens
+                                                                                                 : PREFILL_BATCH;
     Carve cv = {base, 0};
     gemma3_session *S = carve(&cv, 1, sizeof(gemma3_session));
-    void *rs = carve(&cv, run_state_bytes(c, ctx, PREFILL_BATCH, 0), 1);
+    void *rs = carve(&cv, run_state_bytes(c, ctx, batch, 0), 1);
+    VisionState *vs = images ? carve(&cv, 1, sizeof(VisionState)) : NULL;
+    void *vmem = images ? carve(&cv, vision_state_bytes(c), 1) : NULL;
     ProbIndex *cand = carve(&cv, (size_t)c->vocab_size, sizeof(ProbIndex));
     int *hist = carve(&cv, (size_t)ctx, sizeof(int));
     char *piece = carve(&cv, piece_cap, 1);
@@ -1980,7 +2302,11 @@ static size_t session_layout(gemma3_session **out, const Model *m, const gemma3_
     if (!base) return cv.used;
     memset(S, 0, sizeof(*S));
     S->model = m;
-    build_run_state_in(&S->state, c, ctx, PREFILL_BATCH, 0, rs);
+    build_run_state_in(&S->state, c, ctx, batch, 0, rs);
+    if (images) {
+        vision_state_layout(vs, c, vmem);
+        S->vision = vs;
+    }
     build_sampler_in(&S->sampler, c->vocab_size, o->temperature, o->top_k, o->top_p, o->min_p, o->seed, cand);
     S->chat.hist = hist;
     S->piece = piece_cap ? piece : NULL;
@@ -2006,6 +2332,9 @@ int gemma3_session_new(const gemma3_model *model, const gemma3_options *options,
     int ctx = session_context(&model->m, &o, err);
     if (ctx < 0) return ctx;
     if (check_sampling(&o, err)) return GEMMA3_E_ARG;
+    if (o.images && !model->m.config.has_vision)
+        return fail(err, GEMMA3_E_ARG, "options.images: the model has no image path (a text model, or exported with "
+                    "--text-only)");
     size_t need = session_layout(NULL, &model->m, &o, ctx, NULL) + 63;
     unsigned char *block = o.arena;
     void *own = NULL;
@@ -2037,7 +2366,7 @@ int gemma3_set_sampling(gemma3_session *session, const gemma3_options *options, 
 static int check_feed(gemma3_session *S, const int *ids, int n, gemma3_error *err) {
     char msg[256];
     if (!S || n < 0 || (n && !ids)) return fail(err, GEMMA3_E_ARG, "feed: NULL session or ids, or n < 0");
-    if (check_ids(S->model, ids, n, msg, sizeof msg) != 0) return fail(err, GEMMA3_E_TOKEN, "%s", msg);
+    if (check_text_ids(S->model, ids, n, msg, sizeof msg) != 0) return fail(err, GEMMA3_E_TOKEN, "%s", msg);
     if (n > S->state.ctx - S->chat.n_hist)
         return fail(err, GEMMA3_E_CONTEXT, "%d more tokens do not fit: %d of the context's %d are used", n,
                     S->chat.n_hist, S->state.ctx);
@@ -2095,6 +2424,42 @@ int gemma3_feed_logits(gemma3_session *session, const int *ids, int n, float *lo
     return S->chat.n_hist;
 }
 
+int gemma3_feed_image(gemma3_session *session, const gemma3_image *image, float *logits, gemma3_error *err) {
+    gemma3_session *S = session;
+    if (!S || !image) return fail(err, GEMMA3_E_ARG, "gemma3_feed_image: NULL session or image");
+    const Model *m = S->model;
+    const Config *c = &m->config;
+    if (!c->has_vision)
+        return fail(err, GEMMA3_E_ARG, "the model has no image path (a text model, or exported with --text-only)");
+    if (!S->vision) return fail(err, GEMMA3_E_ARG, "the session was made without images (options.images)");
+    if (!image->pixels || image->width < 1 || image->height < 1 || image->width > MAX_IMAGE_SIDE ||
+        image->height > MAX_IMAGE_SIDE || (image->channels != 1 && image->channels != 3))
+        return fail(err, GEMMA3_E_ARG, "an image of %d x %d pixels, %d channels: width and height must be in [1, %d], "
+                    "channels 1 or 3", image->width, image->height, image->channels, MAX_IMAGE_SIDE);
+    const int T = c->vision.mm_tokens, pos = S->chat.n_hist;
+    const size_t V = (size_t)c->vocab_size;
+    if (T > S->state.ctx - pos)
+        return fail(err, GEMMA3_E_CONTEXT, "an image's %d tokens do not fit: %d of the context's %d are used", T, pos,
+                    S->state.ctx);
+    RunState *s = &S->state;
+    feed_pending(m, s, &S->chat); /* a token gemma3_generate left */
+    resize_image(S->vision, &c->vision, image->pixels, image->width, image->height, image->channels);
+    encode_image(m, S->vision);
+    float *own_logits = s->logits;
+    if (logits) s->all_logits = 1, s->logits = logits; /* all T rows, straight into the caller's */
+    forward_image_tokens(m, s, S->vision->soft, T, pos);
+    s->all_logits = 0;
+    s->logits = own_logits;
+    if (logits) memcpy(own_logits, logits + (size_t)(T - 1) * V, V * sizeof(float));
+    for (int i = 0; i < T; i++) S->chat.hist[pos + i] = c->vision.image_id;
+    S->chat.n_hist = S->chat.n_cached = pos + T;
+    S->logits = own_logits;
+    S->owed = 0;
+    if (!all_finite(logits ? logits : own_logits, logits ? (size_t)T * V : V))
+        return fail(err, GEMMA3_E_NUMERIC, "%s", NOT_NUMBERS);
+    return S->chat.n_hist;
+}
+
 const float *gemma3_logits(gemma3_session *session, gemma3_error *err) {
     if (!session) { fail(err, GEMMA3_E_ARG, "gemma3_logits: NULL session"); return NULL; }
     if (!session_logits(session)) fail(err, GEMMA3_E_STATE, "no logits: feed a token first (a sample consumes them)");
@@ -2121,6 +2486,19 @@ int gemma3_rewind(gemma3_session *session, int pos, gemma3_error *err) {
     int keep = pos > 0 ? pos - 1 : 0;
     if (keep > S->chat.n_cached) keep = S->chat.n_cached;
     if (!cache_holds(&S->model->config, &S->state, S->chat.n_cached, keep)) keep = 0;
+    const Config *c = &S->model->config;
+    if (c->has_vision && keep == pos - 1 && S->chat.hist[keep] == c->vision.image_id &&
+        (pos == S->chat.n_hist || S->chat.hist[pos] != c->vision.image_id)) {
+        /* right after an image: its tokens stay in the cache, but its logits cannot be had again */
+        S->chat.n_hist = S->chat.n_cached = pos;
+        S->logits = NULL;
+        S->owed = 0;
+        return pos;
+    }
+    for (int i = keep; c->has_vision && i < pos; i++)
+        if (S->chat.hist[i] == c->vision.image_id)
+            return fail(err, GEMMA3_E_STATE, "gemma3_rewind: going back to %d would feed the image at %d again, and "
+                        "the session does not keep images (rewind to before it and feed it again)", pos, i);
     S->chat.n_hist = pos;
     S->chat.n_cached = keep;
     S->logits = feed_pending(S->model, &S->state, &S->chat);

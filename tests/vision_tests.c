@@ -99,6 +99,223 @@ static void test_vision_export(void) {
                  "./gemma3 " BUILD "/bad-vis-none.bin -p x");
 }
 
+/* A binary PPM (P6, maxval 255) of the fixtures: its pixels (malloc'd), or NULL. */
+static unsigned char *read_fixture_ppm(const char *path, int *w, int *h) {
+    FILE *f = fopen(path, "rb");
+    int maxval = 0;
+    unsigned char *px = NULL;
+    if (f && fscanf(f, "P6 %d %d %d", w, h, &maxval) == 3 && maxval == 255 && fgetc(f) != EOF) {
+        size_t n = (size_t)*w * *h * 3;
+        px = malloc(n);
+        if (px && fread(px, 1, n, f) != n) { free(px); px = NULL; }
+    }
+    if (f) fclose(f);
+    return px;
+}
+
+/* max |got - ref| over n values against max |ref|; prints and checks it is within tol of
+ * max(max|ref|, 1). */
+static void check_close(const char *what, const float *got, const float *ref, long n, double tol) {
+    double max_ref, d = max_abs_diff(got, ref, n, &max_ref);
+    printf("  %-44s max|diff| %.3g (max|ref| %.3g)\n", what, d, max_ref);
+    CHECK(d <= tol * (max_ref > 1 ? max_ref : 1), "%s: max|diff| %g > %g", what, d, tol);
+}
+
+/* The tower's and projector's outputs for a fixture's images against transformers'. */
+static void check_encoder(const char *name, int n_images) {
+    char bin[256], path[256], what[128], err[512];
+    snprintf(bin, sizeof bin, BUILD "/%s-f32.bin", name);
+    CHECK(run("python3 export.py " VISION "/%s %s --dtype f32 -q", name, bin) == 0, "export %s: %s", name, last_log());
+    Model m;
+    if (load_model(&m, bin, err, sizeof err) != 0) { CHECK(0, "load %s: %s", bin, err); return; }
+    const struct VisionConfig *v = &m.config.vision;
+    size_t bytes = vision_state_bytes(&m.config);
+    unsigned char *mem = malloc(bytes + 63);
+    VisionState vs;
+    vision_state_layout(&vs, &m.config, mem + (64 - (uintptr_t)mem % 64) % 64);
+    for (int k = 0; k < n_images; k++) {
+        int w, h;
+        long nv, np;
+        snprintf(path, sizeof path, VISION "/%s/image-%d.ppm", name, k);
+        unsigned char *px = read_fixture_ppm(path, &w, &h);
+        snprintf(path, sizeof path, VISION "/%s/vision-%d.f32", name, k);
+        float *ref_vision = read_f32_file(path, &nv);
+        snprintf(path, sizeof path, VISION "/%s/projected-%d.f32", name, k);
+        float *ref_proj = read_f32_file(path, &np);
+        if (!px || !ref_vision || !ref_proj || nv != (long)v->n_patches * v->dim || np != (long)v->mm_tokens * m.config.dim) {
+            CHECK(0, "%s: cannot read image %d or its references", name, k);
+        } else {
+            resize_image(&vs, v, px, w, h, 3);
+            encode_image(&m, &vs);
+            snprintf(what, sizeof what, "%s image %d: vision tower output", name, k);
+            check_close(what, vs.x, ref_vision, nv, 1e-5);
+            snprintf(what, sizeof what, "%s image %d: projector output", name, k);
+            check_close(what, vs.soft, ref_proj, np, 1e-5);
+        }
+        free(px);
+        free(ref_vision);
+        free(ref_proj);
+    }
+    free(mem);
+    free_model(&m);
+}
+
+/* The logits of every position of a fixture's ids (image tokens in place) through the
+ * library: text with gemma3_feed_logits, each run of image tokens with gemma3_feed_image
+ * (the fixture's image-K.ppm in order); then `steps` greedy ids into greedy (if not NULL). */
+static float *logits_with_images(const char *bin, const char *name, const int *ids, int n, int steps, int *greedy) {
+    gemma3_model *m;
+    gemma3_session *s;
+    gemma3_error e;
+    gemma3_options o = gemma3_default_options();
+    o.context = n + steps, o.temperature = 0.0f, o.top_k = 0, o.top_p = 1.0f, o.images = 1;
+    if (gemma3_open_file(bin, &m, &e) != 0) { printf("  %s\n", e.message); return NULL; }
+    gemma3_config c = gemma3_model_config(m);
+    float *logits = malloc((size_t)n * c.vocab_size * sizeof(float));
+    int ok = logits && gemma3_session_new(m, &o, &s, &e) == 0, image = 0;
+    for (int t = 0; ok && t < n;) {
+        int run_len = 0;
+        while (t + run_len < n && (ids[t + run_len] == c.image_id) == (ids[t] == c.image_id)) run_len++;
+        float *out = logits + (size_t)t * c.vocab_size;
+        if (ids[t] == c.image_id) {
+            char path[256];
+            int w, h;
+            snprintf(path, sizeof path, VISION "/%s/image-%d.ppm", name, image++);
+            unsigned char *px = read_fixture_ppm(path, &w, &h);
+            gemma3_image img = {px, w, h, 3};
+            ok = px && run_len == c.image_tokens && gemma3_feed_image(s, &img, out, &e) == t + run_len;
+            free(px);
+        } else {
+            ok = gemma3_feed_logits(s, ids + t, run_len, out, NULL, &e) == t + run_len;
+        }
+        t += run_len;
+    }
+    if (ok && greedy) {
+        int *next = greedy;
+        ok = gemma3_generate(s, steps, keep_ids, &next, &e) == steps;
+    }
+    if (!ok) printf("  %s\n", e.message);
+    if (logits && o.context) gemma3_session_free(ok || s ? s : NULL);
+    gemma3_close(m);
+    if (!ok) { free(logits); return NULL; }
+    return logits;
+}
+
+/* Image + text logits and greedy ids of a fixture against transformers'. */
+static void check_image_prompt(const char *name, const char *dtype, double tol) {
+    char bin[256], path[256], what[128];
+    snprintf(bin, sizeof bin, BUILD "/%s-%s.bin", name, dtype);
+    CHECK(run("python3 export.py " VISION "/%s %s --dtype %s -q", name, bin, dtype) == 0, "export: %s", last_log());
+    int n, ng, greedy[16];
+    long nref;
+    snprintf(path, sizeof path, VISION "/%s/ids.txt", name);
+    int *ids = read_ids(path, &n);
+    snprintf(path, sizeof path, VISION "/%s/greedy.txt", name);
+    int *want = read_ids(path, &ng);
+    snprintf(path, sizeof path, VISION "/%s/logits.f32", name);
+    float *ref = read_f32_file(path, &nref);
+    float *got = ids && want && ng <= 16 ? logits_with_images(bin, name, ids, n, ng, greedy) : NULL;
+    if (!got || !ref || nref % n) {
+        CHECK(0, "%s %s: no logits to compare", name, dtype);
+    } else {
+        int V = (int)(nref / n);
+        double max_ref, d = max_abs_diff(got, ref, nref, &max_ref);
+        int same = argmax_rows_equal(got, ref, n, V), greedy_same = 1;
+        for (int i = 0; i < ng; i++) greedy_same &= greedy[i] == want[i];
+        snprintf(what, sizeof what, "%s %s, image + text logits", name, dtype);
+        printf("  %-44s T=%-3d max|diff| %.3g (%.2g of max|logit| %.2f), argmax %d/%d, greedy %d %s\n", what, n, d,
+               d / max_ref, max_ref, same, n, ng, greedy_same ? "equal" : "DIFFER");
+        CHECK(d <= tol * max_ref, "%s: max|diff| %g > %g of max|logit| %g", what, d, tol, max_ref);
+        CHECK(greedy_same || tol > 1e-4, "%s: greedy ids differ from transformers'", what);
+    }
+    free(ids);
+    free(want);
+    free(ref);
+    free(got);
+}
+
+static void test_vision_model(void) {
+    printf("vision model: tower, projector, image + text logits vs transformers (float32)\n");
+    check_encoder("mm1", 1);
+    check_encoder("mm2", 2);
+    check_image_prompt("mm1", "f32", 1e-4);
+    check_image_prompt("mm2", "f32", 1e-4);
+    check_image_prompt("mm2", "bf16", 1e-4); /* bf16 weights: the same values */
+    check_image_prompt("mm2", "q8_0", 5e-2);
+
+    /* a text prompt on a multimodal file == the text model alone, to the bit */
+    int ids[24], V1, V2;
+    for (int i = 0; i < 24; i++) ids[i] = i == 0 ? 2 : (i * 37) % 290 + 3;
+    CHECK(run("python3 export.py " VISION "/mm2 " BUILD "/mm2-text.bin --dtype f32 -q --text-only") == 0, "export: %s",
+          last_log());
+    float *a = model_logits(BUILD "/mm2-f32.bin", ids, 24, &V1), *b = model_logits(BUILD "/mm2-text.bin", ids, 24, &V2);
+    int same = a && b && V1 == V2 && !memcmp(a, b, (size_t)24 * V1 * sizeof(float));
+    printf("  text prompt on mm2 == mm2 --text-only: %s\n", same ? "bit-identical" : "DIFFER");
+    CHECK(same, "a text prompt gives other logits on the multimodal file");
+    free(a);
+    free(b);
+}
+
+/* The library's image call refuses what it cannot take, and sessions count its memory. */
+static void test_vision_api(void) {
+    printf("vision library: gemma3_feed_image's errors, session bytes\n");
+    gemma3_model *m, *text;
+    gemma3_session *s, *plain, *none;
+    gemma3_error e;
+    if (gemma3_open_file(BUILD "/mm1-f32.bin", &m, &e) != 0 || gemma3_open_file(BUILD "/vis-flat.bin", &text, &e) != 0) {
+        CHECK(0, "open: %s", e.message);
+        return;
+    }
+    gemma3_options o = gemma3_default_options();
+    o.context = 64;
+    int64_t bytes_text = gemma3_session_bytes(m, &o, &e);
+    CHECK(gemma3_session_new(m, &o, &plain, &e) == 0, "session: %s", e.message);
+    o.images = 1;
+    int64_t bytes_image = gemma3_session_bytes(m, &o, &e);
+    CHECK(gemma3_session_new(m, &o, &s, &e) == 0, "session with images: %s", e.message);
+    printf("  mm1 session bytes, 64-token context: %lld text only, %lld with images\n", (long long)bytes_text,
+           (long long)bytes_image);
+    CHECK(bytes_image > bytes_text, "a session with images costs no more");
+    CHECK(gemma3_session_new(text, &o, &none, &e) == GEMMA3_E_ARG && strstr(e.message, "no image path"),
+          "images on a text model: %s", e.message);
+    unsigned char px[3 * 5 * 7] = {0};
+    gemma3_image img = {px, 5, 7, 3}, wide = {px, 100000, 1, 3}, four = {px, 5, 7, 4};
+    int ids[3] = {2, 310, 5};
+    CHECK(gemma3_feed(s, ids, 3, &e) == GEMMA3_E_TOKEN && strstr(e.message, "image token"), "image id fed as text: %s",
+          e.message);
+    CHECK(gemma3_feed_image(plain, &img, NULL, &e) == GEMMA3_E_ARG && strstr(e.message, "without images"),
+          "image in a text session: %s", e.message);
+    CHECK(gemma3_feed_image(s, &wide, NULL, &e) == GEMMA3_E_ARG && strstr(e.message, "100000 x 1"), "wide image: %s",
+          e.message);
+    CHECK(gemma3_feed_image(s, &four, NULL, &e) == GEMMA3_E_ARG, "4 channels: %s", e.message);
+    CHECK(gemma3_feed(s, ids, 1, &e) == 1 && gemma3_feed_image(s, &img, NULL, &e) == 5 && gemma3_feed(s, ids + 2, 1, &e) == 6,
+          "a gray-black 5 x 7 image: %s", e.message);
+    CHECK(gemma3_rewind(s, 4, &e) == GEMMA3_E_STATE && gemma3_position(s) == 6, "rewind into the image: %s", e.message);
+    CHECK(gemma3_rewind(s, 5, &e) == 5 && gemma3_logits(s, NULL) == NULL && gemma3_feed(s, ids + 2, 1, &e) == 6,
+          "rewind to right after the image (no logits there), feed on: %s", e.message);
+    CHECK(gemma3_rewind(s, 1, &e) == 1 && gemma3_logits(s, NULL) != NULL, "rewind before the image: %s", e.message);
+    CHECK(gemma3_rewind(s, 58, &e) == GEMMA3_E_ARG, "rewind forward");
+    for (int i = 0; i < 15; i++) gemma3_feed_image(s, &img, NULL, NULL);
+    CHECK(gemma3_position(s) == 61 && gemma3_feed_image(s, &img, NULL, &e) == GEMMA3_E_CONTEXT && gemma3_position(s) == 61,
+          "an image past the context: %s", e.message);
+    gemma3_session_free(s);
+    gemma3_session_free(plain);
+    gemma3_close(m);
+    gemma3_close(text);
+
+    /* the image path's activations on the 4B shape (SigLIP 896 px: 4096 patches x 1152) */
+    Config c4;
+    memset(&c4, 0, sizeof c4);
+    c4.dim = 2560, c4.has_vision = 1;
+    struct VisionConfig v4 = {896, 14, 3, 1152, 4304, 27, 16, 256, 262144, 255999, 256000, 1e-6f,
+                              {0.5f, 0.5f, 0.5f}, {0.5f, 0.5f, 0.5f}, 64, 4096};
+    c4.vision = v4;
+    printf("  image path activations on the 4B shape: %.1f MB (%d threads)\n", vision_state_bytes(&c4) / 1e6,
+           max_threads());
+}
+
 static void test_vision(void) {
     test_vision_export();
+    test_vision_model();
+    test_vision_api();
 }
