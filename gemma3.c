@@ -2933,6 +2933,10 @@ static void usage(FILE *f) {
         "                       message per line of stdin, Ctrl-D to end, Ctrl-C to stop a reply;\n"
         "                       with -p or -f: answer that one message and exit\n"
         "  --system TEXT        (--chat) system prompt, folded into the first user turn\n"
+        "  --image FILE         (-p, -f, --logits; Gemma 3 4B+) an image, binary PPM or PGM; several\n"
+        "                       in order. -p: each <start_of_image> in the prompt (or, with none,\n"
+        "                       the start) takes the next image, expanded as the processor does;\n"
+        "                       --logits: IN.txt holds each image's tokens in place\n"
         "\n"
         "options:\n"
         "  -n N                 tokens to generate (default 256)\n"
@@ -3015,6 +3019,8 @@ typedef struct {
     size_t prompt_len;
     char *prompt_file_text;
     const char *logits_in, *logits_out, *hidden_out, *ppl_path, *quant_type, *quant_out, *system_prompt;
+    const char **images; /* --image files, in order (n_images of them) */
+    int n_images;
     int encode, decode, chat, top_n, steps, top_k, ctx;
     float temperature, top_p, min_p;
     uint64_t seed;
@@ -3048,7 +3054,11 @@ static void parse_args(Options *o, int argc, char **argv) {
         else if (!strcmp(a, "--encode")) o->encode = 1;
         else if (!strcmp(a, "--decode")) o->decode = 1;
         else if (!strcmp(a, "--chat")) o->chat = 1;
-        else if (!strcmp(a, "--quantize") || !strcmp(a, "--logits")) {
+        else if (!strcmp(a, "--image")) {
+            if (i + 1 >= argc) die("--image needs a file (binary PPM or PGM)");
+            if (!o->images && !(o->images = calloc((size_t)argc, sizeof(char *)))) die("out of memory");
+            o->images[o->n_images++] = argv[++i];
+        } else if (!strcmp(a, "--quantize") || !strcmp(a, "--logits")) {
             int q = a[2] == 'q';
             if (i + 2 >= argc) die(q ? "--quantize needs two arguments: q8_0|q4_0 OUT.bin" : "--logits needs two arguments: TOKENS.txt OUT.f32");
             *(q ? &o->quant_type : &o->logits_in) = argv[++i];
@@ -3087,6 +3097,8 @@ static void parse_args(Options *o, int argc, char **argv) {
         die("nothing to do: give -p PROMPT, -f FILE, --chat, --logits, --perplexity, --encode, --decode or --quantize (see --help)");
     if ((o->top_n || o->hidden_out) && !o->logits_in) die("--top and --dump-hidden go with --logits");
     if (o->system_prompt && !o->chat) die("--system goes with --chat");
+    if (o->n_images && (o->chat || (!o->prompt && !o->logits_in))) die("--image goes with -p, -f or --logits");
+    if (o->n_images && o->hidden_out) die("--dump-hidden does not take --image");
     const char *outputs[] = {o->quant_out, o->logits_out, o->hidden_out};
     for (int i = 0; i < 3; i++)
         if (outputs[i] && same_file(o->model_path, outputs[i]))
@@ -3130,6 +3142,7 @@ static gemma3_session *new_session(const gemma3_model *m, const Options *o, int 
     opt.temperature = o->temperature, opt.top_k = o->top_k, opt.top_p = o->top_p, opt.min_p = o->min_p;
     opt.seed = o->seed;
     opt.system_prompt = o->system_prompt;
+    opt.images = o->n_images > 0;
     if (gemma3_session_new(m, &opt, &s, &e) != 0) die("%s", e.message);
     return s;
 }
@@ -3201,10 +3214,292 @@ static int run_decode(const gemma3_model *m) {
     return 0;
 }
 
+/* ---- images on the command line: binary PGM / PPM files, the processor's prompt ---- */
+
+#define PNM_HEADER_MAX 4096 /* a PNM header (comments included) longer than this is refused */
+
+/* Skip whitespace and # comments in a PNM header; the next number (at most 9 digits). */
+static int pnm_number(const unsigned char *p, size_t n, size_t *at, long *value) {
+    for (;;) {
+        while (*at < n && (p[*at] == ' ' || p[*at] == '\t' || p[*at] == '\n' || p[*at] == '\r' || p[*at] == '\v' ||
+                           p[*at] == '\f'))
+            (*at)++;
+        if (*at < n && p[*at] == '#')
+            while (*at < n && p[*at] != '\n') (*at)++;
+        else
+            break;
+    }
+    long v = 0;
+    int digits = 0;
+    while (*at < n && p[*at] >= '0' && p[*at] <= '9' && digits < 10) v = v * 10 + (p[(*at)++] - '0'), digits++;
+    if (digits == 0 || digits == 10) return -1;
+    *value = v;
+    return 0;
+}
+
+/* The header of a binary PGM (P5: gray) or PPM (P6: RGB) at p[0..n): its size, channels,
+ * maxval and the offset of its pixels. 0, or -1 and a message naming the problem. */
+static int pnm_header(const unsigned char *p, size_t n, int *w, int *h, int *channels, int *maxval, size_t *pixels_at,
+                      char *err, size_t errsize) {
+    long v[3];
+    size_t at = 2;
+    if (n < 2 || p[0] != 'P' || (p[1] != '5' && p[1] != '6')) {
+        set_err(err, errsize, "not a binary PGM or PPM image (it starts P5 or P6; convert other formats first)");
+        return -1;
+    }
+    for (int i = 0; i < 3; i++)
+        if (pnm_number(p, n, &at, &v[i]) != 0) {
+            set_err(err, errsize, "malformed %s header: no %s", p[1] == '5' ? "PGM" : "PPM",
+                    i == 0 ? "width" : i == 1 ? "height" : "maxval");
+            return -1;
+        }
+    if (at >= n || !(p[at] == ' ' || p[at] == '\t' || p[at] == '\n' || p[at] == '\r')) {
+        set_err(err, errsize, "malformed header: no whitespace before the pixels");
+        return -1;
+    }
+    if (v[0] < 1 || v[1] < 1 || v[0] > MAX_IMAGE_SIDE || v[1] > MAX_IMAGE_SIDE) {
+        set_err(err, errsize, "the image is %ld x %ld pixels: width and height must be in [1, %d]", v[0], v[1],
+                MAX_IMAGE_SIDE);
+        return -1;
+    }
+    if (v[2] < 1 || v[2] > 65535) {
+        set_err(err, errsize, "maxval %ld is not in [1, 65535]", v[2]);
+        return -1;
+    }
+    *w = (int)v[0], *h = (int)v[1], *channels = p[1] == '5' ? 1 : 3, *maxval = (int)v[2], *pixels_at = at + 1;
+    return 0;
+}
+
+/* The raw samples of a PNM (one byte each for maxval < 256, else two, big-endian) as 8-bit
+ * pixels: p * 255 / maxval, rounded; a sample above maxval is an error. */
+static int pnm_to_8bit(const unsigned char *raw, size_t count, int maxval, unsigned char *out, char *err, size_t errsize) {
+    for (size_t i = 0; i < count; i++) {
+        long s = maxval < 256 ? raw[i] : (long)raw[2 * i] << 8 | raw[2 * i + 1];
+        if (s > maxval) {
+            set_err(err, errsize, "sample %zu is %ld, above the maxval %d", i, s, maxval);
+            return -1;
+        }
+        out[i] = (unsigned char)((s * 255 + maxval / 2) / maxval);
+    }
+    return 0;
+}
+
+/* A binary PGM / PPM file as 8-bit pixels (img->pixels malloc'd: the caller frees it). Reads
+ * only the header and the pixels it announces: nothing else of the file is held. */
+static int read_image_file(const char *path, gemma3_image *img, char *err, size_t errsize) {
+    char msg[256];
+    unsigned char head[PNM_HEADER_MAX];
+    FILE *f = fopen(path, "rb");
+    if (!f) { set_err(err, errsize, "cannot open image %s: %s", path, strerror(errno)); return -1; }
+    size_t got = fread(head, 1, sizeof head, f), at;
+    int w, h, ch, maxval;
+    if (pnm_header(head, got, &w, &h, &ch, &maxval, &at, msg, sizeof msg) != 0) {
+        fclose(f);
+        set_err(err, errsize, "image %s: %s%s", path, msg,
+                got == sizeof head && strstr(msg, "malformed") ? " (or a header over 4096 bytes)" : "");
+        return -1;
+    }
+    size_t count = (size_t)w * h * ch, bytes = count * (maxval < 256 ? 1 : 2);
+    unsigned char *raw = malloc(bytes), *px = malloc(count);
+    size_t have = got - at < bytes ? got - at : bytes;
+    if (!raw || !px) {
+        fclose(f), free(raw), free(px);
+        set_err(err, errsize, "out of memory for image %s (%d x %d)", path, w, h);
+        return -1;
+    }
+    memcpy(raw, head + at, have);
+    have += fread(raw + have, 1, bytes - have, f);
+    fclose(f);
+    if (have < bytes) {
+        set_err(err, errsize, "image %s is truncated: %zu bytes of pixels, its header says %d x %d x %d = %zu", path, have,
+                w, h, ch, bytes);
+        free(raw), free(px);
+        return -1;
+    }
+    int rc = pnm_to_8bit(raw, count, maxval, px, msg, sizeof msg);
+    free(raw);
+    if (rc) { set_err(err, errsize, "image %s: %s", path, msg); free(px); return -1; }
+    img->pixels = px, img->width = w, img->height = h, img->channels = ch;
+    return 0;
+}
+
+/* Every --image, read, in order (or die: also for a model without the image path). */
+static gemma3_image *read_images(const gemma3_model *m, const Options *o) {
+    char err[600];
+    if (!gemma3_model_config(m).image_tokens)
+        die("%s has no image path (a text model, or exported with --text-only): --image needs Gemma 3 4B, 12B or 27B",
+            o->model_path);
+    gemma3_image *images = calloc((size_t)o->n_images, sizeof(gemma3_image));
+    if (!images) die("out of memory");
+    for (int i = 0; i < o->n_images; i++)
+        if (read_image_file(o->images[i], &images[i], err, sizeof err) != 0) die("%s", err);
+    return images;
+}
+
+static void free_images(gemma3_image *images, int n) {
+    for (int i = 0; images && i < n; i++) free((void *)images[i].pixels);
+    free(images);
+}
+
+/* Where text[0..len) holds `s`: the offset, or -1 (text may hold NUL bytes). */
+static long find_text(const char *text, size_t len, const char *s) {
+    size_t k = strlen(s);
+    for (size_t i = 0; i + k <= len; i++)
+        if (!memcmp(text + i, s, k)) return (long)i;
+    return -1;
+}
+
+/* The prompt as transformers' Gemma3Processor builds it: every <start_of_image> in the text
+ * (or, if it has none, one per image ahead of the text) becomes "\n\n<start_of_image>",
+ * mm_tokens_per_image <image_soft_token>, "<end_of_image>\n\n"; then <bos> and the ids of
+ * the whole (so newlines merge with the text's as the processor's tokenizer merges them). */
+static int *image_prompt_ids(const gemma3_model *m, const Options *o, int *n_out) {
+    gemma3_config c = gemma3_model_config(m);
+    const char *boi = "<start_of_image>", *soft = "<image_soft_token>", *eoi = "<end_of_image>";
+    const char *text = o->prompt;
+    size_t len = o->prompt_len, kb = strlen(boi), ks = strlen(soft), ke = strlen(eoi);
+    if (find_text(text, len, soft) >= 0)
+        die("the prompt holds %s, which stands for an image's soft tokens: put %s where an image goes and give it "
+            "with --image", soft, boi);
+    int markers = 0;
+    for (long at = 0, k; (k = find_text(text + at, len - (size_t)at, boi)) >= 0; at += k + (long)kb) markers++;
+    if (markers && markers != o->n_images)
+        die("the prompt has %d %s, and %d --image are given: one each (or none in the prompt: the images go first)",
+            markers, boi, o->n_images);
+    /* the ids the three markers must be, checked against the tokenizer */
+    const char *names[3] = {boi, soft, eoi};
+    int want[3] = {c.boi_id, c.image_id, c.eoi_id};
+    for (int i = 0; i < 3; i++) {
+        int id, k = gemma3_tokenize(m, names[i], strlen(names[i]), &id, 1, NULL);
+        if (k != 1 || id != want[i]) die("the tokenizer does not make %s the model's id %d", names[i], want[i]);
+    }
+    /* the text, after one <start_of_image> per image if it has none */
+    size_t lead = markers ? 0 : (size_t)o->n_images * kb, flat = lead + len;
+    size_t one = 2 + kb + (size_t)c.image_tokens * ks + ke + 2; /* an expanded <start_of_image> */
+    char *full = malloc(flat + 1), *out = malloc(flat + (size_t)o->n_images * one + 1), *q = out;
+    if (!full || !out) die("out of memory");
+    for (size_t i = 0; i < lead; i += kb) memcpy(full + i, boi, kb);
+    memcpy(full + lead, text, len);
+    for (size_t i = 0; i < flat;) {
+        if (flat - i >= kb && !memcmp(full + i, boi, kb)) {
+            memcpy(q, "\n\n", 2), q += 2;
+            memcpy(q, boi, kb), q += kb;
+            for (int t = 0; t < c.image_tokens; t++) memcpy(q, soft, ks), q += ks;
+            memcpy(q, eoi, ke), q += ke;
+            memcpy(q, "\n\n", 2), q += 2;
+            i += kb;
+        } else {
+            *q++ = full[i++];
+        }
+    }
+    free(full);
+    int *ids = encode_with_bos(m, "prompt", out, (size_t)(q - out), n_out);
+    free(out);
+    return ids;
+}
+
+/* Where --logits rows go: the file (and the --top table). */
+typedef struct {
+    const gemma3_model *m;
+    const Options *o;
+    const int *ids;
+    FILE *f;
+    ProbIndex *buf;
+} LogitRows;
+
+static void write_logit_rows(const float *logits, int t0, int nb, void *user) {
+    LogitRows *r = user;
+    size_t V = (size_t)gemma3_model_config(r->m).vocab_size;
+    for (int t = 0; t < nb; t++) {
+        if (r->o->top_n) print_top(r->m, logits + (size_t)t * V, t0 + t, r->ids[t0 + t], r->o->top_n, r->buf, stdout);
+        if (write_f32_le(r->f, logits + (size_t)t * V, (int)V) != 0) die("write error on %s", r->o->logits_out);
+    }
+}
+
+/* Feed ids[0..n), whose runs of image tokens stand for images[0..n_images) in order: the
+ * text with gemma3_feed, each image with gemma3_feed_image. With rows, all the logits:
+ * through buf (room for `chunk` >= image_tokens rows), to rows(logits, first position,
+ * count, user). Dies where the runs do not match the images. */
+static void feed_with_images(gemma3_session *s, const gemma3_model *m, const int *ids, int n, const gemma3_image *images,
+                             int n_images, const char *what, float *buf, int chunk,
+                             void (*rows)(const float *, int, int, void *), void *user) {
+    gemma3_error e;
+    gemma3_config c = gemma3_model_config(m);
+    int image = 0;
+    for (int t = 0; t < n;) {
+        int is_image = ids[t] == c.image_id, len = 0;
+        while (t + len < n && (ids[t + len] == c.image_id) == is_image && (is_image || len < chunk || !rows)) len++;
+        if (is_image && len != c.image_tokens)
+            die("%s: %d image tokens at %d, an image is %d", what, len, t, c.image_tokens);
+        if (is_image && image == n_images) die("%s: more runs of image tokens than --image given (%d)", what, n_images);
+        int rc = is_image ? gemma3_feed_image(s, &images[image++], rows ? buf : NULL, &e)
+                 : rows   ? gemma3_feed_logits(s, ids + t, len, buf, NULL, &e)
+                          : gemma3_feed(s, ids + t, len, &e);
+        if (rc < 0) die("%s", e.message);
+        if (rows) rows(buf, t, len, user);
+        t += len;
+    }
+    if (image != n_images) die("%s: image tokens for %d image(s), and %d --image", what, image, n_images);
+}
+
+/* -p / -f with --image: the prompt built as the processor builds it, the images fed where
+ * it puts their tokens, then generation as without images. */
+static int run_generate_images(const gemma3_model *m, const Options *o) {
+    gemma3_error e;
+    gemma3_config c = gemma3_model_config(m);
+    int n, ctx = context_length(o, &c);
+    gemma3_image *images = read_images(m, o);
+    int *ids = image_prompt_ids(m, o, &n);
+    if (n >= ctx) die("the prompt is %d tokens with its images, the context only %d (raise -c)", n, ctx);
+    gemma3_session *s = new_session(m, o, ctx);
+    double t0 = now_seconds();
+    feed_with_images(s, m, ids, n, images, o->n_images, "the prompt", NULL, 0, NULL, NULL);
+    double t1 = now_seconds();
+    int generated = gemma3_generate(s, o->steps, print_piece, NULL, &e);
+    if (generated < 0) die("%s", e.message);
+    printf("\n");
+    fprintf(stderr, "prompt %d tokens with %d image%s, %.2f s; generated %d tokens, %.1f tok/s\n", n, o->n_images,
+            o->n_images == 1 ? "" : "s", t1 - t0, generated, generated / (now_seconds() - t1 > 0 ? now_seconds() - t1 : 1e-9));
+    free(ids);
+    free_images(images, o->n_images);
+    gemma3_session_free(s);
+    return 0;
+}
+
+/* --logits with --image: the ids already hold each image's tokens (as input_ids do). */
+static int run_logits_images(const gemma3_model *m, const Options *o) {
+    char err[512];
+    gemma3_config c = gemma3_model_config(m);
+    int *ids, n;
+    if (read_token_file(o->logits_in, c.vocab_size, &ids, &n, err, sizeof err) != 0) die("%s", err);
+    Options sized = *o;
+    if (!sized.ctx) sized.ctx = n; /* --logits: the context is the file's tokens */
+    int ctx = context_length(&sized, &c);
+    if (n > ctx) die("%s has %d tokens, more than the context of %d (-c)", o->logits_in, n, ctx);
+    gemma3_image *images = read_images(m, o);
+    gemma3_session *s = new_session(m, o, ctx);
+    int chunk = c.image_tokens > PREFILL_BATCH ? c.image_tokens : PREFILL_BATCH;
+    float *buf = malloc((size_t)chunk * c.vocab_size * sizeof(float));
+    LogitRows rows = {m, o, ids, NULL, o->top_n ? malloc((size_t)o->top_n * sizeof(ProbIndex)) : NULL};
+    if (!buf || (o->top_n && !rows.buf)) die("out of memory");
+    if (!(rows.f = fopen(partial_name(0, o->logits_out, o->model_path), "wb")))
+        die("cannot write %s: %s", o->logits_out, strerror(errno));
+    feed_with_images(s, m, ids, n, images, o->n_images, o->logits_in, buf, chunk, write_logit_rows, &rows);
+    if (fclose(rows.f) != 0) die("write error on %s", o->logits_out);
+    keep_output(0, o->logits_out);
+    free(rows.buf);
+    free(buf);
+    free(ids);
+    free_images(images, o->n_images);
+    gemma3_session_free(s);
+    return 0;
+}
+
 /* --logits: the ids through the model in batches, as a prompt is; the logits of every
  * position to a file, row-major [T][vocab]. Optionally also the top-N table (stdout) and
  * the hidden state after every layer, [T][n_layers + 1][dim]. */
 static int run_logits(const gemma3_model *m, const Options *o) {
+    if (o->n_images) return run_logits_images(m, o);
     char err[512];
     gemma3_error e;
     gemma3_config c = gemma3_model_config(m);
@@ -3328,6 +3623,7 @@ static int run_chat(const gemma3_model *m, const Options *o) {
 
 /* -p / -f: <bos>, the prompt, then up to -n sampled tokens, streamed to stdout. */
 static int run_generate(const gemma3_model *m, const Options *o) {
+    if (o->n_images) return run_generate_images(m, o);
     gemma3_error e;
     gemma3_config c = gemma3_model_config(m);
     int n, ctx = context_length(o, &c);
@@ -3383,6 +3679,7 @@ int main(int argc, char **argv) {
     else if (o.chat) status = run_chat(model, &o);
     else status = run_generate(model, &o);
     free(o.prompt_file_text);
+    free(o.images);
     gemma3_close(model);
     if (fflush(stdout) != 0 || ferror(stdout)) die("write error on stdout: %s", strerror(errno));
     return status;

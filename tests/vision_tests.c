@@ -312,10 +312,209 @@ static void test_vision_api(void) {
     c4.vision = v4;
     printf("  image path activations on the 4B shape: %.1f MB (%d threads)\n", vision_state_bytes(&c4) / 1e6,
            max_threads());
+    /* a whole 4B-shape session at the default 8192-token context, without and with images */
+    Model m4;
+    memset(&m4, 0, sizeof m4);
+    unsigned char global[34];
+    for (int l = 0; l < 34; l++) global[l] = (l + 1) % 6 == 0;
+    Config t4 = {262208, 2560, 10240, 34, 8, 4, 256, 1024, 131072, 2, 1, 106, 105, 256.0f, 1e-6f, 1e6f, 1e4f, 8.0f,
+                 global, 1, v4};
+    m4.config = t4;
+    gemma3_options o4 = gemma3_default_options();
+    o4.context = 8192;
+    size_t plain4 = session_layout(NULL, &m4, &o4, 8192, NULL);
+    o4.images = 1;
+    size_t image4 = session_layout(NULL, &m4, &o4, 8192, NULL);
+    printf("  4B-shape session, 8192-token context: %.1f MB text only, %.1f MB with images (+%.1f MB)\n", plain4 / 1e6,
+           image4 / 1e6, (image4 - plain4) / 1e6);
+    CHECK(image4 > plain4 + vision_state_bytes(&c4), "a 4B session with images does not hold the tower's activations");
+}
+
+/* The C resize (read_image_file, resize_image) against Gemma3ImageProcessor's pixel values
+ * on odd-sized images: within one 8-bit level (2 / 255 after the normalization). */
+static void test_vision_resize(void) {
+    printf("vision input: PPM/PGM reader and resize vs Gemma3ImageProcessor (torchvision)\n");
+    FILE *cases = fopen(VISION "/resize/cases.txt", "r");
+    char file[128], pixfile[128], path[300], err[600];
+    int size, n_cases = 0;
+    double worst = 0;
+    long off_by_one = 0, total = 0;
+    while (cases && fscanf(cases, "%127s %d %127s", file, &size, pixfile) == 3) {
+        gemma3_image img;
+        snprintf(path, sizeof path, VISION "/resize/%s", file);
+        if (read_image_file(path, &img, err, sizeof err) != 0) { CHECK(0, "%s", err); continue; }
+        Config c;
+        memset(&c, 0, sizeof c);
+        struct VisionConfig v = {size, 14, 3, 16, 16, 1, 1, 1, 0, 0, 0, 1e-6f, {0.5f, 0.5f, 0.5f}, {0.5f, 0.5f, 0.5f},
+                                 size / 14, (size / 14) * (size / 14)};
+        c.dim = 16, c.vision = v, c.has_vision = 1;
+        unsigned char *mem = malloc(vision_state_bytes(&c) + 63);
+        VisionState vs;
+        vision_state_layout(&vs, &c, mem + (64 - (uintptr_t)mem % 64) % 64);
+        resize_image(&vs, &c.vision, img.pixels, img.width, img.height, img.channels);
+        long nref;
+        snprintf(path, sizeof path, VISION "/resize/%s", pixfile);
+        float *ref = read_f32_file(path, &nref);
+        if (ref && nref == 3L * size * size) {
+            double max_ref, d = max_abs_diff(vs.pixels, ref, nref, &max_ref);
+            for (long i = 0; i < nref; i++) off_by_one += fabsf(vs.pixels[i] - ref[i]) > 1e-6f;
+            total += nref;
+            printf("  %-16s %3d x %-3d %s -> %3d: max|diff| %.4f (%.2f levels of 255)\n", file, img.width, img.height,
+                   img.channels == 1 ? "gray" : "RGB ", size, d, d * 127.5);
+            CHECK(d <= 2.0 / 255 + 1e-6, "%s: resize differs from the processor's by %g", file, d);
+            if (d > worst) worst = d;
+            n_cases++;
+        } else {
+            CHECK(0, "cannot read %s", path);
+        }
+        free(ref);
+        free(mem);
+        free((void *)img.pixels);
+    }
+    if (cases) fclose(cases);
+    CHECK(n_cases == 6, "%d resize cases read, expected 6", n_cases);
+    printf("  %d images: %ld of %ld values differ, by at most %.2f levels\n", n_cases, off_by_one, total, worst * 127.5);
+}
+
+/* Write `bytes` to path (a test image). */
+static void write_bytes(const char *path, const void *bytes, size_t n) {
+    FILE *f = fopen(path, "wb");
+    if (f) fwrite(bytes, 1, n, f), fclose(f);
+}
+
+/* The command line: --image with -p (the prompt as the processor builds it) and --logits,
+ * and every bad input a one-line error. */
+static void test_vision_cli(void) {
+    printf("vision command line: --image with --logits and -p; bad images and prompts\n");
+    /* --logits IDS OUT --image ... (ids with the image tokens in place) == transformers */
+    CHECK(run("./gemma3 " BUILD "/mm2-f32.bin --logits " VISION "/mm2/ids.txt " BUILD "/mm2-cli.f32 --image " VISION
+              "/mm2/image-0.ppm --image " VISION "/mm2/image-1.ppm") == 0, "--logits --image: %s", last_log());
+    long na, nb;
+    float *a = read_f32_file(BUILD "/mm2-cli.f32", &na), *b = read_f32_file(VISION "/mm2/logits.f32", &nb);
+    if (a && b && na == nb) {
+        double max_ref, d = max_abs_diff(a, b, na, &max_ref);
+        printf("  %-44s max|diff| %.3g (%.2g of max|logit|)\n", "mm2 --logits --image x 2 vs transformers", d, d / max_ref);
+        CHECK(d <= 1e-4 * max_ref, "--logits --image: max|diff| %g", d);
+    } else {
+        CHECK(0, "--logits --image: no logits to compare");
+    }
+    free(a);
+    free(b);
+
+    /* bad images */
+    const char *mm = BUILD "/mm1-f32.bin", *ids = VISION "/mm1/ids.txt", *img = VISION "/mm1/image-0.ppm";
+    write_bytes(BUILD "/img-truncated.ppm", "P6\n4 4\n255\nabcdef", 17);
+    write_bytes(BUILD "/img-huge.ppm", "P6\n100000 100000\n255\n\0\0\0", 25);
+    write_bytes(BUILD "/img-malformed.ppm", "P6\n12 x\n255\n", 13);
+    write_bytes(BUILD "/img-ascii.ppm", "P3\n1 1\n255\n0 0 0\n", 18);
+    write_bytes(BUILD "/img-maxval.pgm", "P5\n1 1\n0\n\0", 11);
+    write_bytes(BUILD "/img-sample.pgm", "P5\n1 1\n300\n\x01\x2d", 14);
+    expect_error("truncated PPM", "is truncated: 6 bytes of pixels, its header says 4 x 4 x 3 = 48",
+                 "./gemma3 %s --logits %s " BUILD "/o.f32 --image " BUILD "/img-truncated.ppm", mm, ids);
+    expect_error("100000 x 100000 PPM header", "100000 x 100000 pixels: width and height must be in [1, 8192]",
+                 "./gemma3 %s --logits %s " BUILD "/o.f32 --image " BUILD "/img-huge.ppm", mm, ids);
+    expect_error("malformed PPM header", "malformed PPM header: no height",
+                 "./gemma3 %s --logits %s " BUILD "/o.f32 --image " BUILD "/img-malformed.ppm", mm, ids);
+    expect_error("ASCII PPM (P3)", "not a binary PGM or PPM",
+                 "./gemma3 %s --logits %s " BUILD "/o.f32 --image " BUILD "/img-ascii.ppm", mm, ids);
+    expect_error("maxval 0", "maxval 0 is not in [1, 65535]",
+                 "./gemma3 %s --logits %s " BUILD "/o.f32 --image " BUILD "/img-maxval.pgm", mm, ids);
+    expect_error("16-bit sample above maxval", "sample 0 is 301, above the maxval 300",
+                 "./gemma3 %s --logits %s " BUILD "/o.f32 --image " BUILD "/img-sample.pgm", mm, ids);
+    expect_error("missing image file", "cannot open image " BUILD "/nope.ppm",
+                 "./gemma3 %s --logits %s " BUILD "/o.f32 --image " BUILD "/nope.ppm", mm, ids);
+    CHECK(run("test ! -e " BUILD "/o.f32 && test ! -e " BUILD "/o.f32.partial") == 0, "a failed run left an output");
+
+    /* image tokens that do not match the images */
+    FILE *f = fopen(BUILD "/ids-3img.txt", "w");
+    if (f) fprintf(f, "2 5 108 300 310 310 310 301 108 7\n"), fclose(f);
+    f = fopen(BUILD "/ids-2runs.txt", "w");
+    if (f) fprintf(f, "2 300 310 310 310 310 301 300 310 310 310 310 301\n"), fclose(f);
+    expect_error("3 image tokens where an image is 4", "3 image tokens at 4, an image is 4",
+                 "./gemma3 %s --logits " BUILD "/ids-3img.txt " BUILD "/o.f32 --image %s", mm, img);
+    expect_error("two images' tokens, one --image", "more runs of image tokens than --image given (1)",
+                 "./gemma3 %s --logits " BUILD "/ids-2runs.txt " BUILD "/o.f32 --image %s", mm, img);
+    expect_error("one image's tokens, two --image", "image tokens for 1 image(s), and 2 --image",
+                 "./gemma3 %s --logits %s " BUILD "/o.f32 --image %s --image %s", mm, ids, img, img);
+    expect_error("image tokens without --image", "is the image token <image_soft_token>",
+                 "./gemma3 %s --logits %s " BUILD "/o.f32", mm, ids);
+    expect_error("--image for a text model", "has no image path",
+                 "./gemma3 " BUILD "/vis-flat.bin --logits %s " BUILD "/o.f32 --image %s", ids, img);
+    expect_error("--image with --chat", "--image goes with -p, -f or --logits",
+                 "./gemma3 %s --chat --image %s", mm, img);
+    expect_error("--image with --dump-hidden", "--dump-hidden does not take --image",
+                 "./gemma3 %s --logits %s " BUILD "/o.f32 --dump-hidden " BUILD "/h.f32 --image %s", mm, ids, img);
+
+    /* -p with images: a model with the real tokenizer (its image token ids are the real ones) */
+    if (access("tests/data/tokenizer.json", R_OK) != 0) { skip("-p --image (no tests/data/tokenizer.json)"); return; }
+    CHECK(run("python3 tools/make_checkpoint.py " BUILD "/mm-tok --layout nested --vocab 262208 --hidden 32 --inter 64 "
+              "--layers 2 --heads 2 --kv-heads 1 --head-dim 16 --qpas 16 --window 4 --pattern 2 --max-pos 4096 "
+              "--vision 28,14,32,48,1,2,4 --tokenizer tests/data/tokenizer.json --fast-random --seed 3 && python3 export.py "
+              BUILD "/mm-tok " BUILD "/mm-tok.bin --dtype bf16 -q") == 0, "make mm-tok: %s", last_log());
+    const char *tok = BUILD "/mm-tok.bin", *i0 = VISION "/resize/a-37x23.ppm", *i1 = VISION "/resize/e-29x31.pgm";
+    expect_error("<image_soft_token> typed in -p", "the prompt holds <image_soft_token>",
+                 "./gemma3 %s -p 'look <image_soft_token>' --image %s", tok, i0);
+    expect_error("<image_soft_token> typed, no image", "is the image token <image_soft_token>",
+                 "./gemma3 %s -p 'look <image_soft_token>' -n 1", tok);
+    expect_error("2 <start_of_image>, 1 --image", "the prompt has 2 <start_of_image>, and 1 --image",
+                 "./gemma3 %s -p 'a <start_of_image> b <start_of_image>' --image %s", tok, i0);
+    /* The prompt the processor builds for 'Compare<start_of_image>with<start_of_image>.' and
+     * two images, fed through the library; its greedy text == the command line's. */
+    gemma3_model *m;
+    gemma3_error e;
+    if (gemma3_open_file(tok, &m, &e) != 0) { CHECK(0, "open: %s", e.message); return; }
+    gemma3_config c = gemma3_model_config(m);
+    char text[1024] = "Compare\n\n<start_of_image>";
+    for (int i = 0; i < 2; i++) {
+        for (int t = 0; t < c.image_tokens; t++) strcat(text, "<image_soft_token>");
+        strcat(text, i ? "<end_of_image>\n\n." : "<end_of_image>\n\nwith\n\n<start_of_image>");
+    }
+    int pids[128], n = gemma3_tokenize(m, text, strlen(text), pids + 1, 127, &e) + 1;
+    pids[0] = c.bos_id;
+    int where = 0;
+    for (int i = 0; i < n; i++) where += pids[i] == c.boi_id || pids[i] == c.eoi_id || pids[i] == 108;
+    CHECK(where == 8, "the expanded prompt has %d of <start_of_image>, <end_of_image>, \\n\\n (want 8)", where);
+    gemma3_options o = gemma3_default_options();
+    o.context = 64, o.temperature = 0.0f, o.images = 1;
+    gemma3_session *s;
+    char want[512] = "";
+    if (gemma3_session_new(m, &o, &s, &e) == 0) {
+        gemma3_image imgs[2];
+        char err2[600];
+        int ok = read_image_file(i0, &imgs[0], err2, sizeof err2) == 0 && read_image_file(i1, &imgs[1], err2, sizeof err2) == 0;
+        int image = 0;
+        for (int t = 0; ok && t < n;) {
+            int len = 0, is_image = pids[t] == c.image_id;
+            while (t + len < n && (pids[t + len] == c.image_id) == is_image) len++;
+            ok = (is_image ? gemma3_feed_image(s, &imgs[image++], NULL, &e) : gemma3_feed(s, pids + t, len, &e)) == t + len;
+            t += len;
+        }
+        int gen[8], *next = gen, k = ok ? gemma3_generate(s, 8, keep_ids, &next, &e) : -1;
+        if (k > 0) gemma3_detokenize(m, gen, k, want, sizeof want, &e);
+        CHECK(k > 0, "library greedy with images: %s", e.message);
+        free((void *)imgs[0].pixels);
+        free((void *)imgs[1].pixels);
+        gemma3_session_free(s);
+    }
+    gemma3_close(m);
+    CHECK(run("./gemma3 %s -p 'Compare<start_of_image>with<start_of_image>.' --image %s --image %s -n 8 -t 0 > " BUILD
+              "/mm-tok.out", tok, i0, i1) == 0, "-p --image: %s", last_log());
+    size_t len;
+    FILE *g = fopen(BUILD "/mm-tok.out", "rb");
+    char got[600] = "";
+    len = g ? fread(got, 1, sizeof got - 1, g) : 0;
+    if (g) fclose(g);
+    got[len] = 0;
+    if (len && got[len - 1] == '\n') got[len - 1] = 0;
+    printf("  -p 'Compare<start_of_image>with<start_of_image>.' + 2 images: %d ids, greedy text %s the library's\n", n,
+           strcmp(got, want) ? "DIFFERS from" : "equals");
+    CHECK(!strcmp(got, want) && want[0], "-p --image gave '%s', the library '%s'", got, want);
 }
 
 static void test_vision(void) {
     test_vision_export();
     test_vision_model();
     test_vision_api();
+    test_vision_resize();
+    test_vision_cli();
 }
