@@ -3419,27 +3419,32 @@ static void write_logit_rows(const float *logits, int t0, int nb, void *user) {
 /* Feed ids[0..n), whose runs of image tokens stand for images[0..n_images) in order: the
  * text with gemma3_feed, each image with gemma3_feed_image. With rows, all the logits:
  * through buf (room for `chunk` >= image_tokens rows), to rows(logits, first position,
- * count, user). Dies where the runs do not match the images. */
-static void feed_with_images(gemma3_session *s, const gemma3_model *m, const int *ids, int n, const gemma3_image *images,
+ * count, user). Dies where the runs do not match the images. Returns the seconds the
+ * images took (resize, tower, projector, their tokens). */
+static double feed_with_images(gemma3_session *s, const gemma3_model *m, const int *ids, int n, const gemma3_image *images,
                              int n_images, const char *what, float *buf, int chunk,
                              void (*rows)(const float *, int, int, void *), void *user) {
     gemma3_error e;
     gemma3_config c = gemma3_model_config(m);
     int image = 0;
+    double image_s = 0;
     for (int t = 0; t < n;) {
         int is_image = ids[t] == c.image_id, len = 0;
         while (t + len < n && (ids[t + len] == c.image_id) == is_image && (is_image || len < chunk || !rows)) len++;
         if (is_image && len != c.image_tokens)
             die("%s: %d image tokens at %d, an image is %d", what, len, t, c.image_tokens);
         if (is_image && image == n_images) die("%s: more runs of image tokens than --image given (%d)", what, n_images);
+        double t0 = now_seconds();
         int rc = is_image ? gemma3_feed_image(s, &images[image++], rows ? buf : NULL, &e)
                  : rows   ? gemma3_feed_logits(s, ids + t, len, buf, NULL, &e)
                           : gemma3_feed(s, ids + t, len, &e);
+        if (is_image) image_s += now_seconds() - t0;
         if (rc < 0) die("%s", e.message);
         if (rows) rows(buf, t, len, user);
         t += len;
     }
     if (image != n_images) die("%s: image tokens for %d image(s), and %d --image", what, image, n_images);
+    return image_s;
 }
 
 /* -p / -f with --image: the prompt built as the processor builds it, the images fed where
@@ -3453,13 +3458,14 @@ static int run_generate_images(const gemma3_model *m, const Options *o) {
     if (n >= ctx) die("the prompt is %d tokens with its images, the context only %d (raise -c)", n, ctx);
     gemma3_session *s = new_session(m, o, ctx);
     double t0 = now_seconds();
-    feed_with_images(s, m, ids, n, images, o->n_images, "the prompt", NULL, 0, NULL, NULL);
+    double image_s = feed_with_images(s, m, ids, n, images, o->n_images, "the prompt", NULL, 0, NULL, NULL);
     double t1 = now_seconds();
     int generated = gemma3_generate(s, o->steps, print_piece, NULL, &e);
     if (generated < 0) die("%s", e.message);
     printf("\n");
-    fprintf(stderr, "prompt %d tokens with %d image%s, %.2f s; generated %d tokens, %.1f tok/s\n", n, o->n_images,
-            o->n_images == 1 ? "" : "s", t1 - t0, generated, generated / (now_seconds() - t1 > 0 ? now_seconds() - t1 : 1e-9));
+    fprintf(stderr, "prompt %d tokens with %d image%s, %.2f s (the images %.2f s); generated %d tokens, %.1f tok/s\n", n,
+            o->n_images, o->n_images == 1 ? "" : "s", t1 - t0, image_s, generated,
+            generated / (now_seconds() - t1 > 0 ? now_seconds() - t1 : 1e-9));
     free(ids);
     free_images(images, o->n_images);
     gemma3_session_free(s);
@@ -3484,8 +3490,10 @@ static int run_logits_images(const gemma3_model *m, const Options *o) {
     if (!buf || (o->top_n && !rows.buf)) die("out of memory");
     if (!(rows.f = fopen(partial_name(0, o->logits_out, o->model_path), "wb")))
         die("cannot write %s: %s", o->logits_out, strerror(errno));
-    feed_with_images(s, m, ids, n, images, o->n_images, o->logits_in, buf, chunk, write_logit_rows, &rows);
+    double image_s = feed_with_images(s, m, ids, n, images, o->n_images, o->logits_in, buf, chunk, write_logit_rows, &rows);
     if (fclose(rows.f) != 0) die("write error on %s", o->logits_out);
+    fprintf(stderr, "%d image%s in %.2f s (resize, vision tower, projector, %d tokens each)\n", o->n_images,
+            o->n_images == 1 ? "" : "s", image_s, c.image_tokens);
     keep_output(0, o->logits_out);
     free(rows.buf);
     free(buf);
