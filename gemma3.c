@@ -1829,6 +1829,10 @@ typedef struct {
     int own_hist;      /* 1: hist is the chat's own allocation (free_chat frees it); 0: a session's */
     int prompt_len;    /* ids of the last rendered prompt (before the model's reply) */
     int fed;           /* of those, how many the last turn had to run (the rest were cached) */
+    VisionState *vision; /* a session with images: every <start_of_image> of the conversation
+                            stands for an image (chat_turn expands it); NULL: text only */
+    const gemma3_image *images; /* the images of the message chat_turn adds, in order */
+    int n_images;
 } Chat;
 
 static void free_chat(Chat *ch) {
@@ -1929,6 +1933,76 @@ static int tok_error_code(int rc, int bad) { return rc == TOK_NOMEM ? GEMMA3_E_N
 enum { CHAT_OK = 0, CHAT_FULL = GEMMA3_E_CONTEXT };
 #define NOT_NUMBERS "the logits are NaN or infinite: the model's weights hold such values, or overflow"
 
+/* text[0..len) with every <start_of_image> expanded as transformers' Gemma3Processor
+ * expands it: "\n\n<start_of_image>", `tokens` x "<image_soft_token>", "<end_of_image>\n\n".
+ * A malloc'd, NUL-terminated string (its length in *out_len), or NULL: out of memory. */
+static char *expand_image_markers(const char *text, size_t len, int tokens, size_t *out_len) {
+    static const char boi[] = "<start_of_image>", soft[] = "<image_soft_token>", eoi[] = "<end_of_image>";
+    const size_t kb = sizeof boi - 1, ks = sizeof soft - 1, ke = sizeof eoi - 1, one = 2 + kb + tokens * ks + ke + 2;
+    size_t markers = 0;
+    for (size_t i = 0; i + kb <= len; i++) markers += !memcmp(text + i, boi, kb);
+    char *out = malloc(len + markers * one + 1), *q = out;
+    if (!out) return NULL;
+    for (size_t i = 0; i < len;) {
+        if (len - i >= kb && !memcmp(text + i, boi, kb)) {
+            memcpy(q, "\n\n", 2), q += 2;
+            memcpy(q, boi, kb), q += kb;
+            for (int t = 0; t < tokens; t++) memcpy(q, soft, ks), q += ks;
+            memcpy(q, eoi, ke), q += ke;
+            memcpy(q, "\n\n", 2), q += 2;
+            i += kb;
+        } else {
+            *q++ = text[i++];
+        }
+    }
+    *q = 0;
+    *out_len = (size_t)(q - out);
+    return out;
+}
+
+/* The ids a chat turn is to feed, ids[keep..n), hold exactly the new message's images: each
+ * a whole run of image tokens. 0, or -1 and a message. */
+static int check_chat_images(const Config *c, const Chat *ch, const int *ids, int keep, int n, char *err, size_t errsize) {
+    int runs = 0, T = c->vision.mm_tokens, id = c->vision.image_id;
+    if (keep > 0 && keep < n && ids[keep] == id && ids[keep - 1] == id) runs = -1; /* starts inside an image */
+    for (int t = keep; runs >= 0 && t < n;) {
+        int len = 0;
+        while (t + len < n && ids[t + len] == id) len++;
+        if (len && len != T) runs = -1;
+        else runs += len > 0;
+        t += len ? len : 1;
+    }
+    if (runs == ch->n_images) return 0;
+    set_err(err, errsize, runs >= 0 && runs < ch->n_images
+            ? "the message has fewer <start_of_image> than images"
+            : "the cache no longer holds the conversation's earlier images, or the message has more <start_of_image> "
+              "than images (a new session can take it)");
+    return -1;
+}
+
+/* feed_pending for a conversation with images: runs of image tokens are the chat's new
+ * images, in order (check_chat_images made sure), the rest text. */
+static float *feed_pending_images(const Model *m, RunState *s, Chat *ch) {
+    const struct VisionConfig *v = &m->config.vision;
+    float *logits = NULL;
+    int image = 0;
+    for (int t = ch->n_cached; t < ch->n_hist;) {
+        int len = 0, is_image = ch->hist[t] == v->image_id;
+        while (t + len < ch->n_hist && (ch->hist[t + len] == v->image_id) == is_image) len++;
+        if (is_image) {
+            const gemma3_image *img = &ch->images[image++];
+            resize_image(ch->vision, v, img->pixels, img->width, img->height, img->channels);
+            encode_image(m, ch->vision);
+            logits = forward_image_tokens(m, s, ch->vision->soft, len, t);
+        } else {
+            logits = forward_tokens(m, s, ch->hist + t, len, t);
+        }
+        t += len;
+    }
+    ch->n_cached = ch->n_hist;
+    return logits;
+}
+
 /* One exchange: add the user's message, feed the new prompt ids, stream the model's reply
  * to `out` (if not NULL) and add it to the conversation. CHAT_OK, or a GEMMA3_E_* code
  * with a message: the message is then not added and the cache is left as it was, except
@@ -1939,11 +2013,18 @@ static int chat_turn(const Model *m, RunState *s, Sampler *sp, Chat *ch, const c
     const Config *c = &m->config;
     if (chat_push(ch, "user", user, len) != 0) { set_err(err, errsize, "out of memory"); return GEMMA3_E_NOMEM; }
     char *text;
+    size_t text_len;
     int *ids = NULL, n = chat_render(ch->msgs, ch->n_msgs, 1, &text, err, errsize);
-    if (n == 0) n = tokenizer_encode(&m->tokenizer, text, strlen(text), &ids, err, errsize);
+    if (n == 0) text_len = strlen(text);
+    if (n == 0 && ch->vision) { /* images: the processor's expansion of every <start_of_image> */
+        char *expanded = expand_image_markers(text, text_len, c->vision.mm_tokens, &text_len);
+        free(text);
+        if (!(text = expanded)) { set_err(err, errsize, "out of memory"); n = TOK_NOMEM; }
+    }
+    if (n == 0) n = tokenizer_encode(&m->tokenizer, text, text_len, &ids, err, errsize);
     free(text);
     if (n < 0) { chat_pop(ch); return tok_error_code(n, GEMMA3_E_TEXT); }
-    if (check_text_ids(m, ids, n, err, errsize) != 0) { free(ids); chat_pop(ch); return GEMMA3_E_TOKEN; }
+    if ((ch->vision ? check_ids : check_text_ids)(m, ids, n, err, errsize) != 0) { free(ids); chat_pop(ch); return GEMMA3_E_TOKEN; }
     if (n >= s->ctx) {
         set_err(err, errsize, "the conversation is %d tokens with this message, the context holds %d", n, s->ctx);
         free(ids);
@@ -1957,12 +2038,17 @@ static int chat_turn(const Model *m, RunState *s, Sampler *sp, Chat *ch, const c
     while (keep < ch->n_cached && keep < n && ch->hist[keep] == ids[keep]) keep++;
     if (keep == n) keep = n - 1; /* need fresh logits for the last id */
     if (!cache_holds(c, s, ch->n_cached, keep)) keep = 0;
+    if (ch->vision && check_chat_images(c, ch, ids, keep, n, err, errsize) != 0) {
+        free(ids);
+        chat_pop(ch);
+        return GEMMA3_E_STATE;
+    }
     memcpy(ch->hist, ids, (size_t)n * sizeof(int));
     free(ids);
     ch->n_hist = ch->prompt_len = n;
     ch->n_cached = keep;
     ch->fed = n - keep;
-    float *logits = feed_pending(m, s, ch);
+    float *logits = ch->vision ? feed_pending_images(m, s, ch) : feed_pending(m, s, ch);
 
     /* the model's reply: sampled ids go into the cache as they are generated */
     int rc;
@@ -2305,7 +2391,7 @@ static size_t session_layout(gemma3_session **out, const Model *m, const gemma3_
     build_run_state_in(&S->state, c, ctx, batch, 0, rs);
     if (images) {
         vision_state_layout(vs, c, vmem);
-        S->vision = vs;
+        S->vision = S->chat.vision = vs;
     }
     build_sampler_in(&S->sampler, c->vocab_size, o->temperature, o->top_k, o->top_p, o->min_p, o->seed, cand);
     S->chat.hist = hist;
@@ -2518,9 +2604,72 @@ int gemma3_generate(gemma3_session *session, int max_tokens, gemma3_piece_fn cal
     return status == GEMMA3_E_NUMERIC ? fail(err, status, "%s", NOT_NUMBERS) : given;
 }
 
+static int chat_turn_session(gemma3_session *S, const char *user_text, size_t len, int max_tokens,
+                             gemma3_piece_fn callback, void *user, gemma3_error *err);
+
 int gemma3_chat_turn(gemma3_session *session, const char *user_text, size_t len, int max_tokens,
                      gemma3_piece_fn callback, void *user, gemma3_error *err) {
+    return gemma3_chat_turn_images(session, user_text, len, NULL, 0, max_tokens, callback, user, err);
+}
+
+/* Where text[0..len) holds `s`: the offset, or -1 (text may hold NUL bytes). */
+static long find_text(const char *text, size_t len, const char *s) {
+    size_t k = strlen(s);
+    for (size_t i = 0; i + k <= len; i++)
+        if (!memcmp(text + i, s, k)) return (long)i;
+    return -1;
+}
+
+/* The number of times text[0..len) holds s. */
+static int count_text(const char *text, size_t len, const char *s) {
+    int n = 0;
+    for (long at = 0, k; (k = find_text(text + at, len - (size_t)at, s)) >= 0; at += k + (long)strlen(s)) n++;
+    return n;
+}
+
+int gemma3_chat_turn_images(gemma3_session *session, const char *user_text, size_t len, const gemma3_image *images,
+                            int n_images, int max_tokens, gemma3_piece_fn callback, void *user, gemma3_error *err) {
+    static const char boi[] = "<start_of_image>";
     gemma3_session *S = session;
+    if (S && S->vision && len && user_text) { /* the message's images: checked before anything changes */
+        if (find_text(user_text, len, "<image_soft_token>") >= 0)
+            return fail(err, GEMMA3_E_TOKEN, "the message holds <image_soft_token>, which stands for an image's soft "
+                        "tokens: attach the image instead");
+        int markers = count_text(user_text, len, boi);
+        if (markers && markers != n_images)
+            return fail(err, GEMMA3_E_ARG, "the message has %d <start_of_image> and %d images: one each (or none in the "
+                        "text: the images go first)", markers, n_images);
+    }
+    if (n_images && (!S || !S->vision))
+        return fail(err, GEMMA3_E_ARG, "images in a chat need a session made with options.images (and a model with the "
+                    "image path)");
+    for (int i = 0; i < n_images; i++) {
+        const gemma3_image *im = &images[i];
+        if (!im->pixels || im->width < 1 || im->height < 1 || im->width > MAX_IMAGE_SIDE ||
+            im->height > MAX_IMAGE_SIDE || (im->channels != 1 && im->channels != 3))
+            return fail(err, GEMMA3_E_ARG, "image %d: %d x %d pixels, %d channels: width and height must be in [1, %d], "
+                        "channels 1 or 3", i, im->width, im->height, im->channels, MAX_IMAGE_SIDE);
+    }
+    char *with_markers = NULL; /* the images ahead of the text, as the chat template puts them */
+    if (n_images && (!len || !user_text || count_text(user_text, len, boi) == 0)) {
+        while (len && (*user_text == ' ' || *user_text == '\n' || *user_text == '\t' || *user_text == '\r'))
+            user_text++, len--;
+        size_t kb = sizeof boi - 1;
+        if (!(with_markers = malloc((size_t)n_images * kb + len + 1))) return fail(err, GEMMA3_E_NOMEM, "out of memory");
+        for (int i = 0; i < n_images; i++) memcpy(with_markers + i * kb, boi, kb);
+        if (len) memcpy(with_markers + n_images * kb, user_text, len);
+        user_text = with_markers, len += (size_t)n_images * kb;
+    }
+    if (S) S->chat.images = images, S->chat.n_images = n_images;
+    int rc = chat_turn_session(S, user_text, len, max_tokens, callback, user, err);
+    if (S) S->chat.images = NULL, S->chat.n_images = 0;
+    free(with_markers);
+    return rc;
+}
+
+/* gemma3_chat_turn's work, once the images are in place. */
+static int chat_turn_session(gemma3_session *S, const char *user_text, size_t len, int max_tokens,
+                             gemma3_piece_fn callback, void *user, gemma3_error *err) {
     char msg[256];
     if (!S || (len && !user_text) || max_tokens < 0)
         return fail(err, GEMMA3_E_ARG, "gemma3_chat_turn: NULL session or text, or max_tokens < 0");
@@ -2933,10 +3082,12 @@ static void usage(FILE *f) {
         "                       message per line of stdin, Ctrl-D to end, Ctrl-C to stop a reply;\n"
         "                       with -p or -f: answer that one message and exit\n"
         "  --system TEXT        (--chat) system prompt, folded into the first user turn\n"
-        "  --image FILE         (-p, -f, --logits; Gemma 3 4B+) an image, binary PPM or PGM; several\n"
-        "                       in order. -p: each <start_of_image> in the prompt (or, with none,\n"
-        "                       the start) takes the next image, expanded as the processor does;\n"
-        "                       --logits: IN.txt holds each image's tokens in place\n"
+        "  --image FILE         (Gemma 3 4B+) an image, binary PPM or PGM; several in order.\n"
+        "                       -p, -f: each <start_of_image> in the prompt (or, with none, the\n"
+        "                       start) takes the next image, expanded as the processor does;\n"
+        "                       --logits: IN.txt holds each image's tokens in place; --chat: the\n"
+        "                       first message's images, and a line \"/image FILE\" attaches one\n"
+        "                       to the next message\n"
         "\n"
         "options:\n"
         "  -n N                 tokens to generate (default 256)\n"
@@ -3097,7 +3248,7 @@ static void parse_args(Options *o, int argc, char **argv) {
         die("nothing to do: give -p PROMPT, -f FILE, --chat, --logits, --perplexity, --encode, --decode or --quantize (see --help)");
     if ((o->top_n || o->hidden_out) && !o->logits_in) die("--top and --dump-hidden go with --logits");
     if (o->system_prompt && !o->chat) die("--system goes with --chat");
-    if (o->n_images && (o->chat || (!o->prompt && !o->logits_in))) die("--image goes with -p, -f or --logits");
+    if (o->n_images && !o->chat && !o->prompt && !o->logits_in) die("--image goes with -p, -f, --logits or --chat");
     if (o->n_images && o->hidden_out) die("--dump-hidden does not take --image");
     const char *outputs[] = {o->quant_out, o->logits_out, o->hidden_out};
     for (int i = 0; i < 3; i++)
@@ -3323,6 +3474,22 @@ static int read_image_file(const char *path, gemma3_image *img, char *err, size_
     return 0;
 }
 
+/* --chat's "/image FILE": read it and add it to the next message's images; a file it cannot
+ * read is one error line, and the chat goes on. */
+static int attach_image(gemma3_image **images, int *n, const char *path) {
+    char err[600];
+    gemma3_image img, *grown;
+    if (read_image_file(path, &img, err, sizeof err) != 0) {
+        fprintf(stderr, "gemma3: error: %s (not attached)\n", err);
+        return -1;
+    }
+    if (!(grown = realloc(*images, (size_t)(*n + 1) * sizeof(gemma3_image)))) die("out of memory");
+    grown[(*n)++] = img;
+    *images = grown;
+    fprintf(stderr, "(%s: %d x %d, attached to the next message)\n", path, img.width, img.height);
+    return 0;
+}
+
 /* Every --image, read, in order (or die: also for a model without the image path). */
 static gemma3_image *read_images(const gemma3_model *m, const Options *o) {
     char err[600];
@@ -3341,14 +3508,6 @@ static void free_images(gemma3_image *images, int n) {
     free(images);
 }
 
-/* Where text[0..len) holds `s`: the offset, or -1 (text may hold NUL bytes). */
-static long find_text(const char *text, size_t len, const char *s) {
-    size_t k = strlen(s);
-    for (size_t i = 0; i + k <= len; i++)
-        if (!memcmp(text + i, s, k)) return (long)i;
-    return -1;
-}
-
 /* The prompt as transformers' Gemma3Processor builds it: every <start_of_image> in the text
  * (or, if it has none, one per image ahead of the text) becomes "\n\n<start_of_image>",
  * mm_tokens_per_image <image_soft_token>, "<end_of_image>\n\n"; then <bos> and the ids of
@@ -3357,12 +3516,11 @@ static int *image_prompt_ids(const gemma3_model *m, const Options *o, int *n_out
     gemma3_config c = gemma3_model_config(m);
     const char *boi = "<start_of_image>", *soft = "<image_soft_token>", *eoi = "<end_of_image>";
     const char *text = o->prompt;
-    size_t len = o->prompt_len, kb = strlen(boi), ks = strlen(soft), ke = strlen(eoi);
+    size_t len = o->prompt_len, kb = strlen(boi);
     if (find_text(text, len, soft) >= 0)
         die("the prompt holds %s, which stands for an image's soft tokens: put %s where an image goes and give it "
             "with --image", soft, boi);
-    int markers = 0;
-    for (long at = 0, k; (k = find_text(text + at, len - (size_t)at, boi)) >= 0; at += k + (long)kb) markers++;
+    int markers = count_text(text, len, boi);
     if (markers && markers != o->n_images)
         die("the prompt has %d %s, and %d --image are given: one each (or none in the prompt: the images go first)",
             markers, boi, o->n_images);
@@ -3373,27 +3531,16 @@ static int *image_prompt_ids(const gemma3_model *m, const Options *o, int *n_out
         int id, k = gemma3_tokenize(m, names[i], strlen(names[i]), &id, 1, NULL);
         if (k != 1 || id != want[i]) die("the tokenizer does not make %s the model's id %d", names[i], want[i]);
     }
-    /* the text, after one <start_of_image> per image if it has none */
-    size_t lead = markers ? 0 : (size_t)o->n_images * kb, flat = lead + len;
-    size_t one = 2 + kb + (size_t)c.image_tokens * ks + ke + 2; /* an expanded <start_of_image> */
-    char *full = malloc(flat + 1), *out = malloc(flat + (size_t)o->n_images * one + 1), *q = out;
-    if (!full || !out) die("out of memory");
+    /* the text, after one <start_of_image> per image if it has none; then expanded */
+    size_t lead = markers ? 0 : (size_t)o->n_images * kb, out_len;
+    char *full = malloc(lead + len + 1);
+    if (!full) die("out of memory");
     for (size_t i = 0; i < lead; i += kb) memcpy(full + i, boi, kb);
     memcpy(full + lead, text, len);
-    for (size_t i = 0; i < flat;) {
-        if (flat - i >= kb && !memcmp(full + i, boi, kb)) {
-            memcpy(q, "\n\n", 2), q += 2;
-            memcpy(q, boi, kb), q += kb;
-            for (int t = 0; t < c.image_tokens; t++) memcpy(q, soft, ks), q += ks;
-            memcpy(q, eoi, ke), q += ke;
-            memcpy(q, "\n\n", 2), q += 2;
-            i += kb;
-        } else {
-            *q++ = full[i++];
-        }
-    }
+    char *out = expand_image_markers(full, lead + len, c.image_tokens, &out_len);
+    if (!out) die("out of memory");
     free(full);
-    int *ids = encode_with_bos(m, "prompt", out, (size_t)(q - out), n_out);
+    int *ids = encode_with_bos(m, "prompt", out, out_len, n_out);
     free(out);
     return ids;
 }
@@ -3582,6 +3729,9 @@ static int run_chat(const gemma3_model *m, const Options *o) {
     gemma3_error e;
     gemma3_config c = gemma3_model_config(m);
     int status = 0, interactive = 0;
+    /* --image: the images of the first message; then a line "/image FILE" attaches one to the next */
+    gemma3_image *pending = o->n_images ? read_images(m, o) : NULL;
+    int n_pending = o->n_images;
     gemma3_session *s = new_session(m, o, context_length(o, &c));
 #ifndef GEMMA3_NO_MMAP
     interactive = isatty(0) && !o->prompt; /* POSIX builds: show a prompt on a terminal */
@@ -3602,9 +3752,16 @@ static int run_chat(const gemma3_model *m, const Options *o) {
             if (len == 0) { free(line); continue; } /* an empty line is no message */
         }
         if (!line) die("out of memory");
+        if (o->n_images && len > 7 && !memcmp(line, "/image ", 7)) {
+            if (attach_image(&pending, &n_pending, line + 7) != 0) status = 1;
+            free(line);
+            continue;
+        }
         g_interrupted = 0;
         if (inherited != SIG_IGN) signal(SIGINT, on_interrupt);
-        int rc = gemma3_chat_turn(s, line, len, o->steps, chat_piece, NULL, &e);
+        int rc = gemma3_chat_turn_images(s, line, len, pending, n_pending, o->steps, chat_piece, NULL, &e);
+        free_images(pending, n_pending); /* (a refused message takes its images with it) */
+        pending = NULL, n_pending = 0;
         if (inherited != SIG_IGN) signal(SIGINT, inherited);
         free(line);
         if (g_interrupted && rc >= 0) fprintf(stderr, " [stopped]");
@@ -3615,7 +3772,9 @@ static int run_chat(const gemma3_model *m, const Options *o) {
             status = 2;
             break;
         }
-        if (rc < 0 && (o->prompt || (rc != GEMMA3_E_TOKEN && rc != GEMMA3_E_TEXT))) die("%s", e.message);
+        if (rc < 0 && (o->prompt || (rc != GEMMA3_E_TOKEN && rc != GEMMA3_E_TEXT && rc != GEMMA3_E_ARG &&
+                                     rc != GEMMA3_E_STATE)))
+            die("%s", e.message);
         if (rc < 0) { /* refused: the conversation is as it was */
             fprintf(stderr, "gemma3: error: %s (message refused)\n", e.message);
             status = 1;

@@ -284,6 +284,19 @@ int gemma3_generate(gemma3_session *session, int max_tokens, gemma3_piece_fn cal
 int gemma3_chat_turn(gemma3_session *session, const char *user_text, size_t len, int max_tokens,
                      gemma3_piece_fn callback, void *user, gemma3_error *err);
 
+/* As gemma3_chat_turn, with images in the user's message (a session made with
+ * options.images): each <start_of_image> in user_text takes the next of images[0..n_images),
+ * or, with none in the text, the images go ahead of it (as the chat template renders a
+ * message of images, then text); the processor's expansion of every <start_of_image> is
+ * what the model sees, and only the new message's images are encoded (the earlier ones stay
+ * in the cache). In such a session gemma3_chat_turn is this with no images. Errors: those
+ * of gemma3_chat_turn; GEMMA3_E_ARG (images without an image session, markers that do not
+ * match the images, a bad image), GEMMA3_E_TOKEN (<image_soft_token> in the text),
+ * GEMMA3_E_STATE (the cache no longer holds the conversation's earlier images: a new
+ * session takes it). The message is refused and nothing changes in each. */
+int gemma3_chat_turn_images(gemma3_session *session, const char *user_text, size_t len, const gemma3_image *images,
+                            int n_images, int max_tokens, gemma3_piece_fn callback, void *user, gemma3_error *err);
+
 #ifdef __cplusplus
 }
 #endif

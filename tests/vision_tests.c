@@ -440,8 +440,8 @@ static void test_vision_cli(void) {
                  "./gemma3 %s --logits %s " BUILD "/o.f32", mm, ids);
     expect_error("--image for a text model", "has no image path",
                  "./gemma3 " BUILD "/vis-flat.bin --logits %s " BUILD "/o.f32 --image %s", ids, img);
-    expect_error("--image with --chat", "--image goes with -p, -f or --logits",
-                 "./gemma3 %s --chat --image %s", mm, img);
+    expect_error("--image with --perplexity", "--image goes with -p, -f, --logits or --chat",
+                 "./gemma3 %s --perplexity %s --image %s", mm, ids, img);
     expect_error("--image with --dump-hidden", "--dump-hidden does not take --image",
                  "./gemma3 %s --logits %s " BUILD "/o.f32 --dump-hidden " BUILD "/h.f32 --image %s", mm, ids, img);
 
@@ -511,10 +511,113 @@ static void test_vision_cli(void) {
     CHECK(!strcmp(got, want) && want[0], "-p --image gave '%s', the library '%s'", got, want);
 }
 
+/* Greedy ids after a chat rendering of msgs (images in place of each <start_of_image>),
+ * fed by hand through a fresh session: what a chat turn with images must give. */
+static int chat_by_hand(gemma3_model *m, const gemma3_message *msgs, int n_msgs, const gemma3_image *imgs, int steps,
+                        int *out) {
+    gemma3_config c = gemma3_model_config(m);
+    gemma3_error e;
+    char text[8192];
+    if (gemma3_chat_render(msgs, n_msgs, 1, text, sizeof text, &e) < 0) return -1;
+    size_t len;
+    char *full = expand_image_markers(text, strlen(text), c.image_tokens, &len);
+    int ids[2048], n = gemma3_tokenize(m, full, len, ids, 2048, &e), image = 0, got = -1;
+    free(full);
+    gemma3_options o = gemma3_default_options();
+    o.context = 512, o.temperature = 0.0f, o.images = 1;
+    gemma3_session *s;
+    if (n < 0 || gemma3_session_new(m, &o, &s, &e) != 0) return -1;
+    int ok = 1;
+    for (int t = 0; ok && t < n;) {
+        int k = 0, is_image = ids[t] == c.image_id;
+        while (t + k < n && (ids[t + k] == c.image_id) == is_image) k++;
+        ok = (is_image ? gemma3_feed_image(s, &imgs[image++], NULL, &e) : gemma3_feed(s, ids + t, k, &e)) == t + k;
+        t += k;
+    }
+    int *next = out;
+    if (ok) got = gemma3_generate(s, steps, keep_ids, &next, &e);
+    gemma3_session_free(s);
+    return got;
+}
+
+/* Chat turns with images (gemma3_chat_turn_images, --chat's /image) == the conversation's
+ * rendering fed by hand; the second turn feeds only what is new. */
+static void test_vision_chat(void) {
+    printf("vision chat: images in --chat messages\n");
+    if (access(BUILD "/mm-tok.bin", R_OK) != 0) { skip("chat with images (no mm-tok.bin: no tokenizer.json)"); return; }
+    gemma3_model *m;
+    gemma3_error e;
+    if (gemma3_open_file(BUILD "/mm-tok.bin", &m, &e) != 0) { CHECK(0, "open: %s", e.message); return; }
+    gemma3_image imgs[2];
+    char err[600];
+    if (read_image_file(VISION "/resize/a-37x23.ppm", &imgs[0], err, sizeof err) ||
+        read_image_file(VISION "/resize/e-29x31.pgm", &imgs[1], err, sizeof err)) {
+        CHECK(0, "%s", err);
+        return;
+    }
+    gemma3_options o = gemma3_default_options();
+    o.context = 512, o.temperature = 0.0f, o.images = 1;
+    gemma3_session *s;
+    CHECK(gemma3_session_new(m, &o, &s, &e) == 0, "session: %s", e.message);
+    int r1[8], r2[8], h1[8], h2[8], *next = r1;
+    int n1 = gemma3_chat_turn_images(s, "Describe the image.", 19, imgs, 1, 6, keep_ids, &next, &e);
+    char reply1[512] = "";
+    if (n1 > 0) gemma3_detokenize(m, r1, n1, reply1, sizeof reply1, &e);
+    gemma3_message turn1[] = {{"user", "<start_of_image>Describe the image."}};
+    int k1 = chat_by_hand(m, turn1, 1, imgs, 6, h1);
+    int same1 = n1 > 0 && n1 == k1 && !memcmp(r1, h1, (size_t)n1 * sizeof(int));
+    int before = gemma3_position(s);
+    next = r2;
+    int n2 = gemma3_chat_turn_images(s, "And <start_of_image> this one?", 30, imgs + 1, 1, 6, keep_ids, &next, &e);
+    int fed = s->chat.fed, total = s->chat.prompt_len;
+    gemma3_message turn2[] = {{"user", "<start_of_image>Describe the image."}, {"model", reply1},
+                              {"user", "And <start_of_image> this one?"}};
+    int k2 = chat_by_hand(m, turn2, 3, imgs, 6, h2);
+    int same2 = n2 > 0 && n2 == k2 && !memcmp(r2, h2, (size_t)n2 * sizeof(int));
+    printf("  turn 1 (image first): %d ids %s; turn 2 (image in the text): %d ids %s, fed %d of %d prompt ids\n", n1,
+           same1 ? "== by hand" : "DIFFER", n2, same2 ? "== by hand" : "DIFFER", fed, total);
+    CHECK(same1 && same2, "chat with images differs from the rendering fed by hand");
+    CHECK(fed < total - before / 2 && fed > gemma3_model_config(m).image_tokens, "turn 2 fed %d of %d", fed, total);
+    /* refusals: nothing changes */
+    int pos = gemma3_position(s);
+    CHECK(gemma3_chat_turn_images(s, "two <start_of_image><start_of_image>", 37, imgs, 1, 4, NULL, NULL, &e) ==
+              GEMMA3_E_ARG, "2 markers, 1 image: %s", e.message);
+    CHECK(gemma3_chat_turn_images(s, "x <image_soft_token>", 20, NULL, 0, 4, NULL, NULL, &e) == GEMMA3_E_TOKEN,
+          "typed image token: %s", e.message);
+    CHECK(gemma3_chat_turn(s, "a <start_of_image> without an image", 35, 4, NULL, NULL, &e) == GEMMA3_E_ARG,
+          "marker without image: %s", e.message);
+    CHECK(gemma3_position(s) == pos, "a refused message changed the session");
+    gemma3_session_free(s);
+    o.images = 0;
+    CHECK(gemma3_session_new(m, &o, &s, &e) == 0 &&
+              gemma3_chat_turn_images(s, "hi", 2, imgs, 1, 4, NULL, NULL, &e) == GEMMA3_E_ARG,
+          "images in a text session: %s", e.message);
+    gemma3_session_free(s);
+    free((void *)imgs[0].pixels);
+    free((void *)imgs[1].pixels);
+    gemma3_close(m);
+    /* --chat: --image for the first message, "/image FILE" for a later one, a bad file refused */
+    FILE *f = fopen(BUILD "/chat-images.txt", "w");
+    if (f) fprintf(f, "Describe the image.\n/image " BUILD "/nope.ppm\n/image " VISION "/resize/e-29x31.pgm\n"
+                      "And <start_of_image> this one?\n"), fclose(f);
+    int rc = run("./gemma3 " BUILD "/mm-tok.bin --chat --image " VISION "/resize/a-37x23.ppm -n 6 -t 0 -c 512 < " BUILD
+                 "/chat-images.txt > " BUILD "/chat-images.out");
+    char want[1200], got[1200] = "";
+    snprintf(want, sizeof want, "%s\n", reply1);
+    FILE *g = fopen(BUILD "/chat-images.out", "r");
+    size_t len = g ? fread(got, 1, sizeof got - 1, g) : 0;
+    if (g) fclose(g);
+    got[len] = 0;
+    CHECK(rc == 1 && !strncmp(got, want, strlen(want)) && strstr(last_log(), "cannot open image"),
+          "--chat with images: exit %d, output '%s', log %s", rc, got, last_log());
+    printf("  --chat --image, /image: first reply == the library's, a missing file refused (exit %d)\n", rc);
+}
+
 static void test_vision(void) {
     test_vision_export();
     test_vision_model();
     test_vision_api();
     test_vision_resize();
     test_vision_cli();
+    test_vision_chat();
 }
