@@ -2,7 +2,7 @@
 """Export a Gemma 3 checkpoint (Hugging Face directory or GGUF file) to the flat gemma3.c model file.
 
     python3 export.py HF_DIR OUT.bin [--dtype f32|bf16|q8_0|q4_0]
-    python3 export.py MODEL.gguf OUT.bin [--dtype f32|bf16|q8_0|q4_0]
+    python3 export.py MODEL.gguf OUT.bin [--dtype f32|bf16|q8_0|q4_0] [--mmproj MMPROJ.gguf]
 
 HF_DIR holds config.json, model.safetensors (or model-*-of-*.safetensors plus
 model.safetensors.index.json) and, optionally, tokenizer.json. Both the text-only
@@ -20,7 +20,8 @@ into exactly the float32 values of gguf-py's gguf.quants.dequantize; --dtype f32
 those, the other types convert from them. The norms, stored as 1 + w, become w again;
 the tokenizer is rebuilt from tokenizer.ggml.* (BPE merges derived from the
 SentencePiece scores, as Hugging Face derives tokenizer.json's). Vision tensors (v.*,
-mm.*) are skipped.
+mm.*) in the model file are skipped; --mmproj MMPROJ.gguf reads the vision tower and
+projector from llama.cpp's separate mmproj file of a Gemma 3 4B+ model.
 
 Standard library only. Tensors are streamed one at a time, so memory stays at the size
 of the largest tensor, whatever the model size. The quantized types (q8_0, q4_0) are
@@ -877,18 +878,26 @@ def write_model(src, out_path, dtype_name, quiet, label=None):
               f"tokenizer {'yes' if src.tok_bytes else 'no'}, {time.time() - t0:.1f} s", file=sys.stderr)
 
 
-def load(path, dtype_name, quiet, quant=None, text_only=False):
+def load(path, dtype_name, quiet, quant=None, text_only=False, mmproj=None):
     """The checkpoint at path as a Source; quant (q8_0, q4_0): the type it is going to be
     quantized to after, checked against the config before any work."""
     if os.path.isdir(path):
+        if mmproj:
+            raise ExportError(f"--mmproj goes with a GGUF model file; {path} is a Hugging Face directory, whose own "
+                              "vision tower is kept")
         return load_hf(path, dtype_name, quant, text_only)
     if os.path.exists(path):
-        return load_gguf(path, dtype_name, quiet, quant)
+        src = load_gguf(path, dtype_name, quiet, quant)
+        try:
+            return add_mmproj(src, mmproj, dtype_name, quiet, path) if mmproj else src
+        except BaseException:
+            src.close()
+            raise
     raise ExportError(f"cannot read {path}: no such file or directory")
 
 
-def export(src_path, out_path, dtype_name, quiet=False, quant=None, label=None, text_only=False):
-    write_model(load(src_path, dtype_name, quiet, quant, text_only), out_path, dtype_name, quiet, label)
+def export(src_path, out_path, dtype_name, quiet=False, quant=None, label=None, text_only=False, mmproj=None):
+    write_model(load(src_path, dtype_name, quiet, quant, text_only, mmproj), out_path, dtype_name, quiet, label)
 
 
 def check_output(src_path, out_path):
@@ -931,7 +940,7 @@ def build_with_make(target, why, quiet, refresh=False):
     return binary
 
 
-def export_quantized(src_path, out_path, dtype_name, quiet, text_only=False):
+def export_quantized(src_path, out_path, dtype_name, quiet, text_only=False, mmproj=None):
     """q8_0 / q4_0: export losslessly, then let the C engine quantize (fast, no numpy)."""
     t0 = time.time()
     if os.path.isdir(src_path):
@@ -944,7 +953,7 @@ def export_quantized(src_path, out_path, dtype_name, quiet, text_only=False):
     tmp, qtmp = f"{stem}.{lossless}.tmp", f"{stem}.{dtype_name}.tmp"
     try:
         export(src_path, tmp, lossless, quiet, quant=dtype_name, label=f"step 1 of 2, {lossless} export",
-               text_only=text_only)
+               text_only=text_only, mmproj=mmproj)
         quantize_file(engine, tmp, qtmp, dtype_name, out_path, lossless, quiet)
         os.replace(qtmp, out_path)
     finally:
@@ -1522,6 +1531,125 @@ def load_gguf(path, dtype_name, quiet, quant=None):
         raise
 
 
+# ----------------------------------------------------------------------------
+# llama.cpp's mmproj GGUF: the vision tower and projector of a Gemma 3 text GGUF, in a file
+# of its own (convert_hf_to_gguf.py --mmproj; ggml-org's gemma-3-*-GGUF), read into the same
+# vision section and tensors as a Hugging Face checkpoint's
+
+MMPROJ_LAYER_NAMES = {"layer_norm1": "ln1", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                      "self_attn.v_proj": "attn_v", "self_attn.out_proj": "attn_out", "layer_norm2": "ln2",
+                      "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
+MMPROJ_NAMES = {"embeddings.patch_embedding": "v.patch_embd", "embeddings.position_embedding": "v.position_embd",
+                "post_layernorm": "v.post_ln"}
+
+
+def mmproj_name(name):
+    """The mmproj GGUF's name of one of our vision tensors (FORMAT.md's names)."""
+    if name == PROJECTOR + "mm_soft_emb_norm.weight":
+        return "mm.soft_emb_norm.weight"
+    if name == PROJECTOR + "mm_input_projection_weight":
+        return "mm.input_projection.weight"
+    stem, kind = name[len(VISION_TOWER):].rsplit(".", 1)
+    if stem.startswith("encoder.layers."):
+        _, _, i, module = stem.split(".", 3)
+        return f"v.blk.{i}.{MMPROJ_LAYER_NAMES[module]}.{kind}"
+    return f"{MMPROJ_NAMES[stem]}.{kind}"
+
+
+def mmproj_config(path, meta, vocab, image_ids):
+    """The vision hyper-parameters of a Gemma 3 mmproj GGUF (clip.vision.*), checked as
+    read_vision_config checks a config.json's; image_ids: the text GGUF's image, boi, eoi."""
+    arch = gguf_meta(meta, "general.architecture", str, None, path)
+    kind = gguf_meta(meta, "clip.projector_type", str, "", path) or gguf_meta(meta, "clip.vision.projector_type",
+                                                                                str, "", path)
+    if arch != "clip" or kind != "gemma3":
+        raise ExportError(f"{path}: not a Gemma 3 mmproj file (architecture {short(arch)}, projector type "
+                          f"{short(kind)}; wanted clip and gemma3)")
+    vc = {"hidden_act": "gelu_pytorch_tanh", "num_channels": 3}
+    for ours, key in (("image_size", "image_size"), ("patch_size", "patch_size"), ("hidden_size", "embedding_length"),
+                      ("intermediate_size", "feed_forward_length"), ("num_hidden_layers", "block_count"),
+                      ("num_attention_heads", "attention.head_count")):
+        vc[ours] = gguf_meta(meta, "clip.vision." + key, int, None, path)
+        if not 1 <= vc[ours] <= MAX_DIM:
+            raise ExportError(f"{path}: clip.vision.{key} is {vc[ours]}, not in 1..{MAX_DIM}")
+    vc["layer_norm_eps"] = gguf_meta(meta, "clip.vision.attention.layer_norm_epsilon", float, 1e-6, path)
+    if not 0 <= vc["layer_norm_eps"] < 1:
+        raise ExportError(f"{path}: clip.vision.attention.layer_norm_epsilon {vc['layer_norm_eps']} is not in [0, 1)")
+    scale = gguf_meta(meta, "clip.vision.projector.scale_factor", int, 4, path)  # patches a pooled token is wide
+    side = vc["image_size"] // vc["patch_size"]
+    if not 1 <= scale <= side or side % scale:
+        raise ExportError(f"{path}: clip.vision.projector.scale_factor {scale} does not divide {side} patches a side")
+    vc["mm_tokens_per_image"] = (side // scale) ** 2
+    vc["image_token_index"], vc["boi_token_index"], vc["eoi_token_index"] = image_ids
+    for k in ("image_token_index", "boi_token_index", "eoi_token_index"):
+        if vc[k] >= vocab:
+            raise ExportError(f"{path}: the text model's vocabulary of {vocab} has no {k} {vc[k]} (Gemma 3 4B+ has 262208)")
+    for k in ("image_mean", "image_std"):
+        v = gguf_meta(meta, "clip.vision." + k, list, [0.5] * 3, path)
+        if not (len(v) == 3 and all(is_number(x) and -1e3 < x < 1e3 for x in v) and (k == "image_mean" or min(v) > 0)):
+            raise ExportError(f"{path}: clip.vision.{k} is {short(v)}, not three numbers (std > 0)")
+        vc["mean" if k == "image_mean" else "std"] = [float(x) for x in v]
+    if vc["image_size"] % vc["patch_size"] or vc["hidden_size"] % vc["num_attention_heads"]:
+        raise ExportError(f"{path}: inconsistent vision sizes (image_size {vc['image_size']}, patch_size "
+                          f"{vc['patch_size']}, embedding_length {vc['hidden_size']}, head_count "
+                          f"{vc['num_attention_heads']})")
+    return vc
+
+
+IMAGE_PIECES = ("<image_soft_token>", "<start_of_image>", "<end_of_image>")
+
+
+def add_mmproj(src, path, dtype_name, quiet, text_path):
+    """Give src (the text GGUF's at text_path) the vision section and tensors of the mmproj
+    GGUF at path. Its values come through tools/gguf_dequant like the text's; mm.soft_emb_norm
+    is stored as 1 + w (llama.cpp adds 1), the other norms as they are. The image token ids
+    are the text GGUF's pieces (Gemma 3's 262144, 255999, 256000 where it has no tokenizer)."""
+    _, text_meta, _ = read_gguf(text_path)
+    pieces = gguf_meta(text_meta, "tokenizer.ggml.tokens", list, [], text_path)
+    found = {p: i for i, p in reversed(list(enumerate(pieces))) if p in IMAGE_PIECES}
+    image_ids = [found.get(p, d) for p, d in zip(IMAGE_PIECES, (262144, 255999, 256000))]
+    _, meta, tensors = read_gguf(path)
+    vc = mmproj_config(path, meta, src.vocab, image_ids)
+    wanted = [(name, shape, file_shape, mmproj_name(name))
+              for name, shape, file_shape in expected_vision_tensors(vc, src.cfg["hidden_size"])]
+    known = {g for _, _, _, g in wanted}
+    for g in tensors:
+        if g not in known:
+            raise ExportError(f"{path}: unknown tensor {short(g)} (not part of a {vc['num_hidden_layers']}-layer Gemma 3 "
+                              "vision tower and projector)")
+    jobs, plan = [], []
+    for name, shape, file_shape, g in wanted:
+        if g not in tensors:
+            raise ExportError(f"{path}: missing tensor {g}")
+        ttype, dims, offset, _ = tensors[g]
+        if dims != shape[::-1]:
+            raise ExportError(f"{path}: tensor {g} has dimensions {dims}, expected {shape[::-1]}")
+        dt = DTYPE_CODES[dtype_name] if len(file_shape) == 2 else DTYPE_F32
+        count = math.prod(shape)
+        jobs.append(f"{offset} {ttype} {count} {'bf16' if dt == DTYPE_BF16 else 'f32'} "
+                    f"{1 if g == 'mm.soft_emb_norm.weight' else 0}\n")
+        plan.append((name, shape, file_shape, dt, count * ELEM_SIZE[dt], g))
+    deq = Dequantizer(path, jobs, quiet)
+
+    def chunks(nb, g, dt, shape, flip):
+        if not flip:
+            return deq.read(nb, g)
+        return iter([transposed(b"".join(deq.read(nb, g)), shape[0], shape[1], ELEM_SIZE[dt])])
+    src.tensors = src.tensors + [
+        (name, file_shape, dt, nb, lambda nb=nb, g=g, dt=dt, shape=shape: chunks(nb, g, dt, shape, g.startswith("mm.input")))
+        for name, shape, file_shape, dt, nb, g in plan]
+    src.vision = vision_section(vc)
+    text_close = src.close
+
+    def close():
+        try:
+            text_close()
+        finally:
+            deq.close()
+    src.close = close
+    return src
+
+
 def same_bytes(path, a, b, n):
     """Whether the n bytes at offsets a and b of the file are equal (read 16 MiB at a time)."""
     with open(path, "rb") as f:
@@ -1548,14 +1676,17 @@ def main():
                          "From a GGUF, f32 keeps the dequantized values exactly")
     ap.add_argument("--text-only", action="store_true",
                     help="leave out the vision tower and projector of a multimodal checkpoint")
+    ap.add_argument("--mmproj", metavar="MMPROJ.gguf",
+                    help="with a GGUF: llama.cpp's mmproj file of the same Gemma 3 4B+ model (its vision tower and "
+                         "projector), kept in the output")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     args = ap.parse_args()
     try:
         check_output(args.src, args.out)
         if args.dtype in ("q8_0", "q4_0"):
-            export_quantized(args.src, args.out, args.dtype, args.quiet, args.text_only)
+            export_quantized(args.src, args.out, args.dtype, args.quiet, args.text_only, args.mmproj)
         else:
-            export(args.src, args.out, args.dtype, args.quiet, text_only=args.text_only)
+            export(args.src, args.out, args.dtype, args.quiet, text_only=args.text_only, mmproj=args.mmproj)
     except ExportError as e:
         print(f"export.py: error: {error_line(e)}", file=sys.stderr)
         sys.exit(1)

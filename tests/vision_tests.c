@@ -613,6 +613,43 @@ static void test_vision_chat(void) {
     printf("  --chat --image, /image: first reply == the library's, a missing file refused (exit %d)\n", rc);
 }
 
+/* export.py MODEL.gguf --mmproj MMPROJ.gguf: mm2 written as llama.cpp lays it out (text GGUF
+ * + mmproj GGUF, by tests/make_mmproj_gguf.py with gguf-py) against transformers' logits. */
+static void test_vision_mmproj(void) {
+    printf("vision from GGUF: export.py MODEL.gguf --mmproj MMPROJ.gguf\n");
+    int rc = run("bash tests/test_gguf.sh --setup");
+    if (rc == 2) { skip("--mmproj (no gguf-py venv)"); return; }
+    CHECK(rc == 0, "venv: %s", last_log());
+    const char *py = "tests/data/venv-gguf/bin/python tests/make_mmproj_gguf.py " VISION "/mm2 ";
+    CHECK(run("%s" BUILD "/mm2-text.gguf " BUILD "/mm2-mmproj.gguf && %s" BUILD "/mm2-text16.gguf " BUILD
+              "/mm2-mmproj16.gguf --f16", py, py) == 0, "make GGUFs: %s", last_log());
+    const char *out[2] = {BUILD "/mm2-gguf.bin", BUILD "/mm2-gguf16.bin"};
+    CHECK(run("python3 export.py " BUILD "/mm2-text.gguf %s --dtype f32 -q --mmproj " BUILD "/mm2-mmproj.gguf && "
+              "python3 export.py " BUILD "/mm2-text16.gguf %s --dtype bf16 -q --mmproj " BUILD "/mm2-mmproj16.gguf",
+              out[0], out[1]) == 0, "export --mmproj: %s", last_log());
+    for (int i = 0; i < 2; i++) {
+        CHECK(run("./gemma3 %s --logits " VISION "/mm2/ids.txt " BUILD "/mm2-gguf.f32 --image " VISION
+                  "/mm2/image-0.ppm --image " VISION "/mm2/image-1.ppm", out[i]) == 0, "--logits: %s", last_log());
+        long na, nb;
+        float *a = read_f32_file(BUILD "/mm2-gguf.f32", &na), *b = read_f32_file(VISION "/mm2/logits.f32", &nb);
+        double tol = 1e-4; /* (bf16 weights are exact in F16 too) */
+        if (a && b && na == nb) {
+            double max_ref, d = max_abs_diff(a, b, na, &max_ref);
+            printf("  mm2 as %s GGUF + mmproj vs transformers: max|diff| %.3g (%.2g of max|logit|)\n",
+                   i ? "F16" : "F32", d, d / max_ref);
+            CHECK(d <= tol * max_ref, "--mmproj %d: max|diff| %g", i, d);
+        } else {
+            CHECK(0, "--mmproj: no logits to compare");
+        }
+        free(a);
+        free(b);
+    }
+    expect_error("--mmproj with a Hugging Face directory", "--mmproj goes with a GGUF model file",
+                 "python3 export.py " VISION "/mm2 " BUILD "/x.bin --mmproj " BUILD "/mm2-mmproj.gguf");
+    expect_error("--mmproj that is a text GGUF", "not a Gemma 3 mmproj file",
+                 "python3 export.py " BUILD "/mm2-text.gguf " BUILD "/x.bin -q --mmproj " BUILD "/mm2-text.gguf");
+}
+
 static void test_vision(void) {
     test_vision_export();
     test_vision_model();
@@ -620,4 +657,5 @@ static void test_vision(void) {
     test_vision_resize();
     test_vision_cli();
     test_vision_chat();
+    test_vision_mmproj();
 }
