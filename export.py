@@ -221,6 +221,31 @@ def check_quantizable(cfg, qtype, where):
                               f"(rows in blocks of {QK}); export f32 or bf16")
 
 
+def legacy_rope_keys(text, path):
+    """transformers 5 saves RoPE as rope_parameters, per layer type ({"full_attention":
+    {"rope_theta", "rope_type", "factor"}, "sliding_attention": {...}}) where 4.x wrote
+    rope_theta, rope_local_base_freq and rope_scaling: the 4.x keys, from it (those present win)."""
+    rp = text.get("rope_parameters")
+    if rp is None:
+        return text
+    if not isinstance(rp, dict):
+        raise ExportError(f"{path}: rope_parameters is {short(rp)}, not an object")
+    full, sliding = rp.get("full_attention", rp), rp.get("sliding_attention", {})
+    if not isinstance(full, dict) or not isinstance(sliding, dict):
+        raise ExportError(f"{path}: rope_parameters is {short(rp)}: wanted an object per layer type")
+    if sliding.get("rope_type", "default") != "default":
+        raise ExportError(f"{path}: rope_parameters.sliding_attention.rope_type {short(sliding.get('rope_type'))}: "
+                          "Gemma 3 scales only the global layers")
+    out = dict(text)
+    if "rope_theta" in full:
+        out.setdefault("rope_theta", full["rope_theta"])
+    if "rope_theta" in sliding:
+        out.setdefault("rope_local_base_freq", sliding["rope_theta"])
+    if full.get("rope_type", "default") != "default" and "rope_scaling" not in text:
+        out["rope_scaling"] = {k: v for k, v in full.items() if k != "rope_theta"}
+    return out
+
+
 def read_config(hf_dir):
     path = os.path.join(hf_dir, "config.json")
     raw = read_json(path, "config.json", 1 << 20)
@@ -232,6 +257,7 @@ def read_config(hf_dir):
         text = {}
     if not isinstance(text, dict):
         raise ExportError(f"{path}: text_config is {short(text)}, not an object")
+    text = legacy_rope_keys(text, path)
     cfg = dict(TEXT_CONFIG_DEFAULTS)
     cfg.update({k: v for k, v in text.items() if v is not None or k in ("rope_scaling",)})
     # Older transformers name the activation hidden_act.

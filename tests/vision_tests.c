@@ -45,6 +45,18 @@ static void test_vision_export(void) {
            "(transformers 5): %s\n", same1 ? "byte-identical" : "DIFFER", same2 ? "byte-identical" : "DIFFER");
     CHECK(same1 && same2, "the three namings of the vision tower export differently");
 
+    /* transformers 5 writes the RoPE settings as rope_parameters (per layer type): mm2's
+     * config so rewritten exports to the same bytes (its linear 8 on global layers kept) */
+    CHECK(run("rm -rf " BUILD "/mm2-v5cfg && cp -r " VISION "/mm2 " BUILD "/mm2-v5cfg && python3 -c \"import json; "
+              "p='" BUILD "/mm2-v5cfg/config.json'; c=json.load(open(p)); t=c['text_config']; "
+              "t['rope_parameters']={'full_attention': {'rope_type': 'linear', 'factor': t.pop('rope_scaling')['factor'], "
+              "'rope_theta': t.pop('rope_theta')}, 'sliding_attention': {'rope_type': 'default', "
+              "'rope_theta': t.pop('rope_local_base_freq')}}; json.dump(c, open(p, 'w'))\" && python3 export.py " BUILD
+              "/mm2-v5cfg " BUILD "/mm2-v5cfg.bin --dtype f32 -q && python3 export.py " VISION "/mm2 " BUILD
+              "/mm2-v4cfg.bin --dtype f32 -q") == 0, "v5 config: %s", last_log());
+    CHECK(files_equal(BUILD "/mm2-v5cfg.bin", BUILD "/mm2-v4cfg.bin"), "a transformers 5 config (rope_parameters) "
+          "exports differently");
+
     /* --text-only leaves the image path out: the file is the text model's, as before */
     CHECK(run("python3 tools/make_checkpoint.py " BUILD "/vis-flat --preset small --seed 5") == 0, "make: %s", last_log());
     CHECK(run("python3 export.py " BUILD "/vis-flat " BUILD "/vis-flat.bin --dtype f32 -q && python3 export.py " BUILD
