@@ -93,9 +93,11 @@ test-cross:
 test-baremetal:
 	bash tests/baremetal/test.sh
 
-# Speed: a random checkpoint of the real 1B shape in every format (not a test).
+# Speed: a random checkpoint of the real 1B shape in every format, and an image through
+# the 4B shape's vision tower (not a test).
 bench: gemma3
 	bash tools/bench.sh
+	bash tools/bench_image.sh
 
 bench-tokenizer: gemma3
 	bash tools/bench_tokenizer.sh

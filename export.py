@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Export a Gemma 3 checkpoint (Hugging Face or MLX directory, or GGUF file) to the flat gemma3.c model file.
 
-    python3 export.py HF_DIR|MLX_DIR OUT.bin [--dtype f32|bf16|q8_0|q4_0] [--force]
-    python3 export.py MODEL.gguf OUT.bin [--dtype f32|bf16|q8_0|q4_0|gguf] [--force]
+    python3 export.py HF_DIR|MLX_DIR OUT.bin [--dtype f32|bf16|q8_0|q4_0] [--text-only] [--force]
+    python3 export.py MODEL.gguf OUT.bin [--dtype f32|bf16|q8_0|q4_0|gguf] [--mmproj MMPROJ.gguf] [--force]
 
 HF_DIR holds config.json, model.safetensors (or model-*-of-*.safetensors plus
 model.safetensors.index.json) and, optionally, tokenizer.json. Both the text-only
 layout (Gemma3ForCausalLM: 270M, 1B) and the multimodal one
 (Gemma3ForConditionalGeneration: 4B, 12B, 27B, config under "text_config") are read;
-vision tensors are skipped. The output format is described in FORMAT.md: a header with
+the latter's SigLIP vision tower and projector are kept (--text-only leaves them out). The output format is described in FORMAT.md: a header with
 every hyper-parameter, the tokenizer, a tensor directory, then 64-byte aligned tensors,
 all little-endian.
 
@@ -30,7 +30,8 @@ convert from them, and --dtype gguf copies each matrix's blocks as
 they are (gemma3 multiplies them in their own type; FORMAT.md). The norms, stored as 1 + w, become w again;
 the tokenizer is rebuilt from tokenizer.ggml.* (BPE merges derived from the
 SentencePiece scores, as Hugging Face derives tokenizer.json's). Vision tensors (v.*,
-mm.*) are skipped.
+mm.*) in the model file are skipped; --mmproj MMPROJ.gguf reads the vision tower and
+projector from llama.cpp's separate mmproj file of a Gemma 3 4B+ model.
 
 Standard library only. Tensors are streamed one at a time, so memory stays at the size
 of the largest tensor, whatever the model size. The quantized types (q8_0, q4_0) are
@@ -239,6 +240,31 @@ def check_quantizable(cfg, qtype, where):
                               f"(rows in blocks of {QK}); export f32 or bf16")
 
 
+def legacy_rope_keys(text, path):
+    """transformers 5 saves RoPE as rope_parameters, per layer type ({"full_attention":
+    {"rope_theta", "rope_type", "factor"}, "sliding_attention": {...}}) where 4.x wrote
+    rope_theta, rope_local_base_freq and rope_scaling: the 4.x keys, from it (those present win)."""
+    rp = text.get("rope_parameters")
+    if rp is None:
+        return text
+    if not isinstance(rp, dict):
+        raise ExportError(f"{path}: rope_parameters is {short(rp)}, not an object")
+    full, sliding = rp.get("full_attention", rp), rp.get("sliding_attention", {})
+    if not isinstance(full, dict) or not isinstance(sliding, dict):
+        raise ExportError(f"{path}: rope_parameters is {short(rp)}: wanted an object per layer type")
+    if sliding.get("rope_type", "default") != "default":
+        raise ExportError(f"{path}: rope_parameters.sliding_attention.rope_type {short(sliding.get('rope_type'))}: "
+                          "Gemma 3 scales only the global layers")
+    out = dict(text)
+    if "rope_theta" in full:
+        out.setdefault("rope_theta", full["rope_theta"])
+    if "rope_theta" in sliding:
+        out.setdefault("rope_local_base_freq", sliding["rope_theta"])
+    if full.get("rope_type", "default") != "default" and "rope_scaling" not in text:
+        out["rope_scaling"] = {k: v for k, v in full.items() if k != "rope_theta"}
+    return out
+
+
 def read_config(hf_dir):
     path = os.path.join(hf_dir, "config.json")
     raw = read_json(path, "config.json", 1 << 20)
@@ -250,6 +276,7 @@ def read_config(hf_dir):
         text = {}
     if not isinstance(text, dict):
         raise ExportError(f"{path}: text_config is {short(text)}, not an object")
+    text = legacy_rope_keys(text, path)
     cfg = dict(TEXT_CONFIG_DEFAULTS)
     cfg.update({k: v for k, v in text.items() if v is not None or k in ("rope_scaling",)})
     # Older transformers name the activation hidden_act.
@@ -520,6 +547,186 @@ def first_nonfinite(data, dt):
 
 
 # ----------------------------------------------------------------------------
+# The vision half of Gemma3ForConditionalGeneration (4B, 12B, 27B): the SigLIP tower and
+# the projector, kept in the file under transformers 5's names (FORMAT.md, Vision)
+
+# Where the tower's tensors live, by checkpoint flavour: google/gemma-3-4b-it,
+# transformers 4.52 - 4.57, transformers 5 (longest first: the last is a prefix of the first).
+VISION_PREFIXES = ("model.vision_tower.vision_model.", "vision_tower.vision_model.", "model.vision_tower.",
+                   "vision_tower.")
+PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+VISION_TOWER = "vision_tower."          # the file's names: transformers 5's
+PROJECTOR = "multi_modal_projector."
+
+# Defaults of transformers' SiglipVisionConfig and Gemma3Config for keys a config leaves out.
+VISION_CONFIG_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                          "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 16,
+                          "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh"}
+MM_CONFIG_DEFAULTS = {"mm_tokens_per_image": 256, "image_token_index": 262144, "boi_token_index": 255999,
+                      "eoi_token_index": 256000}
+
+VISION_LAYER_TENSORS = [  # (name inside encoder.layers.N, shape as a function of (hidden, intermediate))
+    ("layer_norm1.weight", lambda h, f: [h]), ("layer_norm1.bias", lambda h, f: [h]),
+    ("self_attn.q_proj.weight", lambda h, f: [h, h]), ("self_attn.q_proj.bias", lambda h, f: [h]),
+    ("self_attn.k_proj.weight", lambda h, f: [h, h]), ("self_attn.k_proj.bias", lambda h, f: [h]),
+    ("self_attn.v_proj.weight", lambda h, f: [h, h]), ("self_attn.v_proj.bias", lambda h, f: [h]),
+    ("self_attn.out_proj.weight", lambda h, f: [h, h]), ("self_attn.out_proj.bias", lambda h, f: [h]),
+    ("layer_norm2.weight", lambda h, f: [h]), ("layer_norm2.bias", lambda h, f: [h]),
+    ("mlp.fc1.weight", lambda h, f: [f, h]), ("mlp.fc1.bias", lambda h, f: [f]),
+    ("mlp.fc2.weight", lambda h, f: [h, f]), ("mlp.fc2.bias", lambda h, f: [h]),
+]
+VISION_SECTION_SIZE = 80
+
+
+def read_vision_config(hf_dir, vocab):
+    """The vision hyper-parameters of a multimodal config.json, or None for a text model."""
+    path = os.path.join(hf_dir, "config.json")
+    raw = read_json(path, "config.json", 1 << 20)
+    if not isinstance(raw, dict) or raw.get("vision_config") is None:
+        return None
+    vision = raw["vision_config"]
+    if not isinstance(vision, dict):
+        raise ExportError(f"{path}: vision_config is {short(vision)}, not an object")
+    vc = dict(VISION_CONFIG_DEFAULTS)
+    vc.update({k: v for k, v in vision.items() if v is not None})
+    for k, d in MM_CONFIG_DEFAULTS.items():
+        vc[k] = raw.get(k, raw.get(k.replace("_index", "_id"), d))
+    if vc["hidden_act"] not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ExportError(f"{path}: vision_config.hidden_act {short(vc['hidden_act'])} is not SigLIP's gelu_pytorch_tanh")
+    ints = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+            "image_size", "patch_size"] + list(MM_CONFIG_DEFAULTS)
+    for k in ints:
+        if not is_int(vc[k]) or not 1 <= vc[k] <= MAX_DIM:
+            raise ExportError(f"{path}: vision setting {k} is {short(vc[k])}, not an integer in 1..{MAX_DIM}")
+    eps = vc["layer_norm_eps"]
+    if not is_number(eps) or not 0 <= eps < 1:
+        raise ExportError(f"{path}: vision_config.layer_norm_eps is {short(eps)}, not a number in [0, 1)")
+    side = vc["image_size"] // vc["patch_size"]
+    pooled = math.isqrt(vc["mm_tokens_per_image"])
+    if (vc["image_size"] % vc["patch_size"] or vc["hidden_size"] % vc["num_attention_heads"] or vc["num_channels"] != 3
+            or pooled * pooled != vc["mm_tokens_per_image"] or side % pooled or side * side > MAX_DIM):
+        raise ExportError(f"{path}: inconsistent vision config (image_size {vc['image_size']} must be whole patches of "
+                          f"{vc['patch_size']}, hidden_size {vc['hidden_size']} whole heads, num_channels 3, "
+                          f"mm_tokens_per_image {vc['mm_tokens_per_image']} a square whose side divides "
+                          f"{side} patches a side)")
+    for k in ("image_token_index", "boi_token_index", "eoi_token_index"):
+        if vc[k] >= vocab:
+            raise ExportError(f"{path}: {k} {vc[k]} is outside the vocabulary of {vocab}")
+    vc["mean"], vc["std"] = read_image_normalization(hf_dir)
+    return vc
+
+
+def read_image_normalization(hf_dir):
+    """image_mean and image_std of preprocessor_config.json (Gemma 3's: 0.5, 0.5 a channel)."""
+    path = os.path.join(hf_dir, "preprocessor_config.json")
+    if not os.path.exists(path):
+        return [0.5] * 3, [0.5] * 3
+    raw = read_json(path, "preprocessor_config.json", 1 << 20)
+    out = []
+    for k in ("image_mean", "image_std"):
+        v = raw.get(k, [0.5] * 3) if isinstance(raw, dict) else None
+        if not (isinstance(v, list) and len(v) == 3 and all(is_number(x) and -1e3 < x < 1e3 for x in v)
+                and (k == "image_mean" or all(x > 0 for x in v))):
+            raise ExportError(f"{path}: {k} is {short(v)}, not three numbers (std > 0)")
+        out.append([float(x) for x in v])
+    return out
+
+
+def find_vision_tensors(hf_dir):
+    """Map the file's name (transformers 5's) -> where the tensor's bytes are, over all shards.
+    The pooling head that transformers 5 adds to the tower (vision_use_head) is not Gemma's."""
+    found = {}
+    for fn in shard_names(hf_dir):
+        for name, info in read_safetensors_header(os.path.join(hf_dir, fn)).items():
+            canon = None
+            for p in VISION_PREFIXES:
+                if name.startswith(p):
+                    canon = VISION_TOWER + name[len(p):]
+                    break
+            for p in PROJECTOR_PREFIXES:
+                if name.startswith(p):
+                    canon = PROJECTOR + name[len(p):]
+            if canon is None or canon.startswith(VISION_TOWER + "head."):
+                continue
+            if canon in found:
+                raise ExportError(f"vision tensor {short(canon)} appears twice")
+            found[canon] = info
+    return found
+
+
+def expected_vision_tensors(vc, text_hidden):
+    """(file name, shape in the checkpoint, shape in the file) of the tower and projector."""
+    h, f, c, p = vc["hidden_size"], vc["intermediate_size"], vc["num_channels"], vc["patch_size"]
+    t = VISION_TOWER
+    out = [(t + "embeddings.patch_embedding.weight", [h, c, p, p], [h, c * p * p]),
+           (t + "embeddings.patch_embedding.bias", [h], [h]),
+           (t + "embeddings.position_embedding.weight", [(vc["image_size"] // p) ** 2, h], None)]
+    for i in range(vc["num_hidden_layers"]):
+        out += [(f"{t}encoder.layers.{i}.{n}", s(h, f), None) for n, s in VISION_LAYER_TENSORS]
+    out += [(t + "post_layernorm.weight", [h], None), (t + "post_layernorm.bias", [h], None),
+            (PROJECTOR + "mm_soft_emb_norm.weight", [h], None),
+            # HF keeps it (vision hidden, text hidden) for x @ w; the file, as every matrix, (out, in)
+            (PROJECTOR + "mm_input_projection_weight", [h, text_hidden], [text_hidden, h])]
+    return [(n, s, s if fs is None else fs) for n, s, fs in out]
+
+
+def transposed(data, rows, cols, elem):
+    """A row-major (rows, cols) matrix of elem-byte values as (cols, rows)."""
+    a = array.array("I" if elem == 4 else "H", data)
+    out = array.array(a.typecode, bytes(len(data)))
+    for j in range(cols):
+        out[j * rows:(j + 1) * rows] = a[j::cols]
+    return out.tobytes()
+
+
+def vision_tensors(hf_dir, vc, text_hidden, out_dtype):
+    """The tower's and projector's tensors as the writer takes them (see Source)."""
+    found = find_vision_tensors(hf_dir)
+    wanted = expected_vision_tensors(vc, text_hidden)
+    names = {n for n, _, _ in wanted}
+    for name in found:
+        if name not in names:
+            raise ExportError(f"unknown vision tensor {short(name)} (not part of a {vc['num_hidden_layers']}-layer "
+                              "SigLIP tower and Gemma 3 projector)")
+    tensors = []
+    for name, shape, file_shape in wanted:
+        info = found.get(name)
+        if info is None:
+            raise ExportError(f"missing vision tensor {name!r} (the config has a vision_config; "
+                              "export --text-only to leave the image path out)")
+        if info["shape"] != shape:
+            raise ExportError(f"vision tensor {name!r} has shape {short(info['shape'])}, expected {shape}")
+        dt = out_dtype if len(file_shape) == 2 else DTYPE_F32
+        flip = name.endswith("mm_input_projection_weight")
+
+        def chunks(info=info, dt=dt, flip=flip, shape=shape):
+            data = convert(read_tensor_bytes(info), info["dtype"], dt)
+            return iter([transposed(data, shape[0], shape[1], ELEM_SIZE[dt]) if flip else data])
+        tensors.append((name, file_shape, dt, math.prod(file_shape) * ELEM_SIZE[dt], chunks))
+    return tensors
+
+
+def vision_section(vc):
+    """The vision section's bytes (FORMAT.md)."""
+    raw = struct.pack("<11I7f2I", vc["image_size"], vc["patch_size"], vc["num_channels"], vc["hidden_size"],
+                      vc["intermediate_size"], vc["num_hidden_layers"], vc["num_attention_heads"],
+                      vc["mm_tokens_per_image"], vc["image_token_index"], vc["boi_token_index"],
+                      vc["eoi_token_index"], float(vc["layer_norm_eps"]), *vc["mean"], *vc["std"], 0, 0)
+    assert len(raw) == VISION_SECTION_SIZE
+    return raw
+
+
+def add_vision(src, hf_dir, dtype_name):
+    """Give src the vision section and tensors of a multimodal checkpoint (nothing for a text one)."""
+    vc = read_vision_config(hf_dir, src.vocab)
+    if vc is None:
+        return src
+    src.tensors = src.tensors + vision_tensors(hf_dir, vc, src.cfg["hidden_size"], DTYPE_CODES[dtype_name])
+    src.vision = vision_section(vc)
+    return src
+
+
+# ----------------------------------------------------------------------------
 # tokenizer.json -> tokenizer section (FORMAT.md)
 
 BYTE_PIECE = re.compile(r"^<0x[0-9A-F]{2}>$")
@@ -657,6 +864,7 @@ class Source:
 
     def __init__(self, cfg, vocab, tok_bytes, special, tensors, close=lambda: None):
         self.cfg, self.vocab, self.tok_bytes, self.tensors, self.close = cfg, vocab, tok_bytes, tensors, close
+        self.vision = b""  # the vision section of a multimodal model (add_vision)
         self.bos, self.eos, self.eot, self.sot = special_ids(special, cfg, vocab)
 
 
@@ -683,7 +891,7 @@ def special_ids(special, cfg, vocab):
     return ids
 
 
-def load_hf(hf_dir, dtype_name, quant=None, quiet=True):
+def load_hf(hf_dir, dtype_name, quant=None, quiet=True, text_only=False):
     cfg = read_config(hf_dir)
     if quant:
         check_quantizable(cfg, quant, os.path.join(hf_dir, "config.json"))
@@ -736,7 +944,9 @@ def load_hf(hf_dir, dtype_name, quant=None, quiet=True):
             read = lambda name=name, info=info, dt=dt: iter([finite_tensor(name, info, dt)])
         tensors.append((name, list(info["shape"]), dt, count * ELEM_SIZE[dt], read))
     try:
-        return Source(cfg, vocab, tok_bytes, special, tensors, close=deq.close if deq else lambda: None)
+        src = Source(cfg, vocab, tok_bytes, special, tensors, close=deq.close if deq else lambda: None)
+        # a quantized MLX checkpoint's vision tower (mlx-vlm packs it too) is left out
+        return src if text_only or packed else add_vision(src, hf_dir, dtype_name)
     except BaseException:
         if deq:
             deq.close()
@@ -751,7 +961,8 @@ def write_model(src, raw, out_name, dtype_name, quiet, label=None):
     cfg, tensors = src.cfg, src.tensors
     n_layers = cfg["num_hidden_layers"]
     layer_types_off = HEADER_SIZE
-    tok_off = pad_to(layer_types_off + n_layers, 8)
+    vision_off = pad_to(layer_types_off + n_layers, 8)
+    tok_off = vision_off + len(src.vision)
     dir_off = pad_to(tok_off + len(src.tok_bytes), 8)
     data_off = pad_to(dir_off + DIR_ENTRY_SIZE * len(tensors))
     directory = bytearray()
@@ -770,7 +981,7 @@ def write_model(src, raw, out_name, dtype_name, quiet, label=None):
         cfg["sliding_window"], cfg["max_position_embeddings"], src.bos, src.eos, src.eot, src.sot,
         float(cfg["query_pre_attn_scalar"]), float(cfg["rms_norm_eps"]), float(cfg["rope_theta"]),
         float(cfg["rope_local_base_freq"]), cfg["rope_factor"],
-        len(tensors), 0, tok_off if src.tok_bytes else 0, len(src.tok_bytes), dir_off, 0)
+        len(tensors), 0, tok_off if src.tok_bytes else 0, len(src.tok_bytes), dir_off, vision_off if src.vision else 0)
     assert len(header) == HEADER_SIZE
 
     t0 = time.time()
@@ -782,7 +993,8 @@ def write_model(src, raw, out_name, dtype_name, quiet, label=None):
         f = ChunkedWriter(raw)
         f.write(header)
         f.write(bytes(cfg["is_global"]))
-        f.write(b"\0" * (tok_off - f.pos))
+        f.write(b"\0" * (vision_off - f.pos))
+        f.write(src.vision)
         f.write(src.tok_bytes)
         f.write(b"\0" * (dir_off - f.pos))
         f.write(directory)
@@ -811,13 +1023,21 @@ def write_model(src, raw, out_name, dtype_name, quiet, label=None):
               f"tokenizer {'yes' if src.tok_bytes else 'no'}, {time.time() - t0:.1f} s", file=sys.stderr)
 
 
-def load(path, dtype_name, quiet, quant=None):
+def load(path, dtype_name, quiet, quant=None, text_only=False, mmproj=None):
     """The checkpoint at path as a Source; quant (q8_0, q4_0): the type it is going to be
     quantized to after, checked against the config before any work."""
     if os.path.isdir(path):
-        return load_hf(path, dtype_name, quant, quiet)
+        if mmproj:
+            raise ExportError(f"--mmproj goes with a GGUF model file; {path} is a directory, whose own "
+                              "vision tower (if any) is kept")
+        return load_hf(path, dtype_name, quant, quiet, text_only)
     if os.path.exists(path):
-        return load_gguf(path, dtype_name, quiet, quant)
+        src = load_gguf(path, dtype_name, quiet, quant)
+        try:
+            return add_mmproj(src, mmproj, dtype_name, quiet, path) if mmproj else src
+        except BaseException:
+            src.close()
+            raise
     raise ExportError(f"cannot read {path}: no such file or directory")
 
 
@@ -917,7 +1137,7 @@ def remove_if_there(path):
         pass
 
 
-def check_output(src_path, out_path, force, quant):
+def check_output(src_path, out_path, force, quant, mmproj=None):
     """Before any work: where the output goes (an Output), refused with one line if it is a
     directory, a block device or socket, one of the inputs, the program itself, or an
     existing file that is not a gemma3.c model (unless force)."""
@@ -940,6 +1160,7 @@ def check_output(src_path, out_path, force, quant):
     out = Output(out_path, target, stream, quant)
     try:
         inputs = [os.path.join(src_path, n) for n in os.listdir(src_path)] if os.path.isdir(src_path) else [src_path]
+        inputs += [mmproj] if mmproj else []
     except OSError:
         inputs = []  # unreadable input: load() says so
     for path in out.temporaries() + [target]:
@@ -996,10 +1217,10 @@ def catch_stop_signals():
             signal.signal(s, on_stop_signal)
 
 
-def export(src_path, out, dtype_name, quiet=False):
+def export(src_path, out, dtype_name, quiet=False, text_only=False, mmproj=None):
     """f32 / bf16: the checkpoint written straight into the output (its temporary file, or
     the FIFO or device), then put in place."""
-    src = load(src_path, dtype_name, quiet)
+    src = load(src_path, dtype_name, quiet, text_only=text_only, mmproj=mmproj)
     try:
         raw = out.open_stream()
     except BaseException:
@@ -1029,7 +1250,7 @@ def build_with_make(target, why, quiet, refresh=False):
     return binary
 
 
-def export_quantized(src_path, out, dtype_name, quiet):
+def export_quantized(src_path, out, dtype_name, quiet, text_only=False, mmproj=None):
     """q8_0 / q4_0: export losslessly into the temporary file, then let the C engine
     quantize it (fast, no numpy) into the second one, which becomes the output."""
     t0 = time.time()
@@ -1039,7 +1260,7 @@ def export_quantized(src_path, out, dtype_name, quiet):
     else:
         lossless = "f32"  # a GGUF's dequantized values are float32; bf16 would round them
     engine = build_with_make("gemma3", "it does the quantization", quiet)
-    src = load(src_path, lossless, quiet, dtype_name)
+    src = load(src_path, lossless, quiet, dtype_name, text_only, mmproj)
     try:
         raw = out.open_stream()
     except BaseException:
@@ -1696,6 +1917,125 @@ def load_gguf(path, dtype_name, quiet, quant=None):
         raise
 
 
+# ----------------------------------------------------------------------------
+# llama.cpp's mmproj GGUF: the vision tower and projector of a Gemma 3 text GGUF, in a file
+# of its own (convert_hf_to_gguf.py --mmproj; ggml-org's gemma-3-*-GGUF), read into the same
+# vision section and tensors as a Hugging Face checkpoint's
+
+MMPROJ_LAYER_NAMES = {"layer_norm1": "ln1", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                      "self_attn.v_proj": "attn_v", "self_attn.out_proj": "attn_out", "layer_norm2": "ln2",
+                      "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
+MMPROJ_NAMES = {"embeddings.patch_embedding": "v.patch_embd", "embeddings.position_embedding": "v.position_embd",
+                "post_layernorm": "v.post_ln"}
+
+
+def mmproj_name(name):
+    """The mmproj GGUF's name of one of our vision tensors (FORMAT.md's names)."""
+    if name == PROJECTOR + "mm_soft_emb_norm.weight":
+        return "mm.soft_emb_norm.weight"
+    if name == PROJECTOR + "mm_input_projection_weight":
+        return "mm.input_projection.weight"
+    stem, kind = name[len(VISION_TOWER):].rsplit(".", 1)
+    if stem.startswith("encoder.layers."):
+        _, _, i, module = stem.split(".", 3)
+        return f"v.blk.{i}.{MMPROJ_LAYER_NAMES[module]}.{kind}"
+    return f"{MMPROJ_NAMES[stem]}.{kind}"
+
+
+def mmproj_config(path, meta, vocab, image_ids):
+    """The vision hyper-parameters of a Gemma 3 mmproj GGUF (clip.vision.*), checked as
+    read_vision_config checks a config.json's; image_ids: the text GGUF's image, boi, eoi."""
+    arch = gguf_meta(meta, "general.architecture", str, None, path)
+    kind = gguf_meta(meta, "clip.projector_type", str, "", path) or gguf_meta(meta, "clip.vision.projector_type",
+                                                                                str, "", path)
+    if arch != "clip" or kind != "gemma3":
+        raise ExportError(f"{path}: not a Gemma 3 mmproj file (architecture {short(arch)}, projector type "
+                          f"{short(kind)}; wanted clip and gemma3)")
+    vc = {"hidden_act": "gelu_pytorch_tanh", "num_channels": 3}
+    for ours, key in (("image_size", "image_size"), ("patch_size", "patch_size"), ("hidden_size", "embedding_length"),
+                      ("intermediate_size", "feed_forward_length"), ("num_hidden_layers", "block_count"),
+                      ("num_attention_heads", "attention.head_count")):
+        vc[ours] = gguf_meta(meta, "clip.vision." + key, int, None, path)
+        if not 1 <= vc[ours] <= MAX_DIM:
+            raise ExportError(f"{path}: clip.vision.{key} is {vc[ours]}, not in 1..{MAX_DIM}")
+    vc["layer_norm_eps"] = gguf_meta(meta, "clip.vision.attention.layer_norm_epsilon", float, 1e-6, path)
+    if not 0 <= vc["layer_norm_eps"] < 1:
+        raise ExportError(f"{path}: clip.vision.attention.layer_norm_epsilon {vc['layer_norm_eps']} is not in [0, 1)")
+    scale = gguf_meta(meta, "clip.vision.projector.scale_factor", int, 4, path)  # patches a pooled token is wide
+    side = vc["image_size"] // vc["patch_size"]
+    if not 1 <= scale <= side or side % scale:
+        raise ExportError(f"{path}: clip.vision.projector.scale_factor {scale} does not divide {side} patches a side")
+    vc["mm_tokens_per_image"] = (side // scale) ** 2
+    vc["image_token_index"], vc["boi_token_index"], vc["eoi_token_index"] = image_ids
+    for k in ("image_token_index", "boi_token_index", "eoi_token_index"):
+        if vc[k] >= vocab:
+            raise ExportError(f"{path}: the text model's vocabulary of {vocab} has no {k} {vc[k]} (Gemma 3 4B+ has 262208)")
+    for k in ("image_mean", "image_std"):
+        v = gguf_meta(meta, "clip.vision." + k, list, [0.5] * 3, path)
+        if not (len(v) == 3 and all(is_number(x) and -1e3 < x < 1e3 for x in v) and (k == "image_mean" or min(v) > 0)):
+            raise ExportError(f"{path}: clip.vision.{k} is {short(v)}, not three numbers (std > 0)")
+        vc["mean" if k == "image_mean" else "std"] = [float(x) for x in v]
+    if vc["image_size"] % vc["patch_size"] or vc["hidden_size"] % vc["num_attention_heads"]:
+        raise ExportError(f"{path}: inconsistent vision sizes (image_size {vc['image_size']}, patch_size "
+                          f"{vc['patch_size']}, embedding_length {vc['hidden_size']}, head_count "
+                          f"{vc['num_attention_heads']})")
+    return vc
+
+
+IMAGE_PIECES = ("<image_soft_token>", "<start_of_image>", "<end_of_image>")
+
+
+def add_mmproj(src, path, dtype_name, quiet, text_path):
+    """Give src (the text GGUF's at text_path) the vision section and tensors of the mmproj
+    GGUF at path. Its values come through tools/gguf_dequant like the text's; mm.soft_emb_norm
+    is stored as 1 + w (llama.cpp adds 1), the other norms as they are. The image token ids
+    are the text GGUF's pieces (Gemma 3's 262144, 255999, 256000 where it has no tokenizer)."""
+    _, text_meta, _ = read_gguf(text_path)
+    pieces = gguf_meta(text_meta, "tokenizer.ggml.tokens", list, [], text_path)
+    found = {p: i for i, p in reversed(list(enumerate(pieces))) if p in IMAGE_PIECES}
+    image_ids = [found.get(p, d) for p, d in zip(IMAGE_PIECES, (262144, 255999, 256000))]
+    _, meta, tensors = read_gguf(path)
+    vc = mmproj_config(path, meta, src.vocab, image_ids)
+    wanted = [(name, shape, file_shape, mmproj_name(name))
+              for name, shape, file_shape in expected_vision_tensors(vc, src.cfg["hidden_size"])]
+    known = {g for _, _, _, g in wanted}
+    for g in tensors:
+        if g not in known:
+            raise ExportError(f"{path}: unknown tensor {short(g)} (not part of a {vc['num_hidden_layers']}-layer Gemma 3 "
+                              "vision tower and projector)")
+    jobs, plan = [], []
+    for name, shape, file_shape, g in wanted:
+        if g not in tensors:
+            raise ExportError(f"{path}: missing tensor {g}")
+        ttype, dims, offset, _ = tensors[g]
+        if dims != shape[::-1]:
+            raise ExportError(f"{path}: tensor {g} has dimensions {dims}, expected {shape[::-1]}")
+        dt = DTYPE_CODES[dtype_name] if len(file_shape) == 2 else DTYPE_F32
+        count = math.prod(shape)
+        jobs.append(f"{offset} {ttype} {count} {'bf16' if dt == DTYPE_BF16 else 'f32'} "
+                    f"{1 if g == 'mm.soft_emb_norm.weight' else 0}\n")
+        plan.append((name, shape, file_shape, dt, count * ELEM_SIZE[dt], g))
+    deq = Dequantizer(path, jobs, quiet)
+
+    def chunks(nb, g, dt, shape, flip):
+        if not flip:
+            return deq.read(nb, g)
+        return iter([transposed(b"".join(deq.read(nb, g)), shape[0], shape[1], ELEM_SIZE[dt])])
+    src.tensors = src.tensors + [
+        (name, file_shape, dt, nb, lambda nb=nb, g=g, dt=dt, shape=shape: chunks(nb, g, dt, shape, g.startswith("mm.input")))
+        for name, shape, file_shape, dt, nb, g in plan]
+    src.vision = vision_section(vc)
+    text_close = src.close
+
+    def close():
+        try:
+            text_close()
+        finally:
+            deq.close()
+    src.close = close
+    return src
+
+
 def same_bytes(path, a, b, n):
     """Whether the n bytes at offsets a and b of the file are equal (read 16 MiB at a time)."""
     with open(path, "rb") as f:
@@ -1898,6 +2238,11 @@ def main():
                          "int8 / int4 in blocks of 32 with a half-precision scale, made by gemma3 --quantize. "
                          "From a GGUF or a quantized MLX checkpoint, f32 keeps the dequantized values exactly; "
                          "from a GGUF, gguf keeps each matrix's own blocks (Q4_K, Q6_K, ...) as they are, at the GGUF's size")
+    ap.add_argument("--text-only", action="store_true",
+                    help="leave out the vision tower and projector of a multimodal checkpoint")
+    ap.add_argument("--mmproj", metavar="MMPROJ.gguf",
+                    help="with a GGUF: llama.cpp's mmproj file of the same Gemma 3 4B+ model (its vision tower and "
+                         "projector), kept in the output")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     ap.add_argument("--force", action="store_true",
                     help="replace OUT even if it exists and is not a gemma3.c model file (without it, such a file "
@@ -1911,12 +2256,12 @@ def main():
             raise ExportError(f"--dtype gguf keeps a GGUF file's own blocks; {args.src} is a directory "
                               f"(choose f32, bf16, q8_0 or q4_0 for a Hugging Face or MLX checkpoint)")
         try:
-            out = check_output(args.src, args.out, args.force, quant)
+            out = check_output(args.src, args.out, args.force, quant, args.mmproj)
             out.begin()
             if quant:
-                export_quantized(args.src, out, args.dtype, args.quiet)
+                export_quantized(args.src, out, args.dtype, args.quiet, args.text_only, args.mmproj)
             else:
-                export(args.src, out, args.dtype, args.quiet)
+                export(args.src, out, args.dtype, args.quiet, args.text_only, args.mmproj)
         finally:
             if out is not None:
                 out.abort()  # (nothing left to do after finish)

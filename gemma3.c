@@ -7,6 +7,7 @@
  *
  *   1. model file: Config, Weights, loading and validation
  *   2. neural-net blocks: rmsnorm, matmul, rope, attention, gelu, forward
+ *   2b. the image path (4B+): resize, the SigLIP vision tower, the projector
  *   3. sampler
  *   4. generation and chat
  *   5. the library: the functions of gemma3.h (and reading model files)
@@ -106,6 +107,22 @@ typedef struct {
     float rope_local_theta;/* RoPE base on sliding-window layers (rope_local_base_freq) */
     float rope_factor;     /* linear RoPE scaling on global layers (1 = none, 8 for 4B+) */
     unsigned char *is_global; /* (n_layers) 1 = global attention, 0 = sliding window */
+    int has_vision;        /* 1: the file has the image path (4B+), in vision and Weights.vision */
+    struct VisionConfig {  /* the image path's sizes (HF vision_config and Gemma3Config names) */
+        int image_size;    /* image_size: the square every image is resized to (896) */
+        int patch_size;    /* patch_size (14): the tower sees (image_size / patch_size)^2 patches */
+        int channels;      /* num_channels (3) */
+        int dim;           /* hidden_size of the tower (1152) */
+        int hidden_dim;    /* intermediate_size, its MLP width (4304) */
+        int n_layers;      /* num_hidden_layers (27) */
+        int n_heads;       /* num_attention_heads (16; head_dim = dim / n_heads, 72) */
+        int mm_tokens;     /* mm_tokens_per_image (256): soft tokens an image becomes */
+        int image_id, boi_id, eoi_id; /* <image_soft_token>, <start_of_image>, <end_of_image> */
+        float norm_eps;    /* layer_norm_eps: the LayerNorms and the projector's RMSNorm */
+        float mean[3], std[3]; /* pixel normalization: (p / 255 - mean) / std per channel */
+        int side;          /* derived: image_size / patch_size patches a side */
+        int n_patches;     /* derived: side * side */
+    } vision;
 } Config;
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_Q8_0 = 2, DT_Q4_0 = 3, DT_GGML = 256 };
@@ -159,12 +176,38 @@ typedef struct {
     Matrix w_down;               /* mlp.down_proj (dim, hidden_dim) */
 } LayerWeights;
 
+/* The vision tower's layers (SigLIP encoder, HF vision_tower.encoder.layers.N.*): pre-norm
+ * LayerNorms with bias, attention and MLP with biases. D = vision.dim, F = vision.hidden_dim. */
+typedef struct {
+    const float *ln1_w, *ln1_b;  /* layer_norm1.weight, .bias (D) */
+    Matrix wq, wk, wv, wo;       /* self_attn.q_proj, k_proj, v_proj, out_proj (D, D) */
+    const float *bq, *bk, *bv, *bo; /* their biases (D) */
+    const float *ln2_w, *ln2_b;  /* layer_norm2.weight, .bias (D) */
+    Matrix fc1;                  /* mlp.fc1 (F, D) */
+    const float *b1;             /* mlp.fc1.bias (F) */
+    Matrix fc2;                  /* mlp.fc2 (D, F) */
+    const float *b2;             /* mlp.fc2.bias (D) */
+} VisionLayerWeights;
+
+/* The tower (HF vision_tower.*) and the projector (multi_modal_projector.*). */
+typedef struct {
+    Matrix patch;          /* embeddings.patch_embedding (D, channels * patch^2): the conv as a matmul */
+    const float *patch_bias; /* embeddings.patch_embedding.bias (D) */
+    Matrix position;       /* embeddings.position_embedding (n_patches, D), learned */
+    VisionLayerWeights *layers; /* (vision.n_layers) */
+    const float *post_norm_w, *post_norm_b; /* post_layernorm (D) */
+    const float *mm_norm;  /* multi_modal_projector.mm_soft_emb_norm (D): RMSNorm x (1 + w) */
+    Matrix mm_proj;        /* multi_modal_projector.mm_input_projection_weight, stored transposed:
+                              (text dim, D) */
+} VisionWeights;
+
 typedef struct {
     Matrix embed;          /* embed_tokens (vocab_size, dim) */
     Matrix classifier;     /* lm_head (vocab_size, dim): the embedding table itself (tied), unless
                               the file has its own lm_head.weight (from a GGUF's output.weight) */
     LayerWeights *layers;  /* (n_layers) */
     const float *final_norm; /* norm.weight (dim) */
+    VisionWeights vision;  /* the image path, if config.has_vision */
 } Weights;
 
 /* The loaded file: the bytes, and what we built from them. */
@@ -395,8 +438,125 @@ static int read_header(Model *m, const char *path, char *err, size_t errsize) {
     return 0;
 }
 
-/* The tensor directory: every entry must name a tensor of a Gemma 3 text model, and all of
- * them must be there. Sets *untied if the file has its own classifier (lm_head.weight). */
+/* The names of the vision tower and projector (16 a layer, 7 more), and how many. */
+static const char *const vision_layer_tensors[] = {
+    "layer_norm1.weight", "layer_norm1.bias", "self_attn.q_proj.weight", "self_attn.q_proj.bias",
+    "self_attn.k_proj.weight", "self_attn.k_proj.bias", "self_attn.v_proj.weight", "self_attn.v_proj.bias",
+    "self_attn.out_proj.weight", "self_attn.out_proj.bias", "layer_norm2.weight", "layer_norm2.bias",
+    "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias", NULL};
+static const char *const vision_other_tensors[] = {
+    "vision_tower.embeddings.patch_embedding.weight", "vision_tower.embeddings.patch_embedding.bias",
+    "vision_tower.embeddings.position_embedding.weight", "vision_tower.post_layernorm.weight",
+    "vision_tower.post_layernorm.bias", "multi_modal_projector.mm_soft_emb_norm.weight",
+    "multi_modal_projector.mm_input_projection_weight", NULL};
+#define VISION_TENSORS(n_layers) (7u + 16u * (uint32_t)(n_layers))
+
+static int known_vision_name(const char *name, int n_layers) {
+    if (memchr(name, 0, 64) == NULL) return 0;
+    for (int i = 0; vision_other_tensors[i]; i++)
+        if (!strcmp(name, vision_other_tensors[i])) return 1;
+    int layer, used = 0;
+    if (sscanf(name, "vision_tower.encoder.layers.%d.%n", &layer, &used) != 1 || used == 0 || layer < 0 ||
+        layer >= n_layers)
+        return 0;
+    for (int i = 0; vision_layer_tensors[i]; i++)
+        if (!strcmp(name + used, vision_layer_tensors[i])) return 1;
+    return 0;
+}
+
+/* The vision section (FORMAT.md), where the header's offset 120 points (0: a text model):
+ * the image path's sizes into c->vision, each checked. */
+static int read_vision_section(Model *m, const char *path, char *err, size_t errsize) {
+    Config *c = &m->config;
+    struct VisionConfig *v = &c->vision;
+    uint64_t off = rd_u64(m->data + 120);
+    if (off == 0) return 0;
+    if (off % 8 != 0 || off > m->size || m->size - off < 80) {
+        set_err(err, errsize, "%s: the vision section lies outside the file (corrupt header)", path);
+        return GEMMA3_E_FORMAT;
+    }
+    const unsigned char *p = m->data + off;
+    uint32_t u[11];
+    for (int i = 0; i < 11; i++) {
+        u[i] = rd_u32(p + 4 * i);
+        if (u[i] == 0 || u[i] > (1u << 24)) {
+            set_err(err, errsize, "%s: vision field %d has implausible value %u", path, i, u[i]);
+            return GEMMA3_E_FORMAT;
+        }
+    }
+    v->image_size = (int)u[0], v->patch_size = (int)u[1], v->channels = (int)u[2], v->dim = (int)u[3];
+    v->hidden_dim = (int)u[4], v->n_layers = (int)u[5], v->n_heads = (int)u[6], v->mm_tokens = (int)u[7];
+    v->image_id = (int)u[8], v->boi_id = (int)u[9], v->eoi_id = (int)u[10];
+    v->norm_eps = rd_f32(p + 44);
+    int ok = v->norm_eps >= 0 && v->norm_eps < 1;
+    for (int i = 0; i < 3; i++) {
+        v->mean[i] = rd_f32(p + 48 + 4 * i), v->std[i] = rd_f32(p + 60 + 4 * i);
+        ok &= fabsf(v->mean[i]) < 1e3f && v->std[i] > 1e-6f && v->std[i] < 1e3f;
+    }
+    v->side = v->image_size / v->patch_size;
+    int pooled = (int)(sqrt((double)v->mm_tokens) + 0.5);
+    if (!ok || v->channels != 3 || v->image_size % v->patch_size != 0 || v->side > 4096 ||
+        v->dim % v->n_heads != 0 || pooled * pooled != v->mm_tokens || v->side % pooled != 0) {
+        set_err(err, errsize, "%s: inconsistent vision parameters (image %d, patch %d, channels %d, hidden %d, "
+                "heads %d, %d tokens an image)", path, v->image_size, v->patch_size, v->channels, v->dim,
+                v->n_heads, v->mm_tokens);
+        return GEMMA3_E_FORMAT;
+    }
+    v->n_patches = v->side * v->side;
+    if (u[8] >= (uint32_t)c->vocab_size || u[9] >= (uint32_t)c->vocab_size || u[10] >= (uint32_t)c->vocab_size) {
+        set_err(err, errsize, "%s: image token ids out of range (image %u, <start_of_image> %u, <end_of_image> %u; "
+                "the vocabulary has %d)", path, u[8], u[9], u[10], c->vocab_size);
+        return GEMMA3_E_FORMAT;
+    }
+    c->has_vision = 1;
+    return 0;
+}
+
+/* The tower's and projector's weights, checked like the text model's. */
+static int load_vision_weights(Model *m, char *err, size_t errsize) {
+    const struct VisionConfig *v = &m->config.vision;
+    VisionWeights *w = &m->weights.vision;
+    const int D = v->dim, F = v->hidden_dim;
+    if (load_matrix(m, &w->patch, "vision_tower.embeddings.patch_embedding.weight", D,
+                    v->channels * v->patch_size * v->patch_size, err, errsize) ||
+        load_norm(m, &w->patch_bias, "vision_tower.embeddings.patch_embedding.bias", D, err, errsize) ||
+        load_matrix(m, &w->position, "vision_tower.embeddings.position_embedding.weight", v->n_patches, D, err, errsize) ||
+        load_norm(m, &w->post_norm_w, "vision_tower.post_layernorm.weight", D, err, errsize) ||
+        load_norm(m, &w->post_norm_b, "vision_tower.post_layernorm.bias", D, err, errsize) ||
+        load_norm(m, &w->mm_norm, "multi_modal_projector.mm_soft_emb_norm.weight", D, err, errsize) ||
+        load_matrix(m, &w->mm_proj, "multi_modal_projector.mm_input_projection_weight", m->config.dim, D, err, errsize))
+        return GEMMA3_E_FORMAT;
+    w->layers = calloc((size_t)v->n_layers, sizeof(VisionLayerWeights));
+    if (!w->layers) { set_err(err, errsize, "out of memory"); return GEMMA3_E_NOMEM; }
+    for (int l = 0; l < v->n_layers; l++) {
+        VisionLayerWeights *L = &w->layers[l];
+        char name[96]; /* (a name over 63 bytes is in no directory: find_tensor says it is missing) */
+#define NAME(s) (snprintf(name, sizeof name, "vision_tower.encoder.layers.%d.%s", l, s), name)
+        if (load_norm(m, &L->ln1_w, NAME("layer_norm1.weight"), D, err, errsize) ||
+            load_norm(m, &L->ln1_b, NAME("layer_norm1.bias"), D, err, errsize) ||
+            load_matrix(m, &L->wq, NAME("self_attn.q_proj.weight"), D, D, err, errsize) ||
+            load_norm(m, &L->bq, NAME("self_attn.q_proj.bias"), D, err, errsize) ||
+            load_matrix(m, &L->wk, NAME("self_attn.k_proj.weight"), D, D, err, errsize) ||
+            load_norm(m, &L->bk, NAME("self_attn.k_proj.bias"), D, err, errsize) ||
+            load_matrix(m, &L->wv, NAME("self_attn.v_proj.weight"), D, D, err, errsize) ||
+            load_norm(m, &L->bv, NAME("self_attn.v_proj.bias"), D, err, errsize) ||
+            load_matrix(m, &L->wo, NAME("self_attn.out_proj.weight"), D, D, err, errsize) ||
+            load_norm(m, &L->bo, NAME("self_attn.out_proj.bias"), D, err, errsize) ||
+            load_norm(m, &L->ln2_w, NAME("layer_norm2.weight"), D, err, errsize) ||
+            load_norm(m, &L->ln2_b, NAME("layer_norm2.bias"), D, err, errsize) ||
+            load_matrix(m, &L->fc1, NAME("mlp.fc1.weight"), F, D, err, errsize) ||
+            load_norm(m, &L->b1, NAME("mlp.fc1.bias"), F, err, errsize) ||
+            load_matrix(m, &L->fc2, NAME("mlp.fc2.weight"), D, F, err, errsize) ||
+            load_norm(m, &L->b2, NAME("mlp.fc2.bias"), D, err, errsize))
+            return GEMMA3_E_FORMAT;
+#undef NAME
+    }
+    return 0;
+}
+
+/* The tensor directory: every entry must name a tensor of a Gemma 3 text model (or of its
+ * image path, if the file has one), and all of them must be there. Sets *untied if the
+ * file has its own classifier (lm_head.weight). */
 static int check_directory(const Model *m, const char *path, int *untied, char *err, size_t errsize) {
     const Config *c = &m->config;
     uint32_t n_tensors = rd_u32(m->data + 88);
@@ -407,7 +567,7 @@ static int check_directory(const Model *m, const char *path, int *untied, char *
     *untied = 0; /* lm_head.weight, the one optional tensor */
     for (uint32_t i = 0; i < n_tensors; i++) {
         const char *name = (const char *)dir + (size_t)i * GEMMA3_DIR_ENTRY_SIZE;
-        if (!known_tensor_name(name, c->n_layers)) {
+        if (!known_tensor_name(name, c->n_layers) && !(c->has_vision && known_vision_name(name, c->vision.n_layers))) {
             char shown[4 * 64 + 1];
             set_err(err, errsize, "%s: unknown tensor '%s' in the model file", path,
                     printable((const unsigned char *)name, 64, shown));
@@ -415,7 +575,8 @@ static int check_directory(const Model *m, const char *path, int *untied, char *
         }
         *untied |= !strcmp(name, "lm_head.weight");
     }
-    uint32_t expected = 2 + (uint32_t)*untied + 13u * (uint32_t)c->n_layers;
+    uint32_t expected = 2 + (uint32_t)*untied + 13u * (uint32_t)c->n_layers +
+                        (c->has_vision ? VISION_TENSORS(c->vision.n_layers) : 0);
     if (n_tensors != expected) {
         set_err(err, errsize, "%s: %u tensors in the file, a %d-layer Gemma 3 has %u (unknown or missing tensors)",
                 path, n_tensors, c->n_layers, expected);
@@ -468,9 +629,12 @@ static int open_model_bytes(Model *m, const char *name, char *err, size_t errsiz
         set_err(err, errsize, "%s: file too short (%zu bytes) to be a gemma3.c model", name, m->size);
         return GEMMA3_E_FORMAT;
     }
-    if ((rc = read_header(m, name, err, errsize)) || (rc = check_directory(m, name, &untied, err, errsize))) return rc;
+    if ((rc = read_header(m, name, err, errsize)) || (rc = read_vision_section(m, name, err, errsize)) ||
+        (rc = check_directory(m, name, &untied, err, errsize)))
+        return rc;
     if (host_is_big_endian()) swap_tensors_to_native(m); /* (m->data is writable there: ours) */
     if ((rc = load_weights(m, untied, err, errsize))) return rc;
+    if (m->config.has_vision && (rc = load_vision_weights(m, err, errsize))) return rc;
     uint64_t tok_off = rd_u64(m->data + 96), tok_size = rd_u64(m->data + 104);
     if (tok_off) {
         char terr[200];
@@ -498,6 +662,7 @@ static int load_model(Model *m, const char *path, char *err, size_t errsize) {
 static void free_model(Model *m) {
     if (m->has_tokenizer) tokenizer_free(&m->tokenizer);
     free(m->weights.layers);
+    free(m->weights.vision.layers);
     free(m->config.is_global);
     release_file_bytes(m);
     memset(m, 0, sizeof(*m));
@@ -514,6 +679,7 @@ typedef struct {
     int ctx;          /* context length the caches were sized for (-c) */
     int max_batch;    /* most tokens per forward_batch() call */
     int all_logits;   /* 1: logits of every token of a batch (for --logits); 0: the last only */
+    int image_block;  /* 1: the batch is one image's soft tokens, which see each other both ways */
     float *x;         /* (max_batch, dim) the residual stream */
     float *xb;        /* (max_batch, dim) normed input of a sub-block */
     float *xb2;       /* (max_batch, dim) output of a sub-block */
@@ -989,10 +1155,12 @@ static void attention(RunState *s, const Config *c, int l, int pos0, int n) {
     FOR /* (each thread has its own rows of scores) */
     for (job = 0; job < n * jobs_per_token; job++) {
         int t = job / jobs_per_token, h0 = job % jobs_per_token * nh, pos = pos0 + t, kvh = h0 / group;
-        /* Sliding layers see keys j with pos - window < j <= pos; global layers all j <= pos. */
+        /* Sliding layers see keys j with pos - window < j <= pos; global layers all j <= pos.
+         * An image's tokens also see the later ones of their image (the batch): as
+         * transformers 5 masks them, AND(sliding window, OR(causal, same image)). */
         int first = c->is_global[l] ? 0 : pos - c->window + 1;
         if (first < 0) first = 0;
-        int span = pos - first + 1;
+        int last = s->image_block ? pos0 + n - 1 : pos, span = last - first + 1;
         const float *q = s->q + (size_t)t * Q + h0 * hd;          /* head h0 + g at q + g * hd */
         float *att = s->att + ((size_t)THREAD_NUM() * c->n_heads + h0) * s->ctx; /* head h0 + g's scores at att + g * ctx */
         const float *kc = s->key_cache[l] + kvh * hd, *vc = s->value_cache[l] + kvh * hd;
@@ -1151,9 +1319,10 @@ static float *forward_batch(const Model *m, RunState *s, const int *tokens, int 
     const Weights *w = &m->weights;
     const int D = c->dim, half = c->head_dim / 2;
 
-    /* token embeddings, scaled by sqrt(hidden_size) computed in float32 */
+    /* token embeddings, scaled by sqrt(hidden_size) computed in float32 (tokens NULL: the
+     * caller has put an image's soft tokens in s->x, which are not scaled) */
     float normalizer = (float)sqrt((double)D);
-    for (int t = 0; t < n; t++) {
+    for (int t = 0; tokens && t < n; t++) {
         float *x = s->x + (size_t)t * D;
         matrix_row(x, &w->embed, tokens[t]);
         for (int i = 0; i < D; i++) x[i] *= normalizer;
@@ -1195,6 +1364,300 @@ static float *forward_tokens(const Model *m, RunState *s, const int *ids, int n,
         int nb = n - done < s->max_batch ? n - done : s->max_batch;
         logits = forward_batch(m, s, ids + done, nb, pos0 + done, done + nb == n);
     }
+    return logits;
+}
+
+/* ------------------------------------------------------------------------- */
+/* 2b. the image path (4B+): resize, the SigLIP vision tower, the projector   */
+/* ------------------------------------------------------------------------- */
+
+/* An image becomes image_size x image_size pixels, cut into patch_size squares: N patches.
+ * The tower (HF SiglipVisionTransformer) embeds each patch (the convolution is a matmul
+ * over the patches' pixels), adds a learned position embedding, and runs num_hidden_layers
+ * pre-norm encoder layers in which every patch attends to every other; a final LayerNorm.
+ * The projector (HF Gemma3MultiModalProjector) averages k x k squares of patches into
+ * mm_tokens_per_image tokens, RMSNorms them (x (1 + w)) and projects them to the text
+ * width. Those soft tokens take the places of the image tokens in the prompt, where they
+ * attend to each other both ways (attention's image_block). Every size is from the file. */
+
+#define VISION_BATCH 256      /* patches a matmul takes at a time (the activations' scratch) */
+#define MAX_IMAGE_SIDE 8192   /* the widest or tallest image gemma3 resizes */
+#define RESIZE_BITS 22        /* fixed-point resize weights, as Pillow's (32 - 8 - 2) */
+
+/* Everything the image path needs, allocated once with the session (vision_state_layout);
+ * D, F the tower's widths, N its patches, S the image size, T mm_tokens_per_image. */
+typedef struct {
+    float *pixels;     /* (3, S, S) the image, resized and normalized */
+    float *x;          /* (N, D) the tower's residual stream; its output at the end */
+    float *xb;         /* (N, max(D, 3 P P)) normed input of a sub-block; the patches at the start */
+    float *q, *k, *v;  /* (N, D) */
+    float *att_out;    /* (N, D) attention output before out_proj */
+    float *hb;         /* (N, F) MLP hidden */
+    float *att;        /* (threads, N) each thread's attention scores */
+    float *pooled;     /* (T, D) the pooled patches */
+    float *soft;       /* (T, text dim) the image's soft tokens */
+    int32_t *coef_x, *coef_y; /* (S, taps) resize weights per output column / row */
+    int *first_x, *first_y;   /* (S) the first input column / row each output one reads */
+    int *taps_x, *taps_y;     /* (S) how many it reads */
+    int64_t *acc;      /* (S, 3) a resized output row, before rounding */
+    unsigned char *row;/* (S, 3) one input row resized across, rounded to 8 bits as Pillow does */
+    int max_taps;      /* room in coef_* per output pixel */
+    RunState mm;       /* only the matmul scratch (xq, kernels) sized for the tower's widths */
+} VisionState;
+
+/* The tower's widths as a Config, for sizing the matmul scratch (kernels_setup reads dim,
+ * hidden_dim, n_heads * head_dim: the widest row a matmul of the image path multiplies). */
+static Config vision_widths(const Config *c) {
+    const struct VisionConfig *v = &c->vision;
+    Config w;
+    memset(&w, 0, sizeof w);
+    int patch = v->channels * v->patch_size * v->patch_size;
+    w.dim = v->dim;
+    w.hidden_dim = v->hidden_dim > patch ? v->hidden_dim : patch;
+    w.n_heads = 1, w.head_dim = v->dim;
+    return w;
+}
+
+/* Most input pixels one output pixel of the resize reads: bilinear's support is one
+ * input pixel either side when enlarging, in / S when shrinking. */
+static int resize_max_taps(int S) { return 2 * ((MAX_IMAGE_SIDE + S - 1) / S) + 3; }
+
+/* Lay out a vision state in the block at base (64-byte aligned), or with base NULL only
+ * add up its size. */
+static size_t vision_state_layout(VisionState *vs, const Config *c, unsigned char *base) {
+    const struct VisionConfig *v = &c->vision;
+    memset(vs, 0, sizeof(*vs));
+    Config w = vision_widths(c);
+    size_t N = (size_t)v->n_patches, D = (size_t)v->dim, F = (size_t)v->hidden_dim, S = (size_t)v->image_size;
+    size_t T = (size_t)v->mm_tokens, widest = (size_t)w.hidden_dim > D ? (size_t)w.hidden_dim : D;
+    size_t patch = (size_t)v->channels * v->patch_size * v->patch_size, B = N < VISION_BATCH ? N : VISION_BATCH;
+    int threads = max_threads();
+    size_t kernel_bytes = kernels_setup(NULL, &w, (int)B, threads);
+    Carve cv = {base, 0};
+    vs->max_taps = resize_max_taps(v->image_size);
+    vs->pixels = carve(&cv, 3 * S * S, sizeof(float));
+    vs->x = carve(&cv, N * D, sizeof(float));
+    vs->xb = carve(&cv, N * (patch > D ? patch : D), sizeof(float));
+    vs->q = carve(&cv, N * D, sizeof(float));
+    vs->k = carve(&cv, N * D, sizeof(float));
+    vs->v = carve(&cv, N * D, sizeof(float));
+    vs->att_out = carve(&cv, N * D, sizeof(float));
+    vs->hb = carve(&cv, N * F, sizeof(float));
+    vs->att = carve(&cv, (size_t)threads * N, sizeof(float));
+    vs->pooled = carve(&cv, T * D, sizeof(float));
+    vs->soft = carve(&cv, T * (size_t)c->dim, sizeof(float));
+    vs->coef_x = carve(&cv, S * (size_t)vs->max_taps, sizeof(int32_t));
+    vs->coef_y = carve(&cv, S * (size_t)vs->max_taps, sizeof(int32_t));
+    vs->first_x = carve(&cv, S, sizeof(int));
+    vs->first_y = carve(&cv, S, sizeof(int));
+    vs->taps_x = carve(&cv, S, sizeof(int));
+    vs->taps_y = carve(&cv, S, sizeof(int));
+    vs->acc = carve(&cv, S * 3, sizeof(int64_t));
+    vs->row = carve(&cv, S * 3, 1);
+    vs->mm.threads = threads;
+    vs->mm.max_batch = (int)B;
+    vs->mm.xq = carve(&cv, B * widest, 1);
+    vs->mm.xq_scale = carve(&cv, B * (widest / 32 + 1), sizeof(float));
+    vs->mm.xq_sum = carve(&cv, B * (widest / 32 + 1), sizeof(int32_t));
+    vs->mm.kernels = kernel_bytes ? carve(&cv, kernel_bytes, 1) : NULL;
+    if (base && vs->mm.kernels) kernels_setup(vs->mm.kernels, &w, (int)B, threads);
+    return cv.used;
+}
+
+static size_t vision_state_bytes(const Config *c) {
+    VisionState sizing;
+    return vision_state_layout(&sizing, c, NULL);
+}
+
+/* ---- resize: as transformers' Gemma3ImageProcessor (torchvision's antialiased bilinear
+ * on 8-bit pixels, which follows Pillow's: separable, across then down, each pass rounded
+ * to 8 bits) ---- */
+
+/* The fixed-point weights by which output pixels 0..out-1 read input pixels 0..in-1:
+ * output i reads taps[i] inputs from first[i], weight coef[i * max_taps + j] / 2^22
+ * (Pillow's precompute_coeffs: a triangle as wide as the scale when shrinking). */
+static void resize_coefficients(int in, int out, int max_taps, int32_t *coef, int *first, int *taps) {
+    double scale = (double)in / out, filterscale = scale < 1.0 ? 1.0 : scale;
+    for (int i = 0; i < out; i++) {
+        double center = (i + 0.5) * scale, sum = 0.0;
+        int lo = (int)(center - filterscale + 0.5), hi = (int)(center + filterscale + 0.5);
+        if (lo < 0) lo = 0;
+        if (hi > in) hi = in;
+        if (hi - lo > max_taps) hi = lo + max_taps; /* (never, for in <= MAX_IMAGE_SIDE) */
+        for (int j = lo; j < hi; j++) {
+            double t = fabs((j - center + 0.5) / filterscale);
+            sum += t < 1.0 ? 1.0 - t : 0.0;
+        }
+        first[i] = lo, taps[i] = hi - lo;
+        for (int j = lo; j < hi; j++) {
+            double t = fabs((j - center + 0.5) / filterscale), k = (t < 1.0 ? 1.0 - t : 0.0) / sum;
+            coef[(size_t)i * max_taps + (j - lo)] = (int32_t)floor(k * (1 << RESIZE_BITS) + 0.5);
+        }
+    }
+}
+
+/* A fixed-point sum back to 8 bits: rounded, clamped to 0..255. */
+static unsigned char clip8(int64_t acc) {
+    int64_t v = (acc + (1 << (RESIZE_BITS - 1))) / (1 << RESIZE_BITS); /* acc >= 0: weights are */
+    return (unsigned char)(v > 255 ? 255 : v);
+}
+
+/* Resize an image (w x h, channels 1 or 3, 8-bit, row by row) to S x S and normalize it
+ * into vs->pixels, (3, S, S): (p - 255 mean) / (255 std), the processor's rescale and
+ * normalize in one step. A gray image is the same in all three channels. Each output row
+ * resizes the input rows it reads across first, so no image-sized buffer is needed. */
+static void resize_image(VisionState *vs, const struct VisionConfig *v, const unsigned char *px, int w, int h, int ch) {
+    const int S = v->image_size, T = vs->max_taps;
+    resize_coefficients(w, S, T, vs->coef_x, vs->first_x, vs->taps_x);
+    resize_coefficients(h, S, T, vs->coef_y, vs->first_y, vs->taps_y);
+    for (int oy = 0; oy < S; oy++) {
+        memset(vs->acc, 0, (size_t)S * 3 * sizeof(int64_t));
+        for (int j = 0; j < vs->taps_y[oy]; j++) {
+            const unsigned char *in = px + (size_t)(vs->first_y[oy] + j) * w * ch;
+            for (int ox = 0; ox < S; ox++) { /* across, rounded to 8 bits */
+                const unsigned char *p = in + (size_t)vs->first_x[ox] * ch;
+                const int32_t *k = vs->coef_x + (size_t)ox * T;
+                for (int c = 0; c < ch; c++) {
+                    int64_t a = 0;
+                    for (int i = 0; i < vs->taps_x[ox]; i++) a += (int64_t)p[(size_t)i * ch + c] * k[i];
+                    vs->row[ox * 3 + c] = clip8(a);
+                }
+            }
+            int64_t wy = vs->coef_y[(size_t)oy * T + j];
+            for (int ox = 0; ox < S; ox++)
+                for (int c = 0; c < ch; c++) vs->acc[ox * 3 + c] += vs->row[ox * 3 + c] * wy;
+        }
+        for (int c = 0; c < 3; c++) {
+            float mean = v->mean[c] * 255.0f, std = v->std[c] * 255.0f;
+            float *out = vs->pixels + ((size_t)c * S + oy) * S;
+            for (int ox = 0; ox < S; ox++) out[ox] = ((float)clip8(vs->acc[ox * 3 + (ch == 1 ? 0 : c)]) - mean) / std;
+        }
+    }
+}
+
+/* ---- the tower and the projector ---- */
+
+/* SigLIP's LayerNorm: (x - mean) / sqrt(var + eps) * w + b, the statistics in double. */
+static void layernorm(float *out, const float *x, const float *w, const float *b, int n, float eps) {
+    double sum = 0.0, sq = 0.0;
+    for (int i = 0; i < n; i++) sum += x[i];
+    double mean = sum / n;
+    for (int i = 0; i < n; i++) sq += (x[i] - mean) * (x[i] - mean);
+    float m = (float)mean, scale = (float)(1.0 / sqrt(sq / n + eps));
+    for (int i = 0; i < n; i++) out[i] = (x[i] - m) * scale * w[i] + b[i];
+}
+
+/* out = x W^T + b for the n rows of x (VISION_BATCH rows a matmul). All threads of the
+ * team call it. */
+static void vision_linear(float *out, const float *x, int n, const Matrix *W, const float *b, RunState *mm) {
+    for (int r = 0; r < n; r += mm->max_batch) {
+        int nb = n - r < mm->max_batch ? n - r : mm->max_batch;
+        matmul(out + (size_t)r * W->rows, x + (size_t)r * W->cols, nb, W, mm);
+    }
+    if (!b) return;
+    FOR
+    for (int t = 0; t < n; t++)
+        for (int i = 0; i < W->rows; i++) out[(size_t)t * W->rows + i] += b[i];
+}
+
+/* Every patch attends to every patch, per head: softmax(q k^T / sqrt(head_dim)) v. */
+static void vision_attention(VisionState *vs, const struct VisionConfig *v) {
+    const int N = v->n_patches, D = v->dim, hd = v->dim / v->n_heads;
+    const float scale = 1.0f / sqrtf((float)hd);
+    int job;
+    FOR
+    for (job = 0; job < N * v->n_heads; job++) {
+        int i = job / v->n_heads, h = job % v->n_heads;
+        float *att = vs->att + (size_t)THREAD_NUM() * N;
+        const float *q = vs->q + (size_t)i * D + h * hd;
+        for (int j = 0; j < N; j++) att[j] = dot_f32(vs->k + (size_t)j * D + h * hd, q, hd) * scale;
+        softmax(att, N);
+        float *restrict out = vs->att_out + (size_t)i * D + h * hd;
+        memset(out, 0, (size_t)hd * sizeof(float));
+        for (int j = 0; j < N; j++) {
+            const float *restrict val = vs->v + (size_t)j * D + h * hd;
+            for (int e = 0; e < hd; e++) out[e] += att[j] * val[e];
+        }
+    }
+}
+
+/* One encoder layer (HF SiglipEncoderLayer) on the N patches in vs->x. */
+static void vision_layer(const struct VisionConfig *v, const VisionLayerWeights *L, VisionState *vs) {
+    const int N = v->n_patches, D = v->dim, F = v->hidden_dim;
+    FOR
+    for (int t = 0; t < N; t++) layernorm(vs->xb + (size_t)t * D, vs->x + (size_t)t * D, L->ln1_w, L->ln1_b, D, v->norm_eps);
+    vision_linear(vs->q, vs->xb, N, &L->wq, L->bq, &vs->mm);
+    vision_linear(vs->k, vs->xb, N, &L->wk, L->bk, &vs->mm);
+    vision_linear(vs->v, vs->xb, N, &L->wv, L->bv, &vs->mm);
+    vision_attention(vs, v);
+    vision_linear(vs->q, vs->att_out, N, &L->wo, L->bo, &vs->mm); /* (q is free again) */
+    FOR
+    for (int t = 0; t < N; t++) {
+        float *x = vs->x + (size_t)t * D;
+        for (int i = 0; i < D; i++) x[i] += vs->q[(size_t)t * D + i];
+        layernorm(vs->xb + (size_t)t * D, x, L->ln2_w, L->ln2_b, D, v->norm_eps);
+    }
+    vision_linear(vs->hb, vs->xb, N, &L->fc1, L->b1, &vs->mm);
+    FOR
+    for (size_t i = 0; i < (size_t)N * F; i++) vs->hb[i] = gelu_tanh(vs->hb[i]);
+    vision_linear(vs->q, vs->hb, N, &L->fc2, L->b2, &vs->mm);
+    FOR
+    for (size_t i = 0; i < (size_t)N * D; i++) vs->x[i] += vs->q[i];
+}
+
+/* The image in vs->pixels through the tower (its output in vs->x, (N, D)) and the
+ * projector (the image's soft tokens in vs->soft, (mm_tokens, text dim)). */
+static void encode_image(const Model *m, VisionState *vs) {
+    const struct VisionConfig *v = &m->config.vision;
+    const VisionWeights *w = &m->weights.vision;
+    const int N = v->n_patches, D = v->dim, P = v->patch_size, S = v->image_size, side = v->side;
+    const int patch = v->channels * P * P, pooled = (int)(sqrt((double)v->mm_tokens) + 0.5), k = side / pooled;
+    PARALLEL_TEAM(vs->mm.threads) {
+        /* patch embedding: each patch's pixels in (channel, y, x) order, times the kernel */
+        FOR
+        for (int p = 0; p < N; p++) {
+            float *row = vs->xb + (size_t)p * patch;
+            int y0 = p / side * P, x0 = p % side * P;
+            for (int c = 0; c < v->channels; c++)
+                for (int y = 0; y < P; y++)
+                    memcpy(row + (c * P + y) * P, vs->pixels + ((size_t)c * S + y0 + y) * S + x0, (size_t)P * sizeof(float));
+        }
+        vision_linear(vs->q, vs->xb, N, &w->patch, w->patch_bias, &vs->mm);
+        FOR
+        for (int p = 0; p < N; p++) { /* + the learned position embedding */
+            float *x = vs->x + (size_t)p * D;
+            matrix_row(x, &w->position, p);
+            for (int i = 0; i < D; i++) x[i] += vs->q[(size_t)p * D + i];
+        }
+        for (int l = 0; l < v->n_layers; l++) vision_layer(v, &w->layers[l], vs);
+        FOR
+        for (int p = 0; p < N; p++) layernorm(vs->x + (size_t)p * D, vs->x + (size_t)p * D, w->post_norm_w, w->post_norm_b, D, v->norm_eps);
+
+        /* projector: k x k average pooling, RMSNorm (1 + w), projection to the text width */
+        FOR
+        for (int t = 0; t < v->mm_tokens; t++) {
+            float *out = vs->pooled + (size_t)t * D;
+            int ty = t / pooled, tx = t % pooled;
+            memset(out, 0, (size_t)D * sizeof(float));
+            for (int dy = 0; dy < k; dy++)
+                for (int dx = 0; dx < k; dx++) {
+                    const float *x = vs->x + ((size_t)(ty * k + dy) * side + tx * k + dx) * D;
+                    for (int i = 0; i < D; i++) out[i] += x[i];
+                }
+            for (int i = 0; i < D; i++) out[i] /= (float)(k * k);
+            rmsnorm(out, out, w->mm_norm, D, v->norm_eps);
+        }
+        vision_linear(vs->soft, vs->pooled, v->mm_tokens, &w->mm_proj, NULL, &vs->mm);
+    }
+}
+
+/* Feed an image's n soft tokens (rows of emb) at positions pos0.. as one block: they see
+ * each other both ways, as transformers masks one image's tokens. n <= s->max_batch. */
+static float *forward_image_tokens(const Model *m, RunState *s, const float *emb, int n, int pos0) {
+    memcpy(s->x, emb, (size_t)n * m->config.dim * sizeof(float));
+    s->image_block = 1;
+    float *logits = forward_batch(m, s, NULL, n, pos0, 1);
+    s->image_block = 0;
     return logits;
 }
 
@@ -1366,6 +1829,19 @@ static int check_ids(const Model *m, const int *ids, int n, char *err, size_t er
     return 0;
 }
 
+/* check_ids for ids fed as text: in a model with the image path, the image token stands
+ * for an image's soft tokens and only gemma3_feed_image (--image) feeds it. */
+static int check_text_ids(const Model *m, const int *ids, int n, char *err, size_t errsize) {
+    if (check_ids(m, ids, n, err, errsize) != 0) return -1;
+    for (int i = 0; m->config.has_vision && i < n; i++)
+        if (ids[i] == m->config.vision.image_id) {
+            set_err(err, errsize, "token %d (at %d) is the image token <image_soft_token>, which stands for an image's "
+                    "soft tokens: give the image instead (--image, gemma3_feed_image)", ids[i], i);
+            return -1;
+        }
+    return 0;
+}
+
 /* Where generated tokens go: the caller's function, with each token's text. */
 typedef struct {
     gemma3_piece_fn fn; /* NULL: nowhere */
@@ -1388,6 +1864,10 @@ typedef struct {
     int own_hist;      /* 1: hist is the chat's own allocation (free_chat frees it); 0: a session's */
     int prompt_len;    /* ids of the last rendered prompt (before the model's reply) */
     int fed;           /* of those, how many the last turn had to run (the rest were cached) */
+    VisionState *vision; /* a session with images: every <start_of_image> of the conversation
+                            stands for an image (chat_turn expands it); NULL: text only */
+    const gemma3_image *images; /* the images of the message chat_turn adds, in order */
+    int n_images;
 } Chat;
 
 static void free_chat(Chat *ch) {
@@ -1488,6 +1968,76 @@ static int tok_error_code(int rc, int bad) { return rc == TOK_NOMEM ? GEMMA3_E_N
 enum { CHAT_OK = 0, CHAT_FULL = GEMMA3_E_CONTEXT };
 #define NOT_NUMBERS "the logits are NaN or infinite: the model's weights hold such values, or overflow"
 
+/* text[0..len) with every <start_of_image> expanded as transformers' Gemma3Processor
+ * expands it: "\n\n<start_of_image>", `tokens` x "<image_soft_token>", "<end_of_image>\n\n".
+ * A malloc'd, NUL-terminated string (its length in *out_len), or NULL: out of memory. */
+static char *expand_image_markers(const char *text, size_t len, int tokens, size_t *out_len) {
+    static const char boi[] = "<start_of_image>", soft[] = "<image_soft_token>", eoi[] = "<end_of_image>";
+    const size_t kb = sizeof boi - 1, ks = sizeof soft - 1, ke = sizeof eoi - 1, one = 2 + kb + tokens * ks + ke + 2;
+    size_t markers = 0;
+    for (size_t i = 0; i + kb <= len; i++) markers += !memcmp(text + i, boi, kb);
+    char *out = malloc(len + markers * one + 1), *q = out;
+    if (!out) return NULL;
+    for (size_t i = 0; i < len;) {
+        if (len - i >= kb && !memcmp(text + i, boi, kb)) {
+            memcpy(q, "\n\n", 2), q += 2;
+            memcpy(q, boi, kb), q += kb;
+            for (int t = 0; t < tokens; t++) memcpy(q, soft, ks), q += ks;
+            memcpy(q, eoi, ke), q += ke;
+            memcpy(q, "\n\n", 2), q += 2;
+            i += kb;
+        } else {
+            *q++ = text[i++];
+        }
+    }
+    *q = 0;
+    *out_len = (size_t)(q - out);
+    return out;
+}
+
+/* The ids a chat turn is to feed, ids[keep..n), hold exactly the new message's images: each
+ * a whole run of image tokens. 0, or -1 and a message. */
+static int check_chat_images(const Config *c, const Chat *ch, const int *ids, int keep, int n, char *err, size_t errsize) {
+    int runs = 0, T = c->vision.mm_tokens, id = c->vision.image_id;
+    if (keep > 0 && keep < n && ids[keep] == id && ids[keep - 1] == id) runs = -1; /* starts inside an image */
+    for (int t = keep; runs >= 0 && t < n;) {
+        int len = 0;
+        while (t + len < n && ids[t + len] == id) len++;
+        if (len && len != T) runs = -1;
+        else runs += len > 0;
+        t += len ? len : 1;
+    }
+    if (runs == ch->n_images) return 0;
+    set_err(err, errsize, runs >= 0 && runs < ch->n_images
+            ? "the message has fewer <start_of_image> than images"
+            : "the cache no longer holds the conversation's earlier images, or the message has more <start_of_image> "
+              "than images (a new session can take it)");
+    return -1;
+}
+
+/* feed_pending for a conversation with images: runs of image tokens are the chat's new
+ * images, in order (check_chat_images made sure), the rest text. */
+static float *feed_pending_images(const Model *m, RunState *s, Chat *ch) {
+    const struct VisionConfig *v = &m->config.vision;
+    float *logits = NULL;
+    int image = 0;
+    for (int t = ch->n_cached; t < ch->n_hist;) {
+        int len = 0, is_image = ch->hist[t] == v->image_id;
+        while (t + len < ch->n_hist && (ch->hist[t + len] == v->image_id) == is_image) len++;
+        if (is_image) {
+            const gemma3_image *img = &ch->images[image++];
+            resize_image(ch->vision, v, img->pixels, img->width, img->height, img->channels);
+            encode_image(m, ch->vision);
+            logits = forward_image_tokens(m, s, ch->vision->soft, len, t);
+        } else {
+            logits = forward_tokens(m, s, ch->hist + t, len, t);
+        }
+        t += len;
+    }
+    ch->n_cached = ch->n_hist;
+    return logits;
+}
+
 /* One exchange: add the user's message, feed the new prompt ids, stream the model's reply
  * to `out` (if not NULL) and add it to the conversation. CHAT_OK, or a GEMMA3_E_* code
  * with a message: the message is then not added and the cache is left as it was, except
@@ -1498,11 +2048,18 @@ static int chat_turn(const Model *m, RunState *s, Sampler *sp, Chat *ch, const c
     const Config *c = &m->config;
     if (chat_push(ch, "user", user, len) != 0) { set_err(err, errsize, "out of memory"); return GEMMA3_E_NOMEM; }
     char *text;
+    size_t text_len;
     int *ids = NULL, n = chat_render(ch->msgs, ch->n_msgs, 1, &text, err, errsize);
-    if (n == 0) n = tokenizer_encode(&m->tokenizer, text, strlen(text), &ids, err, errsize);
+    if (n == 0) text_len = strlen(text);
+    if (n == 0 && ch->vision) { /* images: the processor's expansion of every <start_of_image> */
+        char *expanded = expand_image_markers(text, text_len, c->vision.mm_tokens, &text_len);
+        free(text);
+        if (!(text = expanded)) { set_err(err, errsize, "out of memory"); n = TOK_NOMEM; }
+    }
+    if (n == 0) n = tokenizer_encode(&m->tokenizer, text, text_len, &ids, err, errsize);
     free(text);
     if (n < 0) { chat_pop(ch); return tok_error_code(n, GEMMA3_E_TEXT); }
-    if (check_ids(m, ids, n, err, errsize) != 0) { free(ids); chat_pop(ch); return GEMMA3_E_TOKEN; }
+    if ((ch->vision ? check_ids : check_text_ids)(m, ids, n, err, errsize) != 0) { free(ids); chat_pop(ch); return GEMMA3_E_TOKEN; }
     if (n >= s->ctx) {
         set_err(err, errsize, "the conversation is %d tokens with this message, the context holds %d", n, s->ctx);
         free(ids);
@@ -1516,12 +2073,17 @@ static int chat_turn(const Model *m, RunState *s, Sampler *sp, Chat *ch, const c
     while (keep < ch->n_cached && keep < n && ch->hist[keep] == ids[keep]) keep++;
     if (keep == n) keep = n - 1; /* need fresh logits for the last id */
     if (!cache_holds(c, s, ch->n_cached, keep)) keep = 0;
+    if (ch->vision && check_chat_images(c, ch, ids, keep, n, err, errsize) != 0) {
+        free(ids);
+        chat_pop(ch);
+        return GEMMA3_E_STATE;
+    }
     memcpy(ch->hist, ids, (size_t)n * sizeof(int));
     free(ids);
     ch->n_hist = ch->prompt_len = n;
     ch->n_cached = keep;
     ch->fed = n - keep;
-    float *logits = feed_pending(m, s, ch);
+    float *logits = ch->vision ? feed_pending_images(m, s, ch) : feed_pending(m, s, ch);
 
     /* the model's reply: sampled ids go into the cache as they are generated */
     int rc;
@@ -1573,6 +2135,7 @@ struct gemma3_session {
     char *piece;      /* room for one streamed token's text (NULL without a tokenizer) */
     size_t piece_cap;
     char *system;     /* the system prompt (a copy), or NULL */
+    VisionState *vision; /* the image path's activations (options.images), or NULL */
     void *own;        /* the block this session allocated; NULL: it lives in the caller's arena */
 };
 
@@ -1714,6 +2277,10 @@ gemma3_config gemma3_model_config(const gemma3_model *model) {
     k.bos_id = c->bos_id, k.eos_id = c->eos_id, k.eot_id = c->eot_id, k.sot_id = c->sot_id;
     k.has_tokenizer = model->m.has_tokenizer;
     k.max_piece_bytes = model->m.has_tokenizer ? (int)tokenstream_max(&model->m.tokenizer) : 0;
+    if (c->has_vision) {
+        k.image_tokens = c->vision.mm_tokens, k.image_size = c->vision.image_size;
+        k.image_id = c->vision.image_id, k.boi_id = c->vision.boi_id, k.eoi_id = c->vision.eoi_id;
+    }
     return k;
 }
 
@@ -1841,9 +2408,14 @@ static size_t session_layout(gemma3_session **out, const Model *m, const gemma3_
     const Config *c = &m->config;
     size_t piece_cap = m->has_tokenizer ? tokenstream_max(&m->tokenizer) : 0;
     size_t sys_len = o->system_prompt ? strlen(o->system_prompt) + 1 : 0;
+    /* with images a batch takes a whole image: its tokens attend to each other */
+    int images = o->images && c->has_vision, batch = images && c->vision.mm_tokens > PREFILL_BATCH ? c->vision.mm_tokens
+                                                                                                 : PREFILL_BATCH;
     Carve cv = {base, 0};
     gemma3_session *S = carve(&cv, 1, sizeof(gemma3_session));
-    void *rs = carve(&cv, run_state_bytes(c, ctx, PREFILL_BATCH, 0), 1);
+    void *rs = carve(&cv, run_state_bytes(c, ctx, batch, 0), 1);
+    VisionState *vs = images ? carve(&cv, 1, sizeof(VisionState)) : NULL;
+    void *vmem = images ? carve(&cv, vision_state_bytes(c), 1) : NULL;
     ProbIndex *cand = carve(&cv, (size_t)c->vocab_size, sizeof(ProbIndex));
     int *hist = carve(&cv, (size_t)ctx, sizeof(int));
     char *piece = carve(&cv, piece_cap, 1);
@@ -1851,7 +2423,11 @@ static size_t session_layout(gemma3_session **out, const Model *m, const gemma3_
     if (!base) return cv.used;
     memset(S, 0, sizeof(*S));
     S->model = m;
-    build_run_state_in(&S->state, c, ctx, PREFILL_BATCH, 0, rs);
+    build_run_state_in(&S->state, c, ctx, batch, 0, rs);
+    if (images) {
+        vision_state_layout(vs, c, vmem);
+        S->vision = S->chat.vision = vs;
+    }
     build_sampler_in(&S->sampler, c->vocab_size, o->temperature, o->top_k, o->top_p, o->min_p, o->seed, cand);
     S->chat.hist = hist;
     S->piece = piece_cap ? piece : NULL;
@@ -1880,6 +2456,9 @@ int gemma3_session_new(const gemma3_model *model, const gemma3_options *options,
     size_t bad; /* refused here, not as "message 0" of every turn */
     if (o.system_prompt && !tok_utf8_valid((const unsigned char *)o.system_prompt, strlen(o.system_prompt), &bad))
         return fail(err, GEMMA3_E_TEXT, "the system prompt is not valid UTF-8 (byte %zu)", bad);
+    if (o.images && !model->m.config.has_vision)
+        return fail(err, GEMMA3_E_ARG, "options.images: the model has no image path (a text model, or exported with "
+                    "--text-only)");
     size_t need = session_layout(NULL, &model->m, &o, ctx, NULL) + 63;
     unsigned char *block = o.arena;
     void *own = NULL;
@@ -1911,7 +2490,7 @@ int gemma3_set_sampling(gemma3_session *session, const gemma3_options *options, 
 static int check_feed(gemma3_session *S, const int *ids, int n, gemma3_error *err) {
     char msg[256];
     if (!S || n < 0 || (n && !ids)) return fail(err, GEMMA3_E_ARG, "feed: NULL session or ids, or n < 0");
-    if (check_ids(S->model, ids, n, msg, sizeof msg) != 0) return fail(err, GEMMA3_E_TOKEN, "%s", msg);
+    if (check_text_ids(S->model, ids, n, msg, sizeof msg) != 0) return fail(err, GEMMA3_E_TOKEN, "%s", msg);
     if (n > S->state.ctx - S->chat.n_hist)
         return fail(err, GEMMA3_E_CONTEXT, "%d more tokens do not fit: %d of the context's %d are used", n,
                     S->chat.n_hist, S->state.ctx);
@@ -1969,6 +2548,42 @@ int gemma3_feed_logits(gemma3_session *session, const int *ids, int n, float *lo
     return S->chat.n_hist;
 }
 
+int gemma3_feed_image(gemma3_session *session, const gemma3_image *image, float *logits, gemma3_error *err) {
+    gemma3_session *S = session;
+    if (!S || !image) return fail(err, GEMMA3_E_ARG, "gemma3_feed_image: NULL session or image");
+    const Model *m = S->model;
+    const Config *c = &m->config;
+    if (!c->has_vision)
+        return fail(err, GEMMA3_E_ARG, "the model has no image path (a text model, or exported with --text-only)");
+    if (!S->vision) return fail(err, GEMMA3_E_ARG, "the session was made without images (options.images)");
+    if (!image->pixels || image->width < 1 || image->height < 1 || image->width > MAX_IMAGE_SIDE ||
+        image->height > MAX_IMAGE_SIDE || (image->channels != 1 && image->channels != 3))
+        return fail(err, GEMMA3_E_ARG, "an image of %d x %d pixels, %d channels: width and height must be in [1, %d], "
+                    "channels 1 or 3", image->width, image->height, image->channels, MAX_IMAGE_SIDE);
+    const int T = c->vision.mm_tokens, pos = S->chat.n_hist;
+    const size_t V = (size_t)c->vocab_size;
+    if (T > S->state.ctx - pos)
+        return fail(err, GEMMA3_E_CONTEXT, "an image's %d tokens do not fit: %d of the context's %d are used", T, pos,
+                    S->state.ctx);
+    RunState *s = &S->state;
+    feed_pending(m, s, &S->chat); /* a token gemma3_generate left */
+    resize_image(S->vision, &c->vision, image->pixels, image->width, image->height, image->channels);
+    encode_image(m, S->vision);
+    float *own_logits = s->logits;
+    if (logits) s->all_logits = 1, s->logits = logits; /* all T rows, straight into the caller's */
+    forward_image_tokens(m, s, S->vision->soft, T, pos);
+    s->all_logits = 0;
+    s->logits = own_logits;
+    if (logits) memcpy(own_logits, logits + (size_t)(T - 1) * V, V * sizeof(float));
+    for (int i = 0; i < T; i++) S->chat.hist[pos + i] = c->vision.image_id;
+    S->chat.n_hist = S->chat.n_cached = pos + T;
+    S->logits = own_logits;
+    S->owed = 0;
+    if (!all_finite(logits ? logits : own_logits, logits ? (size_t)T * V : V))
+        return fail(err, GEMMA3_E_NUMERIC, "%s", NOT_NUMBERS);
+    return S->chat.n_hist;
+}
+
 const float *gemma3_logits(gemma3_session *session, gemma3_error *err) {
     if (!session) { fail(err, GEMMA3_E_ARG, "gemma3_logits: NULL session"); return NULL; }
     if (!session_logits(session)) fail(err, GEMMA3_E_STATE, "no logits: feed a token first (a sample consumes them)");
@@ -1995,6 +2610,19 @@ int gemma3_rewind(gemma3_session *session, int pos, gemma3_error *err) {
     int keep = pos > 0 ? pos - 1 : 0;
     if (keep > S->chat.n_cached) keep = S->chat.n_cached;
     if (!cache_holds(&S->model->config, &S->state, S->chat.n_cached, keep)) keep = 0;
+    const Config *c = &S->model->config;
+    if (c->has_vision && keep == pos - 1 && S->chat.hist[keep] == c->vision.image_id &&
+        (pos == S->chat.n_hist || S->chat.hist[pos] != c->vision.image_id)) {
+        /* right after an image: its tokens stay in the cache, but its logits cannot be had again */
+        S->chat.n_hist = S->chat.n_cached = pos;
+        S->logits = NULL;
+        S->owed = 0;
+        return pos;
+    }
+    for (int i = keep; c->has_vision && i < pos; i++)
+        if (S->chat.hist[i] == c->vision.image_id)
+            return fail(err, GEMMA3_E_STATE, "gemma3_rewind: going back to %d would feed the image at %d again, and "
+                        "the session does not keep images (rewind to before it and feed it again)", pos, i);
     S->chat.n_hist = pos;
     S->chat.n_cached = keep;
     S->logits = feed_pending(S->model, &S->state, &S->chat);
@@ -2014,9 +2642,72 @@ int gemma3_generate(gemma3_session *session, int max_tokens, gemma3_piece_fn cal
     return status == GEMMA3_E_NUMERIC ? fail(err, status, "%s", NOT_NUMBERS) : given;
 }
 
+static int chat_turn_session(gemma3_session *S, const char *user_text, size_t len, int max_tokens,
+                             gemma3_piece_fn callback, void *user, gemma3_error *err);
+
 int gemma3_chat_turn(gemma3_session *session, const char *user_text, size_t len, int max_tokens,
                      gemma3_piece_fn callback, void *user, gemma3_error *err) {
+    return gemma3_chat_turn_images(session, user_text, len, NULL, 0, max_tokens, callback, user, err);
+}
+
+/* Where text[0..len) holds `s`: the offset, or -1 (text may hold NUL bytes). */
+static long find_text(const char *text, size_t len, const char *s) {
+    size_t k = strlen(s);
+    for (size_t i = 0; i + k <= len; i++)
+        if (!memcmp(text + i, s, k)) return (long)i;
+    return -1;
+}
+
+/* The number of times text[0..len) holds s. */
+static int count_text(const char *text, size_t len, const char *s) {
+    int n = 0;
+    for (long at = 0, k; (k = find_text(text + at, len - (size_t)at, s)) >= 0; at += k + (long)strlen(s)) n++;
+    return n;
+}
+
+int gemma3_chat_turn_images(gemma3_session *session, const char *user_text, size_t len, const gemma3_image *images,
+                            int n_images, int max_tokens, gemma3_piece_fn callback, void *user, gemma3_error *err) {
+    static const char boi[] = "<start_of_image>";
     gemma3_session *S = session;
+    if (S && S->vision && len && user_text) { /* the message's images: checked before anything changes */
+        if (find_text(user_text, len, "<image_soft_token>") >= 0)
+            return fail(err, GEMMA3_E_TOKEN, "the message holds <image_soft_token>, which stands for an image's soft "
+                        "tokens: attach the image instead");
+        int markers = count_text(user_text, len, boi);
+        if (markers && markers != n_images)
+            return fail(err, GEMMA3_E_ARG, "the message has %d <start_of_image> and %d images: one each (or none in the "
+                        "text: the images go first)", markers, n_images);
+    }
+    if (n_images && (!S || !S->vision))
+        return fail(err, GEMMA3_E_ARG, "images in a chat need a session made with options.images (and a model with the "
+                    "image path)");
+    for (int i = 0; i < n_images; i++) {
+        const gemma3_image *im = &images[i];
+        if (!im->pixels || im->width < 1 || im->height < 1 || im->width > MAX_IMAGE_SIDE ||
+            im->height > MAX_IMAGE_SIDE || (im->channels != 1 && im->channels != 3))
+            return fail(err, GEMMA3_E_ARG, "image %d: %d x %d pixels, %d channels: width and height must be in [1, %d], "
+                        "channels 1 or 3", i, im->width, im->height, im->channels, MAX_IMAGE_SIDE);
+    }
+    char *with_markers = NULL; /* the images ahead of the text, as the chat template puts them */
+    if (n_images && (!len || !user_text || count_text(user_text, len, boi) == 0)) {
+        while (len && (*user_text == ' ' || *user_text == '\n' || *user_text == '\t' || *user_text == '\r'))
+            user_text++, len--;
+        size_t kb = sizeof boi - 1;
+        if (!(with_markers = malloc((size_t)n_images * kb + len + 1))) return fail(err, GEMMA3_E_NOMEM, "out of memory");
+        for (int i = 0; i < n_images; i++) memcpy(with_markers + i * kb, boi, kb);
+        if (len) memcpy(with_markers + n_images * kb, user_text, len);
+        user_text = with_markers, len += (size_t)n_images * kb;
+    }
+    if (S) S->chat.images = images, S->chat.n_images = n_images;
+    int rc = chat_turn_session(S, user_text, len, max_tokens, callback, user, err);
+    if (S) S->chat.images = NULL, S->chat.n_images = 0;
+    free(with_markers);
+    return rc;
+}
+
+/* gemma3_chat_turn's work, once the images are in place. */
+static int chat_turn_session(gemma3_session *S, const char *user_text, size_t len, int max_tokens,
+                             gemma3_piece_fn callback, void *user, gemma3_error *err) {
     char msg[256];
     if (!S || (len && !user_text) || max_tokens < 0)
         return fail(err, GEMMA3_E_ARG, "gemma3_chat_turn: NULL session or text, or max_tokens < 0");
@@ -2318,6 +3009,26 @@ static int unquantizable_row(const char *name, const float *row, int cols, int r
     return 0;
 }
 
+/* A matrix of the image path whose rows are not whole blocks of 32 (the 14 x 14 x 3 patch
+ * embedding, SigLIP's 4304-wide fc2) keeps its f32 / bf16 type in a quantized file. */
+static int keeps_type(const unsigned char *entry, uint32_t cols) {
+    return cols % QK != 0 && (!strncmp((const char *)entry, "vision_tower.", 13) ||
+                              !strncmp((const char *)entry, "multi_modal_projector.", 22));
+}
+
+/* Such a matrix, little-endian whatever the host (in memory it is host order). */
+static int write_kept_matrix(FILE *f, const unsigned char *entry, const void *data) {
+    uint64_t count = (uint64_t)rd_u32(entry + 72) * rd_u32(entry + 76);
+    if (rd_u32(entry + 64) == DT_F32) return write_f32_le(f, data, (int)count);
+    const uint16_t *h = data;
+    for (uint64_t i = 0; i < count; i++) {
+        unsigned char b[2];
+        wr_u16(b, h[i]);
+        if (fwrite(b, 1, 2, f) != 2) return -1;
+    }
+    return 0;
+}
+
 /* --quantize: write to f (out_name in messages) a copy of model file `m` whose matrices are
  * q8_0 or q4_0 (norms stay f32). Header, layer types and tokenizer are copied byte for byte;
  * the tensor directory gets the new dtypes, sizes and offsets. It writes in order, never
@@ -2328,9 +3039,11 @@ static int quantize_model(const Model *m, FILE *f, const char *out_name, int dty
     uint32_t n = rd_u32(h + 88);
     size_t dir_size = (size_t)n * GEMMA3_DIR_ENTRY_SIZE;
     unsigned char *dir = malloc(dir_size);
-    const Config *c = &m->config;
-    int widest = c->dim > c->hidden_dim ? c->dim : c->hidden_dim;
-    if (c->n_heads * c->head_dim > widest) widest = c->n_heads * c->head_dim;
+    int widest = 1; /* the longest row of any matrix */
+    for (uint32_t i = 0; i < n; i++) {
+        int cols = (int)rd_u32(m->data + dir_off + (size_t)i * GEMMA3_DIR_ENTRY_SIZE + 76);
+        if (cols > widest) widest = cols;
+    }
     float *row = malloc((size_t)widest * sizeof(float));
     if (!dir || !row) {
         set_err(err, errsize, "out of memory");
@@ -2343,7 +3056,9 @@ static int quantize_model(const Model *m, FILE *f, const char *out_name, int dty
         unsigned char *e = dir + (size_t)i * GEMMA3_DIR_ENTRY_SIZE;
         uint32_t ndim = rd_u32(e + 68), rows = rd_u32(e + 72), cols = rd_u32(e + 76);
         uint64_t nbytes = rd_u64(e + 96);
-        if (ndim == 2) {
+        if (ndim == 2 && keeps_type(e, cols)) {
+            /* stays as it is */
+        } else if (ndim == 2) {
             if (cols % QK != 0) { set_err(err, errsize, "%.64s: %u columns is not a multiple of %d", (const char *)e, cols, QK); goto fail; }
             wr_u32(e + 64, (uint32_t)dtype);
             nbytes = (uint64_t)rows * row_bytes(dtype, (int)cols);
@@ -2369,6 +3084,11 @@ static int quantize_model(const Model *m, FILE *f, const char *out_name, int dty
             if (unquantizable_row((const char *)e, (const float *)src, (int)rd_u32(e + 72), -1, -1, "", err, errsize))
                 goto fail;
             if (write_f32_le(f, (const float *)src, (int)rd_u32(e + 72)) != 0) goto write_fail;
+            written += rd_u64(e + 96);
+            continue;
+        }
+        if (keeps_type(e, (uint32_t)rd_u32(e + 76))) {
+            if (write_kept_matrix(f, e, src) != 0) goto write_fail;
             written += rd_u64(e + 96);
             continue;
         }
@@ -2433,6 +3153,12 @@ static void usage(FILE *f) {
         "                       message per line of stdin, Ctrl-D to end, Ctrl-C to stop a reply;\n"
         "                       with -p or -f: answer that one message and exit\n"
         "  --system TEXT        (--chat) system prompt, folded into the first user turn\n"
+        "  --image FILE         (Gemma 3 4B+) an image, binary PPM or PGM; several in order.\n"
+        "                       -p, -f: each <start_of_image> in the prompt (or, with none, the\n"
+        "                       start) takes the next image, expanded as the processor does;\n"
+        "                       --logits: IN.txt holds each image's tokens in place; --chat: the\n"
+        "                       first message's images, and a line \"/image FILE\" attaches one\n"
+        "                       to the next message\n"
         "\n"
         "options:\n"
         "  -n N                 tokens to generate (default 256)\n"
@@ -2551,6 +3277,8 @@ typedef struct {
     size_t prompt_len;
     char *prompt_file_text;
     const char *logits_in, *logits_out, *hidden_out, *ppl_path, *quant_type, *quant_out, *system_prompt;
+    const char **images; /* --image files, in order (n_images of them) */
+    int n_images;
     int encode, decode, chat, top_n, steps, top_k, ctx;
     float temperature, top_p, min_p;
     uint64_t seed;
@@ -2770,7 +3498,11 @@ static void parse_args(Options *o, int argc, char **argv) {
         else if (!strcmp(a, "--encode")) o->encode = 1;
         else if (!strcmp(a, "--decode")) o->decode = 1;
         else if (!strcmp(a, "--chat")) o->chat = 1;
-        else if (!strcmp(a, "--quantize") || !strcmp(a, "--logits")) {
+        else if (!strcmp(a, "--image")) {
+            if (i + 1 >= argc) die("--image needs a file (binary PPM or PGM)");
+            if (!o->images && !(o->images = calloc((size_t)argc, sizeof(char *)))) die("out of memory");
+            o->images[o->n_images++] = argv[++i];
+        } else if (!strcmp(a, "--quantize") || !strcmp(a, "--logits")) {
             int q = a[2] == 'q';
             if (i + 2 >= argc) die(q ? "--quantize needs two arguments: q8_0|q4_0 OUT.bin" : "--logits needs two arguments: TOKENS.txt OUT.f32");
             *(q ? &o->quant_type : &o->logits_in) = argv[++i];
@@ -2810,10 +3542,20 @@ static void parse_args(Options *o, int argc, char **argv) {
         die("nothing to do: give -p PROMPT, -f FILE, --chat, --logits, --perplexity, --encode, --decode or --quantize (see --help)");
     if ((o->top_n || o->hidden_out) && !o->logits_in) die("--top and --dump-hidden go with --logits");
     if (o->system_prompt && !o->chat) die("--system goes with --chat");
+    if (o->n_images && !o->chat && !o->prompt && !o->logits_in) die("--image goes with -p, -f, --logits or --chat");
+    if (o->n_images && o->hidden_out) die("--dump-hidden does not take --image");
     const char *outputs[2] = {o->quant_out ? o->quant_out : o->logits_out, o->hidden_out};
-    const char *inputs[] = {o->model_path, o->logits_in, o->ppl_path, NULL};
-    const char *kinds[] = {"model file", "token file", "text file", NULL};
+    /* the inputs no output may be: the model, the token file, the text file, each image */
+    const char **inputs = malloc((4 + (size_t)o->n_images) * sizeof *inputs);
+    const char **kinds = malloc((4 + (size_t)o->n_images) * sizeof *kinds);
+    if (!inputs || !kinds) die("out of memory");
+    inputs[0] = o->model_path, inputs[1] = o->logits_in, inputs[2] = o->ppl_path;
+    kinds[0] = "model file", kinds[1] = "token file", kinds[2] = "text file";
+    for (int i = 0; i < o->n_images; i++) inputs[3 + i] = o->images[i], kinds[3 + i] = "image file";
+    inputs[3 + o->n_images] = NULL, kinds[3 + o->n_images] = NULL;
     check_outputs(outputs, inputs, kinds, o->quant_out != NULL);
+    free(inputs);
+    free(kinds);
 }
 
 /* The context to size the caches for: -c, else min(max_position_embeddings, 8192). */
@@ -2832,6 +3574,7 @@ static gemma3_session *new_session(const gemma3_model *m, const Options *o, int 
     opt.temperature = o->temperature, opt.top_k = o->top_k, opt.top_p = o->top_p, opt.min_p = o->min_p;
     opt.seed = o->seed;
     opt.system_prompt = o->system_prompt;
+    opt.images = o->n_images > 0;
     if (gemma3_session_new(m, &opt, &s, &e) != 0) die("%s", e.message);
     return s;
 }
@@ -2903,10 +3646,294 @@ static int run_decode(const gemma3_model *m) {
     return 0;
 }
 
+/* ---- images on the command line: binary PGM / PPM files, the processor's prompt ---- */
+
+#define PNM_HEADER_MAX 4096 /* a PNM header (comments included) longer than this is refused */
+
+/* Skip whitespace and # comments in a PNM header; the next number (at most 9 digits). */
+static int pnm_number(const unsigned char *p, size_t n, size_t *at, long *value) {
+    for (;;) {
+        while (*at < n && (p[*at] == ' ' || p[*at] == '\t' || p[*at] == '\n' || p[*at] == '\r' || p[*at] == '\v' ||
+                           p[*at] == '\f'))
+            (*at)++;
+        if (*at < n && p[*at] == '#')
+            while (*at < n && p[*at] != '\n') (*at)++;
+        else
+            break;
+    }
+    long v = 0;
+    int digits = 0;
+    while (*at < n && p[*at] >= '0' && p[*at] <= '9' && digits < 10) v = v * 10 + (p[(*at)++] - '0'), digits++;
+    if (digits == 0 || digits == 10) return -1;
+    *value = v;
+    return 0;
+}
+
+/* The header of a binary PGM (P5: gray) or PPM (P6: RGB) at p[0..n): its size, channels,
+ * maxval and the offset of its pixels. 0, or -1 and a message naming the problem. */
+static int pnm_header(const unsigned char *p, size_t n, int *w, int *h, int *channels, int *maxval, size_t *pixels_at,
+                      char *err, size_t errsize) {
+    long v[3];
+    size_t at = 2;
+    if (n < 2 || p[0] != 'P' || (p[1] != '5' && p[1] != '6')) {
+        set_err(err, errsize, "not a binary PGM or PPM image (it starts P5 or P6; convert other formats first)");
+        return -1;
+    }
+    for (int i = 0; i < 3; i++)
+        if (pnm_number(p, n, &at, &v[i]) != 0) {
+            set_err(err, errsize, "malformed %s header: no %s", p[1] == '5' ? "PGM" : "PPM",
+                    i == 0 ? "width" : i == 1 ? "height" : "maxval");
+            return -1;
+        }
+    if (at >= n || !(p[at] == ' ' || p[at] == '\t' || p[at] == '\n' || p[at] == '\r')) {
+        set_err(err, errsize, "malformed header: no whitespace before the pixels");
+        return -1;
+    }
+    if (v[0] < 1 || v[1] < 1 || v[0] > MAX_IMAGE_SIDE || v[1] > MAX_IMAGE_SIDE) {
+        set_err(err, errsize, "the image is %ld x %ld pixels: width and height must be in [1, %d]", v[0], v[1],
+                MAX_IMAGE_SIDE);
+        return -1;
+    }
+    if (v[2] < 1 || v[2] > 65535) {
+        set_err(err, errsize, "maxval %ld is not in [1, 65535]", v[2]);
+        return -1;
+    }
+    *w = (int)v[0], *h = (int)v[1], *channels = p[1] == '5' ? 1 : 3, *maxval = (int)v[2], *pixels_at = at + 1;
+    return 0;
+}
+
+/* The raw samples of a PNM (one byte each for maxval < 256, else two, big-endian) as 8-bit
+ * pixels: p * 255 / maxval, rounded; a sample above maxval is an error. */
+static int pnm_to_8bit(const unsigned char *raw, size_t count, int maxval, unsigned char *out, char *err, size_t errsize) {
+    for (size_t i = 0; i < count; i++) {
+        long s = maxval < 256 ? raw[i] : (long)raw[2 * i] << 8 | raw[2 * i + 1];
+        if (s > maxval) {
+            set_err(err, errsize, "sample %zu is %ld, above the maxval %d", i, s, maxval);
+            return -1;
+        }
+        out[i] = (unsigned char)((s * 255 + maxval / 2) / maxval);
+    }
+    return 0;
+}
+
+/* A binary PGM / PPM file as 8-bit pixels (img->pixels malloc'd: the caller frees it). Reads
+ * only the header and the pixels it announces: nothing else of the file is held. */
+static int read_image_file(const char *path, gemma3_image *img, char *err, size_t errsize) {
+    char msg[256];
+    unsigned char head[PNM_HEADER_MAX];
+    FILE *f = fopen(path, "rb");
+    if (!f) { set_err(err, errsize, "cannot open image %s: %s", path, strerror(errno)); return -1; }
+    size_t got = fread(head, 1, sizeof head, f), at;
+    int w, h, ch, maxval;
+    if (pnm_header(head, got, &w, &h, &ch, &maxval, &at, msg, sizeof msg) != 0) {
+        fclose(f);
+        set_err(err, errsize, "image %s: %s%s", path, msg,
+                got == sizeof head && strstr(msg, "malformed") ? " (or a header over 4096 bytes)" : "");
+        return -1;
+    }
+    size_t count = (size_t)w * h * ch, bytes = count * (maxval < 256 ? 1 : 2);
+    unsigned char *raw = malloc(bytes), *px = malloc(count);
+    size_t have = got - at < bytes ? got - at : bytes;
+    if (!raw || !px) {
+        fclose(f), free(raw), free(px);
+        set_err(err, errsize, "out of memory for image %s (%d x %d)", path, w, h);
+        return -1;
+    }
+    memcpy(raw, head + at, have);
+    have += fread(raw + have, 1, bytes - have, f);
+    fclose(f);
+    if (have < bytes) {
+        set_err(err, errsize, "image %s is truncated: %zu bytes of pixels, its header says %d x %d x %d = %zu", path, have,
+                w, h, ch, bytes);
+        free(raw), free(px);
+        return -1;
+    }
+    int rc = pnm_to_8bit(raw, count, maxval, px, msg, sizeof msg);
+    free(raw);
+    if (rc) { set_err(err, errsize, "image %s: %s", path, msg); free(px); return -1; }
+    img->pixels = px, img->width = w, img->height = h, img->channels = ch;
+    return 0;
+}
+
+/* --chat's "/image FILE": read it and add it to the next message's images; a file it cannot
+ * read is one error line, and the chat goes on. */
+static int attach_image(gemma3_image **images, int *n, const char *path) {
+    char err[600];
+    gemma3_image img, *grown;
+    if (read_image_file(path, &img, err, sizeof err) != 0) {
+        fprintf(stderr, "gemma3: error: %s (not attached)\n", err);
+        return -1;
+    }
+    if (!(grown = realloc(*images, (size_t)(*n + 1) * sizeof(gemma3_image)))) die("out of memory");
+    grown[(*n)++] = img;
+    *images = grown;
+    fprintf(stderr, "(%s: %d x %d, attached to the next message)\n", path, img.width, img.height);
+    return 0;
+}
+
+/* Every --image, read, in order (or die: also for a model without the image path). */
+static gemma3_image *read_images(const gemma3_model *m, const Options *o) {
+    char err[600];
+    if (!gemma3_model_config(m).image_tokens)
+        die("%s has no image path (a text model, or exported with --text-only): --image needs Gemma 3 4B, 12B or 27B",
+            o->model_path);
+    gemma3_image *images = calloc((size_t)o->n_images, sizeof(gemma3_image));
+    if (!images) die("out of memory");
+    for (int i = 0; i < o->n_images; i++)
+        if (read_image_file(o->images[i], &images[i], err, sizeof err) != 0) die("%s", err);
+    return images;
+}
+
+static void free_images(gemma3_image *images, int n) {
+    for (int i = 0; images && i < n; i++) free((void *)images[i].pixels);
+    free(images);
+}
+
+/* The prompt as transformers' Gemma3Processor builds it: every <start_of_image> in the text
+ * (or, if it has none, one per image ahead of the text) becomes "\n\n<start_of_image>",
+ * mm_tokens_per_image <image_soft_token>, "<end_of_image>\n\n"; then <bos> and the ids of
+ * the whole (so newlines merge with the text's as the processor's tokenizer merges them). */
+static int *image_prompt_ids(const gemma3_model *m, const Options *o, int *n_out) {
+    gemma3_config c = gemma3_model_config(m);
+    const char *boi = "<start_of_image>", *soft = "<image_soft_token>", *eoi = "<end_of_image>";
+    const char *text = o->prompt;
+    size_t len = o->prompt_len, kb = strlen(boi);
+    if (find_text(text, len, soft) >= 0)
+        die("the prompt holds %s, which stands for an image's soft tokens: put %s where an image goes and give it "
+            "with --image", soft, boi);
+    int markers = count_text(text, len, boi);
+    if (markers && markers != o->n_images)
+        die("the prompt has %d %s, and %d --image are given: one each (or none in the prompt: the images go first)",
+            markers, boi, o->n_images);
+    /* the ids the three markers must be, checked against the tokenizer */
+    const char *names[3] = {boi, soft, eoi};
+    int want[3] = {c.boi_id, c.image_id, c.eoi_id};
+    for (int i = 0; i < 3; i++) {
+        int id, k = gemma3_tokenize(m, names[i], strlen(names[i]), &id, 1, NULL);
+        if (k != 1 || id != want[i]) die("the tokenizer does not make %s the model's id %d", names[i], want[i]);
+    }
+    /* the text, after one <start_of_image> per image if it has none; then expanded */
+    size_t lead = markers ? 0 : (size_t)o->n_images * kb, out_len;
+    char *full = malloc(lead + len + 1);
+    if (!full) die("out of memory");
+    for (size_t i = 0; i < lead; i += kb) memcpy(full + i, boi, kb);
+    memcpy(full + lead, text, len);
+    char *out = expand_image_markers(full, lead + len, c.image_tokens, &out_len);
+    if (!out) die("out of memory");
+    free(full);
+    int *ids = encode_with_bos(m, "prompt", out, out_len, n_out);
+    free(out);
+    return ids;
+}
+
+/* Where --logits rows go: the file (and the --top table). */
+typedef struct {
+    const gemma3_model *m;
+    const Options *o;
+    const int *ids;
+    FILE *f;
+    ProbIndex *buf;
+} LogitRows;
+
+static void write_logit_rows(const float *logits, int t0, int nb, void *user) {
+    LogitRows *r = user;
+    size_t V = (size_t)gemma3_model_config(r->m).vocab_size;
+    for (int t = 0; t < nb; t++) {
+        if (r->o->top_n) print_top(r->m, logits + (size_t)t * V, t0 + t, r->ids[t0 + t], r->o->top_n, r->buf, stdout);
+        if (write_f32_le(r->f, logits + (size_t)t * V, (int)V) != 0) write_failed(0);
+    }
+}
+
+/* Feed ids[0..n), whose runs of image tokens stand for images[0..n_images) in order: the
+ * text with gemma3_feed, each image with gemma3_feed_image. With rows, all the logits:
+ * through buf (room for `chunk` >= image_tokens rows), to rows(logits, first position,
+ * count, user). Dies where the runs do not match the images. Returns the seconds the
+ * images took (resize, tower, projector, their tokens). */
+static double feed_with_images(gemma3_session *s, const gemma3_model *m, const int *ids, int n, const gemma3_image *images,
+                             int n_images, const char *what, float *buf, int chunk,
+                             void (*rows)(const float *, int, int, void *), void *user) {
+    gemma3_error e;
+    gemma3_config c = gemma3_model_config(m);
+    int image = 0;
+    double image_s = 0;
+    for (int t = 0; t < n;) {
+        int is_image = ids[t] == c.image_id, len = 0;
+        while (t + len < n && (ids[t + len] == c.image_id) == is_image && (is_image || len < chunk || !rows)) len++;
+        if (is_image && len != c.image_tokens)
+            die("%s: %d image tokens at %d, an image is %d", what, len, t, c.image_tokens);
+        if (is_image && image == n_images) die("%s: more runs of image tokens than --image given (%d)", what, n_images);
+        double t0 = now_seconds();
+        int rc = is_image ? gemma3_feed_image(s, &images[image++], rows ? buf : NULL, &e)
+                 : rows   ? gemma3_feed_logits(s, ids + t, len, buf, NULL, &e)
+                          : gemma3_feed(s, ids + t, len, &e);
+        if (is_image) image_s += now_seconds() - t0;
+        if (rc < 0) die("%s", e.message);
+        if (rows) rows(buf, t, len, user);
+        t += len;
+    }
+    if (image != n_images) die("%s: image tokens for %d image(s), and %d --image", what, image, n_images);
+    return image_s;
+}
+
+/* -p / -f with --image: the prompt built as the processor builds it, the images fed where
+ * it puts their tokens, then generation as without images. */
+static int run_generate_images(const gemma3_model *m, const Options *o) {
+    gemma3_error e;
+    gemma3_config c = gemma3_model_config(m);
+    int n, ctx = context_length(o, &c);
+    gemma3_image *images = read_images(m, o);
+    int *ids = image_prompt_ids(m, o, &n);
+    if (n >= ctx) die("the prompt is %d tokens with its images, the context only %d (raise -c)", n, ctx);
+    gemma3_session *s = new_session(m, o, ctx);
+    double t0 = now_seconds();
+    double image_s = feed_with_images(s, m, ids, n, images, o->n_images, "the prompt", NULL, 0, NULL, NULL);
+    double t1 = now_seconds();
+    int generated = gemma3_generate(s, o->steps, print_piece, NULL, &e);
+    if (generated < 0) die("%s", e.message);
+    printf("\n");
+    fprintf(stderr, "prompt %d tokens with %d image%s, %.2f s (the images %.2f s); generated %d tokens, %.1f tok/s\n", n,
+            o->n_images, o->n_images == 1 ? "" : "s", t1 - t0, image_s, generated,
+            generated / (now_seconds() - t1 > 0 ? now_seconds() - t1 : 1e-9));
+    free(ids);
+    free_images(images, o->n_images);
+    gemma3_session_free(s);
+    return 0;
+}
+
+/* --logits with --image: the ids already hold each image's tokens (as input_ids do). */
+static int run_logits_images(const gemma3_model *m, const Options *o) {
+    char err[512];
+    gemma3_config c = gemma3_model_config(m);
+    int *ids, n;
+    if (read_token_file(o->logits_in, c.vocab_size, &ids, &n, err, sizeof err) != 0) die("%s", err);
+    Options sized = *o;
+    if (!sized.ctx) sized.ctx = n; /* --logits: the context is the file's tokens */
+    int ctx = context_length(&sized, &c);
+    if (n > ctx) die("%s has %d tokens, more than the context of %d (-c)", o->logits_in, n, ctx);
+    gemma3_image *images = read_images(m, o);
+    gemma3_session *s = new_session(m, o, ctx);
+    int chunk = c.image_tokens > PREFILL_BATCH ? c.image_tokens : PREFILL_BATCH;
+    float *buf = malloc((size_t)chunk * c.vocab_size * sizeof(float));
+    LogitRows rows = {m, o, ids, NULL, o->top_n ? malloc((size_t)o->top_n * sizeof(ProbIndex)) : NULL};
+    if (!buf || (o->top_n && !rows.buf)) die("out of memory");
+    rows.f = open_output(0);
+    double image_s = feed_with_images(s, m, ids, n, images, o->n_images, o->logits_in, buf, chunk, write_logit_rows, &rows);
+    finish_outputs();
+    fprintf(stderr, "%d image%s in %.2f s (resize, vision tower, projector, %d tokens each)\n", o->n_images,
+            o->n_images == 1 ? "" : "s", image_s, c.image_tokens);
+    free(rows.buf);
+    free(buf);
+    free(ids);
+    free_images(images, o->n_images);
+    gemma3_session_free(s);
+    return 0;
+}
+
 /* --logits: the ids through the model in batches, as a prompt is; the logits of every
  * position to a file, row-major [T][vocab]. Optionally also the top-N table (stdout) and
  * the hidden state after every layer, [T][n_layers + 1][dim]. */
 static int run_logits(const gemma3_model *m, const Options *o) {
+    if (o->n_images) return run_logits_images(m, o);
     char err[512];
     gemma3_error e;
     gemma3_config c = gemma3_model_config(m);
@@ -2975,6 +4002,9 @@ static int run_chat(const gemma3_model *m, const Options *o) {
     gemma3_error e;
     gemma3_config c = gemma3_model_config(m);
     int status = 0, number = 0, interactive = isatty(0) && !o->prompt; /* a prompt on a terminal */
+    /* --image: the images of the first message; then a line "/image FILE" attaches one to the next */
+    gemma3_image *pending = o->n_images ? read_images(m, o) : NULL;
+    int n_pending = o->n_images;
     gemma3_session *s = new_session(m, o, context_length(o, &c));
     void (*inherited)(int) = signal(SIGINT, SIG_IGN);
     signal(SIGINT, inherited);
@@ -2992,9 +4022,16 @@ static int run_chat(const gemma3_model *m, const Options *o) {
             if (len == 0) { free(line); continue; } /* an empty line is no message */
         }
         if (!line) die("out of memory");
+        if (o->n_images && len > 7 && !memcmp(line, "/image ", 7)) {
+            if (attach_image(&pending, &n_pending, line + 7) != 0) status = 1;
+            free(line);
+            continue;
+        }
         g_interrupted = 0;
         if (inherited != SIG_IGN) signal(SIGINT, on_interrupt);
-        int rc = gemma3_chat_turn(s, line, len, o->steps, chat_piece, NULL, &e);
+        int rc = gemma3_chat_turn_images(s, line, len, pending, n_pending, o->steps, chat_piece, NULL, &e);
+        free_images(pending, n_pending); /* (a refused message takes its images with it) */
+        pending = NULL, n_pending = 0;
         if (inherited != SIG_IGN) signal(SIGINT, inherited);
         free(line);
         if (g_interrupted && rc >= 0) fprintf(stderr, " [stopped]");
@@ -3005,7 +4042,9 @@ static int run_chat(const gemma3_model *m, const Options *o) {
             status = 2;
             break;
         }
-        if (rc < 0 && (o->prompt || (rc != GEMMA3_E_TOKEN && rc != GEMMA3_E_TEXT))) die("%s", e.message);
+        if (rc < 0 && (o->prompt || (rc != GEMMA3_E_TOKEN && rc != GEMMA3_E_TEXT && rc != GEMMA3_E_ARG &&
+                                     rc != GEMMA3_E_STATE)))
+            die("%s", e.message);
         if (rc < 0) { /* refused: the conversation is as it was */
             fprintf(stderr, "gemma3: error: %s (message refused)\n", e.message);
             status = 1;
@@ -3015,12 +4054,14 @@ static int run_chat(const gemma3_model *m, const Options *o) {
         fflush(stdout);
         if (o->prompt) break;
     }
+    free_images(pending, n_pending); /* attached after the last message */
     gemma3_session_free(s);
     return status;
 }
 
 /* -p / -f: <bos>, the prompt, then up to -n sampled tokens, streamed to stdout. */
 static int run_generate(const gemma3_model *m, const Options *o) {
+    if (o->n_images) return run_generate_images(m, o);
     gemma3_error e;
     gemma3_config c = gemma3_model_config(m);
     int n, ctx = context_length(o, &c);
@@ -3075,6 +4116,7 @@ int main(int argc, char **argv) {
     else if (o.chat) status = run_chat(model, &o);
     else status = run_generate(model, &o);
     free(o.prompt_file_text);
+    free(o.images);
     gemma3_close(model);
     if (fflush(stdout) != 0 || ferror(stdout)) die("write error on stdout: %s", strerror(errno));
     return status;

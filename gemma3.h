@@ -26,8 +26,8 @@
  * Memory. gemma3_open_* allocates the model's tables (a few MB: the tokenizer, the layer
  * list). gemma3_session_new allocates the KV cache and the activations, or, with an arena,
  * carves them from it and allocates nothing. With an arena, gemma3_feed, gemma3_feed_logits,
- * gemma3_logits, gemma3_sample, gemma3_generate, gemma3_rewind, gemma3_position,
- * gemma3_set_sampling and gemma3_stream_* never allocate either. The calls that do:
+ * gemma3_feed_image, gemma3_logits, gemma3_sample, gemma3_generate, gemma3_rewind,
+ * gemma3_position, gemma3_set_sampling and gemma3_stream_* never allocate either. The calls that do:
  * gemma3_open_* (the model's tables), gemma3_session_new without an arena (the session's
  * block), gemma3_tokenize, gemma3_detokenize and gemma3_chat_render (temporary memory,
  * freed before they return), and gemma3_chat_turn (temporary memory, and the
@@ -97,6 +97,10 @@ typedef struct {
     int bos_id, eos_id, eot_id, sot_id; /* <bos>, <eos>, <end_of_turn>, <start_of_turn> */
     int has_tokenizer;   /* 0: the tokenizer and chat calls return GEMMA3_E_TOKENIZER */
     int max_piece_bytes; /* a buffer this big always holds one gemma3_stream_put's output */
+    int image_tokens;    /* soft tokens an image becomes (mm_tokens_per_image, 256); 0: a text
+                            model (no image path in the file) */
+    int image_size;      /* the square images are resized to (896) */
+    int image_id, boi_id, eoi_id; /* <image_soft_token>, <start_of_image>, <end_of_image> */
 } gemma3_config;
 
 /* The model's configuration (a copy; all zeros if model is NULL). */
@@ -162,9 +166,12 @@ typedef struct {
     const char *system_prompt; /* gemma3_chat_turn: an optional system message (copied) */
     void *arena;          /* optional caller memory for the whole session (see gemma3_session_bytes) */
     size_t arena_size;
+    int images;           /* 1: the session takes images (gemma3_feed_image; a model with
+                             image_tokens): it also holds the vision tower's activations */
 } gemma3_options;
 
-/* The defaults: context 0, temperature 1, top_k 64, top_p 0.95, min_p 0, seed 0, no arena. */
+/* The defaults: context 0, temperature 1, top_k 64, top_p 0.95, min_p 0, seed 0, no arena,
+ * no images. */
 gemma3_options gemma3_default_options(void);
 
 /* Bytes of memory a session with these options needs (the arena size to give it), or a
@@ -212,6 +219,26 @@ const float *gemma3_logits(gemma3_session *session, gemma3_error *err);
  * or infinite). The token is not fed. */
 int gemma3_sample(gemma3_session *session, gemma3_error *err);
 
+/* An image: 8-bit pixels, rows top to bottom, each pixel `channels` values (1 gray, 3 RGB). */
+typedef struct {
+    const unsigned char *pixels;
+    int width, height, channels;
+} gemma3_image;
+
+/* Feed an image at the next positions: it becomes the model's image_tokens soft tokens
+ * (resized to image_size x image_size as transformers' Gemma3ImageProcessor does, then
+ * the vision tower, pooling and the projection to the text width), which stand where the
+ * processor puts image_tokens <image_soft_token> ids and attend to each other both ways.
+ * The text around it is the caller's to feed: the processor writes "\n\n<start_of_image>"
+ * before it and "<end_of_image>\n\n" after. logits: NULL, or room for
+ * image_tokens x vocab_size floats, the logits after each of its tokens. The session
+ * must have been made with options.images. Returns the new position. Errors: GEMMA3_E_ARG
+ * (a text model or a session without images; width or height not in [1, 8192], channels
+ * not 1 or 3), GEMMA3_E_CONTEXT (its tokens do not fit: nothing is fed), GEMMA3_E_NUMERIC
+ * (as gemma3_feed_logits). The other feeds refuse the image token id (GEMMA3_E_TOKEN), and
+ * gemma3_rewind a position that would need an image fed again (GEMMA3_E_STATE). */
+int gemma3_feed_image(gemma3_session *session, const gemma3_image *image, float *logits, gemma3_error *err);
+
 /* Tokens in the KV cache: the position the next fed token takes. */
 int gemma3_position(const gemma3_session *session);
 
@@ -221,7 +248,9 @@ int gemma3_context(const gemma3_session *session);
 /* Forget every token from position `pos` on (0 <= pos <= position). The session keeps the
  * ids it was fed, so where a sliding-window layer's ring no longer holds what position
  * `pos` needs, it re-feeds them from 0 (correct, slower). The logits are then those after
- * token pos - 1 (none at 0). Errors: GEMMA3_E_ARG. */
+ * token pos - 1 (none at 0, nor right after an image). Errors: GEMMA3_E_ARG; GEMMA3_E_STATE
+ * where that would feed an image's tokens again (into an image, or a ring that no longer
+ * holds what follows one): the session keeps no images. */
 int gemma3_rewind(gemma3_session *session, int pos, gemma3_error *err);
 
 /* Called with each generated token's text (UTF-8, whole characters; len may be 0; not
@@ -255,6 +284,19 @@ int gemma3_generate(gemma3_session *session, int max_tokens, gemma3_piece_fn cal
  * A new conversation needs a new session. */
 int gemma3_chat_turn(gemma3_session *session, const char *user_text, size_t len, int max_tokens,
                      gemma3_piece_fn callback, void *user, gemma3_error *err);
+
+/* As gemma3_chat_turn, with images in the user's message (a session made with
+ * options.images): each <start_of_image> in user_text takes the next of images[0..n_images),
+ * or, with none in the text, the images go ahead of it (as the chat template renders a
+ * message of images, then text); the processor's expansion of every <start_of_image> is
+ * what the model sees, and only the new message's images are encoded (the earlier ones stay
+ * in the cache). In such a session gemma3_chat_turn is this with no images. Errors: those
+ * of gemma3_chat_turn; GEMMA3_E_ARG (images without an image session, markers that do not
+ * match the images, a bad image), GEMMA3_E_TOKEN (<image_soft_token> in the text),
+ * GEMMA3_E_STATE (the cache no longer holds the conversation's earlier images: a new
+ * session takes it). The message is refused and nothing changes in each. */
+int gemma3_chat_turn_images(gemma3_session *session, const char *user_text, size_t len, const gemma3_image *images,
+                            int n_images, int max_tokens, gemma3_piece_fn callback, void *user, gemma3_error *err);
 
 #ifdef __cplusplus
 }

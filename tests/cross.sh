@@ -4,7 +4,8 @@
 # Builds gemma3.c natively and with Debian's cross compilers (static, no OpenMP), runs the
 # foreign builds under qemu-user, and compares `--logits` on the tiny fixture: f32 and bf16
 # exports against tests/fixtures/tiny/logits.f32 within max|diff| <= 1e-4 * max|ref|, q8_0 and
-# q4_0 exports against the native build within 1e-2 (see compare below).
+# q4_0 exports against the native build within 1e-2 (see compare below); and the image path:
+# tests/fixtures/vision/mm2 (f32, two images) against transformers' logits within 1e-4.
 #
 # Targets, one per kind of machine (the first that is installed or installable is used):
 #   native          the host (x86-64 here): with OpenMP, without, and -DGEMMA3_NO_MMAP
@@ -22,6 +23,7 @@ cd "$(dirname "$0")/.." || exit 2
 
 OUT=tests/build/cross
 FIX=tests/fixtures/tiny
+VIS=tests/fixtures/vision/mm2
 WARN="-std=c99 -Wall -Wextra -pedantic"
 OPT="-O2"
 RUN_TIMEOUT=300 # seconds per emulated run; the slowest (i686) takes about 2 s
@@ -156,6 +158,7 @@ command -v python3 >/dev/null 2>&1 || die "python3 is needed to export the fixtu
 for dt in f32 bf16 q8_0 q4_0; do
     python3 export.py "$FIX" "$OUT/tiny-$dt.bin" --dtype "$dt" -q || die "export.py --dtype $dt failed"
 done
+python3 export.py "$VIS" "$OUT/mm2-f32.bin" --dtype f32 -q || die "export.py of $VIS failed"
 
 # --- compare logits: python3 standard library only ------------------------------------
 # Prints "max|diff| D = R of max|ref| M" and exits 0 if R <= 1e-4 (and every value is finite).
@@ -233,6 +236,22 @@ run() {
             fail
         fi
     done
+    # the image path: resize, vision tower, projector, image tokens (two images)
+    out="$OUT/logits-$name-mm2.f32" err="$OUT/run-$name-mm2.err"
+    rm -f "$out"
+    # shellcheck disable=SC2086
+    if ! timeout "$RUN_TIMEOUT" $emu "$OUT/gemma3-$name" "$OUT/mm2-f32.bin" --logits "$VIS/ids.txt" "$out" \
+        --image "$VIS/image-0.ppm" --image "$VIS/image-1.ppm" >/dev/null 2>"$err"; then
+        printf '%-22s %-5s %s\n' "$name" image "FAIL (gemma3 exited with an error):"
+        tail -5 "$err" | sed 's/^/    /'
+        fail
+    elif msg=$(compare "$out" "$VIS/logits.f32" 1e-4); then
+        printf '%-22s %-5s %-52s PASS\n' "$name" image "$msg"
+        pass
+    else
+        printf '%-22s %-5s %-52s FAIL\n' "$name" image "$msg"
+        fail
+    fi
 }
 
 # --- native ------------------------------------------------------------------------------

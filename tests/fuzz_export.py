@@ -75,6 +75,19 @@ def tiny_tensors(cfg, prefix):
     return [(prefix + n, s) for n, s in shapes]
 
 
+MM_VISION = {"hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "image_size": 8, "patch_size": 2, "model_type": "siglip_vision_model"}
+
+
+def vision_seed_tensors(text):
+    """A whole tiny SigLIP tower and projector, named as google/gemma-3-4b-it names them."""
+    vc = dict(E.VISION_CONFIG_DEFAULTS, **MM_VISION)
+    out = []
+    for name, shape, _ in E.expected_vision_tensors(vc, text["hidden_size"]):
+        out.append((name.replace(E.VISION_TOWER, "vision_tower.vision_model.", 1), shape))
+    return out
+
+
 def st_header(tensors, extra=None):
     header, pos = {}, 0
     for name, shape in tensors:
@@ -193,8 +206,9 @@ def make_seeds():
     families = {
         "hf-tiny": (TINY, tiny_tensors(TINY, "model."), {}),
         "hf-multimodal": ({"architectures": ["Gemma3ForConditionalGeneration"], "text_config": mm_text,
-                           "vision_config": {"hidden_size": 8}, "tie_word_embeddings": True},
-                          tiny_tensors(mm_text, "language_model.model.") + [("vision_tower.patch.weight", [2, 2])],
+                           "vision_config": MM_VISION, "mm_tokens_per_image": 4, "image_token_index": 13,
+                           "boi_token_index": 14, "eoi_token_index": 15, "tie_word_embeddings": True},
+                          tiny_tensors(mm_text, "language_model.model.") + vision_seed_tensors(mm_text),
                           {"__metadata__": {"format": "pt"}}),
     }
     for fam, (cfg, tensors, extra) in families.items():

@@ -12,19 +12,32 @@ Usage:
         [--vocab N] [--hidden N] [--inter N] [--layers N] [--heads N] [--kv-heads N]
         [--head-dim N] [--qpas F] [--window N] [--pattern N] [--max-pos N]
         [--rope-theta F] [--rope-local-base F] [--rope-scaling F]
-        [--layout flat|nested|nested-new] [--layer-types] [--shards N]
+        [--layout flat|nested|nested-new|nested-v5] [--layer-types] [--shards N]
         [--dtype bf16|f32|f16] [--sparse-config] [--tokenizer PATH]
         [--seed N] [--fast-random]
+        [--vision IMAGE,PATCH,HIDDEN,INTER,LAYERS,HEADS,MM_TOKENS]
+        [--image-tokens IMAGE,BOI,EOI]
 
 Layouts:
   flat        Gemma3ForCausalLM, flat config (model_type gemma3_text), tensors "model.*"
               (like the 1B / 270M releases).
   nested      Gemma3ForConditionalGeneration, config under "text_config" (model_type
-              gemma3), tensors "language_model.model.*" plus a few small fake
-              "vision_tower.vision_model.*" / "multi_modal_projector.*" tensors that an
-              exporter must skip (like the 4B+ releases).
+              gemma3), tensors "language_model.model.*" plus a small SigLIP vision tower
+              "vision_tower.vision_model.*" and projector "multi_modal_projector.*"
+              (like the 4B+ releases; --vision sets its sizes, default 16,4,32,64,1,2,4).
   nested-new  as nested, but tensors "model.language_model.*", "model.vision_tower.*",
-              "model.multi_modal_projector.*" (transformers >= 4.52 naming).
+              "model.multi_modal_projector.*" (transformers 4.52 - 4.57 naming).
+  nested-v5   as nested, but the tower's tensors "vision_tower.*" without "vision_model."
+              (what transformers 5 saves).
+
+--vision writes a real SigLIP vision tower and projector of those sizes (image_size,
+patch_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+mm_tokens_per_image) in place of the small fake one, so transformers'
+Gemma3ForConditionalGeneration loads the checkpoint and runs images through it.  Its
+LayerNorm weights are 1 + N(0, 0.12) (a LayerNorm multiplies by w, not 1 + w).
+--image-tokens sets image_token_index, boi_token_index, eoi_token_index (default
+262144, 255999, 256000 as the real checkpoints where the vocabulary holds them, else its
+last three ids).
 
 Determinism: every tensor is generated from its own seed, derived with SHA-256 from
 (--seed, canonical tensor name without any prefix, generator mode), in fixed chunks.
@@ -55,6 +68,7 @@ import math
 import os
 import random
 import shutil
+import struct
 import sys
 import time
 
@@ -80,20 +94,8 @@ DTYPES = {  # --dtype -> (safetensors dtype, bytes per element, torch_dtype)
     "f16": ("F16", 2, "float16"),
 }
 
-# Small fake vision tower / projector (canonical names, shapes); skipped by exporters.
-VISION_HIDDEN = 32
-VISION_TENSORS = [
-    ("vision_tower.vision_model.embeddings.patch_embedding.weight", [VISION_HIDDEN, 3, 4, 4]),
-    ("vision_tower.vision_model.embeddings.patch_embedding.bias", [VISION_HIDDEN]),
-    ("vision_tower.vision_model.embeddings.position_embedding.weight", [16, VISION_HIDDEN]),
-    ("vision_tower.vision_model.encoder.layers.0.layer_norm1.weight", [VISION_HIDDEN]),
-    ("vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight",
-     [VISION_HIDDEN, VISION_HIDDEN]),
-    ("vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.bias", [VISION_HIDDEN]),
-    ("vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
-     [2 * VISION_HIDDEN, VISION_HIDDEN]),
-    ("vision_tower.vision_model.post_layernorm.weight", [VISION_HIDDEN]),
-]
+# The vision tower of the nested layouts when --vision does not size it.
+DEFAULT_VISION = [16, 4, 32, 64, 1, 2, 4]
 
 
 # ----------------------------------------------------------------------------
@@ -130,10 +132,33 @@ def text_tensors(a):
     return out
 
 
+def vision_tensors(a):
+    """Canonical (name, shape) list of the SigLIP tower (google/gemma-3-4b-it naming)."""
+    image, patch, h, inter, layers = a.vision[:5]
+    p = "vision_tower.vision_model."
+    out = [(p + "embeddings.patch_embedding.weight", [h, 3, patch, patch]),
+           (p + "embeddings.patch_embedding.bias", [h]),
+           (p + "embeddings.position_embedding.weight", [(image // patch) ** 2, h])]
+    for i in range(layers):
+        q = p + "encoder.layers.%d." % i
+        for norm in ("layer_norm1", "layer_norm2"):
+            out += [(q + norm + ".weight", [h]), (q + norm + ".bias", [h])]
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            out += [(q + "self_attn." + proj + ".weight", [h, h]), (q + "self_attn." + proj + ".bias", [h])]
+        out += [(q + "mlp.fc1.weight", [inter, h]), (q + "mlp.fc1.bias", [inter]),
+                (q + "mlp.fc2.weight", [h, inter]), (q + "mlp.fc2.bias", [h])]
+    out += [(p + "post_layernorm.weight", [h]), (p + "post_layernorm.bias", [h])]
+    return out
+
+
+def vision_hidden(a):
+    return a.vision[2]
+
+
 def projector_tensors(a):
     return [
-        ("multi_modal_projector.mm_input_projection_weight", [VISION_HIDDEN, a.hidden]),
-        ("multi_modal_projector.mm_soft_emb_norm.weight", [VISION_HIDDEN]),
+        ("multi_modal_projector.mm_input_projection_weight", [vision_hidden(a), a.hidden]),
+        ("multi_modal_projector.mm_soft_emb_norm.weight", [vision_hidden(a)]),
     ]
 
 
@@ -144,6 +169,9 @@ def file_name(canonical, layout):
         return "model." + canonical
     if layout == "nested":
         return ("language_model.model." + canonical) if is_text else canonical
+    if layout == "nested-v5":
+        return ("language_model.model." + canonical) if is_text else canonical.replace(
+            "vision_tower.vision_model.", "vision_tower.", 1)
     return ("model.language_model." + canonical) if is_text else ("model." + canonical)
 
 
@@ -152,7 +180,7 @@ def all_tensors(a):
     and projector tensors last, so exporters cannot assume the text is contiguous."""
     canon = text_tensors(a)
     if a.layout != "flat":
-        canon = VISION_TENSORS + canon + projector_tensors(a)
+        canon = vision_tensors(a) + canon + projector_tensors(a)
     return [(c, file_name(c, a.layout), s) for c, s in canon]
 
 
@@ -324,10 +352,29 @@ def tensor_chunks(canonical, shape, a):
         n *= d
     key = tensor_key(a.seed, canonical, a.fast_random)
     sigma = sigma_of(canonical, shape, a.hidden)
+    if canonical == "multi_modal_projector.mm_input_projection_weight":
+        sigma = 1.0 / math.sqrt(shape[0])  # stored (in, out): x @ w
     gen = fast_chunks if a.fast_random else gauss_chunks
     convert = {"bf16": None, "f32": bf16_to_f32, "f16": bf16_to_f16}[a.dtype]
     for bf in gen(key, n, sigma):
+        if is_layernorm_weight(canonical):
+            bf = plus_one(bf)
         yield convert(bf) if convert else bf
+
+
+def is_layernorm_weight(canonical):
+    """The SigLIP tower's LayerNorm weights (its biases, and Gemma's RMSNorms, stay as drawn)."""
+    return canonical.startswith("vision_tower.") and canonical.endswith("norm.weight") and \
+        ("layer_norm" in canonical or "post_layernorm" in canonical)
+
+
+def plus_one(bf):
+    """1 + w for bf16 values w, truncated to bf16 (a few hundred values: plain Python)."""
+    out = bytearray()
+    for i in range(0, len(bf), 2):
+        w = struct.unpack("<f", b"\0\0" + bf[i:i + 2])[0]
+        out += struct.pack("<f", 1.0 + w)[2:4]
+    return bytes(out)
 
 
 # ----------------------------------------------------------------------------
@@ -528,25 +575,27 @@ def make_config(a):
         c["torch_dtype"] = torch_dtype
         c["architectures"] = ["Gemma3ForCausalLM"]
         return c
+    image_id, boi, eoi = a.image_tokens
+    image, patch, vh, vinter, vlayers, vheads, mm_tokens = a.vision
     return {
         "architectures": ["Gemma3ForConditionalGeneration"],
-        "boi_token_index": 255999,
-        "eoi_token_index": 256000,
+        "boi_token_index": boi,
+        "eoi_token_index": eoi,
         "eos_token_id": [1, 106],
-        "image_token_index": 262144,
+        "image_token_index": image_id,
         "initializer_range": 0.02,
-        "mm_tokens_per_image": 4,
+        "mm_tokens_per_image": mm_tokens,
         "model_type": "gemma3",
         "text_config": sparse_text_config(a) if a.sparse_config else text_config(a),
         "torch_dtype": torch_dtype,
         "vision_config": {
-            "hidden_size": VISION_HIDDEN,
-            "image_size": 16,
-            "intermediate_size": 2 * VISION_HIDDEN,
+            "hidden_size": vh,
+            "image_size": image,
+            "intermediate_size": vinter,
             "model_type": "siglip_vision_model",
-            "num_attention_heads": 2,
-            "num_hidden_layers": 1,
-            "patch_size": 4,
+            "num_attention_heads": vheads,
+            "num_hidden_layers": vlayers,
+            "patch_size": patch,
             "vision_use_head": False,
         },
     }
@@ -587,7 +636,7 @@ def parse_args(argv):
     p.add_argument("--rope-local-base", type=float, default=1e4)
     p.add_argument("--rope-scaling", type=float,
                    help='write rope_scaling {"rope_type": "linear", "factor": F}')
-    p.add_argument("--layout", choices=["flat", "nested", "nested-new"], default="flat")
+    p.add_argument("--layout", choices=["flat", "nested", "nested-new", "nested-v5"], default="flat")
     p.add_argument("--layer-types", action="store_true",
                    help="write layer_types instead of sliding_window_pattern")
     p.add_argument("--shards", type=int, default=1)
@@ -598,6 +647,10 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast-random", action="store_true",
                    help="fast table-driven generator for very large shapes")
+    p.add_argument("--vision", type=int_list(7),
+                   help="a real SigLIP tower: IMAGE,PATCH,HIDDEN,INTER,LAYERS,HEADS,MM_TOKENS")
+    p.add_argument("--image-tokens", type=int_list(3),
+                   help="IMAGE,BOI,EOI token ids (default 262144,255999,256000, or the vocabulary's last three)")
     a = p.parse_args(argv)
 
     explicit = {k for k in PRESETS[a.preset] if getattr(a, k) is not None}
@@ -612,11 +665,32 @@ def parse_args(argv):
         p.error("--heads must be a multiple of --kv-heads")
     if a.qpas <= 0:
         p.error("--qpas must be > 0")
+    if a.vision is not None and a.layout == "flat":
+        p.error("--vision needs a nested layout")
+    if a.layout != "flat":
+        if a.vision is None:
+            a.vision = list(DEFAULT_VISION)
+        if a.image_tokens is None:
+            a.image_tokens = [262144, 255999, 256000] if a.vocab > 262144 else [a.vocab - 1, a.vocab - 3, a.vocab - 2]
+        image, patch, h, _, _, heads, mm = a.vision
+        side = int(round(math.sqrt(mm)))
+        if min(a.vision) < 1 or image % patch or h % heads or side * side != mm or (image // patch) % side:
+            p.error("--vision: image_size must be a multiple of patch_size, hidden of heads, and "
+                    "mm_tokens a square whose side divides image_size / patch_size")
     if a.sparse_config and a.layout == "flat":
         p.error("--sparse-config needs --layout nested or nested-new")
     if a.sparse_config:
         warn_sparse_defaults(a, explicit)
     return a
+
+
+def int_list(n):
+    def parse(text):
+        v = [int(x) for x in text.split(",")]
+        if len(v) != n:
+            raise argparse.ArgumentTypeError("expected %d comma-separated integers" % n)
+        return v
+    return parse
 
 
 def main(argv=None):

@@ -2,10 +2,11 @@
  * bytes, and on what opens, a session that runs.
  *
  * The seeds (`make fuzz` writes them: tests/build/fuzz/seeds-loader) are a 2-layer model
- * of 18 tokens with a 20-piece tokenizer, in f32, bf16, q8_0 and q4_0, so most mutations
- * are of a valid file. A file that opens gets a session of at most 8 tokens: ids fed (the
- * last input byte picks greedy or sampled), logits read, a token sampled, a few generated,
- * and with a tokenizer, text tokenized and decoded and one chat turn. Checks: a refusal
+ * of 18 tokens with a 20-piece tokenizer, in f32, bf16, q8_0 and q4_0, and in bf16 with a
+ * 14 px image path, so most mutations are of a valid file. A file that opens gets a session
+ * of at most 8 tokens: ids fed (the last input byte picks greedy or sampled), logits read, a
+ * 3 x 2 image fed where the file has the image path, a token sampled, a few generated, and
+ * with a tokenizer, text tokenized and decoded and one chat turn. Checks: a refusal
  * has a code and a one-line message; sampled ids are in [0, vocab_size) (or the logits are
  * said to be NaN); no call fails
  * for a reason other than the ones gemma3.h gives it. A broken property abort()s. */
@@ -59,6 +60,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     o.top_k = last & 2 ? 0 : 3;
     o.top_p = last & 4 ? 1.0f : 0.9f;
     o.seed = last;
+    o.images = c.image_tokens > 0; /* a file with the image path: its session takes images */
     gemma3_session *s = NULL;
     if (gemma3_session_new(m, &o, &s, &err) != 0) {
         if (err.code != GEMMA3_E_NOMEM) die("session_new failed", &err);
@@ -68,10 +70,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     int ids[3] = {c.bos_id, (int)(last % (unsigned)c.vocab_size), c.vocab_size - 1};
     int n = o.context < 3 ? o.context : 3;
+    for (int i = 0; c.image_tokens && i < 3; i++)
+        if (ids[i] == c.image_id) ids[i] = c.bos_id; /* the image token is for gemma3_feed_image only */
     if (gemma3_feed(s, ids, n, &err) != n) die("feed failed", &err);
     if (!gemma3_logits(s, &err)) die("no logits after a feed", &err);
     int id = gemma3_sample(s, &err); /* GEMMA3_E_NUMERIC: NaN or infinite logits (such weights) */
     if (id != GEMMA3_E_NUMERIC && (id < 0 || id >= c.vocab_size)) die("sampled id out of range", &err);
+    if (c.image_tokens) { /* a 3 x 2 gray image of the input's last bytes, where it fits */
+        unsigned char px[6] = {last, 0, 255, (unsigned char)size, 7, (unsigned char)(last ^ 0x5a)};
+        gemma3_image img = {px, 3, 2, 1};
+        int before = gemma3_position(s), got = gemma3_feed_image(s, &img, NULL, &err);
+        if (got >= 0 ? got != before + c.image_tokens : got != GEMMA3_E_CONTEXT && got != GEMMA3_E_NUMERIC)
+            die("feed_image failed", &err);
+        if (got >= 0 && gemma3_rewind(s, before, &err) != before) die("rewind to before the image failed", &err);
+    }
+    if (id == c.image_id && c.image_tokens) id = c.bos_id;
     if (id >= 0 && gemma3_position(s) < gemma3_context(s)) {
         if (gemma3_feed(s, &id, 1, &err) < 0) die("feed of a sampled id failed", &err);
         int pieces = 0, got = gemma3_generate(s, 3, count_piece, &pieces, &err);

@@ -4,7 +4,7 @@
 #   bash tests/fuzz/run.sh SECONDS [HARNESS...]   fuzz each for SECONDS (make fuzz)
 #   bash tests/fuzz/run.sh --replay               run every committed input once, no libFuzzer
 #
-# HARNESS: tokenizer, tokinit, chat, loader (default: all). Corpora grow in
+# HARNESS: tokenizer, tokinit, chat, loader, pnm (default: all). Corpora grow in
 # tests/build/fuzz/corpus-HARNESS (kept between runs); the seeds are tests/fuzz/HARNESS/ and
 # what this script generates into tests/build/fuzz/seeds-HARNESS (the tiny model and
 # tokenizer sections, from export.py). A finding is saved as tests/build/fuzz/HARNESS-crash-*
@@ -19,22 +19,27 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 B=tests/build/fuzz
 mkdir -p "$B"
-ALL="tokenizer tokinit chat loader"
+ALL="tokenizer tokinit chat loader pnm"
 
 # The inputs that are generated rather than committed: the real tokenizer's section, the
-# tiny model in four dtypes, the tiny tokenizer's section and a variant without byte pieces.
+# tiny model in four dtypes and with a tiny image path, the tiny tokenizer's section and a
+# variant without byte pieces.
 seeds() {
     if [ "$1" = tokenizer ] && [ ! -s "$B/tokenizer.sec" ]; then
         bash tests/fetch_tokenizer.sh > "$B/fetch.log" 2>&1 || { cat "$B/fetch.log"; return 1; }
         python3 -c "import sys; sys.path.insert(0, '.'); import export
 sec, _ = export.pack_tokenizer('tests/data/tokenizer.json'); open('$B/tokenizer.sec', 'wb').write(sec)" || return 1
     fi
-    if [ "$1" = loader ] && [ ! -s "$B/seeds-loader/tiny-q4_0.bin" ]; then
+    if [ "$1" = loader ] && [ ! -s "$B/seeds-loader/tiny-mm-bf16.bin" ]; then
         mkdir -p "$B/seeds-loader"
         python3 tools/make_checkpoint.py "$B/tiny-hf" --vocab 18 --hidden 32 --inter 32 --layers 2 --heads 2 \
             --kv-heads 1 --head-dim 16 --qpas 16 --window 4 --pattern 2 --max-pos 64 --dtype f32 \
             --tokenizer tests/fuzz/tiny-tokenizer.json --seed 1 > /dev/null || return 1
         for d in f32 bf16 q8_0 q4_0; do python3 export.py "$B/tiny-hf" "$B/seeds-loader/tiny-$d.bin" --dtype $d -q || return 1; done
+        python3 tools/make_checkpoint.py "$B/tiny-mm" --vocab 18 --hidden 32 --inter 32 --layers 2 --heads 2 \
+            --kv-heads 1 --head-dim 16 --qpas 16 --window 4 --pattern 2 --max-pos 64 --layout nested \
+            --vision 14,7,16,32,1,2,4 --tokenizer tests/fuzz/tiny-tokenizer.json --seed 1 > /dev/null || return 1
+        python3 export.py "$B/tiny-mm" "$B/seeds-loader/tiny-mm-bf16.bin" --dtype bf16 -q || return 1
     fi
     if [ "$1" = tokinit ] && [ ! -s "$B/seeds-tokinit/nobytes.sec" ]; then
         mkdir -p "$B/seeds-tokinit"
