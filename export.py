@@ -779,7 +779,7 @@ def load(path, dtype_name, quiet, quant=None):
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The program's own files: an output there would replace the program.
 PROGRAM_FILES = (os.path.abspath(__file__), os.path.join(HERE, "gemma3"), os.path.join(HERE, "tools", "gguf_dequant"))
-TEMP_SUFFIX = ".gemma3-export.tmp"
+TEMP_STEM = ".gemma3-export"  # .NAME.gemma3-export.tmp, .NAME.gemma3-export.q.tmp
 
 
 class Output:
@@ -794,11 +794,11 @@ class Output:
     - a FIFO or a character device: written directly, in order; never replaced.
     Anything else (a directory, a block device, a socket) is refused."""
 
-    def __init__(self, name, target, stream, quant):
+    def __init__(self, name, target, stream):
         self.name, self.target, self.stream = name, target, stream
         d, base = os.path.split(target)
-        self.tmp = os.path.join(d, f".{base}{TEMP_SUFFIX}")
-        self.qtmp = os.path.join(d, f".{base}{TEMP_SUFFIX[:-4]}.q.tmp")
+        self.tmp = os.path.join(d, f".{base}{TEMP_STEM}.tmp")
+        self.qtmp = os.path.join(d, f".{base}{TEMP_STEM}.q.tmp")
         self.fd = None  # the locked temporary file
 
     def temporaries(self):
@@ -833,8 +833,8 @@ class Output:
     def open_stream(self):
         """The file to write into: the temporary one, or the FIFO or device itself."""
         if self.stream:
-            try:
-                return open(self.target, "wb", buffering=0)
+            try:  # by the user's name: /dev/stdout's target is no path (pipe:[1234])
+                return open(self.name, "wb", buffering=0)
             except OSError as e:
                 raise ExportError(f"cannot write {self.name}: {e.strerror}")
         os.lseek(self.fd, 0, os.SEEK_SET)
@@ -889,7 +889,7 @@ def check_output(src_path, out_path, force, quant):
     if stream and quant:
         raise ExportError(f"{out_path} is a {'FIFO' if stat.S_ISFIFO(st.st_mode) else 'character device'}: a {quant} export "
                           "needs a regular file (gemma3 --quantize writes beside it); export to a file and copy it")
-    out = Output(out_path, target, stream, quant)
+    out = Output(out_path, target, stream)
     try:
         inputs = [os.path.join(src_path, n) for n in os.listdir(src_path)] if os.path.isdir(src_path) else [src_path]
     except OSError:
