@@ -473,16 +473,20 @@ EXP_HIGH, EXP_LOW = bytes_table(lambda b: b & 0x7F == 0x7F), bytes_table(lambda 
 
 def first_nonfinite(data, dt):
     """The index of the first NaN or infinity among the little-endian dt values in data,
-    or None. At the speed of bytes operations: the high bytes are searched for 0x7F / 0xFF
-    (no real weight has them), and only if found are the exponents compared, as one big
-    integer per byte position."""
+    (bytes) or None. At the speed of bytes operations, 16 MiB at a time (memory stays that
+    of the tensor): the high bytes are searched for 0x7F / 0xFF (no real weight has them), and
+    only where found are the exponents compared, as one big integer per byte position."""
     size = ELEM_SIZE[dt]
-    high = data[size - 1::size]
-    if b"\x7f" not in high and b"\xff" not in high:
-        return None
-    both = (int.from_bytes(high.translate(EXP_HIGH), "little") &
-            int.from_bytes(data[size - 2::size].translate(EXP_LOW), "little"))
-    return ((both & -both).bit_length() - 1) // 8 if both else None
+    step = (16 << 20) // size * size
+    for start in range(0, len(data), step):
+        high = data[start + size - 1:start + step:size]
+        if b"\x7f" not in high and b"\xff" not in high:
+            continue
+        both = (int.from_bytes(high.translate(EXP_HIGH), "little") &
+                int.from_bytes(data[start + size - 2:start + step:size].translate(EXP_LOW), "little"))
+        if both:
+            return start // size + ((both & -both).bit_length() - 1) // 8
+    return None
 
 
 # ----------------------------------------------------------------------------
@@ -848,7 +852,11 @@ class Output:
         held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             os.replace(whole or self.tmp, self.target)
-            self.abort()
+            if whole:
+                os.remove(self.tmp)  # the file that was quantized (still ours: locked)
+            # (after the rename the temporary name may already be another run's: not removed)
+            os.close(self.fd)
+            self.fd = None
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
@@ -1647,7 +1655,9 @@ def main():
     ap.add_argument("src", metavar="HF_DIR|MODEL.gguf",
                     help="directory with config.json, *.safetensors and (optionally) tokenizer.json; "
                          "or a GGUF file of architecture gemma3 (llama.cpp, Ollama)")
-    ap.add_argument("out", help="output model file, e.g. gemma3-1b.bin")
+    ap.add_argument("out", metavar="OUT", help="output model file, e.g. gemma3-1b.bin, written as .OUT.gemma3-export.tmp beside it "
+                                "and renamed when whole (a symlink: its target; a FIFO or character device: "
+                                "written directly)")
     ap.add_argument("--dtype", choices=sorted(DTYPE_CODES) + ["q4_0", "q8_0"], default="bf16",
                     help="weight type of the matrices (norms stay f32); default bf16. q8_0 / q4_0: "
                          "int8 / int4 in blocks of 32 with a half-precision scale, made by gemma3 --quantize. "
