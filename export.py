@@ -1426,10 +1426,11 @@ def derive_merges(pieces, vocab, scores, ttypes):
     array of (left id, right id, merged id), in rank order. On Gemma 3 this reproduces
     tokenizer.json's 514,906 merges in order.
 
-    Time and memory grow with the vocabulary's characters (and the sort), whatever its
-    pieces: a split is a prefix of the piece that is a piece and the rest, a suffix that is
-    a piece, and the chains of prefix_parents (over the pieces) and of suffix parents (over
-    them reversed) list exactly those, each link once. No split is cut out and looked up."""
+    Time and memory grow linearly with the vocabulary's characters (a piece of n characters
+    has at most n - 1 merges), plus the sorts, whatever its pieces: a split is a prefix of
+    the piece that is a piece, followed by a suffix that is a piece, and the chains of
+    prefix_parents (over the pieces) and of suffix parents (over them reversed) list exactly
+    those, each link once. No split is cut out and looked up."""
     strings = [p for p in vocab if p]  # each piece once (vocab holds its lowest id); "" is no part
     where = {p: u for u, p in enumerate(strings)}
     ids = [vocab[p] for p in strings]
