@@ -1040,9 +1040,10 @@ def quantize_file(engine, tmp, qtmp, dtype_name, out_path, lossless, quiet):
     total = quantized_size(tmp, dtype_name)
     if not quiet and not show:
         print(f"step 2 of 2, quantizing to {dtype_name} ...", file=sys.stderr)
-    proc = subprocess.Popen([engine, tmp, "--quantize", dtype_name, qtmp], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = None
     try:
+        proc = subprocess.Popen([engine, tmp, "--quantize", dtype_name, qtmp], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
         while True:
             try:
                 _, err = proc.communicate(timeout=0.2)
@@ -1053,8 +1054,8 @@ def quantize_file(engine, tmp, qtmp, dtype_name, out_path, lossless, quiet):
                     done = os.path.getsize(part)
                     print(f"\r  step 2 of 2, quantizing to {dtype_name}  {100.0 * min(done, total) / total:5.1f}%  "
                           f"{done / 1e6:9.1f} MB", end="", file=sys.stderr, flush=True)
-    finally:
-        if proc.poll() is None:
+    finally:  # (an interrupted export kills it; the caller removes its files)
+        if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
     if show:
@@ -1520,6 +1521,9 @@ class Dequantizer:
             self.proc.stdin.close()
         except BrokenPipeError:
             pass  # it stopped at once; read() reports its error line
+        except BaseException:  # interrupted: no Source will close it
+            self.close()
+            raise
 
     def read(self, nbytes, name):
         while nbytes > 0:
