@@ -534,16 +534,20 @@ EXP_HIGH, EXP_LOW = bytes_table(lambda b: b & 0x7F == 0x7F), bytes_table(lambda 
 
 def first_nonfinite(data, dt):
     """The index of the first NaN or infinity among the little-endian dt values in data,
-    or None. At the speed of bytes operations: the high bytes are searched for 0x7F / 0xFF
-    (no real weight has them), and only if found are the exponents compared, as one big
-    integer per byte position."""
+    (bytes) or None. At the speed of bytes operations, 16 MiB at a time (memory stays that
+    of the tensor): the high bytes are searched for 0x7F / 0xFF (no real weight has them), and
+    only where found are the exponents compared, as one big integer per byte position."""
     size = ELEM_SIZE[dt]
-    high = data[size - 1::size]
-    if b"\x7f" not in high and b"\xff" not in high:
-        return None
-    both = (int.from_bytes(high.translate(EXP_HIGH), "little") &
-            int.from_bytes(data[size - 2::size].translate(EXP_LOW), "little"))
-    return ((both & -both).bit_length() - 1) // 8 if both else None
+    step = (16 << 20) // size * size
+    for start in range(0, len(data), step):
+        high = data[start + size - 1:start + step:size]
+        if b"\x7f" not in high and b"\xff" not in high:
+            continue
+        both = (int.from_bytes(high.translate(EXP_HIGH), "little") &
+                int.from_bytes(data[start + size - 2:start + step:size].translate(EXP_LOW), "little"))
+        if both:
+            return start // size + ((both & -both).bit_length() - 1) // 8
+    return None
 
 
 # ----------------------------------------------------------------------------
@@ -1047,7 +1051,7 @@ def load(path, dtype_name, quiet, quant=None, text_only=False, mmproj=None):
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The program's own files: an output there would replace the program.
 PROGRAM_FILES = (os.path.abspath(__file__), os.path.join(HERE, "gemma3"), os.path.join(HERE, "tools", "gguf_dequant"))
-TEMP_SUFFIX = ".gemma3-export.tmp"
+TEMP_STEM = ".gemma3-export"  # .NAME.gemma3-export.tmp, .NAME.gemma3-export.q.tmp
 
 
 class Output:
@@ -1062,11 +1066,11 @@ class Output:
     - a FIFO or a character device: written directly, in order; never replaced.
     Anything else (a directory, a block device, a socket) is refused."""
 
-    def __init__(self, name, target, stream, quant):
+    def __init__(self, name, target, stream):
         self.name, self.target, self.stream = name, target, stream
         d, base = os.path.split(target)
-        self.tmp = os.path.join(d, f".{base}{TEMP_SUFFIX}")
-        self.qtmp = os.path.join(d, f".{base}{TEMP_SUFFIX[:-4]}.q.tmp")
+        self.tmp = os.path.join(d, f".{base}{TEMP_STEM}.tmp")
+        self.qtmp = os.path.join(d, f".{base}{TEMP_STEM}.q.tmp")
         self.fd = None  # the locked temporary file
 
     def temporaries(self):
@@ -1101,8 +1105,8 @@ class Output:
     def open_stream(self):
         """The file to write into: the temporary one, or the FIFO or device itself."""
         if self.stream:
-            try:
-                return open(self.target, "wb", buffering=0)
+            try:  # by the user's name: /dev/stdout's target is no path (pipe:[1234])
+                return open(self.name, "wb", buffering=0)
             except OSError as e:
                 raise ExportError(f"cannot write {self.name}: {e.strerror}")
         os.lseek(self.fd, 0, os.SEEK_SET)
@@ -1116,7 +1120,11 @@ class Output:
         held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             os.replace(whole or self.tmp, self.target)
-            self.abort()
+            if whole:
+                os.remove(self.tmp)  # the file that was quantized (still ours: locked)
+            # (after the rename the temporary name may already be another run's: not removed)
+            os.close(self.fd)
+            self.fd = None
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
@@ -1157,7 +1165,7 @@ def check_output(src_path, out_path, force, quant, mmproj=None):
     if stream and quant:
         raise ExportError(f"{out_path} is a {'FIFO' if stat.S_ISFIFO(st.st_mode) else 'character device'}: a {quant} export "
                           "needs a regular file (gemma3 --quantize writes beside it); export to a file and copy it")
-    out = Output(out_path, target, stream, quant)
+    out = Output(out_path, target, stream)
     try:
         inputs = [os.path.join(src_path, n) for n in os.listdir(src_path)] if os.path.isdir(src_path) else [src_path]
         inputs += [mmproj] if mmproj else []
@@ -1301,9 +1309,10 @@ def quantize_file(engine, tmp, qtmp, dtype_name, out_path, lossless, quiet):
     total = quantized_size(tmp, dtype_name)
     if not quiet and not show:
         print(f"step 2 of 2, quantizing to {dtype_name} ...", file=sys.stderr)
-    proc = subprocess.Popen([engine, tmp, "--quantize", dtype_name, qtmp], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = None
     try:
+        proc = subprocess.Popen([engine, tmp, "--quantize", dtype_name, qtmp], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
         while True:
             try:
                 _, err = proc.communicate(timeout=0.2)
@@ -1314,8 +1323,8 @@ def quantize_file(engine, tmp, qtmp, dtype_name, out_path, lossless, quiet):
                     done = os.path.getsize(part)
                     print(f"\r  step 2 of 2, quantizing to {dtype_name}  {100.0 * min(done, total) / total:5.1f}%  "
                           f"{done / 1e6:9.1f} MB", end="", file=sys.stderr, flush=True)
-    finally:
-        if proc.poll() is None:
+    finally:  # (an interrupted export kills it; the caller removes its files)
+        if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
     if show:
@@ -1688,10 +1697,11 @@ def derive_merges(pieces, vocab, scores, ttypes):
     array of (left id, right id, merged id), in rank order. On Gemma 3 this reproduces
     tokenizer.json's 514,906 merges in order.
 
-    Time and memory grow with the vocabulary's characters (and the sort), whatever its
-    pieces: a split is a prefix of the piece that is a piece and the rest, a suffix that is
-    a piece, and the chains of prefix_parents (over the pieces) and of suffix parents (over
-    them reversed) list exactly those, each link once. No split is cut out and looked up."""
+    Time and memory grow linearly with the vocabulary's characters (a piece of n characters
+    has at most n - 1 merges), plus the sorts, whatever its pieces: a split is a prefix of
+    the piece that is a piece, followed by a suffix that is a piece, and the chains of
+    prefix_parents (over the pieces) and of suffix parents (over them reversed) list exactly
+    those, each link once. No split is cut out and looked up."""
     strings = [p for p in vocab if p]  # each piece once (vocab holds its lowest id); "" is no part
     where = {p: u for u, p in enumerate(strings)}
     ids = [vocab[p] for p in strings]
@@ -1781,6 +1791,9 @@ class Dequantizer:
             self.proc.stdin.close()
         except BrokenPipeError:
             pass  # it stopped at once; read() reports its error line
+        except BaseException:  # interrupted: no Source will close it
+            self.close()
+            raise
 
     def read(self, nbytes, name):
         while nbytes > 0:
@@ -2232,7 +2245,9 @@ def main():
                     help="directory with config.json, *.safetensors and (optionally) tokenizer.json, as Hugging Face "
                          "or mlx_lm (quantized or not) write it; or a GGUF file of architecture gemma3 (llama.cpp, "
                          "Ollama)")
-    ap.add_argument("out", help="output model file, e.g. gemma3-1b.bin")
+    ap.add_argument("out", metavar="OUT", help="output model file, e.g. gemma3-1b.bin, written as .OUT.gemma3-export.tmp beside it "
+                                "and renamed when whole (a symlink: its target; a FIFO or character device: "
+                                "written directly)")
     ap.add_argument("--dtype", choices=sorted(DTYPE_CODES) + ["gguf", "q4_0", "q8_0"], default="bf16",
                     help="weight type of the matrices (norms stay f32); default bf16. q8_0 / q4_0: "
                          "int8 / int4 in blocks of 32 with a half-precision scale, made by gemma3 --quantize. "

@@ -371,6 +371,9 @@ def outputs():
     reader.join(60)
     check(rc == 1 and err.strip() == f"export.py: error: {fifo}: Broken pipe" and stat.S_ISFIFO(os.lstat(fifo).st_mode),
           "a FIFO whose reader stops early: one line naming it, exit 1", f"rc {rc} {err.strip()!r}")
+    rc, got, err = export(TINY, "/dev/stdout", "--dtype", "f32")  # our stdout: a pipe
+    check(rc == 0 and got == want, "/dev/stdout on a pipe as the output: the export streamed into it",
+          f"rc {rc} {err.strip()} {len(got)} bytes")
     rc, _, err = export(TINY, fifo, "--dtype", "q4_0")
     check(rc == 1 and "is a FIFO: a q4_0 export needs a regular file" in err and stat.S_ISFIFO(os.lstat(fifo).st_mode),
           "a FIFO as a q4_0 output: refused with one line", err.strip())
