@@ -590,7 +590,14 @@ def load_hf(hf_dir, dtype_name, quant=None, quiet=True):
     if quant:
         check_quantizable(cfg, quant, os.path.join(hf_dir, "config.json"))
     found = find_tensors(hf_dir)
-    mlx_matrices(hf_dir, cfg, found)  # MLX's packed matrices: their scales and biases leave found
+    packed_types = mlx_matrices(hf_dir, cfg, found)  # MLX's packed matrices: their scales and biases leave found
+    if packed_types and not quiet:
+        kinds = ", ".join(f"{b}-bit {m} in groups of {g}" if m == "affine" else m for m, b, g in packed_types)
+        print(f"{os.path.basename(os.path.normpath(hf_dir))}: MLX checkpoint, quantized matrices {kinds}",
+              file=sys.stderr)
+        if quant:
+            print(f"note: the checkpoint is already quantized: {quant} quantizes its dequantized values again, and "
+                  "the errors add up; --dtype f32 keeps the checkpoint's own values", file=sys.stderr)
     n_layers = cfg["num_hidden_layers"]
     if len(found) < 2 + 13 * n_layers:  # too few tensors for the layer count: say so before listing them all
         names = (n for i in range(-1, n_layers + 1) for n in
@@ -1465,7 +1472,8 @@ def mlx_matrices(hf_dir, cfg, found):
     .scales is quantized, with the mode, bits and group size its config entry (or the top
     level) gives. Its .scales and .biases leave `found`, and its .weight gets the
     logical [rows, cols] shape and an "mlx" entry (mode, bits, group size, scales, biases
-    or None) for load_hf. Every shape, type and claim is checked here, before any work."""
+    or None) for load_hf. Every shape, type and claim is checked here, before any work.
+    Returns the (mode, bits, group size) of the packed matrices, sorted, without repeats."""
     path = os.path.join(hf_dir, "config.json")
     default, modules = mlx_quantization(hf_dir)
     cols = {"embed_tokens": cfg["hidden_size"]}  # the embedding's rows (vocab) are its tensor's
@@ -1478,7 +1486,7 @@ def mlx_matrices(hf_dir, cfg, found):
     for m in modules:
         if m not in cols:
             raise ExportError(f"{path}: quantization names {short(m)}, which is not a matrix of the text model")
-    n_packed = 0
+    packed_types = set()
     for m in cols:
         w, sc, bi = (found.get(f"{m}.{t}") for t in ("weight", "scales", "biases"))
         entry = modules.get(m, default)
@@ -1516,14 +1524,15 @@ def mlx_matrices(hf_dir, cfg, found):
         found[f"{m}.weight"] = dict(w, shape=[r, c], mlx=(mode, bits, group, sc, bi))
         del found[f"{m}.scales"]
         found.pop(f"{m}.biases", None)
-        n_packed += 1
-    if default is not None and not n_packed:
+        packed_types.add(entry)
+    if default is not None and not packed_types:
         raise ExportError(f"{path}: quantization says the matrices are {default[1]}-bit ({default[0]}) in groups of "
                           f"{default[2]}, but no tensor is quantized (none has .scales)")
     for name, info in found.items():
         if info["dtype"] not in ST_FLOATS and "mlx" not in info:
             raise ExportError(f"tensor {short(name)} has dtype {info['dtype']}, which only an MLX matrix's packed "
                               "weight and scales have")
+    return sorted(packed_types)
 
 
 MLX_JOB_TYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32"}

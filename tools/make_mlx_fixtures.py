@@ -34,30 +34,31 @@ ROOT = os.path.dirname(HERE)
 TOKENIZER = os.path.join(ROOT, "tests", "data", "tokenizer.json")
 N_TOKENS, N_GREEDY = 10, 8
 
-# Shapes (make_checkpoint.py arguments): vocab 256 and hidden 64 keep a fixture near 50 KB.
-# MQA: one kv head; GQA: two kv heads for four query heads. WIDE has rows of 128 values,
+# Shapes (make_checkpoint.py arguments), vocab 256, kept small: a fixture is 20-80 KB.
+# MQA: one kv head; GQA: two kv heads for four query heads. Groups of 64 need rows of 64
+# values (hidden and ffn 64), groups of 32 and 16 do with 32; WIDE has rows of 128 values,
 # for groups of 128 (its down_proj rows are 32 wide: mlx_lm leaves it unquantized, bf16).
 MQA = "--vocab 256 --hidden 64 --inter 64 --layers 2 --heads 2 --kv-heads 1 --head-dim 32 --window 4 --pattern 2"
 GQA = "--vocab 256 --hidden 64 --inter 64 --layers 2 --heads 4 --kv-heads 2 --head-dim 16 --window 4 --pattern 2"
-# SMALL: the floating-point modes' fixtures, hidden 32 (their groups are 16 or 32).
-SMALL = "--vocab 256 --hidden 32 --inter 32 --layers 2 --heads 2 --kv-heads 1 --head-dim 16 --window 4 --pattern 2"
+MQA32 = "--vocab 256 --hidden 32 --inter 32 --layers 2 --heads 2 --kv-heads 1 --head-dim 16 --window 4 --pattern 2"
+GQA32 = "--vocab 256 --hidden 32 --inter 32 --layers 2 --heads 4 --kv-heads 2 --head-dim 16 --window 4 --pattern 2"
 WIDE = "--vocab 256 --hidden 128 --inter 32 --layers 2 --heads 2 --kv-heads 1 --head-dim 64 --window 4 --pattern 2"
 # name: (shape, layout, bits, group size, mlx_lm quant predicate, dtype of the float tensors
 # and of the affine scales and biases, mode). "mm": the multimodal layout
 # (Gemma3ForConditionalGeneration). The floating-point modes have one width and group size.
 FIXTURES = {
     "q4-g64-mqa": (MQA, "flat", 4, 64, None, "bfloat16"),
-    "q8-g32-gqa-mm": (GQA, "nested", 8, 32, None, "bfloat16"),
-    "q3-g32-gqa": (GQA, "flat", 3, 32, None, "float32"),
+    "q8-g32-gqa-mm": (GQA32, "nested", 8, 32, None, "bfloat16"),
+    "q3-g32-gqa": (GQA32, "flat", 3, 32, None, "float32"),
     "q6-g64-mqa-mm": (MQA, "nested", 6, 64, None, "float16"),
-    "q5-g32-mqa": (MQA, "flat", 5, 32, None, "bfloat16"),
+    "q5-g32-mqa": (MQA32, "flat", 5, 32, None, "bfloat16"),
     "q2-g128-wide": (WIDE, "flat", 2, 128, None, "bfloat16"),
     "mixed_3_6-g64-gqa-mm": (GQA, "nested", 3, 64, "mixed_3_6", "bfloat16"),
-    "mixed_4_6-g32-mqa": (MQA, "flat", 4, 32, "mixed_4_6", "bfloat16"),
+    "mixed_4_6-g32-mqa": (MQA32, "flat", 4, 32, "mixed_4_6", "bfloat16"),
     "q1-g64-gqa": (GQA, "flat", 1, 64, None, "bfloat16"),
-    "mxfp4-mqa": (SMALL, "flat", None, None, None, "bfloat16", "mxfp4"),
-    "nvfp4-mqa-mm": (SMALL, "nested", None, None, None, "bfloat16", "nvfp4"),
-    "mxfp8-mqa": (SMALL, "flat", None, None, None, "float16", "mxfp8"),
+    "mxfp4-mqa": (MQA32, "flat", None, None, None, "bfloat16", "mxfp4"),
+    "nvfp4-mqa-mm": (MQA32, "nested", None, None, None, "bfloat16", "nvfp4"),
+    "mxfp8-mqa": (MQA32, "flat", None, None, None, "float16", "mxfp8"),
 }
 
 
