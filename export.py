@@ -1451,7 +1451,7 @@ def mlx_quantization(hf_dir):
     for name, entry in q.items():
         if name in MLX_PARAM_KEYS:
             continue
-        if name.startswith(SKIP_PREFIXES) or name in ("lm_head", "language_model.lm_head"):
+        if (name + ".").startswith(SKIP_PREFIXES) or name in ("lm_head", "language_model.lm_head"):
             continue  # the vision half's modules and the tied classifier's: skipped like their tensors
         canon = next((name[len(p):] for p in TEXT_PREFIXES if name.startswith(p)), None)
         if canon is None:

@@ -6,7 +6,8 @@ checks the logits).
 
 On checkpoints of tests/fixtures/mlx (made by mlx_lm, see its README): each matrix of
 fixtures/mlx/edges (every code, scales at the formats' edges), swapped into its fixture,
-exports to what mx.dequantize made of it in float32, bit for bit; the bf16 export
+exports to what mx.dequantize made of it in float32, bit for bit; a quantized vision
+tower as mlx-vlm keeps one (and its config entries) is skipped; the bf16 export
 holds the f32 export's matrices rounded to bf16, and the same checkpoint split into two
 shards (each weight in the other shard than its scales) gives the same f32 export. Then
 each bad case copies a fixture (or tests/fixtures/tiny) with one thing broken, runs
@@ -194,9 +195,38 @@ def check_edges():
               f"{differ} differ")
 
 
+def check_vision_tower():
+    """mlx-vlm keeps the vision tower of a multimodal checkpoint, quantized too, and names
+    its modules in config.json's quantization: skipped, the export is the text model's."""
+    src = os.path.join(FIX, "q6-g64-mqa-mm")
+    d = copy(src)
+
+    def add_tower(h, data):
+        for name, dtype, shape, size in (("vision_tower.encoder.layers.0.mlp.fc1.weight", "U32", [8, 12], 384),
+                                         ("vision_tower.encoder.layers.0.mlp.fc1.scales", "F16", [8, 1], 16),
+                                         ("vision_tower.encoder.layers.0.mlp.fc1.biases", "F16", [8, 1], 16),
+                                         ("multi_modal_projector.mm_input_projection_weight", "F16", [4, 4], 32)):
+            h[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + size]}
+            data += bytes(size)
+        return data
+    edit_header(d, add_tower)
+    entry = {"group_size": 64, "bits": 6, "mode": "affine"}
+    edit_config(d, lambda c: [c[k].update({"vision_tower.encoder.layers.0.mlp.fc1": entry,
+                                           "multi_modal_projector": False}) for k in ("quantization",
+                                                                                       "quantization_config")])
+    want, got = os.path.join(W, "mm.bin"), os.path.join(W, "mm-vision.bin")
+    (rc1, e1), (rc2, e2) = export(src, want, "--dtype", "f32"), export(d, got, "--dtype", "f32")
+    same = False
+    if rc1 == 0 and rc2 == 0:
+        with open(want, "rb") as fa, open(got, "rb") as fb:
+            same = fa.read() == fb.read()
+    check(same, "a quantized vision tower and its config entries: skipped, the same export", f"{e1} {e2}")
+
+
 def main():
     os.makedirs(W, exist_ok=True)
     check_edges()
+    check_vision_tower()
 
     # good checkpoints: the bf16 export is the f32 one rounded; shards change nothing
     for name in ("q3-g32-gqa", "nvfp4-mqa-mm"):
