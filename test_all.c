@@ -981,7 +981,7 @@ static void test_mlx(void) {
     const char *log = last_log(), *summary = strstr(log, " passed, ");
     while (summary > log && summary[-1] >= '0' && summary[-1] <= '9') summary--;
     if (summary) sscanf(summary, "%d passed, %d failed", &passed, &failed);
-    printf("  tests/test_mlx.py, bad checkpoints (output in " BUILD "/mlx.log): %d passed, %d failed\n", passed, failed);
+    printf("  tests/test_mlx.py: edge cases, bf16, shards, lm_head, bad checkpoints (output in " BUILD "/mlx.log): %d passed, %d failed\n", passed, failed);
     if (failed) printf("%s", log);
     g_pass += passed, g_fail += failed;
     CHECK(rc == 0 && passed > 0, "tests/test_mlx.py exited with %d", rc);
