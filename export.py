@@ -12,13 +12,15 @@ the latter's SigLIP vision tower and projector are kept (--text-only leaves them
 every hyper-parameter, the tokenizer, a tensor directory, then 64-byte aligned tensors,
 all little-endian.
 
-MLX_DIR is a directory as Apple's `mlx_lm convert` writes it: an HF_DIR whose config.json
-may name a `quantization` (mode affine: 1 to 8 bits but 7, groups of 32, 64 or 128; or
-mxfp4, nvfp4, mxfp8; and per-module entries, as mlx_lm's mixed recipes write), with each
-quantized matrix (the embedding too) a packed uint32 `weight` beside its `scales` (and,
-affine, `biases`). tools/mlx_dequant (C, built with make when needed) unpacks them to the
-float32 values MLX's quantized matmul computes with (affine: scale * q + bias in
-float32); --dtype f32 keeps those.
+MLX_DIR is a directory as Apple's `mlx_lm convert` (or `mlx_vlm.convert`) writes it: an
+HF_DIR whose config.json may name a `quantization` (mode affine: 1 to 8 bits but 7, groups
+of 32, 64 or 128; or mxfp4, nvfp4, mxfp8; and per-module entries, as the mixed recipes
+write), with each quantized matrix (the embedding too) a packed uint32 `weight` beside its
+`scales` (and, affine, `biases`). tools/mlx_dequant (C, built with make when needed)
+unpacks them to the float32 values MLX's quantized matmul computes with (affine: scale * q
++ bias in float32); --dtype f32 keeps those. A stored lm_head (mlx-vlm keeps one), which
+MLX computes the logits with, becomes lm_head.weight where it holds other values than the
+embedding.
 
 MODEL.gguf is a GGUF file (version 2 or 3) of architecture gemma3, as llama.cpp's
 converter and Ollama write them (Ollama keeps them as ~/.ollama/models/blobs/sha256-*).
@@ -420,7 +422,7 @@ def shard_names(hf_dir):
 
 
 # A stored classifier (plain, or packed by MLX, whose multimodal layout keeps it under
-# language_model.): a copy of the tied embedding, skipped.
+# language_model.): found as lm_head.*; load_hf decides whether it is the embedding again.
 LM_HEAD_NAMES = {f"{p}lm_head.{t}" for p in ("", "language_model.") for t in ("weight", "scales", "biases")}
 
 
@@ -429,14 +431,16 @@ def find_tensors(hf_dir):
     found = {}
     for fn in shard_names(hf_dir):
         for name, info in read_safetensors_header(os.path.join(hf_dir, fn)).items():
-            if name.startswith(SKIP_PREFIXES) or name in LM_HEAD_NAMES:
-                continue  # vision half; lm_head is a copy of the tied embedding
+            if name.startswith(SKIP_PREFIXES):
+                continue  # the vision half
             for p in TEXT_PREFIXES:
                 if name.startswith(p):
                     canon = name[len(p):]
                     break
             else:
-                raise ExportError(f"unknown tensor {short(name)} in {fn}")
+                if name not in LM_HEAD_NAMES:
+                    raise ExportError(f"unknown tensor {short(name)} in {fn}")
+                canon = name[name.index("lm_head."):]
             if canon in found:
                 raise ExportError(f"tensor {short(canon)} appears twice")
             found[canon] = info
@@ -900,7 +904,17 @@ def load_hf(hf_dir, dtype_name, quant=None, quiet=True, text_only=False):
     if quant:
         check_quantizable(cfg, quant, os.path.join(hf_dir, "config.json"))
     found = find_tensors(hf_dir)
-    mlx_matrices(hf_dir, cfg, found)  # MLX's packed matrices: their scales and biases leave found
+    packed_types = mlx_matrices(hf_dir, cfg, found)  # MLX's packed matrices: their scales and biases leave found
+    # A stored classifier: Hugging Face's is tied to the embedding whatever it holds (Gemma 3's
+    # config ties them), but mlx_lm and mlx-vlm compute the logits with it when it is there.
+    head = found.pop("lm_head.weight", None)
+    if packed_types and not quiet:
+        kinds = ", ".join(f"{b}-bit {m} in groups of {g}" if m == "affine" else m for m, b, g in packed_types)
+        print(f"{os.path.basename(os.path.normpath(hf_dir))}: MLX checkpoint, quantized matrices {kinds}",
+              file=sys.stderr)
+        if quant:
+            print(f"note: the checkpoint is already quantized: {quant} quantizes its dequantized values again, and "
+                  "the errors add up; --dtype f32 keeps the checkpoint's own values", file=sys.stderr)
     n_layers = cfg["num_hidden_layers"]
     if len(found) < 2 + 13 * n_layers:  # too few tensors for the layer count: say so before listing them all
         names = (n for i in range(-1, n_layers + 1) for n in
@@ -924,6 +938,12 @@ def load_hf(hf_dir, dtype_name, quant=None, quiet=True, text_only=False):
     for name, shape in wanted[1:]:
         if found[name]["shape"] != shape:
             raise ExportError(f"tensor {name!r} has shape {short(found[name]['shape'])}, expected {shape}")
+    if head is not None and packed_types:  # MLX: its own classifier, unless it is the embedding again
+        if head["shape"] != emb:
+            raise ExportError(f"tensor lm_head.weight has shape {short(head['shape'])}, expected {emb} (the embedding's)")
+        if not same_matrix(head, found["embed_tokens.weight"]):
+            found["lm_head.weight"] = head
+            wanted.append(("lm_head.weight", emb))
 
     tok_path = os.path.join(hf_dir, "tokenizer.json")
     tok_bytes, special = (pack_tokenizer(tok_path) if os.path.exists(tok_path) else (b"", {}))
@@ -2127,9 +2147,11 @@ def mlx_quantization(hf_dir):
     for name, entry in q.items():
         if name in MLX_PARAM_KEYS:
             continue
-        if name.startswith(SKIP_PREFIXES) or name in ("lm_head", "language_model.lm_head"):
-            continue  # the vision half's modules and the tied classifier's: skipped like their tensors
+        if (name + ".").startswith(SKIP_PREFIXES):
+            continue  # the vision half's modules: skipped like their tensors
         canon = next((name[len(p):] for p in TEXT_PREFIXES if name.startswith(p)), None)
+        if name in ("lm_head", "language_model.lm_head"):
+            canon = "lm_head"
         if canon is None:
             raise ExportError(f"{where} names {short(name)}, which is not a module of the text model")
         if entry is False:
@@ -2148,11 +2170,13 @@ def mlx_matrices(hf_dir, cfg, found):
     .scales is quantized, with the mode, bits and group size its config entry (or the top
     level) gives. Its .scales and .biases leave `found`, and its .weight gets the
     logical [rows, cols] shape and an "mlx" entry (mode, bits, group size, scales, biases
-    or None) for load_hf. Every shape, type and claim is checked here, before any work."""
+    or None) for load_hf. Every shape, type and claim is checked here, before any work.
+    Returns the (mode, bits, group size) of the packed matrices, sorted, without repeats."""
     path = os.path.join(hf_dir, "config.json")
     default, modules = mlx_quantization(hf_dir)
-    cols = {"embed_tokens": cfg["hidden_size"]}  # the embedding's rows (vocab) are its tensor's
-    rows = {"embed_tokens": None}
+    # the embedding's and a stored classifier's rows (vocab) are their tensors'
+    cols = {"embed_tokens": cfg["hidden_size"], "lm_head": cfg["hidden_size"]}
+    rows = {"embed_tokens": None, "lm_head": None}
     for i in range(cfg["num_hidden_layers"]):
         for name, shape in LAYER_TENSORS:
             if len(shape(cfg)) == 2:
@@ -2161,7 +2185,7 @@ def mlx_matrices(hf_dir, cfg, found):
     for m in modules:
         if m not in cols:
             raise ExportError(f"{path}: quantization names {short(m)}, which is not a matrix of the text model")
-    n_packed = 0
+    packed_types = set()
     for m in cols:
         w, sc, bi = (found.get(f"{m}.{t}") for t in ("weight", "scales", "biases"))
         entry = modules.get(m, default)
@@ -2199,14 +2223,37 @@ def mlx_matrices(hf_dir, cfg, found):
         found[f"{m}.weight"] = dict(w, shape=[r, c], mlx=(mode, bits, group, sc, bi))
         del found[f"{m}.scales"]
         found.pop(f"{m}.biases", None)
-        n_packed += 1
-    if default is not None and not n_packed:
+        packed_types.add(entry)
+    if default is not None and not packed_types:
         raise ExportError(f"{path}: quantization says the matrices are {default[1]}-bit ({default[0]}) in groups of "
                           f"{default[2]}, but no tensor is quantized (none has .scales)")
     for name, info in found.items():
         if info["dtype"] not in ST_FLOATS and "mlx" not in info:
             raise ExportError(f"tensor {short(name)} has dtype {info['dtype']}, which only an MLX matrix's packed "
                               "weight and scales have")
+    return sorted(packed_types)
+
+
+def same_matrix(a, b):
+    """Whether two matrices found in the checkpoint hold the same values: the same type,
+    shape and (MLX) quantization, and the same bytes in each of their tensors."""
+    if a["dtype"] != b["dtype"] or a["shape"] != b["shape"] or a.get("mlx", ())[:3] != b.get("mlx", ())[:3]:
+        return False
+    parts_a = [a] + [t for t in a.get("mlx", ())[3:] if t]
+    parts_b = [b] + [t for t in b.get("mlx", ())[3:] if t]
+    if len(parts_a) != len(parts_b):
+        return False
+    for x, y in zip(parts_a, parts_b):
+        if x["dtype"] != y["dtype"] or x["nbytes"] != y["nbytes"]:
+            return False
+        with open(x["file"], "rb") as fx, open(y["file"], "rb") as fy:
+            fx.seek(x["offset"])
+            fy.seek(y["offset"])
+            for pos in range(0, x["nbytes"], 16 << 20):
+                n = min(16 << 20, x["nbytes"] - pos)
+                if fx.read(n) != fy.read(n):
+                    return False
+    return True
 
 
 MLX_JOB_TYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32"}

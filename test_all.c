@@ -1043,7 +1043,7 @@ static void test_mlx(void) {
     static const char *const fixtures[] = {"q1-g64-gqa", "q2-g128-wide", "q3-g32-gqa", "q4-g64-mqa",
                                            "q5-g32-mqa", "q6-g64-mqa-mm", "q8-g32-gqa-mm",
                                            "mixed_3_6-g64-gqa-mm", "mixed_4_6-g32-mqa", "mxfp4-mqa",
-                                           "nvfp4-mqa-mm", "mxfp8-mqa"};
+                                           "nvfp4-mqa-mm", "mxfp8-mqa", "vlm-mixed_3_6-mqa-mm"};
     for (size_t i = 0; i < sizeof fixtures / sizeof fixtures[0]; i++) {
         char dir[128], bin[128], qbin[128], toks[160], ref[160], greedy[160], what[160];
         snprintf(dir, sizeof dir, MLX_FIX "/%s", fixtures[i]);
@@ -1066,7 +1066,7 @@ static void test_mlx(void) {
     const char *log = last_log(), *summary = strstr(log, " passed, ");
     while (summary > log && summary[-1] >= '0' && summary[-1] <= '9') summary--;
     if (summary) sscanf(summary, "%d passed, %d failed", &passed, &failed);
-    printf("  tests/test_mlx.py, bad checkpoints (output in " BUILD "/mlx.log): %d passed, %d failed\n", passed, failed);
+    printf("  tests/test_mlx.py: edge cases, bf16, shards, lm_head, bad checkpoints (output in " BUILD "/mlx.log): %d passed, %d failed\n", passed, failed);
     if (failed) printf("%s", log);
     g_pass += passed, g_fail += failed;
     CHECK(rc == 0 && passed > 0, "tests/test_mlx.py exited with %d", rc);

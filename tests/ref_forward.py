@@ -31,6 +31,8 @@ CLI
   --greedy-out FILE write the N decoded ids, space separated
   --compare REF     print max |diff| against REF (same layout as --out) and
                     per-row argmax agreement; exit status 1 if max |diff| > 1e-3
+  --untied          the classifier is the stored lm_head.weight, not the embedding
+                    (as mlx_lm and mlx-vlm compute the logits when one is stored)
 """
 
 import argparse
@@ -141,6 +143,17 @@ def load_text_weights(hf_dir):
     if "embed_tokens.weight" not in weights:
         raise ValueError(f"{hf_dir}: no embed_tokens.weight found under {TEXT_PREFIXES}")
     return weights
+
+
+def load_classifier(hf_dir):
+    """The stored classifier, lm_head.weight (language_model.lm_head.weight in the
+    multimodal layout), for --untied: MLX computes the logits with it where it is stored."""
+    names = ("lm_head.weight", "language_model.lm_head.weight")
+    for path in checkpoint_files(hf_dir):
+        loaded = read_safetensors(path, lambda n: n in names)
+        if loaded:
+            return next(iter(loaded.values()))
+    raise ValueError(f"{hf_dir}: --untied, but there is no {' or '.join(names)}")
 
 
 def load_config(hf_dir, vocab_size):
@@ -395,7 +408,7 @@ def forward(tokens, cfg, w, cache=None, last_only=False):
     if last_only:
         x = x[-1:]
     x = rms_norm(x, w["norm.weight"], cfg["rms_norm_eps"])
-    return x @ embed.T                       # tied classifier, unscaled table
+    return x @ w.get("lm_head.weight", embed).T  # tied classifier, unscaled table (--untied: lm_head)
 
 
 def greedy_decode(last_logits, n_new, cfg, w, cache):
@@ -464,9 +477,12 @@ def main(argv=None):
     ap.add_argument("--greedy", type=int, default=0)
     ap.add_argument("--greedy-out")
     ap.add_argument("--compare")
+    ap.add_argument("--untied", action="store_true")
     args = ap.parse_args(argv)
 
     cfg, weights = load_model(args.hf_dir)
+    if args.untied:
+        weights["lm_head.weight"] = load_classifier(args.hf_dir)
     tokens = read_tokens(args.tokens, cfg["vocab_size"])
     describe(cfg, len(tokens))
 

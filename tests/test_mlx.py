@@ -6,7 +6,9 @@ checks the logits).
 
 On checkpoints of tests/fixtures/mlx (made by mlx_lm, see its README): each matrix of
 fixtures/mlx/edges (every code, scales at the formats' edges), swapped into its fixture,
-exports to what mx.dequantize made of it in float32, bit for bit; the bf16 export
+exports to what mx.dequantize made of it in float32, bit for bit; a quantized vision
+tower as mlx-vlm keeps one (and its config entries) is skipped; a stored lm_head is
+exported only where it differs from the embedding; the bf16 export
 holds the f32 export's matrices rounded to bf16, and the same checkpoint split into two
 shards (each weight in the other shard than its scales) gives the same f32 export. Then
 each bad case copies a fixture (or tests/fixtures/tiny) with one thing broken, runs
@@ -194,9 +196,79 @@ def check_edges():
               f"{differ} differ")
 
 
+def check_vision_tower():
+    """mlx-vlm keeps the vision tower of a multimodal checkpoint, quantized too, and names
+    its modules in config.json's quantization: skipped, the export is the text model's."""
+    src = os.path.join(FIX, "q6-g64-mqa-mm")
+    d = copy(src)
+
+    def add_tower(h, data):
+        for name, dtype, shape, size in (("vision_tower.encoder.layers.0.mlp.fc1.weight", "U32", [8, 12], 384),
+                                         ("vision_tower.encoder.layers.0.mlp.fc1.scales", "F16", [8, 1], 16),
+                                         ("vision_tower.encoder.layers.0.mlp.fc1.biases", "F16", [8, 1], 16),
+                                         ("multi_modal_projector.mm_input_projection_weight", "F16", [4, 4], 32)):
+            h[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + size]}
+            data += bytes(size)
+        return data
+    edit_header(d, add_tower)
+    entry = {"group_size": 64, "bits": 6, "mode": "affine"}
+    edit_config(d, lambda c: [c[k].update({"vision_tower.encoder.layers.0.mlp.fc1": entry,
+                                           "multi_modal_projector": False}) for k in ("quantization",
+                                                                                       "quantization_config")])
+    want, got = os.path.join(W, "mm.bin"), os.path.join(W, "mm-vision.bin")
+    (rc1, e1), (rc2, e2) = export(src, want, "--dtype", "f32"), export(d, got, "--dtype", "f32")
+    same = False
+    if rc1 == 0 and rc2 == 0:
+        with open(want, "rb") as fa, open(got, "rb") as fb:
+            same = fa.read() == fb.read()
+    check(same, "a quantized vision tower and its config entries: skipped, the same export", f"{e1} {e2}")
+
+
+def check_classifier():
+    """mlx-vlm stores the text model's lm_head, quantized like the embedding (the fixture
+    vlm-mixed_3_6-mqa-mm): the same bytes, so the export stays tied. With its scales and
+    biases doubled, its values are the embedding's times 2, exactly: the export then has
+    an lm_head.weight of those values, which gemma3 loads."""
+    src = os.path.join(FIX, "vlm-mixed_3_6-mqa-mm")
+    tied = os.path.join(W, "vlm-tied.bin")
+    rc, err = export(src, tied, "--dtype", "f32")
+    check(rc == 0 and "lm_head.weight" not in model_tensors(tied), "mlx-vlm's lm_head, the embedding again: tied", err)
+
+    d = copy(src)
+
+    def double(raw):  # bf16 values times 2 (normal numbers and zeros: exact)
+        out = []
+        for (u,) in struct.iter_unpack("<H", raw):
+            f = struct.unpack("<f", struct.pack("<I", u << 16))[0] * 2
+            out.append(struct.unpack("<I", struct.pack("<f", f))[0] >> 16)
+        return struct.pack(f"<{len(out)}H", *out)
+
+    def double_head(h, data):
+        data = bytearray(data)
+        for t in ("scales", "biases"):
+            a, b = h[f"language_model.lm_head.{t}"]["data_offsets"]
+            data[a:b] = double(bytes(data[a:b]))
+        return bytes(data)
+    edit_header(d, double_head)
+    untied = os.path.join(W, "vlm-untied.bin")
+    rc, err = export(d, untied, "--dtype", "f32")
+    t = model_tensors(untied) if rc == 0 else {}
+    twice = b""
+    if "embed_tokens.weight" in t:
+        words = struct.iter_unpack("<f", t["embed_tokens.weight"][1])
+        twice = struct.pack(f"<{len(t['embed_tokens.weight'][1]) // 4}f", *(2 * x for (x,) in words))
+    check("lm_head.weight" in t and t["lm_head.weight"][1] == twice,
+          "an lm_head unlike the embedding: exported untied, its values exactly", err)
+    r = subprocess.run(["./gemma3", untied, "--logits", os.path.join(src, "tokens.txt"), os.path.join(W, "untied.f32")],
+                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    check(r.returncode == 0, "gemma3 runs the untied export", r.stderr.decode("utf-8", "replace").strip())
+
+
 def main():
     os.makedirs(W, exist_ok=True)
     check_edges()
+    check_vision_tower()
+    check_classifier()
 
     # good checkpoints: the bf16 export is the f32 one rounded; shards change nothing
     for name in ("q3-g32-gqa", "nvfp4-mqa-mm"):

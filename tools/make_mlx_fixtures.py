@@ -34,30 +34,35 @@ ROOT = os.path.dirname(HERE)
 TOKENIZER = os.path.join(ROOT, "tests", "data", "tokenizer.json")
 N_TOKENS, N_GREEDY = 10, 8
 
-# Shapes (make_checkpoint.py arguments): vocab 256 and hidden 64 keep a fixture near 50 KB.
-# MQA: one kv head; GQA: two kv heads for four query heads. WIDE has rows of 128 values,
+# Shapes (make_checkpoint.py arguments), vocab 256, kept small: a fixture is 20-80 KB.
+# MQA: one kv head; GQA: two kv heads for four query heads. Groups of 64 need rows of 64
+# values (hidden and ffn 64), groups of 32 and 16 do with 32; WIDE has rows of 128 values,
 # for groups of 128 (its down_proj rows are 32 wide: mlx_lm leaves it unquantized, bf16).
 MQA = "--vocab 256 --hidden 64 --inter 64 --layers 2 --heads 2 --kv-heads 1 --head-dim 32 --window 4 --pattern 2"
 GQA = "--vocab 256 --hidden 64 --inter 64 --layers 2 --heads 4 --kv-heads 2 --head-dim 16 --window 4 --pattern 2"
-# SMALL: the floating-point modes' fixtures, hidden 32 (their groups are 16 or 32).
-SMALL = "--vocab 256 --hidden 32 --inter 32 --layers 2 --heads 2 --kv-heads 1 --head-dim 16 --window 4 --pattern 2"
+MQA32 = "--vocab 256 --hidden 32 --inter 32 --layers 2 --heads 2 --kv-heads 1 --head-dim 16 --window 4 --pattern 2"
+GQA32 = "--vocab 256 --hidden 32 --inter 32 --layers 2 --heads 4 --kv-heads 2 --head-dim 16 --window 4 --pattern 2"
 WIDE = "--vocab 256 --hidden 128 --inter 32 --layers 2 --heads 2 --kv-heads 1 --head-dim 64 --window 4 --pattern 2"
 # name: (shape, layout, bits, group size, mlx_lm quant predicate, dtype of the float tensors
 # and of the affine scales and biases, mode). "mm": the multimodal layout
 # (Gemma3ForConditionalGeneration). The floating-point modes have one width and group size.
 FIXTURES = {
     "q4-g64-mqa": (MQA, "flat", 4, 64, None, "bfloat16"),
-    "q8-g32-gqa-mm": (GQA, "nested", 8, 32, None, "bfloat16"),
-    "q3-g32-gqa": (GQA, "flat", 3, 32, None, "float32"),
+    "q8-g32-gqa-mm": (GQA32, "nested", 8, 32, None, "bfloat16"),
+    "q3-g32-gqa": (GQA32, "flat", 3, 32, None, "float32"),
     "q6-g64-mqa-mm": (MQA, "nested", 6, 64, None, "float16"),
-    "q5-g32-mqa": (MQA, "flat", 5, 32, None, "bfloat16"),
+    "q5-g32-mqa": (MQA32, "flat", 5, 32, None, "bfloat16"),
     "q2-g128-wide": (WIDE, "flat", 2, 128, None, "bfloat16"),
     "mixed_3_6-g64-gqa-mm": (GQA, "nested", 3, 64, "mixed_3_6", "bfloat16"),
-    "mixed_4_6-g32-mqa": (MQA, "flat", 4, 32, "mixed_4_6", "bfloat16"),
+    "mixed_4_6-g32-mqa": (MQA32, "flat", 4, 32, "mixed_4_6", "bfloat16"),
     "q1-g64-gqa": (GQA, "flat", 1, 64, None, "bfloat16"),
-    "mxfp4-mqa": (SMALL, "flat", None, None, None, "bfloat16", "mxfp4"),
-    "nvfp4-mqa-mm": (SMALL, "nested", None, None, None, "bfloat16", "nvfp4"),
-    "mxfp8-mqa": (SMALL, "flat", None, None, None, "float16", "mxfp8"),
+    "mxfp4-mqa": (MQA32, "flat", None, None, None, "bfloat16", "mxfp4"),
+    "nvfp4-mqa-mm": (MQA32, "nested", None, None, None, "bfloat16", "nvfp4"),
+    "mxfp8-mqa": (MQA32, "flat", None, None, None, "float16", "mxfp8"),
+}
+# Made by mlx-vlm instead (make_vlm): name: (shape, quant predicate).
+VLM_FIXTURES = {
+    "vlm-mixed_3_6-mqa-mm": (MQA, "mixed_3_6"),
 }
 
 
@@ -89,6 +94,38 @@ def quantize(hf, out, bits, group, recipe, dtype, mode):
     for name in os.listdir(out):
         if name not in keep:
             os.remove(os.path.join(out, name))
+
+
+def make_vlm(hf, out, recipe):
+    """What `mlx_vlm.convert --quantize --quant-predicate RECIPE` writes, made from its own
+    parts: mlx-vlm's Gemma 3 model (the vision tower as mlx initialises it, the text model's
+    weights from hf), cast to bf16 as convert casts it, quantized by mlx_vlm.quant_utils'
+    quantize_model with convert's mixed predicate, saved by mlx_vlm.utils' save_weights and
+    save_config. (convert itself also loads an image processor, which these random
+    checkpoints lack.) mlx-vlm keeps the vision tower, unquantized, and the text model's
+    lm_head, quantized like the embedding."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+    from pathlib import Path
+    from mlx_vlm.convert import mixed_quant_predicate_builder
+    from mlx_vlm.models.gemma3 import Model, ModelConfig, TextConfig, VisionConfig
+    from mlx_vlm.quant_utils import quantize_model
+    from mlx_vlm.utils import save_config, save_weights
+    with open(os.path.join(hf, "config.json")) as f:
+        config = json.load(f)
+    mc = ModelConfig.from_dict(config)
+    mc.text_config = TextConfig.from_dict(config["text_config"])
+    mc.vision_config = VisionConfig.from_dict(config["vision_config"])
+    mc.text_config.mm_tokens_per_image = config["mm_tokens_per_image"]
+    model = Model(mc)
+    w = mx.load(os.path.join(hf, "model.safetensors"))
+    text = {k: v for k, v in w.items() if k.startswith("language_model.")}
+    model.load_weights(list(model.language_model.sanitize(text).items()), strict=False)
+    model.update(tree_map(lambda a: a.astype(mx.bfloat16) if mx.issubdtype(a.dtype, mx.floating) else a,
+                          model.parameters()))
+    model, config = quantize_model(model, config, 64, 4, quant_predicate=mixed_quant_predicate_builder(recipe, model))
+    save_weights(Path(out), model, donate_weights=True)
+    save_config(config, config_path=Path(out) / "config.json")
 
 
 def dequantized_checkpoint(mlx_dir, dst):
@@ -124,12 +161,18 @@ def dequantized_checkpoint(mlx_dir, dst):
 
 
 def make_fixture(name, out_root, seed):
-    shape, layout, bits, group, recipe, dtype, mode = (FIXTURES[name] + ("affine",))[:7]
+    if name in VLM_FIXTURES:
+        (shape, recipe), layout = VLM_FIXTURES[name], "nested"
+    else:
+        shape, layout, bits, group, recipe, dtype, mode = (FIXTURES[name] + ("affine",))[:7]
     out = os.path.join(out_root, name)
     shutil.rmtree(out, ignore_errors=True)
     with tempfile.TemporaryDirectory() as work:
         hf = make_hf(work, shape, layout, seed)
-        quantize(hf, out, bits, group, recipe, dtype, mode)
+        if name in VLM_FIXTURES:
+            make_vlm(hf, out, recipe)
+        else:
+            quantize(hf, out, bits, group, recipe, dtype, mode)
         deq = os.path.join(work, "deq")
         dequantized_checkpoint(out, deq)
         vocab = int(shape.split("--vocab ")[1].split()[0])
@@ -137,9 +180,12 @@ def make_fixture(name, out_root, seed):
         tokens = [2] + [rng.randrange(vocab) for _ in range(N_TOKENS - 1)]
         with open(os.path.join(out, "tokens.txt"), "w") as f:
             f.write(" ".join(map(str, tokens)) + "\n")
+        # a stored lm_head (mlx-vlm's) is the classifier mlx computes the logits with
+        with open(os.path.join(out, "model.safetensors.index.json")) as f:
+            untied = ["--untied"] if any("lm_head." in k for k in json.load(f)["weight_map"]) else []
         sh(sys.executable, os.path.join(ROOT, "tests", "ref_forward.py"), deq, "--tokens",
            os.path.join(out, "tokens.txt"), "--out", os.path.join(out, "logits.f32"), "--greedy", str(N_GREEDY),
-           "--greedy-out", os.path.join(out, "greedy.txt"))
+           "--greedy-out", os.path.join(out, "greedy.txt"), *untied)
         mlx_diff = mlx_forward_diff(out, tokens)
         n_same, n_matrices, export_diff = export_vs_mlx(out, deq, work)
     size = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out))
@@ -264,14 +310,17 @@ def make_edges(out_root):
 
 def main():
     ap = argparse.ArgumentParser(description="Make the MLX fixtures (needs mlx and mlx-lm).")
-    ap.add_argument("names", nargs="*", help=f"fixtures to make (default all: {', '.join(FIXTURES)}, edges)")
+    ap.add_argument("names", nargs="*", help=f"fixtures to make (default all: {', '.join(FIXTURES)}, "
+                                             f"{', '.join(VLM_FIXTURES)}, edges)")
     ap.add_argument("--out", default=os.path.join(ROOT, "tests", "fixtures", "mlx"))
     args = ap.parse_args()
-    for name in args.names or list(FIXTURES) + ["edges"]:
+    for name in args.names or list(FIXTURES) + list(VLM_FIXTURES) + ["edges"]:
         if name == "edges":
             make_edges(args.out)
         elif name in FIXTURES:
             make_fixture(name, args.out, seed=list(FIXTURES).index(name) + 1)
+        elif name in VLM_FIXTURES:
+            make_fixture(name, args.out, seed=101 + list(VLM_FIXTURES).index(name))
         else:
             sys.exit(f"unknown fixture {name}")
 

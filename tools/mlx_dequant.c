@@ -27,11 +27,13 @@
  *
  * That is what MLX's quantized matmul computes with, and bit for bit what mx.dequantize
  * returns in float32 (given float32 scales and biases in mode affine: on bf16 ones it rounds
- * the result to bf16). The affine build turns off multiply-add contraction (-ffp-contract=off
- * in the Makefile): a fused s * q + b rounds once where mlx rounds twice. The other modes'
- * products are exact in float32 (at most 6 significant bits) except where they leave its
- * range, where they overflow to inf or round to a subnormal as mlx's do; an E8M0 scale of
- * 255 is inf (mlx's reading; the OCP format calls it NaN).
+ * the result to bf16). The build turns off multiply-add contraction (-ffp-contract=off in
+ * the Makefile): a fused s * q + b rounds once where mlx rounds twice. (For the same reason a
+ * 32-bit x86 build needs SSE arithmetic, -msse2 -mfpmath=sse: x87 keeps s * q in an 80-bit
+ * register instead of rounding it to float32 before the addition.) The other modes'
+ * products are exact in float32 (at most 6 significant bits, none below 2^-136) unless they
+ * overflow to inf, as mlx's do; an E8M0 scale of 255 is inf (mlx's reading; the OCP format
+ * calls it NaN).
  *
  * C99, standard library only; every multi-byte field is read byte by byte as
  * little-endian, so the tool works on big-endian hosts too. */
