@@ -32,6 +32,7 @@ HEAD = """\
  * in the IQ1 and IQ2 grids (coordinate j = bits 2j..2j+1), 4 bits in the IQ3 grids
  * (coordinate j = bits 4j..4j+3). So IQ2_XXS's word 0x0002 is the point (43, 8, 8, 8, 8, 8,
  * 8, 8), which ggml-common.h writes as 0x080808080808082b. */
+#include <stdint.h>
 
 /* The 16 values of IQ4_NL and IQ4_XS (kvalues_iq4nl in ggml-common.h). */
 static const int8_t gguf_kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
