@@ -521,6 +521,9 @@ typedef struct {
     int8_t *xq;       /* (max_batch, widest) a quantized matmul's x as int8 blocks of 32 */
     float *xq_scale;  /* (max_batch, widest / 32) their scales */
     int32_t *xq_sum;  /* (max_batch, widest / 32) their sums (q4_0's -8 offset) */
+    int8_t *xr;       /* (max_batch, widest) GGUF block types: x - xq's values, as int8 blocks again */
+    float *xr_scale;  /* (max_batch, widest / 32) their scales */
+    int32_t *xr_sum;  /* (max_batch, widest / 32) their sums */
     int threads;      /* most threads a forward pass runs on (each has its own rows of att) */
     double team_secs[2]; /* a decode pass's time, smoothed: on all the threads, on one (pick_team) */
     int passes;       /* decode passes so far */
@@ -597,6 +600,9 @@ static size_t run_state_layout(RunState *s, const Config *c, int ctx, int max_ba
     s->xq = carve(&cv, B * widest, 1);
     s->xq_scale = carve(&cv, B * (widest / 32 + 1), sizeof(float));
     s->xq_sum = carve(&cv, B * (widest / 32 + 1), sizeof(int32_t));
+    s->xr = carve(&cv, B * widest, 1);
+    s->xr_scale = carve(&cv, B * (widest / 32 + 1), sizeof(float));
+    s->xr_sum = carve(&cv, B * (widest / 32 + 1), sizeof(int32_t));
     s->kernels = kernel_bytes ? carve(&cv, kernel_bytes, 1) : NULL;
     s->rope_cos = carve(&cv, 2 * B * half, sizeof(float));
     s->rope_sin = carve(&cv, 2 * B * half, sizeof(float));
@@ -763,16 +769,33 @@ static float dot_q4_0(const unsigned char *w, const int8_t *xq, const float *xs,
     return sum;
 }
 
-/* Token t of x (rows of cols floats) as int8 blocks, into row t of s->xq and its scales. */
-static void quantize_token(RunState *s, const float *x, int t, int cols) {
-    quantize_activations(s->xq + (size_t)t * cols, s->xq_scale + (size_t)t * (cols / QK),
-                         s->xq_sum + (size_t)t * (cols / QK), x + (size_t)t * cols, cols);
+/* What quantize_activations left out, x - scale * xq, quantized the same way. The GGUF
+ * block types multiply their weights by both: int8 activations alone moved the argmax of
+ * the real 270M Q4_K_M's logits at 23 of 576 positions against its f32 export; with the
+ * second term its activations carry about 15 bits, and only the weights' own rounding is
+ * left. */
+static void quantize_residual(int8_t *rq, float *rscale, int32_t *rsums, const float *x, const int8_t *xq,
+                              const float *scale, int n) {
+    for (int b = 0; b < n / QK; b++) {
+        float r[QK];
+        for (int i = 0; i < QK; i++) r[i] = x[b * QK + i] - scale[b] * (float)xq[b * QK + i];
+        quantize_activations(rq + b * QK, rscale + b, rsums + b, r, QK);
+    }
+}
+
+/* Token t of x (rows of cols floats) as int8 blocks, into row t of s->xq and its scales
+ * (and, with residual, what they left out into row t of s->xr). */
+static void quantize_token(RunState *s, const float *x, int t, int cols, int residual) {
+    const size_t at = (size_t)t * cols, blocks = (size_t)t * (cols / QK);
+    quantize_activations(s->xq + at, s->xq_scale + blocks, s->xq_sum + blocks, x + at, cols);
+    if (residual)
+        quantize_residual(s->xr + at, s->xr_scale + blocks, s->xr_sum + blocks, x + at, s->xq + at, s->xq_scale + blocks, cols);
 }
 
 /* The activations of a quantized matmul as int8 blocks, one row of blocks per token. */
-static void quantize_batch(RunState *s, const float *x, int n, int cols) {
+static void quantize_batch(RunState *s, const float *x, int n, int cols, int residual) {
     FOR
-    for (int t = 0; t < n; t++) quantize_token(s, x, t, cols);
+    for (int t = 0; t < n; t++) quantize_token(s, x, t, cols, residual);
 }
 
 /* A row of ggml blocks that has no integer dot (F16): decoded QK_K values at a time and
@@ -796,7 +819,7 @@ static void matmul_plain(float *out, const float *x, int n, const Matrix *W, Run
     const unsigned char *base = W->data;
     const GGMLType *gt = ggml_of(dtype);
     const GGMLDot gdot = gt ? ggml_dot(gt->type) : NULL; /* a GGUF block type's integer dot */
-    if (dtype == DT_Q8_0 || dtype == DT_Q4_0 || gdot) quantize_batch(s, x, n, cols);
+    if (dtype == DT_Q8_0 || dtype == DT_Q4_0 || gdot) quantize_batch(s, x, n, cols, gdot != NULL);
     int i;
     FOR
     for (i = 0; i < rows; i++) {
@@ -806,13 +829,17 @@ static void matmul_plain(float *out, const float *x, int n, const Matrix *W, Run
             const int8_t *xq = s->xq + (size_t)t * cols;
             const float *xs = s->xq_scale + (size_t)t * (cols / QK);
             const int32_t *xsum = s->xq_sum + (size_t)t * (cols / QK);
+            const size_t at = (size_t)t * cols, blocks = (size_t)t * (cols / QK);
             float y;
             switch (dtype) {
             case DT_F32: y = dot_f32((const float *)w, xt, cols); break;
             case DT_BF16: y = dot_bf16((const uint16_t *)w, xt, cols); break;
             case DT_Q8_0: y = dot_q8_0(w, xq, xs, cols); break;
             case DT_Q4_0: y = dot_q4_0(w, xq, xs, xsum, cols); break;
-            default: y = gdot ? gdot(w, xq, xs, xsum, cols) : dot_decoded(gt, w, xt, cols); break;
+            default: /* GGUF blocks: times x's two int8 terms, or decoded times x */
+                y = gdot ? gdot(w, xq, xs, xsum, cols) + gdot(w, s->xr + at, s->xr_scale + blocks, s->xr_sum + blocks, cols)
+                         : dot_decoded(gt, w, xt, cols);
+                break;
             }
             out[(size_t)t * rows + i] = y;
         }

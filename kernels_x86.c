@@ -41,6 +41,9 @@ typedef struct {
     int32_t *xq_corr; /* (tokens, widest / 4 + 16) q4_0's -8 offset as the AVX2 tiles add it */
     float *xperm;     /* (tokens, widest) x reordered for the bf16 tiles */
     int8_t *xq_perm;  /* (tokens, 384 per 256 of widest, rounded up) xq as the AVX-512 q4_0 tiles read it */
+    int8_t *xr;       /* (tokens, widest) GGUF block types: what xq left out, as int8 blocks */
+    float *xr_scale;  /* (tokens, widest / 32) their scales */
+    int32_t *xr_sum;  /* (tokens, widest / 32) their sums */
 } Activations;
 
 /* The kernels' scratch, one per run state. */
@@ -906,16 +909,19 @@ static GGMLDot simd_ggml_dot(int dtype) {
     }
 }
 
-/* Rows r0 .. r0 + nr - 1 of a GGUF block matrix against all n tokens, a dot each. */
+/* Rows r0 .. r0 + nr - 1 of a GGUF block matrix against all n tokens: a dot with each of x's
+ * two int8 terms (xq and what it left out, xr), as matmul_plain. */
 static void matmul_rows_ggml(float *out, int n, const Matrix *W, const Activations *a, int r0, int nr) {
     const GGMLDot dot = simd_ggml_dot(W->dtype);
     const int cols = W->cols, nb = cols / QK;
     const size_t rb = row_bytes(W->dtype, cols);
     for (int r = r0; r < r0 + nr; r++) {
         const unsigned char *w = (const unsigned char *)W->data + (size_t)r * rb;
-        for (int t = 0; t < n; t++)
-            out[(size_t)t * W->rows + r] = dot(w, a->xq + (size_t)t * cols, a->xq_scale + (size_t)t * nb,
-                                               a->xq_sum + (size_t)t * nb, cols);
+        for (int t = 0; t < n; t++) {
+            const size_t at = (size_t)t * cols, blocks = (size_t)t * nb;
+            out[(size_t)t * W->rows + r] = dot(w, a->xq + at, a->xq_scale + blocks, a->xq_sum + blocks, cols) +
+                                           dot(w, a->xr + at, a->xr_scale + blocks, a->xr_sum + blocks, cols);
+        }
     }
 }
 
@@ -941,11 +947,12 @@ static void prepare_piece(Activations *a, const float *x, int t, int piece, cons
         if (dtype == DT_Q4_0)
             q4_0_reorder512(a->xq_perm + (size_t)t * Q4_GROUPS(nb) * Q4_GROUP_BYTES, a->xq + (size_t)t * cols,
                             a->xq_scale + (size_t)t * nb, nb, piece, piece + 1);
-        return;
-    }
+    } else
 #endif
-    quantize_activations(a->xq + at, a->xq_scale + block, a->xq_sum + block, x + at, len);
-    if (dtype == DT_Q4_0) q4_0_correction(a->xq_corr + block * 8, a->xq + at, len);
+        quantize_activations(a->xq + at, a->xq_scale + block, a->xq_sum + block, x + at, len);
+    if (level == 1 && dtype == DT_Q4_0) q4_0_correction(a->xq_corr + block * 8, a->xq + at, len);
+    if (dtype >= DT_GGML) /* (the same bytes as the plain loops' xr: xq is) */
+        quantize_residual(a->xr + at, a->xr_scale + block, a->xr_sum + block, x + at, a->xq + at, a->xq_scale + block, len);
 }
 
 /* The widest tiles that the build has, ks->level allows and the shape fits: 2 AVX-512
@@ -1034,6 +1041,9 @@ static void carve_activations(Carve *cv, Activations *a, size_t tokens, size_t w
     a->xq_corr = carve(cv, tokens * (widest / 4 + 16), sizeof(int32_t));
     a->xperm = carve(cv, tokens * widest, sizeof(float));
     a->xq_perm = carve(cv, tokens * ((widest + 255) / 256 * 384), 1);
+    a->xr = carve(cv, tokens * widest, 1);
+    a->xr_scale = carve(cv, tokens * (widest / 32 + 1), sizeof(float));
+    a->xr_sum = carve(cv, tokens * (widest / 32 + 1), sizeof(int32_t));
 }
 
 /* Lays out the kernels' scratch for max_batch tokens and `threads` threads at mem, which
