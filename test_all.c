@@ -1002,7 +1002,8 @@ static void test_fuzz_loader(void) {
 }
 
 /* The libFuzzer harnesses' committed inputs (seeds and tests/fuzz/regress/: what the
- * fuzzers found, each fixed) run once through the same checks, without libFuzzer
+ * fuzzers found, each fixed) and the loader's generated seeds (the tiny model in every
+ * dtype, GGUF blocks kept among them) run once through the same checks, without libFuzzer
  * (tests/fuzz/run.sh --replay, built with this compiler); here it counts as one test. */
 static void test_fuzz_replay(void) {
     printf("fuzz: the harnesses' seeds and past findings, replayed\n");

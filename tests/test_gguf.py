@@ -10,6 +10,8 @@ supported type, scales kept finite), exports them with export.py and checks:
     that minus 1, in float32), for every type, GGUF v2 and v3, tied and untied output;
   - the header: every hyper-parameter from the gemma3.* metadata, llama.cpp's defaults
     where a key is absent, the 27B attention-scale rule, Ollama's per-layer pattern;
+  - --dtype gguf of every type: each matrix's bytes kept, and ./gemma3 --logits on it within
+    1e-3 of max|logit| of the same file's f32 export (F16: 1e-4);
   - bf16 / q8_0 / q4_0 exports, and ./gemma3 --logits and --encode on a small vocabulary
     (ids checked against an independent SentencePiece BPE written here);
   - bad files: one line on stderr, exit status 1, no traceback, no output file left.
