@@ -120,7 +120,8 @@ enum { DT_F32 = 0, DT_BF16 = 1, DT_Q8_0 = 2, DT_Q4_0 = 3, DT_GGML = 256 };
  *
  * dtype DT_GGML + t: rows of ggml type t's blocks exactly as a GGUF file holds them
  * (export.py --dtype gguf): gguf_blocks.c decodes them and multiplies them by int8
- * activations; F16, which has no integer dot there, is decoded and multiplied in float. */
+ * activations (two terms: quantize_residual); F16, which has no integer dot there, is
+ * decoded and multiplied in float. */
 static const GGMLType *ggml_of(int dtype) { return dtype >= DT_GGML ? ggml_type(dtype - DT_GGML) : NULL; }
 #define Q8_0_BLOCK 34 /* bytes per block: scale + 32 quants */
 #define Q4_0_BLOCK 18 /* bytes per block: scale + 16 bytes of nibbles */
@@ -244,7 +245,7 @@ static const void *find_tensor(Model *m, const char *name, int rows, int cols, i
             set_err(err, errsize, "tensor %s: quantized rows must be a multiple of %d wide", name, QK);
             return NULL;
         }
-        if (gt && (cols <= 0 || cols % gt->block_values != 0)) {
+        if (gt && want_ndim == 2 && cols % gt->block_values != 0) {
             set_err(err, errsize, "tensor %s: %s rows must be whole blocks of %d values", name, gt->name, gt->block_values);
             return NULL;
         }
@@ -2841,9 +2842,10 @@ static int run_quantize(const Options *o) {
     Model model;
     if (load_model(&model, o->model_path, err, sizeof err) != 0) die("%s", err);
     int dtype = !strcmp(o->quant_type, "q8_0") ? DT_Q8_0 : DT_Q4_0, from = model.weights.embed.dtype;
-    if (from == DT_Q8_0 || from == DT_Q4_0)
+    if (from == DT_Q8_0 || from == DT_Q4_0 || from >= DT_GGML)
         fprintf(stderr, "gemma3: note: %s is already %s: its quantized values are quantized again (export from the "
-                "original checkpoint for the best %s)\n", o->model_path, from == DT_Q8_0 ? "q8_0" : "q4_0", o->quant_type);
+                "original checkpoint for the best %s)\n", o->model_path,
+                from == DT_Q8_0 ? "q8_0" : from == DT_Q4_0 ? "q4_0" : "quantized (GGUF blocks)", o->quant_type);
     if (quantize_model(&model, partial_name(0, o->quant_out, o->model_path), dtype, err, sizeof err) != 0)
         die("%s", err);
     keep_output(0, o->quant_out);

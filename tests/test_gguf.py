@@ -527,6 +527,19 @@ def main():
               f"{q.name}: kept-block logits vs f32 export: max|diff| {d / top:.2g} of max|logit| (bound {bound:g}), "
               f"argmax {agree}/9")
 
+    # a kept file whose dtype names no block type, or the wrong one: one error line, exit 1
+    kb = os.path.join(W, "keep-Q4_K-gguf.bin")
+    if os.path.exists(kb):
+        raw = bytearray(open(kb, "rb").read())
+        dir_off = struct.unpack_from("<Q", raw, 112)[0]  # entry 0: embed_tokens.weight, Q4_K (Q5_0 rows: other sizes)
+        for dtype, needle in ((256 + 4, "unknown dtype 260"), (256 + 6, "bad offset/size"), (256 + 99, "unknown dtype 355")):
+            struct.pack_into("<I", raw, dir_off + 64, dtype)
+            bad = os.path.join(W, "keep-bad.bin")
+            open(bad, "wb").write(raw)
+            rc, _, err = run("./gemma3", bad, "--logits", ids, bad + ".logits")
+            check(rc == 1 and needle in err and len(err.strip().splitlines()) == 1 and not os.path.exists(bad + ".logits"),
+                  f"kept file with dtype {dtype}: refused, one line naming it", err.strip())
+
     # 3. other output types, and the engine on the result
     q = os.path.join(W, "t-Q4_K.gguf")
     rc, _, err = export(q, os.path.join(W, "t-Q4_K-bf16.bin"), "--dtype", "bf16")
