@@ -788,7 +788,8 @@ static void prefetch_stream_starts(const Matrix *const W[], const int first[], i
 
 /* ------------------------------------------------------------------------- */
 /* GGUF's blocks (dtype DT_GGML + t; gguf_blocks.c has the plain dots): AVX2 dots of one row
- * with one token's int8 activations, for the types Q4_K_M / Q5_K_M / Q6_K files are made of.
+ * with one token's int8 activations, for the types Q4_K_M / Q5_K_M / Q6_K files are made of
+ * (Q4_K, Q5_K, Q6_K, Q5_0, Q8_0), QAT Q4_0 files and IQ4_NL; the others run the plain loops.
  * Each computes the plain dot's integer sums (per group of 32 or 16 weights that share a
  * scale) and meets the scales in float once per group, in 8 lanes: only the order of the
  * float additions differs from the plain loops. A signed code c times x goes as |c|
@@ -838,6 +839,25 @@ static float simd_dot_q8_0(const unsigned char *w, const XTerms *x, int n) {
     }
     return hsum8(acc[0]) + hsum8(acc[1]);
 }
+
+/* Q4_0 (Google's QAT files), 18 bytes a block: (d xs) * sum (q - 8) x; and IQ4_NL, 18 bytes:
+ * (d xs) * sum kvalues[q] x, the table looked up by a byte shuffle. */
+static inline float simd_dot_4bit(const unsigned char *w, const XTerms *x, int n, int nl) {
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)gguf_kvalues_iq4nl));
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int b = 0; b < n / QK; b++, w += 18) {
+        const __m256i c = nl ? _mm256_shuffle_epi8(table, nibbles32(w + 2)) : _mm256_sub_epi8(nibbles32(w + 2), _mm256_set1_epi8(8));
+        const float d = _cvtsh_ss(rd_u16(w));
+        for (int k = 0; k < 2; k++) {
+            __m256i p = dot_s8s8(c, _mm256_loadu_si256((const __m256i *)(x->q[k] + QK * b)));
+            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x->s[k][b]), acc[k]);
+        }
+    }
+    return hsum8(acc[0]) + hsum8(acc[1]);
+}
+
+static float simd_dot_q4_0(const unsigned char *w, const XTerms *x, int n) { return simd_dot_4bit(w, x, n, 0); }
+static float simd_dot_iq4_nl(const unsigned char *w, const XTerms *x, int n) { return simd_dot_4bit(w, x, n, 1); }
 
 /* Q5_0, 22 bytes a block: (d xs) * sum (q - 16) x */
 static float simd_dot_q5_0(const unsigned char *w, const XTerms *x, int n) {
@@ -912,8 +932,10 @@ static float simd_dot_q6_k(const unsigned char *w, const XTerms *x, int n) {
 /* The AVX2 dot of a GGUF block dtype, or NULL (the plain loops then take the matmul). */
 static SimdDot simd_ggml_dot(int dtype) {
     switch (dtype - DT_GGML) {
+    case 2: return simd_dot_q4_0;
     case 8: return simd_dot_q8_0;
     case 6: return simd_dot_q5_0;
+    case 20: return simd_dot_iq4_nl;
     case 12: return simd_dot_q4_k;
     case 13: return simd_dot_q5_k;
     case 14: return simd_dot_q6_k;

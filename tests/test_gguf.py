@@ -527,6 +527,9 @@ def main():
               f"{q.name}: kept-block logits vs f32 export: max|diff| {d / top:.2g} of max|logit| (bound {bound:g}), "
               f"argmax {agree}/9")
 
+    rc, _, err = export(os.path.join(ROOT, "tests", "fixtures", "tiny"), os.path.join(W, "dir-gguf.bin"), "--dtype", "gguf")
+    check(rc == 1 and "--dtype gguf keeps a GGUF file's own blocks" in err and not os.path.exists(os.path.join(W, "dir-gguf.bin")),
+          "--dtype gguf of a Hugging Face directory: refused, one line", err.strip())
     # a kept file whose dtype names no block type, or the wrong one: one error line, exit 1
     kb = os.path.join(W, "keep-Q4_K-gguf.bin")
     if os.path.exists(kb):
