@@ -499,7 +499,8 @@ static const GGMLType *ggml_type(int type) {
  * block's scales (and mins) times xs[b]. Its result equals the decoded weights (dq_*)
  * times xs[b] * xq up to float rounding; test_all.c checks that. The SIMD kernels
  * (kernels_x86.c) compute the same integer sums. n: values in the row, a multiple of
- * the block's values. F16 has none: the engine decodes it and multiplies in float. */
+ * the block's values. F16 has none: the engine decodes it and multiplies in float. (The
+ * engine calls a dot twice per row: with x's int8 blocks and with their rounding error's.) */
 #ifdef GGUF_BLOCKS_DOTS
 
 /* sum of a[i] * x[i], i < 16, for 4-bit (or smaller) codes a */

@@ -41,6 +41,9 @@ typedef struct {
     int32_t *xq_corr; /* (tokens, widest / 4 + 16) q4_0's -8 offset as the AVX2 tiles add it */
     float *xperm;     /* (tokens, widest) x reordered for the bf16 tiles */
     int8_t *xq_perm;  /* (tokens, 384 per 256 of widest, rounded up) xq as the AVX-512 q4_0 tiles read it */
+    int8_t *xr;       /* (tokens, widest) GGUF block types: what xq left out, as int8 blocks */
+    float *xr_scale;  /* (tokens, widest / 32) their scales */
+    int32_t *xr_sum;  /* (tokens, widest / 32) their sums */
 } Activations;
 
 /* The kernels' scratch, one per run state. */
@@ -785,7 +788,8 @@ static void prefetch_stream_starts(const Matrix *const W[], const int first[], i
 
 /* ------------------------------------------------------------------------- */
 /* GGUF's blocks (dtype DT_GGML + t; gguf_blocks.c has the plain dots): AVX2 dots of one row
- * with one token's int8 activations, for the types Q4_K_M / Q5_K_M / Q6_K files are made of.
+ * with one token's int8 activations, for the types Q4_K_M / Q5_K_M / Q6_K files are made of
+ * (Q4_K, Q5_K, Q6_K, Q5_0, Q8_0), QAT Q4_0 files and IQ4_NL; the others run the plain loops.
  * Each computes the plain dot's integer sums (per group of 32 or 16 weights that share a
  * scale) and meets the scales in float once per group, in 8 lanes: only the order of the
  * float additions differs from the plain loops. A signed code c times x goes as |c|
@@ -812,36 +816,69 @@ static inline __m256i nibbles32(const unsigned char *q) {
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0f));
 }
 
+/* One token's x as the dots below read it: two int8 terms, x's blocks (xq, xq_scale,
+ * xq_sum) and what their rounding left out (xr, ...), each met by the same decoded weights;
+ * the result is the sum of the two dots, as matmul_plain's. */
+typedef struct {
+    const int8_t *q[2];
+    const float *s[2];
+    const int32_t *sum[2];
+} XTerms;
+typedef float (*SimdDot)(const unsigned char *w, const XTerms *x, int n);
+
 /* Q8_0, 34 bytes a block: (d xs) * sum q x */
-static float simd_dot_q8_0(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
-    __m256 acc = _mm256_setzero_ps();
-    (void)xsum;
+static float simd_dot_q8_0(const unsigned char *w, const XTerms *x, int n) {
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int b = 0; b < n / QK; b++, w += 34) {
-        __m256i p = dot_s8s8(_mm256_loadu_si256((const __m256i *)(w + 2)), _mm256_loadu_si256((const __m256i *)(xq + QK * b)));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss(rd_u16(w)) * xs[b]), acc);
+        const __m256i c = _mm256_loadu_si256((const __m256i *)(w + 2));
+        const float d = _cvtsh_ss(rd_u16(w));
+        for (int k = 0; k < 2; k++) {
+            __m256i p = dot_s8s8(c, _mm256_loadu_si256((const __m256i *)(x->q[k] + QK * b)));
+            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x->s[k][b]), acc[k]);
+        }
     }
-    return hsum8(acc);
+    return hsum8(acc[0]) + hsum8(acc[1]);
 }
+
+/* Q4_0 (Google's QAT files), 18 bytes a block: (d xs) * sum (q - 8) x; and IQ4_NL, 18 bytes:
+ * (d xs) * sum kvalues[q] x, the table looked up by a byte shuffle. */
+static inline float simd_dot_4bit(const unsigned char *w, const XTerms *x, int n, int nl) {
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)gguf_kvalues_iq4nl));
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int b = 0; b < n / QK; b++, w += 18) {
+        const __m256i c = nl ? _mm256_shuffle_epi8(table, nibbles32(w + 2)) : _mm256_sub_epi8(nibbles32(w + 2), _mm256_set1_epi8(8));
+        const float d = _cvtsh_ss(rd_u16(w));
+        for (int k = 0; k < 2; k++) {
+            __m256i p = dot_s8s8(c, _mm256_loadu_si256((const __m256i *)(x->q[k] + QK * b)));
+            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x->s[k][b]), acc[k]);
+        }
+    }
+    return hsum8(acc[0]) + hsum8(acc[1]);
+}
+
+static float simd_dot_q4_0(const unsigned char *w, const XTerms *x, int n) { return simd_dot_4bit(w, x, n, 0); }
+static float simd_dot_iq4_nl(const unsigned char *w, const XTerms *x, int n) { return simd_dot_4bit(w, x, n, 1); }
 
 /* Q5_0, 22 bytes a block: (d xs) * sum (q - 16) x */
-static float simd_dot_q5_0(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
-    __m256 acc = _mm256_setzero_ps();
-    (void)xsum;
+static float simd_dot_q5_0(const unsigned char *w, const XTerms *x, int n) {
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int b = 0; b < n / QK; b++, w += 22) {
-        __m256i q = _mm256_sub_epi8(_mm256_or_si256(nibbles32(w + 6), bits_to_0x10(w + 2)), _mm256_set1_epi8(16));
-        __m256i p = dot_s8s8(q, _mm256_loadu_si256((const __m256i *)(xq + QK * b)));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss(rd_u16(w)) * xs[b]), acc);
+        const __m256i c = _mm256_sub_epi8(_mm256_or_si256(nibbles32(w + 6), bits_to_0x10(w + 2)), _mm256_set1_epi8(16));
+        const float d = _cvtsh_ss(rd_u16(w));
+        for (int k = 0; k < 2; k++) {
+            __m256i p = dot_s8s8(c, _mm256_loadu_si256((const __m256i *)(x->q[k] + QK * b)));
+            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x->s[k][b]), acc[k]);
+        }
     }
-    return hsum8(acc);
+    return hsum8(acc[0]) + hsum8(acc[1]);
 }
 
-/* Q4_K (qh NULL) and Q5_K: per 32 values xs (d sc sum q x - dmin m sum x); the mins'
+/* Q4_K (has_qh 0) and Q5_K: per 32 values xs (d sc sum q x - dmin m sum x); the mins'
  * part goes in a float of its own. */
-static inline float simd_dot_k4(const unsigned char *w, int stride, int has_qh, const int8_t *xq, const float *xs,
-                                const int32_t *xsum, int n) {
+static inline float simd_dot_k4(const unsigned char *w, int stride, int has_qh, const XTerms *x, int n) {
     const __m256i low4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
-    __m256 acc = _mm256_setzero_ps();
-    float mins = 0.0f;
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    float mins[2] = {0.0f, 0.0f};
     for (int s = 0; s < n / QK_K; s++, w += stride) {
         const float d = _cvtsh_ss(rd_u16(w)), dmin = _cvtsh_ss(rd_u16(w + 2));
         const unsigned char *qs = w + (has_qh ? 48 : 16);
@@ -851,31 +888,27 @@ static inline float simd_dot_k4(const unsigned char *w, int stride, int has_qh, 
             int sc, m;
             gguf_scale_min_k4(w + 4, g, &sc, &m);
             __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * (g / 2)));
-            __m256i q = _mm256_and_si256(g % 2 ? _mm256_srli_epi16(raw, 4) : raw, low4);
-            if (has_qh) q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, g), one), 4));
-            __m256i p = dot_u8s8(_mm256_setzero_si256(), q, _mm256_loadu_si256((const __m256i *)(xq + QK * b)));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xs[b] * (d * (float)sc)), acc);
-            mins += xs[b] * (dmin * (float)(m * xsum[b]));
+            __m256i c = _mm256_and_si256(g % 2 ? _mm256_srli_epi16(raw, 4) : raw, low4);
+            if (has_qh) c = _mm256_or_si256(c, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, g), one), 4));
+            for (int k = 0; k < 2; k++) {
+                __m256i p = dot_u8s8(_mm256_setzero_si256(), c, _mm256_loadu_si256((const __m256i *)(x->q[k] + QK * b)));
+                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(x->s[k][b] * (d * (float)sc)), acc[k]);
+                mins[k] += x->s[k][b] * (dmin * (float)(m * x->sum[k][b]));
+            }
         }
     }
-    return hsum8(acc) - mins;
+    return (hsum8(acc[0]) - mins[0]) + (hsum8(acc[1]) - mins[1]);
 }
 
-static float simd_dot_q4_k(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
-    return simd_dot_k4(w, 144, 0, xq, xs, xsum, n);
-}
-
-static float simd_dot_q5_k(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
-    return simd_dot_k4(w, 176, 1, xq, xs, xsum, n);
-}
+static float simd_dot_q4_k(const unsigned char *w, const XTerms *x, int n) { return simd_dot_k4(w, 144, 0, x, n); }
+static float simd_dot_q5_k(const unsigned char *w, const XTerms *x, int n) { return simd_dot_k4(w, 176, 1, x, n); }
 
 /* Q6_K, 210 bytes per 256 values: (d xs) * (sc0 sum (q - 32) x + sc1 ...), a signed 8-bit
  * scale per 16 values. Group g (values 32g ..) of half h = g / 4 takes nibble g % 4 / 2 of
  * ql[64h + 32 (g % 2) ..] and bits 2 (g % 4) of qh[32h ..]. */
-static float simd_dot_q6_k(const unsigned char *w, const int8_t *xq, const float *xs, const int32_t *xsum, int n) {
+static float simd_dot_q6_k(const unsigned char *w, const XTerms *x, int n) {
     const __m256i low4 = _mm256_set1_epi8(0x0f), three = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
-    __m256 acc = _mm256_setzero_ps();
-    (void)xsum;
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int s = 0; s < n / QK_K; s++, w += 210) {
         const float d = _cvtsh_ss(rd_u16(w + 208));
         const signed char *sc = (const signed char *)(w + 192);
@@ -884,21 +917,25 @@ static float simd_dot_q6_k(const unsigned char *w, const int8_t *xq, const float
             __m256i lo = _mm256_loadu_si256((const __m256i *)(w + 64 * h + 32 * (j % 2)));
             lo = _mm256_and_si256(j / 2 ? _mm256_srli_epi16(lo, 4) : lo, low4);
             __m256i hi = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)(w + 128 + 32 * h)), 2 * j), three);
-            __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), off);
-            __m256i p = dot_s8s8(q, _mm256_loadu_si256((const __m256i *)(xq + QK * b)));
+            __m256i c = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), off);
             __m256 scale = _mm256_setr_ps(sc[2 * g], sc[2 * g], sc[2 * g], sc[2 * g], sc[2 * g + 1], sc[2 * g + 1],
                                           sc[2 * g + 1], sc[2 * g + 1]); /* lanes 0-3: values 0-15 */
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(scale, _mm256_set1_ps(d * xs[b])), acc);
+            for (int k = 0; k < 2; k++) {
+                __m256i p = dot_s8s8(c, _mm256_loadu_si256((const __m256i *)(x->q[k] + QK * b)));
+                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(scale, _mm256_set1_ps(d * x->s[k][b])), acc[k]);
+            }
         }
     }
-    return hsum8(acc);
+    return hsum8(acc[0]) + hsum8(acc[1]);
 }
 
 /* The AVX2 dot of a GGUF block dtype, or NULL (the plain loops then take the matmul). */
-static GGMLDot simd_ggml_dot(int dtype) {
+static SimdDot simd_ggml_dot(int dtype) {
     switch (dtype - DT_GGML) {
+    case 2: return simd_dot_q4_0;
     case 8: return simd_dot_q8_0;
     case 6: return simd_dot_q5_0;
+    case 20: return simd_dot_iq4_nl;
     case 12: return simd_dot_q4_k;
     case 13: return simd_dot_q5_k;
     case 14: return simd_dot_q6_k;
@@ -908,14 +945,17 @@ static GGMLDot simd_ggml_dot(int dtype) {
 
 /* Rows r0 .. r0 + nr - 1 of a GGUF block matrix against all n tokens, a dot each. */
 static void matmul_rows_ggml(float *out, int n, const Matrix *W, const Activations *a, int r0, int nr) {
-    const GGMLDot dot = simd_ggml_dot(W->dtype);
+    const SimdDot dot = simd_ggml_dot(W->dtype);
     const int cols = W->cols, nb = cols / QK;
     const size_t rb = row_bytes(W->dtype, cols);
     for (int r = r0; r < r0 + nr; r++) {
         const unsigned char *w = (const unsigned char *)W->data + (size_t)r * rb;
-        for (int t = 0; t < n; t++)
-            out[(size_t)t * W->rows + r] = dot(w, a->xq + (size_t)t * cols, a->xq_scale + (size_t)t * nb,
-                                               a->xq_sum + (size_t)t * nb, cols);
+        for (int t = 0; t < n; t++) {
+            const size_t at = (size_t)t * cols, blocks = (size_t)t * nb;
+            const XTerms x = {{a->xq + at, a->xr + at}, {a->xq_scale + blocks, a->xr_scale + blocks},
+                              {a->xq_sum + blocks, a->xr_sum + blocks}};
+            out[(size_t)t * W->rows + r] = dot(w, &x, cols);
+        }
     }
 }
 
@@ -941,11 +981,12 @@ static void prepare_piece(Activations *a, const float *x, int t, int piece, cons
         if (dtype == DT_Q4_0)
             q4_0_reorder512(a->xq_perm + (size_t)t * Q4_GROUPS(nb) * Q4_GROUP_BYTES, a->xq + (size_t)t * cols,
                             a->xq_scale + (size_t)t * nb, nb, piece, piece + 1);
-        return;
-    }
+    } else
 #endif
-    quantize_activations(a->xq + at, a->xq_scale + block, a->xq_sum + block, x + at, len);
-    if (dtype == DT_Q4_0) q4_0_correction(a->xq_corr + block * 8, a->xq + at, len);
+        quantize_activations(a->xq + at, a->xq_scale + block, a->xq_sum + block, x + at, len);
+    if (level == 1 && dtype == DT_Q4_0) q4_0_correction(a->xq_corr + block * 8, a->xq + at, len);
+    if (dtype >= DT_GGML) /* (the same bytes as the plain loops' xr: xq is) */
+        quantize_residual(a->xr + at, a->xr_scale + block, a->xr_sum + block, x + at, a->xq + at, a->xq_scale + block, len);
 }
 
 /* The widest tiles that the build has, ks->level allows and the shape fits: 2 AVX-512
@@ -1034,6 +1075,9 @@ static void carve_activations(Carve *cv, Activations *a, size_t tokens, size_t w
     a->xq_corr = carve(cv, tokens * (widest / 4 + 16), sizeof(int32_t));
     a->xperm = carve(cv, tokens * widest, sizeof(float));
     a->xq_perm = carve(cv, tokens * ((widest + 255) / 256 * 384), 1);
+    a->xr = carve(cv, tokens * widest, 1);
+    a->xr_scale = carve(cv, tokens * (widest / 32 + 1), sizeof(float));
+    a->xr_sum = carve(cv, tokens * (widest / 32 + 1), sizeof(int32_t));
 }
 
 /* Lays out the kernels' scratch for max_batch tokens and `threads` threads at mem, which

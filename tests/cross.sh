@@ -4,7 +4,8 @@
 # Builds gemma3.c natively and with Debian's cross compilers (static, no OpenMP), runs the
 # foreign builds under qemu-user, and compares `--logits` on the tiny fixture: f32 and bf16
 # exports against tests/fixtures/tiny/logits.f32 within max|diff| <= 1e-4 * max|ref|, q8_0 and
-# q4_0 exports against the native build within 1e-2 (see compare below); and the image path:
+# q4_0 exports against the native build within 1e-2 (see compare below); a Q4_K GGUF kept
+# as it is (--dtype gguf) against the native build within 1e-3; and the image path:
 # tests/fixtures/vision/mm2 (f32, two images) against transformers' logits within 1e-4.
 #
 # Targets, one per kind of machine (the first that is installed or installable is used):
@@ -159,6 +160,20 @@ for dt in f32 bf16 q8_0 q4_0; do
     python3 export.py "$FIX" "$OUT/tiny-$dt.bin" --dtype "$dt" -q || die "export.py --dtype $dt failed"
 done
 python3 export.py "$VIS" "$OUT/mm2-f32.bin" --dtype f32 -q || die "export.py of $VIS failed"
+# A GGUF's own K-quant blocks, kept (--dtype gguf): a random 3-layer Q4_K file written with
+# gguf-py (tests/test_gguf.sh's venv). gemma3 reads the blocks byte by byte, so a big-endian
+# host runs them as they are. Its logits are compared with the native build's.
+KEPT=""
+if bash tests/test_gguf.sh --setup >"$OUT/venv.log" 2>&1 &&
+    tests/data/venv-gguf/bin/python -c "import sys; sys.path.insert(0, 'tests'); import test_gguf as t
+t.make_gguf('$OUT/q4_k.gguf', t.T.Q4_K, sane=True, seed=3)" >"$OUT/make-gguf.log" 2>&1 &&
+    python3 export.py "$OUT/q4_k.gguf" "$OUT/tiny-gguf.bin" --dtype gguf -q; then
+    KEPT=gguf
+    echo "2 300 301 302 5 290 291 292 293" >"$OUT/kept-tokens.txt"
+else
+    echo "cross.sh: cannot make the Q4_K GGUF (gguf-py venv: $OUT/venv.log, $OUT/make-gguf.log)"
+    fail
+fi
 
 # --- compare logits: python3 standard library only ------------------------------------
 # Prints "max|diff| D = R of max|ref| M" and exits 0 if R <= 1e-4 (and every value is finite).
@@ -213,16 +228,19 @@ build() {
 
 # run NAME "EMULATOR": --logits with both exports; one result line each.
 run() {
-    local name=$1 emu=$2 dt out err msg ref tol
-    for dt in f32 bf16 q8_0 q4_0; do
+    local name=$1 emu=$2 dt out err msg ref tol tokens
+    for dt in f32 bf16 q8_0 q4_0 $KEPT; do
         out="$OUT/logits-$name-$dt.f32"
-        ref="$FIX/logits.f32" tol=1e-4
+        ref="$FIX/logits.f32" tol=1e-4 tokens="$FIX/tokens.txt"
         case $dt in q*) ref="$OUT/logits-$host-native-omp-$dt.f32" tol=1e-2 ;; esac
+        # the kept blocks multiply x as two int8 terms (x, and what its rounding left out):
+        # a last-bit difference in x moves no logit by more than that second term's rounding
+        [ "$dt" = gguf ] && ref="$OUT/logits-$host-native-omp-$dt.f32" tol=1e-3 tokens="$OUT/kept-tokens.txt"
         err="$OUT/run-$name-$dt.err"
         rm -f "$out"
         # shellcheck disable=SC2086 # an empty emulator vanishes
         if ! timeout "$RUN_TIMEOUT" $emu "$OUT/gemma3-$name" "$OUT/tiny-$dt.bin" \
-            --logits "$FIX/tokens.txt" "$out" >/dev/null 2>"$err"; then
+            --logits "$tokens" "$out" >/dev/null 2>"$err"; then
             printf '%-22s %-5s %s\n' "$name" "$dt" "FAIL (gemma3 exited with an error):"
             tail -5 "$err" | sed 's/^/    /'
             fail

@@ -22,15 +22,15 @@ mkdir -p "$B"
 ALL="tokenizer tokinit chat loader pnm"
 
 # The inputs that are generated rather than committed: the real tokenizer's section, the
-# tiny model in four dtypes and with a tiny image path, the tiny tokenizer's section and a
-# variant without byte pieces.
+# tiny model in four dtypes, with a tiny image path and as two GGUFs' kept blocks, the tiny
+# tokenizer's section and a variant without byte pieces.
 seeds() {
     if [ "$1" = tokenizer ] && [ ! -s "$B/tokenizer.sec" ]; then
         bash tests/fetch_tokenizer.sh > "$B/fetch.log" 2>&1 || { cat "$B/fetch.log"; return 1; }
         python3 -c "import sys; sys.path.insert(0, '.'); import export
 sec, _ = export.pack_tokenizer('tests/data/tokenizer.json'); open('$B/tokenizer.sec', 'wb').write(sec)" || return 1
     fi
-    if [ "$1" = loader ] && [ ! -s "$B/seeds-loader/tiny-mm-bf16.bin" ]; then
+    if [ "$1" = loader ] && [ ! -s "$B/seeds-loader/kept-untied.bin" ]; then
         mkdir -p "$B/seeds-loader"
         python3 tools/make_checkpoint.py "$B/tiny-hf" --vocab 18 --hidden 32 --inter 32 --layers 2 --heads 2 \
             --kv-heads 1 --head-dim 16 --qpas 16 --window 4 --pattern 2 --max-pos 64 --dtype f32 \
@@ -40,6 +40,9 @@ sec, _ = export.pack_tokenizer('tests/data/tokenizer.json'); open('$B/tokenizer.
             --kv-heads 1 --head-dim 16 --qpas 16 --window 4 --pattern 2 --max-pos 64 --layout nested \
             --vision 14,7,16,32,1,2,4 --tokenizer tests/fuzz/tiny-tokenizer.json --seed 1 > /dev/null || return 1
         python3 export.py "$B/tiny-mm" "$B/seeds-loader/tiny-mm-bf16.bin" --dtype bf16 -q || return 1
+        # GGUF blocks kept (dtypes 256 + t: Q4_0, Q8_0 as ggml stores them), tied and untied
+        python3 export.py tests/fuzz/gguf/tiny.gguf "$B/seeds-loader/kept-tied.bin" --dtype gguf -q || return 1
+        python3 export.py tests/fuzz/gguf/tiny-untied.gguf "$B/seeds-loader/kept-untied.bin" --dtype gguf -q || return 1
     fi
     if [ "$1" = tokinit ] && [ ! -s "$B/seeds-tokinit/nobytes.sec" ]; then
         mkdir -p "$B/seeds-tokinit"
@@ -70,6 +73,8 @@ if [ "${1:-}" = --replay ]; then
     rc=0
     for h in $ALL; do
         dirs=""
+        # the loader's generated seeds too (the tiny model in every dtype, GGUF blocks kept)
+        if [ "$h" = loader ] && ! seeds loader; then echo "  replay $h: cannot make the seeds"; rc=1; continue; fi
         for d in "tests/fuzz/$h" "tests/fuzz/regress/$h" "$B/seeds-$h"; do [ -d "$d" ] && dirs="$dirs $d"; done
         if [ "$h" = tokenizer ] && [ ! -s "$B/tokenizer.sec" ]; then
             [ -s tests/data/tokenizer.json ] && seeds tokenizer || { echo "  replay $h: skipped (no tests/data/tokenizer.json)"; continue; }
