@@ -21,13 +21,13 @@ LDLIBS = -lm
 
 all: gemma3
 
-gemma3: gemma3.c tokenizer.c kernels_x86.c
+gemma3: gemma3.c tokenizer.c kernels_x86.c gguf_blocks.c
 	$(CC) $(WARN) $(CFLAGS) $(MARCH) $(OMPFLAGS) -o $@ gemma3.c $(LDLIBS)
 
 # GGUF import: export.py runs this to dequantize a GGUF's tensors (built on first use).
 # -ffp-contract=off: its float32 results must equal gguf-py's numpy ones bit for bit,
 # and a fused multiply-add rounds once where numpy rounds twice.
-tools/gguf_dequant: tools/gguf_dequant.c gguf_blocks.c gguf_tables.c
+tools/gguf_dequant: tools/gguf_dequant.c gguf_blocks.c
 	$(CC) $(WARN) -O2 -ffp-contract=off -o $@ tools/gguf_dequant.c
 
 # MLX import: export.py runs this to unpack an MLX checkpoint's quantized matrices (built
@@ -39,11 +39,11 @@ tools/mlx_dequant: tools/mlx_dequant.c
 # Programs link libgemma3.a with -lm (and -fopenmp when it was built with OpenMP).
 lib: libgemma3.a libgemma3.so
 
-libgemma3.a: gemma3.c gemma3.h tokenizer.c kernels_x86.c
+libgemma3.a: gemma3.c gemma3.h tokenizer.c kernels_x86.c gguf_blocks.c
 	$(CC) $(WARN) $(CFLAGS) $(MARCH) $(OMPFLAGS) -DGEMMA3_NO_MAIN -c -o gemma3-lib.o gemma3.c
 	$(AR) rcs $@ gemma3-lib.o
 
-libgemma3.so: gemma3.c gemma3.h tokenizer.c kernels_x86.c
+libgemma3.so: gemma3.c gemma3.h tokenizer.c kernels_x86.c gguf_blocks.c
 	$(CC) $(WARN) $(CFLAGS) $(MARCH) $(OMPFLAGS) -DGEMMA3_NO_MAIN -fPIC -shared -o $@ gemma3.c $(LDLIBS)
 
 # The example that embeds the library, and the library's own tests: separate translation
@@ -55,7 +55,7 @@ WRAP_ALLOC = -Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc
 test_api: tests/test_api.c gemma3.h libgemma3.a
 	$(CC) $(WARN) $(CFLAGS) -I. -pthread -o $@ tests/test_api.c libgemma3.a $(OMPFLAGS) $(LDLIBS) $(WRAP_ALLOC)
 
-test_all: test_all.c gemma3.c tokenizer.c kernels_x86.c $(wildcard tests/*.c)
+test_all: test_all.c gemma3.c tokenizer.c kernels_x86.c gguf_blocks.c $(wildcard tests/*.c)
 	$(CC) $(WARN) -Wno-unused-function $(CFLAGS) $(MARCH) $(OMPFLAGS) -o $@ test_all.c $(LDLIBS)
 
 # The whole suite: exports the fixtures, compares logits, tokenizer, bad inputs.

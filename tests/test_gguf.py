@@ -61,7 +61,7 @@ def export(src, out, *extra):
 # synthetic GGUF files
 
 D, F, H, KV, HD, L = 256, 512, 2, 1, 128, 3  # K-quant rows must be multiples of 256
-# the i-quants, ternary and FP4 types: grids and sign tables (gguf_tables.c) besides scales
+# the i-quants, ternary and FP4 types: grids and sign tables (gguf_blocks.c) besides scales
 GRID_TYPES = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M, T.TQ1_0, T.TQ2_0, T.MXFP4,
               T.NVFP4]
 QUANT_TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K,
@@ -518,10 +518,12 @@ def main():
               f"tests/ref_gguf.py's ({rel:.1e}), every argmax equal", err.strip())
     want = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "TQ1_0", "TQ2_0"}
     check(want <= seen, f"the llama-quantize files hold every type of {sorted(want)}", f"missing {sorted(want - seen)}")
-    # the value tables in gguf_tables.c are what tools/gguf_tables.py writes from gguf-py
+    # the i-quant grids at the end of gguf_blocks.c are what tools/gguf_tables.py writes from gguf-py
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gguf_tables.py")], stdout=subprocess.PIPE)
-    with open(os.path.join(ROOT, "gguf_tables.c"), "rb") as f:
-        check(r.returncode == 0 and r.stdout == f.read(), "gguf_tables.c is what tools/gguf_tables.py writes from gguf-py")
+    with open(os.path.join(ROOT, "gguf_blocks.c"), "rb") as f:
+        src = f.read()
+    data = src[src.find(b"/* ---- data: the i-quant grids"):]
+    check(r.returncode == 0 and r.stdout == data, "gguf_blocks.c's grids are what tools/gguf_tables.py writes from gguf-py")
 
     # 2. the header from the metadata; GGUF v2; untied but identical output
     g = os.path.join(W, "v2.gguf")

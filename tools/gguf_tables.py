@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Write gguf_tables.c, the value tables of the GGUF block formats, from gguf-py.
+"""Write the data section of gguf_blocks.c, the i-quant grids, from gguf-py.
 
-    tests/data/venv-gguf/bin/python tools/gguf_tables.py > gguf_tables.c
+    tests/data/venv-gguf/bin/python tools/gguf_tables.py > grids.c
+    (then replace gguf_blocks.c from its line "/* ---- data: the i-quant grids" to the end with grids.c)
 
 The i-quant grids come from the pinned gguf-py (gguf==0.19.0, the venv of tests/test_gguf.sh):
 each class's grid_hex, read as little-endian 16-bit words, one word per grid point, is exactly
@@ -22,9 +23,10 @@ GRIDS = [  # (C name, gguf-py class, what)
 ]
 
 HEAD = """\
-/* gguf_tables.c - the value tables of the GGUF block formats: data only, included by
- * gguf_blocks.c. Written by tools/gguf_tables.py from gguf-py 0.19.0 (gguf/quants.py);
- * tests/test_gguf.py decodes blocks that use every entry and compares with gguf-py.
+/* ---- data: the i-quant grids, written by tools/gguf_tables.py from gguf-py 0.19.0 ----
+ *
+ * Everything from this line to the end of the file is the script's output (tests/test_gguf.py
+ * checks it is, and decodes blocks that use every entry against gguf-py).
  *
  * The i-quant grids (llama.cpp's iq2xxs_grid ... iq1s_grid in ggml-common.h) list lattice
  * points: grid index -> 8 coordinates (IQ1, IQ2) or 4 (IQ3). Each point is one 16-bit word
@@ -32,21 +34,6 @@ HEAD = """\
  * in the IQ1 and IQ2 grids (coordinate j = bits 2j..2j+1), 4 bits in the IQ3 grids
  * (coordinate j = bits 4j..4j+3). So IQ2_XXS's word 0x0002 is the point (43, 8, 8, 8, 8, 8,
  * 8, 8), which ggml-common.h writes as 0x080808080808082b. */
-#include <stdint.h>
-
-/* The 16 values of IQ4_NL and IQ4_XS (kvalues_iq4nl in ggml-common.h). */
-static const int8_t gguf_kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
-                                              1,    13,   25,  38,  53,  69,  89,  113};
-
-/* MXFP4's FP4 (E2M1) values, doubled so they are integers (kvalues_mxfp4): code 0..7 is
- * +0, 0.5, 1, 1.5, 2, 3, 4, 6; bit 3 the sign. The block scale carries the factor 1/2. */
-static const int8_t gguf_kvalues_mxfp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
-
-/* The coordinate values the grid codes stand for. */
-static const float gguf_iq2_coords[3] = {8, 25, 43};                      /* 0x08, 0x19, 0x2b */
-static const float gguf_iq3xxs_coords[8] = {4, 12, 20, 28, 36, 44, 52, 62}; /* 0x04 ... 0x3e */
-static const float gguf_iq3s_coords[8] = {1, 3, 5, 7, 9, 11, 13, 15};
-static const float gguf_iq1_coords[3] = {-1, 0, 1};
 """
 
 
