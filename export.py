@@ -1070,7 +1070,8 @@ def load(path, dtype_name, quiet, quant=None, text_only=False, mmproj=None):
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The program's own files: an output there would replace the program.
-PROGRAM_FILES = (os.path.abspath(__file__), os.path.join(HERE, "gemma3"), os.path.join(HERE, "tools", "gguf_dequant"))
+PROGRAM_FILES = (os.path.abspath(__file__), os.path.join(HERE, "gemma3"), os.path.join(HERE, "tools", "gguf_dequant"),
+                 os.path.join(HERE, "tools", "mlx_dequant"))
 TEMP_STEM = ".gemma3-export"  # .NAME.gemma3-export.tmp, .NAME.gemma3-export.q.tmp
 
 

@@ -411,7 +411,8 @@ def outputs():
             ("a file of the Hugging Face directory", TINY, os.path.join(TINY, "config.json"), "is the input"),
             ("the gemma3 binary", g, os.path.join(ROOT, "gemma3"), "one of export.py's own program files"),
             ("export.py itself", g, os.path.join(ROOT, "export.py"), "one of export.py's own program files"),
-            ("tools/gguf_dequant", g, os.path.join(ROOT, "tools", "gguf_dequant"), "one of export.py's own program files")):
+            ("tools/gguf_dequant", g, os.path.join(ROOT, "tools", "gguf_dequant"), "one of export.py's own program files"),
+            ("tools/mlx_dequant", g, os.path.join(ROOT, "tools", "mlx_dequant"), "one of export.py's own program files")):
         if out_path.endswith("gguf-link") and not os.path.lexists(out_path):
             os.symlink(g, out_path)
         if out_path.endswith("gguf-hard") and not os.path.exists(out_path):
@@ -601,8 +602,9 @@ def signals():
 
 def main():
     os.makedirs(W, exist_ok=True)
-    if subprocess.run(["make", "-s", "gemma3", "tools/gguf_dequant"], cwd=ROOT, stdout=subprocess.DEVNULL).returncode:
-        check(False, "make gemma3 tools/gguf_dequant")
+    if subprocess.run(["make", "-s", "gemma3", "tools/gguf_dequant", "tools/mlx_dequant"], cwd=ROOT,
+                      stdout=subprocess.DEVNULL).returncode:
+        check(False, "make gemma3 tools/gguf_dequant tools/mlx_dequant")
     else:
         special_ids()
         tokenizer_arrays()
