@@ -1589,8 +1589,8 @@ int main(void) {
     test_fuzz_loader();
     test_bad_inputs();
     test_own_checkpoints();
+    test_tokenizer_and_chat(); /* fetches the real tokenizer.json, which test_vision's prompts need */
     test_vision();
-    test_tokenizer_and_chat();
     test_library();
     test_cli_files();
     test_fuzz_replay();
