@@ -3928,16 +3928,22 @@ static int run_generate_images(const gemma3_model *m, const Options *o) {
     return 0;
 }
 
+/* --logits' token ids (n of them), and the context to run them in: -c, else the file's length. */
+static int *read_logits_ids(const Options *o, const gemma3_config *c, int *n, int *ctx) {
+    char err[512];
+    int *ids;
+    if (read_token_file(o->logits_in, c->vocab_size, &ids, n, err, sizeof err) != 0) die("%s", err);
+    Options sized = *o;
+    if (!sized.ctx) sized.ctx = *n;
+    *ctx = context_length(&sized, c);
+    if (*n > *ctx) die("%s has %d tokens, more than the context of %d (-c)", o->logits_in, *n, *ctx);
+    return ids;
+}
+
 /* --logits with --image: the ids already hold each image's tokens (as input_ids do). */
 static int run_logits_images(const gemma3_model *m, const Options *o) {
-    char err[512];
     gemma3_config c = gemma3_model_config(m);
-    int *ids, n;
-    if (read_token_file(o->logits_in, c.vocab_size, &ids, &n, err, sizeof err) != 0) die("%s", err);
-    Options sized = *o;
-    if (!sized.ctx) sized.ctx = n; /* --logits: the context is the file's tokens */
-    int ctx = context_length(&sized, &c);
-    if (n > ctx) die("%s has %d tokens, more than the context of %d (-c)", o->logits_in, n, ctx);
+    int n, ctx, *ids = read_logits_ids(o, &c, &n, &ctx);
     gemma3_image *images = read_images(m, o);
     gemma3_session *s = new_session(m, o, ctx);
     int chunk = c.image_tokens > PREFILL_BATCH ? c.image_tokens : PREFILL_BATCH;
@@ -3962,15 +3968,9 @@ static int run_logits_images(const gemma3_model *m, const Options *o) {
  * the hidden state after every layer, [T][n_layers + 1][dim]. */
 static int run_logits(const gemma3_model *m, const Options *o) {
     if (o->n_images) return run_logits_images(m, o);
-    char err[512];
     gemma3_error e;
     gemma3_config c = gemma3_model_config(m);
-    int *ids, n;
-    if (read_token_file(o->logits_in, c.vocab_size, &ids, &n, err, sizeof err) != 0) die("%s", err);
-    Options sized = *o;
-    if (!sized.ctx) sized.ctx = n; /* --logits: the context is the file's tokens */
-    int ctx = context_length(&sized, &c);
-    if (n > ctx) die("%s has %d tokens, more than the context of %d (-c)", o->logits_in, n, ctx);
+    int n, ctx, *ids = read_logits_ids(o, &c, &n, &ctx);
     gemma3_session *s = new_session(m, o, ctx);
     FILE *f = open_output(0), *fh = o->hidden_out ? open_output(1) : NULL;
     size_t V = (size_t)c.vocab_size, H = (size_t)(c.n_layers + 1) * c.dim;
