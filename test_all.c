@@ -718,6 +718,29 @@ static void test_kernels(void) {
                   name, worst, scale);
             CHECK(same, "%s %s: a batch of %d tokens is not bit-identical to one token at a time", levels[level], name, NT);
         }
+#if defined(GEMMA3_AVX512)
+        if (dt == DT_Q8_0) { /* the 16-row repacked prompt tiles, from 2 tokens on: odd counts, and 37 = 2 x 16 + 5 rows */
+            Kernels *ks = s.kernels;
+            set_kernel_level(&s, 2);
+            ks->act.q8_min_tokens = 2;
+            const int counts[] = {NT, 3, 2};
+            for (size_t c = 0; c < sizeof counts / sizeof counts[0]; c++) {
+                int n = counts[c], same = 1;
+                matmul(y, x, n, &W, &s);
+                double worst = 0, scale = 0;
+                for (int k = 0; k < n * ROWS; k++) { worst = fmax(worst, fabs(y[k] - y_ref[k])); scale = fmax(scale, fabs(y_ref[k])); }
+                for (int t = 0; t < n; t++) {
+                    matmul(y1, x + (size_t)t * cols, 1, &W, &s);
+                    same &= memcmp(y1, y + (size_t)t * ROWS, sizeof y1) == 0;
+                }
+                printf("  AVX-512 q8_0 16-row tiles %3d x %3d, %d tokens: max|diff| %.3g of max %.3g; batch == one by one: %s\n",
+                       ROWS, cols, n, worst, scale, same ? "yes" : "NO");
+                CHECK(scale > 0 && worst <= 1e-5 * scale, "q8_0 16-row tiles differ from the plain loops by %g (max %g)", worst, scale);
+                CHECK(same, "q8_0 16-row tiles: a batch of %d tokens is not bit-identical to one token at a time", n);
+            }
+            ks->act.q8_min_tokens = Q8_MIN_TOKENS;
+        }
+#endif
         free_run_state(&s);
     }
 }
