@@ -932,6 +932,15 @@ static void test_quantized(void) {
     CHECK(run("./gemma3 " BUILD "/qmed-f32.bin --logits " BUILD "/qmed.tokens " BUILD "/qmed-f32.logits") == 0, "qmed f32 logits");
     check_quantized("random 4-layer d=256 q8_0 vs f32", BUILD "/qmed-q8_0.bin", BUILD "/qmed.tokens", BUILD "/qmed-f32.logits", 0.05, 0.95);
     check_quantized("random 4-layer d=256 q4_0 vs f32", BUILD "/qmed-q4_0.bin", BUILD "/qmed.tokens", BUILD "/qmed-f32.logits", 0.50, 0.80);
+    /* a 64-token quantized prompt in one batch (the q8_0 16-row tiles with AVX-512) == token by token, to the bit */
+    for (int i = 1; i < 3; i++) {
+        char what[64], bin[128], logits[128];
+        snprintf(what, sizeof what, "qmed %s batched --logits == token-by-token", types[i]);
+        snprintf(bin, sizeof bin, BUILD "/qmed-%s.bin", types[i]);
+        snprintf(logits, sizeof logits, BUILD "/qmed-%s.logits", types[i]);
+        CHECK(run("./gemma3 %s --logits " BUILD "/qmed.tokens %s", bin, logits) == 0, "qmed %s logits", types[i]);
+        check_logits(what, bin, BUILD "/qmed.tokens", logits, 0.0);
+    }
 }
 
 /* GGUF's blocks (dtype DT_GGML + t, gguf_blocks.c) in the plain loops: each type's integer
