@@ -759,6 +759,18 @@ static void q8_0_repack16(unsigned char *dst, const unsigned char *row, size_t r
     }
 }
 
+/* hsum16's tree over the 16 lane sums, 16 rows at once (lanes l + 8, then l + 4, l + 2,
+ * l + 1), to o[0 .. nr - 1]. */
+TILE_INLINE void store_rows16(float *o, int nr, __m512 acc[16]) {
+    UNROLL8
+    for (int l = 0; l < 8; l++) acc[l] = _mm512_add_ps(acc[l], acc[l + 8]);
+    UNROLL8
+    for (int l = 0; l < 4; l++) acc[l] = _mm512_add_ps(acc[l], acc[l + 4]);
+    acc[0] = _mm512_add_ps(acc[0], acc[2]);
+    acc[1] = _mm512_add_ps(acc[1], acc[3]);
+    _mm512_mask_storeu_ps(o, (__mmask16)((1u << nr) - 1), _mm512_add_ps(acc[0], acc[1]));
+}
+
 /* Block b of a token into the sums of lanes L0 .. L0 + 7 (L0 = 0 for even blocks, 8 odd). */
 TILE_INLINE void q8_0_block16(__m512 acc[16], const int L0, const unsigned char *pk, const float *scales, int b,
                               const int8_t *xq, const int32_t *xc, const float *xs) {
@@ -787,14 +799,51 @@ static void q8_0_rows16(float *o, int nr, const unsigned char *pk, int nb, const
         q8_0_block16(acc, 8, pk, scales, b + 1, xq, xc, xs);
     }
     if (b < nb) q8_0_block16(acc, 0, pk, scales, b, xq, xc, xs);
-    /* hsum16's tree, 16 rows at once: lanes l + 8, then l + 4, then l + 2, then l + 1 */
-    UNROLL8
-    for (int l = 0; l < 8; l++) acc[l] = _mm512_add_ps(acc[l], acc[l + 8]);
-    UNROLL8
-    for (int l = 0; l < 4; l++) acc[l] = _mm512_add_ps(acc[l], acc[l + 4]);
-    acc[0] = _mm512_add_ps(acc[0], acc[2]);
-    acc[1] = _mm512_add_ps(acc[1], acc[3]);
-    _mm512_mask_storeu_ps(o, (__mmask16)((1u << nr) - 1), _mm512_add_ps(acc[0], acc[1]));
+    store_rows16(o, nr, acc);
+}
+
+/* Blocks b0, b0 + 2, b0 + 4, ... (one parity: those of 8 of the 16 lanes) of two tokens
+ * into acc[t][0 .. 7], each repacked vector loaded once for both. */
+TILE_INLINE void q8_0_parity16x2(__m512 acc[2][8], const unsigned char *pk, const float *scales, int nb, int b0,
+                                 const int8_t *const xq[2], const int32_t *const xc[2], const float *const xs[2]) {
+    for (int b = b0; b < nb; b += 2) {
+        __m512 d[2];
+        UNROLL
+        for (int t = 0; t < 2; t++) d[t] = _mm512_mul_ps(_mm512_loadu_ps(scales + (size_t)b * Q8_ROWS), _mm512_set1_ps(xs[t][b]));
+        UNROLL8
+        for (int k = 0; k < 8; k++) {
+            __m512i w = _mm512_loadu_si512((const void *)(pk + ((size_t)b * 8 + k) * 64));
+            UNROLL
+            for (int t = 0; t < 2; t++) {
+                int32_t x4;
+                memcpy(&x4, xq[t] + (size_t)b * QK + 4 * k, 4);
+                __m512i p = _mm512_dpbusd_epi32(_mm512_set1_epi32(xc[t][(size_t)b * 8 + k]), w, _mm512_set1_epi32(x4));
+                acc[t][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), d[t], acc[t][k]);
+            }
+        }
+    }
+}
+
+/* q8_0_rows16 for two tokens: the even blocks' lanes first, then the odd ones' (each lane's
+ * sum is its own, so the order of the lanes does not matter), every repacked vector loaded
+ * once per pass for both tokens. */
+static void q8_0_rows16x2(float *const o[2], int nr, const unsigned char *pk, int nb, const int8_t *const xq[2],
+                          const int32_t *const xc[2], const float *const xs[2]) {
+    const float *scales = (const float *)(pk + (size_t)nb * QK * Q8_ROWS);
+    __m512 even[2][8], odd[2][8];
+    UNROLL
+    for (int t = 0; t < 2; t++)
+        UNROLL8
+        for (int k = 0; k < 8; k++) even[t][k] = odd[t][k] = _mm512_setzero_ps();
+    q8_0_parity16x2(even, pk, scales, nb, 0, xq, xc, xs);
+    q8_0_parity16x2(odd, pk, scales, nb, 1, xq, xc, xs);
+    UNROLL
+    for (int t = 0; t < 2; t++) {
+        __m512 acc[16];
+        UNROLL8
+        for (int k = 0; k < 8; k++) acc[k] = even[t][k], acc[8 + k] = odd[t][k];
+        store_rows16(o[t], nr, acc);
+    }
 }
 
 /* Whether a prompt of n tokens runs its q8_0 matmuls in q8_0_rows16 (then its x also gets
@@ -812,7 +861,15 @@ static void matmul_q8_0_rows16(float *out, int n, const Matrix *W, const Activat
     for (int g = 0; g < nr; g += Q8_ROWS) {
         const int m = nr - g < Q8_ROWS ? nr - g : Q8_ROWS;
         q8_0_repack16(pk, (const unsigned char *)W->data + (size_t)(r0 + g) * rb, rb, nb, m);
-        for (int t = 0; t < n; t++)
+        int t = 0;
+        for (; t + 2 <= n; t += 2) {
+            float *o[2] = {out + (size_t)t * rows + r0 + g, out + (size_t)(t + 1) * rows + r0 + g};
+            const int8_t *xq[2] = {a->xq + (size_t)t * cols, a->xq + (size_t)(t + 1) * cols};
+            const int32_t *xc[2] = {a->xq_corr + (size_t)t * (cols / 4), a->xq_corr + (size_t)(t + 1) * (cols / 4)};
+            const float *xs[2] = {a->xq_scale + (size_t)t * nb, a->xq_scale + (size_t)(t + 1) * nb};
+            q8_0_rows16x2(o, m, pk, nb, xq, xc, xs);
+        }
+        for (; t < n; t++)
             q8_0_rows16(out + (size_t)t * rows + r0 + g, m, pk, nb, a->xq + (size_t)t * cols,
                         a->xq_corr + (size_t)t * (cols / 4), a->xq_scale + (size_t)t * nb);
     }
