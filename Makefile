@@ -35,6 +35,12 @@ tools/gguf_dequant: tools/gguf_dequant.c gguf_blocks.c
 tools/mlx_dequant: tools/mlx_dequant.c
 	$(CC) $(WARN) -O2 -ffp-contract=off -o $@ tools/mlx_dequant.c
 
+# The arithmetic peak of this machine per kind of multiply-add (f32 FMA, bf16 and int8
+# dots), all threads; tools/bench.sh builds and runs it. No -march: it asks the CPU at run
+# time and compiles each loop for its own instructions, so one binary runs anywhere.
+tools/peak: tools/peak.c
+	$(CC) $(WARN) -O2 $(OMPFLAGS) -o $@ tools/peak.c
+
 # The library: gemma3.c without its command line (-DGEMMA3_NO_MAIN); the API is gemma3.h.
 # Programs link libgemma3.a with -lm (and -fopenmp when it was built with OpenMP).
 lib: libgemma3.a libgemma3.so
@@ -134,5 +140,5 @@ debug:
 	$(CC) $(WARN) -O0 -g $(OMPFLAGS) -o gemma3 gemma3.c $(LDLIBS)
 
 clean:
-	rm -f gemma3 test_all test_api examples/chat libgemma3.a libgemma3.so gemma3-lib.o tools/gguf_dequant tools/mlx_dequant
+	rm -f gemma3 test_all test_api examples/chat libgemma3.a libgemma3.so gemma3-lib.o tools/gguf_dequant tools/mlx_dequant tools/peak
 	rm -rf tests/build

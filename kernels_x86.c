@@ -17,7 +17,8 @@
  *
  * Speed comes from three things, in order of effect:
  *   - register tiles: NR weight rows times NT tokens, each weight vector loaded once for NT
- *     tokens and each activation vector once for NR rows (a prompt runs 4 x 4 tiles);
+ *     tokens and each activation vector once for NR rows (a prompt runs 4 x 4 tiles; a
+ *     q8_0 prompt of 16 tokens or more with AVX-512, 16 rows to a dot product, rows repacked);
  *   - decode streams every weight from memory once per token, so it asks for each line
  *     well ahead of its use (prefetch) and reads each thread's rows in two streams;
  *   - the threads share decode's jobs out at run time (claim_jobs), so none waits at the
@@ -44,6 +45,12 @@ typedef struct {
     int8_t *xr;       /* (tokens, widest) GGUF block types: what xq left out, as int8 blocks */
     float *xr_scale;  /* (tokens, widest / 32) their scales */
     int32_t *xr_sum;  /* (tokens, widest / 32) their sums */
+    /* A prompt's q8_0 rows, 16 at a time, repacked for the AVX-512 row-interleaved tiles
+     * (q8_0_rows16), in a slot per thread; only the prompt's Activations has them. */
+    unsigned char *repack; /* (repack_slots, repack_bytes) */
+    size_t repack_bytes;
+    int repack_slots;
+    int q8_min_tokens;     /* prompts of fewer tokens keep the 4 x 4 tiles (the tests lower it) */
 } Activations;
 
 /* The kernels' scratch, one per run state. */
@@ -64,6 +71,13 @@ typedef struct {
 #define UNROLL _Pragma("unroll")
 #else
 #define UNROLL _Pragma("GCC unroll 4")
+#endif
+#ifdef __clang__
+#define UNROLL8 _Pragma("unroll")
+#define UNROLL16 _Pragma("unroll")
+#else
+#define UNROLL8 _Pragma("GCC unroll 8")
+#define UNROLL16 _Pragma("GCC unroll 16")
 #endif
 
 /* Decode reads each weight once, straight from memory. One core alone cannot keep enough
@@ -659,12 +673,221 @@ static void q4_0_reorder512(int8_t *xp, const int8_t *xq, const float *xs, int n
     }
 }
 
+/* q8_0 prompts, 16 rows to a vpdpbusd. The 4 x 4 tiles spend a sign fix, a dot product, a
+ * conversion, a scale multiply and an FMA per row, token and 64 products. Here the rows of
+ * a job are repacked, 16 at a time, so that one 512-bit register holds 4 bytes of each of 16
+ * rows: one vpdpbusd then gives 16 rows' sums of 4 products, and a conversion and an FMA
+ * take them on, 3 instructions per 64 products; the repacking (a transpose) is paid once per
+ * 16 rows for all the prompt's tokens. The mmap'd file keeps its layout; the repacked rows
+ * live in a slot per thread of the run state (16 rows of the widest matrix and their scales
+ * as floats: 18 bytes per column, 124 KB for the 1B shape). Signs: vpdpbusd multiplies unsigned by signed
+ * bytes, so the weights go in as w + 128 (unsigned) and each sum of 4 starts from -128 times
+ * the sum of its 4 activations (per token, q8_0_offsets512): the same integers as the 4 x 4
+ * tiles' sums, exactly.
+ *
+ * The float side repeats the other tiles' arithmetic to the bit, so that a prompt still gives
+ * the logits of token-by-token decoding: they keep 16 partial sums per row and token, lane
+ * l < 8 for the 4 products l of even blocks, 8 + l for odd ones, each sum of 4 converted and
+ * added with one FMA times (row scale x token scale), then added up in hsum16's order. Here
+ * those 16 partial sums are 16 registers, one per lane, each holding 16 rows, and the
+ * final adds go in the same tree. */
+#define Q8_ROWS 16          /* rows per repacked group */
+#define Q8_MIN_TOKENS 16    /* default q8_min_tokens: fewer tokens do not repay the repacking */
+#define Q8_REPACK_BYTES(cols) ((size_t)(cols) * Q8_ROWS + (size_t)(cols) / QK * Q8_ROWS * sizeof(float))
+
+/* -128 x the sum of each 4 activations of a token (xq, n values), for q8_0_rows16. */
+static void q8_0_offsets512(int32_t *xc, const int8_t *xq, int n) {
+    const __m512i m128 = _mm512_set1_epi8((char)0x80); /* 128 as an unsigned byte */
+    for (int j = 0; j < n; j += 64) {
+        __m512i v = load512_upto(xq + j, n - j);
+        __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), m128, v);
+        __m512i neg = _mm512_sub_epi32(_mm512_setzero_si512(), sum);
+        int k = (n - j) / 4 < 16 ? (n - j) / 4 : 16;
+        _mm512_mask_storeu_epi32(xc + j / 4, (__mmask16)((1u << k) - 1), neg);
+    }
+}
+
+/* The 16 x 16 dwords of v transposed: v[j] lane i becomes v[i] lane j. Dwords within each
+ * 128-bit lane first (unpacks), giving lanes that hold a column of 4 rows, then the 128-bit
+ * lanes of each 4 such vectors. */
+static inline void transpose16x16(__m512i v[16]) {
+    __m512i t[16], s[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+    }
+    /* s[4a + m], 128-bit lane L: dword 4L + m of rows 4a .. 4a + 3 */
+    for (int a = 0; a < 16; a += 4) {
+        s[a] = _mm512_unpacklo_epi64(t[a], t[a + 2]);
+        s[a + 1] = _mm512_unpackhi_epi64(t[a], t[a + 2]);
+        s[a + 2] = _mm512_unpacklo_epi64(t[a + 1], t[a + 3]);
+        s[a + 3] = _mm512_unpackhi_epi64(t[a + 1], t[a + 3]);
+    }
+    for (int m = 0; m < 4; m++) {
+        __m512i x0 = _mm512_shuffle_i32x4(s[m], s[4 + m], 0x44), x1 = _mm512_shuffle_i32x4(s[m], s[4 + m], 0xee);
+        __m512i x2 = _mm512_shuffle_i32x4(s[8 + m], s[12 + m], 0x44), x3 = _mm512_shuffle_i32x4(s[8 + m], s[12 + m], 0xee);
+        v[m] = _mm512_shuffle_i32x4(x0, x2, 0x88);      /* dword m of the 16 rows */
+        v[4 + m] = _mm512_shuffle_i32x4(x0, x2, 0xdd);  /* dword 4 + m */
+        v[8 + m] = _mm512_shuffle_i32x4(x1, x3, 0x88);
+        v[12 + m] = _mm512_shuffle_i32x4(x1, x3, 0xdd);
+    }
+}
+
+/* Rows row[0 .. nr - 1] (nr <= 16, rb bytes apart) of a q8_0 matrix of nb blocks into dst:
+ * per block, 8 vectors whose lane i holds bytes 4k .. 4k + 3 of row i's block, each + 128;
+ * then per block the 16 rows' scales as floats. Missing rows are zero weights, zero scales.
+ * Two blocks (64 bytes of each row) at a time, as a 16 x 16 transpose of dwords. */
+static void q8_0_repack16(unsigned char *dst, const unsigned char *row, size_t rb, int nb, int nr) {
+    const __mmask16 live = (__mmask16)((1u << nr) - 1);
+    const __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32((int)rb));
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    float *scales = (float *)(dst + (size_t)nb * QK * Q8_ROWS);
+    for (int b = 0; b < nb; b += 2) {
+        const int two = nb - b >= 2; /* else the row's last block alone: 32 bytes */
+        __m512i v[16];
+        for (int i = 0; i < 16; i++) {
+            const unsigned char *q = row + (size_t)i * rb + 2 * (size_t)nb + (size_t)b * QK;
+            v[i] = i >= nr ? _mm512_setzero_si512() : two ? _mm512_loadu_si512((const void *)q)
+                                                             : _mm512_maskz_loadu_epi32((__mmask16)0xff, q);
+        }
+        transpose16x16(v);
+        for (int j = 0; j < (two ? 16 : 8); j++)
+            _mm512_storeu_si512((void *)(dst + ((size_t)b * 8 + j) * 64), _mm512_xor_si512(v[j], flip));
+    }
+    for (int b = 0; b < nb; b++) {
+        /* the scale and the next 2 bytes (another scale or the first quants: inside the row) */
+        __m512i h = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, at, row + 2 * b, 1);
+        _mm512_storeu_ps(scales + (size_t)b * Q8_ROWS, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h)));
+    }
+}
+
+/* hsum16's tree over the 16 lane sums, 16 rows at once (lanes l + 8, then l + 4, l + 2,
+ * l + 1), to o[0 .. nr - 1]. */
+TILE_INLINE void store_rows16(float *o, int nr, __m512 acc[16]) {
+    UNROLL8
+    for (int l = 0; l < 8; l++) acc[l] = _mm512_add_ps(acc[l], acc[l + 8]);
+    UNROLL8
+    for (int l = 0; l < 4; l++) acc[l] = _mm512_add_ps(acc[l], acc[l + 4]);
+    acc[0] = _mm512_add_ps(acc[0], acc[2]);
+    acc[1] = _mm512_add_ps(acc[1], acc[3]);
+    _mm512_mask_storeu_ps(o, (__mmask16)((1u << nr) - 1), _mm512_add_ps(acc[0], acc[1]));
+}
+
+/* Block b of a token into the sums of lanes L0 .. L0 + 7 (L0 = 0 for even blocks, 8 odd). */
+TILE_INLINE void q8_0_block16(__m512 acc[16], const int L0, const unsigned char *pk, const float *scales, int b,
+                              const int8_t *xq, const int32_t *xc, const float *xs) {
+    const __m512 d = _mm512_mul_ps(_mm512_loadu_ps(scales + (size_t)b * Q8_ROWS), _mm512_set1_ps(xs[b]));
+    UNROLL8
+    for (int k = 0; k < 8; k++) {
+        int32_t x4;
+        memcpy(&x4, xq + (size_t)b * QK + 4 * k, 4);
+        __m512i p = _mm512_dpbusd_epi32(_mm512_set1_epi32(xc[(size_t)b * 8 + k]),
+                                        _mm512_loadu_si512((const void *)(pk + ((size_t)b * 8 + k) * 64)), _mm512_set1_epi32(x4));
+        acc[L0 + k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), d, acc[L0 + k]);
+    }
+}
+
+/* One token (xq, its offsets xc and scales xs) against a repacked group pk of nr rows:
+ * their nr sums to o[0 .. nr - 1]. */
+static void q8_0_rows16(float *o, int nr, const unsigned char *pk, int nb, const int8_t *xq, const int32_t *xc,
+                        const float *xs) {
+    const float *scales = (const float *)(pk + (size_t)nb * QK * Q8_ROWS);
+    __m512 acc[16];
+    UNROLL16
+    for (int l = 0; l < 16; l++) acc[l] = _mm512_setzero_ps();
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        q8_0_block16(acc, 0, pk, scales, b, xq, xc, xs);
+        q8_0_block16(acc, 8, pk, scales, b + 1, xq, xc, xs);
+    }
+    if (b < nb) q8_0_block16(acc, 0, pk, scales, b, xq, xc, xs);
+    store_rows16(o, nr, acc);
+}
+
+/* Blocks b0, b0 + 2, b0 + 4, ... (one parity: those of 8 of the 16 lanes) of two tokens
+ * into acc[t][0 .. 7], each repacked vector loaded once for both. */
+TILE_INLINE void q8_0_parity16x2(__m512 acc[2][8], const unsigned char *pk, const float *scales, int nb, int b0,
+                                 const int8_t *const xq[2], const int32_t *const xc[2], const float *const xs[2]) {
+    for (int b = b0; b < nb; b += 2) {
+        __m512 d[2];
+        UNROLL
+        for (int t = 0; t < 2; t++) d[t] = _mm512_mul_ps(_mm512_loadu_ps(scales + (size_t)b * Q8_ROWS), _mm512_set1_ps(xs[t][b]));
+        UNROLL8
+        for (int k = 0; k < 8; k++) {
+            __m512i w = _mm512_loadu_si512((const void *)(pk + ((size_t)b * 8 + k) * 64));
+            UNROLL
+            for (int t = 0; t < 2; t++) {
+                int32_t x4;
+                memcpy(&x4, xq[t] + (size_t)b * QK + 4 * k, 4);
+                __m512i p = _mm512_dpbusd_epi32(_mm512_set1_epi32(xc[t][(size_t)b * 8 + k]), w, _mm512_set1_epi32(x4));
+                acc[t][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), d[t], acc[t][k]);
+            }
+        }
+    }
+}
+
+/* q8_0_rows16 for two tokens: the even blocks' lanes first, then the odd ones' (each lane's
+ * sum is its own, so the order of the lanes does not matter), every repacked vector loaded
+ * once per pass for both tokens. */
+static void q8_0_rows16x2(float *const o[2], int nr, const unsigned char *pk, int nb, const int8_t *const xq[2],
+                          const int32_t *const xc[2], const float *const xs[2]) {
+    const float *scales = (const float *)(pk + (size_t)nb * QK * Q8_ROWS);
+    __m512 even[2][8], odd[2][8];
+    UNROLL
+    for (int t = 0; t < 2; t++)
+        UNROLL8
+        for (int k = 0; k < 8; k++) even[t][k] = odd[t][k] = _mm512_setzero_ps();
+    q8_0_parity16x2(even, pk, scales, nb, 0, xq, xc, xs);
+    q8_0_parity16x2(odd, pk, scales, nb, 1, xq, xc, xs);
+    UNROLL
+    for (int t = 0; t < 2; t++) {
+        __m512 acc[16];
+        UNROLL8
+        for (int k = 0; k < 8; k++) acc[k] = even[t][k], acc[8 + k] = odd[t][k];
+        store_rows16(o[t], nr, acc);
+    }
+}
+
+/* Whether a prompt of n tokens runs its q8_0 matmuls in q8_0_rows16 (then its x also gets
+ * the offsets): a prompt long enough, and a repacking slot for every thread. */
+static int q8_0_rows16_on(const Activations *a, int n) {
+    return n > 1 && n >= a->q8_min_tokens && a->repack && TEAM_SIZE() <= a->repack_slots;
+}
+
+/* Rows r0 .. r0 + nr - 1 of a q8_0 W against all n tokens: 16 rows repacked, then every
+ * token against them (the repacked rows stay in L2), then the next 16. */
+static void matmul_q8_0_rows16(float *out, int n, const Matrix *W, const Activations *a, int r0, int nr) {
+    const int rows = W->rows, cols = W->cols, nb = cols / QK;
+    const size_t rb = row_bytes(DT_Q8_0, cols);
+    unsigned char *pk = a->repack + (size_t)THREAD_NUM() * a->repack_bytes;
+    for (int g = 0; g < nr; g += Q8_ROWS) {
+        const int m = nr - g < Q8_ROWS ? nr - g : Q8_ROWS;
+        q8_0_repack16(pk, (const unsigned char *)W->data + (size_t)(r0 + g) * rb, rb, nb, m);
+        int t = 0;
+        for (; t + 2 <= n; t += 2) {
+            float *o[2] = {out + (size_t)t * rows + r0 + g, out + (size_t)(t + 1) * rows + r0 + g};
+            const int8_t *xq[2] = {a->xq + (size_t)t * cols, a->xq + (size_t)(t + 1) * cols};
+            const int32_t *xc[2] = {a->xq_corr + (size_t)t * (cols / 4), a->xq_corr + (size_t)(t + 1) * (cols / 4)};
+            const float *xs[2] = {a->xq_scale + (size_t)t * nb, a->xq_scale + (size_t)(t + 1) * nb};
+            q8_0_rows16x2(o, m, pk, nb, xq, xc, xs);
+        }
+        for (; t < n; t++)
+            q8_0_rows16(out + (size_t)t * rows + r0 + g, m, pk, nb, a->xq + (size_t)t * cols,
+                        a->xq_corr + (size_t)t * (cols / 4), a->xq_scale + (size_t)t * nb);
+    }
+}
+
 /* Rows r0 .. r0 + nr - 1 of W against all n tokens, as matmul_rows_avx2. */
 static void matmul_rows_avx512(float *out, const float *xin, int n, const Matrix *W, const Activations *a, int r0, int nr) {
     const int rows = W->rows, cols = W->cols, dtype = W->dtype, nb = cols / QK;
     const size_t rb = row_bytes(dtype, cols);
     const unsigned char *w = (const unsigned char *)W->data + (size_t)r0 * rb;
     float *o = out + r0;
+    if (dtype == DT_Q8_0 && q8_0_rows16_on(a, n)) {
+        matmul_q8_0_rows16(out, n, W, a, r0, nr);
+        return;
+    }
 #define TILE(NR_, NT_)                                                                                             \
     do {                                                                                                           \
         float *o_ = o + (size_t)t * rows;                                                                          \
@@ -1099,6 +1322,14 @@ static size_t kernels_setup(void *mem, const Config *c, int max_batch, int threa
     k->act_thread = carve(&cv, (size_t)threads, sizeof(Activations));
     k->share = carve(&cv, (size_t)threads * 8, sizeof(uint64_t));
     carve_activations(&cv, &k->act, (size_t)max_batch, widest);
+#ifdef GEMMA3_AVX512
+    if (max_batch > 1) { /* a slot per thread for a prompt's repacked q8_0 rows */
+        k->act.repack_bytes = (Q8_REPACK_BYTES(widest) + 63) / 64 * 64;
+        k->act.repack_slots = threads;
+        k->act.q8_min_tokens = Q8_MIN_TOKENS;
+        k->act.repack = carve(&cv, (size_t)threads, k->act.repack_bytes);
+    }
+#endif
     for (int i = 0; i < threads; i++) {
         Activations ignored;
         carve_activations(&cv, k->act_thread ? &k->act_thread[i] : &ignored, 1, widest);
@@ -1145,7 +1376,16 @@ static int kernels_matmul(void *kernels, float *const out[], const Matrix *const
         a = own;
     } else {
         FOR /* a prompt: x prepared by all the threads */
-        for (job = 0; job < n * pieces; job++) prepare_piece(&ks->act, x, job / pieces, job % pieces, W[0], level);
+        for (job = 0; job < n * pieces; job++) {
+            prepare_piece(&ks->act, x, job / pieces, job % pieces, W[0], level);
+#ifdef GEMMA3_AVX512
+            if (level == 2 && W[0]->dtype == DT_Q8_0 && q8_0_rows16_on(&ks->act, n)) {
+                const size_t at = (size_t)(job / pieces) * W[0]->cols + (size_t)(job % pieces) * PIECE;
+                const int len = W[0]->cols - (job % pieces) * PIECE < PIECE ? W[0]->cols - (job % pieces) * PIECE : PIECE;
+                q8_0_offsets512(ks->act.xq_corr + at / 4, ks->act.xq + at, len);
+            }
+#endif
+        }
     }
     const float *xin = W[0]->dtype == DT_BF16 ? a->xperm : x; /* what the float tiles read */
     if (decode && first[count] < SHARE_MAX) { /* decode's jobs, shared out */

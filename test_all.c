@@ -719,6 +719,29 @@ static void test_kernels(void) {
                   name, worst, scale);
             CHECK(same, "%s %s: a batch of %d tokens is not bit-identical to one token at a time", levels[level], name, NT);
         }
+#if defined(GEMMA3_AVX512)
+        if (dt == DT_Q8_0) { /* the 16-row repacked prompt tiles, from 2 tokens on: odd counts, and 37 = 2 x 16 + 5 rows */
+            Kernels *ks = s.kernels;
+            set_kernel_level(&s, 2);
+            ks->act.q8_min_tokens = 2;
+            const int counts[] = {NT, 3, 2};
+            for (size_t c = 0; c < sizeof counts / sizeof counts[0]; c++) {
+                int n = counts[c], same = 1;
+                matmul(y, x, n, &W, &s);
+                double worst = 0, scale = 0;
+                for (int k = 0; k < n * ROWS; k++) { worst = fmax(worst, fabs(y[k] - y_ref[k])); scale = fmax(scale, fabs(y_ref[k])); }
+                for (int t = 0; t < n; t++) {
+                    matmul(y1, x + (size_t)t * cols, 1, &W, &s);
+                    same &= memcmp(y1, y + (size_t)t * ROWS, sizeof y1) == 0;
+                }
+                printf("  AVX-512 q8_0 16-row tiles %3d x %3d, %d tokens: max|diff| %.3g of max %.3g; batch == one by one: %s\n",
+                       ROWS, cols, n, worst, scale, same ? "yes" : "NO");
+                CHECK(scale > 0 && worst <= 1e-5 * scale, "q8_0 16-row tiles differ from the plain loops by %g (max %g)", worst, scale);
+                CHECK(same, "q8_0 16-row tiles: a batch of %d tokens is not bit-identical to one token at a time", n);
+            }
+            ks->act.q8_min_tokens = Q8_MIN_TOKENS;
+        }
+#endif
         free_run_state(&s);
     }
 }
@@ -910,6 +933,15 @@ static void test_quantized(void) {
     CHECK(run("./gemma3 " BUILD "/qmed-f32.bin --logits " BUILD "/qmed.tokens " BUILD "/qmed-f32.logits") == 0, "qmed f32 logits");
     check_quantized("random 4-layer d=256 q8_0 vs f32", BUILD "/qmed-q8_0.bin", BUILD "/qmed.tokens", BUILD "/qmed-f32.logits", 0.05, 0.95);
     check_quantized("random 4-layer d=256 q4_0 vs f32", BUILD "/qmed-q4_0.bin", BUILD "/qmed.tokens", BUILD "/qmed-f32.logits", 0.50, 0.80);
+    /* a 64-token quantized prompt in one batch (the q8_0 16-row tiles with AVX-512) == token by token, to the bit */
+    for (int i = 1; i < 3; i++) {
+        char what[64], bin[128], logits[128];
+        snprintf(what, sizeof what, "qmed %s batched --logits == token-by-token", types[i]);
+        snprintf(bin, sizeof bin, BUILD "/qmed-%s.bin", types[i]);
+        snprintf(logits, sizeof logits, BUILD "/qmed-%s.logits", types[i]);
+        CHECK(run("./gemma3 %s --logits " BUILD "/qmed.tokens %s", bin, logits) == 0, "qmed %s logits", types[i]);
+        check_logits(what, bin, BUILD "/qmed.tokens", logits, 0.0);
+    }
 }
 
 /* GGUF's blocks (dtype DT_GGML + t, gguf_blocks.c) in the plain loops: each type's integer

@@ -70,6 +70,17 @@
 #            probes' medians beside its bandwidth. Runs during which the hypervisor took
 #            over 1 % of the CPU time away (/proc/stat steal) are logged as disturbed and
 #            left out of the median (counted under the table), unless all of them were.
+#   peak     tools/peak.c runs once before the formats: each kind of vector multiply-add
+#            the CPU has (f32 FMA, bf16 dot, int8 dot), on all threads, in multiply-adds
+#            per second (one product added to a sum). A second table gives each prefill
+#            as a share of the peak of the arithmetic its format's matmuls use: f32 the
+#            best f32 FMA kind, bf16 the bf16 dot where the CPU has one (else the FMA),
+#            q8_0 and q4_0 the best int8 kind. Multiply-adds per token are those of the
+#            layers' matrices, rows x columns of each (the header's shape: q, k, v, o,
+#            gate, up, down, times the layers), i.e. one per weight: no attention scores
+#            or values (which grow with the position), norms, embedding or classifier
+#            (a prompt's positions but the last skip it). So the share understates the
+#            arithmetic done, more so for long prompts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -140,6 +151,12 @@ case "$build" in OpenMP) ;; *) say "warning: $GEMMA3 is a build with $build" ;; 
 # cache line, and read 10-14 % less than this one when the memory ran at ~88 GB/s (the
 # same at ~50): the limit has to be what the machine can read, not what a slow loop reads.
 # OpenMP like gemma3; without it, one thread (said in the header).
+# The arithmetic peak probe (tools/peak.c): no -march, it picks its instructions at run time.
+peak=$work/peak
+if ! ${CC:-cc} -O2 -fopenmp -o "$peak" tools/peak.c 2>"$work/cc-peak.log"; then
+    ${CC:-cc} -O2 -o "$peak" tools/peak.c || die "cannot build tools/peak.c"
+fi
+
 membw=$work/membw
 membw_note=""
 membw_flags="-O3"
@@ -209,6 +226,32 @@ with open(sys.argv[1], "rb") as f:
 total = sum(struct.unpack_from("<Q", d, 104 * i + 96)[0] for i in range(n_tensors))
 print(total)
 PY
+}
+
+# matmul_macs FILE: multiply-adds per token in the layers' matrices (one per weight of q, k,
+# v, o, gate, up and down), from the header's shape (FORMAT.md).
+matmul_macs() {
+    python3 - "$1" <<'PY'
+import struct, sys
+with open(sys.argv[1], "rb") as f:
+    h = f.read(128)
+if len(h) < 128 or h[:4] != b"GM3C":
+    sys.exit("not a gemma3.c model file: " + sys.argv[1])
+dim, hidden, layers, heads, kv, hd = struct.unpack_from("<6I", h, 20)
+print(layers * (2 * dim * heads * hd + 2 * dim * kv * hd + 3 * dim * hidden))
+PY
+}
+
+# peak_of FMT: the peak (G multiply-adds/s) of the arithmetic FMT's matmuls use, and its
+# name, from tools/peak.c's lines in $work/peak.txt; nothing if the probe has no such kind.
+peak_of() {
+    local pat
+    case "$1" in
+        f32) pat='^peak: f32 ' ;;
+        bf16) if grep -q '^peak: bf16 ' "$work/peak.txt"; then pat='^peak: bf16 '; else pat='^peak: f32 '; fi ;;
+        *) pat='^peak: int8 ' ;;
+    esac
+    grep "$pat" "$work/peak.txt" | sed 's/^peak: \(.*\): \([0-9.]*\) G.*/\2 \1/' | sort -g -r | head -n 1
 }
 
 # steal_ms: CPU time the hypervisor gave other guests (/proc/stat "steal", all CPUs), in ms
@@ -482,6 +525,7 @@ $fmt: $DEC_DISTURBED of $REPEAT decode runs lost over 1 % of their CPU time to t
         fi
     fi
     wlist="$wlist $fmt $(fmt_gb "$wbytes"),"
+    peak_row "$fmt" "$out" "$cells"
     [ "$FILL_CONTEXT" -gt 0 ] && fill_context "$fmt" "$out"
     if [ "$MAJFLT" -gt 1000 ]; then
         say "  warning: $MAJFLT major page faults: parts of the model were read from disk"
@@ -489,6 +533,20 @@ $fmt: $DEC_DISTURBED of $REPEAT decode runs lost over 1 % of their CPU time to t
 Warning: the $fmt runs had $MAJFLT major page faults (model pages read from disk, not memory: memory pressure?); its numbers are pessimistic."
     fi
     measured=$((measured + 1))
+}
+
+# peak_row FMT FILE CELLS: a row of the peak table: FMT's prefill rates (CELLS, as in the
+# main table) as shares of its arithmetic's peak.
+peak_row() {
+    local macs pk kind row="" c tps
+    macs=$(matmul_macs "$2") || return 0
+    read -r pk kind < <(peak_of "$1") || true
+    [ -n "${pk:-}" ] || { echo "| $1 | no peak measured | | |" >>"$peak_rows"; return 0; }
+    for c in $(echo "$3" | tr -d ' ' | tr '|' ' '); do
+        tps=${c%%(*}
+        case "$tps" in ''|n/a) row="$row n/a |" ;; *) row="$row $(calc "\"%.1f %%\", 100 * $tps * $macs / ($pk * 1e9)") |" ;; esac
+    done
+    echo "| $1 | $kind | $pk | $(calc "\"%.1f M\", $macs / 1e6") |$row" >>"$peak_rows"
 }
 
 # fill_context FMT FILE: one run with -c FILL_CONTEXT and a prompt that fills it but for 8
@@ -515,7 +573,12 @@ fill_context() {
 load0=$(cut -d ' ' -f 1-3 /proc/loadavg 2>/dev/null || echo "?")
 rows=$work/rows.md
 fill_rows=$work/fill-rows.md
+peak_rows=$work/peak-rows.md
 : >"$rows"
+: >"$peak_rows"
+say "arithmetic peak: $peak (each kind of multiply-add, all threads)"
+"$peak" >"$work/peak.txt" 2>"$work/peak.err" || say "tools/peak.c failed: $(tail -n 1 "$work/peak.err")"
+sed 's/^/  /' "$work/peak.txt" >&2
 : >"$fill_rows"
 wlist=""
 hlist=""
@@ -544,6 +607,14 @@ for t in $PREFILL; do hdr_prefill="$hdr_prefill prefill $t tok/s |"; done
     [ "$measured" = 0 ] ||
     echo "Limit = the decode run's bandwidth (the better of tools/membw.c's best right before and right after it) / weights read per token (sum of the tensor sizes:${wlist%,}); of $REPEAT run(s), the median by that share is shown. Median: the mean of all the format's probes' medians."
     echo "Peak RSS ($rss_tool) includes the touched pages of the mmap'd model file. Each file is read into the page cache afresh before its runs; the share of it that maps in 2 MiB pages (as the probe's array):${hlist%,}.$notes"
+    if [ -s "$peak_rows" ]; then
+        echo
+        echo "Prefill as a share of the arithmetic peak (tools/peak.c, all threads, measured once before the formats: $(sed 's/^peak: //; s/ multiply-adds\/s.*//' "$work/peak.txt" | tr '\n' ';' | sed 's/;$//; s/;/; /g')). Multiply-adds per token: one per weight of the layers' matrices (q, k, v, o, gate, up, down); attention's own products, which grow with the position, are not counted."
+        echo
+        echo "| format | arithmetic | peak G multiply-adds/s | multiply-adds per token |$(for t in $PREFILL; do printf ' prefill %s: %% of peak |' "$t"; done)"
+        echo "|---|---|---:|---:|$(for t in $PREFILL; do printf -- '---:|'; done)"
+        cat "$peak_rows"
+    fi
     if [ -s "$fill_rows" ]; then
         echo
         echo "Whole context in use (FILL_CONTEXT): one run each, the prompt filling -c but for 8 tokens, then 2 generated."
