@@ -1594,8 +1594,8 @@ static void vision_attention(VisionState *vs, const struct VisionConfig *v) {
     const float scale = 1.0f / sqrtf((float)hd);
     int job;
     FOR
-    for (job = 0; job < N * v->n_heads; job++) {
-        int i = job / v->n_heads, h = job % v->n_heads;
+    for (job = 0; job < N * v->n_heads; job++) { /* head-major: a thread's queries of one head share its keys in cache */
+        int h = job / N, i = job % N;
         float *att = vs->att + (size_t)THREAD_NUM() * N;
         const float *q = vs->q + (size_t)i * D + h * hd;
         for (int j = 0; j < N; j++) att[j] = dot_f32(vs->k + (size_t)j * D + h * hd, q, hd) * scale;
