@@ -105,6 +105,10 @@ refused "--dump-hidden onto --logits' .partial" same6 "$W/new.f32.partial is whe
 cp "$model" "$W/q.bin.partial"
 R same7 ./gemma3 "$W/q.bin.partial" --quantize q8_0 "$W/q.bin"
 refused "--quantize OUT of the model OUT.partial" same7 "$W/q.bin.partial, where $W/q.bin is written first, is the model file itself"
+printf 'P6\n2 2\n255\nabcdefghijkl' > "$W/img.ppm"
+R same8 ./gemma3 "$W/m.bin" --logits "$W/ids.txt" "$W/img.ppm" --image "$W/img.ppm"
+refused "--logits onto its --image file" same8 "$W/img.ppm is the image file itself"
+check "... the image left whole" bash -c '[ "$(cat "$1")" = "$(printf "P6\n2 2\n255\nabcdefghijkl")" ]' _ "$W/img.ppm"
 check "the refused runs wrote nothing and left the inputs whole" \
     bash -c 'cmp "$1/ids.txt" "$2" && cmp "$1/m.bin" "$3" && cmp "$1/q.bin.partial" "$3" && [ -p "$1/fifo" ] &&
         [ ! -e "$1/new.f32" ] && [ ! -e "$1/q.bin" ] && [ ! -e "$1/out.f32" ] && ! ls "$1" | grep -q "f32.partial"' \

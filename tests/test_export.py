@@ -423,6 +423,12 @@ def outputs():
               and all(open(p, "rb").read() == b for p, b in sums.items()),
               f"the output is {what}: refused with --force too, nothing written", err.strip())
     check(open(g, "rb").read() == before, "the GGUF input is unchanged")
+    mm = os.path.join(d, "mmproj.gguf")  # any file: the output check comes before reading it
+    with open(mm, "wb") as f:
+        f.write(b"GGUF-not-really")
+    rc, _, err = export(g, mm, "--force", "--mmproj", mm)
+    check(rc == 1 and "is the input" in err and "refusing to overwrite" in err and open(mm, "rb").read() == b"GGUF-not-really",
+          "the output is the --mmproj file: refused with --force too, nothing written", err.strip())
 
 
 def held_lock(path):
