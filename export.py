@@ -899,11 +899,23 @@ def special_ids(special, cfg, vocab):
     return ids
 
 
+def check_tensor_count(found, n_layers):
+    """Too few tensors for the layer count: say so (naming the first missing one) before
+    anything walks the layers."""
+    if len(found) < 2 + 13 * n_layers:
+        names = (n for i in range(-1, n_layers + 1) for n in
+                 (["embed_tokens.weight"] if i < 0 else ["norm.weight"] if i == n_layers else
+                  [f"layers.{i}.{t}" for t, _ in LAYER_TENSORS]))
+        raise ExportError(f"missing tensor {next((n for n in names if n not in found), '?')!r} (num_hidden_layers "
+                          f"{n_layers} needs {2 + 13 * n_layers} tensors, the checkpoint has {len(found)})")
+
+
 def load_hf(hf_dir, dtype_name, quant=None, quiet=True, text_only=False):
     cfg = read_config(hf_dir)
     if quant:
         check_quantizable(cfg, quant, os.path.join(hf_dir, "config.json"))
     found = find_tensors(hf_dir)
+    check_tensor_count(found, cfg["num_hidden_layers"])  # (before any per-layer work: a huge layer count)
     packed_types = mlx_matrices(hf_dir, cfg, found)  # MLX's packed matrices: their scales and biases leave found
     # A stored classifier: Hugging Face's is tied to the embedding whatever it holds (Gemma 3's
     # config ties them), but mlx_lm and mlx-vlm compute the logits with it when it is there.
@@ -915,13 +927,7 @@ def load_hf(hf_dir, dtype_name, quant=None, quiet=True, text_only=False):
         if quant:
             print(f"note: the checkpoint is already quantized: {quant} quantizes its dequantized values again, and "
                   "the errors add up; --dtype f32 keeps the checkpoint's own values", file=sys.stderr)
-    n_layers = cfg["num_hidden_layers"]
-    if len(found) < 2 + 13 * n_layers:  # too few tensors for the layer count: say so before listing them all
-        names = (n for i in range(-1, n_layers + 1) for n in
-                 (["embed_tokens.weight"] if i < 0 else ["norm.weight"] if i == n_layers else
-                  [f"layers.{i}.{t}" for t, _ in LAYER_TENSORS]))
-        raise ExportError(f"missing tensor {next((n for n in names if n not in found), '?')!r} (num_hidden_layers "
-                          f"{n_layers} needs {2 + 13 * n_layers} tensors, the checkpoint has {len(found)})")
+    check_tensor_count(found, cfg["num_hidden_layers"])
     wanted = expected_tensors(cfg)
     wanted_names = {n for n, _ in wanted}
     for name in found:
