@@ -225,7 +225,7 @@ def check_config(cfg, where, names=None):
             raise ExportError(f"{where}: {key(k)} is {short(v)}, not a finite number")
         try:
             v32 = struct.unpack("<f", struct.pack("<f", v))[0]
-        except OverflowError:
+        except (OverflowError, struct.error):  # (an int past 2^1024 is a struct.error)
             v32 = math.inf
         if not (math.isfinite(v32) and (v32 >= lowest if lowest is not None else v32 > 0)):
             raise ExportError(f"{where}: {key(k)} {v} is out of range "
@@ -690,7 +690,11 @@ def transposed(data, rows, cols, elem):
 def vision_tensors(hf_dir, vc, text_hidden, out_dtype):
     """The tower's and projector's tensors as the writer takes them (see Source)."""
     found = find_vision_tensors(hf_dir)
-    wanted = expected_vision_tensors(vc, text_hidden)
+    # too few tensors for the layer count (7 + 16 a layer): name the first missing one from
+    # as many layers as the tensors could fill, not from a huge config's whole list
+    few = dict(vc, num_hidden_layers=min(vc["num_hidden_layers"], len(found) // 16 + 2))
+    wanted = expected_vision_tensors(vc if few == vc or len(found) >= 7 + 16 * vc["num_hidden_layers"] else few,
+                                     text_hidden)
     names = {n for n, _, _ in wanted}
     for name in found:
         if name not in names:
