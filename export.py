@@ -1259,15 +1259,19 @@ def catch_stop_signals():
 def export(src_path, out, dtype_name, quiet=False, text_only=False, mmproj=None):
     """f32 / bf16: the checkpoint written straight into the output (its temporary file, or
     the FIFO or device), then put in place."""
-    src = load(src_path, dtype_name, quiet, text_only=text_only, mmproj=mmproj)
+    write_into(out, load(src_path, dtype_name, quiet, text_only=text_only, mmproj=mmproj), dtype_name, quiet)
+    out.finish()
+
+
+def write_into(out, src, dtype_name, quiet, label=None):
+    """write_model into the output's stream (its temporary file, or the FIFO or device)."""
     try:
         raw = out.open_stream()
     except BaseException:
         src.close()
         raise
     with raw:
-        write_model(src, raw, out.name, dtype_name, quiet)
-    out.finish()
+        write_model(src, raw, out.name, dtype_name, quiet, label)
 
 
 def build_with_make(target, why, quiet, refresh=False):
@@ -1299,14 +1303,8 @@ def export_quantized(src_path, out, dtype_name, quiet, text_only=False, mmproj=N
     else:
         lossless = "f32"  # a GGUF's dequantized values are float32; bf16 would round them
     engine = build_with_make("gemma3", "it does the quantization", quiet)
-    src = load(src_path, lossless, quiet, dtype_name, text_only, mmproj)
-    try:
-        raw = out.open_stream()
-    except BaseException:
-        src.close()
-        raise
-    with raw:
-        write_model(src, raw, out.name, lossless, quiet, label=f"step 1 of 2, {lossless} export")
+    write_into(out, load(src_path, lossless, quiet, dtype_name, text_only, mmproj), lossless, quiet,
+               label=f"step 1 of 2, {lossless} export")
     quantize_file(engine, out.tmp, out.qtmp, dtype_name, out.name, lossless, quiet)
     out.finish(out.qtmp)
     if not quiet:
