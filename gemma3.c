@@ -28,6 +28,9 @@
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
 #define _POSIX_C_SOURCE 200809L
 #define _DEFAULT_SOURCE /* glibc: also declare MADV_HUGEPAGE (used where it exists) */
+#if defined(__linux__)
+#define _GNU_SOURCE /* O_TMPFILE (used where it exists) */
+#endif
 #endif
 #define _FILE_OFFSET_BITS 64 /* 32-bit hosts: stat and map files over 2 GiB */
 #include <ctype.h>
@@ -3200,11 +3203,12 @@ static void usage(FILE *f) {
         "  -h, --help           this help\n"
         "\n"
         "files: an output is written as OUT.partial and renamed to OUT when whole (through a\n"
-        "  symlink to its target); a FIFO or character device is written as a stream. Refused:\n"
-        "  an output that is an input or the other output, --quantize over a non-model file.\n"
-        "  Errors, SIGINT, SIGTERM and SIGHUP remove OUT.partial (exit 128 + signal); after a\n"
-        "  SIGKILL the same command run again replaces it. Text inputs (-p, -f, --perplexity,\n"
-        "  a --chat line, stdin, a --logits file): at most 64 MiB each.\n"
+        "  symlink to its target); a FIFO or character device, or - (stdout), is written as a\n"
+        "  stream. Refused: an output that is an input or the other output, --quantize over a\n"
+        "  non-model file. Errors, SIGINT, SIGTERM and SIGHUP remove OUT.partial (exit 128 +\n"
+        "  signal); a SIGKILL leaves at most one (Linux; elsewhere --logits with --dump-hidden\n"
+        "  may leave two), which the same command run again replaces. Text inputs (-p, -f,\n"
+        "  --perplexity, a --chat line, stdin, a --logits file): at most 64 MiB each.\n"
         "\n"
         "threads: set OMP_NUM_THREADS. Model files are made by export.py (see README.md).\n");
 }
@@ -3317,14 +3321,17 @@ typedef struct {
  * else. A regular file, or a new name, is written as TARGET.partial in its directory and
  * renamed to TARGET when whole, TARGET being the file a symlink leads to (the link stays a
  * link). A FIFO or character device is written in place, as a stream. Anything else is
- * refused, and so is an output that is an input of the run or another output. A run that
- * fails, or gets SIGINT, SIGTERM or SIGHUP, removes its .partial files (and exits with
- * status 128 + the signal); one killed outright leaves them, and the same command run
- * again replaces them. */
+ * refused, and so is an output that is an input of the run or another output. "-" is
+ * stdout, a stream. A run that fails, or gets SIGINT, SIGTERM or SIGHUP, removes its
+ * .partial files (and exits with status 128 + the signal); one killed outright leaves at
+ * most one (--dump-hidden's, beside --logits', is written with no name until the first
+ * is in place, where the system can: Linux's O_TMPFILE), and the same command run again
+ * replaces it. */
 typedef struct {
     const char *name; /* as given (for messages) */
-    char *target;     /* the file it names: symlinks followed, in a canonical directory */
+    char *target;     /* the file it names: symlinks followed, in a canonical directory ("-": stdout) */
     char *partial;    /* target.partial, written first (NULL for a stream) */
+    int unnamed;      /* the .partial is written as a file with no name yet (O_TMPFILE) */
     int exists;       /* the target exists, as st */
     struct stat st;
     FILE *f;
@@ -3381,6 +3388,11 @@ static char *output_target(const char *path) {
 static void plan_output(int slot, const char *name, int is_model) {
     Output *o = &g_out[slot];
     o->name = name;
+    if (!strcmp(name, "-")) { /* stdout, as it is */
+        if (!(o->target = dup_bytes(name, 1))) die("out of memory");
+        o->exists = fstat(STDOUT_FILENO, &o->st) == 0;
+        return;
+    }
     if (!(o->target = output_target(name))) die("cannot write %s: %s", name, strerror(errno));
     o->exists = stat(o->target, &o->st) == 0;
     if (o->exists && S_ISDIR(o->st.st_mode)) die("%s is a directory: give a file name", name);
@@ -3458,6 +3470,37 @@ static void catch_fatal_signals(void) {
         if (signal(sigs[i], on_fatal_signal) == SIG_IGN) signal(sigs[i], SIG_IGN); /* nohup, background jobs */
 }
 
+/* A second .partial, as a file in its directory that has no name yet (named in
+ * finish_outputs, once the first output is in place), or -1 where the system cannot. */
+static int open_unnamed(Output *o) {
+#ifdef O_TMPFILE
+    char *slash = strrchr(o->target, '/');
+    *slash = 0; /* (target is absolute) */
+    int fd = open(slash == o->target ? "/" : o->target, O_TMPFILE | O_WRONLY, 0666);
+    *slash = '/';
+    o->unnamed = fd >= 0;
+    return fd;
+#else
+    (void)o;
+    return -1;
+#endif
+}
+
+/* Give the unnamed file of output o its .partial name (Linux: a link to /proc's name of
+ * the open file; as root, to the descriptor itself). */
+static void name_unnamed(Output *o) {
+#ifdef O_TMPFILE
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fileno(o->f));
+    if (linkat(AT_FDCWD, path, AT_FDCWD, o->partial, AT_SYMLINK_FOLLOW) != 0 &&
+        linkat(fileno(o->f), "", AT_FDCWD, o->partial, AT_EMPTY_PATH) != 0)
+        die("cannot write %s: %s (giving its finished file a name)", o->name, strerror(errno));
+    g_partial[o - g_out] = o->partial;
+#else
+    (void)o;
+#endif
+}
+
 /* Open output `slot` for writing: its .partial (a stale one from a killed run is removed
  * first, and nothing at that name is followed) with the mode of the file it replaces, or
  * the stream itself. */
@@ -3466,13 +3509,16 @@ static FILE *open_output(int slot) {
     int fd;
     catch_fatal_signals();
     if (o->partial) {
-        g_partial[slot] = o->partial;
         if (unlink(o->partial) != 0 && errno != ENOENT) die("cannot write %s: %s", o->partial, strerror(errno));
-        fd = open(o->partial, O_WRONLY | O_CREAT | O_EXCL, 0666);
+        fd = slot == 1 && g_out[0].partial ? open_unnamed(o) : -1;
+        if (fd < 0) {
+            g_partial[slot] = o->partial;
+            fd = open(o->partial, O_WRONLY | O_CREAT | O_EXCL, 0666);
+        }
         if (fd >= 0 && o->exists) (void)fchmod(fd, o->st.st_mode & 07777);
     } else {
         signal(SIGPIPE, SIG_IGN); /* a reader that goes away is a write error, reported, not a silent death */
-        fd = open(o->target, O_WRONLY);
+        fd = !strcmp(o->target, "-") ? dup(STDOUT_FILENO) : open(o->target, O_WRONLY);
     }
     if (fd < 0 || !(o->f = fdopen(fd, "wb"))) die("cannot write %s: %s", o->name, strerror(errno));
     /* Write in whole 4 MiB pieces at 4 MiB offsets (stdio writes a full buffer at once):
@@ -3488,18 +3534,19 @@ static FILE *open_output(int slot) {
 static void write_failed(int slot) { die("cannot write %s: %s", g_out[slot].name, strerror(errno)); }
 
 /* The outputs are written: flush them all, then give each its name (none is renamed if
- * another could not be written). */
+ * another could not be written). An unnamed .partial gets its name after the other output
+ * is in place. */
 static void finish_outputs(void) {
     for (int i = 0; i < 2; i++) {
         Output *o = &g_out[i];
-        if (!o->f) continue;
-        int bad = fflush(o->f) != 0 || ferror(o->f);
-        if (fclose(o->f) != 0 || bad) write_failed(i);
-        o->f = NULL;
-        free(o->buf);
+        if (o->f && (fflush(o->f) != 0 || ferror(o->f))) write_failed(i);
     }
     for (int i = 0; i < 2; i++) {
         Output *o = &g_out[i];
+        if (o->unnamed) name_unnamed(o);
+        if (o->f && fclose(o->f) != 0) write_failed(i);
+        o->f = NULL;
+        free(o->buf);
         if (o->partial && rename(o->partial, o->target) != 0) write_failed(i);
         g_partial[i] = NULL;
         free(o->partial);
@@ -3572,6 +3619,7 @@ static void parse_args(Options *o, int argc, char **argv) {
     if (o->system_prompt && !o->chat) die("--system goes with --chat");
     if (o->n_images && !o->chat && !o->prompt && !o->logits_in) die("--image goes with -p, -f, --logits or --chat");
     if (o->n_images && o->hidden_out) die("--dump-hidden does not take --image");
+    if (o->top_n && o->logits_out && !strcmp(o->logits_out, "-")) die("--top prints on stdout: give --logits a file, not -");
     const char *outputs[2] = {o->quant_out ? o->quant_out : o->logits_out, o->hidden_out};
     /* the inputs no output may be: the model, the token file, the text file, each image */
     const char **inputs = malloc((4 + (size_t)o->n_images) * sizeof *inputs);

@@ -80,6 +80,22 @@ R qfifo ./gemma3 "$model" --quantize q8_0 "$W/fifo"
 wait $!
 check "--quantize into a FIFO: the same bytes as into a file" \
     bash -c '[ "$1" -eq 0 ] && [ -p "$2/fifo" ] && cmp "$2/from-fifo" "$2/ref-q8.bin"' _ "$rc" "$W"
+# - is stdout, a stream (what export.py's quantizing step writes into its temporary file)
+R qdash ./gemma3 "$model" --quantize q8_0 -
+check "--quantize q8_0 -: the model on stdout, the same bytes as into a file" \
+    bash -c '[ "$1" -eq 0 ] && cmp "$2/qdash.out" "$2/ref-q8.bin" && [ ! -e "$2/-" ]' _ "$rc" "$W"
+R ldash ./gemma3 "$model" --logits "$ids" - --dump-hidden "$W/dash.hid"
+check "--logits IDS - --dump-hidden FILE: logits on stdout, the dump in its file" \
+    bash -c '[ "$1" -eq 0 ] && cmp "$2/ldash.out" "$2/ref.f32" && cmp "$2/dash.hid" "$2/ref.hid"' _ "$rc" "$W"
+R topdash ./gemma3 "$model" --logits "$ids" - --top 3
+refused "--logits IDS - with --top (both on stdout)" topdash "--top prints on stdout: give --logits a file, not -"
+R twodash ./gemma3 "$model" --logits "$ids" - --dump-hidden -
+refused "--logits - --dump-hidden -" twodash "--logits and --dump-hidden both write -"
+cp "$model" "$W/m-out.bin"
+rc=0
+timeout 60 ./gemma3 "$W/m-out.bin" --quantize q8_0 - >> "$W/m-out.bin" 2> "$W/appendself.err" || rc=$?
+refused "--quantize - appended to the model itself" appendself "- is the model file itself"
+check "... and the model is left whole" cmp "$W/m-out.bin" "$model"
 head -c 100 "$W/fifo" > /dev/null &
 R epipe ./gemma3 "$model" --logits "$ids" "$W/fifo"
 wait $!
@@ -201,17 +217,32 @@ quantize_signalled() { # SIGNAL WANT_RC
 }
 check "SIGINT during --quantize: OUT.partial removed, exit 130" quantize_signalled INT 130
 check "SIGTERM during --quantize: OUT.partial removed, exit 143" quantize_signalled TERM 143
-# SIGKILL: exactly one temp file, OUT.partial, which the same command run again replaces
-stalled ready 0 "$W/o.f32.partial" "$model" --logits "$ids" "$W/o.f32" --dump-hidden "$W/fifo"
-kill -9 "${pids[1]}" 2>/dev/null
-wait "${pids[1]}" 2>/dev/null
-kill "${pids[0]}" 2>/dev/null
-wait "${pids[0]}" 2>/dev/null
+# SIGKILL: at most one temp file, OUT.partial, which the same command run again replaces.
+# Both outputs are files here (--dump-hidden's is written with no name until --logits' is
+# in place: Linux's O_TMPFILE); the run is held up by --top's table on a FIFO nobody reads.
+rm -f "$W"/*.partial "$W/o.f32" "$W/o.hid"
+sleep 300 < "$W/fifo" &
+reader=$!
+./gemma3 "$model" --logits "$ids" "$W/o.f32" --dump-hidden "$W/o.hid" --top 512 > "$W/fifo" 2> "$W/kill.err" &
+pid=$!
+pids=("$reader" "$pid")
+for i in $(seq 1 600); do [ -e "$W/o.f32.partial" ] && break; sleep 0.05; done
+sleep 0.3 # (stalled on the FIFO now: its 40 positions' tables are far more than a pipe holds)
+partials_before=$(ls "$W" | grep -c partial)
+kill -9 "$pid" 2>/dev/null
+wait "$pid" 2>/dev/null
+kill "$reader" 2>/dev/null
+wait "$reader" 2>/dev/null
 pids=()
-check "SIGKILL leaves one temp file, OUT.partial" bash -c '[ "$(ls "$1" | grep -c partial)" -eq 1 ] && [ -e "$1/o.f32.partial" ]' _ "$W"
+if [ "$(uname -s)" = Linux ]; then
+    check "SIGKILL with two file outputs leaves one temp file, OUT.partial" \
+        bash -c '[ "$2" -eq 1 ] && [ "$(ls "$1" | grep -c partial)" -eq 1 ] && [ -e "$1/o.f32.partial" ]' _ "$W" "$partials_before"
+else
+    echo "# SIGKILL with two file outputs: $(ls "$W" | grep -c partial) temp files (one is Linux's O_TMPFILE)"
+fi
 R again ./gemma3 "$model" --logits "$ids" "$W/o.f32" --dump-hidden "$W/o.hid"
 check "the same command again replaces it: whole outputs, no .partial" \
-    bash -c '[ "$1" -eq 0 ] && cmp "$2/o.f32" "$2/ref.f32" && ! ls "$2" | grep -q partial' _ "$rc" "$W"
+    bash -c '[ "$1" -eq 0 ] && cmp "$2/o.f32" "$2/ref.f32" && cmp "$2/o.hid" "$2/ref.hid" && ! ls "$2" | grep -q partial' _ "$rc" "$W"
 
 # --- inputs ----------------------------------------------------------------------------
 # an endless input: `yes` into a FIFO, until gemma3 stops reading it (SIGPIPE ends `yes`)
