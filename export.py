@@ -802,22 +802,30 @@ def tokenizer_section(pieces, types, added, merges):
     if n_tokens > MAX_TOKENS or len(merges) // 3 > MAX_MERGES:
         raise ExportError(f"the tokenizer has {n_tokens} tokens and {len(merges) // 3} merges; gemma3 reads at most "
                           f"{MAX_TOKENS} and {MAX_MERGES}")
+    # Work per piece, not per id: ids without a piece (a sparse vocabulary, or one added
+    # token with a huge id) are runs of equal offsets and zero types, filled a run at a time.
     blob = bytearray()
-    offsets = [0]
-    for i in range(n_tokens):
+    offsets = array.array("I", bytes(4 * (n_tokens + 1)))
+    kinds = bytearray(n_tokens)
+    done = 0  # offsets[0 .. done] are set
+    for i in sorted(pieces):
+        offsets[done + 1:i + 1] = array.array("I", [len(blob)]) * (i - done)
         try:
-            blob += pieces.get(i, "").encode("utf-8")
+            blob += pieces[i].encode("utf-8")
         except UnicodeEncodeError:
             raise ExportError(f"token {i} {short(pieces[i])} is not valid UTF-8 (a lone surrogate)")
-        offsets.append(len(blob))
+        offsets[i + 1] = len(blob)
+        kinds[i] = types.get(i, 0)
+        done = i + 1
     if sys.byteorder == "big":
         merges = array.array("I", merges)
         merges.byteswap()
+        offsets.byteswap()
     out = bytearray(struct.pack("<4I", n_tokens, len(merges) // 3, len(added), 0))
-    out += struct.pack(f"<{n_tokens + 1}I", *offsets)
+    out += offsets
     out += merges  # (a bytes-like object: no copy of its own)
     out += struct.pack(f"<{len(added)}I", *added)
-    out += bytes(types.get(i, 0) for i in range(n_tokens))
+    out += kinds
     out += blob
     ids = {p: i for i, p in pieces.items()}
     special = {name: ids.get(name) for name in ("<bos>", "<eos>", "<end_of_turn>", "<start_of_turn>")}
@@ -1089,10 +1097,11 @@ class Output:
     """The output file the user named, resolved (a symlink: its target, the link stays):
     - a regular file, or a name that does not exist yet: the export goes to a temporary
       file beside it, `.NAME.gemma3-export.tmp`, renamed over NAME when whole. A q8_0 /
-      q4_0 export quantizes that file into `.NAME.gemma3-export.q.tmp` (gemma3 --quantize
-      writes it as `... .q.tmp.partial` and renames it), which becomes NAME. The names are
-      fixed for the output: what a killed run leaves, the next run to the same output
-      removes. The temporary file is locked (flock) while a run uses it, so a second run
+      q4_0 export then quantizes that file: it keeps it open, gives its name to a new empty
+      file (hand_over), and gemma3 --quantize reads the old one by descriptor and writes
+      into the new one, which becomes NAME. So a run killed at any step leaves at most one
+      temporary file, whose name is fixed for the output: the next run to the same output
+      removes it. The temporary file is locked (flock) while a run uses it, so a second run
       to the same output meanwhile is refused instead of mixing its files with the first's.
     - a FIFO or a character device: written directly, in order; never replaced.
     Anything else (a directory, a block device, a socket) is refused."""
@@ -1105,7 +1114,7 @@ class Output:
         self.fd = None  # the locked temporary file
 
     def temporaries(self):
-        return [] if self.stream else [self.tmp, self.qtmp, self.qtmp + ".partial"]
+        return [] if self.stream else [self.tmp, self.qtmp]
 
     def begin(self):
         """Take the temporary file (locked), removing what an earlier run left."""
@@ -1143,16 +1152,29 @@ class Output:
         os.lseek(self.fd, 0, os.SEEK_SET)
         return open(self.fd, "wb", buffering=0, closefd=False)
 
-    def finish(self, whole=None):
-        """Put the finished file (whole: the temporary file, unless given) in place, with the
-        signals that interrupt an export held back: a renamed output is a finished one."""
+    def hand_over(self):
+        """The quantizing step's files: the temporary file's name goes to a new empty file,
+        locked like it (made as .q.tmp, then renamed over it, so that the name is never
+        free for another run to take); the old one, with the export in it, stays open but
+        nameless, to be read by descriptor. Returns the old one's descriptor."""
+        remove_if_there(self.qtmp)
+        try:
+            fd = os.open(self.qtmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        except OSError as e:
+            raise ExportError(f"cannot write {self.name}: {e.strerror}")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (a new file: nobody else holds it)
+        os.rename(self.qtmp, self.tmp)
+        old, self.fd = self.fd, fd
+        return old
+
+    def finish(self):
+        """Put the finished temporary file in place, with the signals that interrupt an
+        export held back: a renamed output is a finished one."""
         if self.stream:
             return
         held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            os.replace(whole or self.tmp, self.target)
-            if whole:
-                os.remove(self.tmp)  # the file that was quantized (still ours: locked)
+            os.replace(self.tmp, self.target)
             # (after the rename the temporary name may already be another run's: not removed)
             os.close(self.fd)
             self.fd = None
@@ -1305,21 +1327,25 @@ def export_quantized(src_path, out, dtype_name, quiet, text_only=False, mmproj=N
     engine = build_with_make("gemma3", "it does the quantization", quiet)
     write_into(out, load(src_path, lossless, quiet, dtype_name, text_only, mmproj), lossless, quiet,
                label=f"step 1 of 2, {lossless} export")
-    quantize_file(engine, out.tmp, out.qtmp, dtype_name, out.name, lossless, quiet)
-    out.finish(out.qtmp)
+    source = out.hand_over()
+    try:
+        quantize_file(engine, source, out.fd, dtype_name, out.name, lossless, quiet)
+    finally:
+        os.close(source)  # (nameless: closing it frees its space)
+    out.finish()
     if not quiet:
         print(f"wrote {out.name}: {os.path.getsize(out.target) / 1e6:.1f} MB, dtype {dtype_name}, "
               f"{time.time() - t0:.1f} s", file=sys.stderr)
 
 
-def quantized_size(path, dtype_name):
-    """The size gemma3 --quantize gives the model file at path: its layout (FORMAT.md)
-    with every matrix row as n/32 blocks of 34 (q8_0) or 18 (q4_0) bytes."""
-    with open(path, "rb") as f:
-        head = f.read(HEADER_SIZE)
-        n, dir_off = struct.unpack_from("<I", head, 88)[0], struct.unpack_from("<Q", head, 112)[0]
-        f.seek(dir_off)
-        directory = f.read(n * DIR_ENTRY_SIZE)
+def quantized_size(f, dtype_name):
+    """The size gemma3 --quantize gives the model file f (open for reading): its layout
+    (FORMAT.md) with every matrix row as n/32 blocks of 34 (q8_0) or 18 (q4_0) bytes."""
+    f.seek(0)
+    head = f.read(HEADER_SIZE)
+    n, dir_off = struct.unpack_from("<I", head, 88)[0], struct.unpack_from("<Q", head, 112)[0]
+    f.seek(dir_off)
+    directory = f.read(n * DIR_ENTRY_SIZE)
     pos = pad_to(dir_off + n * DIR_ENTRY_SIZE)
     for i in range(n):
         ndim, rows, cols = struct.unpack_from("<3I", directory, i * DIR_ENTRY_SIZE + 68)
@@ -1330,26 +1356,32 @@ def quantized_size(path, dtype_name):
     return pos
 
 
-def quantize_file(engine, tmp, qtmp, dtype_name, out_path, lossless, quiet):
-    """gemma3 TMP --quantize DTYPE QTMP, with a progress line of our own on a terminal
-    (gemma3's shows only on its terminal, and its stderr is ours to read): the share of
-    the output written so far. Its error line, if any, names the files the user knows."""
+def quantize_file(engine, source, dest, dtype_name, out_path, lossless, quiet):
+    """gemma3 /dev/fd/SOURCE --quantize DTYPE - > DEST (descriptors: the lossless export, the
+    output's temporary file), with a progress line of our own on a terminal (gemma3's shows
+    only on its terminal, and its stderr is ours to read): the share of the output written
+    so far. Its error line, if any, names the files the user knows."""
     show = not quiet and sys.stderr.isatty()
-    total = quantized_size(tmp, dtype_name)
+    src_path = f"/dev/fd/{source}"
+    if not os.path.exists(src_path):
+        raise ExportError(f"cannot quantize to {dtype_name} here: gemma3 reads the {lossless} export as {src_path}, "
+                          "and this system has no /dev/fd")
+    with os.fdopen(os.dup(source), "rb") as f:
+        total = quantized_size(f, dtype_name)
+        f.seek(0)  # (where /dev/fd/N is a dup, gemma3 shares this offset)
     if not quiet and not show:
         print(f"step 2 of 2, quantizing to {dtype_name} ...", file=sys.stderr)
     proc = None
     try:
-        proc = subprocess.Popen([engine, tmp, "--quantize", dtype_name, qtmp], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen([engine, src_path, "--quantize", dtype_name, "-"], stdout=dest,
+                                stderr=subprocess.PIPE, pass_fds=(source,))
         while True:
             try:
                 _, err = proc.communicate(timeout=0.2)
                 break
             except subprocess.TimeoutExpired:
-                part = qtmp + ".partial"  # gemma3 writes there, and renames it when whole
-                if show and os.path.exists(part):
-                    done = os.path.getsize(part)
+                if show:
+                    done = os.fstat(dest).st_size
                     print(f"\r  step 2 of 2, quantizing to {dtype_name}  {100.0 * min(done, total) / total:5.1f}%  "
                           f"{done / 1e6:9.1f} MB", end="", file=sys.stderr, flush=True)
     finally:  # (an interrupted export kills it; the caller removes its files)
@@ -1363,8 +1395,8 @@ def quantize_file(engine, tmp, qtmp, dtype_name, out_path, lossless, quiet):
         msg = lines[-1] if lines else f"gemma3 --quantize failed (exit status {proc.returncode})"
         if msg.startswith("gemma3: error: "):
             msg = "gemma3 --quantize: " + msg[len("gemma3: error: "):]
-        raise ExportError(msg.replace(qtmp + ".partial", out_path).replace(qtmp, out_path)
-                          .replace(tmp, f"the {lossless} export"))
+        raise ExportError(msg.replace("cannot write -:", f"cannot write {out_path}:")
+                          .replace(src_path, f"the {lossless} export"))
 
 
 # ----------------------------------------------------------------------------
