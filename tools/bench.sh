@@ -279,7 +279,9 @@ prompt_text() {
     local f=$work/text-$2.txt
     [ -f "$f" ] && return 0
     if [ ! -f "$work/source.txt" ]; then
-        for _ in 1 2 3 4 5 6 7 8; do cat FORMAT.md README.md; done >"$work/source.txt"
+        # less the name of the image token, which the docs mention and gemma3 -p refuses
+        # (text may not place an image's soft tokens)
+        for _ in 1 2 3 4 5 6 7 8; do cat FORMAT.md README.md; done | sed 's/<image_soft_token>/image token/g' >"$work/source.txt"
     fi
     "$bin" "$1" --encode <"$work/source.txt" >"$work/source.ids" || return 1
     # long prompts (FILL_CONTEXT): repeat the text until it has enough tokens
