@@ -30,6 +30,11 @@ gemma3: gemma3.c tokenizer.c kernels_x86.c gguf_blocks.c
 tools/gguf_dequant: tools/gguf_dequant.c gguf_blocks.c
 	$(CC) $(WARN) -O2 -ffp-contract=off -o $@ tools/gguf_dequant.c
 
+# GGUF writer of the benchmarks (tools/make_gguf.py builds it when missing): checkpoint
+# values to GGUF blocks as ggml's reference quantizers make them.
+tools/gguf_quantize: tools/gguf_quantize.c
+	$(CC) $(WARN) -O2 -ffp-contract=off -o $@ tools/gguf_quantize.c -lm
+
 # MLX import: export.py runs this to unpack an MLX checkpoint's quantized matrices (built
 # on first use). -ffp-contract=off: scale * q + bias rounds twice in mlx, once when fused.
 tools/mlx_dequant: tools/mlx_dequant.c
@@ -140,5 +145,5 @@ debug:
 	$(CC) $(WARN) -O0 -g $(OMPFLAGS) -o gemma3 gemma3.c $(LDLIBS)
 
 clean:
-	rm -f gemma3 test_all test_api examples/chat libgemma3.a libgemma3.so gemma3-lib.o tools/gguf_dequant tools/mlx_dequant tools/peak
+	rm -f gemma3 test_all test_api examples/chat libgemma3.a libgemma3.so gemma3-lib.o tools/gguf_dequant tools/gguf_quantize tools/mlx_dequant tools/peak
 	rm -rf tests/build

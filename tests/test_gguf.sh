@@ -39,6 +39,7 @@ run_script() { # SCRIPT ARGS...: its lines, and its counts added to the sum
 }
 run_script tests/test_gguf.py "$@"
 run_script tests/test_export.py
+run_script tests/test_make_gguf.py
 rm -f tests/build/test_gguf.part
 echo "$passed passed, $failed failed"
 exit $status

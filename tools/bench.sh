@@ -9,9 +9,12 @@
 #   --quick   smoke run on the 270M shape, short prompts (under a minute once cached)
 #
 # Environment (defaults in brackets):
-#   FORMATS="f32 bf16 q8_0 q4_0"
+#   FORMATS="f32 bf16 q8_0 q4_0 q4_k_m"
 #                        export.py --dtype values to measure; one whose export fails is
-#                        reported as such and skipped, the others still run
+#                        reported as such and skipped, the others still run. q4_k_m: the
+#                        checkpoint written as a Q4_K_M GGUF by tools/make_gguf.py
+#                        (llama.cpp's mix of Q4_K, Q6_K, Q5_0 and Q8_0, made without
+#                        llama.cpp), exported with its blocks kept (--dtype gguf)
 #   PREFILL="128 512"    prompt lengths for prefill tok/s        [quick: "32 128"]
 #   DECODE=64            tokens to generate for decode tok/s     [quick: 32]
 #   REPEAT=1             runs of each prefill and decode measurement; the fastest prefill
@@ -20,6 +23,13 @@
 #   FILL_CONTEXT=0       N > 0: also run each format with -c N and a prompt of N - 8 tokens
 #                        (-f), and report its peak RSS with the whole KV cache in use and its
 #                        prefill rate (slow: Gemma 3 1B at N = 32768 takes minutes per format)
+#   LONG_FORMATS=""      formats (of FORMATS) whose prefill is also measured on long prompts,
+#                        once each (slow: Gemma 3 1B at 16K tokens takes minutes a format)
+#   LONG_PREFILL="512 4096 16384"
+#                        those prompts' lengths in tokens; each run gets -c of its length
+#                        + 8 and the prompt in a file (-f). The table gives each rate as a
+#                        share of the first length's: attention's work per token grows with
+#                        the position, the matrices' does not
 #   MEMBW_MIB=1024       array size of the bandwidth probe, MiB (must exceed the caches)
 #   OMP_NUM_THREADS      threads for gemma3 and the probe        [all cores]
 #   GEMMA3=./gemma3      binary to measure (default: `make gemma3` first)
@@ -27,8 +37,9 @@
 #
 # The random checkpoint (tools/make_checkpoint.py, seed 1, with the real tokenizer) and
 # each exported file are cached in BENCH_DIR and reused; an exported file is redone when
-# export.py is newer than it. The 1B shape needs about 2 GB (checkpoint) + 4 GB (f32)
-# + 2 GB (bf16) + 1.1 GB (q8_0) + 0.6 GB (q4_0) of disk. `rm -rf tests/build/bench` frees it
+# export.py (or, for q4_k_m's GGUF, tools/make_gguf.py or tools/gguf_quantize.c) is newer
+# than it. The 1B shape needs about 2 GB (checkpoint) + 4 GB (f32) + 2 GB (bf16) + 1.1 GB
+# (q8_0) + 0.6 GB (q4_0) + 2 x 0.8 GB (q4_k_m: the GGUF and its export) of disk. `rm -rf tests/build/bench` frees it
 # (`make clean` does too).
 #
 # What is measured, and how (each in a small function below, easy to adapt if the CLI
@@ -75,7 +86,7 @@
 #            per second (one product added to a sum). A second table gives each prefill
 #            as a share of the peak of the arithmetic its format's matmuls use: f32 the
 #            best f32 FMA kind, bf16 the bf16 dot where the CPU has one (else the FMA),
-#            q8_0 and q4_0 the best int8 kind. Multiply-adds per token are those of the
+#            q8_0, q4_0 and q4_k_m the best int8 kind. Multiply-adds per token are those of the
 #            layers' matrices, rows x columns of each (the header's shape: q, k, v, o,
 #            gate, up, down, times the layers), i.e. one per weight: no attention scores
 #            or values (which grow with the position), norms, embedding or classifier
@@ -98,11 +109,13 @@ if [ "$quick" = 1 ]; then
 else
     preset=1b; prefill_default="128 512"; decode_default=64
 fi
-FORMATS=${FORMATS:-f32 bf16 q8_0 q4_0}
+FORMATS=${FORMATS:-f32 bf16 q8_0 q4_0 q4_k_m}
 PREFILL=${PREFILL:-$prefill_default}
 DECODE=${DECODE:-$decode_default}
 REPEAT=${REPEAT:-1}
 FILL_CONTEXT=${FILL_CONTEXT:-0}
+LONG_FORMATS=${LONG_FORMATS:-}
+LONG_PREFILL=${LONG_PREFILL:-512 4096 16384}
 MEMBW_MIB=${MEMBW_MIB:-1024}
 BENCH_DIR=${BENCH_DIR:-tests/build/bench}
 PROMPT="The quick brown fox jumps over the lazy dog"
@@ -117,6 +130,13 @@ done
 case "$DECODE" in ''|*[!0-9]*) die "DECODE must be a token count >= 2, got '$DECODE'" ;; esac
 [ "$DECODE" -ge 2 ] || die "DECODE must be a token count >= 2, got '$DECODE'"
 case "$REPEAT" in ''|0|*[!0-9]*) die "REPEAT must be a count >= 1, got '$REPEAT'" ;; esac
+for t in $LONG_PREFILL; do
+    case "$t" in ''|*[!0-9]*) die "LONG_PREFILL must be token counts >= 2, got '$t'" ;; esac
+    [ "$t" -ge 2 ] || die "LONG_PREFILL must be token counts >= 2, got '$t'"
+done
+for f in $LONG_FORMATS; do
+    case " $FORMATS " in *" $f "*) ;; *) die "LONG_FORMATS: '$f' is not in FORMATS ($FORMATS)" ;; esac
+done
 case "$FILL_CONTEXT" in ''|*[!0-9]*) die "FILL_CONTEXT must be a context length (0 = off), got '$FILL_CONTEXT'" ;; esac
 [ "$FILL_CONTEXT" = 0 ] || [ "$FILL_CONTEXT" -ge 16 ] || die "FILL_CONTEXT must be 0 or at least 16, got '$FILL_CONTEXT'"
 command -v python3 >/dev/null || die "python3 is needed (checkpoint generator and exporter)"
@@ -454,15 +474,32 @@ else
     say "reusing the $preset checkpoint in $ckpt"
 fi
 
+# make_gguf GGUF TYPE: writes (or reuses) the checkpoint as a GGUF of tools/make_gguf.py's
+# TYPE; redone when the checkpoint or the writer is newer.
+make_gguf() {
+    if [ -f "$1" ] && [ ! "$ckpt/.bench-stamp" -nt "$1" ] && [ ! tools/make_gguf.py -nt "$1" ] &&
+        [ ! tools/gguf_quantize.c -nt "$1" ]; then
+        say "reusing $1"
+        return 0
+    fi
+    say "writing $1: python3 tools/make_gguf.py $ckpt $1 --type $2"
+    python3 tools/make_gguf.py "$ckpt" "$1" --type "$2" -q 2>"$work/make_gguf.log"
+}
+
 # ---- one format ---------------------------------------------------------------------
 # bench_format FMT: exports (or reuses) the file and appends one table row to $rows.
 # Every step checks its own result: a failure ends this format's row, not the run.
 bench_format() {
     local fmt=$1 out=$BENCH_DIR/$preset/model-$1.bin wbytes fsize t cell
-    local cells="" label dec
-    if [ ! -f "$out" ] || [ export.py -nt "$out" ] || [ "$ckpt/.bench-stamp" -nt "$out" ]; then
-        say "exporting $fmt: python3 export.py $ckpt $out --dtype $fmt"
-        if ! python3 export.py "$ckpt" "$out.tmp" --dtype "$fmt" -q 2>"$work/export-$fmt.log"; then
+    local cells="" label dec src=$ckpt dtype=$1
+    if [ "$fmt" = q4_k_m ]; then
+        # A GGUF as llama-quantize makes one, exported with its blocks kept.
+        src=$BENCH_DIR/$preset/model-q4_k_m.gguf dtype=gguf
+        make_gguf "$src" q4_k_m || { short_row "$fmt" "tools/make_gguf.py failed: $(tail -n 1 "$work/make_gguf.log" | tr '|' '/')"; return 0; }
+    fi
+    if [ ! -f "$out" ] || [ export.py -nt "$out" ] || [ "$src" -nt "$out" ] || [ "$ckpt/.bench-stamp" -nt "$out" ]; then
+        say "exporting $fmt: python3 export.py $src $out --dtype $dtype"
+        if ! python3 export.py "$src" "$out.tmp" --dtype "$dtype" -q 2>"$work/export-$fmt.log"; then
             rm -f "$out.tmp"
             say "export to $fmt failed, skipping it: $(tail -n 1 "$work/export-$fmt.log")"
             short_row "$fmt" "export failed: $(tail -n 1 "$work/export-$fmt.log" | tr '|' '/')"
@@ -529,6 +566,7 @@ $fmt: $DEC_DISTURBED of $REPEAT decode runs lost over 1 % of their CPU time to t
     wlist="$wlist $fmt $(fmt_gb "$wbytes"),"
     peak_row "$fmt" "$out" "$cells"
     [ "$FILL_CONTEXT" -gt 0 ] && fill_context "$fmt" "$out"
+    case " $LONG_FORMATS " in *" $fmt "*) long_prefill "$fmt" "$out" ;; esac
     if [ "$MAJFLT" -gt 1000 ]; then
         say "  warning: $MAJFLT major page faults: parts of the model were read from disk"
         notes="$notes
@@ -570,11 +608,36 @@ fill_context() {
     return 0
 }
 
+# long_prefill FMT FILE: one prefill run per LONG_PREFILL length (-c length + 8, the prompt
+# in a file), its rate as prefill_tps computes it (less the <bos>-only pass of PF_BASE).
+# Appends a row per length to $long_rows.
+long_prefill() {
+    local t first="" tps saved=$PEAK_RSS
+    for t in $LONG_PREFILL; do
+        say "$1: long prefill, $t tokens (one run, -c $((t + 8)))"
+        if ! prompt_text "$2" "$t"; then
+            echo "| $1 | $t | cannot make the prompt | |" >>"$long_rows"; continue
+        fi
+        if run_timed "$logs/long-$t.log" "$bin" "$2" -c "$((t + 8))" -f "$work/text-$t.txt" -n 0 &&
+            stderr_rates "$logs/long-$t.log" && positive "$P_S - $PF_BASE"; then
+            tps=$(calc "\"%.6f\", ($P_N - 1) / ($P_S - $PF_BASE)")
+            [ -n "$first" ] || first=$tps
+            say "  $P_N tokens: $(fmt_tps "$tps") tok/s"
+            echo "| $1 | $P_N | $(fmt_tps "$tps") | $(calc "\"%.0f %%\", 100 * $tps / $first") |" >>"$long_rows"
+        else
+            echo "| $1 | $t | gemma3 failed: $(tail -n 1 "$logs/long-$t.log" | tr '|' '/') | |" >>"$long_rows"
+        fi
+    done
+    PEAK_RSS=$saved # the main table's peak RSS stays that of the prefill and decode runs
+    return 0
+}
+
 # ---- run, then the table ---------------------------------------------------------------
 # Other work on the machine skews every number: the load average goes in the header.
 load0=$(cut -d ' ' -f 1-3 /proc/loadavg 2>/dev/null || echo "?")
 rows=$work/rows.md
 fill_rows=$work/fill-rows.md
+long_rows=$work/long-rows.md
 peak_rows=$work/peak-rows.md
 : >"$rows"
 : >"$peak_rows"
@@ -582,6 +645,7 @@ say "arithmetic peak: $peak (each kind of multiply-add, all threads)"
 "$peak" >"$work/peak.txt" 2>"$work/peak.err" || say "tools/peak.c failed: $(tail -n 1 "$work/peak.err")"
 sed 's/^/  /' "$work/peak.txt" >&2
 : >"$fill_rows"
+: >"$long_rows"
 wlist=""
 hlist=""
 notes=""
@@ -608,6 +672,9 @@ for t in $PREFILL; do hdr_prefill="$hdr_prefill prefill $t tok/s |"; done
     echo
     [ "$measured" = 0 ] ||
     echo "Limit = the decode run's bandwidth (the better of tools/membw.c's best right before and right after it) / weights read per token (sum of the tensor sizes:${wlist%,}); of $REPEAT run(s), the median by that share is shown. Median: the mean of all the format's probes' medians."
+    case " $FORMATS " in *" q4_k_m "*)
+        echo "q4_k_m: the checkpoint as a Q4_K_M GGUF (tools/make_gguf.py: llama.cpp's mix of types and its reference quantizers), exported with its blocks kept (export.py --dtype gguf)." ;;
+    esac
     echo "Peak RSS ($rss_tool) includes the touched pages of the mmap'd model file. Each file is read into the page cache afresh before its runs; the share of it that maps in 2 MiB pages (as the probe's array):${hlist%,}.$notes"
     if [ -s "$peak_rows" ]; then
         echo
@@ -616,6 +683,14 @@ for t in $PREFILL; do hdr_prefill="$hdr_prefill prefill $t tok/s |"; done
         echo "| format | arithmetic | peak G multiply-adds/s | multiply-adds per token |$(for t in $PREFILL; do printf ' prefill %s: %% of peak |' "$t"; done)"
         echo "|---|---|---:|---:|$(for t in $PREFILL; do printf -- '---:|'; done)"
         cat "$peak_rows"
+    fi
+    if [ -s "$long_rows" ]; then
+        echo
+        echo "Prefill by prompt length (LONG_FORMATS): one run each, -c the length + 8; the last column is the rate as a share of the first length's."
+        echo
+        echo "| format | prompt tokens | prefill tok/s | vs $(set -- $LONG_PREFILL; echo "$1") tokens |"
+        echo "|---|---:|---:|---:|"
+        cat "$long_rows"
     fi
     if [ -s "$fill_rows" ]; then
         echo
