@@ -13,12 +13,16 @@
  * Each returns 0 when it has no kernel for the call, and the plain loops run instead.
  * They compute the same sums as the plain loops; only the order of the float additions
  * differs (8 or 16 lanes, an FMA's single rounding), so results agree to about 1e-6
- * relative, not bit for bit. test_all.c runs every kernel against the plain loops.
+ * relative, not bit for bit. (q8_0 and q4_0 add each block's 32 products exactly in int32,
+ * as the plain loops do, and meet the block's scales once: only the order in which the
+ * blocks' terms are added differs, BLOCK_LANE.) test_all.c runs every kernel against the
+ * plain loops.
  *
  * Speed comes from three things, in order of effect:
  *   - register tiles: NR weight rows times NT tokens, each weight vector loaded once for NT
  *     tokens and each activation vector once for NR rows (a prompt runs 4 x 4 tiles; a
- *     q8_0 prompt of 16 tokens or more with AVX-512, 16 rows to a dot product, rows repacked);
+ *     q8_0 prompt of 4 tokens or more, or q4_0 of 32, with AVX-512, 16 rows to a dot
+ *     product, rows repacked);
  *   - decode streams every weight from memory once per token, so it asks for each line
  *     well ahead of its use (prefetch) and reads each thread's rows in two streams;
  *   - the threads share decode's jobs out at run time (claim_jobs), so none waits at the
@@ -39,18 +43,18 @@ typedef struct {
     int8_t *xq;       /* (tokens, widest) x quantized to int8 blocks of 32 */
     float *xq_scale;  /* (tokens, widest / 32) their scales */
     int32_t *xq_sum;  /* (tokens, widest / 32) per-block sums of xq */
-    int32_t *xq_corr; /* (tokens, widest / 4 + 16) q4_0's -8 offset as the AVX2 tiles add it */
     float *xperm;     /* (tokens, widest) x reordered for the bf16 tiles */
-    int8_t *xq_perm;  /* (tokens, 384 per 256 of widest, rounded up) xq as the AVX-512 q4_0 tiles read it */
+    int8_t *xq_perm;  /* (tokens, 320 per 256 of widest, rounded up) xq as the AVX-512 q4_0 tiles read it */
     int8_t *xr;       /* (tokens, widest) GGUF block types: what xq left out, as int8 blocks */
     float *xr_scale;  /* (tokens, widest / 32) their scales */
     int32_t *xr_sum;  /* (tokens, widest / 32) their sums */
-    /* A prompt's q8_0 rows, 16 at a time, repacked for the AVX-512 row-interleaved tiles
-     * (q8_0_rows16), in a slot per thread; only the prompt's Activations has them. */
+    /* A prompt's q8_0 or q4_0 rows, 16 at a time, repacked for the AVX-512 row-interleaved
+     * tiles (rows16), in a slot per thread; only the prompt's Activations has them. */
     unsigned char *repack; /* (repack_slots, repack_bytes) */
     size_t repack_bytes;
     int repack_slots;
-    int q8_min_tokens;     /* prompts of fewer tokens keep the 4 x 4 tiles (the tests lower it) */
+    int q8_min_tokens;     /* q8_0 prompts of fewer tokens keep the 4 x 4 tiles (the tests lower it) */
+    int q4_min_tokens;     /* the same for q4_0 */
 } Activations;
 
 /* The kernels' scratch, one per run state. */
@@ -256,65 +260,83 @@ static void bf16_permute_x(float *xp, const float *x, int n, int lanes) {
         }
 }
 
-/* q8_0 / q4_0 rows times int8 activations (xq, scales xs; x_t cols bytes / cols/32 scales
- * apart). Integer products per block; the block's two scales then multiply its 8 int32
- * lanes. q8_0 uses |w| (unsigned) times x with w's sign. q4_0's nibbles n are unsigned
- * already; sum (n - 8) x = sum n x - 8 sum x, and the second term comes precomputed per
- * token and block as 8 lanes (xc, q4_0_correction) to start the integer sum from. */
+/* q8_0 / q4_0 rows times int8 activations (xq, scales xs, block sums xsum; x_t cols bytes,
+ * cols/32 scales and sums apart), in the order of the AVX-512 tiles with 8 lanes: each
+ * block's exact int32 sum meets its two scales once, block b into lane b % 8 of the row's
+ * 8 float sums (then hsum8). 8 blocks a step: per row and token a dot product per block
+ * (8 int32 lanes), a tree of horizontal adds that leaves block b0 + k's sum in lane k, one
+ * conversion, one FMA times the 8 blocks' scales. q8_0 uses |w| (unsigned) times x with
+ * w's sign (maddubs, without VNNI, must not saturate: |w| <= 128). q4_0's nibbles n are
+ * unsigned already; sum (n - 8) x = sum n x - 8 sum x, the second term taken off the 8
+ * sums at once. */
+static inline __m256i quant_block_dot(int dtype, const unsigned char *row, int nb, int b, __m256i xv) {
+    if (dtype == DT_Q8_0) {
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(row + 2 * (size_t)nb + (size_t)b * QK));
+        return dot_u8s8(_mm256_setzero_si256(), _mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+    }
+    __m128i raw = _mm_loadu_si128((const __m128i *)(row + 2 * (size_t)nb + (size_t)b * (QK / 2)));
+    /* weights 0..15 are the low nibbles, 16..31 the high ones */
+    __m256i wu = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0f));
+    return dot_u8s8(_mm256_setzero_si256(), wu, xv);
+}
+
+/* The 8 lanes of each p[k] added up into lane k */
+static inline __m256i sum_blocks8(const __m256i p[8]) {
+    /* each 128-bit half of a: the sums of p[0] .. p[3] over that half's lanes; b: p[4] .. p[7] */
+    __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
 TILE_INLINE void tile_quant(float *out, int ostride, const unsigned char *w, size_t rb, const int8_t *xq,
-                            const float *xs, const int32_t *xc, int cols, int dtype, const int NR, const int NT) {
+                            const float *xs, const int32_t *xsum, int cols, int dtype, const int NR, const int NT) {
     const int nb = cols / QK;
-    const __m256i low4 = _mm256_set1_epi8(0x0f);
     __m256 acc[4][4];
     UNROLL
     for (int r = 0; r < NR; r++)
         UNROLL
         for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        __m256i wv[4], wu[4];
-        float dw[4];
+    for (int b0 = 0; b0 < nb; b0 += 8) {
+        const int k = nb - b0 < 8 ? nb - b0 : 8;
+        const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256 dw[4], dx[4];
+        __m256i corr[4];
         UNROLL
-        for (int r = 0; r < NR; r++) {
-            const unsigned char *row = w + r * rb; /* nb half scales, then the quants */
-            if (NT == 1 && b % (dtype == DT_Q8_0 ? 2 : 4) == 0) /* once per 64-byte line */
-                prefetch_ahead(row + 2 * nb + (size_t)b * (dtype == DT_Q8_0 ? QK : QK / 2), NR);
-            dw[r] = _cvtsh_ss(rd_u16(row + 2 * b));
-            if (dtype == DT_Q8_0) {
-                wv[r] = _mm256_loadu_si256((const __m256i *)(row + 2 * nb + (size_t)b * QK));
-                wu[r] = _mm256_sign_epi8(wv[r], wv[r]); /* |w| as unsigned bytes */
-            } else {
-                __m128i raw = _mm_loadu_si128((const __m128i *)(row + 2 * nb + (size_t)b * (QK / 2)));
-                /* weights 0..15 are the low nibbles, 16..31 the high ones */
-                wu[r] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low4);
-            }
-        }
+        for (int r = 0; r < NR; r++) /* 8 halves (past the row's last block: its quants, masked off) */
+            dw[r] = _mm256_and_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + r * rb + 2 * b0))),
+                                  _mm256_castsi256_ps(live));
         UNROLL
         for (int t = 0; t < NT; t++) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * cols + (size_t)b * QK));
-            IN_REGISTER(xv);
-            float dx = xs[(size_t)t * nb + b];
+            dx[t] = _mm256_maskload_ps(xs + (size_t)t * nb + b0, live);
+            corr[t] = _mm256_slli_epi32(_mm256_maskload_epi32(xsum + (size_t)t * nb + b0, live), 3);
+        }
+        UNROLL
+        for (int t = 0; t < NT; t++)
             UNROLL
             for (int r = 0; r < NR; r++) {
-                __m256i p = dtype == DT_Q8_0
-                                ? dot_u8s8(_mm256_setzero_si256(), wu[r], _mm256_sign_epi8(xv, wv[r]))
-                                : dot_u8s8(_mm256_loadu_si256((const __m256i *)(xc + ((size_t)t * nb + b) * 8)), wu[r], xv);
-                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw[r] * dx), acc[r][t]);
+                const unsigned char *row = w + r * rb;
+                __m256i p[8];
+                UNROLL8
+                for (int j = 0; j < 8; j++) {
+                    const int b = b0 + j;
+                    if (j >= k) {
+                        p[j] = _mm256_setzero_si256();
+                        continue;
+                    }
+                    if (NT == 1 && b % (dtype == DT_Q8_0 ? 2 : 4) == 0) /* once per 64-byte line */
+                        prefetch_ahead(row + 2 * nb + (size_t)b * (dtype == DT_Q8_0 ? QK : QK / 2), NR);
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * cols + (size_t)b * QK));
+                    p[j] = quant_block_dot(dtype, row, nb, b, xv);
+                }
+                __m256i s = sum_blocks8(p);
+                if (dtype == DT_Q4_0) s = _mm256_sub_epi32(s, corr[t]);
+                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw[r], dx[t]), acc[r][t]);
             }
-        }
     }
     UNROLL
     for (int r = 0; r < NR; r++)
         UNROLL
         for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum8(acc[r][t]);
-}
-
-/* -8 * (sum of each 4 activations), 8 lanes per block: q4_0's offset, once per token. */
-static void q4_0_correction(int32_t *xc, const int8_t *xq, int n) {
-    const __m256i eight = _mm256_set1_epi8(8);
-    for (int b = 0; b < n / QK; b++) {
-        __m256i s = dot_u8s8(_mm256_setzero_si256(), eight, _mm256_loadu_si256((const __m256i *)(xq + b * QK)));
-        _mm256_storeu_si256((__m256i *)(xc + b * 8), _mm256_sub_epi32(_mm256_setzero_si256(), s));
-    }
 }
 
 /* Rows r0 .. r0 + nr - 1 of W against all n tokens. xin: x as the tiles want it. */
@@ -328,11 +350,9 @@ static void matmul_rows_avx2(float *out, const float *xin, int n, const Matrix *
         float *o_ = o + (size_t)t * rows;                                                                          \
         if (dtype == DT_F32) tile_f32(o_, rows, w, rb, xin + (size_t)t * cols, cols, NR_, NT_);                     \
         else if (dtype == DT_BF16) tile_bf16(o_, rows, w, rb, xin + (size_t)t * cols, cols, NR_, NT_);              \
-        else if (dtype == DT_Q8_0)                                                                                 \
-            tile_quant(o_, rows, w, rb, a->xq + (size_t)t * cols, a->xq_scale + t * nb, NULL, cols, DT_Q8_0, NR_, NT_); \
         else                                                                                                       \
-            tile_quant(o_, rows, w, rb, a->xq + (size_t)t * cols, a->xq_scale + t * nb, a->xq_corr + t * nb * 8, cols, \
-                       DT_Q4_0, NR_, NT_);                                                                         \
+            tile_quant(o_, rows, w, rb, a->xq + (size_t)t * cols, a->xq_scale + t * nb, a->xq_sum + t * nb, cols, dtype, \
+                       NR_, NT_);                                                                                  \
     } while (0)
     if (n > 1) {
 #ifdef __AVX512VL__ /* 32 vector registers: room for 4 x 4 sums */
@@ -442,15 +462,72 @@ TILE_INLINE void tile512_bf16(float *out, int ostride, const unsigned char *w, s
         for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum16(acc[r][t]);
 }
 
-/* q8_0: 2 blocks per vector. |w| (unsigned) times x with w's sign, into 16 int32 lanes,
- * 8 per block; then each lane times its block's two scales. Scales go 16 blocks at a
- * time: the row's halves converted at once, the token's floats loaded, and per pair of
- * blocks a permute gives lanes 0-7 block b's scale and lanes 8-15 block b + 1's. A row's
- * last, partial group of blocks is loaded under a mask (zeros beyond the row). */
+/* The order of a quantized row's sum (q8_0 and q4_0, every tile): each block's 32
+ * products add up exactly in int32, and meet the block's two scales once, as
+ * float(isum) x (weight scale x activation scale), added with an FMA into one of 16 float
+ * lanes: block b of each run of 16 into lane BLOCK_LANE(dtype, b % 16); then hsum16 adds
+ * the lanes. The lane of a block is where the tile's int32 sums leave it (q8_0_sum_lanes,
+ * q4_0_group512), so that the 1 x 1 and 4 x 4 tiles need no permute of their sums; the
+ * 16-row tiles (rows16) keep a register per lane and put blocks anywhere. */
+#define Q8_LANE(k) (((k) & 8) | ((k) & 1) << 2 | ((k) >> 1 & 3))
+#define Q4_LANE(k) (((k) & 3) << 2 | ((k) >> 2 & 1) << 1 | (k) >> 3)
+#define BLOCK_LANE(dtype, k) ((dtype) == DT_Q8_0 ? Q8_LANE(k) : Q4_LANE(k))
+
+/* Lane l of the result: lane BLOCK_LANE's inverse of v (a vector of 16 blocks' values in
+ * block order), so that per-block scales line up with the tiles' sums. */
+static inline __m512i lanes_of(int dtype, __m512i v) {
+    const __m512i q8 = _mm512_set_epi32(15, 13, 11, 9, 14, 12, 10, 8, 7, 5, 3, 1, 6, 4, 2, 0);
+    const __m512i q4 = _mm512_set_epi32(15, 7, 11, 3, 14, 6, 10, 2, 13, 5, 9, 1, 12, 4, 8, 0);
+    return _mm512_permutexvar_epi32(dtype == DT_Q8_0 ? q8 : q4, v);
+}
+
+/* The 8 lane sums of each block in p[0 .. 7] (p[j]: lanes 0-7 block 2j, 8-15 block 2j + 1)
+ * added up, a tree of unpacks and adds, block k into lane Q8_LANE(k). */
+static inline __m512i q8_0_sum_lanes(const __m512i p[8]) {
+    __m512i q[4], r[2];
+    /* q[m], each 128-bit lane: sums of p[2m], p[2m + 1], p[2m], p[2m + 1]; r[n]: p[4n] .. p[4n + 3] */
+    for (int m = 0; m < 4; m++)
+        q[m] = _mm512_add_epi32(_mm512_unpacklo_epi32(p[2 * m], p[2 * m + 1]), _mm512_unpackhi_epi32(p[2 * m], p[2 * m + 1]));
+    for (int n = 0; n < 2; n++)
+        r[n] = _mm512_add_epi32(_mm512_unpacklo_epi64(q[2 * n], q[2 * n + 1]), _mm512_unpackhi_epi64(q[2 * n], q[2 * n + 1]));
+    /* 128-bit lanes 0, 1 of r hold the even block of each p, 2, 3 the odd one */
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(r[0], r[1], 0x88), _mm512_shuffle_i32x4(r[0], r[1], 0xdd));
+}
+
+/* The int32 sums of k (1-16) q8_0 blocks of NR rows (wq, rb bytes apart) and one token x,
+ * 2 blocks per 64-byte vector, into s[0 .. NR - 1], block k in lane Q8_LANE(k). Each x
+ * vector is loaded once for the NR rows. Weights go in as w + 128 (unsigned, as vpdpbusd
+ * wants them); the caller takes 128 x (the block's sum of x) off. */
+TILE_INLINE void q8_0_isums16(__m512i s[], const unsigned char *wq, size_t rb, const int8_t *x, int k, const int prefetch,
+                              const int NR) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+    __m512i p[2][8];
+    UNROLL8
+    for (int j = 0; j < 8; j++) {
+        if (2 * j >= k) {
+            UNROLL
+            for (int r = 0; r < NR; r++) p[r][j] = zero;
+            continue;
+        }
+        __m512i xv = load512_upto(x + 64 * j, QK * (k - 2 * j));
+        UNROLL
+        for (int r = 0; r < NR; r++) {
+            if (prefetch) prefetch_ahead(wq + r * rb + 64 * j, NR);
+            __m512i w = load512_upto(wq + r * rb + 64 * j, QK * (k - 2 * j));
+            p[r][j] = _mm512_dpbusd_epi32(zero, _mm512_xor_si512(w, flip), xv);
+        }
+    }
+    UNROLL
+    for (int r = 0; r < NR; r++) s[r] = q8_0_sum_lanes(p[r]);
+}
+
+/* q8_0, 16 blocks a step: per row and token the blocks' int32 sums (q8_0_isums16), less
+ * 128 x the activations' block sums (xsum), one conversion, one FMA times the scales of
+ * the 16 blocks (the row's halves converted at once, the token's floats loaded, both put
+ * in the lanes' order). A row's last, partial step is loaded under a mask (zeros beyond
+ * the row). */
 TILE_INLINE void tile512_q8_0(float *out, int ostride, const unsigned char *w, size_t rb, const int8_t *xq,
-                              const float *xs, int nb, const int NR, const int NT) {
-    const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m512i zero = _mm512_setzero_si512();
+                              const float *xs, const int32_t *xsum, int nb, const int NR, const int NT) {
     __m512 acc[4][4];
     UNROLL
     for (int r = 0; r < NR; r++)
@@ -459,36 +536,31 @@ TILE_INLINE void tile512_q8_0(float *out, int ostride, const unsigned char *w, s
     for (int b0 = 0; b0 < nb; b0 += 16) {
         const int k = nb - b0 < 16 ? nb - b0 : 16;
         __m512 dw[4], dx[4];
+        __m512i corr[4];
         UNROLL
-        for (int r = 0; r < NR; r++) dw[r] = _mm512_cvtph_ps(load256_upto(w + r * rb + 2 * b0, 2 * k));
+        for (int r = 0; r < NR; r++)
+            dw[r] = _mm512_castsi512_ps(
+                lanes_of(DT_Q8_0, _mm512_castps_si512(_mm512_cvtph_ps(load256_upto(w + r * rb + 2 * b0, 2 * k)))));
         UNROLL
-        for (int t = 0; t < NT; t++) dx[t] = _mm512_castsi512_ps(load512_upto(xs + (size_t)t * nb + b0, 4 * k));
-        for (int g = 0; g < k; g += 2) {
-            const __m512i idx = _mm512_add_epi32(spread, _mm512_set1_epi32(g));
-            const size_t q = (size_t)(b0 + g) * QK;
-            __m512i wu[4];
-            __mmask64 neg[4];
-            __m512 dwe[4];
-            UNROLL
-            for (int r = 0; r < NR; r++) {
-                if (NT == 1) prefetch_ahead(w + r * rb + 2 * (size_t)nb + q, NR);
-                __m512i v = load512_upto(w + r * rb + 2 * (size_t)nb + q, QK * (k - g));
-                wu[r] = _mm512_abs_epi8(v);
-                neg[r] = _mm512_movepi8_mask(v);
-                dwe[r] = _mm512_permutexvar_ps(idx, dw[r]);
-            }
-            UNROLL
-            for (int t = 0; t < NT; t++) {
-                __m512i xv = load512_upto(xq + (size_t)t * nb * QK + q, QK * (k - g));
-                IN_REGISTER(xv);
-                __m512 dxe = _mm512_permutexvar_ps(idx, dx[t]);
+        for (int t = 0; t < NT; t++) {
+            dx[t] = _mm512_castsi512_ps(lanes_of(DT_Q8_0, load512_upto(xs + (size_t)t * nb + b0, 4 * k)));
+            corr[t] = _mm512_slli_epi32(lanes_of(DT_Q8_0, load512_upto(xsum + (size_t)t * nb + b0, 4 * k)), 7);
+        }
+        /* decode's 1 or 2 rows share each x vector; a prompt's 4 x 4 goes row by row (the
+         * lane sums of 4 rows would not fit in the registers) */
+        const unsigned char *wq = w + 2 * (size_t)nb + (size_t)b0 * QK;
+        UNROLL
+        for (int t = 0; t < NT; t++) {
+            const int8_t *xt = xq + ((size_t)t * nb + b0) * QK;
+            __m512i s[4];
+            if (NT == 1 && NR <= 2) q8_0_isums16(s, wq, rb, xt, k, 1, NR);
+            else
                 UNROLL
-                for (int r = 0; r < NR; r++) {
-                    __m512i sx = _mm512_mask_sub_epi8(xv, neg[r], zero, xv); /* x * sign(w) */
-                    __m512i p = _mm512_dpbusd_epi32(zero, wu[r], sx);
-                    acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dwe[r], dxe), acc[r][t]);
-                }
-            }
+                for (int r = 0; r < NR; r++) q8_0_isums16(s + r, wq + r * rb, rb, xt, k, 0, 1);
+            UNROLL
+            for (int r = 0; r < NR; r++)
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s[r], corr[t])), _mm512_mul_ps(dw[r], dx[t]),
+                                            acc[r][t]);
         }
     }
     UNROLL
@@ -497,38 +569,39 @@ TILE_INLINE void tile512_q8_0(float *out, int ostride, const unsigned char *w, s
         for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum16(acc[r][t]);
 }
 
-/* q4_0: 8 blocks per step. A block's 16 bytes hold its first 16 weights in the low nibbles
- * and its last 16 in the high ones. Two 64-byte loads bring blocks 0-3 and 4-7 of a
- * group; unpacking their 8-byte halves puts, in each 128-bit lane k, 8 bytes of block k
- * beside 8 bytes of block 4 + k. So lanes 4k, 4k + 1 of the int32 sums hold block k's
- * products and 4k + 2, 4k + 3 block 4 + k's, and one float step (the multiply by the two
- * scales) covers 8 blocks, not 4: the FMA pipes, which also run the int8 dot products, do
- * 6 operations per 8 blocks instead of 8. x comes reordered to match (q4_0_reorder512). */
-#define Q4_GROUP_BYTES 384 /* x per group of 8 blocks: 4 x 64 bytes of int8, 16 int32 offsets, 16 float scales */
+/* q4_0: 8 blocks per group, 16 (two groups) per step. A block's 16 bytes hold its first 16
+ * weights in the low nibbles and its last 16 in the high ones. Two 64-byte loads bring
+ * blocks 0-3 and 4-7 of a group; unpacking their 8-byte halves puts, in each 128-bit lane
+ * k, 8 bytes of block k beside 8 bytes of block 4 + k. So lanes 4k, 4k + 1 of the int32
+ * sums hold block k's products and 4k + 2, 4k + 3 block 4 + k's, and 4 dot products cover
+ * 8 blocks. Nibbles are unsigned already: each lane's sum starts from -8 x the sum of the
+ * activations it meets. x comes reordered to match (q4_0_reorder512). Adding each lane
+ * pair (one shuffle) gives each block's sum twice; the FMA takes it in one of the two,
+ * under a mask: lanes 4k, 4k + 2 for a step's first group, 4k + 1, 4k + 3 for its second,
+ * block j of the step in lane Q4_LANE(j). */
+#define Q4_GROUP_BYTES 320 /* x per group of 8 blocks: 4 x 64 bytes of int8, 16 int32 offsets */
 
-/* Group g of an NR x NT tile, holding nblk (1-8) blocks. The NR rows' nibbles are
- * unpacked first; then each token's x (4 vectors, its offsets and its scales) is loaded
- * once and meets them all. A prompt's 4-row tiles go as two of 2 rows (matmul_rows_avx512):
- * 4 rows' nibbles and 16 sums would not fit in the 32 registers. */
+/* Group g (of nblk, 1-8, blocks; `second`: the second of its step) of an NR x NT tile into
+ * its sums acc, times the step's scales dw (per row) and dx (per token), in lane order.
+ * The NR rows' nibbles are unpacked first; then each token's x (4 vectors and its offsets)
+ * is loaded once and meets them all. A prompt's 4-row tiles go as two of 2 rows
+ * (matmul_rows_avx512): 4 rows' nibbles and 16 sums would not fit in the 32 registers. */
 TILE_INLINE void q4_0_group512(__m512 acc[4][4], const unsigned char *w, size_t rb, int nb, int g, int nblk,
-                               const int8_t *xg, size_t xstride, const int NR, const int NT) {
-    const __m512i spread = _mm512_set_epi32(7, 7, 3, 3, 6, 6, 2, 2, 5, 5, 1, 1, 4, 4, 0, 0);
+                               const int8_t *xg, size_t xstride, const __m512 dw[4], const __m512 dx[4], int second,
+                               const int NR, const int NT) {
     const __m512i low4 = _mm512_set1_epi8(0x0f);
+    const __mmask16 mine = second ? 0xaaaa : 0x5555;
     const int bytes = 16 * nblk;
     __m512i alo[4], ahi[4], blo[4], bhi[4];
-    __m512 dw[4];
     UNROLL
     for (int r = 0; r < NR; r++) {
         const unsigned char *row = w + r * rb, *q = row + 2 * (size_t)nb + (size_t)g * 128;
         if (NT == 1) {
-            const unsigned char *p = row + (size_t)g * 144;
-            prefetch_by(p, PREFETCH_AHEAD_Q4, NR);
-            prefetch_by(p + 64, PREFETCH_AHEAD_Q4, NR);
-            prefetch_by(p + 128, PREFETCH_AHEAD_Q4, NR);
+            const unsigned char *pf = row + (size_t)g * 144;
+            prefetch_by(pf, PREFETCH_AHEAD_Q4, NR);
+            prefetch_by(pf + 64, PREFETCH_AHEAD_Q4, NR);
+            prefetch_by(pf + 128, PREFETCH_AHEAD_Q4, NR);
         }
-        __m128i h = nblk == 8 ? _mm_loadu_si128((const __m128i *)(row + 16 * g))
-                              : _mm_maskz_loadu_epi8((__mmask16)((1u << 2 * nblk) - 1), row + 16 * g);
-        dw[r] = _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(_mm256_cvtph_ps(h)));
         __m512i v1 = load512_upto(q, bytes), v2 = bytes > 64 ? load512_upto(q + 64, bytes - 64) : _mm512_setzero_si512();
         __m512i a = _mm512_unpacklo_epi64(v1, v2), b = _mm512_unpackhi_epi64(v1, v2);
         alo[r] = _mm512_and_si512(a, low4), ahi[r] = _mm512_and_si512(_mm512_srli_epi16(a, 4), low4);
@@ -540,41 +613,38 @@ TILE_INLINE void q4_0_group512(__m512 acc[4][4], const unsigned char *w, size_t 
         __m512i x0 = _mm512_loadu_si512((const void *)xt), x1 = _mm512_loadu_si512((const void *)(xt + 64));
         __m512i x2 = _mm512_loadu_si512((const void *)(xt + 128)), x3 = _mm512_loadu_si512((const void *)(xt + 192));
         __m512i off = _mm512_loadu_si512((const void *)(xt + 256));
-        __m512 dx = _mm512_loadu_ps((const float *)(xt + 320));
         IN_REGISTER(x0);
         IN_REGISTER(x1);
         IN_REGISTER(x2);
         IN_REGISTER(x3);
         UNROLL
         for (int r = 0; r < NR; r++) {
-            __m512i p = _mm512_dpbusd_epi32(off, alo[r], x0);
-            p = _mm512_dpbusd_epi32(p, ahi[r], x1);
-            p = _mm512_dpbusd_epi32(p, blo[r], x2);
-            p = _mm512_dpbusd_epi32(p, bhi[r], x3);
-            acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw[r], dx), acc[r][t]);
+            __m512i s = _mm512_dpbusd_epi32(off, alo[r], x0);
+            s = _mm512_dpbusd_epi32(s, ahi[r], x1);
+            s = _mm512_dpbusd_epi32(s, blo[r], x2);
+            s = _mm512_dpbusd_epi32(s, bhi[r], x3);
+            s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, _MM_PERM_CDAB)); /* each lane pair's sum, in both */
+            acc[r][t] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw[r], dx[t]), acc[r][t], mine);
         }
     }
 }
 
-/* A row's last group when it holds 4 blocks or fewer (1152 columns are 36 blocks: 4 groups
- * and a half). q4_0_group512 would spend as many dot products on it as on 8 blocks, half
- * of them on zeros (a tenth of a 1152-column matmul). Here one 64-byte load brings the
- * blocks, lane k holding block k alone: its low nibbles (values 0-15) go against x's
- * values 0-15 and its high nibbles against 16-31, two dot products per row and token,
- * and int32 lanes 4k .. 4k + 3 all hold block k. x: 2 x 64 bytes, 16 offsets, 16 scales. */
+/* A row's group of 4 blocks or fewer (1152 columns are 36 blocks: 2 steps and 4 blocks).
+ * q4_0_group512 would spend as many dot products on it as on 8 blocks, half of them on
+ * zeros. Here one 64-byte load brings the blocks, lane k holding block k alone: its low
+ * nibbles (values 0-15) go against x's values 0-15 and its high nibbles against 16-31, two
+ * dot products per row and token. Lanes 4k .. 4k + 3 all hold block k: their sum goes into
+ * lane 4k (4k + 1 for a step's second group), as in q4_0_group512. x: 2 x 64 bytes, 16
+ * offsets. */
 TILE_INLINE void q4_0_half512(__m512 acc[4][4], const unsigned char *w, size_t rb, int nb, int g, int nblk,
-                              const int8_t *xg, size_t xstride, const int NR, const int NT) {
-    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+                              const int8_t *xg, size_t xstride, const __m512 dw[4], const __m512 dx[4], int second,
+                              const int NR, const int NT) {
     const __m512i low4 = _mm512_set1_epi8(0x0f);
-    __m512 dx[4];
-    UNROLL
-    for (int t = 0; t < NT; t++) dx[t] = _mm512_loadu_ps((const float *)(xg + (size_t)t * xstride + 192));
+    const __mmask16 mine = second ? 0x2222 : 0x1111;
     UNROLL
     for (int r = 0; r < NR; r++) {
         const unsigned char *row = w + r * rb, *q = row + 2 * (size_t)nb + (size_t)g * 128;
         if (NT == 1) prefetch_by(row + (size_t)g * 144, PREFETCH_AHEAD_Q4, NR);
-        __m128i h = _mm_maskz_loadu_epi8((__mmask16)((1u << 2 * nblk) - 1), row + 16 * g);
-        __m512 dw = _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(_mm256_cvtph_ps(h)));
         __m512i v = load512_upto(q, 16 * nblk);
         __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
         const int8_t *x = xg;
@@ -582,26 +652,45 @@ TILE_INLINE void q4_0_half512(__m512 acc[4][4], const unsigned char *w, size_t r
         UNROLL
         for (int t = 0; t < NT; t++) {
             const int8_t *xt = x + (size_t)t * xstride;
-            __m512i p = _mm512_loadu_si512((const void *)(xt + 128));
-            p = _mm512_dpbusd_epi32(p, lo, _mm512_loadu_si512((const void *)xt));
-            p = _mm512_dpbusd_epi32(p, hi, _mm512_loadu_si512((const void *)(xt + 64)));
-            acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, dx[t]), acc[r][t]);
+            __m512i s = _mm512_loadu_si512((const void *)(xt + 128));
+            s = _mm512_dpbusd_epi32(s, lo, _mm512_loadu_si512((const void *)xt));
+            s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512((const void *)(xt + 64)));
+            s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, _MM_PERM_BADC)); /* lanes 4k + 2, 4k + 3 onto 4k, 4k + 1 */
+            s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, _MM_PERM_CDAB)); /* and 4k + 1 onto 4k (and back) */
+            acc[r][t] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw[r], dx[t]), acc[r][t], mine);
         }
     }
 }
 
-TILE_INLINE void tile512_q4_0(float *out, int ostride, const unsigned char *w, size_t rb, const int8_t *xp, int nb,
+/* Group g of nblk blocks, as q4_0_group512 or (4 blocks or fewer) q4_0_half512 */
+TILE_INLINE void q4_0_step512(__m512 acc[4][4], const unsigned char *w, size_t rb, int nb, int g, int nblk,
+                              const int8_t *xg, size_t xstride, const __m512 dw[4], const __m512 dx[4], int second,
                               const int NR, const int NT) {
+    if (nblk > 4) q4_0_group512(acc, w, rb, nb, g, nblk, xg, xstride, dw, dx, second, NR, NT);
+    else q4_0_half512(acc, w, rb, nb, g, nblk, xg, xstride, dw, dx, second, NR, NT);
+}
+
+/* q4_0 rows against the tokens' reordered activations xp (q4_0_reorder512), scales xs */
+TILE_INLINE void tile512_q4_0(float *out, int ostride, const unsigned char *w, size_t rb, const int8_t *xp,
+                              const float *xs, int nb, const int NR, const int NT) {
     const size_t xstride = (size_t)Q4_GROUPS(nb) * Q4_GROUP_BYTES; /* bytes per token */
     __m512 acc[4][4];
     UNROLL
     for (int r = 0; r < NR; r++)
         UNROLL
         for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
-    int g = 0;
-    for (; g < nb / 8; g++) q4_0_group512(acc, w, rb, nb, g, 8, xp + (size_t)g * Q4_GROUP_BYTES, xstride, NR, NT);
-    if (nb % 8 > 4) q4_0_group512(acc, w, rb, nb, g, nb % 8, xp + (size_t)g * Q4_GROUP_BYTES, xstride, NR, NT);
-    else if (nb % 8) q4_0_half512(acc, w, rb, nb, g, nb % 8, xp + (size_t)g * Q4_GROUP_BYTES, xstride, NR, NT);
+    for (int b0 = 0; b0 < nb; b0 += 16) {
+        const int k = nb - b0 < 16 ? nb - b0 : 16, g = b0 / 8;
+        __m512 dw[4], dx[4];
+        UNROLL
+        for (int r = 0; r < NR; r++)
+            dw[r] = _mm512_castsi512_ps(
+                lanes_of(DT_Q4_0, _mm512_castps_si512(_mm512_cvtph_ps(load256_upto(w + r * rb + 2 * b0, 2 * k)))));
+        UNROLL
+        for (int t = 0; t < NT; t++) dx[t] = _mm512_castsi512_ps(lanes_of(DT_Q4_0, load512_upto(xs + (size_t)t * nb + b0, 4 * k)));
+        q4_0_step512(acc, w, rb, nb, g, k < 8 ? k : 8, xp + (size_t)g * Q4_GROUP_BYTES, xstride, dw, dx, 0, NR, NT);
+        if (k > 8) q4_0_step512(acc, w, rb, nb, g + 1, k - 8, xp + (size_t)(g + 1) * Q4_GROUP_BYTES, xstride, dw, dx, 1, NR, NT);
+    }
     UNROLL
     for (int r = 0; r < NR; r++)
         UNROLL
@@ -627,20 +716,19 @@ static void quantize_activations512(int8_t *xq, float *scale, int32_t *sums, con
     }
 }
 
-/* One token's int8 activations (xq, scales xs) for tile512_q4_0. Per group of 8 blocks:
- * 4 vectors of 64 bytes whose 128-bit lane k holds 8 values of block k, then 8 of block
- * 4 + k: values 0-7 (against the low nibbles of the blocks' first 8 bytes), 16-23 (their
- * high nibbles), 8-15 and 24-31 (the last 8 bytes' low and high nibbles). Then per lane of
- * the sums, -8 * (the sum of the 16 values it multiplies), and the scale of its block.
- * Missing blocks of a last, partial group are zeros; a last group of 4 blocks or fewer
- * is laid out for q4_0_half512 instead (lane k: block k's values 0-15, then 16-31). */
-static void q4_0_reorder512(int8_t *xp, const int8_t *xq, const float *xs, int nb, int g0, int g1) {
+/* One token's int8 activations xq for tile512_q4_0. Per group of 8 blocks: 4 vectors of
+ * 64 bytes whose 128-bit lane k holds 8 values of block k, then 8 of block 4 + k: values
+ * 0-7 (against the low nibbles of the blocks' first 8 bytes), 16-23 (their high nibbles),
+ * 8-15 and 24-31 (the last 8 bytes' low and high nibbles). Then per lane of the sums, -8
+ * x (the sum of the 16 values it multiplies). Missing blocks of a last, partial group are
+ * zeros; a last group of 4 blocks or fewer is laid out for q4_0_half512 instead (lane k:
+ * block k's values 0-15, then 16-31, then the offsets). */
+static void q4_0_reorder512(int8_t *xp, const int8_t *xq, int nb, int g0, int g1) {
     static const int first[4] = {0, 16, 8, 24}; /* the value each vector starts a block's run at */
     const __m512i eight = _mm512_set1_epi8(8);
     for (int g = g0; g < g1; g++) {
         int8_t *dst = xp + (size_t)g * Q4_GROUP_BYTES;
         __m512i sum = _mm512_setzero_si512();
-        float scale[16];
         if (nb - 8 * g <= 4) { /* a last group of 4 blocks or fewer, as q4_0_half512 reads it */
             for (int v = 0; v < 2; v++) {
                 for (int k = 0; k < 4; k++) { /* lane k: values 16v .. 16v + 15 of block 8g + k */
@@ -651,8 +739,6 @@ static void q4_0_reorder512(int8_t *xp, const int8_t *xq, const float *xs, int n
                 sum = _mm512_dpbusd_epi32(sum, eight, _mm512_loadu_si512((const void *)(dst + 64 * v)));
             }
             _mm512_storeu_si512((void *)(dst + 128), _mm512_sub_epi32(_mm512_setzero_si512(), sum));
-            for (int lane = 0; lane < 16; lane++) scale[lane] = 8 * g + lane / 4 < nb ? xs[8 * g + lane / 4] : 0.0f;
-            memcpy(dst + 192, scale, sizeof scale);
             continue;
         }
         for (int v = 0; v < 4; v++) {
@@ -665,47 +751,28 @@ static void q4_0_reorder512(int8_t *xp, const int8_t *xq, const float *xs, int n
             sum = _mm512_dpbusd_epi32(sum, eight, _mm512_loadu_si512((const void *)(dst + 64 * v)));
         }
         _mm512_storeu_si512((void *)(dst + 256), _mm512_sub_epi32(_mm512_setzero_si512(), sum));
-        for (int lane = 0; lane < 16; lane++) { /* lanes 4k, 4k + 1: block 8g + k; 4k + 2, 4k + 3: block 8g + 4 + k */
-            int b = 8 * g + lane / 4 + 4 * (lane % 4 / 2);
-            scale[lane] = b < nb ? xs[b] : 0.0f;
-        }
-        memcpy(dst + 320, scale, sizeof scale);
     }
 }
 
-/* q8_0 prompts, 16 rows to a vpdpbusd. The 4 x 4 tiles spend a sign fix, a dot product, a
- * conversion, a scale multiply and an FMA per row, token and 64 products. Here the rows of
- * a job are repacked, 16 at a time, so that one 512-bit register holds 4 bytes of each of 16
- * rows: one vpdpbusd then gives 16 rows' sums of 4 products, and a conversion and an FMA
- * take them on, 3 instructions per 64 products; the repacking (a transpose) is paid once per
- * 16 rows for all the prompt's tokens. The mmap'd file keeps its layout; the repacked rows
- * live in a slot per thread of the run state (16 rows of the widest matrix and their scales
- * as floats: 18 bytes per column, 124 KB for the 1B shape). Signs: vpdpbusd multiplies unsigned by signed
- * bytes, so the weights go in as w + 128 (unsigned) and each sum of 4 starts from -128 times
- * the sum of its 4 activations (per token, q8_0_offsets512): the same integers as the 4 x 4
- * tiles' sums, exactly.
+/* Quantized prompts (q8_0, q4_0), 16 rows to a vpdpbusd. The rows of a job are repacked,
+ * 16 at a time, so that one 512-bit register holds 4 bytes of each of 16 rows: per block
+ * and token, 8 vpdpbusd give the 16 rows' exact int32 sums in one register, and one
+ * conversion and one FMA take them on (10 instructions per 512 multiply-adds); the
+ * repacking (a transpose) is paid once per 16 rows for all the prompt's tokens. The mmap'd
+ * file keeps its layout; the repacked rows live in a slot per thread of the run state (16
+ * rows of the widest matrix and their scales as floats: 18 bytes per column, 124 KB for
+ * the 1B shape). Weights go in as unsigned bytes, as vpdpbusd wants them: q8_0's w + 128,
+ * q4_0's nibbles (0-15, the format's w + 8); each block's sum starts from -128 or -8 times
+ * the block's sum of activations (xq_sum), giving the integers of the plain loops exactly.
  *
- * The float side repeats the other tiles' arithmetic to the bit, so that a prompt still gives
- * the logits of token-by-token decoding: they keep 16 partial sums per row and token, lane
- * l < 8 for the 4 products l of even blocks, 8 + l for odd ones, each sum of 4 converted and
- * added with one FMA times (row scale x token scale), then added up in hsum16's order. Here
- * those 16 partial sums are 16 registers, one per lane, each holding 16 rows, and the
- * final adds go in the same tree. */
+ * The float side is the order every quantized tile keeps (BLOCK_LANE), so that a prompt
+ * still gives the logits of token-by-token decoding: 16 partial sums per row and token,
+ * here 16 registers, one per lane, each holding 16 rows; block b goes into lane
+ * BLOCK_LANE(b % 16), and the final adds go in hsum16's tree (store_rows16). */
 #define Q8_ROWS 16          /* rows per repacked group */
-#define Q8_MIN_TOKENS 16    /* default q8_min_tokens: fewer tokens do not repay the repacking */
+#define Q8_MIN_TOKENS 4     /* default q8_min_tokens: fewer tokens do not repay the repacking */
+#define Q4_MIN_TOKENS 32    /* default q4_min_tokens: q4_0's 4 x 4 tiles are as fast below it */
 #define Q8_REPACK_BYTES(cols) ((size_t)(cols) * Q8_ROWS + (size_t)(cols) / QK * Q8_ROWS * sizeof(float))
-
-/* -128 x the sum of each 4 activations of a token (xq, n values), for q8_0_rows16. */
-static void q8_0_offsets512(int32_t *xc, const int8_t *xq, int n) {
-    const __m512i m128 = _mm512_set1_epi8((char)0x80); /* 128 as an unsigned byte */
-    for (int j = 0; j < n; j += 64) {
-        __m512i v = load512_upto(xq + j, n - j);
-        __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), m128, v);
-        __m512i neg = _mm512_sub_epi32(_mm512_setzero_si512(), sum);
-        int k = (n - j) / 4 < 16 ? (n - j) / 4 : 16;
-        _mm512_mask_storeu_epi32(xc + j / 4, (__mmask16)((1u << k) - 1), neg);
-    }
-}
 
 /* The 16 x 16 dwords of v transposed: v[j] lane i becomes v[i] lane j. Dwords within each
  * 128-bit lane first (unpacks), giving lanes that hold a column of 4 rows, then the 128-bit
@@ -733,27 +800,39 @@ static inline void transpose16x16(__m512i v[16]) {
     }
 }
 
-/* Rows row[0 .. nr - 1] (nr <= 16, rb bytes apart) of a q8_0 matrix of nb blocks into dst:
- * per block, 8 vectors whose lane i holds bytes 4k .. 4k + 3 of row i's block, each + 128;
- * then per block the 16 rows' scales as floats. Missing rows are zero weights, zero scales.
- * Two blocks (64 bytes of each row) at a time, as a 16 x 16 transpose of dwords. */
-static void q8_0_repack16(unsigned char *dst, const unsigned char *row, size_t rb, int nb, int nr) {
+/* Blocks b, b + 1 (two: else b alone) of a q8_0 or q4_0 row as 64 unsigned bytes, the 32
+ * weights of each block in order: q8_0's w + 128, q4_0's nibbles. */
+static inline __m512i unsigned_blocks2(int dtype, const unsigned char *row, int nb, int b, int two) {
+    if (dtype == DT_Q8_0) {
+        const unsigned char *q = row + 2 * (size_t)nb + (size_t)b * QK;
+        __m512i v = two ? _mm512_loadu_si512((const void *)q) : _mm512_maskz_loadu_epi32((__mmask16)0xff, q);
+        return _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));
+    }
+    const unsigned char *q = row + 2 * (size_t)nb + (size_t)b * (QK / 2);
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    __m256i v = two ? _mm256_loadu_si256((const __m256i *)q) : _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)q));
+    __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    /* 128-bit lanes: block b's low nibbles (values 0-15), b + 1's, b's high (16-31), b + 1's */
+    __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    return _mm512_shuffle_i32x4(z, z, 0xd8); /* lanes 0, 2, 1, 3 */
+}
+
+/* Rows row[0 .. nr - 1] (nr <= 16, rb bytes apart) of a q8_0 or q4_0 matrix of nb blocks
+ * into dst: per block, 8 vectors whose lane i holds unsigned bytes 4k .. 4k + 3 of row i's
+ * block (unsigned_blocks2); then per block the 16 rows' scales as floats. Missing rows are
+ * zero scales. Two blocks (64 bytes of each row) at a time, as a 16 x 16 transpose of dwords. */
+static void repack16(int dtype, unsigned char *dst, const unsigned char *row, size_t rb, int nb, int nr) {
     const __mmask16 live = (__mmask16)((1u << nr) - 1);
     const __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                           _mm512_set1_epi32((int)rb));
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
     float *scales = (float *)(dst + (size_t)nb * QK * Q8_ROWS);
     for (int b = 0; b < nb; b += 2) {
-        const int two = nb - b >= 2; /* else the row's last block alone: 32 bytes */
+        const int two = nb - b >= 2; /* else the row's last block alone */
         __m512i v[16];
-        for (int i = 0; i < 16; i++) {
-            const unsigned char *q = row + (size_t)i * rb + 2 * (size_t)nb + (size_t)b * QK;
-            v[i] = i >= nr ? _mm512_setzero_si512() : two ? _mm512_loadu_si512((const void *)q)
-                                                             : _mm512_maskz_loadu_epi32((__mmask16)0xff, q);
-        }
+        for (int i = 0; i < 16; i++)
+            v[i] = i >= nr ? _mm512_setzero_si512() : unsigned_blocks2(dtype, row + (size_t)i * rb, nb, b, two);
         transpose16x16(v);
-        for (int j = 0; j < (two ? 16 : 8); j++)
-            _mm512_storeu_si512((void *)(dst + ((size_t)b * 8 + j) * 64), _mm512_xor_si512(v[j], flip));
+        for (int j = 0; j < (two ? 16 : 8); j++) _mm512_storeu_si512((void *)(dst + ((size_t)b * 8 + j) * 64), v[j]);
     }
     for (int b = 0; b < nb; b++) {
         /* the scale and the next 2 bytes (another scale or the first quants: inside the row) */
@@ -774,108 +853,137 @@ TILE_INLINE void store_rows16(float *o, int nr, __m512 acc[16]) {
     _mm512_mask_storeu_ps(o, (__mmask16)((1u << nr) - 1), _mm512_add_ps(acc[0], acc[1]));
 }
 
-/* Block b of a token into the sums of lanes L0 .. L0 + 7 (L0 = 0 for even blocks, 8 odd). */
-TILE_INLINE void q8_0_block16(__m512 acc[16], const int L0, const unsigned char *pk, const float *scales, int b,
-                              const int8_t *xq, const int32_t *xc, const float *xs) {
-    const __m512 d = _mm512_mul_ps(_mm512_loadu_ps(scales + (size_t)b * Q8_ROWS), _mm512_set1_ps(xs[b]));
+/* A token (int8 activations xq, their block sums xsum and scales xs) as rows16 reads it;
+ * off: what the unsigned weights carry over the format's (128 for q8_0, 8 for q4_0). */
+typedef struct {
+    const int8_t *xq;
+    const int32_t *xsum;
+    const float *xs;
+} Token16;
+
+/* Block b of token x against the 16 repacked rows into acc, which holds lane
+ * BLOCK_LANE(b % 16) of their sums. */
+TILE_INLINE void rows16_block(__m512 *acc, const unsigned char *pk, const float *scales, int b, Token16 x, int off) {
+    const __m512 d = _mm512_mul_ps(_mm512_loadu_ps(scales + (size_t)b * Q8_ROWS), _mm512_set1_ps(x.xs[b]));
+    __m512i s = _mm512_set1_epi32(-off * x.xsum[b]);
     UNROLL8
     for (int k = 0; k < 8; k++) {
         int32_t x4;
-        memcpy(&x4, xq + (size_t)b * QK + 4 * k, 4);
-        __m512i p = _mm512_dpbusd_epi32(_mm512_set1_epi32(xc[(size_t)b * 8 + k]),
-                                        _mm512_loadu_si512((const void *)(pk + ((size_t)b * 8 + k) * 64)), _mm512_set1_epi32(x4));
-        acc[L0 + k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), d, acc[L0 + k]);
+        memcpy(&x4, x.xq + (size_t)b * QK + 4 * k, 4);
+        s = _mm512_dpbusd_epi32(s, _mm512_loadu_si512((const void *)(pk + ((size_t)b * 8 + k) * 64)), _mm512_set1_epi32(x4));
     }
+    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, *acc);
 }
 
-/* One token (xq, its offsets xc and scales xs) against a repacked group pk of nr rows:
- * their nr sums to o[0 .. nr - 1]. */
-static void q8_0_rows16(float *o, int nr, const unsigned char *pk, int nb, const int8_t *xq, const int32_t *xc,
-                        const float *xs) {
+/* One token x against a repacked group pk of nr rows: their nr sums to o[0 .. nr - 1]. */
+TILE_INLINE void rows16(const int dtype, float *o, int nr, const unsigned char *pk, int nb, Token16 x) {
     const float *scales = (const float *)(pk + (size_t)nb * QK * Q8_ROWS);
+    const int off = dtype == DT_Q8_0 ? 128 : 8;
     __m512 acc[16];
     UNROLL16
     for (int l = 0; l < 16; l++) acc[l] = _mm512_setzero_ps();
-    int b = 0;
-    for (; b + 1 < nb; b += 2) {
-        q8_0_block16(acc, 0, pk, scales, b, xq, xc, xs);
-        q8_0_block16(acc, 8, pk, scales, b + 1, xq, xc, xs);
-    }
-    if (b < nb) q8_0_block16(acc, 0, pk, scales, b, xq, xc, xs);
+    int b0 = 0;
+    for (; b0 + 16 <= nb; b0 += 16)
+        UNROLL16
+        for (int k = 0; k < 16; k++) rows16_block(&acc[BLOCK_LANE(dtype, k)], pk, scales, b0 + k, x, off);
+    UNROLL16
+    for (int k = 0; k < 16; k++)
+        if (b0 + k < nb) rows16_block(&acc[BLOCK_LANE(dtype, k)], pk, scales, b0 + k, x, off);
     store_rows16(o, nr, acc);
 }
 
-/* Blocks b0, b0 + 2, b0 + 4, ... (one parity: those of 8 of the 16 lanes) of two tokens
- * into acc[t][0 .. 7], each repacked vector loaded once for both. */
-TILE_INLINE void q8_0_parity16x2(__m512 acc[2][8], const unsigned char *pk, const float *scales, int nb, int b0,
-                                 const int8_t *const xq[2], const int32_t *const xc[2], const float *const xs[2]) {
-    for (int b = b0; b < nb; b += 2) {
-        __m512 d[2];
-        UNROLL
-        for (int t = 0; t < 2; t++) d[t] = _mm512_mul_ps(_mm512_loadu_ps(scales + (size_t)b * Q8_ROWS), _mm512_set1_ps(xs[t][b]));
-        UNROLL8
-        for (int k = 0; k < 8; k++) {
-            __m512i w = _mm512_loadu_si512((const void *)(pk + ((size_t)b * 8 + k) * 64));
+/* The blocks of two tokens whose lanes are 8h .. 8h + 7 (half h of the 16) into
+ * acc[t][lane - 8h], each repacked vector loaded once for both. */
+TILE_INLINE void rows16_half2(const int dtype, __m512 acc[2][8], const int h, const unsigned char *pk, int nb,
+                              const Token16 x[2]) {
+    const float *scales = (const float *)(pk + (size_t)nb * QK * Q8_ROWS);
+    const int off = dtype == DT_Q8_0 ? 128 : 8;
+    for (int b0 = 0; b0 < nb; b0 += 16)
+        UNROLL16
+        for (int k = 0; k < 16; k++) {
+            const int lane = BLOCK_LANE(dtype, k);
+            if (lane / 8 != h || b0 + k >= nb) continue;
+            const int b = b0 + k;
+            __m512 d[2];
+            __m512i s[2];
             UNROLL
             for (int t = 0; t < 2; t++) {
-                int32_t x4;
-                memcpy(&x4, xq[t] + (size_t)b * QK + 4 * k, 4);
-                __m512i p = _mm512_dpbusd_epi32(_mm512_set1_epi32(xc[t][(size_t)b * 8 + k]), w, _mm512_set1_epi32(x4));
-                acc[t][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), d[t], acc[t][k]);
+                d[t] = _mm512_mul_ps(_mm512_loadu_ps(scales + (size_t)b * Q8_ROWS), _mm512_set1_ps(x[t].xs[b]));
+                s[t] = _mm512_set1_epi32(-off * x[t].xsum[b]);
             }
+            UNROLL8
+            for (int j = 0; j < 8; j++) {
+                __m512i w = _mm512_loadu_si512((const void *)(pk + ((size_t)b * 8 + j) * 64));
+                UNROLL
+                for (int t = 0; t < 2; t++) {
+                    int32_t x4;
+                    memcpy(&x4, x[t].xq + (size_t)b * QK + 4 * j, 4);
+                    s[t] = _mm512_dpbusd_epi32(s[t], w, _mm512_set1_epi32(x4));
+                }
+            }
+            UNROLL
+            for (int t = 0; t < 2; t++) acc[t][lane - 8 * h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]), d[t], acc[t][lane - 8 * h]);
         }
-    }
 }
 
-/* q8_0_rows16 for two tokens: the even blocks' lanes first, then the odd ones' (each lane's
- * sum is its own, so the order of the lanes does not matter), every repacked vector loaded
- * once per pass for both tokens. */
-static void q8_0_rows16x2(float *const o[2], int nr, const unsigned char *pk, int nb, const int8_t *const xq[2],
-                          const int32_t *const xc[2], const float *const xs[2]) {
-    const float *scales = (const float *)(pk + (size_t)nb * QK * Q8_ROWS);
-    __m512 even[2][8], odd[2][8];
+/* rows16 for two tokens: lanes 0-7 first, then 8-15 (each lane's sum is its own, so the
+ * order of the lanes does not matter), every repacked vector loaded once per pass for both
+ * tokens (16 lanes of two tokens would not fit in the registers). */
+TILE_INLINE void rows16x2(const int dtype, float *const o[2], int nr, const unsigned char *pk, int nb, const Token16 x[2]) {
+    __m512 lo[2][8], hi[2][8];
     UNROLL
     for (int t = 0; t < 2; t++)
         UNROLL8
-        for (int k = 0; k < 8; k++) even[t][k] = odd[t][k] = _mm512_setzero_ps();
-    q8_0_parity16x2(even, pk, scales, nb, 0, xq, xc, xs);
-    q8_0_parity16x2(odd, pk, scales, nb, 1, xq, xc, xs);
+        for (int k = 0; k < 8; k++) lo[t][k] = hi[t][k] = _mm512_setzero_ps();
+    rows16_half2(dtype, lo, 0, pk, nb, x);
+    rows16_half2(dtype, hi, 1, pk, nb, x);
     UNROLL
     for (int t = 0; t < 2; t++) {
         __m512 acc[16];
         UNROLL8
-        for (int k = 0; k < 8; k++) acc[k] = even[t][k], acc[8 + k] = odd[t][k];
+        for (int k = 0; k < 8; k++) acc[k] = lo[t][k], acc[8 + k] = hi[t][k];
         store_rows16(o[t], nr, acc);
     }
 }
 
-/* Whether a prompt of n tokens runs its q8_0 matmuls in q8_0_rows16 (then its x also gets
- * the offsets): a prompt long enough, and a repacking slot for every thread. */
-static int q8_0_rows16_on(const Activations *a, int n) {
-    return n > 1 && n >= a->q8_min_tokens && a->repack && TEAM_SIZE() <= a->repack_slots;
+/* Whether a prompt of n tokens runs its matmuls of dtype (q8_0, q4_0) in rows16: a prompt
+ * long enough, and a repacking slot for every thread. */
+static int rows16_on(const Activations *a, int n, int dtype) {
+    return n > 1 && n >= (dtype == DT_Q8_0 ? a->q8_min_tokens : a->q4_min_tokens) && a->repack &&
+           TEAM_SIZE() <= a->repack_slots;
 }
 
-/* Rows r0 .. r0 + nr - 1 of a q8_0 W against all n tokens: 16 rows repacked, then every
- * token against them (the repacked rows stay in L2), then the next 16. */
-static void matmul_q8_0_rows16(float *out, int n, const Matrix *W, const Activations *a, int r0, int nr) {
+/* Token t of a's activations as rows16 reads them */
+static Token16 token16(const Activations *a, int t, int cols) {
+    Token16 x = {a->xq + (size_t)t * cols, a->xq_sum + (size_t)t * (cols / QK), a->xq_scale + (size_t)t * (cols / QK)};
+    return x;
+}
+
+/* Rows r0 .. r0 + nr - 1 of a q8_0 or q4_0 W against all n tokens: 16 rows repacked, then
+ * every token against them (the repacked rows stay in L2), then the next 16. */
+TILE_INLINE void matmul_rows16(const int dtype, float *out, int n, const Matrix *W, const Activations *a, int r0, int nr) {
     const int rows = W->rows, cols = W->cols, nb = cols / QK;
-    const size_t rb = row_bytes(DT_Q8_0, cols);
+    const size_t rb = row_bytes(dtype, cols);
     unsigned char *pk = a->repack + (size_t)THREAD_NUM() * a->repack_bytes;
     for (int g = 0; g < nr; g += Q8_ROWS) {
         const int m = nr - g < Q8_ROWS ? nr - g : Q8_ROWS;
-        q8_0_repack16(pk, (const unsigned char *)W->data + (size_t)(r0 + g) * rb, rb, nb, m);
+        repack16(dtype, pk, (const unsigned char *)W->data + (size_t)(r0 + g) * rb, rb, nb, m);
         int t = 0;
         for (; t + 2 <= n; t += 2) {
             float *o[2] = {out + (size_t)t * rows + r0 + g, out + (size_t)(t + 1) * rows + r0 + g};
-            const int8_t *xq[2] = {a->xq + (size_t)t * cols, a->xq + (size_t)(t + 1) * cols};
-            const int32_t *xc[2] = {a->xq_corr + (size_t)t * (cols / 4), a->xq_corr + (size_t)(t + 1) * (cols / 4)};
-            const float *xs[2] = {a->xq_scale + (size_t)t * nb, a->xq_scale + (size_t)(t + 1) * nb};
-            q8_0_rows16x2(o, m, pk, nb, xq, xc, xs);
+            const Token16 x[2] = {token16(a, t, cols), token16(a, t + 1, cols)};
+            rows16x2(dtype, o, m, pk, nb, x);
         }
-        for (; t < n; t++)
-            q8_0_rows16(out + (size_t)t * rows + r0 + g, m, pk, nb, a->xq + (size_t)t * cols,
-                        a->xq_corr + (size_t)t * (cols / 4), a->xq_scale + (size_t)t * nb);
+        for (; t < n; t++) rows16(dtype, out + (size_t)t * rows + r0 + g, m, pk, nb, token16(a, t, cols));
     }
+}
+
+static void matmul_q8_0_rows16(float *out, int n, const Matrix *W, const Activations *a, int r0, int nr) {
+    matmul_rows16(DT_Q8_0, out, n, W, a, r0, nr);
+}
+
+static void matmul_q4_0_rows16(float *out, int n, const Matrix *W, const Activations *a, int r0, int nr) {
+    matmul_rows16(DT_Q4_0, out, n, W, a, r0, nr);
 }
 
 /* Rows r0 .. r0 + nr - 1 of W against all n tokens, as matmul_rows_avx2. */
@@ -884,23 +992,25 @@ static void matmul_rows_avx512(float *out, const float *xin, int n, const Matrix
     const size_t rb = row_bytes(dtype, cols);
     const unsigned char *w = (const unsigned char *)W->data + (size_t)r0 * rb;
     float *o = out + r0;
-    if (dtype == DT_Q8_0 && q8_0_rows16_on(a, n)) {
-        matmul_q8_0_rows16(out, n, W, a, r0, nr);
+    if ((dtype == DT_Q8_0 || dtype == DT_Q4_0) && rows16_on(a, n, dtype)) {
+        if (dtype == DT_Q8_0) matmul_q8_0_rows16(out, n, W, a, r0, nr);
+        else matmul_q4_0_rows16(out, n, W, a, r0, nr);
         return;
     }
 #define TILE(NR_, NT_)                                                                                             \
     do {                                                                                                           \
         float *o_ = o + (size_t)t * rows;                                                                          \
+        const int8_t *xp_ = a->xq_perm + (size_t)t * Q4_GROUPS(nb) * Q4_GROUP_BYTES;                                 \
+        const float *xs_ = a->xq_scale + (size_t)t * nb;                                                            \
         if (dtype == DT_F32) tile512_f32(o_, rows, w, rb, xin + (size_t)t * cols, cols, NR_, NT_);                  \
         else if (dtype == DT_BF16) tile512_bf16(o_, rows, w, rb, xin + (size_t)t * cols, cols, NR_, NT_);           \
         else if (dtype == DT_Q8_0)                                                                                 \
-            tile512_q8_0(o_, rows, w, rb, a->xq + (size_t)t * cols, a->xq_scale + (size_t)t * nb, nb, NR_, NT_);   \
+            tile512_q8_0(o_, rows, w, rb, a->xq + (size_t)t * cols, xs_, a->xq_sum + (size_t)t * nb, nb, NR_, NT_); \
         else if (NR_ == 4 && NT_ > 1) {                                                                            \
-            const int8_t *xp_ = a->xq_perm + (size_t)t * Q4_GROUPS(nb) * Q4_GROUP_BYTES;                             \
-            tile512_q4_0(o_, rows, w, rb, xp_, nb, 2, NT_);                                                         \
-            tile512_q4_0(o_ + 2, rows, w + 2 * rb, rb, xp_, nb, 2, NT_);                                            \
+            tile512_q4_0(o_, rows, w, rb, xp_, xs_, nb, 2, NT_);                                                    \
+            tile512_q4_0(o_ + 2, rows, w + 2 * rb, rb, xp_, xs_, nb, 2, NT_);                                       \
         } else                                                                                                     \
-            tile512_q4_0(o_, rows, w, rb, a->xq_perm + (size_t)t * Q4_GROUPS(nb) * Q4_GROUP_BYTES, nb, NR_, NT_);     \
+            tile512_q4_0(o_, rows, w, rb, xp_, xs_, nb, NR_, NT_);                                                  \
     } while (0)
     /* A prompt: each 4 tokens' x stays in L1 while it meets the chunk's rows, 4 at a time,
      * whose weights stay in L2 (CHUNK_ROWS). Decode (matmul_streams512 takes most of its
@@ -926,8 +1036,8 @@ static void matmul_streams512(float *out, const float *xin, const Matrix *W, con
         float o[2];
         if (W->dtype == DT_F32) tile512_f32(o, 1, w, (size_t)D * rb, xin, W->cols, 2, 1);
         else if (W->dtype == DT_BF16) tile512_bf16(o, 1, w, (size_t)D * rb, xin, W->cols, 2, 1);
-        else if (W->dtype == DT_Q8_0) tile512_q8_0(o, 1, w, (size_t)D * rb, a->xq, a->xq_scale, nb, 2, 1);
-        else tile512_q4_0(o, 1, w, (size_t)D * rb, a->xq_perm, nb, 2, 1);
+        else if (W->dtype == DT_Q8_0) tile512_q8_0(o, 1, w, (size_t)D * rb, a->xq, a->xq_scale, a->xq_sum, nb, 2, 1);
+        else tile512_q4_0(o, 1, w, (size_t)D * rb, a->xq_perm, a->xq_scale, nb, 2, 1);
         out[u] = o[0];
         out[u + D] = o[1];
     }
@@ -1202,12 +1312,11 @@ static void prepare_piece(Activations *a, const float *x, int t, int piece, cons
     if (level == 2) {
         quantize_activations512(a->xq + at, a->xq_scale + block, a->xq_sum + block, x + at, len);
         if (dtype == DT_Q4_0)
-            q4_0_reorder512(a->xq_perm + (size_t)t * Q4_GROUPS(nb) * Q4_GROUP_BYTES, a->xq + (size_t)t * cols,
-                            a->xq_scale + (size_t)t * nb, nb, piece, piece + 1);
+            q4_0_reorder512(a->xq_perm + (size_t)t * Q4_GROUPS(nb) * Q4_GROUP_BYTES, a->xq + (size_t)t * cols, nb,
+                            piece, piece + 1);
     } else
 #endif
         quantize_activations(a->xq + at, a->xq_scale + block, a->xq_sum + block, x + at, len);
-    if (level == 1 && dtype == DT_Q4_0) q4_0_correction(a->xq_corr + block * 8, a->xq + at, len);
     if (dtype >= DT_GGML) /* (the same bytes as the plain loops' xr: xq is) */
         quantize_residual(a->xr + at, a->xr_scale + block, a->xr_sum + block, x + at, a->xq + at, a->xq_scale + block, len);
 }
@@ -1295,9 +1404,8 @@ static void carve_activations(Carve *cv, Activations *a, size_t tokens, size_t w
     a->xq = carve(cv, tokens * widest, 1);
     a->xq_scale = carve(cv, tokens * (widest / 32 + 1), sizeof(float));
     a->xq_sum = carve(cv, tokens * (widest / 32 + 1), sizeof(int32_t));
-    a->xq_corr = carve(cv, tokens * (widest / 4 + 16), sizeof(int32_t));
     a->xperm = carve(cv, tokens * widest, sizeof(float));
-    a->xq_perm = carve(cv, tokens * ((widest + 255) / 256 * 384), 1);
+    a->xq_perm = carve(cv, tokens * ((widest + 255) / 256 * 320), 1); /* Q4_GROUP_BYTES per 256 */
     a->xr = carve(cv, tokens * widest, 1);
     a->xr_scale = carve(cv, tokens * (widest / 32 + 1), sizeof(float));
     a->xr_sum = carve(cv, tokens * (widest / 32 + 1), sizeof(int32_t));
@@ -1323,10 +1431,11 @@ static size_t kernels_setup(void *mem, const Config *c, int max_batch, int threa
     k->share = carve(&cv, (size_t)threads * 8, sizeof(uint64_t));
     carve_activations(&cv, &k->act, (size_t)max_batch, widest);
 #ifdef GEMMA3_AVX512
-    if (max_batch > 1) { /* a slot per thread for a prompt's repacked q8_0 rows */
+    if (max_batch > 1) { /* a slot per thread for a prompt's repacked q8_0 / q4_0 rows */
         k->act.repack_bytes = (Q8_REPACK_BYTES(widest) + 63) / 64 * 64;
         k->act.repack_slots = threads;
         k->act.q8_min_tokens = Q8_MIN_TOKENS;
+        k->act.q4_min_tokens = Q4_MIN_TOKENS;
         k->act.repack = carve(&cv, (size_t)threads, k->act.repack_bytes);
     }
 #endif
@@ -1376,16 +1485,7 @@ static int kernels_matmul(void *kernels, float *const out[], const Matrix *const
         a = own;
     } else {
         FOR /* a prompt: x prepared by all the threads */
-        for (job = 0; job < n * pieces; job++) {
-            prepare_piece(&ks->act, x, job / pieces, job % pieces, W[0], level);
-#ifdef GEMMA3_AVX512
-            if (level == 2 && W[0]->dtype == DT_Q8_0 && q8_0_rows16_on(&ks->act, n)) {
-                const size_t at = (size_t)(job / pieces) * W[0]->cols + (size_t)(job % pieces) * PIECE;
-                const int len = W[0]->cols - (job % pieces) * PIECE < PIECE ? W[0]->cols - (job % pieces) * PIECE : PIECE;
-                q8_0_offsets512(ks->act.xq_corr + at / 4, ks->act.xq + at, len);
-            }
-#endif
-        }
+        for (job = 0; job < n * pieces; job++) prepare_piece(&ks->act, x, job / pieces, job % pieces, W[0], level);
     }
     const float *xin = W[0]->dtype == DT_BF16 ? a->xperm : x; /* what the float tiles read */
     if (decode && first[count] < SHARE_MAX) { /* decode's jobs, shared out */

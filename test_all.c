@@ -667,13 +667,15 @@ static void test_kernels(void) {
     static unsigned char packed[ROWS * MAXC * 4];
     const int shapes[][2] = {{DT_F32, 288}, {DT_F32, 272}, {DT_F32, 100}, {DT_BF16, 288}, {DT_BF16, 272},
                              {DT_BF16, 40}, {DT_Q8_0, 288}, {DT_Q8_0, 608}, {DT_Q4_0, 288}, {DT_Q4_0, 800},
-                             {DT_Q4_0, 384}, {DT_Q4_0, 416}, {DT_Q8_0, 384}, {DT_Q8_0, 416}, {DT_Q8_0, 768},
+                             {DT_Q4_0, 384}, {DT_Q4_0, 416}, {DT_Q4_0, 640}, {DT_Q8_0, 384}, {DT_Q8_0, 416}, {DT_Q8_0, 768},
+                             {DT_Q8_0, 640},
                              /* GGUF's blocks: Q8_0, Q5_0, Q4_K, Q5_K, Q6_K, Q4_0, IQ4_NL; Q4_1 has no SIMD
                               * dot (plain loops) */
                              {DT_GGML + 8, 288}, {DT_GGML + 6, 416}, {DT_GGML + 12, 512}, {DT_GGML + 13, 768},
                              {DT_GGML + 14, 512}, {DT_GGML + 2, 352}, {DT_GGML + 20, 288}, {DT_GGML + 3, 288}};
-    /* blocks of 32: the AVX-512 tiles take q4_0 8 and q8_0 16 blocks a step, so these
-     * shapes end in partial steps of every kind (q8_0 384, 416, 768: 12, 13, 8 blocks) */
+    /* blocks of 32: the AVX-512 tiles take 16 blocks a step (q4_0 as two groups of 8, a
+     * group of 4 or fewer as a half), the AVX2 ones 8, so these shapes end in partial steps
+     * of every kind (384, 416, 640, 768, 800: 12, 13, 20, 24, 25 blocks) */
     const char *names[] = {"f32", "bf16", "q8_0", "q4_0"}, *levels[] = {"plain", "AVX2", "AVX-512"};
     uint64_t seed = 7;
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
@@ -720,10 +722,11 @@ static void test_kernels(void) {
             CHECK(same, "%s %s: a batch of %d tokens is not bit-identical to one token at a time", levels[level], name, NT);
         }
 #if defined(GEMMA3_AVX512)
-        if (dt == DT_Q8_0) { /* the 16-row repacked prompt tiles, from 2 tokens on: odd counts, and 37 = 2 x 16 + 5 rows */
+        if (dt == DT_Q8_0 || dt == DT_Q4_0) { /* the 16-row repacked prompt tiles, from 2 tokens on: odd counts, one
+                                                * token after pairs, and 37 = 2 x 16 + 5 rows */
             Kernels *ks = s.kernels;
             set_kernel_level(&s, 2);
-            ks->act.q8_min_tokens = 2;
+            ks->act.q8_min_tokens = ks->act.q4_min_tokens = 2;
             const int counts[] = {NT, 3, 2};
             for (size_t c = 0; c < sizeof counts / sizeof counts[0]; c++) {
                 int n = counts[c], same = 1;
@@ -734,12 +737,14 @@ static void test_kernels(void) {
                     matmul(y1, x + (size_t)t * cols, 1, &W, &s);
                     same &= memcmp(y1, y + (size_t)t * ROWS, sizeof y1) == 0;
                 }
-                printf("  AVX-512 q8_0 16-row tiles %3d x %3d, %d tokens: max|diff| %.3g of max %.3g; batch == one by one: %s\n",
-                       ROWS, cols, n, worst, scale, same ? "yes" : "NO");
-                CHECK(scale > 0 && worst <= 1e-5 * scale, "q8_0 16-row tiles differ from the plain loops by %g (max %g)", worst, scale);
-                CHECK(same, "q8_0 16-row tiles: a batch of %d tokens is not bit-identical to one token at a time", n);
+                printf("  AVX-512 %s 16-row tiles %3d x %3d, %d tokens: max|diff| %.3g of max %.3g; batch == one by one: %s\n",
+                       name, ROWS, cols, n, worst, scale, same ? "yes" : "NO");
+                CHECK(scale > 0 && worst <= 1e-5 * scale, "%s 16-row tiles differ from the plain loops by %g (max %g)", name,
+                      worst, scale);
+                CHECK(same, "%s 16-row tiles: a batch of %d tokens is not bit-identical to one token at a time", name, n);
             }
             ks->act.q8_min_tokens = Q8_MIN_TOKENS;
+            ks->act.q4_min_tokens = Q4_MIN_TOKENS;
         }
 #endif
         free_run_state(&s);
