@@ -16,7 +16,8 @@
  * relative, not bit for bit. (q8_0 and q4_0 add each block's 32 products exactly in int32,
  * as the plain loops do, and meet the block's scales once: only the order in which the
  * blocks' terms are added differs, BLOCK_LANE.) test_all.c runs every kernel against the
- * plain loops.
+ * plain loops. One exception: with AVX512_BF16, bf16 weights meet x rounded to bf16
+ * (GEMMA3_BF16_DOT), which the tests compare with the plain loops fed the same rounded x.
  *
  * Speed comes from three things, in order of effect:
  *   - register tiles: NR weight rows times NT tokens, each weight vector loaded once for NT
@@ -34,6 +35,11 @@
 #define HAVE_KERNELS_MATMUL 1 /* and HAVE_KERNELS_ATTENTION with AVX-512: gemma3.c stubs the rest */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define GEMMA3_AVX512 1
+#if defined(__AVX512BF16__)
+/* bf16 rows meet x rounded to bf16, a pair of products per lane (vdpbf16ps): twice the
+ * multiply-adds of an f32 FMA, but x keeps 8 bits of mantissa (README, Accuracy) */
+#define GEMMA3_BF16_DOT 1
+#endif
 #endif
 #include <immintrin.h>
 
@@ -55,6 +61,7 @@ typedef struct {
     int repack_slots;
     int q8_min_tokens;     /* q8_0 prompts of fewer tokens keep the 4 x 4 tiles (the tests lower it) */
     int q4_min_tokens;     /* the same for q4_0 */
+    uint16_t *xbf;         /* (tokens, widest) x rounded to bf16 for the AVX512_BF16 tiles */
 } Activations;
 
 /* The kernels' scratch, one per run state. */
@@ -461,6 +468,49 @@ TILE_INLINE void tile512_bf16(float *out, int ostride, const unsigned char *w, s
         UNROLL
         for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum16(acc[r][t]);
 }
+
+#ifdef GEMMA3_BF16_DOT
+/* bf16 rows times x rounded to bf16 (xb, bf16_round_x): 32 weights per load, and one
+ * vdpbf16ps adds the products of each lane's pair (weights 2i and 2i + 1) to its f32 sum.
+ * A product of two bf16 is exact in f32; only the sums round. cols % 32 == 0. */
+TILE_INLINE void tile512_bf16dot(float *out, int ostride, const unsigned char *w, size_t rb, const uint16_t *xb,
+                                 int cols, const int NR, const int NT) {
+    __m512 acc[4][4];
+    UNROLL
+    for (int r = 0; r < NR; r++)
+        UNROLL
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int j = 0; j < cols; j += 32) {
+        __m512bh wv[4];
+        UNROLL
+        for (int r = 0; r < NR; r++) {
+            if (NT == 1) prefetch_ahead(w + r * rb + (size_t)j * 2, NR);
+            wv[r] = (__m512bh)_mm512_loadu_si512((const void *)(w + r * rb + (size_t)j * 2));
+            IN_REGISTER(wv[r]);
+        }
+        UNROLL
+        for (int t = 0; t < NT; t++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xb + (size_t)t * cols + j));
+            IN_REGISTER(xv);
+            UNROLL
+            for (int r = 0; r < NR; r++) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv[r], xv);
+        }
+    }
+    UNROLL
+    for (int r = 0; r < NR; r++)
+        UNROLL
+        for (int t = 0; t < NT; t++) out[(size_t)t * ostride + r] = hsum16(acc[r][t]);
+}
+
+/* x rounded to bf16 for tile512_bf16dot: to nearest, ties to even (a NaN stays a NaN, a
+ * subnormal becomes a zero), 32 values per instruction. n % 32 == 0. */
+static void bf16_round_x(uint16_t *xb, const float *x, int n) {
+    for (int j = 0; j < n; j += 32) {
+        __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + j + 16), _mm512_loadu_ps(x + j)); /* (high, low) */
+        _mm512_storeu_si512((void *)(xb + j), (__m512i)v);
+    }
+}
+#endif
 
 /* The order of a quantized row's sum (q8_0 and q4_0, every tile): each block's 32
  * products add up exactly in int32, and meet the block's two scales once, as
@@ -986,6 +1036,17 @@ static void matmul_q4_0_rows16(float *out, int n, const Matrix *W, const Activat
     matmul_rows16(DT_Q4_0, out, n, W, a, r0, nr);
 }
 
+/* An AVX-512 bf16 tile of tokens t .. : the pair dot of x rounded to bf16 (a->xbf) where the
+ * CPU has one, else the widening tile on x permuted (xin). Decode and a prompt take the
+ * same one, so that a batch still equals token-by-token decoding. */
+#ifdef GEMMA3_BF16_DOT
+#define TILE512_BF16(o, ostride, w, rb, xin, a, t, cols, NR, NT) \
+    tile512_bf16dot(o, ostride, w, rb, (a)->xbf + (size_t)(t) * (cols), cols, NR, NT)
+#else
+#define TILE512_BF16(o, ostride, w, rb, xin, a, t, cols, NR, NT) \
+    tile512_bf16(o, ostride, w, rb, (xin) + (size_t)(t) * (cols), cols, NR, NT)
+#endif
+
 /* Rows r0 .. r0 + nr - 1 of W against all n tokens, as matmul_rows_avx2. */
 static void matmul_rows_avx512(float *out, const float *xin, int n, const Matrix *W, const Activations *a, int r0, int nr) {
     const int rows = W->rows, cols = W->cols, dtype = W->dtype, nb = cols / QK;
@@ -1003,7 +1064,7 @@ static void matmul_rows_avx512(float *out, const float *xin, int n, const Matrix
         const int8_t *xp_ = a->xq_perm + (size_t)t * Q4_GROUPS(nb) * Q4_GROUP_BYTES;                                 \
         const float *xs_ = a->xq_scale + (size_t)t * nb;                                                            \
         if (dtype == DT_F32) tile512_f32(o_, rows, w, rb, xin + (size_t)t * cols, cols, NR_, NT_);                  \
-        else if (dtype == DT_BF16) tile512_bf16(o_, rows, w, rb, xin + (size_t)t * cols, cols, NR_, NT_);           \
+        else if (dtype == DT_BF16) TILE512_BF16(o_, rows, w, rb, xin, a, t, cols, NR_, NT_);                      \
         else if (dtype == DT_Q8_0)                                                                                 \
             tile512_q8_0(o_, rows, w, rb, a->xq + (size_t)t * cols, xs_, a->xq_sum + (size_t)t * nb, nb, NR_, NT_); \
         else if (NR_ == 4 && NT_ > 1) {                                                                            \
@@ -1035,7 +1096,7 @@ static void matmul_streams512(float *out, const float *xin, const Matrix *W, con
         const unsigned char *w = (const unsigned char *)W->data + (size_t)u * rb;
         float o[2];
         if (W->dtype == DT_F32) tile512_f32(o, 1, w, (size_t)D * rb, xin, W->cols, 2, 1);
-        else if (W->dtype == DT_BF16) tile512_bf16(o, 1, w, (size_t)D * rb, xin, W->cols, 2, 1);
+        else if (W->dtype == DT_BF16) TILE512_BF16(o, 1, w, (size_t)D * rb, xin, a, 0, W->cols, 2, 1);
         else if (W->dtype == DT_Q8_0) tile512_q8_0(o, 1, w, (size_t)D * rb, a->xq, a->xq_scale, a->xq_sum, nb, 2, 1);
         else tile512_q4_0(o, 1, w, (size_t)D * rb, a->xq_perm, a->xq_scale, nb, 2, 1);
         out[u] = o[0];
@@ -1299,12 +1360,19 @@ static void matmul_rows_ggml(float *out, int n, const Matrix *W, const Activatio
 
 /* Columns piece * PIECE .. of token t of x as the tiles of `level` (1 AVX2, 2 AVX-512)
  * want them: int8 blocks for the quantized types (plus q4_0's offset, and for AVX-512 its
- * reordering), even/odd order for bf16. f32 takes x as it is. */
+ * reordering), for bf16 rounded to bf16 (AVX512_BF16) or in even/odd order. f32 takes x
+ * as it is. */
 static void prepare_piece(Activations *a, const float *x, int t, int piece, const Matrix *W, int level) {
     const int cols = W->cols, dtype = W->dtype, nb = cols / QK;
     const int j0 = piece * PIECE, len = cols - j0 < PIECE ? cols - j0 : PIECE; /* len % 32 == 0 */
     const size_t at = (size_t)t * cols + j0, block = (size_t)t * nb + j0 / QK;
     if (dtype == DT_BF16) {
+#ifdef GEMMA3_BF16_DOT
+        if (level == 2) {
+            bf16_round_x(a->xbf + at, x + at, len);
+            return;
+        }
+#endif
         bf16_permute_x(a->xperm + at, x + at, len, level == 2 ? 16 : 8);
         return;
     }
@@ -1409,6 +1477,9 @@ static void carve_activations(Carve *cv, Activations *a, size_t tokens, size_t w
     a->xr = carve(cv, tokens * widest, 1);
     a->xr_scale = carve(cv, tokens * (widest / 32 + 1), sizeof(float));
     a->xr_sum = carve(cv, tokens * (widest / 32 + 1), sizeof(int32_t));
+#ifdef GEMMA3_BF16_DOT
+    a->xbf = carve(cv, tokens * widest, sizeof(uint16_t));
+#endif
 }
 
 /* Lays out the kernels' scratch for max_batch tokens and `threads` threads at mem, which

@@ -234,6 +234,19 @@ static int have_numpy(void) { return run("/usr/bin/python3 -c 'import numpy'") =
 
 /* ------------------------------------------------------------------------- */
 
+static void check_quantized(const char *what, const char *bin, const char *tokens, const char *ref_path, double max_rel,
+                            double min_top1);
+/* bf16 weights times x rounded to bf16 (the AVX512_BF16 tiles, where the build has them:
+ * BF16_ROUNDS) against exact arithmetic: the largest logit error allowed, relative to
+ * max|logit| (README, Accuracy); for the image path (a vision tower, then the text model) 2 %. */
+#ifdef GEMMA3_BF16_DOT
+#define BF16_ROUNDS 1
+#else
+#define BF16_ROUNDS 0
+#endif
+#define BF16_DOT_MAX_REL 0.01
+#define BF16_DOT_MAX_REL_IMAGE 0.02
+
 static void test_fixture_tiny(void) {
     printf("golden logits: tests/fixtures/tiny (gemma_pytorch float32)\n");
     CHECK(run("python3 export.py " TINY " " BUILD "/tiny-f32.bin --dtype f32 -q") == 0, "export f32: %s", last_log());
@@ -242,13 +255,21 @@ static void test_fixture_tiny(void) {
     check_greedy("f32 greedy vs reference", BUILD "/tiny-f32.bin", TINY "/tokens.txt", TINY "/greedy.txt");
     /* The fixture's weights are bf16, so a bf16 export loses nothing and must give the
      * very same logits as the f32 one (bf16 -> f32 widening is exact). */
+#ifdef GEMMA3_BF16_DOT /* except where the AVX512_BF16 tiles round x to bf16 (README, Accuracy) */
+    check_quantized("tiny bf16 (x rounded to bf16) vs reference", BUILD "/tiny-bf16.bin", TINY "/tokens.txt",
+                    TINY "/logits.f32", BF16_DOT_MAX_REL, 1.0);
+#else
     check_logits("bf16 export vs reference", BUILD "/tiny-bf16.bin", TINY "/tokens.txt", TINY "/logits.f32", 1e-4);
+#endif
     check_greedy("bf16 greedy vs reference", BUILD "/tiny-bf16.bin", TINY "/tokens.txt", TINY "/greedy.txt");
     CHECK(run("./gemma3 " BUILD "/tiny-f32.bin --logits " TINY "/tokens.txt " BUILD "/tiny-f32.logits") == 0,
           "gemma3 --logits: %s", last_log());
     CHECK(run("./gemma3 " BUILD "/tiny-bf16.bin --logits " TINY "/tokens.txt " BUILD "/tiny-bf16.logits") == 0,
           "gemma3 --logits bf16: %s", last_log());
-#ifdef GEMMA3_AVX2 /* the SIMD f32 and bf16 kernels add in different orders */
+#if defined(GEMMA3_BF16_DOT) /* rounded x: batched (--logits) == token by token is what holds to the bit */
+    check_logits("bf16 batched --logits == token-by-token", BUILD "/tiny-bf16.bin", TINY "/tokens.txt",
+                 BUILD "/tiny-bf16.logits", 0.0);
+#elif defined(GEMMA3_AVX2) /* the SIMD f32 and bf16 kernels add in different orders */
     check_logits("bf16 export == f32 export (SIMD: to 1e-6)", BUILD "/tiny-bf16.bin", TINY "/tokens.txt",
                  BUILD "/tiny-f32.logits", 1e-6);
 #else
@@ -598,6 +619,19 @@ static void set_kernel_level(RunState *s, int level) {
 #endif
 }
 
+/* f rounded to bf16 as vcvtne2ps2bf16 rounds it (Intel's convert_fp32_to_bfloat16): to
+ * nearest, ties to even; a NaN stays a NaN, made quiet; a subnormal becomes a zero of its sign. */
+static float round_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) u |= 0x00400000u;
+    else if ((u & 0x7f800000u) == 0) u &= 0x80000000u;
+    else u += 0x7fffu + (u >> 16 & 1);
+    u &= 0xffff0000u;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 /* Each kind of SIMD tile the build has (AVX2; AVX-512) against the plain loops, for every
  * weight type, on shapes that leave partial tiles (37 rows, 9 tokens) and partial groups of
  * quantized blocks (9, 19, 25 blocks of 32), plus batch == one token at a time, to the bit.
@@ -633,6 +667,33 @@ static void test_kernels(void) {
     /* where the result is tiny, e^(2u) carries the rounding of u in float: about 1e-5 */
     CHECK(worst_gelu < 1e-4, "gelu_tanh has relative error %g", worst_gelu);
     int max_level = 0;
+#if defined(GEMMA3_BF16_DOT)
+    { /* the AVX512_BF16 tiles' x: rounded as round_bf16 rounds, on ties (odd and even), the
+       * largest values (rounding up to infinity), subnormals, infinities, NaN and random values */
+        enum { N = 32 * 4 };
+        static const uint32_t special[] = {0x3f808000u, 0x3f818000u, 0xbf808000u, 0x3f808001u, 0x3f807fffu, 0x7f7fffffu,
+                                           0xff7f8000u, 0x7f7f7fffu, 0x00000001u, 0x807fffffu, 0x00800000u, 0x7f800000u,
+                                           0xff800000u, 0x7fc00001u, 0x7f800001u, 0xffa00000u, 0x00000000u, 0x80000000u};
+        static float xa[N];
+        static uint16_t xb[N];
+        uint64_t bseed = 13;
+        int bad = 0;
+        for (int k = 0; k < N; k++) {
+            uint32_t u = k < (int)(sizeof special / sizeof special[0]) ? special[k] : 0;
+            memcpy(&xa[k], &u, 4);
+            if (k >= (int)(sizeof special / sizeof special[0])) xa[k] = (random_f32(&bseed) - 0.5f) * (float)(k * k);
+        }
+        bf16_round_x(xb, xa, N);
+        for (int k = 0; k < N; k++) {
+            float r = round_bf16(xa[k]);
+            uint32_t u;
+            memcpy(&u, &r, 4);
+            bad += xb[k] != (uint16_t)(u >> 16);
+        }
+        printf("AVX512_BF16 rounding of x vs plain C, %d values: %s\n", N, bad ? "DIFFERENT" : "the same bits");
+        CHECK(bad == 0, "bf16_round_x differs from round_bf16 on %d values", bad);
+    }
+#endif
 #if defined(GEMMA3_AVX512)
     max_level = 2;
     { /* the AVX-512 activation quantizer must give the plain loop's bytes: blocks of zeros,
@@ -663,10 +724,10 @@ static void test_kernels(void) {
     printf("matmul kernels: plain C only in this build (no SIMD kernels to compare)\n");
 #endif
     enum { ROWS = 37, NT = 9, MAXC = 800 };
-    static float w[ROWS * MAXC], x[NT * MAXC], y[NT * ROWS], y_ref[NT * ROWS], y1[ROWS];
+    static float w[ROWS * MAXC], x[NT * MAXC], y[NT * ROWS], y_ref[NT * ROWS], y1[ROWS], xr[NT * MAXC], y_round[NT * ROWS];
     static unsigned char packed[ROWS * MAXC * 4];
     const int shapes[][2] = {{DT_F32, 288}, {DT_F32, 272}, {DT_F32, 100}, {DT_BF16, 288}, {DT_BF16, 272},
-                             {DT_BF16, 40}, {DT_Q8_0, 288}, {DT_Q8_0, 608}, {DT_Q4_0, 288}, {DT_Q4_0, 800},
+                             {DT_BF16, 40}, {DT_BF16, 800}, {DT_Q8_0, 288}, {DT_Q8_0, 608}, {DT_Q4_0, 288}, {DT_Q4_0, 800},
                              {DT_Q4_0, 384}, {DT_Q4_0, 416}, {DT_Q4_0, 640}, {DT_Q8_0, 384}, {DT_Q8_0, 416}, {DT_Q8_0, 768},
                              {DT_Q8_0, 640},
                              /* GGUF's blocks: Q8_0, Q5_0, Q4_K, Q5_K, Q6_K, Q4_0, IQ4_NL; Q4_1 has no SIMD
@@ -705,21 +766,33 @@ static void test_kernels(void) {
         RunState s;
         if (build_run_state(&s, &cfg, NT, NT, 0, err, sizeof err) != 0) { CHECK(0, "run state: %s", err); return; }
         matmul_plain(y_ref, x, NT, &W, &s);
+        /* the AVX512_BF16 tiles round x to bf16: their reference is the plain loops on that x */
+        for (int k = 0; k < NT * cols; k++) xr[k] = round_bf16(x[k]);
+        matmul_plain(y_round, xr, NT, &W, &s);
         for (int level = max_level; level >= 1; level--) {
+            int rounds = 0;
+#if defined(GEMMA3_BF16_DOT)
+            rounds = dt == DT_BF16 && level == 2 && cols % 32 == 0; /* (cols % 32: the AVX-512 tiles' shapes) */
+#endif
+            const float *ref = rounds ? y_round : y_ref;
             set_kernel_level(&s, level);
-            matmul(y, x, NT, &W, &s);
-            double worst = 0, scale = 0;
-            for (int k = 0; k < NT * ROWS; k++) { worst = fmax(worst, fabs(y[k] - y_ref[k])); scale = fmax(scale, fabs(y_ref[k])); }
-            int same = 1;
-            for (int t = 0; t < NT; t++) {
-                matmul(y1, x + (size_t)t * cols, 1, &W, &s);
-                same &= memcmp(y1, y + (size_t)t * ROWS, sizeof y1) == 0;
+            /* NT tokens (tiles of 4 tokens and 1), then 3 (2 and 1): every kind of tile */
+            for (int n = NT; n > 0; n = n == NT ? 3 : 0) {
+                matmul(y, x, n, &W, &s);
+                double worst = 0, scale = 0;
+                for (int k = 0; k < n * ROWS; k++) { worst = fmax(worst, fabs(y[k] - ref[k])); scale = fmax(scale, fabs(ref[k])); }
+                int same = 1;
+                for (int t = 0; t < n; t++) {
+                    matmul(y1, x + (size_t)t * cols, 1, &W, &s);
+                    same &= memcmp(y1, y + (size_t)t * ROWS, sizeof y1) == 0;
+                }
+                printf("  %-7s %-5s %3d x %3d, %d tokens: max|diff| %.3g of max %.3g%s; batch == one by one: %s\n",
+                       levels[level], name, ROWS, cols, n, worst, scale, rounds ? " (x rounded to bf16 in both)" : "",
+                       same ? "yes" : "NO");
+                CHECK(scale > 0 && worst <= 1e-5 * scale, "%s %s matmul differs from the plain loops by %g (max %g)",
+                      levels[level], name, worst, scale);
+                CHECK(same, "%s %s: a batch of %d tokens is not bit-identical to one token at a time", levels[level], name, n);
             }
-            printf("  %-7s %-5s %3d x %3d, %d tokens: max|diff| %.3g of max %.3g; batch == one by one: %s\n", levels[level],
-                   name, ROWS, cols, NT, worst, scale, same ? "yes" : "NO");
-            CHECK(scale > 0 && worst <= 1e-5 * scale, "%s %s matmul differs from the plain loops by %g (max %g)", levels[level],
-                  name, worst, scale);
-            CHECK(same, "%s %s: a batch of %d tokens is not bit-identical to one token at a time", levels[level], name, NT);
         }
 #if defined(GEMMA3_AVX512)
         if (dt == DT_Q8_0 || dt == DT_Q4_0) { /* the 16-row repacked prompt tiles, from 2 tokens on: odd counts, one
@@ -930,16 +1003,20 @@ static void test_quantized(void) {
     check_quantized("tiny q4_0 vs reference", BUILD "/tiny-q4_0.bin", TINY "/tokens.txt", TINY "/logits.f32", 0.20, 0.90);
     CHECK(run("python3 tools/make_checkpoint.py " BUILD "/qmed --vocab 4096 --hidden 256 --inter 1024 --layers 4 --heads 4 "
               "--kv-heads 1 --head-dim 64 --qpas 64 --window 16 --seed 2") == 0, "make qmed: %s", last_log());
-    const char *types[] = {"f32", "q8_0", "q4_0"};
-    for (int i = 0; i < 3; i++)
+    const char *types[] = {"f32", "q8_0", "q4_0", "bf16"};
+    for (int i = 0; i < 4; i++)
         CHECK(run("python3 export.py " BUILD "/qmed " BUILD "/qmed-%s.bin --dtype %s -q", types[i], types[i]) == 0,
               "export qmed %s: %s", types[i], last_log());
     write_random_tokens(BUILD "/qmed.tokens", 64, 4096, 5);
     CHECK(run("./gemma3 " BUILD "/qmed-f32.bin --logits " BUILD "/qmed.tokens " BUILD "/qmed-f32.logits") == 0, "qmed f32 logits");
     check_quantized("random 4-layer d=256 q8_0 vs f32", BUILD "/qmed-q8_0.bin", BUILD "/qmed.tokens", BUILD "/qmed-f32.logits", 0.05, 0.95);
     check_quantized("random 4-layer d=256 q4_0 vs f32", BUILD "/qmed-q4_0.bin", BUILD "/qmed.tokens", BUILD "/qmed-f32.logits", 0.50, 0.80);
-    /* a 64-token quantized prompt in one batch (the q8_0 16-row tiles with AVX-512) == token by token, to the bit */
-    for (int i = 1; i < 3; i++) {
+    /* qmed's weights are bf16: the bf16 export loses nothing, and only x's rounding to bf16
+     * (the AVX512_BF16 tiles) may move its logits */
+    check_quantized("random 4-layer d=256 bf16 vs f32", BUILD "/qmed-bf16.bin", BUILD "/qmed.tokens", BUILD "/qmed-f32.logits",
+                    BF16_DOT_MAX_REL, 0.95);
+    /* a 64-token prompt in one batch (the q8_0 16-row tiles with AVX-512; bf16's rounded x) == token by token, to the bit */
+    for (int i = 1; i < 4; i++) {
         char what[64], bin[128], logits[128];
         snprintf(what, sizeof what, "qmed %s batched --logits == token-by-token", types[i]);
         snprintf(bin, sizeof bin, BUILD "/qmed-%s.bin", types[i]);
@@ -1115,8 +1192,8 @@ static void test_mlx(void) {
  * line per check; here it counts as one test (skipped if its venv cannot be made). */
 static void test_gguf(void) {
     printf("GGUF import: synthetic files of every type vs gguf.quants.dequantize, bad files\n");
-    int rc = run("bash tests/test_gguf.sh > " BUILD "/gguf.log 2>&1; rc=$?; grep '^not ok\\|^# cannot' " BUILD "/gguf.log; "
-                 "tail -1 " BUILD "/gguf.log | sed 's/^/    GGUF checks: /'; exit $rc");
+    int rc = run("GEMMA3_BF16_DOT=%d bash tests/test_gguf.sh > " BUILD "/gguf.log 2>&1; rc=$?; grep '^not ok\\|^# cannot' " BUILD "/gguf.log; "
+                 "tail -1 " BUILD "/gguf.log | sed 's/^/    GGUF checks: /'; exit $rc", BF16_ROUNDS);
     printf("  tests/test_gguf.sh (full output in " BUILD "/gguf.log):\n%s", last_log());
     if (rc == 2) skip("GGUF tests (no venv with gguf and numpy: bash tests/install_deps.sh)");
     else CHECK(rc == 0, "tests/test_gguf.sh failed");
