@@ -18,9 +18,9 @@
  * speed-ups in it are ones any compiler gives to plain loops (independent partial sums
  * that vectorise) and OpenMP threads over the rows of each matmul. Fast kernels for x86
  * (AVX2, AVX-512) live in kernels_x86.c, included at the very end where the compiler
- * targets them; the model code calls them through kernels_matmul and kernels_attention,
- * which say whether they did the work, and the plain loops here run otherwise. The tests
- * hold every kernel to these loops.
+ * targets them; the model code calls them through kernels_matmul, kernels_attention and
+ * kernels_attention_unmasked, which say whether they did the work, and the plain loops here
+ * run otherwise. The tests hold every kernel to these loops.
  *
  * Dependencies: libc, libm, optionally OpenMP. Build: make (the program), make lib (the
  * library: libgemma3.a, libgemma3.so; API in gemma3.h). Usage: ./gemma3 --help.
@@ -722,12 +722,15 @@ typedef struct {
 
 /* The optional fast kernels (kernels_x86.c, included at the end of this file where the
  * compiler targets them). kernels_setup gives the bytes of scratch they need (0: there are
- * none) and lays it out at mem; the other two say whether they did the call (1), or left
- * it to the plain loops that follow here (0). */
-static size_t kernels_setup(void *mem, const Config *c, int max_batch, int threads);
+ * none) and lays it out at mem (unmasked_n: the tokens of the image tower's attention, in
+ * heads of c->head_dim; 0 for the text model); the others say whether they did the call
+ * (1), or left it to the plain loops that follow here (0). */
+static size_t kernels_setup(void *mem, const Config *c, int max_batch, int threads, int unmasked_n);
 static int kernels_matmul(void *kernels, float *const out[], const Matrix *const W[], int count, const float *x, int n);
 static int kernels_attention(void *kernels, float *out, float *att, size_t ctx, const float *q, const float *kc,
                              const float *vc, int KV, int s0, int span, int len, int hd, int nh, float scale);
+static int kernels_attention_unmasked(void *kernels, float *out, const float *q, const float *k, const float *v, int n,
+                                      int D, int hd, float scale);
 
 /* Buffers cut one after another from a block (or, with base NULL, only their sizes added
  * up), each starting on a 64-byte boundary: the cache line, so that no vector load
@@ -756,7 +759,7 @@ static size_t run_state_layout(RunState *s, const Config *c, int ctx, int max_ba
     size_t Q = (size_t)c->n_heads * c->head_dim, KV = (size_t)c->n_kv_heads * c->head_dim;
     size_t widest = F > Q ? F : Q;
     if (D > widest) widest = D;
-    size_t kernel_bytes = kernels_setup(NULL, c, max_batch, s->threads);
+    size_t kernel_bytes = kernels_setup(NULL, c, max_batch, s->threads, 0);
     Carve cv = {base, 0};
     s->cache_len = carve(&cv, (size_t)c->n_layers, sizeof(int));
     s->key_cache = carve(&cv, (size_t)c->n_layers, sizeof(float *));
@@ -790,7 +793,7 @@ static size_t run_state_layout(RunState *s, const Config *c, int ctx, int max_ba
         if (base) s->cache_len[l] = len, s->key_cache[l] = kc, s->value_cache[l] = vc;
     }
     if (!base) return cv.used;
-    if (s->kernels) kernels_setup(s->kernels, c, max_batch, s->threads);
+    if (s->kernels) kernels_setup(s->kernels, c, max_batch, s->threads, 0);
     /* RoPE frequencies, computed once in float32 as the reference does:
      * inv_freq[i] = 1 / base^(2i / head_dim); linear scaling divides the global ones. */
     for (size_t i = 0; i < half; i++) {
@@ -1433,11 +1436,12 @@ typedef struct {
     int64_t *acc;      /* (S, 3) a resized output row, before rounding */
     unsigned char *row;/* (S, 3) one input row resized across, rounded to 8 bits as Pillow does */
     int max_taps;      /* room in coef_* per output pixel */
-    RunState mm;       /* only the matmul scratch (xq, kernels) sized for the tower's widths */
+    RunState mm;       /* only the matmul scratch (xq; kernels, with the attention's) sized for the tower */
 } VisionState;
 
-/* The tower's widths as a Config, for sizing the matmul scratch (kernels_setup reads dim,
- * hidden_dim, n_heads * head_dim: the widest row a matmul of the image path multiplies). */
+/* The tower's widths as a Config, for sizing the kernels' scratch (kernels_setup reads dim,
+ * hidden_dim, n_heads * head_dim: the widest row a matmul of the image path multiplies;
+ * head_dim: the attention's heads). */
 static Config vision_widths(const Config *c) {
     const struct VisionConfig *v = &c->vision;
     Config w;
@@ -1445,7 +1449,7 @@ static Config vision_widths(const Config *c) {
     int patch = v->channels * v->patch_size * v->patch_size;
     w.dim = v->dim;
     w.hidden_dim = v->hidden_dim > patch ? v->hidden_dim : patch;
-    w.n_heads = 1, w.head_dim = v->dim;
+    w.n_heads = v->n_heads, w.head_dim = v->dim / v->n_heads;
     return w;
 }
 
@@ -1463,7 +1467,7 @@ static size_t vision_state_layout(VisionState *vs, const Config *c, unsigned cha
     size_t T = (size_t)v->mm_tokens, widest = (size_t)w.hidden_dim > D ? (size_t)w.hidden_dim : D;
     size_t patch = (size_t)v->channels * v->patch_size * v->patch_size, B = N < VISION_BATCH ? N : VISION_BATCH;
     int threads = max_threads();
-    size_t kernel_bytes = kernels_setup(NULL, &w, (int)B, threads);
+    size_t kernel_bytes = kernels_setup(NULL, &w, (int)B, threads, (int)N);
     Carve cv = {base, 0};
     vs->max_taps = resize_max_taps(v->image_size);
     vs->pixels = carve(&cv, 3 * S * S, sizeof(float));
@@ -1491,7 +1495,7 @@ static size_t vision_state_layout(VisionState *vs, const Config *c, unsigned cha
     vs->mm.xq_scale = carve(&cv, B * (widest / 32 + 1), sizeof(float));
     vs->mm.xq_sum = carve(&cv, B * (widest / 32 + 1), sizeof(int32_t));
     vs->mm.kernels = kernel_bytes ? carve(&cv, kernel_bytes, 1) : NULL;
-    if (base && vs->mm.kernels) kernels_setup(vs->mm.kernels, &w, (int)B, threads);
+    if (base && vs->mm.kernels) kernels_setup(vs->mm.kernels, &w, (int)B, threads, (int)N);
     return cv.used;
 }
 
@@ -1591,10 +1595,12 @@ static void vision_linear(float *out, const float *x, int n, const Matrix *W, co
         for (int i = 0; i < W->rows; i++) out[(size_t)t * W->rows + i] += b[i];
 }
 
-/* Every patch attends to every patch, per head: softmax(q k^T / sqrt(head_dim)) v. */
+/* Every patch attends to every patch, per head: softmax(q k^T / sqrt(head_dim)) v. The
+ * fast kernels where the build has them, else these loops. */
 static void vision_attention(VisionState *vs, const struct VisionConfig *v) {
     const int N = v->n_patches, D = v->dim, hd = v->dim / v->n_heads;
     const float scale = 1.0f / sqrtf((float)hd);
+    if (kernels_attention_unmasked(vs->mm.kernels, vs->att_out, vs->q, vs->k, vs->v, N, D, hd, scale)) return;
     int job;
     FOR
     for (job = 0; job < N * v->n_heads; job++) { /* head-major: a thread's queries of one head share its keys in cache */
@@ -4212,8 +4218,8 @@ int main(int argc, char **argv) {
 #endif
 /* What the target has no kernels for goes to the plain loops. */
 #ifndef HAVE_KERNELS_MATMUL
-static size_t kernels_setup(void *mem, const Config *c, int max_batch, int threads) {
-    (void)mem, (void)c, (void)max_batch, (void)threads;
+static size_t kernels_setup(void *mem, const Config *c, int max_batch, int threads, int unmasked_n) {
+    (void)mem, (void)c, (void)max_batch, (void)threads, (void)unmasked_n;
     return 0;
 }
 static int kernels_matmul(void *kernels, float *const out[], const Matrix *const W[], int count, const float *x, int n) {
@@ -4226,6 +4232,13 @@ static int kernels_attention(void *kernels, float *out, float *att, size_t ctx, 
                              const float *vc, int KV, int s0, int span, int len, int hd, int nh, float scale) {
     (void)kernels, (void)out, (void)att, (void)ctx, (void)q, (void)kc, (void)vc, (void)KV, (void)s0, (void)span;
     (void)len, (void)hd, (void)nh, (void)scale;
+    return 0;
+}
+#endif
+#ifndef HAVE_KERNELS_ATTENTION_UNMASKED
+static int kernels_attention_unmasked(void *kernels, float *out, const float *q, const float *k, const float *v, int n,
+                                      int D, int hd, float scale) {
+    (void)kernels, (void)out, (void)q, (void)k, (void)v, (void)n, (void)D, (void)hd, (void)scale;
     return 0;
 }
 #endif

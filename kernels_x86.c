@@ -4,11 +4,12 @@
  * gemma3.c is the reference: plain loops that any C99 compiler builds. It includes this
  * file at its end when the compiler targets these instructions (make's default
  * -march=native; `make NATIVE=0` or -DGEMMA3_NO_SIMD leaves it out), and calls it through
- * three functions:
+ * four functions:
  *
  *   kernels_setup      lays out the scratch memory the kernels need (in the run state's arena)
  *   kernels_matmul     out[i] = W[i] x for 1-3 matrices that read the same x
  *   kernels_attention  one attention job (a token and a group of query heads)
+ *   kernels_attention_unmasked  every token against every token (the image tower's attention)
  *
  * Each returns 0 when it has no kernel for the call, and the plain loops run instead.
  * They compute the same sums as the plain loops; only the order of the float additions
@@ -72,10 +73,21 @@ typedef struct {
     Activations *act_thread;  /* (threads) decode's x: each thread prepares its own copy */
     uint64_t *share;          /* (threads, 8) a cache line each: [0] the decode jobs the thread
                                  has left (claim_jobs), [1] how many decode matmuls it has run */
+    /* kernels_attention_unmasked's scratch, for n tokens and heads of hd values; np is n
+     * rounded up to UM_KEYS, hdp hd rounded up to a vector (n 0: none) */
+    struct {
+        int n, hd;
+        float *kt;  /* (np / UM_KEYS, hd, UM_KEYS) one head's keys, transposed, UM_KEYS a panel */
+        float *v;   /* (np, hdp) its values, zeros after each row's hd and after the n rows */
+        float *att; /* (threads, UM_QUERIES, np + 16) each thread's scores of a block of queries */
+        float *out; /* (threads, UM_QUERIES, hdp) and their outputs */
+    } um;
 } Kernels;
 
 #define CHUNK_ROWS 64 /* a prompt's matmul job: these rows' weights stay in L2 while each
                        * 4 tokens' x, in L1, meets them all */
+#define UM_QUERIES 24 /* queries a job of kernels_attention_unmasked takes: 4 tiles of 6, 6 of 4 */
+#define UM_KEYS 64    /* keys a panel of its transposed keys holds: 4 vectors, one tile wide */
 #define TILE_INLINE static inline __attribute__((always_inline))
 /* The r and t loops of a tile must unroll so that its sums live in registers. */
 #ifdef __clang__
@@ -1484,8 +1496,9 @@ static void carve_activations(Carve *cv, Activations *a, size_t tokens, size_t w
 
 /* Lays out the kernels' scratch for max_batch tokens and `threads` threads at mem, which
  * gemma3.c carves from the run state's arena (zeroed); returns its size in bytes. With mem
- * NULL, only the size. */
-static size_t kernels_setup(void *mem, const Config *c, int max_batch, int threads) {
+ * NULL, only the size. unmasked_n: the tokens of kernels_attention_unmasked, in heads of
+ * c->head_dim (0: it is not called). */
+static size_t kernels_setup(void *mem, const Config *c, int max_batch, int threads, int unmasked_n) {
     size_t widest = (size_t)c->hidden_dim, Q = (size_t)c->n_heads * c->head_dim;
     if (Q > widest) widest = Q;
     if ((size_t)c->dim > widest) widest = (size_t)c->dim;
@@ -1513,6 +1526,15 @@ static size_t kernels_setup(void *mem, const Config *c, int max_batch, int threa
     for (int i = 0; i < threads; i++) {
         Activations ignored;
         carve_activations(&cv, k->act_thread ? &k->act_thread[i] : &ignored, 1, widest);
+    }
+    if (unmasked_n > 0) { /* (hdp: rounded up to AVX-512's vector, enough for AVX2's) */
+        const size_t np = ((size_t)unmasked_n + UM_KEYS - 1) / UM_KEYS * UM_KEYS, hd = (size_t)c->head_dim;
+        const size_t hdp = (hd + 15) / 16 * 16;
+        k->um.n = unmasked_n, k->um.hd = c->head_dim;
+        k->um.kt = carve(&cv, np * hd, sizeof(float));
+        k->um.v = carve(&cv, np * hdp, sizeof(float));
+        k->um.att = carve(&cv, (size_t)threads * UM_QUERIES * (np + 16), sizeof(float));
+        k->um.out = carve(&cv, (size_t)threads * UM_QUERIES * hdp, sizeof(float));
     }
     return cv.used;
 }
@@ -1618,3 +1640,236 @@ static int kernels_attention(void *kernels, float *out, float *att, size_t ctx, 
     return 1;
 }
 #endif
+
+/* ------------------------------------------------------------------------- */
+/* Unmasked attention (the image tower's: every patch to every patch). Per head and block
+ * of UM_QUERIES queries: scores = q k^T, softmax, out = P v. Both products run one register
+ * tile, c (R x NV vectors) = a (R x K) b (K x NV vectors): each element of a is broadcast to
+ * all lanes and meets a row of b, so no sum ever crosses lanes and head_dim need be no
+ * multiple of the vector (the tower's 72 is not of 16). b is read row after row: the keys
+ * are transposed once per head, into panels of UM_KEYS keys (contiguous: the rows of one
+ * long transposed matrix would lie a power of two apart and share a few L1 sets), and the
+ * values padded with zeros to a whole number of vectors. */
+
+/* c (R x 8 NV, rows ldc apart) = a (R x K, rows lda apart) times b (K x 8 NV, rows ldb
+ * apart), plus c's own values if add. R * NV <= 12, NV <= 3: the sums, NV rows of b and a
+ * broadcast fill AVX2's 16 registers. */
+TILE_INLINE void tile_broadcast(float *c, size_t ldc, const float *a, size_t lda, const float *b, size_t ldb, int K,
+                                int add, const int R, const int NV) {
+    __m256 acc[6][3];
+    UNROLL8
+    for (int r = 0; r < R; r++)
+        UNROLL8
+        for (int i = 0; i < NV; i++) acc[r][i] = add ? _mm256_loadu_ps(c + r * ldc + 8 * i) : _mm256_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        __m256 bv[3];
+        UNROLL8
+        for (int i = 0; i < NV; i++) {
+            bv[i] = _mm256_loadu_ps(b + (size_t)k * ldb + 8 * i);
+            IN_REGISTER(bv[i]);
+        }
+        UNROLL8
+        for (int r = 0; r < R; r++) {
+            __m256 av = _mm256_broadcast_ss(a + (size_t)r * lda + k);
+            UNROLL8
+            for (int i = 0; i < NV; i++) acc[r][i] = _mm256_fmadd_ps(av, bv[i], acc[r][i]);
+        }
+    }
+    UNROLL8
+    for (int r = 0; r < R; r++)
+        UNROLL8
+        for (int i = 0; i < NV; i++) _mm256_storeu_ps(c + r * ldc + 8 * i, acc[r][i]);
+}
+
+#ifdef GEMMA3_AVX512
+/* The same with AVX-512: 16 floats a vector, 32 registers, R * NV <= 24, NV <= 5. */
+TILE_INLINE void tile512_broadcast(float *c, size_t ldc, const float *a, size_t lda, const float *b, size_t ldb, int K,
+                                   int add, const int R, const int NV) {
+    __m512 acc[6][5];
+    UNROLL8
+    for (int r = 0; r < R; r++)
+        UNROLL8
+        for (int i = 0; i < NV; i++) acc[r][i] = add ? _mm512_loadu_ps(c + r * ldc + 16 * i) : _mm512_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        __m512 bv[5];
+        UNROLL8
+        for (int i = 0; i < NV; i++) {
+            bv[i] = _mm512_loadu_ps(b + (size_t)k * ldb + 16 * i);
+            IN_REGISTER(bv[i]);
+        }
+        UNROLL8
+        for (int r = 0; r < R; r++) {
+            __m512 av = _mm512_set1_ps(a[(size_t)r * lda + k]);
+            UNROLL8
+            for (int i = 0; i < NV; i++) acc[r][i] = _mm512_fmadd_ps(av, bv[i], acc[r][i]);
+        }
+    }
+    UNROLL8
+    for (int r = 0; r < R; r++)
+        UNROLL8
+        for (int i = 0; i < NV; i++) _mm512_storeu_ps(c + r * ldc + 16 * i, acc[r][i]);
+}
+#endif
+
+/* Head h's keys and values of panel p (keys p * UM_KEYS ..) into the scratch: the keys
+ * transposed, the values in rows of hdp; zeros for the keys past n. */
+static void um_pack(const Kernels *ks, const float *k, const float *v, int p, int h, int D, int hdp) {
+    const int n = ks->um.n, hd = ks->um.hd;
+    float *panel = ks->um.kt + (size_t)p * hd * UM_KEYS;
+    for (int j = 0; j < UM_KEYS; j++) {
+        const int key = p * UM_KEYS + j;
+        float *vo = ks->um.v + (size_t)key * hdp;
+        if (key >= n) {
+            for (int e = 0; e < hd; e++) panel[e * UM_KEYS + j] = 0.0f;
+            memset(vo, 0, (size_t)hdp * sizeof(float));
+            continue;
+        }
+        const float *kr = k + (size_t)key * D + (size_t)h * hd, *vr = v + (size_t)key * D + (size_t)h * hd;
+        for (int e = 0; e < hd; e++) panel[e * UM_KEYS + j] = kr[e];
+        memcpy(vo, vr, (size_t)hd * sizeof(float));
+        memset(vo + hd, 0, (size_t)(hdp - hd) * sizeof(float));
+    }
+}
+
+/* The scores of m <= UM_QUERIES queries (rows of q, D apart) against all np keys, into
+ * att (rows lda apart): each panel of keys, from L1, meets the queries 6 at a time. */
+static void um_scores(int level, float *att, size_t lda, const float *q, int D, const float *kt, int np, int hd, int m) {
+    for (int p = 0; p < np / UM_KEYS; p++) {
+        const float *panel = kt + (size_t)p * hd * UM_KEYS;
+        float *c = att + (size_t)p * UM_KEYS;
+#ifdef GEMMA3_AVX512
+        if (level == 2) { /* the panel's 64 keys, 4 vectors */
+            int r = 0;
+            for (; r + 6 <= m; r += 6) tile512_broadcast(c + r * lda, lda, q + (size_t)r * D, D, panel, UM_KEYS, hd, 0, 6, 4);
+            for (; r < m; r++) tile512_broadcast(c + r * lda, lda, q + (size_t)r * D, D, panel, UM_KEYS, hd, 0, 1, 4);
+            continue;
+        }
+#else
+        (void)level;
+#endif
+        for (int x = 0; x < UM_KEYS; x += 16) { /* 16 keys, 2 vectors, at a time */
+            int r = 0;
+            for (; r + 6 <= m; r += 6) tile_broadcast(c + r * lda + x, lda, q + (size_t)r * D, D, panel + x, UM_KEYS, hd, 0, 6, 2);
+            for (; r < m; r++) tile_broadcast(c + r * lda + x, lda, q + (size_t)r * D, D, panel + x, UM_KEYS, hd, 0, 1, 2);
+        }
+    }
+}
+
+/* One tile of um_values: R (4 or 1) rows by nv vectors of the output (1 .. 3; AVX-512 1 .. 5),
+ * from the UM_KEYS keys of a panel. */
+static void um_values_tile(int level, float *c, int hdp, const float *a, size_t lda, const float *b, int add, int R, int nv) {
+#define UM_TILE(tile, R_, NV_) tile(c, hdp, a, lda, b, hdp, UM_KEYS, add, R_, NV_)
+#ifdef GEMMA3_AVX512
+    if (level == 2) {
+        if (R == 4) {
+            if (nv == 1) UM_TILE(tile512_broadcast, 4, 1);
+            else if (nv == 2) UM_TILE(tile512_broadcast, 4, 2);
+            else if (nv == 3) UM_TILE(tile512_broadcast, 4, 3);
+            else if (nv == 4) UM_TILE(tile512_broadcast, 4, 4);
+            else UM_TILE(tile512_broadcast, 4, 5);
+        } else {
+            if (nv == 1) UM_TILE(tile512_broadcast, 1, 1);
+            else if (nv == 2) UM_TILE(tile512_broadcast, 1, 2);
+            else if (nv == 3) UM_TILE(tile512_broadcast, 1, 3);
+            else if (nv == 4) UM_TILE(tile512_broadcast, 1, 4);
+            else UM_TILE(tile512_broadcast, 1, 5);
+        }
+        return;
+    }
+#else
+    (void)level;
+#endif
+    if (R == 4) {
+        if (nv == 1) UM_TILE(tile_broadcast, 4, 1);
+        else if (nv == 2) UM_TILE(tile_broadcast, 4, 2);
+        else UM_TILE(tile_broadcast, 4, 3);
+    } else {
+        if (nv == 1) UM_TILE(tile_broadcast, 1, 1);
+        else if (nv == 2) UM_TILE(tile_broadcast, 1, 2);
+        else UM_TILE(tile_broadcast, 1, 3);
+    }
+#undef UM_TILE
+}
+
+/* out (m rows of hdp) = att (m rows, lda apart) times the np values (rows of hdp): each
+ * panel's values, from L1, meet the queries 4 at a time, as many vectors of them at once
+ * as the registers hold (AVX-512: 5, all 72 values of the tower's heads). */
+static void um_values(int level, float *out, int hdp, const float *att, size_t lda, const float *v, int np, int m) {
+    const int lanes = level == 2 ? 16 : 8, vectors = hdp / lanes;
+    for (int j0 = 0; j0 < np; j0 += UM_KEYS)
+        for (int i0 = 0, nv; i0 < vectors; i0 += nv) {
+            nv = vectors - i0;
+            if (nv > 3) nv = level < 2 ? 3 : nv == 5 ? 5 : 4;
+            for (int r = 0, R; r < m; r += R) {
+                R = m - r >= 4 ? 4 : 1;
+                um_values_tile(level, out + (size_t)r * hdp + lanes * i0, hdp, att + (size_t)r * lda + j0, lda,
+                               v + (size_t)j0 * hdp + lanes * i0, j0 > 0, R, nv);
+            }
+        }
+}
+
+/* Row a of n scores into exp(scale a - max) (exp_vec, as softmax), zeros after them up to np
+ * (the padding keys weigh nothing); returns 1 / their sum, by which the row's output is
+ * multiplied then: softmax's division, once per output element, not once per key. The
+ * loops are plain C, in 16 lanes that the compiler vectorises. */
+static float um_exp_row(float *a, int n, int np, float scale) {
+    float top[16], part[16] = {0}, max = -INFINITY, sum = 0.0f;
+    int j = 0;
+    for (int k = 0; k < 16; k++) top[k] = -INFINITY;
+    for (; j + 16 <= n; j += 16)
+        for (int k = 0; k < 16; k++) {
+            a[j + k] *= scale;
+            top[k] = a[j + k] > top[k] ? a[j + k] : top[k];
+        }
+    for (; j < n; j++) {
+        a[j] *= scale;
+        max = a[j] > max ? a[j] : max;
+    }
+    for (int k = 0; k < 16; k++) max = top[k] > max ? top[k] : max;
+    for (j = 0; j + 16 <= n; j += 16)
+        for (int k = 0; k < 16; k++) {
+            a[j + k] = exp_vec(a[j + k] - max);
+            part[k] += a[j + k];
+        }
+    for (; j < n; j++) {
+        a[j] = exp_vec(a[j] - max);
+        sum += a[j];
+    }
+    for (int k = 0; k < 16; k++) sum += part[k];
+    memset(a + n, 0, (size_t)(np - n) * sizeof(float));
+    return 1.0f / sum;
+}
+
+#define HAVE_KERNELS_ATTENTION_UNMASKED 1
+/* out = softmax(q k^T scale) v per head of hd, every one of the n queries against every
+ * key (rows of D = heads * hd values). All threads of the team call it; they pack each
+ * head together, then share its blocks of queries. Each score and output element is the
+ * same sum, in another order, as in the plain loops. 0 (nothing done) for a shape
+ * kernels_setup did not lay out. */
+static int kernels_attention_unmasked(void *kernels, float *out, const float *q, const float *k, const float *v, int n,
+                                      int D, int hd, float scale) {
+    const Kernels *ks = kernels;
+    if (!ks || ks->level < 1 || ks->um.n != n || ks->um.hd != hd) return 0;
+    const int level = ks->level, lanes = level == 2 ? 16 : 8, hdp = (hd + lanes - 1) / lanes * lanes;
+    const int np = (n + UM_KEYS - 1) / UM_KEYS * UM_KEYS, blocks = (n + UM_QUERIES - 1) / UM_QUERIES;
+    const size_t lda = (size_t)np + 16; /* (rows not a power of two apart: see above) */
+    for (int h = 0; h < D / hd; h++) {
+        int p, b;
+        FOR
+        for (p = 0; p < np / UM_KEYS; p++) um_pack(ks, k, v, p, h, D, hdp);
+        FOR
+        for (b = 0; b < blocks; b++) {
+            const int i0 = b * UM_QUERIES, m = n - i0 < UM_QUERIES ? n - i0 : UM_QUERIES;
+            float *att = ks->um.att + (size_t)THREAD_NUM() * UM_QUERIES * lda;
+            float *o = ks->um.out + (size_t)THREAD_NUM() * UM_QUERIES * hdp, inv_sum[UM_QUERIES];
+            um_scores(level, att, lda, q + (size_t)i0 * D + (size_t)h * hd, D, ks->um.kt, np, hd, m);
+            for (int r = 0; r < m; r++) inv_sum[r] = um_exp_row(att + (size_t)r * lda, n, np, scale);
+            um_values(level, o, hdp, att, lda, ks->um.v, np, m);
+            for (int r = 0; r < m; r++) {
+                float *dst = out + (size_t)(i0 + r) * D + (size_t)h * hd;
+                for (int e = 0; e < hd; e++) dst[e] = o[(size_t)r * hdp + e] * inv_sum[r];
+            }
+        }
+    }
+    return 1;
+}

@@ -661,7 +661,56 @@ static void test_vision_mmproj(void) {
                  "python3 export.py " BUILD "/mm2-text.gguf " BUILD "/x.bin -q --mmproj " BUILD "/mm2-text.gguf");
 }
 
+/* vision_attention: the AVX2 and AVX-512 kernels (where built) against the plain loops, on
+ * random q, k, v in shapes no tile divides: 81 and 100 patches (blocks of 24 queries, tiles
+ * of 6 and 4, panels of 64 keys all end part-way), head_dim 72 (the tower's: 4.5 AVX-512
+ * vectors), 40 and 100 (7: 4 + 3 a tile), with the team's threads sharing the work. */
+static void test_vision_attention(void) {
+    printf("vision attention: AVX2 and AVX-512 vs plain loops\n");
+    const int shapes[][3] = {{9, 2, 72}, {10, 3, 40}, {9, 3, 100}}; /* patches a side, heads, head_dim */
+    uint64_t seed = 17;
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        Config c = {0};
+        struct VisionConfig *v = &c.vision;
+        c.dim = 8;
+        v->side = shapes[i][0], v->n_patches = v->side * v->side, v->patch_size = 14, v->image_size = v->side * 14;
+        v->channels = 3, v->n_heads = shapes[i][1], v->dim = v->n_heads * shapes[i][2], v->hidden_dim = v->dim, v->mm_tokens = 1;
+        size_t n = (size_t)v->n_patches * v->dim, bytes = vision_state_bytes(&c);
+        unsigned char *mem = calloc(bytes + 63, 1);
+        float *out[3] = {0};
+        double worst[3] = {0};
+        VisionState vs;
+        vision_state_layout(&vs, &c, mem + (64 - (uintptr_t)mem % 64) % 64);
+        for (size_t k = 0; k < n; k++) {
+            vs.q[k] = 6 * random_f32(&seed) - 3; /* scores up to about 10: a peaked softmax */
+            vs.k[k] = 2 * random_f32(&seed) - 1;
+            vs.v[k] = 2 * random_f32(&seed) - 1;
+        }
+        int top = kernel_level(&vs.mm);
+        for (int level = 0; level <= top && level < 3; level++) { /* 0: plain, 1: AVX2, 2: AVX-512 (as built) */
+            set_kernel_level(&vs.mm, level);
+            memset(vs.att_out, 0, n * sizeof(float));
+            PARALLEL_TEAM(vs.mm.threads) { vision_attention(&vs, v); }
+            out[level] = malloc(n * sizeof(float));
+            memcpy(out[level], vs.att_out, n * sizeof(float));
+        }
+        double max_ref = 0;
+        for (size_t k = 0; k < n; k++) max_ref = fmax(max_ref, fabs(out[0][k]));
+        for (int level = 1; level < 3; level++)
+            for (size_t k = 0; out[level] && k < n; k++) worst[level] = fmax(worst[level], fabs(out[level][k] - out[0][k]));
+        printf("  %3d patches, %d heads of %3d: max|diff| vs plain: AVX2 %s%.3g, AVX-512 %s%.3g (max %.3g)\n", v->n_patches,
+               v->n_heads, shapes[i][2], out[1] ? "" : "(not built) ", worst[1], out[2] ? "" : "(not built) ", worst[2], max_ref);
+        CHECK(max_ref > 0.1 && worst[1] <= 2e-6 && worst[2] <= 2e-6, "vision attention: the kernels differ from the plain loops by %g, %g",
+              worst[1], worst[2]); /* (v within +-1) */
+        /* both kernels add each sum in the same order: the same bytes */
+        CHECK(!out[1] || !out[2] || !memcmp(out[1], out[2], n * sizeof(float)), "vision attention: AVX2 and AVX-512 differ");
+        for (int level = 0; level < 3; level++) free(out[level]);
+        free(mem);
+    }
+}
+
 static void test_vision(void) {
+    test_vision_attention();
     test_vision_export();
     test_vision_model();
     test_vision_api();
