@@ -56,6 +56,8 @@ typedef struct {
     unsigned char *unpack; /* (unpack_slots, unpack_bytes) */
     size_t unpack_bytes;
     int unpack_slots;
+    float *xmin;           /* (tokens, widest / 32) GGUF block types: xq_scale xq_sum + xr_scale xr_sum,
+                              what a group's min multiplies */
 } Activations;
 
 /* The kernels' scratch, one per run state. */
@@ -1073,41 +1075,52 @@ static Unpacked unpacked_at(unsigned char *slot, int nb) {
 
 static size_t ggml_unpacked_bytes(size_t widest) { return (widest + widest / QK * 3 * sizeof(float) + 63) / 64 * 64; }
 
-/* One token's sums for one row: 8 lanes per int8 term of x (xq, and what its rounding
- * left out, xr), and the mins' part of each term */
+/* One token's sums for one row: 8 lanes of the groups' scaled integer sums in two
+ * accumulators that swap after each group (two chains of additions, not one: even groups
+ * go to one, odd ones to the other), and 8 of the mins' part (lane j: groups 8i + j) */
 typedef struct {
-    __m256 acc[2];
-    float mins[2];
+    __m256 acc[2], mins;
 } RowSums;
 
-/* A group (codes c, half scales s0 s1, min m) times token t's x, into s. The order of
- * every float operation here is the same for decode and a prompt. */
-TILE_INLINE void group_times_x(RowSums *s, __m256i c, float s0, float s1, float m, int has_min, const Activations *a, int t,
+/* A group (codes c, half scales s0 s1) times token t's x, into s->acc: each int8 term's
+ * integer sums, met by its scale, then the two by the group's. unsigned_codes: c >= 0 (no
+ * sign to move onto x). The order of every float operation here is the same for decode and
+ * a prompt. */
+TILE_INLINE void group_times_x(RowSums *s, __m256i c, float s0, float s1, int unsigned_codes, const Activations *a, int t,
                                int b, int nb) {
     const size_t at = (size_t)t * nb * QK + QK * b, blk = (size_t)t * nb + b;
-    const __m256i mag = _mm256_sign_epi8(c, c);
+    const __m256i mag = unsigned_codes ? c : _mm256_sign_epi8(c, c);
     const __m256 sv = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));
-    const int8_t *xk[2] = {a->xq + at, a->xr + at};
-    const float xs[2] = {a->xq_scale[blk], a->xr_scale[blk]};
-    UNROLL for (int k = 0; k < 2; k++) {
-        __m256i p = dot_u8s8(_mm256_setzero_si256(), mag, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xk[k]), c));
-        s->acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(_mm256_set1_ps(xs[k]), sv), s->acc[k]);
+    __m256i xq = _mm256_loadu_si256((const __m256i *)(a->xq + at)), xr = _mm256_loadu_si256((const __m256i *)(a->xr + at));
+    if (!unsigned_codes) {
+        xq = _mm256_sign_epi8(xq, c);
+        xr = _mm256_sign_epi8(xr, c);
     }
-    if (has_min) {
-        s->mins[0] += xs[0] * (m * (float)a->xq_sum[blk]);
-        s->mins[1] += xs[1] * (m * (float)a->xr_sum[blk]);
-    }
+    __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(dot_u8s8(_mm256_setzero_si256(), mag, xq)), _mm256_set1_ps(a->xq_scale[blk]));
+    f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(_mm256_setzero_si256(), mag, xr)), _mm256_set1_ps(a->xr_scale[blk]), f);
+    const __m256 sum = _mm256_fmadd_ps(f, sv, s->acc[0]);
+    s->acc[0] = s->acc[1];
+    s->acc[1] = sum;
 }
 
-static inline float row_sums_total(const RowSums *s) { return (hsum8(s->acc[0]) - s->mins[0]) + (hsum8(s->acc[1]) - s->mins[1]); }
+/* The mins of groups b0 .. b0 + count - 1 (count <= 8, m: theirs) times token t's xmin, into
+ * s->mins: one lane a group, the missing ones zero */
+TILE_INLINE void mins_times_x(RowSums *s, const float *m, int count, const Activations *a, int t, int b0, int nb) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(count), lanes);
+    s->mins = _mm256_fmadd_ps(_mm256_maskload_ps(m, mask), _mm256_maskload_ps(a->xmin + (size_t)t * nb + b0, mask), s->mins);
+}
+
+static inline float row_sums_total(const RowSums *s) { return hsum8(_mm256_add_ps(s->acc[0], s->acc[1])) - hsum8(s->mins); }
 
 /* Where the unpackers below put a group: into an unpacked row (u), or, with u NULL, straight
- * into token 0's sums (decode: no row is stored) */
+ * into token 0's sums (decode: no row is stored; its mins wait in m until 8 are there) */
 typedef struct {
     const Unpacked *u;
     RowSums *sums;
+    float *m; /* (8) */
     const Activations *a;
-    int nb, has_min;
+    int nb, has_min, unsigned_codes;
 } Sink;
 
 TILE_INLINE void put_group(const Sink *k, int b, __m256i c, float s0, float s1, float m) {
@@ -1116,8 +1129,12 @@ TILE_INLINE void put_group(const Sink *k, int b, __m256i c, float s0, float s1, 
         k->u->scale[2 * b] = s0;
         k->u->scale[2 * b + 1] = s1;
         k->u->min[b] = m;
-    } else {
-        group_times_x(k->sums, c, s0, s1, m, k->has_min, k->a, 0, b, k->nb);
+        return;
+    }
+    group_times_x(k->sums, c, s0, s1, k->unsigned_codes, k->a, 0, b, k->nb);
+    if (k->has_min) {
+        k->m[b % 8] = m;
+        if (b % 8 == 7 || b == k->nb - 1) mins_times_x(k->sums, k->m, b % 8 + 1, k->a, 0, b - b % 8, k->nb);
     }
 }
 
@@ -1153,7 +1170,7 @@ TILE_INLINE void unpack_k4(const Sink *k, const unsigned char *w, int has_qh, in
         const float d = _cvtsh_ss(rd_u16(w)), dmin = _cvtsh_ss(rd_u16(w + 2));
         const unsigned char *qs = w + (has_qh ? 48 : 16);
         const __m256i qh = has_qh ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256();
-        for (int g = 0; g < 8; g++) {
+        UNROLL8 for (int g = 0; g < 8; g++) {
             int sc, m;
             gguf_scale_min_k4(w + 4, g, &sc, &m);
             __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * (g / 2)));
@@ -1172,7 +1189,7 @@ TILE_INLINE void unpack_q6_k(const Sink *k, const unsigned char *w, int nb) {
     for (int s = 0; s < nb / 8; s++, w += 210) {
         const float d = _cvtsh_ss(rd_u16(w + 208));
         const signed char *sc = (const signed char *)(w + 192);
-        for (int g = 0; g < 8; g++) {
+        UNROLL8 for (int g = 0; g < 8; g++) {
             const int h = g / 4, j = g % 4;
             __m256i lo = _mm256_loadu_si256((const __m256i *)(w + 64 * h + 32 * (j % 2)));
             lo = _mm256_and_si256(j / 2 ? _mm256_srli_epi16(lo, 4) : lo, low4);
@@ -1192,7 +1209,7 @@ TILE_INLINE void unpack_q3_k(const Sink *k, const unsigned char *w, int nb) {
         const unsigned char *sc = w + 96;
         const float d = _cvtsh_ss(rd_u16(w + 108));
         const __m256i hm = _mm256_loadu_si256((const __m256i *)w);
-        for (int g = 0; g < 8; g++) {
+        UNROLL8 for (int g = 0; g < 8; g++) {
             const int h = g / 4, j = g % 4;
             __m256i lo = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(w + 32 + 32 * h)),
                                                            _mm_cvtsi32_si128(2 * j)), three);
@@ -1214,7 +1231,7 @@ TILE_INLINE void unpack_iq4_xs(const Sink *k, const unsigned char *w, int nb) {
     for (int s = 0; s < nb / 8; s++, w += 136) {
         const float d = _cvtsh_ss(rd_u16(w));
         const unsigned scales_h = rd_u16(w + 2);
-        for (int g = 0; g < 8; g++) {
+        UNROLL8 for (int g = 0; g < 8; g++) {
             int ls = (((w[4 + g / 2] >> (4 * (g % 2))) & 0x0f) | (int)((scales_h >> (2 * g)) & 0x03) << 4) - 32;
             __m256i c = _mm256_shuffle_epi8(table, nibbles32(w + 8 + 16 * g));
             put_group(k, 8 * s + g, c, d * (float)ls, d * (float)ls, 0.0f);
@@ -1234,6 +1251,9 @@ static int ggml_has_min(int dtype) {
     int t = dtype - DT_GGML;
     return t == 3 || t == 7 || t == 12 || t == 13;
 }
+
+/* (The types with mins are those whose codes are unsigned.) */
+static int ggml_unsigned_codes(int dtype) { return ggml_has_min(dtype); }
 
 /* A row of W's blocks (cols values) into k's sink. (Each case its own copy of the
  * unpacker, the type a constant in it.) */
@@ -1256,29 +1276,64 @@ TILE_INLINE void ggml_unpack(const Sink *k, const unsigned char *w, int dtype, i
 
 /* A row unpacked into u */
 static void ggml_unpack_row(const Unpacked *u, const unsigned char *w, int dtype, int cols) {
-    const Sink k = {u, NULL, NULL, 0, 0};
+    const Sink k = {u, NULL, NULL, NULL, 0, 0, 0};
     ggml_unpack(&k, w, dtype, cols);
 }
 
-/* Decode: a row times token 0 of a's x, each group met as it is unpacked */
-static float ggml_dot1(const unsigned char *w, int dtype, int cols, const Activations *a) {
-    RowSums s = {{_mm256_setzero_ps(), _mm256_setzero_ps()}, {0.0f, 0.0f}};
-    const Sink k = {NULL, &s, a, cols / QK, ggml_has_min(dtype)};
+/* Decode: a row times token 0 of a's x, each group met as it is unpacked. One function per
+ * type (the type a constant in each), as the compiler unrolls and schedules a small loop
+ * better than one that holds every type. */
+TILE_INLINE float ggml_dot1(const unsigned char *w, int dtype, int cols, const Activations *a) {
+    RowSums s = {{_mm256_setzero_ps(), _mm256_setzero_ps()}, _mm256_setzero_ps()};
+    float m[8];
+    const Sink k = {NULL, &s, m, a, cols / QK, ggml_has_min(dtype), ggml_unsigned_codes(dtype)};
     ggml_unpack(&k, w, dtype, cols);
     return row_sums_total(&s);
 }
 
+typedef float (*GGMLDot1)(const unsigned char *w, int cols, const Activations *a);
+static float dot1_q4_0(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 2, cols, a); }
+static float dot1_q4_1(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 3, cols, a); }
+static float dot1_q5_0(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 6, cols, a); }
+static float dot1_q5_1(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 7, cols, a); }
+static float dot1_q8_0(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 8, cols, a); }
+static float dot1_q3_k(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 11, cols, a); }
+static float dot1_q4_k(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 12, cols, a); }
+static float dot1_q5_k(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 13, cols, a); }
+static float dot1_q6_k(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 14, cols, a); }
+static float dot1_iq4_nl(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 20, cols, a); }
+static float dot1_iq4_xs(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 23, cols, a); }
+
+static GGMLDot1 ggml_dot1_of(int dtype) {
+    switch (dtype - DT_GGML) {
+    case 2: return dot1_q4_0;
+    case 3: return dot1_q4_1;
+    case 6: return dot1_q5_0;
+    case 7: return dot1_q5_1;
+    case 8: return dot1_q8_0;
+    case 11: return dot1_q3_k;
+    case 12: return dot1_q4_k;
+    case 13: return dot1_q5_k;
+    case 14: return dot1_q6_k;
+    case 20: return dot1_iq4_nl;
+    default: return dot1_iq4_xs;
+    }
+}
+
 /* An unpacked row times NT tokens of x (t0 ..): out[t * ostride]. Each group is loaded
- * once for all NT tokens; group_times_x adds every token's sums in decode's order. */
-TILE_INLINE void ggml_tile(float *out, int ostride, const Unpacked *u, int nb, int has_min, const Activations *a, int t0,
-                           const int NT) {
+ * once for all NT tokens, and each token's sums are added in decode's order (ggml_dot1). */
+TILE_INLINE void ggml_tile(float *out, int ostride, const Unpacked *u, int nb, int has_min, int unsigned_codes,
+                           const Activations *a, int t0, const int NT) {
     RowSums s[4];
-    UNROLL for (int t = 0; t < NT; t++) s[t] = (RowSums){{_mm256_setzero_ps(), _mm256_setzero_ps()}, {0.0f, 0.0f}};
+    UNROLL for (int t = 0; t < NT; t++) s[t] = (RowSums){{_mm256_setzero_ps(), _mm256_setzero_ps()}, _mm256_setzero_ps()};
     for (int b = 0; b < nb; b++) {
         const __m256i c = _mm256_loadu_si256((const __m256i *)(u->c + QK * b));
-        const float s0 = u->scale[2 * b], s1 = u->scale[2 * b + 1], m = u->min[b];
-        UNROLL for (int t = 0; t < NT; t++) group_times_x(&s[t], c, s0, s1, m, has_min, a, t0 + t, b, nb);
+        const float s0 = u->scale[2 * b], s1 = u->scale[2 * b + 1];
+        UNROLL for (int t = 0; t < NT; t++) group_times_x(&s[t], c, s0, s1, unsigned_codes, a, t0 + t, b, nb);
     }
+    if (has_min)
+        for (int b = 0; b < nb; b += 8)
+            UNROLL for (int t = 0; t < NT; t++) mins_times_x(&s[t], u->min + b, nb - b < 8 ? nb - b : 8, a, t0 + t, b, nb);
     UNROLL for (int t = 0; t < NT; t++) out[(size_t)t * ostride] = row_sums_total(&s[t]);
 }
 
@@ -1286,19 +1341,20 @@ TILE_INLINE void ggml_tile(float *out, int ostride, const Unpacked *u, int nb, i
  * group as it decodes it; a prompt unpacks each row once into the thread's slot and meets
  * it with the tokens 4 at a time. */
 static void matmul_rows_ggml(float *out, int n, const Matrix *W, const Activations *a, int r0, int nr) {
-    const int cols = W->cols, nb = cols / QK, has_min = ggml_has_min(W->dtype);
+    const int cols = W->cols, nb = cols / QK, has_min = ggml_has_min(W->dtype), uc = ggml_unsigned_codes(W->dtype);
     const size_t rb = row_bytes(W->dtype, cols);
     const unsigned char *w = (const unsigned char *)W->data + (size_t)r0 * rb;
     if (n == 1) {
-        for (int r = r0; r < r0 + nr; r++, w += rb) out[r] = ggml_dot1(w, W->dtype, cols, a);
+        const GGMLDot1 dot = ggml_dot1_of(W->dtype);
+        for (int r = r0; r < r0 + nr; r++, w += rb) out[r] = dot(w, cols, a);
         return;
     }
     const Unpacked u = unpacked_at(a->unpack + (a->unpack_slots > 1 ? (size_t)THREAD_NUM() * a->unpack_bytes : 0), nb);
     for (int r = r0; r < r0 + nr; r++, w += rb) {
         ggml_unpack_row(&u, w, W->dtype, cols);
         int t = 0;
-        for (; t + 4 <= n; t += 4) ggml_tile(out + (size_t)t * W->rows + r, W->rows, &u, nb, has_min, a, t, 4);
-        for (; t < n; t++) ggml_tile(out + (size_t)t * W->rows + r, W->rows, &u, nb, has_min, a, t, 1);
+        for (; t + 4 <= n; t += 4) ggml_tile(out + (size_t)t * W->rows + r, W->rows, &u, nb, has_min, uc, a, t, 4);
+        for (; t < n; t++) ggml_tile(out + (size_t)t * W->rows + r, W->rows, &u, nb, has_min, uc, a, t, 1);
     }
 }
 
@@ -1328,8 +1384,11 @@ static void prepare_piece(Activations *a, const float *x, int t, int piece, cons
 #endif
         quantize_activations(a->xq + at, a->xq_scale + block, a->xq_sum + block, x + at, len);
     if (level == 1 && dtype == DT_Q4_0) q4_0_correction(a->xq_corr + block * 8, a->xq + at, len);
-    if (dtype >= DT_GGML) /* (the same bytes as the plain loops' xr: xq is) */
+    if (dtype >= DT_GGML) { /* (the same bytes as the plain loops' xr: xq is) */
         quantize_residual(a->xr + at, a->xr_scale + block, a->xr_sum + block, x + at, a->xq + at, a->xq_scale + block, len);
+        for (size_t b = block; b < block + (size_t)len / QK; b++)
+            a->xmin[b] = a->xq_scale[b] * (float)a->xq_sum[b] + a->xr_scale[b] * (float)a->xr_sum[b];
+    }
 }
 
 /* The widest tiles that the build has, ks->level allows and the shape fits: 2 AVX-512
@@ -1421,6 +1480,7 @@ static void carve_activations(Carve *cv, Activations *a, size_t tokens, size_t w
     a->xr = carve(cv, tokens * widest, 1);
     a->xr_scale = carve(cv, tokens * (widest / 32 + 1), sizeof(float));
     a->xr_sum = carve(cv, tokens * (widest / 32 + 1), sizeof(int32_t));
+    a->xmin = carve(cv, tokens * (widest / 32 + 1), sizeof(float));
 }
 
 /* Lays out the kernels' scratch for max_batch tokens and `threads` threads at mem, which
