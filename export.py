@@ -1943,6 +1943,9 @@ def plan_gguf(path, dtype_name, quiet, quant=None):
         if keep and len(shape) == 2:
             dt = {0: DTYPE_F32, 30: DTYPE_BF16}.get(ttype, DTYPE_GGML + ttype)
             plan.append((ours, shape, dt, nbytes, g, offset))  # rows are whole blocks (read_gguf checked)
+            # its values decoded only to be checked: a NaN or infinite scale (d, dmin) or
+            # F16/BF16/F32 value is refused as the other dtypes refuse it
+            jobs.append(f"{offset} {ttype} {count} check 0\n")
             continue
         dt = out_dtype if len(shape) == 2 else DTYPE_F32
         norm = len(shape) == 1  # stored as 1 + w
@@ -1978,11 +1981,19 @@ def copy_bytes(path, offset, nbytes):
             yield chunk
 
 
+def kept_bytes(deq, name, path, offset, nbytes):
+    """A kept GGUF tensor's own bytes, once the dequantizer's check job (its one byte) says
+    that none of its values is a NaN or an infinity."""
+    for _ in deq.read(1, name):
+        pass
+    yield from copy_bytes(path, offset, nbytes)
+
+
 def load_gguf(path, dtype_name, quiet, quant=None):
     cfg, vocab, tok_bytes, special, jobs, plan = plan_gguf(path, dtype_name, quiet, quant)
     deq = Dequantizer(path, jobs, quiet)
     # the dequantizer's values come in job order: the tensors are written in plan order
-    tensors_out = [(ours, shape, dt, nb, lambda nb=nb, g=g, off=off: copy_bytes(path, off, nb) if off is not None
+    tensors_out = [(ours, shape, dt, nb, lambda nb=nb, g=g, off=off: kept_bytes(deq, g, path, off, nb) if off is not None
                     else deq.read(nb, g)) for ours, shape, dt, nb, g, off in plan]
     try:
         return Source(cfg, vocab, tok_bytes, special, tensors_out, close=deq.close)

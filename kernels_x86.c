@@ -63,6 +63,13 @@ typedef struct {
     int q8_min_tokens;     /* q8_0 prompts of fewer tokens keep the 4 x 4 tiles (the tests lower it) */
     int q4_min_tokens;     /* the same for q4_0 */
     uint16_t *xbf;         /* (tokens, widest) x rounded to bf16 for the AVX512_BF16 tiles */
+    /* A GGUF block row decoded into the shape ggml_tile reads (ggml_unpack), in a slot per
+     * thread (decode's per-thread Activations have one) */
+    unsigned char *unpack; /* (unpack_slots, unpack_bytes) */
+    size_t unpack_bytes;
+    int unpack_slots;
+    float *xmin;           /* (tokens, widest / 32) GGUF block types: xq_scale xq_sum + xr_scale xr_sum,
+                              what a group's min multiplies */
 } Activations;
 
 /* The kernels' scratch, one per run state. */
@@ -1193,13 +1200,22 @@ static void prefetch_stream_starts(const Matrix *const W[], const int first[], i
 #endif /* GEMMA3_AVX512 */
 
 /* ------------------------------------------------------------------------- */
-/* GGUF's blocks (dtype DT_GGML + t; gguf_blocks.c has the plain dots): AVX2 dots of one row
- * with one token's int8 activations, for the types Q4_K_M / Q5_K_M / Q6_K files are made of
- * (Q4_K, Q5_K, Q6_K, Q5_0, Q8_0), QAT Q4_0 files and IQ4_NL; the others run the plain loops.
- * Each computes the plain dot's integer sums (per group of 32 or 16 weights that share a
- * scale) and meets the scales in float once per group, in 8 lanes: only the order of the
- * float additions differs from the plain loops. A signed code c times x goes as |c|
- * (unsigned) times x with c's sign, so no sum of x is needed for an offset. */
+/* GGUF's blocks (dtype DT_GGML + t; gguf_blocks.c has the plain dots). A row's blocks are
+ * decoded once (ggml_unpack) into one shape that every type with a kernel here fits, and
+ * then multiplied by the int8 activations of each token (ggml_tile): decode decodes the row
+ * for its one token, a prompt for all its tokens. The shape, per group of 32 values (QK):
+ *
+ *   32 signed codes c (|c| <= 128), a float scale for each half (values 0-15 and 16-31)
+ *   and a float min m:  w[i] = scale[i / 16] * c[i] - m
+ *
+ * (the k-quants' 6-bit scales already folded into the scale: d * sc; Q6_K and Q3_K have a
+ * scale per 16 values). The tile computes the plain dot's integer sums per group, 8 int32
+ * lanes of 4 bytes each (lanes 0-3 are values 0-15), and meets the scales in float once per
+ * group. A signed code c times x goes as |c| (unsigned) times x with c's sign. Since decode
+ * and a prompt run the same tile on the same unpacked row, a batch gives exactly the
+ * results that token-by-token decoding gives; only the order of the float additions differs
+ * from the plain loops. Types without an unpacker here (Q2_K: a min per 16 values; the
+ * i-quants' grids; F16) run the plain loops. */
 
 /* 32 signed codes c times 32 int8 x: 8 int32 lanes, lane k the sum over bytes 4k .. 4k + 3 */
 static inline __m256i dot_s8s8(__m256i c, __m256i x) {
@@ -1222,146 +1238,306 @@ static inline __m256i nibbles32(const unsigned char *q) {
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0f));
 }
 
-/* One token's x as the dots below read it: two int8 terms, x's blocks (xq, xq_scale,
- * xq_sum) and what their rounding left out (xr, ...), each met by the same decoded weights;
- * the result is the sum of the two dots, as matmul_plain's. */
+/* Bits k of the 32 bytes v (k < 8), as 0 or 1 per byte */
+static inline __m256i bit_k(__m256i v, int k) {
+    return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(k)), _mm256_set1_epi8(1));
+}
+
+/* A row unpacked: the codes of its groups, then per group its two half scales, then its
+ * mins. (In a slot of the thread's scratch: ggml_unpacked_bytes.) */
 typedef struct {
-    const int8_t *q[2];
-    const float *s[2];
-    const int32_t *sum[2];
-} XTerms;
-typedef float (*SimdDot)(const unsigned char *w, const XTerms *x, int n);
+    int8_t *c;    /* (nb, 32) */
+    float *scale; /* (nb, 2) */
+    float *min;   /* (nb) */
+} Unpacked;
 
-/* Q8_0, 34 bytes a block: (d xs) * sum q x */
-static float simd_dot_q8_0(const unsigned char *w, const XTerms *x, int n) {
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int b = 0; b < n / QK; b++, w += 34) {
-        const __m256i c = _mm256_loadu_si256((const __m256i *)(w + 2));
-        const float d = _cvtsh_ss(rd_u16(w));
-        for (int k = 0; k < 2; k++) {
-            __m256i p = dot_s8s8(c, _mm256_loadu_si256((const __m256i *)(x->q[k] + QK * b)));
-            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x->s[k][b]), acc[k]);
-        }
-    }
-    return hsum8(acc[0]) + hsum8(acc[1]);
+static Unpacked unpacked_at(unsigned char *slot, int nb) {
+    Unpacked u = {(int8_t *)slot, (float *)(slot + (size_t)nb * QK), (float *)(slot + (size_t)nb * QK) + 2 * nb};
+    return u;
 }
 
-/* Q4_0 (Google's QAT files), 18 bytes a block: (d xs) * sum (q - 8) x; and IQ4_NL, 18 bytes:
- * (d xs) * sum kvalues[q] x, the table looked up by a byte shuffle. */
-static inline float simd_dot_4bit(const unsigned char *w, const XTerms *x, int n, int nl) {
+static size_t ggml_unpacked_bytes(size_t widest) { return (widest + widest / QK * 3 * sizeof(float) + 63) / 64 * 64; }
+
+/* One token's sums for one row: 8 lanes of the groups' scaled integer sums in two
+ * accumulators that swap after each group (two chains of additions, not one: even groups
+ * go to one, odd ones to the other), and 8 of the mins' part (lane j: groups 8i + j) */
+typedef struct {
+    __m256 acc[2], mins;
+} RowSums;
+
+/* A group (codes c, half scales s0 s1) times token t's x, into s->acc: each int8 term's
+ * integer sums, met by its scale, then the two by the group's. unsigned_codes: c >= 0 (no
+ * sign to move onto x). The order of every float operation here is the same for decode and
+ * a prompt. */
+TILE_INLINE void group_times_x(RowSums *s, __m256i c, float s0, float s1, int unsigned_codes, const Activations *a, int t,
+                               int b, int nb) {
+    const size_t at = (size_t)t * nb * QK + QK * b, blk = (size_t)t * nb + b;
+    const __m256i mag = unsigned_codes ? c : _mm256_sign_epi8(c, c);
+    const __m256 sv = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));
+    __m256i xq = _mm256_loadu_si256((const __m256i *)(a->xq + at)), xr = _mm256_loadu_si256((const __m256i *)(a->xr + at));
+    if (!unsigned_codes) {
+        xq = _mm256_sign_epi8(xq, c);
+        xr = _mm256_sign_epi8(xr, c);
+    }
+    __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(dot_u8s8(_mm256_setzero_si256(), mag, xq)), _mm256_set1_ps(a->xq_scale[blk]));
+    f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(_mm256_setzero_si256(), mag, xr)), _mm256_set1_ps(a->xr_scale[blk]), f);
+    const __m256 sum = _mm256_fmadd_ps(f, sv, s->acc[0]);
+    s->acc[0] = s->acc[1];
+    s->acc[1] = sum;
+}
+
+/* The mins of groups b0 .. b0 + count - 1 (count <= 8, m: theirs) times token t's xmin, into
+ * s->mins: one lane a group, the missing ones zero */
+TILE_INLINE void mins_times_x(RowSums *s, const float *m, int count, const Activations *a, int t, int b0, int nb) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(count), lanes);
+    s->mins = _mm256_fmadd_ps(_mm256_maskload_ps(m, mask), _mm256_maskload_ps(a->xmin + (size_t)t * nb + b0, mask), s->mins);
+}
+
+static inline float row_sums_total(const RowSums *s) { return hsum8(_mm256_add_ps(s->acc[0], s->acc[1])) - hsum8(s->mins); }
+
+/* Where the unpackers below put a group: into an unpacked row (u), or, with u NULL, straight
+ * into token 0's sums (decode: no row is stored; its mins wait in m until 8 are there) */
+typedef struct {
+    const Unpacked *u;
+    RowSums *sums;
+    float *m; /* (8) */
+    const Activations *a;
+    int nb, has_min, unsigned_codes;
+} Sink;
+
+TILE_INLINE void put_group(const Sink *k, int b, __m256i c, float s0, float s1, float m) {
+    if (k->u) {
+        _mm256_storeu_si256((__m256i *)(k->u->c + QK * b), c);
+        k->u->scale[2 * b] = s0;
+        k->u->scale[2 * b + 1] = s1;
+        k->u->min[b] = m;
+        return;
+    }
+    group_times_x(k->sums, c, s0, s1, k->unsigned_codes, k->a, 0, b, k->nb);
+    if (k->has_min) {
+        k->m[b % 8] = m;
+        if (b % 8 == 7 || b == k->nb - 1) mins_times_x(k->sums, k->m, b % 8 + 1, k->a, 0, b - b % 8, k->nb);
+    }
+}
+
+/* The legacy types, 32 values a block: Q8_0 (34 bytes) d q; Q4_0 (18) d (q - 8); IQ4_NL
+ * (18) d kvalues[q]; Q5_0 (22) d (q - 16); Q4_1 (20) d q + m; Q5_1 (24) d q + m. */
+TILE_INLINE void unpack_legacy(const Sink *k, const unsigned char *w, int type, int nb) {
     const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)gguf_kvalues_iq4nl));
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int b = 0; b < n / QK; b++, w += 18) {
-        const __m256i c = nl ? _mm256_shuffle_epi8(table, nibbles32(w + 2)) : _mm256_sub_epi8(nibbles32(w + 2), _mm256_set1_epi8(8));
+    for (int b = 0; b < nb; b++) {
         const float d = _cvtsh_ss(rd_u16(w));
-        for (int k = 0; k < 2; k++) {
-            __m256i p = dot_s8s8(c, _mm256_loadu_si256((const __m256i *)(x->q[k] + QK * b)));
-            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x->s[k][b]), acc[k]);
+        __m256i c;
+        float m = 0.0f;
+        switch (type) {
+        case 8: c = _mm256_loadu_si256((const __m256i *)(w + 2)); w += 34; break;
+        case 2: c = _mm256_sub_epi8(nibbles32(w + 2), _mm256_set1_epi8(8)); w += 18; break;
+        case 20: c = _mm256_shuffle_epi8(table, nibbles32(w + 2)); w += 18; break;
+        case 6: c = _mm256_sub_epi8(_mm256_or_si256(nibbles32(w + 6), bits_to_0x10(w + 2)), _mm256_set1_epi8(16)); w += 22; break;
+        case 3: c = nibbles32(w + 4); m = -_cvtsh_ss(rd_u16(w + 2)); w += 20; break;
+        default: /* 7, Q5_1 */
+            c = _mm256_or_si256(nibbles32(w + 8), bits_to_0x10(w + 4));
+            m = -_cvtsh_ss(rd_u16(w + 2));
+            w += 24;
+            break;
         }
+        put_group(k, b, c, d, d, m);
     }
-    return hsum8(acc[0]) + hsum8(acc[1]);
 }
 
-static float simd_dot_q4_0(const unsigned char *w, const XTerms *x, int n) { return simd_dot_4bit(w, x, n, 0); }
-static float simd_dot_iq4_nl(const unsigned char *w, const XTerms *x, int n) { return simd_dot_4bit(w, x, n, 1); }
-
-/* Q5_0, 22 bytes a block: (d xs) * sum (q - 16) x */
-static float simd_dot_q5_0(const unsigned char *w, const XTerms *x, int n) {
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int b = 0; b < n / QK; b++, w += 22) {
-        const __m256i c = _mm256_sub_epi8(_mm256_or_si256(nibbles32(w + 6), bits_to_0x10(w + 2)), _mm256_set1_epi8(16));
-        const float d = _cvtsh_ss(rd_u16(w));
-        for (int k = 0; k < 2; k++) {
-            __m256i p = dot_s8s8(c, _mm256_loadu_si256((const __m256i *)(x->q[k] + QK * b)));
-            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x->s[k][b]), acc[k]);
-        }
-    }
-    return hsum8(acc[0]) + hsum8(acc[1]);
-}
-
-/* Q4_K (has_qh 0) and Q5_K: per 32 values xs (d sc sum q x - dmin m sum x); the mins'
- * part goes in a float of its own. */
-static inline float simd_dot_k4(const unsigned char *w, int stride, int has_qh, const XTerms *x, int n) {
-    const __m256i low4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    float mins[2] = {0.0f, 0.0f};
-    for (int s = 0; s < n / QK_K; s++, w += stride) {
+/* Q4_K (has_qh 0, 144 bytes per 256 values) and Q5_K (176): per 32 values a 6-bit scale sc
+ * and min m: (d sc) q - (dmin m) */
+TILE_INLINE void unpack_k4(const Sink *k, const unsigned char *w, int has_qh, int nb) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    for (int s = 0; s < nb / 8; s++, w += has_qh ? 176 : 144) {
         const float d = _cvtsh_ss(rd_u16(w)), dmin = _cvtsh_ss(rd_u16(w + 2));
         const unsigned char *qs = w + (has_qh ? 48 : 16);
         const __m256i qh = has_qh ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256();
-        for (int g = 0; g < 8; g++) {
-            const int b = 8 * s + g;
+        UNROLL8 for (int g = 0; g < 8; g++) {
             int sc, m;
             gguf_scale_min_k4(w + 4, g, &sc, &m);
             __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * (g / 2)));
             __m256i c = _mm256_and_si256(g % 2 ? _mm256_srli_epi16(raw, 4) : raw, low4);
-            if (has_qh) c = _mm256_or_si256(c, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, g), one), 4));
-            for (int k = 0; k < 2; k++) {
-                __m256i p = dot_u8s8(_mm256_setzero_si256(), c, _mm256_loadu_si256((const __m256i *)(x->q[k] + QK * b)));
-                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(x->s[k][b] * (d * (float)sc)), acc[k]);
-                mins[k] += x->s[k][b] * (dmin * (float)(m * x->sum[k][b]));
-            }
+            if (has_qh) c = _mm256_or_si256(c, _mm256_slli_epi16(bit_k(qh, g), 4));
+            put_group(k, 8 * s + g, c, d * (float)sc, d * (float)sc, dmin * (float)m);
         }
     }
-    return (hsum8(acc[0]) - mins[0]) + (hsum8(acc[1]) - mins[1]);
 }
 
-static float simd_dot_q4_k(const unsigned char *w, const XTerms *x, int n) { return simd_dot_k4(w, 144, 0, x, n); }
-static float simd_dot_q5_k(const unsigned char *w, const XTerms *x, int n) { return simd_dot_k4(w, 176, 1, x, n); }
-
-/* Q6_K, 210 bytes per 256 values: (d xs) * (sc0 sum (q - 32) x + sc1 ...), a signed 8-bit
- * scale per 16 values. Group g (values 32g ..) of half h = g / 4 takes nibble g % 4 / 2 of
- * ql[64h + 32 (g % 2) ..] and bits 2 (g % 4) of qh[32h ..]. */
-static float simd_dot_q6_k(const unsigned char *w, const XTerms *x, int n) {
+/* Q6_K, 210 bytes per 256 values: d sc (q - 32), a signed 8-bit scale per 16 values. Group
+ * g (values 32g ..) of half h = g / 4 takes nibble g % 4 / 2 of ql[64h + 32 (g % 2) ..]
+ * and bits 2 (g % 4) of qh[32h ..]. */
+TILE_INLINE void unpack_q6_k(const Sink *k, const unsigned char *w, int nb) {
     const __m256i low4 = _mm256_set1_epi8(0x0f), three = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int s = 0; s < n / QK_K; s++, w += 210) {
+    for (int s = 0; s < nb / 8; s++, w += 210) {
         const float d = _cvtsh_ss(rd_u16(w + 208));
         const signed char *sc = (const signed char *)(w + 192);
-        for (int g = 0; g < 8; g++) {
-            const int b = 8 * s + g, h = g / 4, j = g % 4;
+        UNROLL8 for (int g = 0; g < 8; g++) {
+            const int h = g / 4, j = g % 4;
             __m256i lo = _mm256_loadu_si256((const __m256i *)(w + 64 * h + 32 * (j % 2)));
             lo = _mm256_and_si256(j / 2 ? _mm256_srli_epi16(lo, 4) : lo, low4);
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)(w + 128 + 32 * h)), 2 * j), three);
+            __m256i hi = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(w + 128 + 32 * h)),
+                                                           _mm_cvtsi32_si128(2 * j)), three);
             __m256i c = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), off);
-            __m256 scale = _mm256_setr_ps(sc[2 * g], sc[2 * g], sc[2 * g], sc[2 * g], sc[2 * g + 1], sc[2 * g + 1],
-                                          sc[2 * g + 1], sc[2 * g + 1]); /* lanes 0-3: values 0-15 */
-            for (int k = 0; k < 2; k++) {
-                __m256i p = dot_s8s8(c, _mm256_loadu_si256((const __m256i *)(x->q[k] + QK * b)));
-                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(scale, _mm256_set1_ps(d * x->s[k][b])), acc[k]);
+            put_group(k, 8 * s + g, c, d * (float)sc[2 * g], d * (float)sc[2 * g + 1], 0.0f);
+        }
+    }
+}
+
+/* Q3_K, 110 bytes per 256 values: d sc q, a signed 6-bit scale per 16 values, codes in
+ * -4..3: two bits of qs, minus 4 where the bit in hmask is clear (gguf_dot_q3_k). */
+TILE_INLINE void unpack_q3_k(const Sink *k, const unsigned char *w, int nb) {
+    const __m256i three = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4);
+    for (int s = 0; s < nb / 8; s++, w += 110) {
+        const unsigned char *sc = w + 96;
+        const float d = _cvtsh_ss(rd_u16(w + 108));
+        const __m256i hm = _mm256_loadu_si256((const __m256i *)w);
+        UNROLL8 for (int g = 0; g < 8; g++) {
+            const int h = g / 4, j = g % 4;
+            __m256i lo = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(w + 32 + 32 * h)),
+                                                           _mm_cvtsi32_si128(2 * j)), three);
+            __m256i c = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(bit_k(hm, 4 * h + j), 2)), four);
+            float s01[2];
+            for (int i = 0; i < 2; i++) {
+                int e = 2 * g + i; /* the group's scale of values 16i .. */
+                int scale = (((sc[e % 8] >> (4 * (e / 8))) & 0x0f) | ((sc[8 + e % 4] >> (2 * (e / 4))) & 0x03) << 4) - 32;
+                s01[i] = d * (float)scale;
             }
+            put_group(k, 8 * s + g, c, s01[0], s01[1], 0.0f);
         }
     }
-    return hsum8(acc[0]) + hsum8(acc[1]);
 }
 
-/* The AVX2 dot of a GGUF block dtype, or NULL (the plain loops then take the matmul). */
-static SimdDot simd_ggml_dot(int dtype) {
+/* IQ4_XS, 136 bytes per 256 values: d (ls - 32) kvalues[q], a 6-bit scale ls per 32 values */
+TILE_INLINE void unpack_iq4_xs(const Sink *k, const unsigned char *w, int nb) {
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)gguf_kvalues_iq4nl));
+    for (int s = 0; s < nb / 8; s++, w += 136) {
+        const float d = _cvtsh_ss(rd_u16(w));
+        const unsigned scales_h = rd_u16(w + 2);
+        UNROLL8 for (int g = 0; g < 8; g++) {
+            int ls = (((w[4 + g / 2] >> (4 * (g % 2))) & 0x0f) | (int)((scales_h >> (2 * g)) & 0x03) << 4) - 32;
+            __m256i c = _mm256_shuffle_epi8(table, nibbles32(w + 8 + 16 * g));
+            put_group(k, 8 * s + g, c, d * (float)ls, d * (float)ls, 0.0f);
+        }
+    }
+}
+
+/* Whether ggml type `type` has an unpacker here, and whether its groups have mins */
+static int ggml_kernel(int dtype) {
     switch (dtype - DT_GGML) {
-    case 2: return simd_dot_q4_0;
-    case 8: return simd_dot_q8_0;
-    case 6: return simd_dot_q5_0;
-    case 20: return simd_dot_iq4_nl;
-    case 12: return simd_dot_q4_k;
-    case 13: return simd_dot_q5_k;
-    case 14: return simd_dot_q6_k;
-    default: return NULL;
+    case 2: case 3: case 6: case 7: case 8: case 11: case 12: case 13: case 14: case 20: case 23: return 1;
+    default: return 0;
     }
 }
 
-/* Rows r0 .. r0 + nr - 1 of a GGUF block matrix against all n tokens, a dot each. */
+static int ggml_has_min(int dtype) {
+    int t = dtype - DT_GGML;
+    return t == 3 || t == 7 || t == 12 || t == 13;
+}
+
+/* (The types with mins are those whose codes are unsigned.) */
+static int ggml_unsigned_codes(int dtype) { return ggml_has_min(dtype); }
+
+/* A row of W's blocks (cols values) into k's sink. (Each case its own copy of the
+ * unpacker, the type a constant in it.) */
+TILE_INLINE void ggml_unpack(const Sink *k, const unsigned char *w, int dtype, int cols) {
+    const int nb = cols / QK;
+    switch (dtype - DT_GGML) {
+    case 12: unpack_k4(k, w, 0, nb); break;
+    case 13: unpack_k4(k, w, 1, nb); break;
+    case 14: unpack_q6_k(k, w, nb); break;
+    case 11: unpack_q3_k(k, w, nb); break;
+    case 23: unpack_iq4_xs(k, w, nb); break;
+    case 8: unpack_legacy(k, w, 8, nb); break;
+    case 2: unpack_legacy(k, w, 2, nb); break;
+    case 20: unpack_legacy(k, w, 20, nb); break;
+    case 6: unpack_legacy(k, w, 6, nb); break;
+    case 3: unpack_legacy(k, w, 3, nb); break;
+    default: unpack_legacy(k, w, 7, nb); break;
+    }
+}
+
+/* A row unpacked into u */
+static void ggml_unpack_row(const Unpacked *u, const unsigned char *w, int dtype, int cols) {
+    const Sink k = {u, NULL, NULL, NULL, 0, 0, 0};
+    ggml_unpack(&k, w, dtype, cols);
+}
+
+/* Decode: a row times token 0 of a's x, each group met as it is unpacked. One function per
+ * type (the type a constant in each), as the compiler unrolls and schedules a small loop
+ * better than one that holds every type. */
+TILE_INLINE float ggml_dot1(const unsigned char *w, int dtype, int cols, const Activations *a) {
+    RowSums s = {{_mm256_setzero_ps(), _mm256_setzero_ps()}, _mm256_setzero_ps()};
+    float m[8];
+    const Sink k = {NULL, &s, m, a, cols / QK, ggml_has_min(dtype), ggml_unsigned_codes(dtype)};
+    ggml_unpack(&k, w, dtype, cols);
+    return row_sums_total(&s);
+}
+
+typedef float (*GGMLDot1)(const unsigned char *w, int cols, const Activations *a);
+static float dot1_q4_0(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 2, cols, a); }
+static float dot1_q4_1(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 3, cols, a); }
+static float dot1_q5_0(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 6, cols, a); }
+static float dot1_q5_1(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 7, cols, a); }
+static float dot1_q8_0(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 8, cols, a); }
+static float dot1_q3_k(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 11, cols, a); }
+static float dot1_q4_k(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 12, cols, a); }
+static float dot1_q5_k(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 13, cols, a); }
+static float dot1_q6_k(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 14, cols, a); }
+static float dot1_iq4_nl(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 20, cols, a); }
+static float dot1_iq4_xs(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 23, cols, a); }
+
+static GGMLDot1 ggml_dot1_of(int dtype) {
+    switch (dtype - DT_GGML) {
+    case 2: return dot1_q4_0;
+    case 3: return dot1_q4_1;
+    case 6: return dot1_q5_0;
+    case 7: return dot1_q5_1;
+    case 8: return dot1_q8_0;
+    case 11: return dot1_q3_k;
+    case 12: return dot1_q4_k;
+    case 13: return dot1_q5_k;
+    case 14: return dot1_q6_k;
+    case 20: return dot1_iq4_nl;
+    default: return dot1_iq4_xs;
+    }
+}
+
+/* An unpacked row times NT tokens of x (t0 ..): out[t * ostride]. Each group is loaded
+ * once for all NT tokens, and each token's sums are added in decode's order (ggml_dot1). */
+TILE_INLINE void ggml_tile(float *out, int ostride, const Unpacked *u, int nb, int has_min, int unsigned_codes,
+                           const Activations *a, int t0, const int NT) {
+    RowSums s[4];
+    UNROLL for (int t = 0; t < NT; t++) s[t] = (RowSums){{_mm256_setzero_ps(), _mm256_setzero_ps()}, _mm256_setzero_ps()};
+    for (int b = 0; b < nb; b++) {
+        const __m256i c = _mm256_loadu_si256((const __m256i *)(u->c + QK * b));
+        const float s0 = u->scale[2 * b], s1 = u->scale[2 * b + 1];
+        UNROLL for (int t = 0; t < NT; t++) group_times_x(&s[t], c, s0, s1, unsigned_codes, a, t0 + t, b, nb);
+    }
+    if (has_min)
+        for (int b = 0; b < nb; b += 8)
+            UNROLL for (int t = 0; t < NT; t++) mins_times_x(&s[t], u->min + b, nb - b < 8 ? nb - b : 8, a, t0 + t, b, nb);
+    UNROLL for (int t = 0; t < NT; t++) out[(size_t)t * ostride] = row_sums_total(&s[t]);
+}
+
+/* Rows r0 .. r0 + nr - 1 of a GGUF block matrix against all n tokens. Decode meets each
+ * group as it decodes it; a prompt unpacks each row once into the thread's slot and meets
+ * it with the tokens 4 at a time. */
 static void matmul_rows_ggml(float *out, int n, const Matrix *W, const Activations *a, int r0, int nr) {
-    const SimdDot dot = simd_ggml_dot(W->dtype);
-    const int cols = W->cols, nb = cols / QK;
+    const int cols = W->cols, nb = cols / QK, has_min = ggml_has_min(W->dtype), uc = ggml_unsigned_codes(W->dtype);
     const size_t rb = row_bytes(W->dtype, cols);
-    for (int r = r0; r < r0 + nr; r++) {
-        const unsigned char *w = (const unsigned char *)W->data + (size_t)r * rb;
-        for (int t = 0; t < n; t++) {
-            const size_t at = (size_t)t * cols, blocks = (size_t)t * nb;
-            const XTerms x = {{a->xq + at, a->xr + at}, {a->xq_scale + blocks, a->xr_scale + blocks},
-                              {a->xq_sum + blocks, a->xr_sum + blocks}};
-            out[(size_t)t * W->rows + r] = dot(w, &x, cols);
-        }
+    const unsigned char *w = (const unsigned char *)W->data + (size_t)r0 * rb;
+    if (n == 1) {
+        const GGMLDot1 dot = ggml_dot1_of(W->dtype);
+        for (int r = r0; r < r0 + nr; r++, w += rb) out[r] = dot(w, cols, a);
+        return;
+    }
+    const Unpacked u = unpacked_at(a->unpack + (a->unpack_slots > 1 ? (size_t)THREAD_NUM() * a->unpack_bytes : 0), nb);
+    for (int r = r0; r < r0 + nr; r++, w += rb) {
+        ggml_unpack_row(&u, w, W->dtype, cols);
+        int t = 0;
+        for (; t + 4 <= n; t += 4) ggml_tile(out + (size_t)t * W->rows + r, W->rows, &u, nb, has_min, uc, a, t, 4);
+        for (; t < n; t++) ggml_tile(out + (size_t)t * W->rows + r, W->rows, &u, nb, has_min, uc, a, t, 1);
     }
 }
 
@@ -1397,8 +1573,11 @@ static void prepare_piece(Activations *a, const float *x, int t, int piece, cons
     } else
 #endif
         quantize_activations(a->xq + at, a->xq_scale + block, a->xq_sum + block, x + at, len);
-    if (dtype >= DT_GGML) /* (the same bytes as the plain loops' xr: xq is) */
+    if (dtype >= DT_GGML) { /* (the same bytes as the plain loops' xr: xq is) */
         quantize_residual(a->xr + at, a->xr_scale + block, a->xr_sum + block, x + at, a->xq + at, a->xq_scale + block, len);
+        for (size_t b = block; b < block + (size_t)len / QK; b++)
+            a->xmin[b] = a->xq_scale[b] * (float)a->xq_sum[b] + a->xr_scale[b] * (float)a->xr_sum[b];
+    }
 }
 
 /* The widest tiles that the build has, ks->level allows and the shape fits: 2 AVX-512
@@ -1492,6 +1671,7 @@ static void carve_activations(Carve *cv, Activations *a, size_t tokens, size_t w
 #ifdef GEMMA3_BF16_DOT
     a->xbf = carve(cv, tokens * widest, sizeof(uint16_t));
 #endif
+    a->xmin = carve(cv, tokens * (widest / 32 + 1), sizeof(float));
 }
 
 /* Lays out the kernels' scratch for max_batch tokens and `threads` threads at mem, which
@@ -1523,9 +1703,16 @@ static size_t kernels_setup(void *mem, const Config *c, int max_batch, int threa
         k->act.repack = carve(&cv, (size_t)threads, k->act.repack_bytes);
     }
 #endif
+    /* a slot per thread for a GGUF block row, unpacked */
+    k->act.unpack_bytes = ggml_unpacked_bytes(widest);
+    k->act.unpack_slots = threads;
+    k->act.unpack = carve(&cv, (size_t)threads, k->act.unpack_bytes);
     for (int i = 0; i < threads; i++) {
-        Activations ignored;
-        carve_activations(&cv, k->act_thread ? &k->act_thread[i] : &ignored, 1, widest);
+        Activations ignored, *a = k->act_thread ? &k->act_thread[i] : &ignored;
+        carve_activations(&cv, a, 1, widest);
+        a->unpack_bytes = ggml_unpacked_bytes(widest);
+        a->unpack_slots = 1;
+        a->unpack = carve(&cv, 1, a->unpack_bytes);
     }
     if (unmasked_n > 0) { /* (hdp: rounded up to AVX-512's vector, enough for AVX2's) */
         const size_t np = ((size_t)unmasked_n + UM_KEYS - 1) / UM_KEYS * UM_KEYS, hd = (size_t)c->head_dim;
@@ -1556,12 +1743,14 @@ static int kernels_matmul(void *kernels, float *const out[], const Matrix *const
     for (int i = 0; i < count; i++) {
         /* GGUF block types with a dot here all read x as int8 blocks alone: they mix (q, k
          * and v of a Q4_K_M file are Q5_0, Q5_0, Q8_0) */
-        int ggml = simd_ggml_dot(W[i]->dtype) && simd_ggml_dot(W[0]->dtype);
-        if (W[i]->dtype >= DT_GGML && !simd_ggml_dot(W[i]->dtype)) return 0; /* the plain loops */
+        int ggml = ggml_kernel(W[i]->dtype) && ggml_kernel(W[0]->dtype);
+        if (W[i]->dtype >= DT_GGML && !ggml_kernel(W[i]->dtype)) return 0; /* the plain loops */
         same &= (W[i]->dtype == W[0]->dtype || ggml) && W[i]->cols == W[0]->cols;
         first[i + 1] = first[i] + (W[i]->rows + R - 1) / R;
     }
     if (level == 0 || !same) return 0;
+    if (W[0]->dtype >= DT_GGML && !(n == 1 && TEAM_SIZE() <= ks->threads) && TEAM_SIZE() > ks->act.unpack_slots)
+        return 0; /* (a team larger than the one the scratch was laid out for) */
     const int pieces = W[0]->dtype == DT_F32 ? 0 : (W[0]->cols + PIECE - 1) / PIECE;
     const int T = TEAM_SIZE(), id = THREAD_NUM(), decode = n == 1 && T <= ks->threads;
     const Activations *a = &ks->act;

@@ -10,9 +10,9 @@
   - the BPE merges derived from a GGUF vocabulary: those of the definition (every split,
     ranked), on random vocabularies; probe vocabularies of long pieces in bounded time and
     memory;
-  - a NaN or infinity in a source tensor (safetensors f32 / bf16 / f16, every GGUF type) is
-    refused naming the tensor and the value's index, and so is an f32 value that rounds to
-    infinity in bf16;
+  - a NaN or infinity in a source tensor (safetensors f32 / bf16 / f16, every GGUF type, also
+    kept as it is by --dtype gguf) is refused naming the tensor and the value's index, and so
+    is an f32 value that rounds to infinity in bf16;
   - outputs: a symlink's target is written (the link stays), a FIFO is streamed into, an
     input, the program or a file that is not a gemma3.c model is never replaced (unless
     --force, for the last), two runs to one output do not mix;
@@ -345,6 +345,9 @@ def nan_inf():
         expect_refused(f"GGUF {q.name}, value {i} {word}", g,
                        f"tensor blk.0.ffn_up.weight: gguf_dequant: value {i} is {word}", "--dtype",
                        "bf16" if q in (T.Q4_K, T.F16) else "f32")
+        # --dtype gguf copies the tensor's own bytes, but only once its values are checked
+        expect_refused(f"GGUF {q.name}, value {i} {word}, kept", g,
+                       f"tensor blk.0.ffn_up.weight: gguf_dequant: value {i} is {word}", "--dtype", "gguf")
     make_gguf(g, T.F32, layers=1, seed=9)
     t = next(t for t in GGUFReader(g).tensors if t.name == "blk.0.attn_q.weight")
     with open(g, "r+b") as f:

@@ -7,7 +7,8 @@
  * COUNT its number of values, OUT `f32` or `bf16`, SUB1 1 to subtract 1 from
  * every value (the norms, which llama.cpp's converter stores as 1 + w), else 0.
  * The values of each job go to stdout in order, little-endian, nothing between
- * jobs. Errors: one line on stderr, exit status 1; a NaN or infinity among the values
+ * jobs. OUT `check` writes no values, only one zero byte once all of them are checked
+ * (export.py --dtype gguf copies such a tensor's own bytes after that byte). Errors: one line on stderr, exit status 1; a NaN or infinity among the values
  * (or a value that rounds to infinity in bf16) is one, naming the value's index in its
  * tensor. export.py drives this.
  *
@@ -75,7 +76,7 @@ static void check_finite(const float *vals, size_t n, int bf16, long long first)
 
 /* Dequantize one tensor: COUNT values of type T at OFFSET in f, to out. */
 static void run_job(FILE *f, long long file_size, long long offset, const GGMLType *t, long long count,
-                    int bf16, int sub1, const char *path) {
+                    int bf16, int sub1, int check_only, const char *path) {
     enum { CHUNK_BLOCKS = 4096 };
     static unsigned char in[CHUNK_BLOCKS * 210 + 64];
     static float vals[CHUNK_BLOCKS * QK_K];
@@ -98,6 +99,8 @@ static void run_job(FILE *f, long long file_size, long long offset, const GGMLTy
             for (size_t i = 0; i < nv; i++) vals[i] = vals[i] - 1.0f;
         check_finite(vals, nv, bf16, done);
         done += (long long)nv;
+        n_blocks -= nb;
+        if (check_only) continue;
         size_t outbytes;
         if (bf16) {
             for (size_t i = 0; i < nv; i++) {
@@ -117,13 +120,13 @@ static void run_job(FILE *f, long long file_size, long long offset, const GGMLTy
             outbytes = 4 * nv;
         }
         if (fwrite(out, 1, outbytes, stdout) != outbytes) die("cannot write to stdout (%s)", strerror(errno));
-        n_blocks -= nb;
     }
+    if (check_only && putchar(0) == EOF) die("cannot write to stdout (%s)", strerror(errno));
 }
 
 int main(int argc, char **argv) {
     if (argc != 2) {
-        fprintf(stderr, "usage: %s FILE.gguf < jobs   (one job a line: OFFSET TYPE COUNT f32|bf16 SUB1)\n", progname);
+        fprintf(stderr, "usage: %s FILE.gguf < jobs   (one job a line: OFFSET TYPE COUNT f32|bf16|check SUB1)\n", progname);
         return 2;
     }
     const char *path = argv[1];
@@ -138,7 +141,7 @@ int main(int argc, char **argv) {
         int type, sub1;
         char out[8];
         if (sscanf(line, "%lld %d %lld %7s %d", &offset, &type, &count, out, &sub1) != 5 ||
-            (strcmp(out, "f32") && strcmp(out, "bf16")))
+            (strcmp(out, "f32") && strcmp(out, "bf16") && strcmp(out, "check")))
             die("bad job line: %s", line);
         const GGMLType *t = ggml_type(type);
         if (!t) {
@@ -146,7 +149,7 @@ int main(int argc, char **argv) {
             snprintf(num, sizeof num, "%d", type);
             die("unsupported ggml type %s", num);
         }
-        run_job(f, file_size, offset, t, count, out[0] == 'b', sub1 != 0, path);
+        run_job(f, file_size, offset, t, count, out[0] == 'b', sub1 != 0, out[0] == 'c', path);
     }
     if (fflush(stdout) != 0) die("cannot write to stdout (%s)", strerror(errno));
     fclose(f);

@@ -7,6 +7,8 @@
 #   1. the logits of the tiny fixture's 40 tokens (f32 export) equal the host's to 1e-6
 #      of the largest logit, every argmax the same; it also says whether they are
 #      bit-identical to the host's plain-C build;
+#   1b. the same for a GGUF's own K-quant blocks (export.py --dtype gguf), against the
+#      host's plain-C build;
 #   2. a greedy continuation with the real Gemma 3 tokenizer (a small random model) is
 #      the same text as the host's `./gemma3 -p ... -t 0`;
 #   3. the RAM the image used (static, heap peak, stack peak) is reported.
@@ -88,6 +90,50 @@ dp = max(abs(a - b) for a, b in zip(fw, plain))
 print(f"# vs the host's plain-C build: {same}/{len(fw)} logits bit-identical, max|diff| {dp:.3g}")
 EOF
 
+# ---- 1b. logits of a GGUF's own K-quant blocks, kept (--dtype gguf): a random 3-layer Q4_K
+# file written with gguf-py (tests/test_gguf.sh's venv), as tests/cross.sh makes it. The
+# firmware multiplies the blocks with gguf_blocks.c's plain loops; the reference is the
+# host's plain-C build. Activations are rounded to int8 on the fly, so a last-bit difference
+# in libm (expf, tanhf) between the two can move a value across a rounding step: the bound
+# is 1e-2, as cross.sh's for quantized files.
+if bash tests/test_gguf.sh --setup >"$W/venv.log" 2>&1 &&
+    tests/data/venv-gguf/bin/python -c "import sys; sys.path.insert(0, 'tests'); import test_gguf as t
+t.make_gguf('$W/q4_k.gguf', t.T.Q4_K, sane=True, seed=3)" >"$W/make-gguf.log" 2>&1 &&
+    python3 export.py "$W/q4_k.gguf" "$W/kept.bin" --dtype gguf -q >>"$W/make-gguf.log" 2>&1; then
+    echo "2 300 301 302 5 290 291 292 293" >"$W/kept-tokens.txt"
+    "$W/gemma3-plain" "$W/kept.bin" --logits "$W/kept-tokens.txt" "$W/kept-host.f32" || nok "host logits of the kept Q4_K file"
+    { printf 'static const int ids[] = {'; tr -s ' \n' ',,' <"$W/kept-tokens.txt" | sed 's/,$//'; printf '};\n'; } >"$W/ids.h"
+    rm -f "$W/logits.f32"
+    if firmware kept "$PWD/$W/kept.bin" -DLOGITS; then ok "firmware builds (kept Q4_K GGUF blocks, logits mode)"
+    else nok "firmware builds: $(head -5 "$W/kept-build.log")"; fi
+    run_firmware kept || nok "firmware run (kept Q4_K): $(head -5 "$W/kept.out")"
+    python3 - "$W/logits.f32" "$W/kept-host.f32" <<'EOF'
+import struct, sys
+def load(p):
+    try:
+        b = open(p, "rb").read()
+    except OSError:
+        return None
+    return struct.unpack(f"<{len(b) // 4}f", b)
+fw, host = (load(p) for p in sys.argv[1:3])
+def ok(c, what):
+    print(("ok - " if c else "not ok - ") + what)
+if not fw or not host or len(fw) != len(host):
+    ok(False, "firmware logits of the kept Q4_K file: %s values, host %s" % (fw and len(fw), host and len(host)))
+    sys.exit()
+n = 9
+V = len(host) // n
+top = max(abs(v) for v in host)
+d = max(abs(a - b) for a, b in zip(fw, host))
+am = sum(max(range(V), key=lambda j: fw[t * V + j]) == max(range(V), key=lambda j: host[t * V + j]) for t in range(n))
+same = sum(struct.pack("<f", a) == struct.pack("<f", b) for a, b in zip(fw, host))
+ok(d <= 1e-2 * top and am == n, f"firmware logits of the kept Q4_K file vs host plain C: max|diff| {d:.3g} = "
+   f"{d / top:.2g} of max|logit| {top:.3g}, argmax {am}/{n} equal, {same}/{len(fw)} bit-identical (bound 1e-2)")
+EOF
+else
+    nok "make the kept Q4_K file (gguf-py venv: $W/venv.log, $W/make-gguf.log)"
+fi
+
 # ---- 2. a greedy continuation with the real tokenizer
 PROMPT="The capital of France is"
 STEPS=16
@@ -109,10 +155,11 @@ if cmp -s "$W/fw-text.out" "$W/host-text.out"; then ok "greedy text from the fir
 else nok "greedy text differs: firmware '$(head -c 80 "$W/fw-text.out")', host '$(head -c 80 "$W/host-text.out")'"; fi
 
 # ---- 3. the RAM the images used
-for name in logits text; do
+for name in logits kept text; do
+    [ -f "$W/$name.elf" ] || continue
     static=$(riscv64-unknown-elf-size -A "$W/$name.elf" | awk '$1 == ".data" || $1 == ".bss" || $1 == ".tdata" || $1 == ".tbss" { s += $2 } END { print s + 0 }')
     text=$(riscv64-unknown-elf-size -A "$W/$name.elf" | awk '$1 == ".text" || $1 == ".init" { s += $2 } END { print s + 0 }')
-    model=$(wc -c <"$W/$([ $name = logits ] && echo tiny-f32 || echo tok-model).bin" | tr -d ' ')
+    model=$(wc -c <"$W/$(case $name in logits) echo tiny-f32 ;; kept) echo kept ;; *) echo tok-model ;; esac).bin" | tr -d ' ')
     echo "# $name image: code and read-only data $text bytes (the model file $model of them, in flash or ROM);" \
         "static RAM (.data + .bss) $static bytes; $(grep 'RAM:' "$W/$name.out" | sed 's/^firmware: RAM: //')"
 done
