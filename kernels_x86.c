@@ -1310,10 +1310,11 @@ static void matmul_rows_ggml(float *out, int n, const Matrix *W, const Activatio
  * matmul, 27 in a 6912-wide one. */
 #define PIECE 256
 
-/* Columns piece * PIECE .. of token t of x as the tiles of `level` (1 AVX2, 2 AVX-512)
- * want them: int8 blocks for the quantized types (plus q4_0's offset, and for AVX-512 its
- * reordering), even/odd order for bf16. f32 takes x as it is. */
-static void prepare_piece(Activations *a, const float *x, int t, int piece, const Matrix *W, int level) {
+/* Columns piece * PIECE .. of token t (of a matmul of n tokens) of x as the tiles of
+ * `level` (1 AVX2, 2 AVX-512) want them: int8 blocks for the quantized types (and for
+ * AVX-512 q4_0 outside rows16 their reordering), even/odd order for bf16. f32 takes x as
+ * it is. */
+static void prepare_piece(Activations *a, const float *x, int t, int n, int piece, const Matrix *W, int level) {
     const int cols = W->cols, dtype = W->dtype, nb = cols / QK;
     const int j0 = piece * PIECE, len = cols - j0 < PIECE ? cols - j0 : PIECE; /* len % 32 == 0 */
     const size_t at = (size_t)t * cols + j0, block = (size_t)t * nb + j0 / QK;
@@ -1324,7 +1325,7 @@ static void prepare_piece(Activations *a, const float *x, int t, int piece, cons
 #ifdef GEMMA3_AVX512
     if (level == 2) {
         quantize_activations512(a->xq + at, a->xq_scale + block, a->xq_sum + block, x + at, len);
-        if (dtype == DT_Q4_0)
+        if (dtype == DT_Q4_0 && !rows16_on(a, n, DT_Q4_0)) /* (rows16 reads xq as it is) */
             q4_0_reorder512(a->xq_perm + (size_t)t * Q4_GROUPS(nb) * Q4_GROUP_BYTES, a->xq + (size_t)t * cols, nb,
                             piece, piece + 1);
     } else
@@ -1494,11 +1495,11 @@ static int kernels_matmul(void *kernels, float *const out[], const Matrix *const
 #ifdef GEMMA3_AVX512
         if (level == 2) prefetch_stream_starts(W, first, count, lo);
 #endif
-        for (int p = 0; p < pieces; p++) prepare_piece(own, x, 0, p, W[0], level);
+        for (int p = 0; p < pieces; p++) prepare_piece(own, x, 0, 1, p, W[0], level);
         a = own;
     } else {
         FOR /* a prompt: x prepared by all the threads */
-        for (job = 0; job < n * pieces; job++) prepare_piece(&ks->act, x, job / pieces, job % pieces, W[0], level);
+        for (job = 0; job < n * pieces; job++) prepare_piece(&ks->act, x, job / pieces, n, job % pieces, W[0], level);
     }
     const float *xin = W[0]->dtype == DT_BF16 ? a->xperm : x; /* what the float tiles read */
     if (decode && first[count] < SHARE_MAX) { /* decode's jobs, shared out */
