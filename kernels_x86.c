@@ -647,7 +647,8 @@ TILE_INLINE void tile512_q8_0(float *out, int ostride, const unsigned char *w, s
  * activations it meets. x comes reordered to match (q4_0_reorder512). Adding each lane
  * pair (one shuffle) gives each block's sum twice; the FMA takes it in one of the two,
  * under a mask: lanes 4k, 4k + 2 for a step's first group, 4k + 1, 4k + 3 for its second,
- * block j of the step in lane Q4_LANE(j). */
+ * block j of the step in lane Q4_LANE(j). Decode (one token, registers to spare) blends
+ * the two groups' lanes into one vector instead: one conversion and one FMA per step. */
 #define Q4_GROUP_BYTES 320 /* x per group of 8 blocks: 4 x 64 bytes of int8, 16 int32 offsets */
 
 /* Group g (of nblk, 1-8, blocks; `second`: the second of its step) of an NR x NT tile into
@@ -655,9 +656,9 @@ TILE_INLINE void tile512_q8_0(float *out, int ostride, const unsigned char *w, s
  * The NR rows' nibbles are unpacked first; then each token's x (4 vectors and its offsets)
  * is loaded once and meets them all. A prompt's 4-row tiles go as two of 2 rows
  * (matmul_rows_avx512): 4 rows' nibbles and 16 sums would not fit in the 32 registers. */
-TILE_INLINE void q4_0_group512(__m512 acc[4][4], const unsigned char *w, size_t rb, int nb, int g, int nblk,
-                               const int8_t *xg, size_t xstride, const __m512 dw[4], const __m512 dx[4], int second,
-                               const int NR, const int NT) {
+TILE_INLINE void q4_0_group512(__m512 acc[4][4], __m512i keep[4], const unsigned char *w, size_t rb, int nb, int g,
+                               int nblk, const int8_t *xg, size_t xstride, const __m512 dw[4], const __m512 dx[4],
+                               int second, const int NR, const int NT) {
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     const __mmask16 mine = second ? 0xaaaa : 0x5555;
     const int bytes = 16 * nblk;
@@ -693,7 +694,8 @@ TILE_INLINE void q4_0_group512(__m512 acc[4][4], const unsigned char *w, size_t 
             s = _mm512_dpbusd_epi32(s, blo[r], x2);
             s = _mm512_dpbusd_epi32(s, bhi[r], x3);
             s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, _MM_PERM_CDAB)); /* each lane pair's sum, in both */
-            acc[r][t] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw[r], dx[t]), acc[r][t], mine);
+            if (NT == 1) keep[r] = s;
+            else acc[r][t] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw[r], dx[t]), acc[r][t], mine);
         }
     }
 }
@@ -705,9 +707,9 @@ TILE_INLINE void q4_0_group512(__m512 acc[4][4], const unsigned char *w, size_t 
  * dot products per row and token. Lanes 4k .. 4k + 3 all hold block k: their sum goes into
  * lane 4k (4k + 1 for a step's second group), as in q4_0_group512. x: 2 x 64 bytes, 16
  * offsets. */
-TILE_INLINE void q4_0_half512(__m512 acc[4][4], const unsigned char *w, size_t rb, int nb, int g, int nblk,
-                              const int8_t *xg, size_t xstride, const __m512 dw[4], const __m512 dx[4], int second,
-                              const int NR, const int NT) {
+TILE_INLINE void q4_0_half512(__m512 acc[4][4], __m512i keep[4], const unsigned char *w, size_t rb, int nb, int g,
+                              int nblk, const int8_t *xg, size_t xstride, const __m512 dw[4], const __m512 dx[4],
+                              int second, const int NR, const int NT) {
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     const __mmask16 mine = second ? 0x2222 : 0x1111;
     UNROLL
@@ -726,17 +728,18 @@ TILE_INLINE void q4_0_half512(__m512 acc[4][4], const unsigned char *w, size_t r
             s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512((const void *)(xt + 64)));
             s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, _MM_PERM_BADC)); /* lanes 4k + 2, 4k + 3 onto 4k, 4k + 1 */
             s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, _MM_PERM_CDAB)); /* and 4k + 1 onto 4k (and back) */
-            acc[r][t] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw[r], dx[t]), acc[r][t], mine);
+            if (NT == 1) keep[r] = _mm512_maskz_mov_epi32(mine, s);
+            else acc[r][t] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw[r], dx[t]), acc[r][t], mine);
         }
     }
 }
 
 /* Group g of nblk blocks, as q4_0_group512 or (4 blocks or fewer) q4_0_half512 */
-TILE_INLINE void q4_0_step512(__m512 acc[4][4], const unsigned char *w, size_t rb, int nb, int g, int nblk,
-                              const int8_t *xg, size_t xstride, const __m512 dw[4], const __m512 dx[4], int second,
-                              const int NR, const int NT) {
-    if (nblk > 4) q4_0_group512(acc, w, rb, nb, g, nblk, xg, xstride, dw, dx, second, NR, NT);
-    else q4_0_half512(acc, w, rb, nb, g, nblk, xg, xstride, dw, dx, second, NR, NT);
+TILE_INLINE void q4_0_step512(__m512 acc[4][4], __m512i keep[4], const unsigned char *w, size_t rb, int nb, int g,
+                              int nblk, const int8_t *xg, size_t xstride, const __m512 dw[4], const __m512 dx[4],
+                              int second, const int NR, const int NT) {
+    if (nblk > 4) q4_0_group512(acc, keep, w, rb, nb, g, nblk, xg, xstride, dw, dx, second, NR, NT);
+    else q4_0_half512(acc, keep, w, rb, nb, g, nblk, xg, xstride, dw, dx, second, NR, NT);
 }
 
 /* q4_0 rows against the tokens' reordered activations xp (q4_0_reorder512), scales xs */
@@ -757,8 +760,17 @@ TILE_INLINE void tile512_q4_0(float *out, int ostride, const unsigned char *w, s
                 lanes_of(DT_Q4_0, _mm512_castps_si512(_mm512_cvtph_ps(load256_upto(w + r * rb + 2 * b0, 2 * k)))));
         UNROLL
         for (int t = 0; t < NT; t++) dx[t] = _mm512_castsi512_ps(lanes_of(DT_Q4_0, load512_upto(xs + (size_t)t * nb + b0, 4 * k)));
-        q4_0_step512(acc, w, rb, nb, g, k < 8 ? k : 8, xp + (size_t)g * Q4_GROUP_BYTES, xstride, dw, dx, 0, NR, NT);
-        if (k > 8) q4_0_step512(acc, w, rb, nb, g + 1, k - 8, xp + (size_t)(g + 1) * Q4_GROUP_BYTES, xstride, dw, dx, 1, NR, NT);
+        __m512i first[4], second[4]; /* decode's sums of the step's two groups (NT == 1) */
+        q4_0_step512(acc, first, w, rb, nb, g, k < 8 ? k : 8, xp + (size_t)g * Q4_GROUP_BYTES, xstride, dw, dx, 0, NR, NT);
+        if (k > 8)
+            q4_0_step512(acc, second, w, rb, nb, g + 1, k - 8, xp + (size_t)(g + 1) * Q4_GROUP_BYTES, xstride, dw, dx, 1,
+                         NR, NT);
+        if (NT == 1) /* the two groups' lanes into one vector: one conversion and one FMA per step */
+            UNROLL
+            for (int r = 0; r < NR; r++) {
+                __m512i s = k > 8 ? _mm512_mask_blend_epi32(0xaaaa, first[r], second[r]) : _mm512_maskz_mov_epi32(0x5555, first[r]);
+                acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw[r], dx[0]), acc[r][0]);
+            }
     }
     UNROLL
     for (int r = 0; r < NR; r++)
@@ -826,8 +838,9 @@ static void q4_0_reorder512(int8_t *xp, const int8_t *xq, int nb, int g0, int g1
 /* Quantized prompts (q8_0, q4_0), 16 rows to a vpdpbusd. The rows of a job are repacked,
  * 16 at a time, so that one 512-bit register holds 4 bytes of each of 16 rows: per block
  * and token, 8 vpdpbusd give the 16 rows' exact int32 sums in one register, and one
- * conversion and one FMA take them on (10 instructions per 512 multiply-adds); the
- * repacking (a transpose) is paid once per 16 rows for all the prompt's tokens. The mmap'd
+ * conversion and one FMA take them on (8 dot products and a few more instructions per
+ * 512 multiply-adds); the repacking (a transpose) is paid once per 16 rows for all the
+ * prompt's tokens. The mmap'd
  * file keeps its layout; the repacked rows live in a slot per thread of the run state (16
  * rows of the widest matrix and their scales as floats: 18 bytes per column, 124 KB for
  * the 1B shape). Weights go in as unsigned bytes, as vpdpbusd wants them: q8_0's w + 128,
@@ -922,8 +935,7 @@ TILE_INLINE void store_rows16(float *o, int nr, __m512 acc[16]) {
     _mm512_mask_storeu_ps(o, (__mmask16)((1u << nr) - 1), _mm512_add_ps(acc[0], acc[1]));
 }
 
-/* A token (int8 activations xq, their block sums xsum and scales xs) as rows16 reads it;
- * off: what the unsigned weights carry over the format's (128 for q8_0, 8 for q4_0). */
+/* A token (int8 activations xq, their block sums xsum and scales xs) as rows16 reads it */
 typedef struct {
     const int8_t *xq;
     const int32_t *xsum;
@@ -931,7 +943,8 @@ typedef struct {
 } Token16;
 
 /* Block b of token x against the 16 repacked rows into acc, which holds lane
- * BLOCK_LANE(b % 16) of their sums. */
+ * BLOCK_LANE(b % 16) of their sums; off: what the unsigned weights carry over the format's
+ * (128 for q8_0, 8 for q4_0). */
 TILE_INLINE void rows16_block(__m512 *acc, const unsigned char *pk, const float *scales, int b, Token16 x, int off) {
     const __m512 d = _mm512_mul_ps(_mm512_loadu_ps(scales + (size_t)b * Q8_ROWS), _mm512_set1_ps(x.xs[b]));
     __m512i s = _mm512_set1_epi32(-off * x.xsum[b]);
@@ -1546,11 +1559,11 @@ static void matmul_rows_ggml(float *out, int n, const Matrix *W, const Activatio
  * matmul, 27 in a 6912-wide one. */
 #define PIECE 256
 
-/* Columns piece * PIECE .. of token t of x as the tiles of `level` (1 AVX2, 2 AVX-512)
- * want them: int8 blocks for the quantized types (plus q4_0's offset, and for AVX-512 its
- * reordering), for bf16 rounded to bf16 (AVX512_BF16) or in even/odd order. f32 takes x
- * as it is. */
-static void prepare_piece(Activations *a, const float *x, int t, int piece, const Matrix *W, int level) {
+/* Columns piece * PIECE .. of token t (of a matmul of n tokens) of x as the tiles of
+ * `level` (1 AVX2, 2 AVX-512) want them: int8 blocks for the quantized types (and for
+ * AVX-512 q4_0 outside rows16 their reordering), for bf16 rounded to bf16 (AVX512_BF16)
+ * or in even/odd order. f32 takes x as it is. */
+static void prepare_piece(Activations *a, const float *x, int t, int n, int piece, const Matrix *W, int level) {
     const int cols = W->cols, dtype = W->dtype, nb = cols / QK;
     const int j0 = piece * PIECE, len = cols - j0 < PIECE ? cols - j0 : PIECE; /* len % 32 == 0 */
     const size_t at = (size_t)t * cols + j0, block = (size_t)t * nb + j0 / QK;
@@ -1567,7 +1580,7 @@ static void prepare_piece(Activations *a, const float *x, int t, int piece, cons
 #ifdef GEMMA3_AVX512
     if (level == 2) {
         quantize_activations512(a->xq + at, a->xq_scale + block, a->xq_sum + block, x + at, len);
-        if (dtype == DT_Q4_0)
+        if (dtype == DT_Q4_0 && !rows16_on(a, n, DT_Q4_0)) /* (rows16 reads xq as it is) */
             q4_0_reorder512(a->xq_perm + (size_t)t * Q4_GROUPS(nb) * Q4_GROUP_BYTES, a->xq + (size_t)t * cols, nb,
                             piece, piece + 1);
     } else
@@ -1763,11 +1776,11 @@ static int kernels_matmul(void *kernels, float *const out[], const Matrix *const
 #ifdef GEMMA3_AVX512
         if (level == 2) prefetch_stream_starts(W, first, count, lo);
 #endif
-        for (int p = 0; p < pieces; p++) prepare_piece(own, x, 0, p, W[0], level);
+        for (int p = 0; p < pieces; p++) prepare_piece(own, x, 0, 1, p, W[0], level);
         a = own;
     } else {
         FOR /* a prompt: x prepared by all the threads */
-        for (job = 0; job < n * pieces; job++) prepare_piece(&ks->act, x, job / pieces, job % pieces, W[0], level);
+        for (job = 0; job < n * pieces; job++) prepare_piece(&ks->act, x, job / pieces, n, job % pieces, W[0], level);
     }
     const float *xin = W[0]->dtype == DT_BF16 ? a->xperm : x; /* what the float tiles read */
     if (decode && first[count] < SHARE_MAX) { /* decode's jobs, shared out */
