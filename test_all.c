@@ -669,10 +669,10 @@ static void test_kernels(void) {
                              {DT_BF16, 40}, {DT_Q8_0, 288}, {DT_Q8_0, 608}, {DT_Q4_0, 288}, {DT_Q4_0, 800},
                              {DT_Q4_0, 384}, {DT_Q4_0, 416}, {DT_Q8_0, 384}, {DT_Q8_0, 416}, {DT_Q8_0, 768},
                              /* GGUF's blocks: Q8_0, Q5_0, Q4_K, Q5_K, Q6_K, Q4_0, IQ4_NL, Q4_1, Q5_1, Q3_K,
-                              * IQ4_XS unpacked for the SIMD tiles; Q2_K has none (plain loops) */
+                              * IQ4_XS, Q2_K (9 and 7 groups: partial runs of mins) */
                              {DT_GGML + 8, 288}, {DT_GGML + 6, 416}, {DT_GGML + 12, 512}, {DT_GGML + 13, 768},
                              {DT_GGML + 14, 512}, {DT_GGML + 2, 352}, {DT_GGML + 20, 288}, {DT_GGML + 3, 288},
-                             {DT_GGML + 7, 224}, {DT_GGML + 11, 512}, {DT_GGML + 23, 768}, {DT_GGML + 10, 256}};
+                             {DT_GGML + 7, 224}, {DT_GGML + 11, 512}, {DT_GGML + 23, 768}, {DT_GGML + 10, 512}};
     /* blocks of 32: the AVX-512 tiles take q4_0 8 and q8_0 16 blocks a step, so these
      * shapes end in partial steps of every kind (q8_0 384, 416, 768: 12, 13, 8 blocks) */
     const char *names[] = {"f32", "bf16", "q8_0", "q4_0"}, *levels[] = {"plain", "AVX2", "AVX-512"};
