@@ -68,8 +68,8 @@ typedef struct {
     unsigned char *unpack; /* (unpack_slots, unpack_bytes) */
     size_t unpack_bytes;
     int unpack_slots;
-    float *xmin;           /* (tokens, widest / 32) GGUF block types: xq_scale xq_sum + xr_scale xr_sum,
-                              what a group's min multiplies */
+    float *xmin;           /* (tokens, widest / 16) GGUF block types: per 16 values, xq_scale times the
+                              sum of their xq + the same of xr: what a min multiplies */
 } Activations;
 
 /* The kernels' scratch, one per run state. */
@@ -1214,21 +1214,23 @@ static void prefetch_stream_starts(const Matrix *const W[], const int first[], i
 
 /* ------------------------------------------------------------------------- */
 /* GGUF's blocks (dtype DT_GGML + t; gguf_blocks.c has the plain dots). A row's blocks are
- * decoded once (ggml_unpack) into one shape that every type with a kernel here fits, and
- * then multiplied by the int8 activations of each token (ggml_tile): decode decodes the row
- * for its one token, a prompt for all its tokens. The shape, per group of 32 values (QK):
+ * decoded (ggml_unpack) into one shape that every type with a kernel here fits, and
+ * multiplied by the int8 activations of each token: decode meets each group as it is
+ * decoded (ggml_dot1), a prompt decodes each row once into a slot and meets it with its
+ * tokens 4 at a time (ggml_tile). The shape, per group of 32 values (QK):
  *
- *   32 signed codes c (|c| <= 128), a float scale for each half (values 0-15 and 16-31)
- *   and a float min m:  w[i] = scale[i / 16] * c[i] - m
+ *   32 signed codes c (|c| <= 128), and for each half (values 0-15, 16-31) a float scale
+ *   and a float min m:  w[i] = scale[i / 16] * c[i] - m[i / 16]
  *
- * (the k-quants' 6-bit scales already folded into the scale: d * sc; Q6_K and Q3_K have a
- * scale per 16 values). The tile computes the plain dot's integer sums per group, 8 int32
- * lanes of 4 bytes each (lanes 0-3 are values 0-15), and meets the scales in float once per
- * group. A signed code c times x goes as |c| (unsigned) times x with c's sign. Since decode
- * and a prompt run the same tile on the same unpacked row, a batch gives exactly the
- * results that token-by-token decoding gives; only the order of the float additions differs
- * from the plain loops. Types without an unpacker here (Q2_K: a min per 16 values; the
- * i-quants' grids; F16) run the plain loops. */
+ * (the k-quants' 4- or 6-bit scales and mins already folded in: d * sc, dmin * m). Per
+ * group, the integer sums of the codes times each int8 term of x go in 8 int32 lanes of 4
+ * bytes each (lanes 0-3 are values 0-15) and meet the scales in float once; the mins meet
+ * x's sums per 16 values (xmin), 8 halves a vector. A signed code c times x goes as |c|
+ * (unsigned) times x with c's sign. Decode and a prompt add the same float operations in
+ * the same order (group_times_x, mins_times_x), so a batch gives exactly the results that
+ * token-by-token decoding gives; only the order of the float additions differs from the
+ * plain loops. Types without an unpacker here (the i-quants' grids, F16) run the plain
+ * loops. */
 
 /* 32 signed codes c times 32 int8 x: 8 int32 lanes, lane k the sum over bytes 4k .. 4k + 3 */
 static inline __m256i dot_s8s8(__m256i c, __m256i x) {
@@ -1261,7 +1263,7 @@ static inline __m256i bit_k(__m256i v, int k) {
 typedef struct {
     int8_t *c;    /* (nb, 32) */
     float *scale; /* (nb, 2) */
-    float *min;   /* (nb) */
+    float *min;   /* (nb, 2) */
 } Unpacked;
 
 static Unpacked unpacked_at(unsigned char *slot, int nb) {
@@ -1269,11 +1271,11 @@ static Unpacked unpacked_at(unsigned char *slot, int nb) {
     return u;
 }
 
-static size_t ggml_unpacked_bytes(size_t widest) { return (widest + widest / QK * 3 * sizeof(float) + 63) / 64 * 64; }
+static size_t ggml_unpacked_bytes(size_t widest) { return (widest + widest / QK * 4 * sizeof(float) + 63) / 64 * 64; }
 
 /* One token's sums for one row: 8 lanes of the groups' scaled integer sums in two
  * accumulators that swap after each group (two chains of additions, not one: even groups
- * go to one, odd ones to the other), and 8 of the mins' part (lane j: groups 8i + j) */
+ * go to one, odd ones to the other), and 8 of the mins' part (lane j: halves 8i + j) */
 typedef struct {
     __m256 acc[2], mins;
 } RowSums;
@@ -1299,38 +1301,44 @@ TILE_INLINE void group_times_x(RowSums *s, __m256i c, float s0, float s1, int un
     s->acc[1] = sum;
 }
 
-/* The mins of groups b0 .. b0 + count - 1 (count <= 8, m: theirs) times token t's xmin, into
- * s->mins: one lane a group, the missing ones zero */
-TILE_INLINE void mins_times_x(RowSums *s, const float *m, int count, const Activations *a, int t, int b0, int nb) {
+/* The mins of halves h0 .. h0 + count - 1 (16 values each; count <= 8, m: theirs) times
+ * token t's xmin, into s->mins: one lane a half, the missing ones zero */
+TILE_INLINE void mins_times_x(RowSums *s, const float *m, int count, const Activations *a, int t, int h0, int nb) {
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(count), lanes);
-    s->mins = _mm256_fmadd_ps(_mm256_maskload_ps(m, mask), _mm256_maskload_ps(a->xmin + (size_t)t * nb + b0, mask), s->mins);
+    s->mins = _mm256_fmadd_ps(_mm256_maskload_ps(m, mask), _mm256_maskload_ps(a->xmin + (size_t)t * 2 * nb + h0, mask), s->mins);
 }
 
 static inline float row_sums_total(const RowSums *s) { return hsum8(_mm256_add_ps(s->acc[0], s->acc[1])) - hsum8(s->mins); }
 
 /* Where the unpackers below put a group: into an unpacked row (u), or, with u NULL, straight
- * into token 0's sums (decode: no row is stored; its mins wait in m until 8 are there) */
+ * into token 0's sums (decode: no row is stored; its mins wait in m, 4 groups at a time) */
 typedef struct {
     const Unpacked *u;
     RowSums *sums;
-    float *m; /* (8) */
+    float *m; /* (16) */
     const Activations *a;
     int nb, has_min, unsigned_codes;
 } Sink;
 
-TILE_INLINE void put_group(const Sink *k, int b, __m256i c, float s0, float s1, float m) {
+TILE_INLINE void put_group(const Sink *k, int b, __m256i c, float s0, float s1, float m0, float m1) {
     if (k->u) {
         _mm256_storeu_si256((__m256i *)(k->u->c + QK * b), c);
         k->u->scale[2 * b] = s0;
         k->u->scale[2 * b + 1] = s1;
-        k->u->min[b] = m;
+        k->u->min[2 * b] = m0;
+        k->u->min[2 * b + 1] = m1;
         return;
     }
     group_times_x(k->sums, c, s0, s1, k->unsigned_codes, k->a, 0, b, k->nb);
-    if (k->has_min) {
-        k->m[b % 8] = m;
-        if (b % 8 == 7 || b == k->nb - 1) mins_times_x(k->sums, k->m, b % 8 + 1, k->a, 0, b - b % 8, k->nb);
+    if (k->has_min) { /* 4 groups' mins a time (chunk c: groups 4c ..), in turns in two halves of m */
+        const int c = b / 4;
+        k->m[8 * (c % 2) + 2 * (b % 4)] = m0;
+        k->m[8 * (c % 2) + 2 * (b % 4) + 1] = m1;
+        /* A chunk is added once the next one is whole: read back at once, the stores just
+         * made would stall the load */
+        if (c >= 1 && (b % 4 == 3 || b == k->nb - 1)) mins_times_x(k->sums, k->m + 8 * ((c - 1) % 2), 8, k->a, 0, 8 * (c - 1), k->nb);
+        if (b == k->nb - 1) mins_times_x(k->sums, k->m + 8 * (c % 2), 2 * (b % 4 + 1), k->a, 0, 8 * c, k->nb);
     }
 }
 
@@ -1354,7 +1362,7 @@ TILE_INLINE void unpack_legacy(const Sink *k, const unsigned char *w, int type, 
             w += 24;
             break;
         }
-        put_group(k, b, c, d, d, m);
+        put_group(k, b, c, d, d, m, m);
     }
 }
 
@@ -1372,7 +1380,7 @@ TILE_INLINE void unpack_k4(const Sink *k, const unsigned char *w, int has_qh, in
             __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * (g / 2)));
             __m256i c = _mm256_and_si256(g % 2 ? _mm256_srli_epi16(raw, 4) : raw, low4);
             if (has_qh) c = _mm256_or_si256(c, _mm256_slli_epi16(bit_k(qh, g), 4));
-            put_group(k, 8 * s + g, c, d * (float)sc, d * (float)sc, dmin * (float)m);
+            put_group(k, 8 * s + g, c, d * (float)sc, d * (float)sc, dmin * (float)m, dmin * (float)m);
         }
     }
 }
@@ -1392,7 +1400,7 @@ TILE_INLINE void unpack_q6_k(const Sink *k, const unsigned char *w, int nb) {
             __m256i hi = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(w + 128 + 32 * h)),
                                                            _mm_cvtsi32_si128(2 * j)), three);
             __m256i c = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), off);
-            put_group(k, 8 * s + g, c, d * (float)sc[2 * g], d * (float)sc[2 * g + 1], 0.0f);
+            put_group(k, 8 * s + g, c, d * (float)sc[2 * g], d * (float)sc[2 * g + 1], 0.0f, 0.0f);
         }
     }
 }
@@ -1416,7 +1424,22 @@ TILE_INLINE void unpack_q3_k(const Sink *k, const unsigned char *w, int nb) {
                 int scale = (((sc[e % 8] >> (4 * (e / 8))) & 0x0f) | ((sc[8 + e % 4] >> (2 * (e / 4))) & 0x03) << 4) - 32;
                 s01[i] = d * (float)scale;
             }
-            put_group(k, 8 * s + g, c, s01[0], s01[1], 0.0f);
+            put_group(k, 8 * s + g, c, s01[0], s01[1], 0.0f, 0.0f);
+        }
+    }
+}
+
+/* Q2_K, 84 bytes per 256 values: (d sc) q - (dmin m), a 4-bit scale sc and min m per 16
+ * values (scales[16], then qs[64]: group g takes bits 2 (g % 4) of qs[32 (g / 4) ..]) */
+TILE_INLINE void unpack_q2_k(const Sink *k, const unsigned char *w, int nb) {
+    const __m256i three = _mm256_set1_epi8(3);
+    for (int s = 0; s < nb / 8; s++, w += 84) {
+        const float d = _cvtsh_ss(rd_u16(w + 80)), dmin = _cvtsh_ss(rd_u16(w + 82));
+        UNROLL8 for (int g = 0; g < 8; g++) {
+            __m256i c = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(w + 16 + 32 * (g / 4))),
+                                                          _mm_cvtsi32_si128(2 * (g % 4))), three);
+            put_group(k, 8 * s + g, c, d * (float)(w[2 * g] & 0x0f), d * (float)(w[2 * g + 1] & 0x0f), dmin * (float)(w[2 * g] >> 4),
+                      dmin * (float)(w[2 * g + 1] >> 4));
         }
     }
 }
@@ -1430,7 +1453,7 @@ TILE_INLINE void unpack_iq4_xs(const Sink *k, const unsigned char *w, int nb) {
         UNROLL8 for (int g = 0; g < 8; g++) {
             int ls = (((w[4 + g / 2] >> (4 * (g % 2))) & 0x0f) | (int)((scales_h >> (2 * g)) & 0x03) << 4) - 32;
             __m256i c = _mm256_shuffle_epi8(table, nibbles32(w + 8 + 16 * g));
-            put_group(k, 8 * s + g, c, d * (float)ls, d * (float)ls, 0.0f);
+            put_group(k, 8 * s + g, c, d * (float)ls, d * (float)ls, 0.0f, 0.0f);
         }
     }
 }
@@ -1438,14 +1461,14 @@ TILE_INLINE void unpack_iq4_xs(const Sink *k, const unsigned char *w, int nb) {
 /* Whether ggml type `type` has an unpacker here, and whether its groups have mins */
 static int ggml_kernel(int dtype) {
     switch (dtype - DT_GGML) {
-    case 2: case 3: case 6: case 7: case 8: case 11: case 12: case 13: case 14: case 20: case 23: return 1;
+    case 2: case 3: case 6: case 7: case 8: case 10: case 11: case 12: case 13: case 14: case 20: case 23: return 1;
     default: return 0;
     }
 }
 
 static int ggml_has_min(int dtype) {
     int t = dtype - DT_GGML;
-    return t == 3 || t == 7 || t == 12 || t == 13;
+    return t == 3 || t == 7 || t == 10 || t == 12 || t == 13;
 }
 
 /* (The types with mins are those whose codes are unsigned.) */
@@ -1460,6 +1483,7 @@ TILE_INLINE void ggml_unpack(const Sink *k, const unsigned char *w, int dtype, i
     case 13: unpack_k4(k, w, 1, nb); break;
     case 14: unpack_q6_k(k, w, nb); break;
     case 11: unpack_q3_k(k, w, nb); break;
+    case 10: unpack_q2_k(k, w, nb); break;
     case 23: unpack_iq4_xs(k, w, nb); break;
     case 8: unpack_legacy(k, w, 8, nb); break;
     case 2: unpack_legacy(k, w, 2, nb); break;
@@ -1481,7 +1505,7 @@ static void ggml_unpack_row(const Unpacked *u, const unsigned char *w, int dtype
  * better than one that holds every type. */
 TILE_INLINE float ggml_dot1(const unsigned char *w, int dtype, int cols, const Activations *a) {
     RowSums s = {{_mm256_setzero_ps(), _mm256_setzero_ps()}, _mm256_setzero_ps()};
-    float m[8];
+    float m[16];
     const Sink k = {NULL, &s, m, a, cols / QK, ggml_has_min(dtype), ggml_unsigned_codes(dtype)};
     ggml_unpack(&k, w, dtype, cols);
     return row_sums_total(&s);
@@ -1493,6 +1517,7 @@ static float dot1_q4_1(const unsigned char *w, int cols, const Activations *a) {
 static float dot1_q5_0(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 6, cols, a); }
 static float dot1_q5_1(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 7, cols, a); }
 static float dot1_q8_0(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 8, cols, a); }
+static float dot1_q2_k(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 10, cols, a); }
 static float dot1_q3_k(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 11, cols, a); }
 static float dot1_q4_k(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 12, cols, a); }
 static float dot1_q5_k(const unsigned char *w, int cols, const Activations *a) { return ggml_dot1(w, DT_GGML + 13, cols, a); }
@@ -1507,6 +1532,7 @@ static GGMLDot1 ggml_dot1_of(int dtype) {
     case 6: return dot1_q5_0;
     case 7: return dot1_q5_1;
     case 8: return dot1_q8_0;
+    case 10: return dot1_q2_k;
     case 11: return dot1_q3_k;
     case 12: return dot1_q4_k;
     case 13: return dot1_q5_k;
@@ -1528,8 +1554,8 @@ TILE_INLINE void ggml_tile(float *out, int ostride, const Unpacked *u, int nb, i
         UNROLL for (int t = 0; t < NT; t++) group_times_x(&s[t], c, s0, s1, unsigned_codes, a, t0 + t, b, nb);
     }
     if (has_min)
-        for (int b = 0; b < nb; b += 8)
-            UNROLL for (int t = 0; t < NT; t++) mins_times_x(&s[t], u->min + b, nb - b < 8 ? nb - b : 8, a, t0 + t, b, nb);
+        for (int b = 0; b < nb; b += 4) /* as put_group: 4 groups' mins a time */
+            UNROLL for (int t = 0; t < NT; t++) mins_times_x(&s[t], u->min + 2 * b, 2 * (nb - b < 4 ? nb - b : 4), a, t0 + t, 2 * b, nb);
     UNROLL for (int t = 0; t < NT; t++) out[(size_t)t * ostride] = row_sums_total(&s[t]);
 }
 
@@ -1589,7 +1615,12 @@ static void prepare_piece(Activations *a, const float *x, int t, int n, int piec
     if (dtype >= DT_GGML) { /* (the same bytes as the plain loops' xr: xq is) */
         quantize_residual(a->xr + at, a->xr_scale + block, a->xr_sum + block, x + at, a->xq + at, a->xq_scale + block, len);
         for (size_t b = block; b < block + (size_t)len / QK; b++)
-            a->xmin[b] = a->xq_scale[b] * (float)a->xq_sum[b] + a->xr_scale[b] * (float)a->xr_sum[b];
+            for (int h = 0; h < 2; h++) {
+                const size_t v = (b - block) * QK + 16 * h; /* the half's first value in the piece */
+                int32_t sq = 0, sr = 0;
+                for (int i = 0; i < 16; i++) sq += a->xq[at + v + i], sr += a->xr[at + v + i];
+                a->xmin[2 * b + h] = a->xq_scale[b] * (float)sq + a->xr_scale[b] * (float)sr;
+            }
     }
 }
 
@@ -1684,7 +1715,7 @@ static void carve_activations(Carve *cv, Activations *a, size_t tokens, size_t w
 #ifdef GEMMA3_BF16_DOT
     a->xbf = carve(cv, tokens * widest, sizeof(uint16_t));
 #endif
-    a->xmin = carve(cv, tokens * (widest / 32 + 1), sizeof(float));
+    a->xmin = carve(cv, tokens * (widest / 16 + 2), sizeof(float));
 }
 
 /* Lays out the kernels' scratch for max_batch tokens and `threads` threads at mem, which

@@ -731,10 +731,10 @@ static void test_kernels(void) {
                              {DT_Q4_0, 384}, {DT_Q4_0, 416}, {DT_Q4_0, 640}, {DT_Q8_0, 384}, {DT_Q8_0, 416}, {DT_Q8_0, 768},
                              {DT_Q8_0, 640},
                              /* GGUF's blocks: Q8_0, Q5_0, Q4_K, Q5_K, Q6_K, Q4_0, IQ4_NL, Q4_1, Q5_1, Q3_K,
-                              * IQ4_XS unpacked for the SIMD tiles; Q2_K has none (plain loops) */
+                              * IQ4_XS, Q2_K (9 and 7 groups: partial runs of mins) */
                              {DT_GGML + 8, 288}, {DT_GGML + 6, 416}, {DT_GGML + 12, 512}, {DT_GGML + 13, 768},
                              {DT_GGML + 14, 512}, {DT_GGML + 2, 352}, {DT_GGML + 20, 288}, {DT_GGML + 3, 288},
-                             {DT_GGML + 7, 224}, {DT_GGML + 11, 512}, {DT_GGML + 23, 768}, {DT_GGML + 10, 256}};
+                             {DT_GGML + 7, 224}, {DT_GGML + 11, 512}, {DT_GGML + 23, 768}, {DT_GGML + 10, 512}};
     /* blocks of 32: the AVX-512 tiles take 16 blocks a step (q4_0 as two groups of 8, a
      * group of 4 or fewer as a half), the AVX2 ones 8, so these shapes end in partial steps
      * of every kind (384, 416, 640, 768, 800: 12, 13, 20, 24, 25 blocks) */
