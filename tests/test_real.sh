@@ -180,7 +180,7 @@ if [ -n "${PPL[f32]:-}" ]; then
   done
   # bounds, loose (a broken export scores in the hundreds or more): f32 must look like a
   # language model on English prose (measured 18.16, the numpy reference the same); bf16
-  # (+0.01 %) and q8_0 (+0.4 %) cost little; q4_0 costs much on this small model (+89 %:
+  # (-0.02 %) and q8_0 (+0.04 %) cost little; q4_0 costs much on this small model (+89 %:
   # q4_0 weights alone +64 %, in the numpy forward; the classifier table is q4_0 too)
   check_ppl() {  # format, max ratio to f32
     [ -n "${PPL[$1]:-}" ] || return 0
