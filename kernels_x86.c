@@ -1593,6 +1593,7 @@ static void prepare_piece(Activations *a, const float *x, int t, int n, int piec
     const int cols = W->cols, dtype = W->dtype, nb = cols / QK;
     const int j0 = piece * PIECE, len = cols - j0 < PIECE ? cols - j0 : PIECE; /* len % 32 == 0 */
     const size_t at = (size_t)t * cols + j0, block = (size_t)t * nb + j0 / QK;
+    (void)n; /* (only AVX-512's q4_0 asks: rows16_on) */
     if (dtype == DT_BF16) {
 #ifdef GEMMA3_BF16_DOT
         if (level == 2) {
